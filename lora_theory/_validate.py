@@ -1,0 +1,100 @@
+"""Argument checks shared by the constructions. Each failure raises InvalidArgumentError naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+def readonly(array) -> np.ndarray:
+    """A float64 copy of ``array`` that cannot be written to."""
+    out = np.array(array, dtype=np.float64, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+def as_array(value, name: str, ndim: int | None = None, shape: tuple | None = None) -> np.ndarray:
+    """``value`` as a finite float64 array of the given ``ndim``/``shape`` (``None`` entries are free)."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise InvalidArgumentError(name, f"could not be read as an array ({exc})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InvalidArgumentError(name, f"must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise InvalidArgumentError(name, "must be real, got a complex array")
+    arr = arr.astype(np.float64)
+    if ndim is not None and arr.ndim != ndim:
+        raise InvalidArgumentError(name, f"must have {ndim} dimensions, got shape {arr.shape}")
+    if shape is not None:
+        if len(shape) != arr.ndim or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise InvalidArgumentError(name, f"must have shape {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InvalidArgumentError(name, "contains NaN or infinite entries")
+    return arr
+
+
+def as_square(value, name: str, size: int | None = None) -> np.ndarray:
+    """A finite float64 square matrix, of side ``size`` when given."""
+    arr = as_array(value, name, ndim=2)
+    if arr.shape[0] != arr.shape[1]:
+        raise InvalidArgumentError(name, f"must be a square matrix, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InvalidArgumentError(name, "must not be empty")
+    if size is not None and arr.shape[0] != size:
+        raise InvalidArgumentError(name, f"must be {size} x {size} like the other matrices, got {arr.shape}")
+    return arr
+
+
+def as_square_sequence(values, name: str, size: int | None = None) -> tuple[np.ndarray, ...]:
+    """A non-empty sequence of square matrices of one common side."""
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        raise InvalidArgumentError(name, "must be a sequence of matrices (one per layer), got one matrix")
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise InvalidArgumentError(name, f"must be a sequence of matrices, got {type(values).__name__}")
+    if len(values) == 0:
+        raise InvalidArgumentError(name, "must hold at least one matrix")
+    out = []
+    for i, v in enumerate(values):
+        m = as_square(v, f"{name}[{i}]", size)
+        size = m.shape[0]
+        out.append(m)
+    return tuple(out)
+
+
+def as_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An integer (not a bool, not a float) in ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(name, f"must be an integer, got {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise InvalidArgumentError(name, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise InvalidArgumentError(name, f"must be at most {high}, got {value}")
+    return value
+
+
+def as_ranks(rank, count: int, width: int, name: str = "rank") -> tuple[int, ...]:
+    """One rank for every layer: an int in ``0..width`` repeated ``count`` times, or ``count`` such ints."""
+    if isinstance(rank, (Sequence, np.ndarray)) and not isinstance(rank, (str, bytes)):
+        ranks = list(rank)
+        if len(ranks) != count:
+            raise InvalidArgumentError(
+                name, f"per-layer ranks must give one rank for each of the {count} layers, got {len(ranks)}")
+        return tuple(as_int(r, f"{name}[{i}]", 0, width) for i, r in enumerate(ranks))
+    return (as_int(rank, name, 0, width),) * count
+
+
+def as_positive(value, name: str) -> float:
+    """A finite, strictly positive real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(name, f"must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(name, f"must be positive and finite, got {value}")
+    return value

@@ -1,0 +1,66 @@
+"""Exceptions and warnings raised by :mod:`lora_theory`.
+
+Every error about what the caller passed is a :class:`ValueError` subclass that names the offending
+argument, so that ``except ValueError`` keeps working and messages say what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "LoraTheoryError",
+    "InvalidArgumentError",
+    "SingularMatrixError",
+    "IllConditionedWarning",
+]
+
+
+class LoraTheoryError(Exception):
+    """Base class of every exception raised on purpose by this package."""
+
+
+class InvalidArgumentError(LoraTheoryError, ValueError):
+    """An argument has the wrong shape, type, value or is not finite.
+
+    Attributes
+    ----------
+    argument : str
+        Name of the offending argument as the caller spelt it (``"rank"``, ``"frozen[2]"``...).
+    """
+
+    def __init__(self, argument: str, message: str):
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")
+
+
+class SingularMatrixError(LoraTheoryError, ValueError):
+    """A matrix that a construction must invert is singular (to working precision).
+
+    The theorems of Zeng & Lee (2024) assume these matrices are invertible; the construction cannot
+    proceed without them, so it refuses rather than return a wrong adapter.
+
+    Attributes
+    ----------
+    matrix : str
+        Which matrix, in the paper's notation (for example ``"P_2 = (W_1 + Δ_1)"``).
+    condition_number : float
+        Its 2-norm condition number ``κ`` (``inf`` when exactly singular).
+    """
+
+    def __init__(self, matrix: str, condition_number: float, context: str = ""):
+        self.matrix = matrix
+        self.condition_number = float(condition_number)
+        kappa = "inf" if not math.isfinite(self.condition_number) else f"{self.condition_number:.3g}"
+        where = f" ({context})" if context else ""
+        super().__init__(
+            f"{matrix} must be invertible but is singular to working precision, κ = {kappa}{where}"
+        )
+
+
+class IllConditionedWarning(UserWarning):
+    """A construction inverted or amplified enough to lose significant digits.
+
+    The message carries ``κ`` (largest condition number inverted) and ``γ`` (bias amplification for FNNs),
+    and the expected relative error ``u·(κ + γ)``.
+    """

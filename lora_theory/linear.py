@@ -1,0 +1,356 @@
+"""Optimal LoRA adapters for linear models (Zeng & Lee 2024, Lemma 1 (linear models) and its corollary).
+
+Symbols: the frozen model is ``f0(x) = W_L ... W_1 x`` (``frozen = [W_1, ..., W_L]``, ``W_1`` applied first),
+the target ``T`` (``target``), the discrepancy ``E = T - Π W_l`` (:func:`discrepancy`), the LoRA-rank ``R``
+(``rank``, or per-layer ranks ``R_l``) and ``k = Σ_l R_l``.
+
+Lemma 1: ``min_{rank Δ_l <= R_l} ||Π(W_l + Δ_l) - T||_2 = σ_{k+1}(E)``, attained by
+``Π(W_l + Δ_l) = Π W_l + LR_k(E)``; exact iff ``k >= rank(E)``. The lower bound needs no assumption:
+``Π(W + Δ) - Π W`` has rank ``<= k`` (telescoping), so Eckart–Young gives ``σ_{k+1}(E)``.
+
+Construction (SVD split, THEORY.md §2.1): ``E = U S V^T``; layer ``l`` receives the next ``R_l`` right
+singular vectors ``V_l``, and with ``Q_l = W_L ... W_{l+1}`` (frozen, after ``l``) and
+``P_l = (W_{l-1}+Δ_{l-1}) ... (W_1+Δ_1)`` (adapted, before ``l``)::
+
+    Δ_l = Q_l^{-1} E V_l V_l^T P_l^{-1},   B_l = Q_l^{-1} (E V_l),   A_l = V_l^T P_l^{-1}
+
+computed with solves. By induction ``Q_l Π_{k<=l}(W_k + Δ_k) = Π W + E Σ_{k<=l} V_k V_k^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validate import as_ranks, as_square, as_square_sequence
+from .adapter import Adapter
+from .errors import InvalidArgumentError
+from .models import FNN
+from .numerics import check_invertible, warn_if_ill_conditioned
+from .thresholds import ceil_div
+
+__all__ = [
+    "LinearFit",
+    "lora_linear",
+    "discrepancy",
+    "product",
+    "discrepancy_rank",
+    "linear_optimal_error",
+    "linear_gaussian_mse",
+    "linear_rank_requirement",
+    "OptimalityGap",
+    "optimality_gap",
+]
+
+
+def product(matrices) -> np.ndarray:
+    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; empty -> ``I``)."""
+    matrices = list(matrices)
+    out = np.eye(matrices[0].shape[0]) if matrices else None
+    for M in matrices:
+        out = M @ out
+    return out
+
+
+def discrepancy(frozen, target) -> np.ndarray:
+    """``E = T - W_L ... W_1``, shape ``(D, D)``."""
+    frozen = as_square_sequence(frozen, "frozen")
+    target = as_square(target, "target", frozen[0].shape[0])
+    return target - product(frozen)
+
+
+def _rank_scale(frozen, target) -> float:
+    """The size of the operands ``E`` is computed from; its rounding is relative to this."""
+    return max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
+
+
+def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
+    """Numeric ``rank(E)``.
+
+    Default tolerance ``D · eps · max(||T||_2, ||Π W||_2, σ_1(E))``: ``E`` is a difference of two matrices
+    of those norms and inherits their rounding, so singular values below it are noise.
+    """
+    frozen = as_square_sequence(frozen, "frozen")
+    target = as_square(target, "target", frozen[0].shape[0])
+    E = target - product(frozen)
+    s = np.linalg.svd(E, compute_uv=False)
+    if tol is None:
+        tol = E.shape[0] * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
+    return int(np.sum(s > tol))
+
+
+def _tail(s: np.ndarray, k: int) -> tuple[float, float]:
+    """``(σ_{k+1}, sqrt(Σ_{j>k} σ_j^2))`` with ``σ_j = 0`` past the end."""
+    spectral = float(s[k]) if k < s.size else 0.0
+    frob = float(np.sqrt(np.sum(s[k:] ** 2))) if k < s.size else 0.0
+    return spectral, frob
+
+
+def _total_rank(rank, depth, width) -> int:
+    return sum(as_ranks(rank, depth, width))
+
+
+def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
+    """The optimum of Lemma 1: ``σ_{k+1}(E)`` (``norm="spectral"``) or ``sqrt(Σ_{j>k} σ_j(E)^2)`` (``"fro"``).
+
+    ``k = Σ_l R_l`` (``R·L`` for one rank). Zeng & Lee 2024, Lemma 1 (linear models).
+    """
+    E = discrepancy(frozen, target)
+    k = _total_rank(rank, len(frozen), E.shape[0])
+    spectral, frob = _tail(np.linalg.svd(E, compute_uv=False), k)
+    if norm == "spectral":
+        return spectral
+    if norm == "fro":
+        return frob
+    raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
+
+
+def linear_gaussian_mse(frozen, target, rank) -> float:
+    """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (THEORY.md §2.1)."""
+    E = discrepancy(frozen, target)
+    k = _total_rank(rank, len(frozen), E.shape[0])
+    return _tail(np.linalg.svd(E, compute_uv=False), k)[1] ** 2 / E.shape[0]
+
+
+def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
+    """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1)."""
+    return ceil_div(discrepancy_rank(frozen, target, tol), len(frozen))
+
+
+@dataclass(frozen=True, eq=False)
+class LinearFit:
+    """The adapters of Lemma 1 and what they predict.
+
+    Attributes
+    ----------
+    adapters : tuple of Adapter
+        One per frozen layer; ``adapters[l].rank`` = number of singular directions layer ``l`` received
+        (``<= ranks[l]``; 0 where its block of ``V`` is empty or beyond the numeric rank of ``E``).
+    ranks : tuple of int
+        The rank budget ``R_l`` of every layer.
+    model : FNN
+        The adapted linear model, weights ``W_l + Δ_l``.
+    discrepancy : ndarray (D, D)
+        ``E``.
+    singular_values : ndarray (D,)
+        ``σ(E)``, descending.
+    error_rank : int
+        Numeric ``rank(E)``.
+    spectral_error, frobenius_error, gaussian_mse : float
+        Predicted optimum: ``σ_{k+1}(E)``, ``sqrt(Σ_{j>k} σ_j^2)``, ``Σ_{j>k} σ_j^2 / D``.
+    exact : bool
+        ``Σ R_l >= rank(E)``.
+    condition_numbers : dict of str -> float
+        ``κ`` of every matrix the construction solved with (``"Q_l"``, ``"P_l"``, 1-based ``l``).
+    """
+
+    adapters: tuple
+    ranks: tuple
+    model: FNN
+    frozen: tuple
+    target: np.ndarray
+    discrepancy: np.ndarray
+    singular_values: np.ndarray
+    error_rank: int
+    spectral_error: float
+    frobenius_error: float
+    gaussian_mse: float
+    exact: bool
+    condition_numbers: dict = field(default_factory=dict)
+
+    @property
+    def ranks_used(self) -> tuple:
+        return tuple(a.rank for a in self.adapters)
+
+    @property
+    def kappa(self) -> float:
+        """Largest condition number the construction inverted (1 if it inverted nothing)."""
+        return max(self.condition_numbers.values(), default=1.0)
+
+    @property
+    def weights(self) -> tuple:
+        """Adapted weights ``W_l + Δ_l``."""
+        return self.model.weights
+
+    @property
+    def product(self) -> np.ndarray:
+        """``Π (W_l + Δ_l)``."""
+        return product(self.model.weights)
+
+    def achieved_error(self, norm: str = "spectral") -> float:
+        """``||Π(W_l + Δ_l) - T||`` actually reached (2-norm or Frobenius)."""
+        return float(np.linalg.norm(self.product - self.target, 2 if norm == "spectral" else "fro"))
+
+
+def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
+    """The SVD-split construction on a chain of factors. Returns (adapters, E, s, rank_E, kappas).
+
+    ``names[l]`` labels factor ``l`` in error messages (default ``W_{l+1}``).
+    """
+    L = len(frozen)
+    D = frozen[0].shape[0]
+    names = names or [f"W_{l + 1}" for l in range(L)]
+    E = target - product(frozen)                                        # (D, D)
+    U, s, Vt = np.linalg.svd(E)
+    if rank_tol is None:
+        rank_tol = D * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
+    rank_E = int(np.sum(s > rank_tol))
+    adapters, kappas, adapted = [], {}, []
+    start = 0
+    for l in range(L):
+        stop = min(start + ranks[l], rank_E)
+        k = max(stop - start, 0)
+        if k == 0:
+            adapters.append(Adapter.zeros(0, D, D))
+            adapted.append(frozen[l])
+            start += ranks[l]
+            continue
+        V_l = Vt[start:stop].T                                          # (D, k)
+        EV = U[:, start:stop] * s[start:stop]                           # (D, k) = E V_l
+        if l < L - 1:
+            Q = product(frozen[l + 1:])                                 # (D, D) frozen layers after l
+            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+            kappas[f"Q_{l + 1}"] = check_invertible(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")
+            B = np.linalg.solve(Q, EV)                                  # (D, k)
+        else:
+            B = EV
+        if l > 0:
+            P = product(adapted)                                        # (D, D) adapted layers before l
+            p_name = f"P_{l + 1} = " + " ".join(f"({n} + Δ)" for n in reversed(names[:l]))
+            kappas[f"P_{l + 1}"] = check_invertible(P, p_name, f"layer {l + 1} receives singular directions of E")
+            A = np.linalg.solve(P.T, V_l).T                             # (k, D) = V_l^T P^{-1}
+        else:
+            A = V_l.T
+        adapter = Adapter(A, B)
+        adapters.append(adapter)
+        adapted.append(frozen[l] + adapter.delta)
+        start += ranks[l]
+    return tuple(adapters), E, s, rank_E, kappas
+
+
+def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
+    """Optimal LoRA adapters for a chain of frozen matrices toward a target (Zeng & Lee 2024, Lemma 1).
+
+    Parameters
+    ----------
+    frozen : sequence of L arrays, shape (D, D)
+        ``W_1 .. W_L``, ``W_1`` applied first.
+    target : array (D, D)
+        ``T``.
+    rank : int in 0..D, or sequence of L such ints
+        The LoRA-rank ``R`` of every layer, or per-layer ranks ``R_l``.
+    rank_tol : float, optional
+        Singular values of ``E`` at or below this are treated as zero (default: see
+        :func:`discrepancy_rank`).
+
+    Returns
+    -------
+    LinearFit
+        Adapters with ``Π(W_l + Δ_l) = Π W_l + LR_k(E)``, ``k = min(Σ R_l, rank E)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Mismatched or non-square shapes, NaN/inf, a rank outside ``0..D`` or per-layer ranks of the wrong count.
+    SingularMatrixError
+        A matrix the construction must invert (``Q_l`` or ``P_l``) is singular; names it and gives ``κ``.
+
+    Warns
+    -----
+    IllConditionedWarning
+        When ``u·κ`` exceeds 1e-8.
+    """
+    frozen = as_square_sequence(frozen, "frozen")
+    D = frozen[0].shape[0]
+    target = as_square(target, "target", D)
+    ranks = as_ranks(rank, len(frozen), D)
+    adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)
+    k = sum(ranks)
+    spectral, frob = _tail(s, k)
+    if kappas:
+        warn_if_ill_conditioned(max(kappas.values()), what="linear construction (Lemma 1)")
+    model = FNN([W + a.delta for W, a in zip(frozen, adapters)], activation="linear")
+    return LinearFit(
+        adapters=adapters, ranks=ranks, model=model, frozen=frozen, target=target, discrepancy=E,
+        singular_values=s, error_rank=rank_E, spectral_error=spectral, frobenius_error=frob,
+        gaussian_mse=frob ** 2 / D, exact=k >= rank_E, condition_numbers=kappas)
+
+
+@dataclass(frozen=True)
+class OptimalityGap:
+    """How far some adapters are from the optimum of Lemma 1.
+
+    ``ratio = achieved / optimal`` in the chosen norm (``>= 1`` up to rounding for every admissible
+    adapter: the lower bound needs no assumption); ``inf`` when the optimum is 0 and the adapters miss it.
+    ``total_rank`` is ``Σ_l adapter.rank``, the ``k`` the optimum is computed for.
+    """
+
+    achieved_spectral: float
+    optimal_spectral: float
+    achieved_frobenius: float
+    optimal_frobenius: float
+    achieved_gaussian_mse: float
+    optimal_gaussian_mse: float
+    total_rank: int
+
+    @property
+    def spectral_ratio(self) -> float:
+        return _ratio(self.achieved_spectral, self.optimal_spectral)
+
+    @property
+    def frobenius_ratio(self) -> float:
+        return _ratio(self.achieved_frobenius, self.optimal_frobenius)
+
+
+def _ratio(a, b):
+    if b > 0:
+        return a / b
+    return 1.0 if a == 0 else float("inf")
+
+
+def optimality_gap(frozen, target, adapters) -> OptimalityGap:
+    """Score any adapters (trained, or the user's own) against the optimum of Lemma 1.
+
+    Parameters
+    ----------
+    frozen : sequence of L arrays (D, D)
+    target : array (D, D)
+    adapters : sequence of L :class:`Adapter` or ``(A, B)`` pairs, or ``(D, D)`` update matrices
+        For update matrices the rank budget is their numeric rank.
+
+    The optimum uses ``k = Σ_l r_l`` with ``r_l`` each adapter's rank; the Gaussian MSE of the adapters is
+    ``||Π(W + Δ) - T||_F^2 / D`` (exact for ``x ~ N(0, I)``).
+    """
+    from .numerics import numeric_rank
+
+    frozen = as_square_sequence(frozen, "frozen")
+    D = frozen[0].shape[0]
+    target = as_square(target, "target", D)
+    if len(adapters) != len(frozen):
+        raise InvalidArgumentError("adapters", f"must give one adapter per frozen layer ({len(frozen)}), got {len(adapters)}")
+    deltas, ranks = [], []
+    for i, a in enumerate(adapters):
+        if isinstance(a, Adapter):
+            ad = a
+        elif isinstance(a, tuple) and len(a) == 2:
+            ad = Adapter(*a)
+        else:
+            ad = None
+            delta = as_square(a, f"adapters[{i}]", D)
+            deltas.append(delta)
+            ranks.append(numeric_rank(delta))
+        if ad is not None:
+            if ad.in_features != D or ad.out_features != D:
+                raise InvalidArgumentError(f"adapters[{i}]", f"must act on {D} x {D} layers, got {ad}")
+            deltas.append(ad.delta)
+            ranks.append(ad.rank)
+    k = sum(ranks)
+    residual = product([W + d for W, d in zip(frozen, deltas)]) - target
+    s = np.linalg.svd(target - product(frozen), compute_uv=False)
+    spectral, frob = _tail(s, k)
+    achieved_f = float(np.linalg.norm(residual, "fro"))
+    return OptimalityGap(
+        achieved_spectral=float(np.linalg.norm(residual, 2)), optimal_spectral=spectral,
+        achieved_frobenius=achieved_f, optimal_frobenius=frob,
+        achieved_gaussian_mse=achieved_f ** 2 / D, optimal_gaussian_mse=frob ** 2 / D, total_rank=k)

@@ -1,0 +1,99 @@
+"""Consecutive partitions of the frozen layers into target blocks (Zeng & Lee 2024, §3, Theorems 3 and 6).
+
+A partition of ``L`` layers into ``L̄`` blocks is written as its block sizes, e.g. ``(3, 1)``: block ``i``
+(0-based here, ``i+1`` in the paper) holds layers ``sum(sizes[:i]) .. sum(sizes[:i+1]) - 1`` and stands in
+for target layer ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from ._validate import as_int
+from .errors import InvalidArgumentError
+from .thresholds import ceil_div
+
+__all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition"]
+
+
+def uniform_partition(depth: int, target_depth: int) -> tuple[int, ...]:
+    """The paper's uniform partition: ``L̄`` blocks of ``M = floor(L / L̄)`` layers, the last takes the rest."""
+    L = as_int(depth, "depth", 1)
+    Lbar = as_int(target_depth, "target_depth", 1)
+    if Lbar > L:
+        raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
+    M = L // Lbar
+    return (M,) * (Lbar - 1) + (L - M * (Lbar - 1),)
+
+
+def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]:
+    """Validate block sizes: ``L̄`` positive integers summing to ``L``."""
+    if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
+        raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {partition!r}")
+    sizes = tuple(as_int(s, f"partition[{i}]") for i, s in enumerate(partition))
+    if len(sizes) != target_depth:
+        raise InvalidArgumentError(
+            "partition", f"must have one block per target layer (L̄ = {target_depth}), got {len(sizes)} blocks")
+    if any(s <= 0 for s in sizes):
+        raise InvalidArgumentError("partition", f"every block must hold at least one layer (no empty block), got {sizes}")
+    if sum(sizes) != depth:
+        raise InvalidArgumentError(
+            "partition", f"block sizes must cover the L = {depth} frozen layers exactly, got {sizes} (sum {sum(sizes)})")
+    return sizes
+
+
+def partition_blocks(partition: Sequence[int]) -> tuple[range, ...]:
+    """The 0-based layer indices of every block: ``(3, 1) -> (range(0, 3), range(3, 4))``."""
+    out, start = [], 0
+    for size in partition:
+        out.append(range(start, start + size))
+        start += size
+    return tuple(out)
+
+
+def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int, ...], int]:
+    """The consecutive partition minimising the required uniform rank ``max_i ceil(rank(E_i) / |P_i|)``.
+
+    Zeng & Lee 2024, Theorem 6 (general partition). Dynamic programming over consecutive partitions:
+    ``cost(i, l)`` = best achievable maximum when target layers ``i..L̄-1`` use frozen layers ``l..L-1``.
+
+    Parameters
+    ----------
+    block_rank : callable ``(target_index, start, stop) -> int``
+        ``rank(E_i)`` for target layer ``i`` realised by frozen layers ``start..stop-1``.
+    depth, target_depth : int
+        ``L`` and ``L̄``.
+
+    Returns
+    -------
+    (partition, rank) : the block sizes and the rank they require. Ties go to the lexicographically
+    smallest partition, so the result is deterministic.
+    """
+    L, Lbar = int(depth), int(target_depth)
+    if Lbar > L:
+        raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
+
+    @lru_cache(maxsize=None)
+    def rank_of(i, start, stop):
+        return int(block_rank(i, start, stop))
+
+    @lru_cache(maxsize=None)
+    def cost(i, start):
+        # target layers i..Lbar-1 share frozen layers start..L-1; each remaining block needs >= 1 layer
+        remaining = Lbar - i
+        if remaining == 1:
+            return ceil_div(rank_of(i, start, L), L - start), (L - start,)
+        best = None
+        for size in range(1, L - start - remaining + 2):
+            here = ceil_div(rank_of(i, start, start + size), size)
+            rest, sizes = cost(i + 1, start + size)
+            value = max(here, rest)
+            if best is None or value < best[0]:
+                best = (value, (size,) + sizes)
+        return best
+
+    value, sizes = cost(0, 0)
+    return sizes, value
