@@ -1,0 +1,297 @@
+"""Theorem 7 (transformers): the adapted TFN equals the target at R = ceil(D/2), for every input.
+
+Tolerances are relative to the target's outputs on the batch, ``tolerance(κ)`` with ``κ`` the largest
+condition number the construction solved with (THEORY.md §1).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from lora_theory.models import TFN, random_tfn
+from lora_theory.numerics import numeric_rank, relative_error, tolerance
+from lora_theory.thresholds import tfn_rank_threshold
+from lora_theory.tfn import lora_tfn, tfn_matched_discrepancy_ranks, tfn_rank_requirement
+
+SEEDS = st.integers(0, 2 ** 32 - 1)
+
+
+def _pair(D, L, H, seed):
+    rng = np.random.default_rng(seed)
+    return random_tfn(D, L, H, seed=rng), random_tfn(D, L, H, seed=rng), rng
+
+
+def _inputs(rng, D, n=6, N=5):
+    return rng.standard_normal((n, D, N))                              # (n, D, N): tokens are columns
+
+
+def _quiet(fn, *args):
+    """Run a construction, ignoring IllConditionedWarning (random draws are sometimes ill-conditioned;
+    the tolerance scales with the κ the fit reports)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        return fn(*args)
+
+
+def _expected_keys(L, H):
+    keys = {(n, l, h) for n in ("wq", "wk", "wv", "wo") for l in range(L) for h in range(H)}
+    return keys | {("w2", L - 1, None), ("w_out", L - 1, None)}
+
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
+def test_exact_at_half_width_for_any_input(D, L, H, seed):
+    frozen, target, rng = _pair(D, L, H, seed)
+    R = tfn_rank_threshold(D)
+    fit = _quiet(lora_tfn, frozen, target, R)
+    assert fit.exact and fit.rank == R
+    # generic weights: every matched discrepancy has full rank, the instance needs ceil(D/2)
+    assert fit.matched_ranks == (D,) * L and fit.required_rank == R
+    tol = tolerance(fit.kappa)
+    X = _inputs(rng, D)
+    for scale in (1.0, 50.0):  # no bounded domain: exact on inputs scaled far beyond the unit scale too
+        assert relative_error(fit.model(scale * X), target(scale * X)) <= tol
+
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
+def test_adapters_keyed_within_budget_and_applied(D, L, H, seed):
+    frozen, target, _ = _pair(D, L, H, seed)
+    R = tfn_rank_threshold(D)
+    fit = _quiet(lora_tfn, frozen, target, R)
+    assert set(fit.adapters) == _expected_keys(L, H)
+    for adapter in fit.adapters.values():
+        assert adapter.A.shape[1] == D and adapter.B.shape[0] == D
+        assert adapter.rank <= R
+        assert numeric_rank(adapter.delta) <= R
+    model = fit.model
+    for (name, l, h), adapter in fit.adapters.items():
+        if name in ("wq", "wk", "wv", "wo"):
+            np.testing.assert_array_equal(getattr(model, name)[l, h],
+                                          getattr(frozen, name)[l, h] + adapter.delta)
+    np.testing.assert_array_equal(model.w2[L - 1], frozen.w2[L - 1] + fit.adapters[("w2", L - 1, None)].delta)
+    np.testing.assert_array_equal(model.w_out, frozen.w_out + fit.adapters[("w_out", L - 1, None)].delta)
+    # untouched: W1 of every block, W2 before the last block; b1 is the target's
+    np.testing.assert_array_equal(model.w1, frozen.w1)
+    np.testing.assert_array_equal(model.w2[: L - 1], frozen.w2[: L - 1])
+    np.testing.assert_array_equal(model.b1, target.b1)
+
+
+@given(D=st.integers(2, 8), H=st.integers(1, 3), seed=SEEDS)
+def test_key_adapter_transposes_the_chain_factor(D, H, seed):
+    # block 0 has C_0 = I: the adapted score matrix (W_K + Δ_K)^T (W_Q + Δ_Q) is the target's T_K^T T_Q,
+    # which holds only if the W_K^T adapter was transposed into A_K = B_2^T, B_K = A_2^T
+    frozen, target, _ = _pair(D, 1, H, seed)
+    fit = _quiet(lora_tfn, frozen, target, tfn_rank_threshold(D))
+    for h in range(H):
+        reference = target.wk[0, h].T @ target.wq[0, h]
+        assert relative_error(fit.model.wk[0, h].T @ fit.model.wq[0, h], reference) <= tolerance(fit.kappa)
+        reference = target.wo[0, h] @ target.wv[0, h]
+        achieved = frozen.w1[0] @ fit.model.wo[0, h] @ fit.model.wv[0, h]
+        assert relative_error(achieved, target.w1[0] @ reference) <= tolerance(fit.kappa)
+
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
+def test_not_exact_one_rank_below_on_generic_weights(D, L, H, seed):
+    frozen, target, rng = _pair(D, L, H, seed)
+    R = tfn_rank_threshold(D) - 1
+    fit = _quiet(lora_tfn, frozen, target, R)
+    assert not fit.exact and fit.required_rank == R + 1
+    # the matched products miss their targets by σ_{2R+1} > 0 (Lemma 1) ...
+    assert max(fit.matched_errors.values()) > 0
+    assert all(a.rank <= R for a in fit.adapters.values())
+    # ... and the network output visibly differs from the target's (no error bound is claimed below)
+    X = _inputs(rng, D)
+    assert relative_error(fit.model(X), target(X)) > 1e3 * tolerance(fit.kappa)
+
+
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("seed", range(5))
+def test_paper_sizes_exact_to_1e_8(L, seed):
+    # the authors' TFN setting: D = 16, H = 2, N = 10; threshold ceil(16 / 2) = 8
+    frozen = random_tfn(16, L, 2, seed=seed)
+    target = random_tfn(16, L, 2, seed=1000 + seed)
+    assert tfn_rank_threshold(16) == 8
+    assert tfn_rank_requirement(frozen, target) == 8
+    fit = _quiet(lora_tfn, frozen, target, 8)
+    X = np.random.default_rng(seed).standard_normal((32, 16, 10))
+    for scale in (1.0, 50.0):
+        err = relative_error(fit.model(scale * X), target(scale * X))
+        assert err <= 1e-8 and err <= tolerance(fit.kappa)
+    below = _quiet(lora_tfn, frozen, target, 7)
+    assert not below.exact
+
+
+def _low_rank_change(frozen, rng, rank_qk, rank_ov):
+    """A target equal to ``frozen`` except in block 0 head 0: T_Q = W_Q + (rank rank_qk),
+    T_V = W_V + (rank rank_ov). Matched discrepancy ranks: G_0 = max(rank_qk, rank_ov), 0 elsewhere."""
+    D = frozen.embed_dim
+    wq, wv = np.array(frozen.wq), np.array(frozen.wv)
+    wq[0, 0] += rng.standard_normal((D, rank_qk)) @ rng.standard_normal((rank_qk, D))
+    wv[0, 0] += rng.standard_normal((D, rank_ov)) @ rng.standard_normal((rank_ov, D))
+    b1 = rng.uniform(-1, 1, frozen.b1.shape)
+    b2 = rng.uniform(-1, 1, frozen.b2.shape)
+    return frozen.replace(wq=wq, wv=wv, b1=b1, b2=b2)
+
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 2), data=st.data())
+def test_instance_requirement_follows_matched_ranks(D, L, H, data):
+    rng = np.random.default_rng(data.draw(SEEDS))
+    frozen = random_tfn(D, L, H, seed=rng)
+    rank_qk = data.draw(st.integers(0, D), label="rank_qk")
+    rank_ov = data.draw(st.integers(0, D), label="rank_ov")
+    target = _low_rank_change(frozen, rng, rank_qk, rank_ov)
+    G = max(rank_qk, rank_ov)
+    assert tfn_matched_discrepancy_ranks(frozen, target) == (G,) + (0,) * (L - 1)
+    required = tfn_rank_requirement(frozen, target)
+    assert required == -(-G // 2)
+    fit = _quiet(lora_tfn, frozen, target, required)
+    assert fit.exact and fit.required_rank == required
+    X = _inputs(rng, D)
+    for scale in (1.0, 50.0):
+        assert relative_error(fit.model(scale * X), target(scale * X)) <= tolerance(fit.kappa)
+
+
+def test_rank_zero_rechooses_biases_only():
+    frozen = random_tfn(5, 2, 2, seed=3)
+    rng = np.random.default_rng(4)
+    target = frozen.replace(b1=rng.uniform(-1, 1, (2, 5)), b2=rng.uniform(-1, 1, (2, 5)))
+    fit = lora_tfn(frozen, target, 0)
+    assert fit.exact and fit.required_rank == 0 and fit.matched_ranks == (0, 0)
+    assert all(a.rank == 0 for a in fit.adapters.values()) and fit.num_parameters == 0
+    X = _inputs(rng, 5)
+    assert relative_error(fit.model(X), target(X)) <= tolerance(fit.kappa)
+
+
+def _with(tfn, name, index, matrix):
+    value = np.array(getattr(tfn, name))
+    if index is None:
+        value = matrix
+    else:
+        value[index] = matrix
+    return tfn.replace(**{name: value})
+
+
+def _singular(D, rng):
+    M = rng.standard_normal((D, D))
+    M[-1] = M[0]                                                        # two equal rows: rank D-1
+    return M
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize(
+    "name, index, where, match",
+    [("w1", 0, "frozen", r"W1\[0\]"),
+     ("w1", 1, "frozen", r"W1\[1\]"),
+     ("w2", 0, "frozen", r"W2\[0\]"),
+     ("w2", 0, "target", r"T2\[0\] \(target\)")])
+def test_singular_inverted_matrices_raise(rank, name, index, where, match):
+    rng = np.random.default_rng(7)
+    frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
+    if where == "frozen":
+        frozen = _with(frozen, name, index, _singular(4, rng))
+    else:
+        target = _with(target, name, index, _singular(4, rng))
+    with pytest.raises(SingularMatrixError, match=match) as info:
+        lora_tfn(frozen, target, rank)
+    assert info.value.condition_number > 1e15
+    with pytest.raises(SingularMatrixError, match=match):
+        tfn_rank_requirement(frozen, target)
+
+
+def test_singular_last_w2_is_fine():
+    # W2_L is a first factor, never inverted; T2_L neither
+    rng = np.random.default_rng(8)
+    frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
+    frozen = _with(frozen, "w2", 1, _singular(4, rng))
+    target = _with(target, "w2", 1, _singular(4, rng))
+    fit = _quiet(lora_tfn, frozen, target, 2)
+    X = _inputs(rng, 4)
+    assert relative_error(fit.model(X), target(X)) <= tolerance(fit.kappa)
+
+
+def test_singular_w_out_raises_naming_it():
+    rng = np.random.default_rng(9)
+    frozen, target = random_tfn(4, 1, 2, seed=1), random_tfn(4, 1, 2, seed=2)
+    frozen = _with(frozen, "w_out", None, _singular(4, rng))
+    # at rank 2 the output chain solves with W_out (second factor of (W2_L, W_out))
+    with pytest.raises(SingularMatrixError, match=r"Q_1 = W_out"):
+        lora_tfn(frozen, target, 2)
+    # at rank 0 nothing adapts W_out, and the last bias needs (W_out + Δ_out)^-1
+    with pytest.raises(SingularMatrixError, match=r"W_out \+ Δ_out"):
+        lora_tfn(frozen, target, 0)
+
+
+def test_singular_key_matrix_raises_naming_it():
+    rng = np.random.default_rng(10)
+    frozen, target = random_tfn(4, 1, 2, seed=1), random_tfn(4, 1, 2, seed=2)
+    frozen = _with(frozen, "wk", (0, 1), _singular(4, rng))
+    with pytest.raises(SingularMatrixError, match=r"W_K\[0,1\]\^T"):
+        lora_tfn(frozen, target, 2)
+
+
+def test_ill_conditioned_w1_warns_with_kappa():
+    rng = np.random.default_rng(11)
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
+    w1 = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt                      # κ = 1e10: u·κ ≈ 1e-6 > 1e-8
+    frozen = _with(frozen, "w1", 0, w1)
+    with pytest.warns(IllConditionedWarning, match="κ = 1e\\+10"):
+        fit = lora_tfn(frozen, target, 2)
+    assert fit.condition_numbers["W1[0]"] == pytest.approx(1e10, rel=1e-3)
+
+
+def test_condition_numbers_name_what_was_solved():
+    frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
+    fit = _quiet(lora_tfn, frozen, target, 2)
+    names = set(fit.condition_numbers)
+    assert {"W1[0]", "W1[1]", "W2[0]", "T2[0]", "W_out + Δ_out"} <= names
+    assert "W2[1]" not in names and "T2[1]" not in names              # the last block inverts neither
+    assert {"qk[0,0] Q_1", "qk[0,0] P_2", "ov[1,1] Q_1", "ov[1,1] P_2", "out Q_1", "out P_2"} <= names
+    assert fit.kappa == max(fit.condition_numbers.values())
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4), (1, 1, 4), (1, 2, 3)])
+def test_target_of_other_shape_is_rejected(shape):
+    frozen = random_tfn(4, 1, 2, seed=1)
+    L, H, D = shape
+    target = random_tfn(D, L, H, seed=2)
+    with pytest.raises(InvalidArgumentError, match=r"^target: .*\(L, H, D\)"):
+        lora_tfn(frozen, target, 2)
+    with pytest.raises(InvalidArgumentError, match=r"^target: "):
+        tfn_rank_requirement(frozen, target)
+
+
+def test_not_a_tfn_is_rejected():
+    frozen = random_tfn(4, 1, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^frozen: must be a lora_theory.TFN"):
+        lora_tfn(frozen.parameters(), frozen, 1)
+    with pytest.raises(InvalidArgumentError, match=r"^target: must be a lora_theory.TFN"):
+        lora_tfn(frozen, frozen.parameters(), 1)
+
+
+@pytest.mark.parametrize("rank, match", [
+    (2.0, "must be an integer"), (True, "must be an integer"), (-1, "must be at least 0"), (5, "must be at most 4"),
+    ("2", "must be an integer"), (None, "must be an integer")])
+def test_bad_rank_is_rejected(rank, match):
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    with pytest.raises(InvalidArgumentError, match=rf"^rank: {match}"):
+        lora_tfn(frozen, target, rank)
+
+
+def test_rank_d_and_numpy_integer_are_accepted():
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    for rank in (4, np.int64(3)):
+        fit = _quiet(lora_tfn, frozen, target, rank)
+        assert fit.exact and isinstance(fit.rank, int)
+
+
+def test_fit_is_frozen_and_not_comparable_by_value():
+    frozen, target = random_tfn(3, 1, 1, seed=1), random_tfn(3, 1, 1, seed=2)
+    fit = _quiet(lora_tfn, frozen, target, 2)
+    with pytest.raises(AttributeError):
+        fit.rank = 3
+    assert fit != _quiet(lora_tfn, frozen, target, 2)                   # eq=False: identity comparison
+    assert isinstance(fit.model, TFN)
