@@ -1,0 +1,12 @@
+"""Gradient-trained LoRA beside the constructions of :mod:`lora_theory` (torch).
+
+The torch models (:mod:`verification.models`), a batched trainer that trains many independent runs as one
+stacked model (:mod:`verification.trainer`), and the paper's synthetic experiments as command-line modules
+(``python -m verification`` lists them).
+"""
+
+from .models import TorchFNN, TorchTFN, merge_adapter
+
+EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep")
+
+__all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS"]
