@@ -1,0 +1,281 @@
+"""Tuning only the final layers can fail where LoRA succeeds (Zeng & Lee 2024, Lemma 4; THEORY.md §2.5).
+
+Keep the first layer ``x -> ReLU(W_1 x + b_1)`` of the frozen FNN and tune every weight and bias of the
+layers after it. The first layer is not injective: for ``x`` and ``x' = x + W_1^{-1} d`` with ``d`` supported
+on coordinates where ``W_1 x + b_1`` and ``W_1 x' + b_1`` are both negative, ``ReLU(W_1 x + b_1) =
+ReLU(W_1 x' + b_1)``, so every tuning ``g`` of the final layers gives both the same output. A generic target
+``f̄`` separates them, so on any domain holding such a pair no final-layers tuning ``g`` equals ``f̄``; in
+sup norm its error on the domain is at least ``||f̄(x) - f̄(x')|| / 2``. LoRA on all layers with
+``R >= ceil(D / L)`` does equal a one-layer target (Theorem 3), with ``2RDL`` parameters against ``l·D^2`` for
+the last ``l`` layers.
+
+:func:`final_layers_witness` makes this checkable on a stated ball: it searches for the pair that maximises
+the target's separation and reports it, or says that the domain holds none, and why.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._validate import as_array, as_int, as_ranks, readonly
+from .errors import InvalidArgumentError
+from .fnn import sample_ball
+from .models import FNN
+from .numerics import check_invertible, unit_roundoff
+
+__all__ = ["Witness", "final_layers_witness", "lora_parameter_count", "final_layers_parameter_count"]
+
+#: A pair counts as a witness only if the target separates it by more than this many roundings of its
+#: outputs (``separation > MIN_ROUNDING_RATIO · u · max(||f̄(x)||, ||f̄(x')||)``): below that the separation
+#: could be an artefact of floating point and proves nothing.
+MIN_ROUNDING_RATIO = 1e6
+
+#: Coordinates of the support of ``d`` must stay below ``-NEGATIVITY · scale`` at both points
+#: (``scale = ||W_1||_2 (||center|| + radius) + ||b_1||``), so that rounding cannot switch their ReLU on.
+NEGATIVITY = 1e-9
+
+
+@dataclass(frozen=True, eq=False)
+class Witness:
+    """A pair of inputs that no tuning of the final layers can tell apart but the target does (Lemma 4).
+
+    Attributes
+    ----------
+    found : bool
+        Whether the domain holds a pair separated far above rounding.
+    reason : str
+        Why (or why not): e.g. ``b_1`` keeps every first-layer pre-activation positive on the ball.
+    x, x_prime : ndarray (D,) or None
+        The pair, both in the ball; ``x' = x + W_1^{-1} d``.
+    d : ndarray (D,) or None
+        ``W_1 (x' - x)``: the change of the first-layer pre-activation, zero off ``coordinates``.
+    coordinates : tuple of int
+        The support of ``d``: first-layer units negative at both points.
+    separation : float
+        ``||f̄(x) - f̄(x')||_2`` (0 when no pair was found).
+    relative_separation : float
+        ``separation / max(||f̄(x)||, ||f̄(x')||)``.
+    rounding_ratio : float
+        ``separation / (u · max(||f̄(x)||, ||f̄(x')||))``: how many roundings the separation spans.
+    first_layer_gap : float
+        ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer: rounding level for a
+        witness (the frozen first layer maps both inputs to the same point).
+    lower_bound : float
+        ``separation / 2``: every tuning ``g`` of the final layers has ``max(||g(h(x)) - f̄(x)||,
+        ||g(h(x')) - f̄(x')||) >= lower_bound`` on the domain.
+    center : ndarray (D,)
+    radius : float
+        The ball searched.
+    """
+
+    found: bool
+    reason: str
+    x: np.ndarray | None
+    x_prime: np.ndarray | None
+    d: np.ndarray | None
+    coordinates: tuple
+    separation: float
+    relative_separation: float
+    rounding_ratio: float
+    first_layer_gap: float
+    lower_bound: float
+    center: np.ndarray
+    radius: float
+
+    def __bool__(self) -> bool:
+        return self.found
+
+
+def _none(reason, center, radius):
+    return Witness(found=False, reason=reason, x=None, x_prime=None, d=None, coordinates=(), separation=0.0,
+                   relative_separation=0.0, rounding_ratio=0.0, first_layer_gap=0.0, lower_bound=0.0,
+                   center=readonly(center), radius=radius)
+
+
+def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None, seed=0,
+                         n_starts: int = 64, n_directions: int = 32, n_refine: int = 20) -> Witness:
+    """Search a ball for the pair of Lemma 4 (Zeng & Lee 2024): equal after the frozen first layer, far apart
+    under the target.
+
+    Parameters
+    ----------
+    frozen : FNN
+        The frozen model; only its first layer ``W_1`` (``frozen.weights[0]``), ``b_1`` matters (the layers
+        after it are the ones tuned).
+    target : FNN
+        ``f̄``, any depth, the frozen model's width ``D``.
+    input_radius : float > 0
+        Radius of the domain ``||x - center||_2 <= input_radius``.
+    center : array (D,), optional
+        Its centre (default 0).
+    seed : int or numpy Generator
+        For the random search.
+    n_starts, n_directions, n_refine : int
+        Search effort: random starting points ``x`` (besides the points where each first-layer unit is most
+        negative), random directions ``d`` per start, and rounds of local refinement around the best pair.
+
+    Returns
+    -------
+    Witness
+        ``found=False`` with the reason when ``b_1`` keeps every first-layer unit positive on the ball (the
+        first layer is then affine and injective there, and final-layers tuning can undo it, e.g.
+        ``W_2 = T_1 W_1^{-1}`` for a one-layer target), when the first layer has no ReLU, or when the best
+        separation found is at rounding level.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Not FNNs, widths differ, bad radius, centre or search effort.
+    SingularMatrixError
+        ``W_1`` is singular (``x' = x + W_1^{-1} d`` needs a solve with it).
+    """
+    if not isinstance(frozen, FNN):
+        raise InvalidArgumentError("frozen", f"must be a lora_theory.FNN, got {type(frozen).__name__}")
+    if not isinstance(target, FNN):
+        raise InvalidArgumentError("target", f"must be a lora_theory.FNN, got {type(target).__name__}")
+    D = frozen.width
+    if target.width != D:
+        raise InvalidArgumentError("target", f"must have the frozen model's width D = {D}, got {target.width}")
+    if isinstance(input_radius, (bool, np.bool_)) or not isinstance(input_radius, numbers.Real) \
+            or not math.isfinite(input_radius) or input_radius <= 0:
+        raise InvalidArgumentError("input_radius", f"must be positive and finite, got {input_radius!r}")
+    r = float(input_radius)
+    c = np.zeros(D) if center is None else as_array(center, "center", shape=(D,))
+    n_starts = as_int(n_starts, "n_starts", 1)
+    n_directions = as_int(n_directions, "n_directions", 1)
+    n_refine = as_int(n_refine, "n_refine", 0)
+
+    W1, b1 = frozen.weights[0], frozen.biases[0]
+    if frozen.activation != "relu" or (frozen.depth == 1 and not frozen.final_relu):
+        return _none("the frozen first layer has no ReLU: it is affine, injective when W_1 is invertible, "
+                     "and the final layers can undo it", c, r)
+    check_invertible(W1, "W_1", "the witness solves W_1 (x' - x) = d")
+
+    # the smallest value of every first-layer unit on the ball
+    rows = np.linalg.norm(W1, axis=1)                                     # (D,)
+    centre_pre = W1 @ c + b1                                              # (D,)
+    lowest = centre_pre - r * rows                                        # (D,)
+    scale = float(np.linalg.norm(W1, 2) * (np.linalg.norm(c) + r) + np.linalg.norm(b1))
+    eta = NEGATIVITY * scale
+    if np.all(lowest >= -eta):
+        return _none(f"b_1 keeps every first-layer pre-activation positive on the ball (smallest "
+                     f"{float(lowest.min()):.3g}): the first layer is affine and injective there, so no pair "
+                     f"exists and tuning the final layers can fit", c, r)
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    negative_units = np.flatnonzero(lowest < -eta)
+    # starts: where each unit that can go negative is most negative, their pairwise midpoints pushed to the
+    # sphere, and uniform points of the ball
+    extreme = c - r * (W1[negative_units] / rows[negative_units, None])  # (k, D)
+    starts = [extreme, sample_ball(c, r, n_starts, rng)]
+    if len(negative_units) > 1:
+        i, j = rng.integers(0, len(negative_units), size=(2, n_starts))
+        mid = (extreme[i] + extreme[j]) / 2 - c
+        norm = np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), np.finfo(float).tiny)
+        starts.append(c + mid / norm * r * (1 - 1e-12))
+    X = np.vstack(starts)                                                 # (n, D)
+
+    best = _search(X, W1, b1, c, r, eta, target, rng, n_directions)
+    step = r / 4
+    for _ in range(n_refine):
+        if best is None:
+            break
+        near = best[1] + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
+        off = np.linalg.norm(near - c, axis=1, keepdims=True)
+        near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
+        cand = _search(near, W1, b1, c, r, eta, target, rng, n_directions)
+        if cand is not None and cand[0] > best[0]:
+            best = cand
+        else:
+            step /= 2
+
+    if best is None:
+        return _none("no point of the ball has a first-layer unit negative enough to move along", c, r)
+    sep, x, xp, d, support = best
+    fx, fxp = target(x), target(xp)
+    ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
+    u = unit_roundoff()
+    ratio = sep / (u * ref) if ref > 0 else 0.0
+    h = lambda z: np.maximum(W1 @ z + b1, 0.0)                           # noqa: E731  frozen first layer
+    hx, hxp = h(x), h(xp)
+    h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
+    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else float(np.linalg.norm(hx - hxp))
+    found = ratio > MIN_ROUNDING_RATIO
+    if found:
+        reason = (f"units {list(support)} of the first layer are negative at both points, so the frozen first "
+                  f"layer maps them to the same point while the target's outputs differ by {sep:.3g}: no "
+                  f"tuning of the final layers is within {sep / 2:.3g} of the target on this ball")
+    else:
+        reason = (f"the best pair found is separated by the target at rounding level only "
+                  f"({ratio:.3g} roundings): no witness on this ball")
+    return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d),
+                   coordinates=tuple(int(k) for k in support), separation=float(sep),
+                   relative_separation=float(sep / ref) if ref > 0 else 0.0, rounding_ratio=float(ratio),
+                   first_layer_gap=gap, lower_bound=float(sep / 2), center=readonly(c), radius=r)
+
+
+def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
+    """For every start ``x`` (rows of ``X``), try random ``d`` on its negative units; return the best pair.
+
+    Each direction ``v`` (supported on the units with ``W_1 x + b_1 < -eta``) is followed as far as both
+    constraints allow: the ball, ``||x + t W_1^{-1} v - c|| <= r``, and every supported unit staying below
+    ``-eta`` (``y_k + t v_k <= -eta``). Returns ``(separation, x, x', d, support)`` or ``None``.
+    """
+    D = X.shape[1]
+    Y = X @ W1.T + b1                                                     # (n, D) first-layer pre-activations
+    best = None
+    for x, y in zip(X, Y):
+        support = np.flatnonzero(y < -eta)
+        if support.size == 0:
+            continue
+        V = np.zeros((n_directions + 2 * support.size, D))                # candidate directions of d
+        V[:n_directions, support] = rng.standard_normal((n_directions, support.size))
+        V[n_directions + np.arange(support.size), support] = 1.0
+        V[n_directions + support.size + np.arange(support.size), support] = -1.0
+        delta = np.linalg.solve(W1, V.T).T                                # (k, D) x' - x per unit step
+        # ball: ||x - c + t δ||^2 <= r^2, largest root t of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
+        a = np.sum(delta ** 2, axis=1)
+        b = delta @ (x - c)
+        q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
+        t_ball = (-b + np.sqrt(np.maximum(b * b - a * q, 0.0))) / np.maximum(a, np.finfo(float).tiny)
+        # units: y_k + t v_k <= -eta for every supported k with v_k > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limits = np.where(V[:, support] > 0, (-eta - y[support]) / V[:, support], np.inf)
+        t = np.minimum(t_ball, limits.min(axis=1)) * (1 - 1e-9)
+        ok = t > 0
+        if not ok.any():
+            continue
+        Xp = x + t[ok, None] * delta[ok]                                  # (k', D)
+        seps = np.linalg.norm(target(Xp) - target(x), axis=1)
+        k = int(np.argmax(seps))
+        if best is None or seps[k] > best[0]:
+            d = t[ok][k] * V[ok][k]
+            best = (float(seps[k]), x.copy(), Xp[k].copy(), d, support)
+    return best
+
+
+def lora_parameter_count(width: int, depth: int, rank) -> int:
+    """Trainable parameters of LoRA on every layer of a width-``D``, depth-``L`` FNN: ``2·R·D·L``.
+
+    With per-layer ranks ``R_l`` (a sequence of ``L`` ints), ``2·D·Σ_l R_l``. Biases are not counted.
+    Zeng & Lee 2024 compare LoRA with tuning the final layers (Lemma 4) at equal counts: ``2RDL = l·D^2``,
+    i.e. rank ``R = l·D / (2L)`` against the last ``l`` layers (:func:`final_layers_parameter_count`).
+    """
+    D = as_int(width, "width", 1)
+    L = as_int(depth, "depth", 1)
+    return 2 * D * sum(as_ranks(rank, L, D))
+
+
+def final_layers_parameter_count(width: int, layers: int, bias: bool = True) -> int:
+    """Trainable parameters of tuning the last ``l`` layers of a width-``D`` FNN: ``l·D^2`` (``+ l·D`` biases).
+
+    The paper's comparison (Zeng & Lee 2024, Lemma 4 and its experiment): at equal parameter counts LoRA
+    (``2RDL``, :func:`lora_parameter_count`) represents targets that tuning the last ``l`` layers cannot.
+    """
+    D = as_int(width, "width", 1)
+    l = as_int(layers, "layers", 0)
+    return l * D * D + (l * D if bias else 0)
