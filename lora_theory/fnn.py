@@ -340,6 +340,8 @@ def _block_error(s: np.ndarray, k: int, rank_E: int) -> float:
 
 
 def _domain_args(input_radius, center, inputs, margin, D):
+    if input_radius is None and center is not None:
+        raise InvalidArgumentError("center", "a centre needs input_radius (it defines a ball); samples have none")
     if input_radius is None and inputs is None:
         raise InvalidArgumentError(
             "input_radius", "no domain given: pass input_radius (a certified ball) or inputs (samples)")
@@ -357,8 +359,6 @@ def _domain_args(input_radius, center, inputs, margin, D):
             raise InvalidArgumentError("input_radius", f"must be positive and finite, got {input_radius!r}")
         c = np.zeros(D) if center is None else as_array(center, "center", shape=(D,))
         return "ball", c, radius, None
-    if center is not None:
-        raise InvalidArgumentError("center", "a centre needs input_radius (it defines a ball); samples have none")
     X = as_array(inputs, "inputs", ndim=2, shape=(None, D))
     if X.shape[0] == 0:
         raise InvalidArgumentError("inputs", "must hold at least one sample")
