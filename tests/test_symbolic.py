@@ -1,0 +1,334 @@
+"""Exact certificates (THEORY.md §3) and symbolic thresholds.
+
+The certificates carry no tolerance; the float comparisons below only check that the exact adapted models,
+rounded to float64, evaluate like the targets (an independent check of what the certificate proves).
+"""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import sympy
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_theory.errors import InvalidArgumentError
+from lora_theory.fnn import sample_ball
+from lora_theory.models import FNN, random_linear
+from lora_theory.numerics import TOLERANCE_CONSTANT, unit_roundoff
+from lora_theory.symbolic import (
+    EXACT,
+    IMPOSSIBLE,
+    NOT_MET,
+    Certificate,
+    RationalFNN,
+    RationalTFN,
+    certify_fnn,
+    certify_linear,
+    certify_tfn,
+    fnn_rank_threshold_expr,
+    linear_rank_threshold_expr,
+    random_rational_fnn,
+    random_rational_linear,
+    random_rational_tfn,
+    rational_matrix,
+    tfn_rank_threshold_expr,
+)
+from lora_theory.symbolic import D as D_sym
+from lora_theory.symbolic import L as L_sym
+from lora_theory.symbolic import Lbar as Lbar_sym
+from lora_theory.thresholds import fnn_rank_threshold, linear_rank_threshold, tfn_rank_threshold
+
+# ----------------------------------------------------------------------------------- symbolic thresholds
+
+
+def test_symbolic_thresholds_equal_integer_ones_on_grid():
+    Ds, Ls, Lbars = np.meshgrid(np.arange(1, 65), np.arange(1, 17), np.arange(1, 17), indexing="ij")
+    keep = Lbars <= Ls
+    Ds, Ls, Lbars = Ds[keep], Ls[keep], Lbars[keep]
+    # D / floor(L / Lbar) in float64: exact when the quotient is an integer, and at least 1/16 away from
+    # one otherwise, so ceil is computed correctly
+    fnn = sympy.lambdify((D_sym, L_sym, Lbar_sym), fnn_rank_threshold_expr(), "numpy")(Ds, Ls, Lbars)
+    lin = sympy.lambdify((D_sym, L_sym), linear_rank_threshold_expr(), "numpy")(Ds, Ls)
+    tfn = sympy.lambdify(D_sym, tfn_rank_threshold_expr(), "numpy")(Ds)
+    want_fnn = [fnn_rank_threshold(int(d), int(l), int(lb)) for d, l, lb in zip(Ds, Ls, Lbars)]
+    want_lin = [linear_rank_threshold(int(d), int(l)) for d, l in zip(Ds, Ls)]
+    want_tfn = [tfn_rank_threshold(int(d)) for d in Ds]
+    assert np.array_equal(fnn, want_fnn)
+    assert np.array_equal(lin, want_lin)
+    assert np.array_equal(tfn, want_tfn)
+
+
+def test_symbolic_thresholds_exact_substitution_and_symbols():
+    assert fnn_rank_threshold_expr().free_symbols == {D_sym, L_sym, Lbar_sym}
+    assert linear_rank_threshold_expr().free_symbols == {D_sym, L_sym}
+    # the paper's D = 16 examples (THEORY.md §2.3), by exact substitution
+    expr = fnn_rank_threshold_expr()
+    for (Lbar, L), want in {(1, 2): 8, (2, 4): 8, (1, 8): 2}.items():
+        assert expr.subs({D_sym: 16, L_sym: L, Lbar_sym: Lbar}) == want
+    assert tfn_rank_threshold_expr().subs(D_sym, 15) == 8
+
+
+# ------------------------------------------------------------------------------------------ conversions
+
+
+def test_floats_are_converted_exactly():
+    M = rational_matrix([[0.1, 2], [Fraction(1, 3), sympy.Rational(-5, 7)]])
+    assert M[0, 0] == sympy.Rational(3602879701896397, 36028797018963968)     # not 1/10
+    assert M[1, 0] == sympy.Rational(1, 3) and M[0, 1] == 2
+
+
+def test_float_models_round_trip_exactly():
+    frozen, _ = random_rational_fnn(3, 2, 1, seed=0)
+    f = frozen.to_float()
+    back = RationalFNN.from_fnn(f)
+    assert back.weights == frozen.weights and back.biases == frozen.biases   # k/4 is a binary fraction
+    tf, _ = random_rational_tfn(2, 1, 1, seed=0)
+    assert RationalTFN.from_tfn(tf.to_float()).wq == tf.wq
+
+
+def test_float_instance_certified_exactly():
+    frozen = random_linear(4, 2, seed=3).weights
+    target = np.random.default_rng(4).uniform(-0.5, 0.5, (4, 4))
+    cert = certify_linear(frozen, target, 2)
+    assert cert.outcome == EXACT and cert.passed
+
+
+# ----------------------------------------------------------------------------------------------- linear
+
+
+def _check_named_singular(cert: Certificate):
+    """A NOT_MET certificate for a singular matrix names it, keeps it, and it is exactly singular."""
+    assert cert.outcome == NOT_MET
+    assert "is singular" in cert.reason
+    assert cert.singular_matrix is not None and cert.singular_matrix.det() == 0
+    failed = cert.failed_checks
+    assert len(failed) == 1 and failed[0].name.endswith("invertible")
+    assert failed[0].name.removesuffix(" invertible") in cert.reason
+
+
+def _invertibility_checks_pass(cert):
+    return all(c.passed for c in cert.checks if c.name.endswith("invertible"))
+
+
+@given(n=st.integers(2, 5), depth=st.integers(1, 3), seed=st.integers(0, 10_000),
+       error_rank=st.one_of(st.none(), st.integers(0, 5)))
+def test_linear_certificate_at_threshold_and_below(n, depth, seed, error_rank):
+    if error_rank is not None:
+        error_rank = min(error_rank, n)
+    frozen, target = random_rational_linear(n, depth, seed=seed, error_rank=error_rank)
+    E = sympy.Matrix(target) - sympy.prod(reversed(frozen), start=sympy.eye(n))
+    rank_E = E.rank()
+    R = -(-rank_E // depth)
+    cert = certify_linear(frozen, target, R)
+    assert cert.required_rank == R
+    if cert.outcome == EXACT:
+        assert cert.passed and all(c.passed for c in cert.checks)
+        prod = sympy.prod(reversed(cert.adapted), start=sympy.eye(n))
+        assert prod == sympy.Matrix(target)
+        for l, W in enumerate(frozen):
+            assert (cert.adapted[l] - W).rank() <= R
+    else:
+        _check_named_singular(cert)
+    # the outcome is "exact" exactly when every matrix the construction inverted is invertible
+    assert (cert.outcome == EXACT) == _invertibility_checks_pass(cert)
+    if R >= 1:
+        below = certify_linear(frozen, target, R - 1)
+        if (R - 1) * depth < rank_E:
+            assert below.outcome == IMPOSSIBLE and not below.passed
+            assert f"rank(E) = {rank_E}" in below.reason
+
+
+def test_linear_full_rank_error_one_rank_below_is_impossible():
+    frozen, target = random_rational_linear(5, 2, seed=11)
+    assert certify_linear(frozen, target, 3).outcome == EXACT
+    cert = certify_linear(frozen, target, 2)
+    assert cert.outcome == IMPOSSIBLE
+    assert "rank(E) = 5 exceeds Σ R_l = 4" in cert.reason
+
+
+def test_linear_per_layer_ranks():
+    frozen, target = random_rational_linear(4, 2, seed=5)
+    assert certify_linear(frozen, target, (3, 1)).outcome == EXACT
+    assert certify_linear(frozen, target, (0, 4)).outcome == EXACT
+    assert certify_linear(frozen, target, (2, 1)).outcome == IMPOSSIBLE
+
+
+def test_linear_singular_Q_is_named():
+    frozen, target = random_rational_linear(3, 2, seed=1)
+    cert = certify_linear([frozen[0], sympy.zeros(3, 3)], target, 2)
+    _check_named_singular(cert)
+    assert cert.reason.startswith("Q_1 = W_2 is singular")
+
+
+def test_linear_singular_partial_product_is_named():
+    # W_1 = 0, W_2 = I, R = 1 < D: P_2 = W_1 + Δ_1 = C_1 F_1 has rank 1 (THEORY.md §2.1: raise naming P_2)
+    target = sympy.Matrix([[1, 2], [3, 5]])
+    cert = certify_linear([sympy.zeros(2, 2), sympy.eye(2)], target, 1)
+    _check_named_singular(cert)
+    assert cert.reason.startswith("P_2 = (W_1 + Δ_1) is singular")
+    assert "Π W + C_1 F_1" in cert.reason
+
+
+def test_certificate_report():
+    frozen, target = random_rational_linear(3, 3, seed=2)
+    cert = certify_linear(frozen, target, 1)
+    text = str(cert)
+    assert text.startswith("Exact certificate (linear: D = 3, L = 3; LoRA-rank R = 1)")
+    assert f"Outcome: {cert.outcome}" in text
+    assert all(str(c) in text for c in cert.checks)
+
+
+# ------------------------------------------------------------------------------------------------- FNN
+
+
+def _fnn_agrees_in_float(cert, frozen, target, center, radius, seed):
+    """The exact adapted FNN, rounded to float64, equals the target on samples of the ball (to rounding)."""
+    f = cert.adapted.to_float()
+    fbar = target.to_float()
+    x = sample_ball(np.array(center, dtype=float), float(radius), 64, seed=seed)
+    acts = f.activations(x)
+    # absolute rounding of the forward pass: Σ_j (||W_j|| ||z_{j-1}|| + ||b_j||), amplified by later layers
+    norms = [np.linalg.norm(W, 2) for W in f.weights]
+    scale = sum(n * np.linalg.norm(z, axis=1) + np.linalg.norm(b)
+                for n, z, b in zip(norms, acts[:-1], f.biases))
+    growth = np.prod([max(1.0, n) for n in norms])
+    err = np.linalg.norm(acts[-1] - fbar(x), axis=1)
+    assert np.all(err <= TOLERANCE_CONSTANT * unit_roundoff() * growth * scale)
+
+
+@given(n=st.integers(2, 4), depth=st.integers(1, 3), data=st.data(), seed=st.integers(0, 10_000),
+       final_relu=st.booleans())
+def test_fnn_certificate_at_threshold_and_below(n, depth, data, seed, final_relu):
+    target_depth = data.draw(st.integers(1, depth))
+    frozen, target = random_rational_fnn(n, depth, target_depth, seed=seed, final_relu=final_relu)
+    rng = np.random.default_rng(seed)
+    center = [sympy.Rational(int(k), 4) for k in rng.integers(-4, 5, n)]
+    radius = sympy.Rational(int(rng.integers(1, 9)), 2)
+    probe = certify_fnn(frozen, target, n, input_radius=radius, center=center)
+    R = probe.required_rank
+    cert = certify_fnn(frozen, target, R, input_radius=radius, center=center)
+    if cert.outcome == EXACT:
+        assert all(c.passed for c in cert.checks)
+        _fnn_agrees_in_float(cert, frozen, target, center, radius, seed)
+    else:
+        _check_named_singular(cert)
+    assert (cert.outcome == EXACT) == _invertibility_checks_pass(cert)
+    if R >= 1:
+        below = certify_fnn(frozen, target, R - 1, input_radius=radius, center=center)
+        assert below.outcome == NOT_MET                              # never "impossible" for FNNs
+        assert "exceeds the budget" in below.reason or "is singular" in below.reason
+
+
+def test_fnn_uniform_threshold_generic_instance():
+    # D = 4, L = 4, L̄ = 2: threshold ceil(4 / 2) = 2 (Theorem 3); one below: not met, never impossible
+    frozen, target = random_rational_fnn(4, 4, 2, seed=0)
+    cert = certify_fnn(frozen, target, 2, input_radius=3)
+    assert cert.outcome == EXACT and cert.required_rank == 2
+    assert sum("ReLUs active" in c.name for c in cert.checks) == 2
+    below = certify_fnn(frozen, target, 1, input_radius=3)
+    assert below.outcome == NOT_MET
+    assert "matched rank rank(E_1) = 4 exceeds the budget Σ R_l = 2" in below.reason
+
+
+def test_fnn_general_partition_and_per_layer_ranks():
+    frozen, target = random_rational_fnn(3, 3, 2, seed=4)
+    cert = certify_fnn(frozen, target, (2, 1, 3), partition=(2, 1), input_radius=1)
+    assert cert.outcome == EXACT and cert.sizes["partition"] == (2, 1)
+
+
+def test_fnn_singular_is_named():
+    frozen, target = random_rational_fnn(3, 2, 1, seed=3)
+    broken = RationalFNN((frozen.weights[0], sympy.zeros(3, 3)), frozen.biases)
+    cert = certify_fnn(broken, target, 2, input_radius=1)
+    _check_named_singular(cert)
+    assert cert.reason.startswith("block 1: Q_1 = W_2 is singular")
+
+
+def test_fnn_accepts_float_models():
+    rng = np.random.default_rng(0)
+    frozen = FNN([rng.uniform(-0.5, 0.5, (3, 3)) for _ in range(2)], [rng.uniform(-0.5, 0.5, 3) for _ in range(2)])
+    target = FNN([rng.uniform(-0.5, 0.5, (3, 3))], [rng.uniform(-0.5, 0.5, 3)])
+    cert = certify_fnn(frozen, target, 2, input_radius=10.0)
+    assert cert.outcome == EXACT
+
+
+# ------------------------------------------------------------------------------------------------- TFN
+
+
+@given(n=st.integers(2, 4), depth=st.integers(1, 2), heads=st.integers(1, 2), seed=st.integers(0, 10_000))
+def test_tfn_certificate_at_threshold_and_below(n, depth, heads, seed):
+    frozen, target = random_rational_tfn(n, depth, heads, seed=seed)
+    probe = certify_tfn(frozen, target, n)
+    if probe.outcome != EXACT:
+        _check_named_singular(probe)
+        return
+    R = probe.required_rank
+    cert = certify_tfn(frozen, target, R)
+    if cert.outcome != EXACT:  # at a lower rank the chains also invert P_2 = W_Q + Δ_Q, ...
+        _check_named_singular(cert)
+        return
+    assert all(c.passed for c in cert.checks)
+    X = np.random.default_rng(seed).standard_normal((3, n, 5))
+    want = target.to_float()(X)
+    got = cert.adapted.to_float()(X)
+    assert np.linalg.norm(got - want) <= 1e-9 * np.linalg.norm(want)
+    if R >= 1:
+        below = certify_tfn(frozen, target, R - 1)
+        assert below.outcome == NOT_MET                              # never "impossible" for TFNs
+        assert ("matched rank G" in below.reason and f"exceeds 2R = {2 * (R - 1)}" in below.reason) \
+            or "is singular" in below.reason
+
+
+def test_tfn_acceptance_instance():
+    frozen, target = random_rational_tfn(6, 2, 2, seed=0)
+    assert certify_tfn(frozen, target, 3).outcome == EXACT
+    below = certify_tfn(frozen, target, 2)
+    assert below.outcome == NOT_MET and "matched rank G = 6 exceeds 2R = 4" in below.reason
+
+
+def test_tfn_singular_W1_is_named():
+    frozen, target = random_rational_tfn(3, 1, 1, seed=0)
+    broken = RationalTFN(frozen.wq, frozen.wk, frozen.wv, frozen.wo, w1=[sympy.zeros(3, 3)], b1=frozen.b1,
+                         w2=frozen.w2, b2=frozen.b2, w_out=frozen.w_out)
+    cert = certify_tfn(broken, target, 2)
+    _check_named_singular(cert)
+    assert cert.reason.startswith("W1[0] is singular")
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_arguments():
+    frozen, target = random_rational_linear(2, 2, seed=0)
+    with pytest.raises(InvalidArgumentError, match="target: entries must be rational"):
+        certify_linear(frozen, sympy.Matrix([[sympy.sqrt(2), 0], [0, 1]]), 1)
+    with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+        certify_linear(frozen, [[float("nan"), 0], [0, 1]], 1)
+    with pytest.raises(InvalidArgumentError, match=r"target: must have shape \(2, 2\)"):
+        certify_linear(frozen, sympy.eye(3), 1)
+    with pytest.raises(InvalidArgumentError, match="rank: must be at most 2"):
+        certify_linear(frozen, target, 3)
+    with pytest.raises(InvalidArgumentError, match="frozen: must hold at least one matrix"):
+        certify_linear([], target, 1)
+    with pytest.raises(InvalidArgumentError, match=r"frozen\[1\]: must be 2 x 2"):
+        certify_linear([frozen[0], sympy.eye(3)], target, 1)
+    f, t = random_rational_fnn(2, 2, 1, seed=0)
+    with pytest.raises(InvalidArgumentError, match="input_radius: must be positive"):
+        certify_fnn(f, t, 1, input_radius=0)
+    with pytest.raises(InvalidArgumentError, match="center: must be a vector of length 2"):
+        certify_fnn(f, t, 1, input_radius=1, center=[0, 0, 0])
+    with pytest.raises(InvalidArgumentError, match="target: the target depth"):
+        certify_fnn(t, f, 1, input_radius=1)
+    with pytest.raises(InvalidArgumentError, match="target: must use the frozen model's activation"):
+        certify_fnn(f, RationalFNN(t.weights, t.biases, final_relu=False), 1, input_radius=1)
+    with pytest.raises(InvalidArgumentError, match="partition"):
+        certify_fnn(f, t, 1, partition=(1, 1), input_radius=1)
+    with pytest.raises(InvalidArgumentError, match="frozen: must be a lora_theory.FNN or a RationalFNN"):
+        certify_fnn([sympy.eye(2)], t, 1, input_radius=1)
+    a, b = random_rational_tfn(2, 1, 1, seed=0)
+    c, _ = random_rational_tfn(2, 1, 2, seed=0)
+    with pytest.raises(InvalidArgumentError, match="target: must have the frozen network's depth"):
+        certify_tfn(a, c, 1)
+    with pytest.raises(InvalidArgumentError, match="rank: must be an integer"):
+        certify_tfn(a, b, 1.0)
