@@ -1,0 +1,143 @@
+"""Theorem 5 (error below the threshold): the measured error of the FNN construction never exceeds the bound."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from _fnn_strategies import fnn_instances
+from lora_theory.bounds import fnn_error_bound, fnn_error_bound_at
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError
+from lora_theory.fnn import fnn_rank_requirement, lora_fnn
+from lora_theory.linear import linear_gaussian_mse, product
+from lora_theory.models import random_fnn
+
+
+def _fit(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        return lora_fnn(*args, **kwargs)
+
+
+def _rms(diff):
+    return math.sqrt(np.mean(np.sum(diff ** 2, axis=1)))
+
+
+@given(fnn_instances(max_width=12, max_depth=4), st.integers(0, 10 ** 6))
+def test_error_within_bound_per_sample_and_in_rms(inst, seed):
+    """Per sample: ||f(x) - f̄(x)|| <= Σ_i K_i ε_i ||z̄_{i-1}(x)||; RMS with the samples' own second moment."""
+    rng = np.random.default_rng(seed)
+    D = inst.width
+    x = rng.standard_normal((400, D))                                    # (n, D)
+    radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)
+    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
+    diff = fit.model(x) - inst.target(x)
+    scale = _rms(inst.target(x))
+    bound = fnn_error_bound(inst.frozen, inst.target, inst.ranks, partition=inst.partition,
+                            second_moment=x.T @ x / len(x))
+    assert _rms(diff) <= bound.rms + fit.tolerance * scale
+    per = fnn_error_bound_at(inst.frozen, inst.target, inst.ranks, x, partition=inst.partition)
+    assert np.all(np.linalg.norm(diff, axis=1) <= per * (1 + 1e-9) + fit.tolerance * scale)
+    assert np.allclose(per, bound.at(x))
+
+
+@given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10 ** 6))
+def test_bound_is_zero_exactly_when_the_construction_is_exact(inst, seed):
+    bound = fnn_error_bound(inst.frozen, inst.target, inst.ranks, partition=inst.partition)
+    exact = all(b >= rho for b, rho in zip(inst.budgets(), inst.block_ranks))
+    assert (bound.rms == 0) == exact
+    assert bound.mse == pytest.approx(bound.rms ** 2 / inst.width)
+    assert bound.block_directions == tuple(min(b, rho) for b, rho in zip(inst.budgets(), inst.block_ranks))
+
+
+def test_gaussian_rms_below_bound_with_default_second_moment():
+    """Default Σ = I (x ~ N(0, I_D)): a large sample's RMS error stays below the bound, which is not tight."""
+    frozen, target = random_fnn(16, 4, seed=0), random_fnn(16, 2, seed=1)
+    x = np.random.default_rng(2).standard_normal((20000, 16))
+    radius = float(np.linalg.norm(x, axis=1).max())
+    for R in (0, 2, 4, 6):
+        fit = _fit(frozen, target, R, input_radius=radius)
+        bound = fnn_error_bound(frozen, target, R)
+        measured = _rms(fit.model(x) - target(x))
+        assert 0 < measured <= bound.rms
+        assert bound.mse == pytest.approx(bound.rms ** 2 / 16)
+        assert measured ** 2 / 16 <= bound.mse                             # the per-coordinate MSE form
+
+
+def test_bound_formula_by_hand():
+    """K_i = Π_{k>i}(||T_k|| + ε_k), a_0 = sqrt(tr Σ), a_i = ||T_i|| a_{i-1} + ||c_i||; ε_i = σ_{k_i+1}(E_i)."""
+    frozen, target = random_fnn(6, 4, seed=3), random_fnn(6, 2, seed=4)
+    Sigma = np.diag(np.arange(1.0, 7.0))
+    bound = fnn_error_bound(frozen, target, [1, 0, 2, 1], partition=(3, 1), second_moment=Sigma)
+    E1 = target.weights[0] - product(frozen.weights[:3])
+    E2 = target.weights[1] - frozen.weights[3]
+    eps1 = np.linalg.svd(E1, compute_uv=False)[3]                          # k_1 = R_1 + R_2 + R_3 = 3
+    eps2 = np.linalg.svd(E2, compute_uv=False)[1]                          # k_2 = R_4 = 1
+    n1, n2 = np.linalg.norm(target.weights[0], 2), np.linalg.norm(target.weights[1], 2)
+    a0 = math.sqrt(21.0)
+    a1 = n1 * a0 + np.linalg.norm(target.biases[0])
+    assert bound.block_errors == pytest.approx((eps1, eps2))
+    assert bound.growth_factors == pytest.approx((n2 + eps2, 1.0))
+    assert bound.activation_bounds == pytest.approx((a0, a1))
+    assert bound.rms == pytest.approx((n2 + eps2) * eps1 * a0 + eps2 * a1)
+
+
+def test_one_block_linear_model_matches_lemma1_scale():
+    """For a linear one-block model the bound reduces to σ_{k+1}(E)·sqrt(D), above the exact Lemma 1 RMS."""
+    frozen = random_fnn(8, 2, seed=5, activation="linear", bias=False)
+    target = random_fnn(8, 1, seed=6, activation="linear", bias=False)
+    bound = fnn_error_bound(frozen, target, 2)
+    s = np.linalg.svd(target.weights[0] - product(frozen.weights), compute_uv=False)
+    assert bound.rms == pytest.approx(s[4] * math.sqrt(8))
+    exact_mse = linear_gaussian_mse(frozen.weights, target.weights[0], 2)
+    assert exact_mse <= bound.mse
+
+
+def test_at_single_input_and_above_threshold():
+    frozen, target = random_fnn(5, 2, seed=7), random_fnn(5, 1, seed=8)
+    bound = fnn_error_bound(frozen, target, 1)
+    x = np.ones(5)
+    value = bound.at(x)
+    assert isinstance(value, float) and value > 0
+    R = fnn_rank_requirement(frozen, target)
+    assert fnn_error_bound(frozen, target, R).rms == 0.0
+    assert np.array_equal(fnn_error_bound(frozen, target, R).at(np.ones((3, 5))), np.zeros(3))
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("second_moment, message", [
+    (np.eye(4), "5 x 5"),
+    (np.ones((5, 2)), "square"),
+    (np.array([[1.0, 2.0, 0, 0, 0]] + [[0.0] * 5] * 4), "symmetric"),
+    (-np.eye(5), "positive semi-definite"),
+    (np.full((5, 5), np.nan), "NaN"),
+])
+def test_bad_second_moment(second_moment, message):
+    frozen, target = random_fnn(5, 2, seed=0), random_fnn(5, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        fnn_error_bound(frozen, target, 1, second_moment=second_moment)
+    assert info.value.argument == "second_moment"
+
+
+def test_bad_rank_partition_models_and_x():
+    frozen, target = random_fnn(5, 2, seed=0), random_fnn(5, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match="at most 5"):
+        fnn_error_bound(frozen, target, 6)
+    with pytest.raises(InvalidArgumentError, match="one rank for each of the 2 layers"):
+        fnn_error_bound(frozen, target, [1])
+    with pytest.raises(InvalidArgumentError, match="cover the L = 2"):
+        fnn_error_bound(frozen, target, 1, partition=(1,))
+    with pytest.raises(InvalidArgumentError, match="exceeds the frozen depth"):
+        fnn_error_bound(frozen, random_fnn(5, 3, seed=2), 1)
+    with pytest.raises(InvalidArgumentError, match="shape") as info:
+        fnn_error_bound_at(frozen, target, 1, np.ones(4))
+    assert info.value.argument == "x"
+    with pytest.raises(InvalidArgumentError, match="NaN"):
+        fnn_error_bound_at(frozen, target, 1, np.full(5, np.nan))
