@@ -344,7 +344,8 @@ def _is_parameter_key(key: str) -> bool:
     return key.endswith(".weight") or key.endswith(".bias") or key in ("weight", "bias")
 
 
-def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None) -> RankReport:
+def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None,
+                  dtypes=None) -> RankReport:
     """The LoRA rank each layer's change needs, from two checkpoints of one architecture.
 
     Zeng & Lee 2024, Lemma 1 (linear models) with ``L = 1``, i.e. Eckart–Young, layer by layer (see
@@ -364,6 +365,8 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
     eps : float or mapping of str -> float, optional
         Machine epsilon of the storage dtype of each tensor (the checkpoint readers pass it when they hand
         over float64 copies of float32 / bfloat16 tensors). Default: the ``eps`` of each array's own dtype.
+    dtypes : mapping of str -> str, optional
+        The storage dtype names to record in the report (default: each array's own dtype).
 
     Returns
     -------
@@ -426,8 +429,8 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
         for side, arr in (("base", a), ("tuned", b)):
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"{side}[{key!r}]", "contains NaN or infinite entries")
-        arrays[key] = (a, b, max(_storage_eps(key, a, eps), _storage_eps(key, b, eps)),
-                       str(a.dtype) if not isinstance(eps, Mapping) or key not in eps else "given eps")
+        dtype = str(dtypes[key]) if isinstance(dtypes, Mapping) and key in dtypes else str(a.dtype)
+        arrays[key] = (a, b, max(_storage_eps(key, a, eps), _storage_eps(key, b, eps)), dtype)
 
     matrices = [k for k, (a, _, _, _) in arrays.items() if a.ndim == 2 and a.size > 0]
     bias_of = {}
