@@ -88,10 +88,16 @@ def condition_number(matrix) -> float:
 def check_invertible(matrix, name: str, context: str = "") -> float:
     """Return ``κ(matrix)``; raise :class:`SingularMatrixError` naming ``name`` if it is singular.
 
-    Singular means ``κ ≥ 1 / eps``: a solve with it would return digits of rounding only.
+    Singular means numerically rank-deficient by the criterion of :func:`numeric_rank`:
+    ``σ_min <= n · eps · σ_max``, i.e. ``κ >= 1 / (n · eps)`` for an ``n x n`` matrix; a solve with it
+    would return digits of rounding only. (A computed product of exact rank ``n - 1`` has ``σ_min`` of a
+    few ``eps · σ_max``, not below ``eps · σ_max``: the bare threshold ``1 / eps`` let such matrices
+    through.)
     """
+    matrix = np.asarray(matrix, dtype=np.float64)
     kappa = condition_number(matrix)
-    if not math.isfinite(kappa) or kappa >= 1.0 / np.finfo(np.float64).eps:
+    n = max(matrix.shape) if matrix.ndim == 2 and matrix.size else 1
+    if not math.isfinite(kappa) or kappa >= 1.0 / (n * np.finfo(np.float64).eps):
         raise SingularMatrixError(name, kappa, context)
     return kappa
 
