@@ -143,6 +143,9 @@ class LinearFit:
         ``Σ R_l >= rank(E)``.
     condition_numbers : dict of str -> float
         ``κ`` of every matrix the construction solved with (``"Q_l"``, ``"P_l"``, 1-based ``l``).
+
+    The properties ``kappa`` (largest of those) and ``gamma`` (size of the largest layer term of the
+    product, relative to ``max(||T||, ||Π W||)``) give the tolerance ``tolerance(kappa, gamma)``.
     """
 
     adapters: tuple
@@ -169,6 +172,18 @@ class LinearFit:
         return max(self.condition_numbers.values(), default=1.0)
 
     @property
+    def gamma(self) -> float:
+        """Amplification ``γ = max_l ||Q_l||_2 ||W_l + Δ_l||_2 ||P_l||_2 / max(||T||_2, ||Π W||_2)``.
+
+        Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product; when ``Δ_l`` is large (solves with
+        ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far
+        exceed either ``κ``), the rounding of the adapted product grows with this size, not with ``κ``
+        alone. The achieved product is within ``c·u·(κ + γ)`` (relative to the same scale) of
+        ``Π W + LR_k(E)``: use ``tolerance(fit.kappa, fit.gamma)``.
+        """
+        return _chain_gamma(self.frozen, self.model.weights, self.target)
+
+    @property
     def weights(self) -> tuple:
         """Adapted weights ``W_l + Δ_l``."""
         return self.model.weights
@@ -181,6 +196,19 @@ class LinearFit:
     def achieved_error(self, norm: str = "spectral") -> float:
         """``||Π(W_l + Δ_l) - T||`` actually reached (2-norm or Frobenius)."""
         return float(np.linalg.norm(self.product - self.target, 2 if norm == "spectral" else "fro"))
+
+
+def _chain_gamma(frozen, adapted, target) -> float:
+    """``max_l ||Q_l|| ||M_l|| ||P_l|| / max(||T||, ||Π W||)`` (2-norms; see :attr:`LinearFit.gamma`)."""
+    L = len(frozen)
+    scale = _rank_scale(frozen, target)
+    gamma, P = 0.0, np.eye(frozen[0].shape[0])
+    for l in range(L):
+        Q = product(frozen[l + 1:]) if l < L - 1 else np.eye(frozen[0].shape[0])
+        size = np.linalg.norm(Q, 2) * np.linalg.norm(adapted[l], 2) * np.linalg.norm(P, 2)
+        gamma = max(gamma, size / scale if scale > 0 else size)
+        P = adapted[l] @ P
+    return float(gamma)
 
 
 def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
@@ -259,7 +287,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     Warns
     -----
     IllConditionedWarning
-        When ``u·κ`` exceeds 1e-8.
+        When ``u·(κ + γ)`` exceeds 1e-8 (``γ``: :attr:`LinearFit.gamma`).
     """
     frozen = as_square_sequence(frozen, "frozen")
     D = frozen[0].shape[0]
@@ -268,9 +296,10 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)
     k = sum(ranks)
     spectral, frob = _tail(s, k)
-    if kappas:
-        warn_if_ill_conditioned(max(kappas.values()), what="linear construction (Lemma 1)")
     model = FNN([W + a.delta for W, a in zip(frozen, adapters)], activation="linear")
+    if kappas:
+        warn_if_ill_conditioned(max(kappas.values()), _chain_gamma(frozen, model.weights, target),
+                                what="linear construction (Lemma 1)")
     return LinearFit(
         adapters=adapters, ranks=ranks, model=model, frozen=frozen, target=target, discrepancy=E,
         singular_values=s, error_rank=rank_E, spectral_error=spectral, frobenius_error=frob,
