@@ -1,0 +1,352 @@
+"""Lemma 1 (linear models): the construction attains the optimum σ_{k+1}(E), nothing beats it.
+
+Reference scale for absolute quantities (errors of the product, which may be 0 at the optimum):
+``scale = max(||T||_2, ||Π W_l||_2)``, the operands ``E = T - Π W_l`` is formed from; a rounding error of
+the construction is ``<= tolerance(κ, γ) · scale`` with ``κ`` the largest condition number it solved with
+and ``γ`` the size of its largest layer term ``Q_l (W_l + Δ_l) P_l`` relative to that scale
+(``LinearFit.gamma``). ``κ`` alone is not enough from 3 layers on: a middle layer solves with both ``Q_l``
+and ``P_l``, its ``Δ_l`` grows like ``κ(Q_l) κ(P_l)``, and errors of ``4·10^3 u κ`` were measured.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_theory.adapter import Adapter
+from lora_theory.errors import IllConditionedWarning, SingularMatrixError
+from lora_theory.linear import (
+    discrepancy,
+    discrepancy_rank,
+    linear_gaussian_mse,
+    linear_optimal_error,
+    linear_rank_requirement,
+    lora_linear,
+    optimality_gap,
+    product,
+)
+from lora_theory.models import random_linear
+from lora_theory.numerics import numeric_rank, relative_error, tolerance
+
+SEEDS = st.integers(0, 2 ** 32 - 1)
+
+
+@st.composite
+def instances(draw, low_rank=None, per_layer=None):
+    """``(frozen, target, ranks, rank_E or None, rng)``: D in 2..16, L in 1..4, every rank 0..D.
+
+    ``low_rank=True`` draws ``T = Π W + C F`` with ``rank(C F) = r`` known (0..D); ``False`` a generic
+    target (``rank E = D``); ``None`` either. Ranks: one int for every layer or per-layer ints.
+    """
+    D = draw(st.integers(2, 16), label="D")
+    L = draw(st.integers(1, 4), label="L")
+    rng = np.random.default_rng(draw(SEEDS, label="seed"))
+    frozen = random_linear(D, L, seed=rng).weights
+    if low_rank is None:
+        low_rank = draw(st.booleans(), label="low_rank")
+    if low_rank:
+        r = draw(st.integers(0, D), label="rank_E")
+        C = rng.standard_normal((D, r))
+        F = rng.standard_normal((r, D))
+        target = product(frozen) + C @ F / math.sqrt(D)                # rank(E) = r with probability 1
+    else:
+        r = None
+        target = rng.uniform(-1, 1, (D, D))
+    if per_layer is None:
+        per_layer = draw(st.booleans(), label="per_layer")
+    if per_layer:
+        ranks = tuple(draw(st.lists(st.integers(0, D), min_size=L, max_size=L), label="ranks"))
+    else:
+        ranks = (draw(st.integers(0, D), label="rank"),) * L
+    return frozen, target, ranks, r, rng
+
+
+def _fit(frozen, target, ranks):
+    # one rank for every layer is passed as an int, per-layer ranks as a tuple: both entry points
+    rank = ranks[0] if len(set(ranks)) == 1 else ranks
+    with warnings.catch_warnings():
+        # random products are sometimes ill-conditioned; the tolerance scales with the κ the fit reports
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        return lora_linear(frozen, target, rank)
+
+
+def _scale(frozen, target):
+    return max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
+
+
+def _tail(s, k):
+    return (s[k] if k < s.size else 0.0), math.sqrt(float(np.sum(s[k:] ** 2)))
+
+
+@given(instances())
+def test_construction_attains_the_optimum(instance):
+    frozen, target, ranks, _, _ = instance
+    fit = _fit(frozen, target, ranks)
+    k = sum(ranks)
+    s = np.linalg.svd(target - product(frozen), compute_uv=False)     # σ(E), computed independently
+    spectral, frobenius = _tail(s, k)
+    assert fit.spectral_error == pytest.approx(spectral, rel=1e-12, abs=0)
+    assert fit.frobenius_error == pytest.approx(frobenius, rel=1e-12, abs=0)
+    assert fit.gaussian_mse == pytest.approx(frobenius ** 2 / len(s), rel=1e-12, abs=0)
+    assert linear_optimal_error(frozen, target, ranks) == pytest.approx(spectral, rel=1e-12, abs=0)
+    assert linear_optimal_error(frozen, target, ranks, norm="fro") == pytest.approx(frobenius, rel=1e-12, abs=0)
+    assert linear_gaussian_mse(frozen, target, ranks) == pytest.approx(fit.gaussian_mse, rel=1e-12, abs=0)
+    bound = tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+    assert abs(fit.achieved_error("spectral") - spectral) <= bound
+    assert abs(fit.achieved_error("fro") - frobenius) <= bound * math.sqrt(len(s))
+    # the realised product is Π W + LR_k(E) (Lemma 1), not just some product at that distance
+    U, S, Vt = np.linalg.svd(fit.discrepancy)
+    kk = min(k, fit.error_rank)
+    best = product(frozen) + (U[:, :kk] * S[:kk]) @ Vt[:kk]
+    assert np.linalg.norm(fit.product - best, 2) <= bound
+
+
+@given(instances())
+def test_no_adapter_exceeds_its_budget(instance):
+    frozen, target, ranks, _, _ = instance
+    fit = _fit(frozen, target, ranks)
+    assert fit.ranks == ranks and len(fit.adapters) == len(frozen)
+    D = target.shape[0]
+    for adapter, budget, W, M in zip(fit.adapters, ranks, frozen, fit.weights):
+        assert adapter.A.shape[0] <= budget and adapter.B.shape[1] == adapter.A.shape[0]
+        assert adapter.A.shape[1] == D and adapter.B.shape[0] == D
+        assert numeric_rank(adapter.delta) <= budget
+        np.testing.assert_array_equal(M, W + adapter.delta)
+    assert fit.ranks_used == tuple(a.rank for a in fit.adapters)
+    assert sum(fit.ranks_used) == min(sum(ranks), fit.error_rank)
+
+
+@given(instances(low_rank=True))
+def test_exact_iff_total_rank_covers_rank_of_E(instance):
+    frozen, target, ranks, r, _ = instance
+    fit = _fit(frozen, target, ranks)
+    L = len(frozen)
+    assert fit.error_rank == r == discrepancy_rank(frozen, target)
+    assert linear_rank_requirement(frozen, target) == -(-r // L)
+    assert fit.exact == (sum(ranks) >= r)
+    err = fit.achieved_error("spectral")
+    bound = tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+    if fit.exact:
+        assert err <= bound
+    else:
+        # one direction short leaves σ_{k+1}(E) > 0, far above rounding
+        assert err >= fit.singular_values[sum(ranks)] - bound
+        assert fit.singular_values[sum(ranks)] > 1e3 * bound
+
+
+@given(instances(), st.sampled_from(["random", "perturbed"]), st.floats(1e-6, 1.0))
+def test_no_adapter_beats_the_lower_bound(instance, kind, size):
+    # Lemma 1's lower bound needs no assumption: Π(W + Δ) - Π W has rank <= Σ R_l, so Eckart–Young
+    # bounds the error below by σ_{k+1}(E) (spectral) and the tail sqrt(Σ_{j>k} σ_j^2) (Frobenius).
+    frozen, target, ranks, _, rng = instance
+    D = target.shape[0]
+    if kind == "random":
+        adapters = [Adapter(rng.standard_normal((r, D)), size * rng.standard_normal((D, r))) for r in ranks]
+    else:
+        fit = _fit(frozen, target, ranks)
+        adapters = []
+        for adapter, r in zip(fit.adapters, ranks):
+            adapter = adapter.padded(r)
+            adapters.append(Adapter(adapter.A + size * rng.standard_normal(adapter.A.shape),
+                                    adapter.B + size * rng.standard_normal(adapter.B.shape)))
+    residual = product([W + a.delta for W, a in zip(frozen, adapters)]) - target
+    s = np.linalg.svd(target - product(frozen), compute_uv=False)
+    spectral, frobenius = _tail(s, sum(ranks))
+    # the residual is computed in floating point: it may undercut the bound by rounding of its operands
+    rounding = 1e3 * np.finfo(float).eps * max(
+        _scale(frozen, target), np.prod([np.linalg.norm(W + a.delta, 2) for W, a in zip(frozen, adapters)]))
+    assert np.linalg.norm(residual, 2) >= spectral - rounding
+    assert np.linalg.norm(residual, "fro") >= frobenius - rounding * math.sqrt(D)
+    gap = optimality_gap(frozen, target, adapters)
+    assert gap.total_rank == sum(ranks)
+    assert gap.optimal_spectral == pytest.approx(spectral, rel=1e-12, abs=0)
+    if spectral > rounding:
+        assert gap.spectral_ratio >= 1 - rounding / spectral
+    if frobenius > rounding:
+        assert gap.frobenius_ratio >= 1 - rounding * math.sqrt(D) / frobenius
+
+
+@given(instances(low_rank=False))
+def test_optimality_gap_of_the_construction_is_one(instance):
+    frozen, target, ranks, _, _ = instance
+    fit = _fit(frozen, target, ranks)
+    gap = optimality_gap(frozen, target, fit.adapters)
+    # the construction uses exactly k = min(Σ R_l, D) directions (generic E has rank D)
+    assert gap.total_rank == min(sum(ranks), target.shape[0])
+    bound = tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+    assert gap.achieved_spectral == pytest.approx(fit.achieved_error("spectral"), rel=1e-12, abs=0)
+    assert gap.achieved_gaussian_mse == pytest.approx(gap.achieved_frobenius ** 2 / target.shape[0], rel=1e-12)
+    if gap.total_rank < target.shape[0]:
+        # below the threshold the optimum σ_{k+1}(E) > 0 and the ratio is 1 up to rounding
+        assert gap.spectral_ratio == pytest.approx(1.0, abs=bound / gap.optimal_spectral)
+        assert gap.frobenius_ratio == pytest.approx(1.0, abs=math.sqrt(target.shape[0]) * bound / gap.optimal_frobenius)
+    else:
+        # at or above the threshold the optimum is 0, the ratio is not informative (0 / 0 up to rounding:
+        # OptimalityGap reports inf for any nonzero achieved error), and the construction reaches 0 up
+        # to rounding
+        assert gap.optimal_spectral == 0.0
+        assert gap.achieved_spectral <= bound
+
+
+def test_optimality_gap_accepts_pairs_and_update_matrices():
+    frozen = random_linear(6, 2, seed=1).weights
+    target = np.random.default_rng(2).uniform(-1, 1, (6, 6))
+    fit = lora_linear(frozen, target, 2)
+    from_adapters = optimality_gap(frozen, target, fit.adapters)
+    from_pairs = optimality_gap(frozen, target, [(a.A, a.B) for a in fit.adapters])
+    from_deltas = optimality_gap(frozen, target, [a.delta for a in fit.adapters])
+    for gap in (from_pairs, from_deltas):
+        assert gap.total_rank == from_adapters.total_rank == 4
+        assert gap.achieved_spectral == pytest.approx(from_adapters.achieved_spectral, rel=1e-12)
+        assert gap.optimal_spectral == from_adapters.optimal_spectral
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gaussian_mse_matches_monte_carlo(seed):
+    # statistical: n samples of x ~ N(0, I_D); per-sample y = ||(Π M - T) x||^2 / D has mean
+    # ||Π M - T||_F^2 / D and variance 2 ||R^T R||_F^2 / D^2 (Gaussian quadratic form, R the residual).
+    # The seeds are fixed; the check allows 5 standard errors (a false alarm has probability 6e-7).
+    rng = np.random.default_rng(seed)
+    D, L, R = 8, 2, 2
+    frozen = random_linear(D, L, seed=rng).weights
+    target = rng.uniform(-1, 1, (D, D))
+    fit = lora_linear(frozen, target, R)
+    residual = fit.product - target                                     # (D, D)
+    n = 40_000
+    x = rng.standard_normal((n, D))                                     # (n, D): rows are inputs
+    y = np.sum((x @ residual.T) ** 2, axis=1) / D                       # (n,)
+    standard_error = math.sqrt(2 * np.linalg.norm(residual.T @ residual, "fro") ** 2 / D ** 2 / n)
+    assert abs(y.mean() - fit.gaussian_mse) <= 5 * standard_error
+    # and the prediction is the exact optimum formula Σ_{j>RL} σ_j(E)^2 / D
+    s = fit.singular_values
+    assert fit.gaussian_mse == pytest.approx(np.sum(s[R * L:] ** 2) / D, rel=1e-12)
+
+
+@given(D=st.integers(2, 12), R=st.integers(1, 11), seed=SEEDS)
+def test_singular_first_layer_is_fine_when_adapted_one_is_invertible(D, R, seed):
+    # W_1 is never inverted by itself; with rank(W_1) + R >= D, W_1 + Δ_1 is generically invertible
+    R = min(R, D)
+    rng = np.random.default_rng(seed)
+    W1 = rng.standard_normal((D, D - R)) @ rng.standard_normal((D - R, D))  # rank D - R
+    W2 = rng.standard_normal((D, D))
+    target = rng.standard_normal((D, D))
+    fit = _fit([W1, W2], target, (R, R))
+    assert "P_2" in fit.condition_numbers or 2 * R >= D and fit.adapters[1].rank == 0
+    s = np.linalg.svd(target - W2 @ W1, compute_uv=False)
+    spectral = s[2 * R] if 2 * R < D else 0.0
+    assert abs(fit.achieved_error() - spectral) <= tolerance(fit.kappa, fit.gamma) * _scale([W1, W2], target)
+
+
+@given(D=st.integers(2, 12), R=st.integers(1, 11), seed=SEEDS)
+def test_singular_adapted_first_layer_raises_naming_P2(D, R, seed):
+    # rank(W_1) + R < D: W_1 + Δ_1 is singular, and layer 2 receives directions (2R > R): refuse
+    R = min(R, D - 1)
+    rng = np.random.default_rng(seed)
+    r1 = D - R - 1
+    W1 = rng.standard_normal((D, r1)) @ rng.standard_normal((r1, D))      # rank D - R - 1 (0 allowed)
+    W2 = rng.standard_normal((D, D))
+    target = rng.standard_normal((D, D))
+    with pytest.raises(SingularMatrixError, match=r"^P_2 = \(W_1 \+ Δ\) must be invertible") as info:
+        _fit([W1, W2], target, (R, R))
+    assert info.value.condition_number > 1e15
+
+
+@given(D=st.integers(2, 12), data=st.data())
+def test_one_layer_inverts_nothing(D, data):
+    rng = np.random.default_rng(data.draw(SEEDS))
+    r = data.draw(st.integers(0, D), label="rank(W)")
+    R = data.draw(st.integers(0, D), label="R")
+    W = rng.standard_normal((D, r)) @ rng.standard_normal((r, D))       # may be singular, even zero
+    target = rng.standard_normal((D, D))
+    fit = lora_linear([W], target, R)
+    assert fit.condition_numbers == {} and fit.kappa == 1.0
+    s = np.linalg.svd(target - W, compute_uv=False)
+    spectral = s[R] if R < D else 0.0
+    assert abs(fit.achieved_error() - spectral) <= tolerance(fit.kappa, fit.gamma) * _scale([W], target)
+
+
+@given(D=st.integers(2, 12), L=st.integers(2, 4), seed=SEEDS)
+def test_singular_frozen_layer_after_a_receiving_one_raises_naming_Q(D, L, seed):
+    rng = np.random.default_rng(seed)
+    frozen = list(random_linear(D, L, seed=rng).weights)
+    frozen[-1] = np.zeros((D, D))                                        # Q_1 = W_L ... W_2 = 0
+    target = rng.standard_normal((D, D))
+    with pytest.raises(SingularMatrixError, match=r"^Q_1 = W_\d+"):
+        lora_linear(frozen, target, 1)
+
+
+def test_rank_zero_changes_nothing():
+    frozen = random_linear(5, 3, seed=4).weights
+    target = np.random.default_rng(5).uniform(-1, 1, (5, 5))
+    fit = lora_linear(frozen, target, 0)
+    assert all(a.rank == 0 for a in fit.adapters) and fit.condition_numbers == {}
+    np.testing.assert_array_equal(fit.product, product(frozen))
+    assert fit.spectral_error == pytest.approx(np.linalg.norm(discrepancy(frozen, target), 2), rel=1e-12)
+    assert not fit.exact
+
+
+def test_target_equal_to_frozen_needs_rank_zero():
+    frozen = random_linear(6, 2, seed=6).weights
+    target = product(frozen)
+    assert discrepancy_rank(frozen, target) == 0 and linear_rank_requirement(frozen, target) == 0
+    fit = lora_linear(frozen, target, 0)
+    assert fit.exact and fit.achieved_error() == 0.0
+
+
+# --- a literal, slow transcription of the construction (THEORY.md §2.1), the reference for lora_linear ---
+
+def _textbook_delta(frozen, E, V_l, l, earlier_deltas):
+    """``Δ_l = Q_l^{-1} E V_l V_l^T P_l^{-1}`` exactly as written, with explicit inverses."""
+    D = E.shape[0]
+    Q_l = np.eye(D)
+    for W in frozen[l + 1:]:
+        Q_l = W @ Q_l                                                    # frozen layers after l
+    P_l = np.eye(D)
+    for W, Delta in zip(frozen[:l], earlier_deltas):
+        P_l = (W + Delta) @ P_l                                          # adapted layers before l
+    return np.linalg.inv(Q_l) @ E @ V_l @ V_l.T @ np.linalg.inv(P_l)
+
+
+def _textbook_blocks(frozen, target, ranks):
+    """``E`` and the blocks ``V_l`` of its right singular vectors, ``R_l`` columns each, clipped at ``D``."""
+    D = target.shape[0]
+    Pi = np.eye(D)
+    for W in frozen:
+        Pi = W @ Pi
+    E = target - Pi
+    V = np.linalg.svd(E)[2].T
+    blocks, start = [], 0
+    for R_l in ranks:
+        blocks.append(V[:, start:min(start + R_l, D)])
+        start += R_l
+    return E, blocks
+
+
+@given(instances(low_rank=False))
+def test_every_step_matches_the_textbook_formula(instance):
+    # each Δ_l against the formula applied to the same earlier adapters: one step's rounding only
+    frozen, target, ranks, _, _ = instance
+    fit = _fit(frozen, target, ranks)
+    E, blocks = _textbook_blocks(frozen, target, ranks)
+    fast = [a.delta for a in fit.adapters]
+    tol = tolerance(fit.kappa, fit.gamma)
+    for l, V_l in enumerate(blocks):
+        assert relative_error(fast[l], _textbook_delta(frozen, E, V_l, l, fast[:l])) <= tol
+
+
+@given(instances(low_rank=False))
+def test_fast_product_matches_the_textbook_construction(instance):
+    # the whole textbook construction, run on its own: the adapted products agree. (The deltas of middle
+    # layers need not agree to tolerance(κ, γ) in a chain of 3 or more: a forward error in Δ_{l-1} is
+    # amplified by κ(P_l) in Δ_l, and so on, while the product stays accurate.)
+    frozen, target, ranks, _, _ = instance
+    fit = _fit(frozen, target, ranks)
+    E, blocks = _textbook_blocks(frozen, target, ranks)
+    slow = []
+    for l, V_l in enumerate(blocks):
+        slow.append(_textbook_delta(frozen, E, V_l, l, slow))
+    slow_product = product([W + d for W, d in zip(frozen, slow)])
+    assert np.linalg.norm(fit.product - slow_product, 2) <= tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
