@@ -175,7 +175,9 @@ def _torch_load(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")     # protocol notes from the restricted unpickler
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            # a file object, not the name: torch.load dispatches on a ".safetensors" suffix by itself
+            with open(path, "rb") as fh:
+                return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             path, "refused: the pickle references objects other than tensors and plain containers, so "
