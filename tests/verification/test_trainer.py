@@ -1,0 +1,230 @@
+"""The batched trainer equals a plain loop of torch.optim.Adam runs; padded ranks stay exactly zero."""
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+import lora_theory
+from lora_theory.numerics import relative_error
+from verification.models import TorchFNN, TorchTFN
+from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A, train_stack)
+
+D, L, LBAR, BATCH, STEPS = 6, 3, 1, 32, 200
+
+
+def _fnn_problem(R, seed=0):
+    frozen = [lora_theory.random_fnn(D, L, seed=seed + i) for i in range(R)]
+    targets = [lora_theory.random_fnn(D, LBAR, seed=100 + seed + k) for k in range(2)]
+    return frozen, targets
+
+
+def _stack_arrays(models):
+    return np.stack([np.stack(m.weights) for m in models]), np.stack([np.stack(m.biases) for m in models])
+
+
+def _reference_fnn_lora(frozen, target, ranks, tune_bias, lr, wd, data_seed, init_seed, steps):
+    """One run, the textbook way: TorchFNN, adapters as nn.Parameters, torch.optim.Adam."""
+    model = TorchFNN.from_numpy(frozen)
+    target_model = TorchFNN.from_numpy(target)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    A = [torch.nn.Parameter(a.clone()) for a in lora_init_A(init_seed, ranks, D)]
+    B = [torch.nn.Parameter(torch.zeros(D, r, dtype=torch.float64)) for r in ranks]
+    params = A + B
+    if tune_bias:
+        for layer in model.layers:
+            layer.bias.requires_grad_(True)
+            params.append(layer.bias)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    stream = BatchStream(data_seed, BATCH, (D,))
+    for _ in range(steps):
+        x = stream.next()
+        with torch.no_grad():
+            y = target_model(x)
+        state = {f"layers.{l}.weight": model.layers[l].weight + B[l] @ A[l] for l in range(L)}
+        pred = functional_call(model, state, (x,), strict=False)
+        loss = ((pred - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [a.detach() for a in A], [b.detach() for b in B], [l.bias.detach() for l in model.layers]
+
+
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
+def test_lora_stack_equals_loop_of_torch_adam(backward):
+    R = 4
+    frozen, targets = _fnn_problem(R)
+    ranks = np.array([[1, 1, 1], [3, 0, 2], [6, 6, 6], [2, 2, 2]])
+    tune_bias = np.array([True, False, True, False])
+    lr = np.array([1e-2, 1e-3, 3e-3, 1e-2])
+    wd = np.array([0.0, 1e-2, 1e-3, 1e-4])
+    data_index = np.array([0, 1, 0, 1])          # two data seeds, each shared by two runs
+    target_index = np.array([0, 1, 0, 1])
+    init_seeds = np.array([11, 12, 13, 14])
+    W, b = _stack_arrays(frozen)
+    TW, Tb = _stack_arrays(targets)
+    stack = FNNStack(W, b, ranks=ranks, tune_bias=tune_bias, init_seeds=init_seeds, dtype=torch.float64)
+    target = FNNStack(TW, Tb, method="none", dtype=torch.float64)
+    train_stack(stack, target, data_index=data_index, target_index=target_index, target_data_index=[0, 1],
+                data_seeds=[7, 8], lr=lr, weight_decay=wd, iterations=STEPS, batch_size=BATCH, backward=backward)
+    for i in range(R):
+        A, B, biases = _reference_fnn_lora(frozen[i], targets[target_index[i]], ranks[i].tolist(), tune_bias[i],
+                                           lr[i], wd[i], [7, 8][data_index[i]], init_seeds[i], STEPS)
+        got = stack.adapters(i)
+        for l in range(L):
+            if ranks[i, l]:
+                assert relative_error(got[l][0], A[l].numpy()) <= 1e-6
+                assert relative_error(got[l][1], B[l].numpy()) <= 1e-6
+            assert np.abs(got[l][1]).sum() > 0 or ranks[i, l] == 0
+        _, b_stack = stack.weights_and_biases()
+        assert relative_error(b_stack[i].detach().numpy(), torch.stack(biases).numpy()) <= 1e-6
+
+
+def test_final_layers_stack_equals_loop():
+    R = 3
+    frozen, targets = _fnn_problem(R, seed=5)
+    tuned = np.array([1, 2, 3])
+    lr = np.array([1e-2, 1e-3, 3e-3])
+    wd = np.array([1e-3, 0.0, 1e-2])
+    W, b = _stack_arrays(frozen)
+    TW, Tb = _stack_arrays(targets)
+    stack = FNNStack(W, b, method="final_layers", tuned_layers=tuned, dtype=torch.float64)
+    target = FNNStack(TW, Tb, method="none", dtype=torch.float64)
+    train_stack(stack, target, data_index=[0, 0, 0], target_index=[0, 1, 0], target_data_index=[0, 0],
+                data_seeds=[3], lr=lr, weight_decay=wd, iterations=STEPS, batch_size=BATCH)
+    Ws, bs = stack.weights_and_biases()
+    for i in range(R):
+        model = TorchFNN.from_numpy(frozen[i])
+        tm = TorchFNN.from_numpy(targets[[0, 1, 0][i]])
+        params = []
+        for l, layer in enumerate(model.layers):
+            on = bool(l >= L - tuned[i])
+            layer.weight.requires_grad_(on)
+            layer.bias.requires_grad_(on)
+            params += [layer.weight, layer.bias] if on else []
+        opt = torch.optim.Adam(params, lr=lr[i], weight_decay=wd[i])
+        stream = BatchStream(3, BATCH, (D,))
+        for _ in range(STEPS):
+            x = stream.next()
+            loss = ((model(x) - tm(x).detach()) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for l, layer in enumerate(model.layers):
+            assert relative_error(Ws[i, l].detach().numpy(), layer.weight.detach().numpy()) <= 1e-6
+            assert relative_error(bs[i, l].detach().numpy(), layer.bias.detach().numpy()) <= 1e-6
+            if l < L - tuned[i]:  # frozen layers stay bit-for-bit frozen
+                np.testing.assert_array_equal(Ws[i, l].detach().numpy(), frozen[i].weights[l])
+
+
+def test_tfn_stack_equals_loop():
+    Dt, Lt, H, N, steps = 4, 2, 2, 3, 60
+    frozen = [lora_theory.random_tfn(Dt, Lt, H, seed=s) for s in (1, 2)]
+    target = lora_theory.random_tfn(Dt, Lt, H, seed=9)
+    ranks = np.array([1, 3])
+    lr, wd = np.array([1e-2, 3e-3]), np.array([1e-3, 0.0])
+    tune_bias = np.array([True, False])
+    stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+                     ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
+    tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64)
+    train_stack(stack, tstack, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[4],
+                lr=lr, weight_decay=wd, iterations=steps, batch_size=8, input_shape=(Dt, N))
+    eff = stack.effective()
+    for i in range(2):
+        r = int(ranks[i])
+        model = TorchTFN.from_numpy(frozen[i])
+        tm = TorchTFN.from_numpy(target)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = []
+        for l in range(Lt):
+            for h in range(H):
+                for short, mod in zip(("wq", "wk", "wv", "wo"), ("query", "key", "value", "output")):
+                    names.append((f"blocks.{l}.heads.{h}.{mod}.weight", short, l, h))
+        names += [(f"blocks.{Lt - 1}.ff2.weight", "w2", Lt - 1, None), ("output.weight", "w_out", None, None)]
+        As = [torch.nn.Parameter(a) for a in lora_init_A(5 + i, [r] * len(names), Dt)]
+        # the stack orders adapters as (block, head, kind) then w2, w_out: same order as `names`
+        Bs = [torch.nn.Parameter(torch.zeros(Dt, r, dtype=torch.float64)) for _ in names]
+        params = As + Bs
+        if tune_bias[i]:
+            for blk in model.blocks:
+                for m in (blk.ff1, blk.ff2):
+                    m.bias.requires_grad_(True)
+                    params.append(m.bias)
+        opt = torch.optim.Adam(params, lr=lr[i], weight_decay=wd[i])
+        stream = BatchStream(4, 8, (Dt, N))
+        for _ in range(steps):
+            X = stream.next()
+            state = {n: model.get_parameter(n) + B @ A for (n, *_), A, B in zip(names, As, Bs)}
+            loss = ((functional_call(model, state, (X,), strict=False) - tm(X).detach()) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for (n, short, l, h), A, B in zip(names, As, Bs):
+            want = (model.get_parameter(n) + B @ A).detach().numpy()
+            got = eff[short][i] if l is None else (eff[short][i, l] if h is None else eff[short][i, l, h])
+            assert relative_error(got.detach().numpy(), want) <= 1e-6, n
+        for l, blk in enumerate(model.blocks):
+            assert relative_error(eff["b1"][i, l].detach().numpy(), blk.ff1.bias.detach().numpy()) <= 1e-6
+
+
+def test_manual_backward_equals_autograd():
+    frozen, targets = _fnn_problem(3, seed=20)
+    W, b = _stack_arrays(frozen)
+    ranks = np.array([[1, 2, 3], [4, 4, 4], [0, 6, 1]])
+    stack = FNNStack(W, b, ranks=ranks, tune_bias=[True, True, False], init_seeds=[1, 2, 3], dtype=torch.float64)
+    with torch.no_grad():
+        stack.params["B"].normal_()  # non-zero B so every gradient is exercised
+        stack.params["B"].mul_(torch.cat([stack.masks["B"]] * 1).double())
+    x = torch.randn(3, 20, D, dtype=torch.float64)
+    y = torch.randn(3, 20, D, dtype=torch.float64)
+    loss = stack.loss_and_grads(x, y)
+    manual = {k: p.grad.clone() for k, p in stack.params.items()}
+    for p in stack.params.values():
+        p.grad = None
+    ref = ((stack.forward(x) - y) ** 2).mean(dim=(1, 2))
+    ref.sum().backward()
+    assert relative_error(loss.numpy(), ref.detach().numpy()) <= 1e-12
+    for k, p in stack.params.items():
+        assert relative_error(manual[k].numpy(), p.grad.numpy()) <= 1e-12, k
+
+
+def test_padded_ranks_stay_exactly_zero():
+    R = 4
+    frozen, targets = _fnn_problem(R, seed=30)
+    W, b = _stack_arrays(frozen)
+    TW, Tb = _stack_arrays(targets)
+    ranks = np.array([[1, 1, 1], [2, 5, 0], [6, 6, 6], [3, 3, 3]])
+    stack = FNNStack(W, b, ranks=ranks, tune_bias=[True] * R, init_seeds=range(R), dtype=torch.float32)
+    target = FNNStack(TW, Tb, method="none", dtype=torch.float32)
+    train_stack(stack, target, data_index=[0] * R, target_index=[0, 1, 0, 1], target_data_index=[0, 0],
+                data_seeds=[1], lr=np.full(R, 3e-2), weight_decay=np.full(R, 1e-2), iterations=100, batch_size=BATCH)
+    A, B = stack.params["A"].detach(), stack.params["B"].detach()
+    for i in range(R):
+        for l in range(L):
+            r = ranks[i, l]
+            assert torch.all(A[i, l, r:] == 0) and torch.all(B[i, l, :, r:] == 0)
+            delta = (B[i, l].double() @ A[i, l].double()).numpy()
+            assert np.linalg.matrix_rank(delta) <= r
+            assert np.abs(delta).max() > 0 or r == 0
+
+
+def test_stacked_adam_masks_moments():
+    p = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    opt = StackedAdam({"p": p}, {"p": mask}, lr=[0.1, 0.2], weight_decay=[0.1, 0.0])
+    p.grad = torch.ones(2, 3) * float("nan")
+    p.grad[mask] = 1.0
+    opt.step()
+    assert torch.all(p.detach()[~mask] == 0) and torch.all(opt.m["p"][~mask] == 0) and torch.all(opt.v["p"][~mask] == 0)
+    assert torch.all(p.detach()[mask] < 0)
+
+
+def test_batch_stream_same_data_whatever_is_stacked():
+    a = BatchStream(3, 4, (2,))
+    b = BatchStream(3, 4, (2,))
+    first = [a.next().clone() for _ in range(60)]
+    second = [b.next().clone() for _ in range(60)]
+    assert all(torch.equal(u, v) for u, v in zip(first, second))
+    assert not torch.equal(first[0], first[1])

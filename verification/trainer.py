@@ -1,0 +1,488 @@
+"""A batched trainer: many independent LoRA (or final-layers) runs trained at once as one stacked model.
+
+Every parameter carries a leading run dimension ``R``; layers are batched matrix products. The loss is
+the plain **sum** of the per-run losses (each the per-coordinate MSE of that run on its batch), so the
+gradient of a run's parameters is the gradient of that run's loss alone, and a hand-written Adam with
+per-run learning rate and coupled weight decay (``torch.optim.Adam(weight_decay=...)``: ``g + wd·p``) makes
+the stack exactly a set of independent runs.
+
+Data (declared; THEORY.md §4): every step each run sees a fresh batch of ``batch_size`` standard Gaussian
+inputs drawn in float64 on a CPU ``torch.Generator`` seeded from the run's *data seed* only, in chunks of
+:data:`DRAW_CHUNK` steps, then cast to the training dtype and moved to the device. Runs with one data seed
+(the grid points, ranks and frozen-model variants of one experiment seed) therefore share their batches, and
+a run's data is the same on CPU and GPU and whatever else is stacked with it. Initialisation of a run's
+adapters likewise comes from its own *init seed* (LoRA: ``B = 0``, ``A ~ N(0, 0.25²)``).
+
+Padded ranks: runs of different ranks share a stack padded to the largest rank; the padded rows of ``A``
+and columns of ``B`` start at zero and their gradients, Adam moments and updates are masked, so they stay
+exactly zero and ``rank(B A) <= r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DRAW_CHUNK", "LORA_INIT_STD", "BatchStream", "FNNStack", "TFNStack", "StackedAdam", "TrainResult",
+    "train_stack", "fnn_apply", "tfn_apply", "gaussian_inputs", "lora_init_A",
+]
+
+#: Steps of training inputs drawn at once from a data seed's generator (part of the data definition).
+DRAW_CHUNK = 50
+#: Standard deviation of the LoRA ``A`` initialisation (the authors'; ``B`` starts at zero).
+LORA_INIT_STD = 0.25
+
+
+def gaussian_inputs(seed: int, n: int, shape: Sequence[int], scale: float = 1.0) -> torch.Tensor:
+    """``n`` standard Gaussian inputs of ``shape`` (float64, CPU) from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn((n, *shape), generator=g, dtype=torch.float64) * scale
+
+
+class BatchStream:
+    """Fresh Gaussian batches for one data seed: a CPU generator, drawn in float64 in chunks of steps."""
+
+    def __init__(self, seed: int, batch_size: int, shape: Sequence[int]):
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.batch_size = int(batch_size)
+        self.shape = tuple(shape)
+        self._buffer = None
+        self._pos = DRAW_CHUNK
+
+    def next(self) -> torch.Tensor:
+        if self._pos == DRAW_CHUNK:
+            self._buffer = torch.randn((DRAW_CHUNK, self.batch_size, *self.shape), generator=self.generator,
+                                       dtype=torch.float64)
+            self._pos = 0
+        out = self._buffer[self._pos]
+        self._pos += 1
+        return out
+
+
+# ------------------------------------------------------------------------------------------- forward maps
+
+def fnn_apply(weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, activation: str = "relu",
+              final_relu: bool = True) -> torch.Tensor:
+    """Stacked FNN: ``weights`` (R, L, D, D), ``biases`` (R, L, D), ``x`` (R, n, D) or (1, n, D) -> (R, n, D)."""
+    L = weights.shape[1]
+    z = x
+    for l in range(L):
+        W = weights[:, l].transpose(1, 2)                                   # (R, D, D) = W_l^T
+        b = biases[:, l].unsqueeze(1)                                       # (R, 1, D)
+        if z.shape[0] == W.shape[0]:
+            z = torch.baddbmm(b, z, W)                                      # (R, n, D)
+        else:
+            z = torch.matmul(z, W) + b
+        if activation == "relu" and (l < L - 1 or final_relu):
+            z = torch.relu(z)
+    return z
+
+
+def tfn_apply(p: dict, X: torch.Tensor) -> torch.Tensor:
+    """Stacked TFN (THEORY.md §1). ``p`` maps ``wq, wk, wv, wo`` (R, L, H, D, D), ``w1, w2`` (R, L, D, D),
+    ``b1, b2`` (R, L, D), ``w_out`` (R, D, D); ``X`` (R, n, D, N) or (1, n, D, N) -> (R, n, D, N)."""
+    Z = X.transpose(-1, -2)                                                 # (R, n, N, D) tokens as rows
+    L = p["wq"].shape[1]
+    for l in range(L):
+        Zh = Z.unsqueeze(2)                                                 # (R, n, 1, N, D)
+        t = lambda W: W[:, l].transpose(-1, -2).unsqueeze(1)                # (R, 1, H, D, D)  # noqa: E731
+        K = Zh @ t(p["wk"])                                                 # (R, n, H, N, D)
+        Q = Zh @ t(p["wq"])                                                 # (R, n, H, N, D)
+        OV = torch.matmul(t(p["wv"]), t(p["wo"]))                           # (R, 1, H, D, D) = (W_O W_V)^T
+        V = Zh @ OV                                                         # (R, n, H, N, D)
+        S = torch.softmax(K @ Q.transpose(-1, -2), dim=-2)                  # (R, n, H, N, N) over keys
+        A = (S.transpose(-1, -2) @ V).sum(dim=2)                            # (R, n, N, D)
+        H1 = torch.relu(A @ p["w1"][:, l].transpose(-1, -2).unsqueeze(1) + p["b1"][:, l, None, None, :])
+        Z = H1 @ p["w2"][:, l].transpose(-1, -2).unsqueeze(1) + p["b2"][:, l, None, None, :]
+    out = Z @ p["w_out"].transpose(-1, -2).unsqueeze(1)                     # (R, n, N, D)
+    return out.transpose(-1, -2)                                            # (R, n, D, N)
+
+
+def lora_init_A(seed: int, ranks: Sequence[int], width: int) -> list[torch.Tensor]:
+    """A run's LoRA ``A`` factors, ``N(0, 0.25²)``, float64 on CPU: one ``(r_k, D)`` draw per adapter in order.
+
+    Depends on the run's init seed and its own ranks only (not on what it is stacked with).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    return [torch.randn((int(r), width), generator=g, dtype=torch.float64) * LORA_INIT_STD for r in ranks]
+
+
+def _lora_init(init_seeds, ranks, rmax, width, dtype, device):
+    """Stacked ``A`` of shape (R, K, rmax, D) (``K`` adapters per run), padded rows zero; ``B`` is zero."""
+    R, K = ranks.shape
+    A = torch.zeros((R, K, rmax, width), dtype=torch.float64)
+    for i, s in enumerate(init_seeds):
+        for k, a in enumerate(lora_init_A(s, ranks[i].tolist(), width)):
+            A[i, k, : a.shape[0]] = a
+    return A.to(dtype=dtype, device=device)
+
+
+def _rank_mask(ranks: torch.Tensor, rmax: int) -> torch.Tensor:
+    """(R, ...) integer ranks -> (R, ..., rmax) bool, True on the first ``rank`` slots."""
+    return torch.arange(rmax) < ranks.unsqueeze(-1)
+
+
+class FNNStack:
+    """``R`` runs on frozen FNNs of one shape, stacked.
+
+    Parameters
+    ----------
+    weights : (R, L, D, D), biases : (R, L, D)
+        The frozen models (float64 arrays or tensors).
+    method : {"lora", "final_layers", "none"}
+        ``"lora"``: adapters ``B A`` on every layer, ranks per run and layer ``ranks`` (R, L);
+        ``"final_layers"``: the last ``tuned_layers[r]`` layers' weights and biases trained fully;
+        ``"none"``: nothing trained (a target model).
+    tune_bias : (R,) bool
+        LoRA only: biases of every layer trained too.
+    init_seeds : (R,) int
+        Seeds of each run's adapter initialisation.
+    """
+
+    def __init__(self, weights, biases, *, activation="relu", final_relu=True, method="lora", ranks=None,
+                 tuned_layers=None, tune_bias=None, init_seeds=None, dtype=torch.float32, device="cpu"):
+        W = torch.tensor(np.array(weights, dtype=np.float64))
+        b = torch.tensor(np.array(biases, dtype=np.float64))
+        R, L, D, _ = W.shape
+        self.R, self.L, self.D = R, L, D
+        self.activation, self.final_relu, self.method = activation, final_relu, method
+        self.dtype, self.device = dtype, device
+        self.frozen_weights = W.to(dtype=dtype, device=device)
+        self.frozen_biases = b.to(dtype=dtype, device=device)
+        self.params: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor | None] = {}
+        tune_bias = np.zeros(R, bool) if tune_bias is None else np.asarray(tune_bias, bool)
+        if method == "lora":
+            ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R, L)
+            self.ranks = ranks
+            self.rmax = max(int(ranks.max()), 1)
+            mask = _rank_mask(ranks, self.rmax)                             # (R, L, rmax)
+            self.params["A"] = _lora_init(init_seeds, ranks, self.rmax, D, dtype, device)  # (R, L, rmax, D)
+            self.params["B"] = torch.zeros((R, L, D, self.rmax), dtype=dtype, device=device)
+            self.masks["A"] = mask.unsqueeze(-1).to(device)                 # (R, L, rmax, 1)
+            self.masks["B"] = mask.unsqueeze(-2).to(device)                 # (R, L, 1, rmax)
+            if tune_bias.any():
+                self.params["bias"] = self.frozen_biases.clone()
+                self.masks["bias"] = torch.as_tensor(tune_bias).view(R, 1, 1).expand(R, L, 1).to(device)
+        elif method == "final_layers":
+            tuned = np.asarray(tuned_layers, dtype=np.int64).reshape(R)
+            layer_mask = torch.as_tensor(np.arange(L)[None, :] >= (L - tuned)[:, None])  # (R, L)
+            self.params["weight"] = self.frozen_weights.clone()
+            self.params["bias"] = self.frozen_biases.clone()
+            self.masks["weight"] = layer_mask.view(R, L, 1, 1).to(device)
+            self.masks["bias"] = layer_mask.view(R, L, 1).to(device)
+        elif method != "none":
+            raise ValueError(f"unknown method {method!r}")
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def weights_and_biases(self, params=None, dtype=None):
+        """Effective ``(weights (R, L, D, D), biases (R, L, D))``; in ``dtype`` (e.g. float64 for evaluation)."""
+        p = self.params if params is None else params
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))   # noqa: E731
+        if "weight" in p:
+            W = cast(p["weight"])
+        else:
+            W = cast(self.frozen_weights)
+            if "A" in p:
+                W = W + cast(p["B"]) @ cast(p["A"])                         # (R, L, D, D)
+        b = cast(p["bias"]) if "bias" in p else cast(self.frozen_biases)
+        return W, b
+
+    def forward(self, x, params=None, dtype=None):
+        W, b = self.weights_and_biases(params, dtype)
+        return fnn_apply(W, b, x, self.activation, self.final_relu)
+
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-run MSE on ``(x, y)`` (R, n, D) and the gradients of their sum, by a hand-written backward.
+
+        The same numbers autograd computes (tested), with fewer passes over the activations: a ReLU's
+        backward reads the stored activation, the gradient of ``W = W0 + B A`` is ``B^T gW`` / ``gW A^T``.
+        Sets ``p.grad`` for every trainable parameter and returns the per-run losses (R,).
+        """
+        with torch.no_grad():
+            p = self.params
+            W, b = self.weights_and_biases()
+            W_layers = W.transpose(0, 1).contiguous()                       # (L, R, D, D)
+            Wt_layers = W_layers.transpose(-1, -2).contiguous()             # (L, R, D, D) = W_l^T
+            b_layers = b.transpose(0, 1).unsqueeze(2).contiguous()          # (L, R, 1, D)
+            L = self.L
+            relu = [self.activation == "relu" and (l < L - 1 or self.final_relu) for l in range(L)]
+            zs = [x]
+            z = x
+            for l in range(L):
+                z = torch.baddbmm(b_layers[l], z, Wt_layers[l])             # (R, n, D)
+                if relu[l]:
+                    z.clamp_(min=0)
+                zs.append(z)
+            diff = z - y                                                    # (R, n, D)
+            n_el = diff.shape[1] * diff.shape[2]
+            per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
+            g = diff.mul_(2.0 / n_el)
+            need_w = "weight" in p or "A" in p
+            gW = [None] * L
+            gb = [None] * L
+            want_b = "bias" in p
+            for l in reversed(range(L)):
+                if relu[l]:
+                    g = torch.ops.aten.threshold_backward(g, zs[l + 1], 0)
+                if need_w:
+                    gW[l] = torch.bmm(g.transpose(1, 2), zs[l])             # (R, D, D) = g^T z_{l-1}
+                if want_b:
+                    gb[l] = g.sum(dim=1)                                    # (R, D)
+                if l > 0:
+                    g = torch.bmm(g, W_layers[l])                           # (R, n, D) = g W_l
+            if need_w:
+                gW = torch.stack(gW, dim=1)                                 # (R, L, D, D)
+            if "weight" in p:
+                p["weight"].grad = gW
+            if "A" in p:
+                p["A"].grad = p["B"].transpose(-1, -2) @ gW                 # (R, L, r, D) = B^T gW
+                p["B"].grad = gW @ p["A"].transpose(-1, -2)                 # (R, L, D, r) = gW A^T
+            if want_b:
+                p["bias"].grad = torch.stack(gb, dim=1)                     # (R, L, D)
+        return per_run
+
+    def adapters(self, run: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """LoRA only: ``[(A_l, B_l)]`` of one run, at its own rank (float64 numpy)."""
+        out = []
+        for l in range(self.L):
+            r = int(self.ranks[run, l])
+            A = self.params["A"][run, l, :r].detach().cpu().double().numpy()
+            B = self.params["B"][run, l, :, :r].detach().cpu().double().numpy()
+            out.append((A, B))
+        return out
+
+
+_TFN_ATT = ("wq", "wk", "wv", "wo")
+_TFN_KEYS = ("wq", "wk", "wv", "wo", "w1", "b1", "w2", "b2", "w_out")
+
+
+class TFNStack:
+    """``R`` runs on frozen TFNs of one shape, stacked (THEORY.md §2.7 placement of the adapters).
+
+    LoRA adapters on ``W_Q, W_K, W_V, W_O`` of every head and block, on ``W2`` of the last block and on
+    ``W_out``; the biases ``b1, b2`` of every block are trained when ``tune_bias``. ``frozen`` maps the
+    :class:`lora_theory.TFN` parameter names to arrays with a leading run dimension.
+    """
+
+    def __init__(self, frozen: dict, *, method="lora", ranks=None, tune_bias=None, init_seeds=None,
+                 dtype=torch.float32, device="cpu"):
+        self.frozen = {k: torch.tensor(np.array(frozen[k], dtype=np.float64)).to(dtype=dtype, device=device)
+                       for k in _TFN_KEYS}
+        R, L, H, D, _ = self.frozen["wq"].shape
+        self.R, self.L, self.H, self.D = R, L, H, D
+        self.method, self.dtype, self.device = method, dtype, device
+        self.params, self.masks = {}, {}
+        tune_bias = np.zeros(R, bool) if tune_bias is None else np.asarray(tune_bias, bool)
+        if method == "lora":
+            ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R)
+            self.ranks = ranks
+            self.rmax = max(int(ranks.max()), 1)
+            mask = _rank_mask(ranks, self.rmax)                             # (R, rmax)
+            # adapters of a run in a fixed order: wq, wk, wv, wo of every (block, head), then w2 (last block), w_out
+            K = 4 * L * H + 2
+            A_all = _lora_init(init_seeds, ranks.view(R, 1).expand(R, K), self.rmax, D, dtype, device)
+            att = A_all[:, : 4 * L * H].reshape(R, L, H, 4, self.rmax, D)
+            m = mask.view(R, 1, 1, self.rmax).expand(R, L, H, self.rmax)
+            for i, k in enumerate(_TFN_ATT):
+                self.params[f"A_{k}"] = att[:, :, :, i].contiguous()           # (R, L, H, rmax, D)
+                self.params[f"B_{k}"] = torch.zeros((R, L, H, D, self.rmax), dtype=dtype, device=device)
+                self.masks[f"A_{k}"] = m.unsqueeze(-1).to(device)
+                self.masks[f"B_{k}"] = m.unsqueeze(-2).to(device)
+            for i, k in enumerate(("w2", "w_out")):
+                self.params[f"A_{k}"] = A_all[:, 4 * L * H + i].contiguous()    # (R, rmax, D)
+                self.params[f"B_{k}"] = torch.zeros((R, D, self.rmax), dtype=dtype, device=device)
+                self.masks[f"A_{k}"] = mask.unsqueeze(-1).to(device)
+                self.masks[f"B_{k}"] = mask.unsqueeze(-2).to(device)
+            if tune_bias.any():
+                tb = torch.as_tensor(tune_bias).view(R, 1, 1).to(device)
+                for k in ("b1", "b2"):
+                    self.params[k] = self.frozen[k].clone()
+                    self.masks[k] = tb
+        elif method != "none":
+            raise ValueError(f"unknown method {method!r}")
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def effective(self, params=None, dtype=None) -> dict:
+        p = self.params if params is None else params
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))   # noqa: E731
+        out = {k: cast(v) for k, v in self.frozen.items()}
+        for k in _TFN_ATT + ("w_out",):
+            if f"A_{k}" in p:
+                out[k] = out[k] + cast(p[f"B_{k}"]) @ cast(p[f"A_{k}"])
+        if "A_w2" in p:
+            delta = cast(p["B_w2"]) @ cast(p["A_w2"])                        # (R, D, D)
+            last = torch.zeros_like(out["w2"])
+            last[:, -1] = delta
+            out["w2"] = out["w2"] + last
+        for k in ("b1", "b2"):
+            if k in p:
+                out[k] = cast(p[k])
+        return out
+
+    def forward(self, X, params=None, dtype=None):
+        return tfn_apply(self.effective(params, dtype), X)
+
+
+# ------------------------------------------------------------------------------------------------- Adam
+
+class StackedAdam:
+    """Adam with coupled weight decay over stacked tensors, per-run ``lr`` and ``weight_decay``.
+
+    Per entry, exactly the update of ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (default, non-amsgrad):
+    ``g += wd·p; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²; p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)``.
+    Entries where ``masks[name]`` is False get a zero gradient, so their moments and updates stay zero.
+    """
+
+    def __init__(self, params: dict, masks: dict, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.masks = params, masks
+        any_p = next(iter(params.values()))
+        self.lr = torch.as_tensor(np.asarray(lr, dtype=np.float64)).to(device=any_p.device, dtype=any_p.dtype)
+        self.wd = torch.as_tensor(np.asarray(weight_decay, dtype=np.float64)).to(device=any_p.device, dtype=any_p.dtype)
+        self.use_wd = bool((self.wd != 0).any())
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.step_count = 0
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    @staticmethod
+    def _per_run(vec, like):
+        return vec.view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        t = self.step_count
+        bc1 = 1 - self.beta1 ** t
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** t)
+        for k, p in self.params.items():
+            g = p.grad
+            if self.use_wd:
+                g = g.addcmul(p, self._per_run(self.wd, p))
+            mask = self.masks.get(k)
+            if mask is not None:
+                g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            m, v = self.m[k], self.v[k]
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            step = self._per_run(self.lr, p) / bc1
+            p.addcdiv_(m * step, denom, value=-1.0)
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainResult:
+    """Per run: the final training loss, the loss curve at checkpoints, and (``select="best"``) the step chosen."""
+
+    final_train_loss: np.ndarray
+    curve_steps: list
+    curve: np.ndarray                      # (checkpoints, R)
+    best_step: np.ndarray | None = None
+    best_val_loss: np.ndarray | None = None
+    params: dict = field(default_factory=dict)
+
+
+def train_stack(stack, target, *, data_index, target_index, target_data_index, data_seeds, lr, weight_decay,
+                iterations, batch_size=256, input_shape=None, select="final", validate_every=100,
+                val_inputs=None, val_targets=None, curve_points=20, progress: Callable[[int], None] | None = None,
+                betas=(0.9, 0.999), eps=1e-8, backward="manual") -> TrainResult:
+    """Train a stack of runs for ``iterations`` steps of Adam on fresh Gaussian batches.
+
+    Parameters
+    ----------
+    stack : FNNStack or TFNStack
+        The runs (``R``), with their trainable parameters.
+    target : FNNStack or TFNStack with ``method="none"``
+        The distinct target models (``T``), evaluated on their data seed's batch every step.
+    data_index : (R,) int
+        Index into ``data_seeds`` of each run's data seed.
+    target_index : (R,) int
+        Index into the targets of each run's target.
+    target_data_index : (T,) int
+        Index into ``data_seeds`` of each target's data seed (equal to its runs').
+    data_seeds : sequence of int
+        The distinct data seeds (one :class:`BatchStream` each).
+    lr, weight_decay : (R,) float
+    select : {"final", "best"}
+        ``"best"``: every ``validate_every`` steps (and at the end) evaluate the validation loss on
+        ``val_inputs`` (float64, shape (n_val, *input_shape), shared) against ``val_targets`` (T, n_val, ...)
+        and keep each run's best iterate; the stack's parameters are set to it at the end.
+    progress : callable(steps_done_increment), optional
+    backward : {"manual", "autograd"}
+        The FNN stack's hand-written backward (default) or autograd (the reference; TFNs always autograd).
+    """
+    device, dtype = stack.device, stack.dtype
+    manual = backward == "manual" and hasattr(stack, "loss_and_grads")
+    input_shape = tuple(input_shape) if input_shape is not None else (stack.D,)
+    streams = [BatchStream(s, batch_size, input_shape) for s in data_seeds]
+    data_index = torch.as_tensor(np.asarray(data_index, dtype=np.int64), device=device)
+    target_index = torch.as_tensor(np.asarray(target_index, dtype=np.int64), device=device)
+    target_data_index = torch.as_tensor(np.asarray(target_data_index, dtype=np.int64), device=device)
+    opt = StackedAdam(stack.params, stack.masks, lr, weight_decay, betas, eps)
+    R = stack.R
+    reduce_dims = tuple(range(1, 2 + len(input_shape)))
+    checkpoints = sorted({max(1, round(iterations * (i + 1) / curve_points)) for i in range(curve_points)})
+    curve, curve_steps = [], []
+    best = None
+    if select == "best":
+        val_x = val_inputs.to(dtype=dtype, device=device).unsqueeze(0)
+        val_y = val_targets.to(dtype=dtype, device=device)[target_index]
+        best = {k: p.detach().clone() for k, p in stack.params.items()}
+        best_loss = torch.full((R,), math.inf, dtype=torch.float64, device=device)
+        best_step = torch.zeros(R, dtype=torch.int64, device=device)
+
+        def validate(step):
+            nonlocal best_loss
+            with torch.no_grad():
+                pred = stack.forward(val_x)
+                loss = ((pred - val_y) ** 2).mean(dim=reduce_dims).double()
+                better = loss < best_loss                                   # NaN never counts as better
+                best_loss = torch.where(better, loss, best_loss)
+                best_step.copy_(torch.where(better, torch.full_like(best_step, step), best_step))
+                for k, p in stack.params.items():
+                    shape = (R,) + (1,) * (p.dim() - 1)
+                    best[k].copy_(torch.where(better.view(shape), p.detach(), best[k]))
+
+    last_loss = None
+    pending = 0
+    for step in range(1, iterations + 1):
+        xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
+        with torch.no_grad():
+            y = target.forward(xs[target_data_index])[target_index]        # (R, n, *shape)
+        x = xs[data_index]                                                  # (R, n, *shape)
+        if manual:
+            per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
+        else:
+            pred = stack.forward(x)
+            per_run = ((pred - y) ** 2).mean(dim=reduce_dims)               # (R,)
+            per_run.sum().backward()
+        opt.step()
+        if step in checkpoints:
+            last_loss = per_run.detach().double().cpu().numpy()
+            curve.append(last_loss)
+            curve_steps.append(step)
+        if select == "best" and (step % validate_every == 0 or step == iterations):
+            validate(step)
+        pending += 1
+        if progress is not None and (pending >= 50 or step == iterations):
+            progress(pending)
+            pending = 0
+    result = TrainResult(final_train_loss=last_loss, curve_steps=curve_steps, curve=np.array(curve))
+    if select == "best":
+        with torch.no_grad():
+            for k, p in stack.params.items():
+                p.copy_(best[k])
+        result.best_step = best_step.cpu().numpy()
+        result.best_val_loss = best_loss.cpu().numpy()
+    return result
