@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._validate import as_array, as_positive, as_ranks, readonly
-from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
 from .linear import _chain_adapters, discrepancy_rank, product
 from .models import FNN, relu

@@ -520,3 +520,14 @@ def test_ill_conditioning_warns_with_kappa_and_gamma():
     with pytest.warns(IllConditionedWarning, match=r"κ = .*γ = "):
         fit = lora_fnn(frozen, target, 3, input_radius=1.0)
     assert fit.kappa > 1e9
+
+
+def test_linear_activation_needs_no_linearising_levels():
+    """With activation="linear" no ReLU needs keeping active: the levels are 0 and the fit is exact for every
+    input, inside the declared ball or not."""
+    frozen = random_fnn(6, 4, seed=30, activation="linear")
+    target = random_fnn(6, 2, seed=31, activation="linear")
+    fit = lora_fnn(frozen, target, 3, input_radius=1.0)
+    assert fit.exact and all(set(bf.levels) <= {0.0} for bf in fit.block_fits)
+    x = 100 * np.random.default_rng(0).standard_normal((50, 6))
+    assert relative_error(fit.model(x), target(x)) <= fit.tolerance

@@ -1,0 +1,192 @@
+"""Lemma 4: tuning the final layers cannot separate inputs the frozen first layer merges; LoRA can."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_theory.errors import InvalidArgumentError, SingularMatrixError
+from lora_theory.final_layers import (
+    MIN_ROUNDING_RATIO,
+    final_layers_parameter_count,
+    final_layers_witness,
+    lora_parameter_count,
+)
+from lora_theory.fnn import fnn_rank_requirement, lora_fnn
+from lora_theory.models import FNN, random_fnn
+from lora_theory.numerics import relative_error
+
+SEEDS = st.integers(0, 2 ** 32 - 1)
+
+
+def _check_witness(w, frozen, target):
+    """Everything a witness claims, recomputed from scratch."""
+    W1, b1 = frozen.weights[0], frozen.biases[0]
+    for z in (w.x, w.x_prime):
+        assert np.linalg.norm(z - w.center) <= w.radius * (1 + 1e-12)
+    y, yp = W1 @ w.x + b1, W1 @ w.x_prime + b1
+    S = list(w.coordinates)
+    assert S and (y[S] < 0).all() and (yp[S] < 0).all()
+    off = np.setdiff1d(np.arange(frozen.width), S)
+    assert np.allclose(W1 @ (w.x_prime - w.x), w.d, atol=1e-12 * np.abs(w.d).max())
+    assert np.all(w.d[off] == 0)
+    # the frozen first layer maps both inputs to the same point (to rounding)
+    h, hp = np.maximum(y, 0), np.maximum(yp, 0)
+    assert np.linalg.norm(h - hp) <= 1e-12 * max(np.linalg.norm(h), 1.0)
+    assert w.first_layer_gap <= 1e-12
+    sep = np.linalg.norm(target(w.x) - target(w.x_prime))
+    assert w.separation == pytest.approx(sep)
+    assert w.rounding_ratio > MIN_ROUNDING_RATIO
+    assert w.lower_bound == pytest.approx(sep / 2)
+
+
+@given(st.integers(2, 16), st.integers(2, 4), SEEDS)
+def test_witness_found_for_generic_affine_targets(D, L, seed):
+    """A one-layer affine target separates every pair with d != 0 (T W_1^{-1} d != 0): a witness exists iff
+    some first-layer unit can be negative on the ball."""
+    rng = np.random.default_rng(seed)
+    frozen = random_fnn(D, L, seed=rng)
+    target = random_fnn(D, 1, seed=rng, final_relu=False)
+    radius = 5.0
+    w = final_layers_witness(frozen, target, input_radius=radius, seed=seed, n_refine=5)
+    W1, b1 = frozen.weights[0], frozen.biases[0]
+    lowest = b1 - radius * np.linalg.norm(W1, axis=1)                     # smallest value of each unit
+    assert w.found == bool((lowest < 0).any())
+    if w.found:
+        _check_witness(w, frozen, target)
+        assert w.relative_separation > 1e-6                               # far above rounding
+
+
+@given(st.integers(2, 10), st.integers(1, 2), SEEDS, st.sampled_from([1.0, 3.0]))
+def test_any_reported_witness_is_valid(D, Lbar, seed, radius):
+    rng = np.random.default_rng(seed)
+    frozen, target = random_fnn(D, 3, seed=rng), random_fnn(D, Lbar, seed=rng)
+    center = rng.uniform(-0.5, 0.5, D)
+    w = final_layers_witness(frozen, target, input_radius=radius, center=center, seed=seed, n_refine=3)
+    assert np.array_equal(w.center, center) and w.radius == radius
+    if w.found:
+        _check_witness(w, frozen, target)
+    else:
+        assert w.x is None or w.rounding_ratio <= MIN_ROUNDING_RATIO
+        assert w.reason
+
+
+def test_final_layers_cannot_separate_what_lora_fits():
+    """At D = 16, L = 2, L̄ = 1: every tuning of layer 2 gives the witness pair one output; LoRA at the
+    threshold equals the target on the ball, so it separates them as the target does."""
+    frozen, target = random_fnn(16, 2, seed=0), random_fnn(16, 1, seed=1)
+    w = final_layers_witness(frozen, target, input_radius=2.0, seed=0)
+    assert w.found and "same point" in w.reason
+    _check_witness(w, frozen, target)
+    assert w.relative_separation > 1e-3
+    rng = np.random.default_rng(2)
+    for _ in range(5):                                                    # arbitrary tunings of the last layer
+        tuned = FNN([frozen.weights[0], rng.standard_normal((16, 16))],
+                    [frozen.biases[0], rng.standard_normal(16)])
+        assert relative_error(tuned(w.x_prime), tuned(w.x)) <= 1e-12
+    R = fnn_rank_requirement(frozen, target)
+    fit = lora_fnn(frozen, target, R, input_radius=2.0)
+    pair = np.stack([w.x, w.x_prime])
+    assert relative_error(fit.model(pair), target(pair)) <= fit.tolerance
+    assert np.linalg.norm(fit.model(w.x) - fit.model(w.x_prime)) == pytest.approx(w.separation, rel=1e-6)
+
+
+@pytest.mark.parametrize("D", [2, 8, 16])
+def test_none_when_b1_keeps_the_first_layer_active(D):
+    frozen, target = random_fnn(D, 2, seed=3), random_fnn(D, 1, seed=4)
+    radius = 1.0
+    shift = radius * np.linalg.norm(frozen.weights[0], axis=1) + 0.1      # every unit positive on the ball
+    active = frozen.replace(biases=[shift, frozen.biases[1]])
+    w = final_layers_witness(active, target, input_radius=radius)
+    assert not w.found and not w
+    assert "b_1" in w.reason and "positive" in w.reason
+    assert w.x is None and w.separation == 0.0
+    # and final-layers tuning can then fit a one-layer target: W_2 = T W_1^{-1}, b_2 = c - W_2 b_1
+    W2 = np.linalg.solve(active.weights[0].T, target.weights[0].T).T
+    tuned = FNN([active.weights[0], W2], [shift, target.biases[0] - W2 @ shift])
+    x = np.random.default_rng(0).standard_normal((100, D))
+    x *= (radius / np.linalg.norm(x, axis=1, keepdims=True)) * 0.999
+    assert relative_error(tuned(x), target(x)) <= 1e-10
+
+
+def test_none_for_a_linear_first_layer():
+    frozen = random_fnn(4, 2, seed=0, activation="linear")
+    w = final_layers_witness(frozen, random_fnn(4, 1, seed=1), input_radius=1.0)
+    assert not w.found and "no ReLU" in w.reason
+
+
+def test_rounding_level_separation_is_not_a_witness():
+    """A target constant on the ball separates nothing: "none" with the reason, never a witness."""
+    D = 4
+    frozen = random_fnn(D, 2, seed=5)
+    target = FNN([np.zeros((D, D))], [np.ones(D)], final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=3.0)
+    assert not w.found and "rounding level" in w.reason
+    assert w.rounding_ratio <= MIN_ROUNDING_RATIO
+
+
+def test_parameter_counts():
+    assert lora_parameter_count(16, 8, 2) == 2 * 2 * 16 * 8
+    assert lora_parameter_count(16, 4, [8, 9, 10, 11]) == 2 * 16 * 38
+    assert lora_parameter_count(16, 2, 0) == 0
+    assert final_layers_parameter_count(16, 2) == 2 * 256 + 2 * 16
+    assert final_layers_parameter_count(16, 2, bias=False) == 2 * 256
+    # the paper's comparison at L̄ = 1, L = 8, D = 16: rank R against l layers when 2RDL = l·D^2
+    assert lora_parameter_count(16, 8, 2) == final_layers_parameter_count(16, 2, bias=False)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+def test_singular_first_layer_is_named():
+    frozen = random_fnn(4, 2, seed=0)
+    W1 = frozen.weights[0].copy()
+    W1[1] = 2 * W1[0]
+    with pytest.raises(SingularMatrixError, match="W_1") as info:
+        final_layers_witness(frozen.replace(weights=[W1, frozen.weights[1]]), random_fnn(4, 1, seed=1),
+                             input_radius=1.0)
+    assert info.value.matrix == "W_1" and "κ =" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, argument, message", [
+    ({"input_radius": 0.0}, "input_radius", "positive"),
+    ({"input_radius": -2.0}, "input_radius", "positive"),
+    ({"input_radius": float("nan")}, "input_radius", "positive"),
+    ({"input_radius": None}, "input_radius", "positive"),
+    ({"input_radius": 1.0, "center": np.zeros(3)}, "center", "shape"),
+    ({"input_radius": 1.0, "center": np.full(4, np.inf)}, "center", "NaN or infinite"),
+    ({"input_radius": 1.0, "n_starts": 0}, "n_starts", "at least 1"),
+    ({"input_radius": 1.0, "n_directions": 2.5}, "n_directions", "integer"),
+])
+def test_bad_witness_arguments(kwargs, argument, message):
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        final_layers_witness(frozen, target, **kwargs)
+    assert info.value.argument == argument
+
+
+def test_bad_witness_models():
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match="width D = 4") as info:
+        final_layers_witness(frozen, random_fnn(5, 1, seed=1), input_radius=1.0)
+    assert info.value.argument == "target"
+    with pytest.raises(InvalidArgumentError, match="lora_theory.FNN") as info:
+        final_layers_witness(frozen.weights, target, input_radius=1.0)
+    assert info.value.argument == "frozen"
+
+
+@pytest.mark.parametrize("call, argument, message", [
+    (lambda: lora_parameter_count(0, 2, 1), "width", "at least 1"),
+    (lambda: lora_parameter_count(4, 0, 1), "depth", "at least 1"),
+    (lambda: lora_parameter_count(4, 2, 5), "rank", "at most 4"),
+    (lambda: lora_parameter_count(4, 2, [1, 2, 3]), "rank", "one rank for each of the 2 layers"),
+    (lambda: lora_parameter_count(4, 2, 1.0), "rank", "integer"),
+    (lambda: final_layers_parameter_count(4, -1), "layers", "at least 0"),
+    (lambda: final_layers_parameter_count(4.0, 1), "width", "integer"),
+])
+def test_bad_parameter_count_arguments(call, argument, message):
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        call()
+    assert info.value.argument == argument
