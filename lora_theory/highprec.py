@@ -1,0 +1,649 @@
+"""The linear and FNN constructions in high-precision arithmetic (mpmath), for ill-conditioned cases.
+
+THEORY.md §2.3 and §3: products of 8 frozen layers with weights ``U(-1/4, 1/4)`` (D = 16) have condition
+numbers ``κ`` of 1e8 to 1e12, so the float64 construction of Lemma 1 loses up to every digit, and a ReLU
+block loses about ``log10(γ)`` more digits in its linearising biases. The same constructions at ``digits``
+significant decimal digits lose the same *number* of digits and keep the rest: at 50 digits the 8-layer
+linear block reaches the target to 1e-30 or better.
+
+* :func:`lora_linear_mp` — Zeng & Lee 2024, Lemma 1 (linear models), SVD split of
+  :func:`lora_theory.lora_linear`, with ``mpmath.svd_r`` and ``mpmath.lu_solve``;
+* :func:`lora_fnn_mp` — Theorem 3 / Theorem 6 on a certified ball, with the compensating biases of
+  :func:`lora_theory.fnn.lora_fnn`;
+* :func:`choose_digits` — the precision for given ``κ`` and ``γ``: about ``16 + log10 κ + log10 γ + safety``;
+* :func:`suggest_precision` — reads a float64 fit's ``κ`` and ``γ`` and says whether float64 suffices and,
+  if not, how many digits the high-precision path needs.
+
+The inputs are float64 arrays, taken *exactly* (every float64 is an mpmath number); only the construction
+and the evaluation run at raised precision. Results round to float64 on request (:meth:`predict`,
+:meth:`product`), which is where a float64 consumer should read them: a float64 forward pass through the
+adapted weights would lose the digits again.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+import mpmath
+import numpy as np
+
+from ._validate import as_array, as_ranks, as_square, as_square_sequence
+from .adapter import Adapter
+from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from .models import FNN
+from .numerics import WARN_RELATIVE_ERROR, condition_number, unit_roundoff
+from .partition import check_partition, partition_blocks, uniform_partition
+
+__all__ = [
+    "choose_digits",
+    "PrecisionAdvice",
+    "suggest_precision",
+    "HighPrecisionLinearFit",
+    "lora_linear_mp",
+    "HighPrecisionFNNFit",
+    "lora_fnn_mp",
+]
+
+#: Digits a high-precision result should keep after the construction lost ``log10(κ) + log10(γ)``.
+TARGET_DIGITS = 16
+#: Extra digits on top, for the constants hidden in ``u·(κ + γ)``.
+SAFETY_DIGITS = 8
+#: An automatic choice is redone at higher precision only when the ``κ``, ``γ`` found at the working
+#: precision ask for more than this many digits beyond it (the float64 estimates are close, and the
+#: safety digits cover small differences).
+RERUN_DIGITS = 2
+_mp = mpmath.mp
+
+
+def choose_digits(kappa: float, gamma: float = 0.0, *, target_digits: int = TARGET_DIGITS,
+                  safety: int = SAFETY_DIGITS) -> int:
+    """Decimal digits for a construction that inverts matrices of condition ``κ`` and amplifies by ``γ``.
+
+    ``ceil(target_digits + log10(max(κ, 1)) + log10(max(γ, 1)) + safety)``: the construction loses about
+    ``log10(κ + γ) <= log10 κ + log10 γ`` digits (THEORY.md §1: relative error ``u·(κ + γ)``), and
+    ``target_digits`` must survive. ``κ`` or ``γ`` infinite (singular in float64) is refused.
+    """
+    for name, v in (("kappa", kappa), ("gamma", gamma)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not v >= 0:
+            raise InvalidArgumentError(name, f"must be a non-negative real number, got {v!r}")
+        if not math.isfinite(v):
+            raise InvalidArgumentError(name, "is infinite: the matrix is singular, no precision helps")
+    return int(math.ceil(target_digits + math.log10(max(float(kappa), 1.0))
+                         + math.log10(max(float(gamma), 1.0)) + safety))
+
+
+@dataclass(frozen=True)
+class PrecisionAdvice:
+    """Whether a float64 construction kept its digits, and the precision that would.
+
+    Attributes
+    ----------
+    kappa, gamma : float
+        From the fit (``γ = 0`` for linear fits).
+    expected_error : float
+        ``u·(κ + γ)`` in float64: the relative error to expect.
+    float64_sufficient : bool
+        ``expected_error <= 1e-8`` (the threshold of :class:`~lora_theory.errors.IllConditionedWarning`).
+    digits : int
+        :func:`choose_digits` ``(κ, γ)``: what :func:`lora_linear_mp` / :func:`lora_fnn_mp` should use.
+    message : str
+    """
+
+    kappa: float
+    gamma: float
+    expected_error: float
+    float64_sufficient: bool
+    digits: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def suggest_precision(fit) -> PrecisionAdvice:
+    """Advice for a float64 fit (:class:`~lora_theory.LinearFit`, :class:`~lora_theory.fnn.FNNFit`, ...).
+
+    Reads ``fit.kappa`` and ``fit.gamma`` (0 when absent). When float64 is not enough the message names the
+    high-precision path and the digits it needs.
+    """
+    if not hasattr(fit, "kappa"):
+        raise InvalidArgumentError("fit", f"must be a fit with a condition number (kappa), got {type(fit).__name__}")
+    kappa = float(fit.kappa)
+    gamma = float(getattr(fit, "gamma", 0.0) or 0.0)
+    expected = unit_roundoff() * (kappa + gamma)
+    ok = expected <= WARN_RELATIVE_ERROR
+    digits = choose_digits(kappa, gamma)
+    fn = "lora_fnn_mp" if hasattr(fit, "domain") or hasattr(fit, "block_fits") else "lora_linear_mp"
+    if ok:
+        msg = (f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}, expected relative error "
+               f"u·(κ + γ) = {expected:.2g}")
+    else:
+        msg = (f"float64 loses about {math.log10(max(kappa + gamma, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, "
+               f"γ = {gamma:.3g}, expected relative error {expected:.2g}): use the high-precision path, "
+               f"lora_theory.highprec.{fn}(..., digits={digits})")
+    return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)
+
+
+# --------------------------------------------------------------------------------------- mp helpers
+
+
+def _mpm(arr) -> mpmath.matrix:
+    """A float64 array as an mpmath matrix (exact: every float64 is representable)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    return _mp.matrix(arr.tolist())
+
+
+def _np(M) -> np.ndarray:
+    """An mpmath matrix rounded to float64."""
+    return np.array([[float(M[i, j]) for j in range(M.cols)] for i in range(M.rows)], dtype=np.float64)
+
+
+def _eye(n):
+    return _mp.eye(n)
+
+
+def _prod(mats, n):
+    out = _eye(n)
+    for M in mats:
+        out = M * out
+    return out
+
+
+def _fro(M):
+    return _mp.sqrt(_mp.fsum(M[i, j] ** 2 for i in range(M.rows) for j in range(M.cols)))
+
+
+class _LU:
+    """An LU factorisation at working precision (+10 bits, as ``mpmath.lu_solve``), reused for every solve.
+
+    ``kappa`` is the 2-norm condition number: from the float64 rounding of ``A`` while that is below
+    1e12 (then accurate to 4 digits or better), else the 1-norm ``||A||_1 ||A^{-1}||_1`` at working
+    precision. Construction raises :class:`SingularMatrixError` naming ``name`` when ``A`` is singular at
+    the working precision (a pivot below ``||A||_1·eps``, or ``κ·eps >= 1``).
+    """
+
+    def __init__(self, A, name, context):
+        self.n = A.rows
+        with _mp.extraprec(10):
+            try:
+                self.LU, self.p = _mp.LU_decomp(A, use_cache=False)
+            except ZeroDivisionError:
+                raise SingularMatrixError(name, math.inf, context + f"; at {_mp.dps} digits") from None
+            kappa = condition_number(_np(A))
+            if not kappa < 1e12:
+                kappa = _mp.mnorm(A, 1) * _mp.mnorm(self.solve(_eye(self.n)), 1)
+        if kappa * _mp.eps >= 1:
+            raise SingularMatrixError(name, float(kappa), context + f"; at {_mp.dps} digits")
+        self.kappa = float(kappa)
+
+    def solve(self, B):
+        """``A^{-1} B`` for ``B`` of shape ``(n, k)``."""
+        X = _mp.zeros(self.n, B.cols)
+        with _mp.extraprec(10):
+            for j in range(B.cols):
+                x = _mp.U_solve(self.LU, _mp.L_solve(self.LU, B[:, j], self.p))
+                for i in range(self.n):
+                    X[i, j] = x[i]
+        return X
+
+
+def _cols(M, start, stop):
+    return M[:, start:stop] if stop > start else _mp.zeros(M.rows, 0)
+
+
+def _check_digits(digits):
+    if digits is None:
+        return None
+    if isinstance(digits, (bool, np.bool_)) or not isinstance(digits, numbers.Integral) or digits < 16:
+        raise InvalidArgumentError("digits", f"must be an integer >= 16 (or None to choose), got {digits!r}")
+    return int(digits)
+
+
+def _chain_mp(factors, target, ranks, names, rank_tol):
+    """The SVD split of Lemma 1 at working precision. Returns ``(adapters, adapted, s, rank_E, kappas)``.
+
+    ``factors``, ``target`` are mpmath matrices; ``adapters[l] = (A, B)`` mpmath matrices (``Δ = B A``).
+    """
+    m = len(factors)
+    n = target.rows
+    suffix = [None] * m                                                 # suffix[l] = Q_l, frozen after l
+    suffix[m - 1] = _eye(n)
+    for l in range(m - 2, -1, -1):
+        suffix[l] = suffix[l + 1] * factors[l + 1]
+    frozen_product = suffix[0] * factors[0]
+    E = target - frozen_product                                         # (n, n)
+    U, s, V = _mp.svd_r(E)                                              # E = U diag(s) V, V's rows: V^T
+    s = [s[i] for i in range(n)]
+    if rank_tol is None:
+        scale = max(_fro(target), _fro(frozen_product), s[0])
+        rank_tol = n * _mp.eps * scale * 2 ** 10
+    rank_E = sum(1 for v in s if v > rank_tol)
+    adapters, adapted, kappas = [], [], {}
+    P = _eye(n)                                                         # adapted factors before l
+    start = 0
+    for l in range(m):
+        stop = min(start + ranks[l], rank_E)
+        if stop <= start:
+            adapters.append((_mp.zeros(0, n), _mp.zeros(n, 0)))
+            adapted.append(factors[l])
+        else:
+            EV = _cols(U, start, stop) * _mp.diag(s[start:stop])        # (n, k) = E V_l
+            Vl_T = V[start:stop, :]                                     # (k, n) = V_l^T
+            if l < m - 1:
+                q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+                lu = _LU(suffix[l], q_name, f"it receives singular directions {start + 1}..{stop} of E")
+                kappas[f"Q_{l + 1}"] = lu.kappa
+                B = lu.solve(EV)                                        # (n, k) = Q^{-1} E V_l
+            else:
+                B = EV
+            if l > 0:
+                p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
+                lu = _LU(P.T, p_name, f"layer {l + 1} receives singular directions of E")
+                kappas[f"P_{l + 1}"] = lu.kappa
+                A = lu.solve(Vl_T.T).T                                  # (k, n) = V_l^T P^{-1}
+            else:
+                A = Vl_T
+            adapters.append((A, B))
+            adapted.append(factors[l] + B * A)
+        P = adapted[-1] * P
+        start += ranks[l]
+    return adapters, adapted, s, rank_E, kappas
+
+
+def _float64_kappa_estimate(run):
+    """``(κ, γ)`` of the float64 construction (``inf`` when float64 finds a matrix singular)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        try:
+            fit = run()
+        except SingularMatrixError as exc:
+            return max(exc.condition_number, 1e16), 0.0
+    return fit.kappa, float(getattr(fit, "gamma", 0.0))
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+
+@dataclass(frozen=True, eq=False)
+class HighPrecisionLinearFit:
+    """Lemma 1's adapters computed at ``digits`` significant digits.
+
+    Attributes
+    ----------
+    adapters_mp : tuple of (A, B)
+        mpmath matrices, ``A`` ``(r_l, D)``, ``B`` ``(D, r_l)``, ``Δ_l = B A``.
+    weights_mp : tuple of mpmath.matrix (D, D)
+        ``W_l + Δ_l``.
+    ranks : tuple of int
+        Budgets ``R_l``.
+    digits : int
+        Working precision (significant decimal digits).
+    digits_reason : str
+        How ``digits`` was chosen.
+    singular_values : tuple of mpmath.mpf
+        ``σ(E)`` at working precision.
+    error_rank : int
+        ``rank(E)`` at working precision.
+    achieved_error : mpmath.mpf
+        ``||Π(W_l + Δ_l) - T||_F / ||T||_F``, computed at working precision.
+    optimal_error : mpmath.mpf
+        Lemma 1's optimum in the same norm, ``sqrt(Σ_{j>k} σ_j^2) / ||T||_F`` (0 when exact).
+    exact : bool
+        ``Σ R_l >= rank(E)``.
+    condition_numbers : dict of str -> float
+        ``κ`` of every ``Q_l``, ``P_l`` solved with (see :class:`_LU`).
+    """
+
+    adapters_mp: tuple
+    weights_mp: tuple
+    frozen: tuple
+    target: np.ndarray
+    ranks: tuple
+    digits: int
+    digits_reason: str
+    singular_values: tuple
+    error_rank: int
+    achieved_error: object
+    optimal_error: object
+    exact: bool
+    condition_numbers: dict = field(default_factory=dict)
+
+    @property
+    def kappa(self) -> float:
+        return max(self.condition_numbers.values(), default=1.0)
+
+    @property
+    def gamma(self) -> float:
+        """The size amplification of the chain, as :attr:`lora_theory.LinearFit.gamma` (from float64 roundings)."""
+        from .linear import _chain_gamma
+
+        return _chain_gamma(self.frozen, tuple(_np(M) for M in self.weights_mp), self.target)
+
+    @property
+    def adapters(self) -> tuple:
+        """The adapters rounded to float64 (a float64 product of ``W + Δ`` loses the digits again)."""
+        return tuple(Adapter(_np(A) if A.rows else np.zeros((0, B.rows)),
+                             _np(B) if B.cols else np.zeros((B.rows, 0))) for A, B in self.adapters_mp)
+
+    def product(self) -> np.ndarray:
+        """``Π(W_l + Δ_l)`` computed at working precision, rounded to float64, shape ``(D, D)``."""
+        with _mp.workdps(self.digits):
+            return _np(_prod(self.weights_mp, self.target.shape[0]))
+
+    def predict(self, x) -> np.ndarray:
+        """The adapted linear model on ``x`` (``(D,)`` or ``(n, D)``), evaluated at working precision."""
+        x = as_array(x, "x")
+        X = np.atleast_2d(x)
+        if X.shape[1] != self.target.shape[0]:
+            raise InvalidArgumentError("x", f"must have shape (D,) or (n, D) with D = {self.target.shape[0]}, got {x.shape}")
+        with _mp.workdps(self.digits):
+            M = _prod(self.weights_mp, self.target.shape[0])
+            Y = _np(M * _mpm(X.T)).T                                    # (n, D)
+        return Y[0] if x.ndim == 1 else Y
+
+
+def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=None) -> HighPrecisionLinearFit:
+    """Lemma 1's construction (Zeng & Lee 2024, Lemma 1 (linear models)) at raised precision.
+
+    Parameters
+    ----------
+    frozen : sequence of L arrays (D, D)
+        ``W_1 .. W_L`` (float64, taken exactly).
+    target : array (D, D)
+        ``T``.
+    rank : int in 0..D, or sequence of L such ints
+        ``R`` or per-layer ``R_l``.
+    digits : int >= 16, or None
+        Significant decimal digits. ``None`` chooses :func:`choose_digits` from the float64 construction's
+        ``κ`` (and raises it if the ``κ`` found at that precision asks for more).
+    rank_tol : float, optional
+        Singular values of ``E`` at or below this are zero (default ``D · 10^-digits · scale · 2^10``: the
+        float64 data are exact, so ``E``'s rank is the exact one up to the working precision).
+
+    Returns
+    -------
+    HighPrecisionLinearFit
+
+    Raises
+    ------
+    InvalidArgumentError
+        As :func:`lora_theory.lora_linear`; ``digits`` not an int >= 16.
+    SingularMatrixError
+        ``Q_l`` or ``P_l`` singular at the working precision.
+    """
+    frozen = as_square_sequence(frozen, "frozen")
+    n = frozen[0].shape[0]
+    target = as_square(target, "target", n)
+    ranks = as_ranks(rank, len(frozen), n)
+    digits = _check_digits(digits)
+    if digits is None:
+        from .linear import lora_linear
+
+        kappa, gamma = _float64_kappa_estimate(lambda: lora_linear(frozen, target, ranks))
+        digits = choose_digits(kappa, gamma)
+        reason = (f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + log10 γ "
+                  f"+ {SAFETY_DIGITS} safety")
+        fit = _linear_mp(frozen, target, ranks, digits, reason, rank_tol)
+        needed = choose_digits(fit.kappa, fit.gamma)
+        if needed > digits + RERUN_DIGITS:
+            fit = _linear_mp(frozen, target, ranks, needed,
+                             f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} "
+                             "digits", rank_tol)
+        return fit
+    return _linear_mp(frozen, target, ranks, digits, "given", rank_tol)
+
+
+def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
+    n = target.shape[0]
+    with _mp.workdps(digits):
+        W = [_mpm(w) for w in frozen]
+        T = _mpm(target)
+        tol = None if rank_tol is None else _mp.mpf(rank_tol)
+        adapters, adapted, s, rank_E, kappas = _chain_mp(W, T, ranks, [f"W_{l + 1}" for l in range(len(W))], tol)
+        norm_T = _fro(T)
+        achieved = _fro(_prod(adapted, n) - T) / norm_T
+        k = sum(ranks)
+        tail = _mp.sqrt(_mp.fsum(v ** 2 for v in s[k:rank_E])) if k < rank_E else _mp.mpf(0)
+        optimal = tail / norm_T
+    return HighPrecisionLinearFit(
+        adapters_mp=tuple(adapters), weights_mp=tuple(adapted), frozen=tuple(frozen), target=target, ranks=ranks, digits=digits,
+        digits_reason=reason, singular_values=tuple(s), error_rank=rank_E, achieved_error=achieved,
+        optimal_error=optimal, exact=sum(ranks) >= rank_E, condition_numbers=kappas)
+
+
+# ---------------------------------------------------------------------------------------------- FNN
+
+
+def _forward(weights, biases, Z, relu):
+    """``z_l = σ(W_l z_{l-1} + b_l)`` on the columns of ``Z`` (mpmath), ``relu[l]`` selecting ``σ``."""
+    for l, (W, b) in enumerate(zip(weights, biases)):
+        Z = W * Z
+        for i in range(Z.rows):
+            for j in range(Z.cols):
+                v = Z[i, j] + b[i]
+                Z[i, j] = v if (v > 0 or not relu[l]) else _mp.zero
+    return Z
+
+
+@dataclass(frozen=True, eq=False)
+class HighPrecisionFNNFit:
+    """Theorem 3 / Theorem 6's adapters and biases computed at ``digits`` significant digits.
+
+    Attributes
+    ----------
+    weights_mp, biases_mp : tuple of mpmath.matrix
+        ``W_l + Δ_l`` ``(D, D)`` and the new biases ``(D, 1)``.
+    ranks, partition : tuple of int
+    digits : int
+    digits_reason : str
+    kappa, gamma : float
+        Largest condition number inverted and the bias amplification ``γ``
+        (defined as in :class:`lora_theory.fnn.FNNFit`).
+    exact : bool
+        ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block.
+    block_errors : tuple of mpmath.mpf
+        For each block, ``max(||W̃_i - T_i||_F / ||T_i||_F, ||o_i - c_i|| / ||c_i||)`` at working precision:
+        how far the block's affine map (on its ball) is from the target layer's.
+    levels : tuple of tuple of mpmath.mpf
+        The linearising levels ``β_j`` of every block.
+    center : ndarray (D,); radius : float
+        The certified input ball.
+    """
+
+    weights_mp: tuple
+    biases_mp: tuple
+    frozen: FNN
+    target: FNN
+    ranks: tuple
+    partition: tuple
+    digits: int
+    digits_reason: str
+    kappa: float
+    gamma: float
+    exact: bool
+    block_errors: tuple
+    levels: tuple
+    center: np.ndarray
+    radius: float
+    condition_numbers: dict = field(default_factory=dict)
+
+    def _inputs(self, x):
+        x = as_array(x, "x")
+        X = np.atleast_2d(x)
+        if X.ndim != 2 or X.shape[1] != self.frozen.width:
+            raise InvalidArgumentError(
+                "x", f"must have shape (D,) or (n, D) with D = {self.frozen.width}, got {x.shape}")
+        return x, X
+
+    def _outputs(self, X):
+        """``(f(X), f̄(X))`` as mpmath matrices ``(D, n)`` at working precision (call inside workdps)."""
+        t = self.target
+        Xm = _mpm(X.T)                                                  # (D, n)
+        relu_f = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+                  for l in range(len(self.weights_mp))]
+        relu_t = [t.activation == "relu" and (l < t.depth - 1 or t.final_relu) for l in range(t.depth)]
+        f = _forward(self.weights_mp, self.biases_mp, Xm, relu_f)
+        fbar = _forward([_mpm(T) for T in t.weights], [_mpm(c) for c in t.biases], Xm, relu_t)
+        return f, fbar
+
+    def predict(self, x) -> np.ndarray:
+        """The adapted FNN on ``x`` (``(D,)`` or ``(n, D)``), evaluated at working precision, rounded."""
+        x, X = self._inputs(x)
+        with _mp.workdps(self.digits):
+            Xm = _mpm(X.T)
+            relu = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+                    for l in range(len(self.weights_mp))]
+            Y = _np(_forward(self.weights_mp, self.biases_mp, Xm, relu)).T
+        return Y[0] if x.ndim == 1 else Y
+
+    def relative_error(self, x):
+        """``||f(X) - f̄(X)||_F / ||f̄(X)||_F`` over the rows of ``x``, computed at working precision (mpf)."""
+        _, X = self._inputs(x)
+        with _mp.workdps(self.digits):
+            f, fbar = self._outputs(X)
+            den = _fro(fbar)
+            return _fro(f - fbar) / den if den > 0 else _fro(f - fbar)
+
+    @property
+    def max_block_error(self):
+        return max(self.block_errors)
+
+
+def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius, center=None,
+                digits: int | None = None, rank_tol=None) -> HighPrecisionFNNFit:
+    """Theorem 3 (uniform partition) / Theorem 6 (general partition) of Zeng & Lee 2024 at raised precision.
+
+    The construction of :func:`lora_theory.fnn.lora_fnn` on a certified ball, step for step: Lemma 1 in
+    every block (:func:`lora_linear_mp`'s SVD split), compensating linearising biases
+    ``b_j = β_j·1 - M_j β_{j-1}·1`` with ``β_j = max_k (r ||row_k(P_j)|| - (P_j u_0)_k)^+`` plus the same
+    safety term (:data:`lora_theory.fnn.SAFETY`), the calibrating bias ``b_m = c_i - M_m β_{m-1}·1``, and the
+    next ball (centre 0, radius ``||W̃_i||_2 r + ||W̃_i u_0 + c_i||``). The biases reach about ``γ`` times the
+    signal, so the block needs about ``log10 γ`` digits more than the linear chain.
+
+    Parameters
+    ----------
+    frozen, target : FNN
+        As :func:`lora_theory.fnn.lora_fnn`.
+    rank : int or sequence of L ints
+    partition : block sizes, optional
+    input_radius : float
+        Radius of the certified input ball (ball domain only).
+    center : array (D,), optional
+    digits : int >= 16, or None
+        ``None``: :func:`choose_digits` ``(κ, γ)`` of the float64 construction, raised when the values found
+        at that precision ask for more.
+    rank_tol : float, optional
+        As in :func:`lora_linear_mp`.
+
+    Returns
+    -------
+    HighPrecisionFNNFit
+
+    Raises
+    ------
+    InvalidArgumentError, SingularMatrixError
+        As :func:`lora_theory.fnn.lora_fnn` (a singular matrix at the working precision).
+    """
+    from .fnn import _check_models, lora_fnn
+
+    L_, Lbar_, n = _check_models(frozen, target)
+    ranks = as_ranks(rank, L_, n)
+    sizes = uniform_partition(L_, Lbar_) if partition is None else check_partition(partition, L_, Lbar_)
+    if input_radius is None or isinstance(input_radius, (bool, np.bool_)) \
+            or not isinstance(input_radius, numbers.Real) or not math.isfinite(input_radius) or input_radius <= 0:
+        raise InvalidArgumentError("input_radius", f"must be a positive finite real number, got {input_radius!r}")
+    c0 = np.zeros(n) if center is None else as_array(center, "center", shape=(n,))
+    digits = _check_digits(digits)
+    if digits is None:
+        kappa, gamma = _float64_kappa_estimate(
+            lambda: lora_fnn(frozen, target, ranks, partition=sizes, input_radius=float(input_radius), center=c0))
+        digits = choose_digits(kappa, gamma)
+        reason = (f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + log10 γ + "
+                  f"{SAFETY_DIGITS} safety")
+        fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, reason, rank_tol)
+        needed = choose_digits(fit.kappa, fit.gamma)
+        if needed > digits + RERUN_DIGITS:
+            fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, needed,
+                          f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits",
+                          rank_tol)
+        return fit
+    return _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, "given", rank_tol)
+
+
+def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
+    from .fnn import SAFETY
+
+    n = frozen.width
+    linearise = frozen.activation == "relu"
+    weights, biases, kappas, block_errors, all_levels = [], [], {}, [], []
+    exact = True
+    gamma = 0.0
+    with _mp.workdps(digits):
+        tol = None if rank_tol is None else _mp.mpf(rank_tol)
+        u0 = _mpm(center)                                               # (n, 1)
+        r = _mp.mpf(radius)
+        one = _mp.matrix([[1] for _ in range(n)])
+        for i, block in enumerate(partition_blocks(sizes)):
+            factors = [_mpm(frozen.weights[l]) for l in block]
+            T = _mpm(target.weights[i])
+            c = _mpm(target.biases[i])
+            names = [f"W_{l + 1}" for l in block]
+            try:
+                _, M, s, rank_E, block_kappas = _chain_mp(factors, T, ranks[block.start:block.stop], names, tol)
+            except SingularMatrixError as exc:
+                raise SingularMatrixError(f"block {i + 1}: {exc.matrix}", exc.condition_number,
+                                          f"block {i + 1} holds layers {block.start + 1}..{block.stop}") from None
+            for key, k in block_kappas.items():
+                kappas[f"block {i + 1}: {key}"] = k
+            exact = exact and sum(ranks[block.start:block.stop]) >= rank_E
+            m = len(M)
+            in_size = float(_mp.norm(u0)) + float(r)
+            s_prev, rounding = in_size, 0.0
+            beta_prev = _mp.mpf(0)
+            P = _eye(n)
+            levels, block_biases = [], []
+            for j in range(m - 1):
+                P = M[j] * P                                            # (n, n) P_j
+                Pu0 = P * u0                                            # (n, 1)
+                if linearise:
+                    need = max(r * _mp.sqrt(_mp.fsum(P[k, q] ** 2 for q in range(n))) - Pu0[k] for k in range(n))
+                    Pf = _np(P)
+                    safety = SAFETY * (float(r) * float(np.linalg.norm(Pf, 2)) + float(_mp.norm(Pu0)))
+                    beta = max(need, _mp.mpf(0)) + safety
+                else:
+                    beta = _mp.mpf(0)
+                b = one * beta - M[j] * (one * beta_prev)               # (n, 1)
+                block_biases.append(b)
+                levels.append(beta)
+                rounding += float(np.linalg.norm(_np(M[j]), 2)) * s_prev + float(_mp.norm(b))
+                s_prev = float(_mp.norm(Pu0)) + float(r) * float(np.linalg.norm(_np(P), 2)) + float(beta) * math.sqrt(n)
+                beta_prev = beta
+            b_last = c - M[-1] * (one * beta_prev)
+            block_biases.append(b_last)
+            W_tilde = _prod(M, n)
+            # the block's affine map on its ball: u -> W̃ u + o, o by propagating the biases
+            o = _mp.zeros(n, 1)
+            for Mj, bj in zip(M, block_biases):
+                o = Mj * o + bj
+            weight_err = _fro(W_tilde - T) / _fro(T)
+            bias_err = _mp.norm(o - c) / _mp.norm(c) if _mp.norm(c) > 0 else _mp.norm(o - c)
+            block_errors.append(max(weight_err, bias_err))
+            all_levels.append(tuple(levels))
+            norm_Wt = float(np.linalg.norm(_np(W_tilde), 2)) * (1 + 1e-12)
+            out_size = norm_Wt * float(r) + float(_mp.norm(W_tilde * u0 + c))
+            rounding += float(np.linalg.norm(_np(M[-1]), 2)) * s_prev + float(_mp.norm(b_last))
+            gamma += rounding / out_size if out_size > 0 else 0.0
+            weights.extend(M)
+            biases.extend(block_biases)
+            u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)
+    kappa = max(kappas.values(), default=1.0)
+    return HighPrecisionFNNFit(
+        weights_mp=tuple(weights), biases_mp=tuple(biases), frozen=frozen, target=target, ranks=ranks,
+        partition=sizes, digits=digits, digits_reason=reason, kappa=kappa, gamma=gamma, exact=exact,
+        block_errors=tuple(block_errors), levels=tuple(all_levels), center=center, radius=radius,
+        condition_numbers=kappas)

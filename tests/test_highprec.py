@@ -1,0 +1,146 @@
+"""The high-precision path (THEORY.md §2.3, §3): where float64 runs out of digits, mpmath does not."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from lora_theory.fnn import lora_fnn, sample_ball
+from lora_theory.highprec import (
+    PrecisionAdvice,
+    choose_digits,
+    lora_fnn_mp,
+    lora_linear_mp,
+    suggest_precision,
+)
+from lora_theory.linear import lora_linear
+from lora_theory.models import random_fnn, random_linear
+from lora_theory.numerics import tolerance, unit_roundoff
+
+
+def _deep_linear(seed, width=16, depth=8):
+    """THEORY.md §2.3: D = 16, weights U(-1/4, 1/4), one block of 8 layers; a random target."""
+    frozen = random_linear(width, depth, seed=seed, scale=0.25).weights
+    target = np.random.default_rng(1000 + seed).uniform(-0.25, 0.25, (width, width))
+    return frozen, target
+
+
+def test_choose_digits():
+    assert choose_digits(1.0) == 24
+    assert choose_digits(1e10) == 34
+    assert choose_digits(1e10, 1e5) == 39
+    assert choose_digits(1e10, target_digits=30, safety=0) == 40
+    with pytest.raises(InvalidArgumentError, match="kappa: is infinite"):
+        choose_digits(float("inf"))
+    with pytest.raises(InvalidArgumentError, match="gamma: must be a non-negative real number"):
+        choose_digits(1.0, -1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eight_layer_linear_block_float64_warns_and_50_digits_reach_1e30(seed):
+    frozen, target = _deep_linear(seed)
+    with pytest.warns(IllConditionedWarning, match="high-precision path"):
+        fit = lora_linear(frozen, target, 2)
+    assert unit_roundoff() * (fit.kappa + fit.gamma) > 1e-8           # float64 keeps fewer than 8 digits
+    advice = suggest_precision(fit)
+    assert isinstance(advice, PrecisionAdvice) and not advice.float64_sufficient
+    assert "lora_linear_mp" in advice.message and advice.digits == choose_digits(fit.kappa, fit.gamma)
+
+    hp = lora_linear_mp(frozen, target, 2, digits=50)
+    assert hp.digits == 50 and hp.exact and hp.error_rank == 16
+    assert hp.achieved_error <= 1e-30                                  # relative, Frobenius, at 50 digits
+    # rounded once at the end, the product is the target to float64 rounding
+    assert np.linalg.norm(hp.product() - target) <= tolerance() * np.linalg.norm(target)
+    x = np.random.default_rng(seed).standard_normal((4, 16))
+    assert np.linalg.norm(hp.predict(x) - x @ target.T) <= tolerance() * np.linalg.norm(x @ target.T)
+    assert [a.rank for a in hp.adapters] == [2] * 8
+
+
+def test_automatic_precision_is_reported_and_sufficient():
+    frozen, target = _deep_linear(2)
+    hp = lora_linear_mp(frozen, target, 2, digits=None)
+    assert hp.digits >= choose_digits(hp.kappa, hp.gamma) - 2
+    assert "log10 κ" in hp.digits_reason
+    assert hp.achieved_error <= 1e-16                                  # the 16 target digits survive
+
+
+def test_below_threshold_reaches_lemma1_optimum():
+    # D = 8, L = 3, R = 2: k = 6 < rank(E) = 8; the Frobenius optimum sqrt(Σ_{j>6} σ_j^2) is attained
+    frozen, target = _deep_linear(3, width=8, depth=3)
+    hp = lora_linear_mp(frozen, target, 2, digits=40)
+    assert not hp.exact and hp.optimal_error > 0
+    assert abs(hp.achieved_error - hp.optimal_error) <= 1e-25 * hp.optimal_error
+    float_fit = lora_linear(frozen, target, 2)
+    assert np.linalg.norm(hp.product() - float_fit.product) <= \
+        tolerance(float_fit.kappa, float_fit.gamma) * np.linalg.norm(target)
+
+
+def test_per_layer_ranks_and_well_conditioned_agreement():
+    frozen = random_linear(6, 2, seed=4).weights
+    target = np.random.default_rng(5).standard_normal((6, 6))
+    hp = lora_linear_mp(frozen, target, (4, 2), digits=30)
+    assert hp.exact and [a.rank for a in hp.adapters] == [4, 2]
+    assert suggest_precision(lora_linear(frozen, target, (4, 2))).float64_sufficient
+
+
+def test_singular_matrices_are_named():
+    rng = np.random.default_rng(0)
+    with pytest.raises(SingularMatrixError, match="Q_1 = W_2"):
+        lora_linear_mp([rng.standard_normal((3, 3)), np.zeros((3, 3))], rng.standard_normal((3, 3)), 2, digits=20)
+    # W_1 = 0, W_2 = I, R = 1 < D: P_2 = W_1 + Δ_1 has rank 1
+    with pytest.raises(SingularMatrixError, match="P_2"):
+        lora_linear_mp([np.zeros((2, 2)), np.eye(2)], np.array([[1.0, 2.0], [3.0, 5.0]]), 1, digits=20)
+
+
+def test_bad_arguments():
+    frozen, target = _deep_linear(0, width=3, depth=2)
+    with pytest.raises(InvalidArgumentError, match="digits: must be an integer >= 16"):
+        lora_linear_mp(frozen, target, 1, digits=10)
+    with pytest.raises(InvalidArgumentError, match="rank: must be at most 3"):
+        lora_linear_mp(frozen, target, 4)
+    with pytest.raises(InvalidArgumentError, match="fit: must be a fit"):
+        suggest_precision(object())
+    f0, t = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match="input_radius: must be a positive finite real number"):
+        lora_fnn_mp(f0, t, 2, input_radius=None)
+    with pytest.raises(InvalidArgumentError, match="center: must have shape"):
+        lora_fnn_mp(f0, t, 2, input_radius=1.0, center=np.zeros(4))
+
+
+def test_eight_layer_relu_block_needs_more_digits_for_its_biases():
+    # D = 16, L̄ = 1, L = 8, R = 2 = ceil(16 / 8), certified ball of radius 10 (THEORY.md §2.3)
+    frozen = random_fnn(16, 8, seed=0, scale=0.25)
+    target = random_fnn(16, 1, seed=100, scale=0.25)
+    with pytest.warns(IllConditionedWarning):
+        fit = lora_fnn(frozen, target, 2, input_radius=10.0)
+    advice = suggest_precision(fit)
+    assert not advice.float64_sufficient and "lora_fnn_mp" in advice.message
+    hp = lora_fnn_mp(frozen, target, 2, input_radius=10.0)
+    assert hp.exact
+    # the precision covers the biases: about log10 γ digits on top of the linear chain's log10 κ
+    assert hp.digits >= choose_digits(hp.kappa, hp.gamma) - 2 > choose_digits(hp.kappa)
+    assert "γ" in hp.digits_reason
+    assert hp.max_block_error <= 1e-20
+    x = sample_ball(np.zeros(16), 10.0, 12, seed=1)
+    assert hp.relative_error(x) <= 1e-20                               # on the ball, at working precision
+    want = target(x)
+    assert np.linalg.norm(hp.predict(x) - want) <= tolerance() * np.linalg.norm(want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        float_error = np.linalg.norm(fit.model(x) - want) / np.linalg.norm(want)
+    assert float_error > 1e3 * float(hp.relative_error(x))
+
+
+def test_four_layer_relu_block_agrees_with_float64():
+    frozen = random_fnn(8, 4, seed=2, scale=0.3)
+    target = random_fnn(8, 2, seed=3, scale=0.3)
+    fit = lora_fnn(frozen, target, 4, input_radius=2.0)
+    hp = lora_fnn_mp(frozen, target, 4, input_radius=2.0, digits=40)
+    assert hp.exact and hp.max_block_error <= 1e-25
+    x = sample_ball(np.zeros(8), 2.0, 10, seed=4)
+    want = target(x)
+    assert np.linalg.norm(hp.predict(x) - want) <= tolerance() * np.linalg.norm(want)
+    assert np.linalg.norm(fit.model(x) - want) <= fit.tolerance * np.linalg.norm(want)
+    for beta_mp, beta in zip(hp.levels, (b.levels for b in fit.block_fits)):
+        np.testing.assert_allclose([float(v) for v in beta_mp], beta, rtol=tolerance(fit.kappa, fit.gamma))
