@@ -7,6 +7,7 @@ for target layer ``i``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -72,28 +73,43 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     (partition, rank) : the block sizes and the rank they require. Ties go to the lexicographically
     smallest partition, so the result is deterministic.
     """
-    L, Lbar = int(depth), int(target_depth)
+    L = as_int(depth, "depth", 1)
+    Lbar = as_int(target_depth, "target_depth", 1)
     if Lbar > L:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
+    if not callable(block_rank):
+        raise InvalidArgumentError("block_rank", f"must be callable as block_rank(i, start, stop), got {block_rank!r}")
 
     @lru_cache(maxsize=None)
     def rank_of(i, start, stop):
-        return int(block_rank(i, start, stop))
+        value = block_rank(i, start, stop)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+            raise InvalidArgumentError(
+                "block_rank", f"must return a non-negative integer rank, got {value!r} for block ({i}, {start}, {stop})")
+        return int(value)
+
+    def here(i, start, size):
+        return ceil_div(rank_of(i, start, start + size), size)
 
     @lru_cache(maxsize=None)
     def cost(i, start):
-        # target layers i..Lbar-1 share frozen layers start..L-1; each remaining block needs >= 1 layer
+        # least achievable max over target layers i..Lbar-1 sharing frozen layers start..L-1, each
+        # remaining block holding at least one layer
         remaining = Lbar - i
         if remaining == 1:
-            return ceil_div(rank_of(i, start, L), L - start), (L - start,)
-        best = None
-        for size in range(1, L - start - remaining + 2):
-            here = ceil_div(rank_of(i, start, start + size), size)
-            rest, sizes = cost(i + 1, start + size)
-            value = max(here, rest)
-            if best is None or value < best[0]:
-                best = (value, (size,) + sizes)
-        return best
+            return here(i, start, L - start)
+        return min(max(here(i, start, size), cost(i + 1, start + size))
+                   for size in range(1, L - start - remaining + 2))
 
-    value, sizes = cost(0, 0)
-    return sizes, value
+    value = cost(0, 0)
+    # the lexicographically smallest optimal partition: at each block the smallest size that keeps the
+    # optimum reachable (taking each sub-problem's own lexicographic optimum would not be: a sub-problem
+    # may reach a value below the global optimum with a lexicographically larger partition)
+    sizes, start = [], 0
+    for i in range(Lbar - 1):
+        size = next(size for size in range(1, L - start - (Lbar - i) + 2)
+                    if here(i, start, size) <= value and cost(i + 1, start + size) <= value)
+        sizes.append(size)
+        start += size
+    sizes.append(L - start)
+    return tuple(sizes), value
