@@ -81,6 +81,8 @@ def as_int(value, name: str, low: int | None = None, high: int | None = None) ->
 
 def as_ranks(rank, count: int, width: int, name: str = "rank") -> tuple[int, ...]:
     """One rank for every layer: an int in ``0..width`` repeated ``count`` times, or ``count`` such ints."""
+    if isinstance(rank, np.ndarray) and rank.ndim == 0:
+        rank = rank.item()  # a 0-d array is one rank (list() of it raised TypeError)
     if isinstance(rank, (Sequence, np.ndarray)) and not isinstance(rank, (str, bytes)):
         ranks = list(rank)
         if len(ranks) != count:

@@ -19,6 +19,7 @@ computed with solves. By induction ``Q_l Π_{k<=l}(W_k + Δ_k) = Π W + E Σ_{k<
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -356,6 +357,8 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     frozen = as_square_sequence(frozen, "frozen")
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
+    if isinstance(adapters, (str, bytes, Adapter)) or not isinstance(adapters, (Sequence, np.ndarray)):
+        raise InvalidArgumentError("adapters", f"must be a sequence with one adapter per frozen layer, got {type(adapters).__name__}")
     if len(adapters) != len(frozen):
         raise InvalidArgumentError("adapters", f"must give one adapter per frozen layer ({len(frozen)}), got {len(adapters)}")
     deltas, ranks = [], []
