@@ -272,12 +272,14 @@ class FNNFit:
         The largest of them (1 when nothing was inverted).
     gamma : float
         The bias amplification ``γ = Σ_i γ_i``, with
-        ``γ_i = Σ_{j=1..m_i} (||M_j||_2 s_{j-1} + ||b_j||_2) / s_out``: ``s_{j-1}`` bounds the norm of the input
-        to layer ``j`` of block ``i`` on the domain (ball: ``||P_{j-1} u_0|| + r·||P_{j-1}||_2 + β_{j-1}√D``;
-        samples: the largest sampled norm) and ``s_out`` the norm of the block's output (ball: the next
-        radius; samples: the largest sampled norm). The forward pass adds terms of these sizes, so it rounds
-        with an absolute error near ``u·γ_i·s_out`` in block ``i``: about ``m_i`` when the biases are small,
-        large when they dwarf the signal.
+        ``γ_i = Σ_{j=1..m_i} ||M_{m_i} ... M_{j+1}||_2 (||M_j||_2 s_{j-1} + ||b_j||_2) / s_out``: ``s_{j-1}``
+        bounds the norm of the input to layer ``j`` of block ``i`` on the domain (ball:
+        ``||P_{j-1} u_0|| + r·||P_{j-1}||_2 + β_{j-1}√D``; samples: the largest sampled norm), ``s_out`` the
+        norm of the block's output (ball: the next radius; samples: the largest sampled pre-activation).
+        Layer ``j`` adds terms of size ``||M_j|| s_{j-1}`` and ``||b_j||``, so it rounds with an absolute
+        error near ``u`` times that, which the layers after it carry to the block output (ReLUs active):
+        ``u·γ_i`` is the first-order relative rounding of block ``i``. It is about ``m_i`` when the biases
+        and the partial products are small, and large when the linearising levels dwarf the signal.
     domain : Domain
         What the biases were sized for.
     tolerance : float
@@ -444,7 +446,7 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         input_radii.append(r if kind == "ball" else in_size)
         levels, block_biases = [], []
         beta_prev, P = 0.0, np.eye(D)
-        rounding_terms = 0.0                                              # Σ_j ||M_j|| s_{j-1} + ||b_j||
+        rounding = []                                                     # ||M_j|| s_{j-1} + ||b_j|| per layer
         s_prev = in_size
         for j in range(m - 1):
             P = M[j] @ P                                                  # (D, D) P_j
@@ -461,7 +463,7 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
             b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))       # (D,)
             block_biases.append(b)
             levels.append(beta)
-            rounding_terms += np.linalg.norm(M[j], 2) * s_prev + np.linalg.norm(b)
+            rounding.append(np.linalg.norm(M[j], 2) * s_prev + np.linalg.norm(b))
             # s_j: the input to layer j + 1 is P_j u + β_j·1 (ReLU active)
             if kind == "ball":
                 s_prev = float(np.linalg.norm(P @ u0) + r * np.linalg.norm(P, 2) + beta * sqrtD)
@@ -483,8 +485,11 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
                     out_size = float(np.max(np.linalg.norm(Z, axis=1)))
                 if linearise and (block.start + j < L - 1 or frozen.final_relu):
                     Z = relu(Z)
-        rounding_terms += np.linalg.norm(M[-1], 2) * s_prev + np.linalg.norm(b_last)
-        gamma_i = float(rounding_terms / out_size) if out_size > 0 else 0.0
+        rounding.append(np.linalg.norm(M[-1], 2) * s_prev + np.linalg.norm(b_last))
+        # each layer's rounding reaches the block output through the adapted layers after it
+        after = [float(np.linalg.norm(product(M[j + 1:]), 2)) for j in range(m - 1)] + [1.0]
+        amplified = sum(a * t for a, t in zip(after, rounding))
+        gamma_i = float(amplified / out_size) if out_size > 0 else 0.0
 
         k_i = sum(a.rank for a in block_adapters)
         block_fits.append(BlockFit(

@@ -134,6 +134,13 @@ def test_exact_iff_block_budgets_cover_discrepancy_ranks(inst, seed, radius):
     err = relative_error(fit.model(x), inst.target(x))
     if fit.exact:
         assert err <= fit.tolerance
+        # the worst points of the ball for the first block: where each linearised unit is smallest
+        extreme = [center - radius * (1 - 1e-12) * row / np.linalg.norm(row)
+                   for j in range(inst.partition[0] - 1)
+                   for row in product(fit.model.weights[:j + 1]) if np.linalg.norm(row) > 0]
+        if extreme:
+            extreme = np.array(extreme)                                   # (k, D)
+            assert relative_error(fit.model(extreme), inst.target(extreme)) <= fit.tolerance
         if max(inst.partition) <= 2 and fit.kappa <= 1e6:
             # flat 1e-8 for blocks of at most 2 layers (THEORY.md §2.3), for frozen products that are not
             # near-singular: κ beyond 1e6 costs digits in Lemma 1 itself, whatever the biases
