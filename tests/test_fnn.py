@@ -538,3 +538,23 @@ def test_linear_activation_needs_no_linearising_levels():
     assert fit.exact and all(set(bf.levels) <= {0.0} for bf in fit.block_fits)
     x = 100 * np.random.default_rng(0).standard_normal((50, 6))
     assert relative_error(fit.model(x), target(x)) <= fit.tolerance
+
+
+@pytest.mark.parametrize("args, argument, message", [
+    ((np.zeros(3), 0.0, 5), "radius", "positive"),
+    ((np.zeros(3), -1.0, 5), "radius", "positive"),
+    ((np.zeros(3), 1.0, -1), "n", "non-negative integer"),
+    ((np.zeros(3), 1.0, 2.5), "n", "non-negative integer"),
+    ((np.zeros((3, 3)), 1.0, 5), "center", "dimensions"),
+    ((np.array([np.nan, 0.0]), 1.0, 5), "center", "NaN"),
+])
+def test_bad_sample_ball(args, argument, message):
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        sample_ball(*args)
+    assert info.value.argument == argument
+
+
+def test_domain_contains():
+    fit = lora_fnn(*_pair(), 2, input_radius=1.0, center=np.ones(4))
+    assert fit.domain.contains(np.ones(4)) and not fit.domain.contains(np.ones(4) * 3)
+    assert fit.domain.contains(sample_ball(np.ones(4), 1.0, 20, 0)).all()
