@@ -1,0 +1,956 @@
+"""The machinery shared by the command-line experiments: problems, runs, constructions, training, summaries.
+
+Protocol (THEORY.md §4, the authors' bugs fixed; every choice below is declared in the output):
+
+* Instances. For experiment seed ``s`` the target and the frozen model are drawn with the authors'
+  initialisation from ``SeedSequence([s, tag])`` (targets do not depend on the frozen depth). A
+  "pretrained" frozen model is the random one with all its weights and biases trained (Adam, lr 1e-3,
+  fresh batches of 256, float64 on the CPU) toward the target until the training loss is below a third of
+  the first one, at most 1000 steps.
+* Data. Fresh standard Gaussian training batches of 256 every step from a stream that depends on the
+  experiment seed only (shared by the grid points, ranks and frozen-model variants of that seed); a fixed
+  validation set of 256 inputs and a fixed test set of 5000 inputs drawn from two other seeds, the same for
+  every run; the shifted test set is the test set times 5.
+* Selection. Every run is evaluated at its final iterate (``--select best``: its best-validation iterate,
+  validated every ``--validate-every`` steps). Per (frozen model, setting, seed) the grid point with the
+  lowest validation loss is selected; its test MSE and shifted MSE are reported; rows give medians and
+  interquartile ranges over seeds. MSEs are per coordinate, evaluated in float64.
+* Construction. Built in float64 by :mod:`lora_theory` on a certified ball centred at 0 whose radius covers
+  the test inputs and the shifted ones (recorded as ``domain``), and, as the authors did, with biases
+  calibrated on 256 ``N(0, I)`` samples with a multiplicative margin 2 (``calibrated_*`` columns). Where
+  float64 cannot represent the construction honestly (a block of more than 4 layers, or an expected relative
+  rounding ``u·(κ + γ)`` above 1e-6) the MSE is ``null`` and ``κ`` is stored instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import lora_theory
+from lora_theory.errors import LoraTheoryError
+
+from .models import TorchFNN, TorchTFN
+from .trainer import FNNStack, TFNStack, BatchStream, gaussian_inputs, train_stack
+
+__all__ = ["Cell", "ExperimentSpec", "run_cli", "CLIError", "parse_ranks"]
+
+LR_GRID = (1e-2, 1e-3, 1e-4)
+WD_GRID = (0.0, 1e-4, 1e-3, 1e-2)
+VALIDATION_SEED = 1_000_003
+TEST_SEED = 2_000_003
+CALIBRATION_SEED = 3_000_017
+N_VALIDATION, N_TEST, N_CALIBRATION = 256, 5000, 256
+SHIFT = 5.0
+PRETRAIN_LR, PRETRAIN_MAX_STEPS, PRETRAIN_FACTOR = 1e-3, 1000, 1.0 / 3.0
+MAX_HONEST_BLOCK = 4
+MAX_HONEST_ROUNDING = 1e-6
+TAG_TARGET, TAG_FROZEN, TAG_PRETRAIN, TAG_DATA, TAG_INIT = 1, 2, 3, 4, 5
+
+
+class CLIError(Exception):
+    """Bad input: the CLI prints the one-line message and exits with status 2."""
+
+
+def _seed_int(*entropy) -> int:
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _rng(*entropy) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+@dataclass(frozen=True)
+class Cell:
+    """One row entry: a frozen-model kind, a structure and a method, trained for every seed and grid point.
+
+    ``structure``: ``("fnn", D, L, L̄, activation, final_relu)`` or ``("tfn", D, L, H, N)``.
+    ``method``: ``"lora"`` (``ranks`` per layer for an FNN, ``(R,)`` for a TFN) or ``"final_layers"``
+    (``layers`` trained fully). ``axis``: the row's coordinates, e.g. ``(("rank", 3),)``. ``label`` names the
+    curve (``"lora"``, ``"final_layers"``, ``"trained_biases"``...).
+    """
+
+    kind: str
+    structure: tuple
+    method: str
+    axis: tuple
+    label: str = "lora"
+    ranks: tuple | None = None
+    layers: int | None = None
+    tune_bias: bool = True
+
+    @property
+    def family(self) -> str:
+        return self.structure[0]
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "structure": list(self.structure), "method": self.method,
+                "axis": [list(a) for a in self.axis], "label": self.label,
+                "ranks": None if self.ranks is None else list(self.ranks), "layers": self.layers,
+                "tune_bias": self.tune_bias}
+
+    def params(self) -> int:
+        """Trained parameter count: LoRA ``Σ r (in + out)``; final layers ``l (D² + D)``."""
+        D = self.structure[1]
+        if self.method == "final_layers":
+            return self.layers * (D * D + D)
+        if self.family == "tfn":
+            L, H = self.structure[2], self.structure[3]
+            return self.ranks[0] * 2 * D * (4 * L * H + 2)
+        return sum(2 * r * D for r in self.ranks)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------- problems
+
+def _structure_target(structure):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        return ("fnn", D, Lbar, act, final_relu)
+    return structure
+
+
+def make_target(structure, seed):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        rng = _rng(seed, TAG_TARGET, Lbar)
+        if act == "linear":
+            return lora_theory.random_linear(D, Lbar, seed=rng)
+        return lora_theory.random_fnn(D, Lbar, seed=rng, final_relu=final_relu)
+    _, D, L, H, N = structure
+    return lora_theory.random_tfn(D, L, H, seed=_rng(seed, TAG_TARGET, L, H))
+
+
+def make_random_frozen(structure, seed):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        rng = _rng(seed, TAG_FROZEN, L)
+        if act == "linear":
+            return lora_theory.random_linear(D, L, seed=rng)
+        return lora_theory.random_fnn(D, L, seed=rng, final_relu=final_relu)
+    _, D, L, H, N = structure
+    return lora_theory.random_tfn(D, L, H, seed=_rng(seed, TAG_FROZEN, L, H))
+
+
+def pretrain(frozen, target, structure, seed) -> tuple:
+    """THEORY.md §4: every frozen weight and bias trained toward the target (Adam lr 1e-3, fresh 256-batches,
+    float64 on the CPU) until the loss is below a third of the first, at most 1000 steps.
+
+    Returns ``(model, info)`` with ``info = {"steps", "first_loss", "last_loss"}``.
+    """
+    torch_model = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(frozen)
+    torch_target = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(target)
+    params = []
+    for name, p in torch_model.named_parameters():
+        trainable = not (structure[0] == "fnn" and structure[4] == "linear" and name.endswith("bias"))
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    opt = torch.optim.Adam(params, lr=PRETRAIN_LR)
+    shape = (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+    stream = BatchStream(_seed_int(seed, TAG_PRETRAIN), 256, shape)
+    first = last = None
+    steps = 0
+    for steps in range(1, PRETRAIN_MAX_STEPS + 1):
+        x = stream.next()
+        with torch.no_grad():
+            y = torch_target(x)
+        loss = ((torch_model(x) - y) ** 2).mean()
+        last = float(loss.detach())
+        if first is None:
+            first = last
+        if last < PRETRAIN_FACTOR * first:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch_model.to_numpy(), {"steps": steps, "first_loss": first, "last_loss": last}
+
+
+class Problems:
+    """Targets and frozen models per (structure, kind, seed), built once."""
+
+    def __init__(self):
+        self._targets, self._frozen, self.pretrain_info = {}, {}, {}
+
+    def target(self, structure, seed):
+        key = (_structure_target(structure), seed)
+        if key not in self._targets:
+            self._targets[key] = make_target(structure, seed)
+        return self._targets[key]
+
+    def frozen(self, structure, kind, seed):
+        key = (tuple(structure), kind, seed)
+        if key not in self._frozen:
+            random = make_random_frozen(structure, seed)
+            if kind == "random":
+                self._frozen[key] = random
+            elif kind == "pretrained":
+                model, info = pretrain(random, self.target(structure, seed), structure, seed)
+                self._frozen[key] = model
+                self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+            else:
+                raise CLIError(f"unknown frozen-model kind {kind!r}")
+        return self._frozen[key]
+
+
+def _input_shape(structure):
+    return (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+
+
+def evaluation_sets(structure):
+    """Validation (256), test (5000) and shifted test (5 x test) inputs, float64 CPU, fixed seeds."""
+    shape = _input_shape(structure)
+    val = gaussian_inputs(VALIDATION_SEED, N_VALIDATION, shape)
+    test = gaussian_inputs(TEST_SEED, N_TEST, shape)
+    return {"val": val, "test": test, "shifted": test * SHIFT}
+
+
+def _model_outputs(model, X: np.ndarray) -> np.ndarray:
+    return np.asarray(model(X), dtype=np.float64)
+
+
+def _per_sample_errors(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    axes = tuple(range(1, pred.ndim))
+    return np.mean((pred - y) ** 2, axis=axes)
+
+
+# ------------------------------------------------------------------------------------------ constructions
+
+def build_construction(cell: Cell, frozen, target, sets) -> dict:
+    """The float64 construction for one cell and seed, evaluated on the test and shifted sets.
+
+    Returns a dict with ``test_mse``, ``shifted_mse``, ``calibrated_test_mse``, ``calibrated_shifted_mse``
+    (``None`` where not computable or not applicable), ``kappa``, ``gamma``, ``exact``, ``note``, the
+    domain, ``prediction`` (linear: the exact Gaussian MSE; FNN: Theorem 5 bound; TFN: none) and the
+    per-sample test errors (``_test_errors``) used to pair gradient runs with it.
+    """
+    out = {"test_mse": None, "shifted_mse": None, "calibrated_test_mse": None, "calibrated_shifted_mse": None,
+           "kappa": None, "gamma": None, "exact": None, "note": None, "prediction": None, "_test_errors": None}
+    if cell.method != "lora":
+        out["note"] = "no construction for this method"
+        return out
+    test = sets["test"].numpy()
+    shifted = sets["shifted"].numpy()
+    y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora_theory.IllConditionedWarning)
+        try:
+            if cell.family == "tfn":
+                from lora_theory.tfn import lora_tfn
+                fit = lora_tfn(frozen, target, cell.ranks[0])
+                out.update(kappa=fit.kappa, gamma=0.0, exact=bool(fit.exact))
+                honest = lora_theory.unit_roundoff() * fit.kappa <= MAX_HONEST_ROUNDING
+                models = {"": fit.model}
+            elif frozen.activation == "linear":
+                fit = lora_theory.lora_linear(frozen.weights, target.weights[0], list(cell.ranks)) \
+                    if target.depth == 1 else None
+                if fit is None:
+                    out["note"] = "linear construction needs a one-layer target"
+                    return out
+                out.update(kappa=fit.kappa, gamma=0.0, exact=bool(fit.exact), prediction=fit.gaussian_mse)
+                honest = (frozen.depth <= MAX_HONEST_BLOCK
+                          and lora_theory.unit_roundoff() * fit.kappa <= MAX_HONEST_ROUNDING)
+                models = {"": fit.model}
+            else:
+                from lora_theory.bounds import fnn_error_bound
+                from lora_theory.fnn import lora_fnn
+                radius = float(np.linalg.norm(shifted, axis=1).max()) * (1 + 1e-9)
+                fit = lora_fnn(frozen, target, list(cell.ranks), input_radius=radius)
+                calib = gaussian_inputs(CALIBRATION_SEED, N_CALIBRATION, (frozen.width,)).numpy()
+                cal_fit = lora_fnn(frozen, target, list(cell.ranks), inputs=calib, margin=2.0)
+                out.update(kappa=fit.kappa, gamma=fit.gamma, exact=bool(fit.exact),
+                           domain={"kind": "ball", "center": 0.0, "radius": radius,
+                                   "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0}})
+                try:
+                    out["prediction"] = fnn_error_bound(frozen, target, list(cell.ranks)).mse
+                except LoraTheoryError:
+                    pass
+                block = max(fit.partition)
+                honest = (block <= MAX_HONEST_BLOCK and
+                          lora_theory.unit_roundoff() * (fit.kappa + fit.gamma) <= MAX_HONEST_ROUNDING)
+                models = {"": fit.model, "calibrated_": cal_fit.model}
+        except LoraTheoryError as exc:
+            out["note"] = f"construction failed: {exc}"
+            return out
+    if not honest:
+        out["note"] = f"n/c (κ={out['kappa']:.2g})"
+        return out
+    for prefix, model in models.items():
+        e_test = _per_sample_errors(_model_outputs(model, test), y_test)
+        e_shift = _per_sample_errors(_model_outputs(model, shifted), y_shift)
+        out[f"{prefix}test_mse"] = float(e_test.mean())
+        out[f"{prefix}shifted_mse"] = float(e_shift.mean())
+        if prefix == "":
+            out["_test_errors"] = e_test
+    out["target_power"] = float(np.mean(y_test ** 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+@dataclass
+class ExperimentSpec:
+    """What a CLI module declares: its name, extra flags, cells, threshold and how rows are labelled."""
+
+    name: str
+    description: str
+    family: str                                     # "fnn" or "tfn"
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    cells: Callable[[argparse.Namespace], list]     # -> list of Cell (both kinds)
+    threshold: Callable[[argparse.Namespace], object]
+    axis_names: tuple = ("rank",)
+    quick: Callable[[argparse.Namespace], None] | None = None
+    validate: Callable[[argparse.Namespace], None] | None = None
+    extra_summary: Callable[[argparse.Namespace, list], dict] | None = None
+    default_depth: int | None = None
+
+
+def parse_ranks(text: str, width: int) -> list:
+    """``"1-16"``, ``"1,2,4"`` or ``"1-4,8"`` -> sorted distinct ints, each in ``1..width``."""
+    out = set()
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0],
+                                                                              part[1:].split("-", 1)[1])
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise CLIError(f"--ranks: cannot read {text!r} (use e.g. 1-16 or 1,2,4)") from None
+    bad = [r for r in out if r < 1 or r > width]
+    if bad or not out:
+        raise CLIError(f"--ranks: every rank must be in 1..{width} (the width), got {sorted(out)}")
+    return sorted(out)
+
+
+def _floats(text, name):
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{name}: cannot read {text!r} as comma-separated numbers") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise CLIError(f"{name}: need non-negative finite numbers, got {text!r}")
+    return vals
+
+
+def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m verification.{spec.name}", description=spec.description)
+    p.add_argument("--width", type=int, default=16, help="D (default 16)")
+    p.add_argument("--ranks", default=None, help="LoRA ranks, e.g. 1-16 (default) or 1,2,8")
+    p.add_argument("--seeds", type=int, default=5, help="how many seeds (0..N-1; default 5)")
+    p.add_argument("--iterations", type=int, default=5000, help="Adam steps per run (default 5000)")
+    p.add_argument("--lr", default=",".join(str(v) for v in LR_GRID), help="learning-rate grid")
+    p.add_argument("--weight-decay", default=",".join(str(v) for v in WD_GRID), help="weight-decay grid")
+    p.add_argument("--frozen", default="random,pretrained", help="frozen-model kinds: random,pretrained")
+    p.add_argument("--tune-bias", dest="tune_bias", action="store_true", default=True,
+                   help="train the biases with the adapters (default)")
+    p.add_argument("--fixed-bias", dest="tune_bias", action="store_false", help="keep the frozen biases")
+    p.add_argument("--select", choices=("final", "best"), default="final",
+                   help="final iterate (default) or best-validation iterate")
+    p.add_argument("--validate-every", type=int, default=100, help="with --select best (default 100)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
+    p.add_argument("--chunk", type=int, default=None, help="runs per stack (default: 64 on CPU, 4096 on CUDA)")
+    p.add_argument("--out", default=None, help="output folder (default results/<experiment>-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
+    p.add_argument("--quick", action="store_true", help="a small smoke run")
+    p.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    spec.add_arguments(p)
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return torch.device(name)
+    raise CLIError(f"--device: unknown device {name!r} (use auto, cpu or cuda)")
+
+
+def _check_common(args):
+    if args.width < 1:
+        raise CLIError(f"--width must be at least 1, got {args.width}")
+    if args.seeds < 1:
+        raise CLIError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.iterations < 1:
+        raise CLIError(f"--iterations must be at least 1, got {args.iterations}")
+    if args.validate_every < 1:
+        raise CLIError(f"--validate-every must be at least 1, got {args.validate_every}")
+    if args.chunk is not None and args.chunk < 1:
+        raise CLIError(f"--chunk must be at least 1, got {args.chunk}")
+    kinds = [k.strip() for k in args.frozen.split(",") if k.strip()]
+    if not kinds or any(k not in ("random", "pretrained") for k in kinds):
+        raise CLIError(f"--frozen: kinds are 'random' and 'pretrained', got {args.frozen!r}")
+    args.kinds = kinds
+    args.lr_grid = _floats(args.lr, "--lr")
+    if any(v <= 0 for v in args.lr_grid):
+        raise CLIError(f"--lr: learning rates must be positive, got {args.lr!r}")
+    args.wd_grid = _floats(args.weight_decay, "--weight-decay")
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "lora_theory": getattr(lora_theory, "__version__", "?")}
+
+
+def make_runs(spec, args, cells) -> list:
+    runs = []
+    for cell in cells:
+        for seed in range(args.seeds):
+            for lr in args.lr_grid:
+                for wd in args.wd_grid:
+                    config = {"experiment": spec.name, "cell": cell.as_dict(), "seed": seed, "lr": lr,
+                              "weight_decay": wd, "iterations": args.iterations, "batch_size": 256,
+                              "select": args.select, "validate_every": args.validate_every if args.select == "best" else None,
+                              "dtype": args.dtype}
+                    runs.append({"id": _hash(config), "config": config, "cell": cell, "seed": seed,
+                                 "lr": lr, "wd": wd})
+    return runs
+
+
+def _chunks(runs, size):
+    groups = {}
+    for r in runs:
+        c = r["cell"]
+        key = (c.structure, c.method)
+        groups.setdefault(key, []).append(r)
+    for key, group in groups.items():
+        group.sort(key=lambda r: (r["seed"], r["cell"].kind))
+        for i in range(0, len(group), size):
+            yield key, group[i:i + size]
+
+
+def _stack_for(chunk, problems, dtype, device):
+    cell0 = chunk[0]["cell"]
+    structure, method = cell0.structure, cell0.method
+    frozen = [problems.frozen(structure, r["cell"].kind, r["seed"]) for r in chunk]
+    init_seeds = [_seed_int(r["seed"], TAG_INIT, int(_hash(r["cell"].as_dict())[:12], 16)) for r in chunk]
+    tune = [r["cell"].tune_bias for r in chunk]
+    if structure[0] == "fnn":
+        W = np.stack([np.stack(f.weights) for f in frozen])
+        b = np.stack([np.stack(f.biases) for f in frozen])
+        kw = dict(activation=structure[4], final_relu=structure[5], dtype=dtype, device=device)
+        if method == "lora":
+            return FNNStack(W, b, method="lora", ranks=[list(r["cell"].ranks) for r in chunk],
+                            tune_bias=[t and structure[4] != "linear" for t in tune], init_seeds=init_seeds, **kw)
+        return FNNStack(W, b, method="final_layers", tuned_layers=[r["cell"].layers for r in chunk], **kw)
+    params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
+    return TFNStack(params, method="lora", ranks=[r["cell"].ranks[0] for r in chunk], tune_bias=tune,
+                    init_seeds=init_seeds, dtype=dtype, device=device)
+
+
+def _target_stack(structure, targets, dtype, device):
+    if structure[0] == "fnn":
+        W = np.stack([np.stack(t.weights) for t in targets])
+        b = np.stack([np.stack(t.biases) for t in targets])
+        return FNNStack(W, b, method="none", activation=structure[4], final_relu=structure[5], dtype=dtype,
+                        device=device)
+    params = {k: np.stack([t.parameters()[k] for t in targets]) for k in targets[0].parameters()}
+    return TFNStack(params, method="none", dtype=dtype, device=device)
+
+
+def _eval_chunk_size(structure, n):
+    per_run = n * int(np.prod(_input_shape(structure))) * (structure[2] + 2)
+    return max(1, int(2e7 // per_run))
+
+
+def _evaluate(stack, targets_out, target_index, X, device):
+    """Per-run per-sample float64 errors (R, n) of the trained stack on inputs X (n, ...)."""
+    structure_fnn = isinstance(stack, FNNStack)
+    n = X.shape[0]
+    R = stack.R
+    size = _eval_chunk_size(("fnn", stack.D, stack.L) if structure_fnn else ("tfn", stack.D, stack.L, 0, X.shape[-1]), n)
+    Xd = X.to(device=device, dtype=torch.float64).unsqueeze(0)
+    out = []
+    with torch.no_grad():
+        if structure_fnn:
+            W, b = stack.weights_and_biases(dtype=torch.float64)
+        else:
+            eff = stack.effective(dtype=torch.float64)
+        for i in range(0, R, size):
+            sl = slice(i, i + size)
+            if structure_fnn:
+                from .trainer import fnn_apply
+                pred = fnn_apply(W[sl], b[sl], Xd, stack.activation, stack.final_relu)
+            else:
+                from .trainer import tfn_apply
+                pred = tfn_apply({k: v[sl] for k, v in eff.items()}, Xd)
+            y = targets_out[target_index[sl]]
+            err = ((pred - y) ** 2).mean(dim=tuple(range(2, pred.dim())))
+            out.append(err.cpu().numpy())
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def _atomic_write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _median_iqr(values):
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return None, None, None
+    q25, med, q75 = np.percentile(v, [25, 50, 75])
+    return float(med), float(q25), float(q75)
+
+
+def _median(values):
+    return _median_iqr(values)[0]
+
+
+def summarize(spec, args, cells, runs, records, constructions, problems) -> dict:
+    by_id = {r["id"]: r for r in records}
+    rows = {k: [] for k in args.kinds}
+    for cell in cells:
+        per_seed = []
+        for seed in range(args.seeds):
+            cand = [by_id[r["id"]] for r in runs if r["cell"] == cell and r["seed"] == seed and r["id"] in by_id]
+            if not cand:
+                continue
+            vals = [c["losses"]["val"] if c["losses"]["val"] is not None and np.isfinite(c["losses"]["val"])
+                    else math.inf for c in cand]
+            best = cand[int(np.argmin(vals))]
+            per_seed.append((seed, best))
+        cons = [constructions.get((cell, s)) for s in range(args.seeds)]
+        cons = [c for c in cons if c is not None]
+        g_med, g25, g75 = _median_iqr([b["losses"]["test"] for _, b in per_seed])
+        row = {name: value for name, value in cell.axis}
+        row.update({
+            "label": cell.label, "method": cell.method, "params": cell.params(),
+            "prediction": _median([c["prediction"] for c in cons]),
+            "construction_test_mse": _median([c["test_mse"] for c in cons]),
+            "construction_shifted_mse": _median([c["shifted_mse"] for c in cons]),
+            "calibrated_test_mse": _median([c["calibrated_test_mse"] for c in cons]),
+            "calibrated_shifted_mse": _median([c["calibrated_shifted_mse"] for c in cons]),
+            "construction_kappa": _median([c["kappa"] for c in cons]),
+            "construction_note": next((c["note"] for c in cons if c["note"]), None),
+            "target_power": _median([c.get("target_power") for c in cons]),
+            "gradient_test_mse": g_med, "gradient_test_q25": g25, "gradient_test_q75": g75,
+            "gradient_shifted_mse": _median([b["losses"]["shifted"] for _, b in per_seed]),
+            "gradient_val_mse": _median([b["losses"]["val"] for _, b in per_seed]),
+            "seeds": [s for s, _ in per_seed],
+            "per_seed": [{"seed": s, "lr": b["config"]["lr"], "weight_decay": b["config"]["weight_decay"],
+                          "gradient_test_mse": b["losses"]["test"], "gradient_shifted_mse": b["losses"]["shifted"],
+                          "construction_test_mse": (constructions.get((cell, s)) or {}).get("test_mse"),
+                          "paired_diff_mean": b.get("paired", {}).get("diff_mean"),
+                          "paired_diff_se": b.get("paired", {}).get("diff_se")} for s, b in per_seed],
+        })
+        rows[cell.kind].append(row)
+    threshold = spec.threshold(args)
+    summary = {
+        "experiment": spec.name,
+        "threshold": threshold,
+        "domain": _domain_description(constructions),
+        "rows": rows.get("random", []),
+        "pretrained_rows": rows.get("pretrained", []),
+        "protocol": {
+            "width": args.width, "seeds": args.seeds, "iterations": args.iterations, "lr_grid": args.lr_grid,
+            "weight_decay_grid": args.wd_grid, "batch_size": 256, "select": args.select,
+            "validate_every": args.validate_every if args.select == "best" else None,
+            "training_dtype": args.dtype, "evaluation_dtype": "float64", "n_validation": N_VALIDATION,
+            "n_test": N_TEST, "shift": SHIFT, "tune_bias": args.tune_bias,
+            "data": "fresh N(0, I) batches per step from the experiment seed's stream, shared by the grid "
+                    "points, ranks and frozen-model kinds of that seed; fixed validation and test sets from "
+                    "their own seeds, shared by all runs",
+            "pretraining": "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)",
+        },
+        "pretraining": problems.pretrain_info,
+    }
+    if spec.extra_summary is not None:
+        summary.update(spec.extra_summary(args, rows.get("random", []) + rows.get("pretrained", [])))
+    return summary
+
+
+def _domain_description(constructions):
+    radii = [c["domain"]["radius"] for c in constructions.values() if c.get("domain")]
+    if not radii:
+        return None
+    return {"kind": "ball", "center": 0.0, "radius": max(radii),
+            "covers": "the test inputs and the shifted (x5) test inputs",
+            "calibrated_column": {"kind": "samples", "n": N_CALIBRATION, "distribution": "N(0, I)",
+                                  "margin": 2.0}}
+
+
+def _fmt(v, width=9):
+    if v is None:
+        return "—".rjust(width)
+    if isinstance(v, str):
+        return v.rjust(width)
+    return f"{v:.2e}".rjust(width)
+
+
+def format_table(spec, summary) -> str:
+    buf = io.StringIO()
+    thr = summary["threshold"]
+    for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
+        rows = summary[key]
+        if not rows:
+            continue
+        axes = [a for a in ("depth", "step", "layers", "rank") if a in rows[0]]
+        print(f"\n{spec.name}: {kind} frozen model (threshold {thr}; MSE per coordinate, medians over seeds)",
+              file=buf)
+        head = "".join(a.rjust(6) for a in axes) + "  label".ljust(16) + "params".rjust(7) + " thr" + \
+            "predicted".rjust(10) + "construct".rjust(10) + "calibrat.".rjust(10) + "gradient".rjust(10) + \
+            "   [q25, q75]".ljust(22) + "constr x5".rjust(10) + "calib x5".rjust(10) + "grad x5".rjust(10)
+        print(head, file=buf)
+        for r in rows:
+            mark = ""
+            if isinstance(thr, int) and "rank" in r:
+                mark = ">=" if r["rank"] >= thr else ""
+            cons = r["construction_test_mse"]
+            cons_s = _fmt(cons, 10) if cons is not None else (r["construction_note"] or "—")[:10].rjust(10)
+            iqr = f"[{_fmt(r['gradient_test_q25'], 8).strip()}, {_fmt(r['gradient_test_q75'], 8).strip()}]"
+            print("".join(str(r[a]).rjust(6) for a in axes) + "  " + str(r["label"]).ljust(14) +
+                  str(r["params"]).rjust(7) + mark.rjust(4) + _fmt(r["prediction"], 10) + cons_s +
+                  _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
+                  _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +
+                  _fmt(r["gradient_shifted_mse"], 10), file=buf)
+    return buf.getvalue()
+
+
+CSV_FIELDS = ["kind", "depth", "step", "layers", "rank", "label", "method", "params", "prediction",
+              "construction_test_mse", "construction_shifted_mse", "calibrated_test_mse", "calibrated_shifted_mse",
+              "construction_kappa", "construction_note", "gradient_test_mse", "gradient_test_q25",
+              "gradient_test_q75", "gradient_shifted_mse", "gradient_val_mse", "target_power"]
+
+
+def format_csv(summary) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
+        for r in summary[key]:
+            w.writerow({"kind": kind, **{k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS if k != "kind"}})
+    return buf.getvalue()
+
+
+def make_figure(spec, summary, path: Path):
+    """MSE against the experiment's axis, log scale: construction and gradient (IQR band), random and pretrained."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = {"random": "tab:blue", "pretrained": "tab:orange"}
+    styles = ["-", "--", ":", "-."]
+    floor = 1e-32
+    for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
+        rows = summary[key]
+        if not rows:
+            continue
+        x_axis = "params" if spec.name == "final_layers" else spec.axis_names[-1]
+        group_axes = [a for a in spec.axis_names[:-1]]
+        series = {}
+        for r in rows:
+            series.setdefault((r["label"],) + tuple(r[a] for a in group_axes), []).append(r)
+        for i, (skey, rs) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
+            rs = sorted(rs, key=lambda r: r[x_axis])
+            x = [r[x_axis] for r in rs]
+            name = f"{kind} " + " ".join(str(s) for s in skey)
+            ls = styles[i % len(styles)]
+            g = [r["gradient_test_mse"] for r in rs]
+            if any(v is not None for v in g):
+                xs = [xx for xx, v in zip(x, g) if v is not None]
+                ax.plot(xs, [max(v, floor) for v in g if v is not None], ls, marker="o", ms=3,
+                        color=colours[kind], label=f"{name}: gradient")
+                lo = [r["gradient_test_q25"] for r in rs if r["gradient_test_mse"] is not None]
+                hi = [r["gradient_test_q75"] for r in rs if r["gradient_test_mse"] is not None]
+                ax.fill_between(xs, [max(v, floor) for v in lo], [max(v, floor) for v in hi],
+                                color=colours[kind], alpha=0.15)
+            c = [r["construction_test_mse"] for r in rs]
+            if any(v is not None for v in c):
+                xs = [xx for xx, v in zip(x, c) if v is not None]
+                ax.plot(xs, [max(v, floor) for v in c if v is not None], ls, marker="s", ms=3,
+                        color=colours[kind], alpha=0.6, mfc="none", label=f"{name}: construction")
+    thr = summary["threshold"]
+    if isinstance(thr, int) and spec.axis_names[-1] == "rank" and spec.name != "final_layers":
+        ax.axvline(thr, color="grey", lw=0.8, ls=":", label=f"threshold {thr}")
+    ax.set_yscale("log")
+    ax.set_xlabel(x_axis if rows else spec.axis_names[-1])
+    ax.set_ylabel("test MSE per coordinate (median over seeds)")
+    ax.set_title(f"{spec.name}: construction vs gradient-trained (floor {floor:g} for exact zeros)")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+def _prepare_out(spec, args, argv):
+    if args.resume:
+        out = Path(args.resume)
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():
+            raise CLIError(f"--resume {out}: no config.json there (not an experiment folder)")
+        try:
+            saved = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--resume {out}: cannot read config.json ({exc})") from None
+        if saved.get("experiment") != spec.name:
+            raise CLIError(f"--resume {out}: that folder holds the experiment {saved.get('experiment')!r}, "
+                           f"not {spec.name!r}")
+        return out, saved["argv"]
+    out = Path(args.out) if args.out else Path("results") / f"{spec.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    if (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        if saved.get("experiment") != spec.name:
+            raise CLIError(f"--out {out}: already holds the experiment {saved.get('experiment')!r}")
+    return out, None
+
+
+def _load_records(path: Path) -> list:
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by an interruption: that run is simply run again
+    return records
+
+
+def estimate_rate(chunk, problems, dtype, device, structure, iterations) -> float:
+    """Run-steps per second of a stack like ``chunk`` on this device (a few timed steps)."""
+    stack = _stack_for(chunk, problems, dtype, device)
+    targets = [problems.target(structure, chunk[0]["seed"])]
+    tstack = _target_stack(structure, targets, dtype, device)
+    R = len(chunk)
+    kw = dict(data_index=[0] * R, target_index=[0] * R, target_data_index=[0], data_seeds=[0],
+              lr=np.full(R, 1e-3), weight_decay=np.full(R, 0.0), batch_size=256, input_shape=_input_shape(structure))
+    steps = 3 if structure[0] == "tfn" else 10
+    train_stack(stack, tstack, iterations=2, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    train_stack(stack, tstack, iterations=steps, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return R * steps / (time.perf_counter() - t)
+
+
+def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=sys.stderr) -> dict:
+    from tqdm import tqdm
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dtype = torch.float32 if args.dtype == "float32" else torch.float64
+    chunk_size = args.chunk or (4096 if device.type == "cuda" else 64)
+    cells = spec.cells(args)
+    runs = make_runs(spec, args, cells)
+    runs_path = out / "runs.jsonl"
+    records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
+    done = {r["id"] for r in records}
+    todo = [r for r in runs if r["id"] not in done]
+    problems = Problems()
+
+    print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
+          f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
+    if todo:
+        first_key, first_chunk = next(_chunks(todo, chunk_size))
+        rate = estimate_rate(first_chunk, problems, dtype, device, first_key[0], args.iterations)
+        total = len(todo) * args.iterations
+        eta = total / rate
+        msg = f"  about {rate:,.0f} run-steps/s here: {total:,} run-steps, estimated {_duration(eta)}"
+        if eta > 3600:
+            msg += " (hours of arithmetic on this device: consider --quick or --device cuda)"
+        print(msg, file=progress_file)
+
+    sets = evaluation_sets(cells[0].structure) if cells else None
+    constructions = {}
+    for cell in cells:
+        for seed in range(args.seeds):
+            frozen = problems.frozen(cell.structure, cell.kind, seed)
+            target = problems.target(cell.structure, seed)
+            constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
+
+    bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
+               file=progress_file, disable=not todo, mininterval=1.0)
+    vers = versions()
+    with open(runs_path, "a") as log:
+        for (structure, method), chunk in _chunks(todo, chunk_size):
+            t0 = time.perf_counter()
+            stack = _stack_for(chunk, problems, dtype, device)
+            seeds = sorted({r["seed"] for r in chunk})
+            data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
+            seed_pos = {s: i for i, s in enumerate(seeds)}
+            target_keys = sorted({r["seed"] for r in chunk})
+            targets = [problems.target(structure, s) for s in target_keys]
+            tstack = _target_stack(structure, targets, dtype, device)
+            target_pos = {s: i for i, s in enumerate(target_keys)}
+            tindex = np.array([target_pos[r["seed"]] for r in chunk])
+            eval_sets = {k: v for k, v in evaluation_sets(structure).items()}
+            t_out = {k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
+                     for k, v in eval_sets.items()}
+            result = train_stack(
+                stack, tstack, data_index=[seed_pos[r["seed"]] for r in chunk], target_index=tindex,
+                target_data_index=[seed_pos[s] for s in target_keys], data_seeds=data_seeds,
+                lr=np.array([r["lr"] for r in chunk]), weight_decay=np.array([r["wd"] for r in chunk]),
+                iterations=args.iterations, batch_size=256, input_shape=_input_shape(structure),
+                select=args.select, validate_every=args.validate_every, val_inputs=eval_sets["val"],
+                val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)))
+            ti = torch.as_tensor(tindex, device=device)
+            errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
+            wall = (time.perf_counter() - t0) / len(chunk)
+            for i, r in enumerate(chunk):
+                cons = constructions.get((r["cell"], r["seed"])) or {}
+                rec = {"id": r["id"], "experiment": spec.name, "config": r["config"], "config_hash": r["id"],
+                       "seed": r["seed"], "versions": vers, "device": str(device),
+                       "losses": {"train_final": _num(result.final_train_loss[i]),
+                                  "train_curve": {"steps": result.curve_steps,
+                                                  "loss": [_num(v) for v in result.curve[:, i]]},
+                                  "val": _num(errs["val"][i].mean()), "test": _num(errs["test"][i].mean()),
+                                  "shifted": _num(errs["shifted"][i].mean())},
+                       "wall_time_s": wall}
+                if result.best_step is not None:
+                    rec["best_step"] = int(result.best_step[i])
+                if cons.get("_test_errors") is not None:
+                    d = errs["test"][i] - cons["_test_errors"]
+                    rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+                log.write(json.dumps(rec) + "\n")
+                records.append(rec)
+            log.flush()
+    bar.close()
+    return summarize(spec, args, cells, runs, records, constructions, problems)
+
+
+def _num(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def run_cli(spec: ExperimentSpec, argv=None) -> int:
+    """Parse ``argv``, run the experiment, print the table and write the files. Returns the exit status."""
+    parser = base_parser(spec)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        out, saved_argv = _prepare_out(spec, args, argv)
+        if saved_argv is not None:
+            device = args.device
+            args = parser.parse_args(saved_argv)
+            args.resume, args.out = str(out), str(out)
+            if device != "auto":
+                args.device = device
+        args.ranks_list = None
+        _check_common(args)
+        if args.quick and spec.quick is not None:
+            spec.quick(args)
+        if spec.validate is not None:
+            spec.validate(args)
+        resolve_device(args.device)
+        if saved_argv is None:
+            _atomic_write(out / "config.json", json.dumps(
+                {"experiment": spec.name, "argv": list(argv if argv is not None else sys.argv[1:]),
+                 "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
+        for name in ("summary.json", "summary.csv", "figure.png"):
+            try:
+                (out / name).unlink()
+            except FileNotFoundError:
+                pass
+        summary = execute(spec, args, argv, out)
+    except (CLIError, LoraTheoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finish with --resume {out}", file=sys.stderr)
+        return 130
+    print(format_table(spec, summary))
+    _atomic_write(out / "summary.csv", format_csv(summary))
+    if not args.no_figure:
+        make_figure(spec, summary, out / "figure.png")
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=_json_default))
+    print(f"wrote {out}/summary.json, summary.csv{'' if args.no_figure else ', figure.png'}, runs.jsonl")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+# --------------------------------------------------------------------------------------- common settings
+
+def fnn_structure(args, depth, target_depth, activation="relu"):
+    return ("fnn", args.width, depth, target_depth, activation, True)
+
+
+def lora_cells(args, structure, ranks, *, label="lora", tune_bias=None, axis_extra=()):
+    L = structure[2]
+    tb = args.tune_bias if tune_bias is None else tune_bias
+    out = []
+    for kind in args.kinds:
+        for R in ranks:
+            per_layer = (R,) if structure[0] == "tfn" else (R,) * L
+            out.append(Cell(kind=kind, structure=structure, method="lora", axis=tuple(axis_extra) + (("rank", R),),
+                            label=label, ranks=per_layer, tune_bias=tb))
+    return out
+
+
+def apply_quick(args, ranks="1,4,8,16", seeds=2, iterations=100):
+    """``--quick``: a few ranks (unless ``--ranks`` is given), at most 2 seeds, a 2-point grid, at most 100 steps."""
+    args.quick_applied = True
+    if args.ranks is None:
+        D = args.width
+        args.ranks = ",".join(str(min(int(r), D)) for r in ranks.split(","))
+    args.seeds = min(args.seeds, seeds)
+    args.iterations = min(args.iterations, iterations)
+    args.lr_grid = args.lr_grid[:2]
+    args.wd_grid = args.wd_grid[:1]
