@@ -315,6 +315,7 @@ class HighPrecisionLinearFit:
 
     @property
     def kappa(self) -> float:
+        """Largest condition number the construction solved with (1 if none)."""
         return max(self.condition_numbers.values(), default=1.0)
 
     @property
@@ -511,6 +512,7 @@ class HighPrecisionFNNFit:
 
     @property
     def max_block_error(self):
+        """The largest of :attr:`block_errors` (mpf)."""
         return max(self.block_errors)
 
 

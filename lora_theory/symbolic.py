@@ -170,6 +170,7 @@ class Certificate:
 
     @property
     def failed_checks(self) -> tuple:
+        """The checks that do not hold (empty for an ``"exact"`` certificate)."""
         return tuple(c for c in self.checks if not c.passed)
 
     def __str__(self) -> str:
@@ -533,10 +534,12 @@ class RationalFNN:
 
     @property
     def width(self) -> int:
+        """``D``."""
         return int(self.weights[0].shape[0])
 
     @property
     def depth(self) -> int:
+        """``L`` (``L̄`` for a target)."""
         return len(self.weights)
 
     @classmethod
@@ -833,14 +836,17 @@ class RationalTFN:
 
     @property
     def depth(self) -> int:
+        """``L``, the number of blocks."""
         return len(self.wq)
 
     @property
     def heads(self) -> int:
+        """``H``."""
         return len(self.wq[0])
 
     @property
     def embed_dim(self) -> int:
+        """``D``."""
         return int(self.w_out.shape[0])
 
     width = embed_dim

@@ -332,3 +332,20 @@ def test_bad_arguments():
         certify_tfn(a, c, 1)
     with pytest.raises(InvalidArgumentError, match="rank: must be an integer"):
         certify_tfn(a, b, 1.0)
+
+
+def test_exact_linear_construction_equals_literal_transcription():
+    # the construction written out with sympy's rank decomposition and explicit inverses (slow, literal):
+    # E = C F, Δ_1 = W_2^{-1} C_1 F_1, Δ_2 = C_2 F_2 (W_1 + Δ_1)^{-1}
+    frozen, target = random_rational_linear(3, 2, seed=7)
+    cert = certify_linear(frozen, target, 2)
+    assert cert.outcome == EXACT
+    W1, W2 = (sympy.Matrix(W) for W in frozen)
+    E = sympy.Matrix(target) - W2 * W1
+    C, F = E.rank_decomposition()
+    delta1 = W2.inv() * C[:, :2] * F[:2, :]
+    delta2 = C[:, 2:] * F[2:, :] * (W1 + delta1).inv()
+    assert cert.adapted[0] == W1 + delta1
+    assert cert.adapted[1] == W2 + delta2
+    A, B = cert.adapters["W_1"]
+    assert B * A == delta1 and A.shape == (2, 3) and B.shape == (3, 2)
