@@ -349,3 +349,16 @@ def test_exact_linear_construction_equals_literal_transcription():
     assert cert.adapted[1] == W2 + delta2
     A, B = cert.adapters["W_1"]
     assert B * A == delta1 and A.shape == (2, 3) and B.shape == (3, 2)
+
+
+def test_fnn_with_linear_activation_needs_no_levels():
+    f, t = random_rational_fnn(3, 2, 1, seed=1)
+    frozen = RationalFNN(f.weights, f.biases, "linear")
+    target = RationalFNN(t.weights, t.biases, "linear")
+    cert = certify_fnn(frozen, target, 2, input_radius=1)
+    assert cert.outcome == EXACT and not any("ReLUs active" in c.name for c in cert.checks)
+    # affine maps equal exactly: the ball does not matter
+    x = np.random.default_rng(0).uniform(-100, 100, (5, 3))
+    want = target.to_float()(x)
+    _fnn_agrees_in_float(cert, frozen, target, [0, 0, 0], 100, seed=0)
+    assert np.allclose(cert.adapted.to_float()(x), want, rtol=0, atol=1e-9 * np.abs(want).max())
