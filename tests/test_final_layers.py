@@ -50,7 +50,7 @@ def test_witness_found_for_generic_affine_targets(D, L, seed):
     frozen = random_fnn(D, L, seed=rng)
     target = random_fnn(D, 1, seed=rng, final_relu=False)
     radius = 5.0
-    w = final_layers_witness(frozen, target, input_radius=radius, seed=seed, n_refine=5)
+    w = final_layers_witness(frozen, target, input_radius=radius, seed=seed, n_starts=16, n_refine=3)
     W1, b1 = frozen.weights[0], frozen.biases[0]
     lowest = b1 - radius * np.linalg.norm(W1, axis=1)                     # smallest value of each unit
     assert w.found == bool((lowest < 0).any())
@@ -64,7 +64,8 @@ def test_any_reported_witness_is_valid(D, Lbar, seed, radius):
     rng = np.random.default_rng(seed)
     frozen, target = random_fnn(D, 3, seed=rng), random_fnn(D, Lbar, seed=rng)
     center = rng.uniform(-0.5, 0.5, D)
-    w = final_layers_witness(frozen, target, input_radius=radius, center=center, seed=seed, n_refine=3)
+    w = final_layers_witness(frozen, target, input_radius=radius, center=center, seed=seed, n_starts=16,
+                             n_refine=3)
     assert np.array_equal(w.center, center) and w.radius == radius
     if w.found:
         _check_witness(w, frozen, target)
