@@ -147,6 +147,13 @@ def _eye(n):
     return _mp.eye(n)
 
 
+def _float_product(mats, n):
+    out = np.eye(n)
+    for M in mats:
+        out = M @ out
+    return out
+
+
 def _prod(mats, n):
     out = _eye(n)
     for M in mats:
@@ -444,7 +451,7 @@ class HighPrecisionFNNFit:
     digits_reason : str
     kappa, gamma : float
         Largest condition number inverted and the bias amplification ``γ``
-        (defined as in :class:`lora_theory.fnn.FNNFit`).
+        (defined as in :class:`lora_theory.fnn.FNNFit`, from float64 roundings of the adapted weights).
     exact : bool
         ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block.
     block_errors : tuple of mpmath.mpf
@@ -605,7 +612,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             exact = exact and sum(ranks[block.start:block.stop]) >= rank_E
             m = len(M)
             in_size = float(_mp.norm(u0)) + float(r)
-            s_prev, rounding = in_size, 0.0
+            s_prev, rounding = in_size, []                              # ||M_j|| s_{j-1} + ||b_j|| per layer
             beta_prev = _mp.mpf(0)
             P = _eye(n)
             levels, block_biases = [], []
@@ -622,7 +629,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
                 b = one * beta - M[j] * (one * beta_prev)               # (n, 1)
                 block_biases.append(b)
                 levels.append(beta)
-                rounding += float(np.linalg.norm(_np(M[j]), 2)) * s_prev + float(_mp.norm(b))
+                rounding.append(float(np.linalg.norm(_np(M[j]), 2)) * s_prev + float(_mp.norm(b)))
                 s_prev = float(_mp.norm(Pu0)) + float(r) * float(np.linalg.norm(_np(P), 2)) + float(beta) * math.sqrt(n)
                 beta_prev = beta
             b_last = c - M[-1] * (one * beta_prev)
@@ -638,8 +645,12 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             all_levels.append(tuple(levels))
             norm_Wt = float(np.linalg.norm(_np(W_tilde), 2)) * (1 + 1e-12)
             out_size = norm_Wt * float(r) + float(_mp.norm(W_tilde * u0 + c))
-            rounding += float(np.linalg.norm(_np(M[-1]), 2)) * s_prev + float(_mp.norm(b_last))
-            gamma += rounding / out_size if out_size > 0 else 0.0
+            rounding.append(float(np.linalg.norm(_np(M[-1]), 2)) * s_prev + float(_mp.norm(b_last)))
+            # each layer's rounding reaches the block output through the adapted layers after it
+            Mf = [_np(Mj) for Mj in M]
+            after = [float(np.linalg.norm(_float_product(Mf[j + 1:], n), 2)) for j in range(m - 1)] + [1.0]
+            amplified = sum(a * t for a, t in zip(after, rounding))
+            gamma += amplified / out_size if out_size > 0 else 0.0
             weights.extend(M)
             biases.extend(block_biases)
             u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)

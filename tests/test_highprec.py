@@ -138,6 +138,9 @@ def test_four_layer_relu_block_agrees_with_float64():
     fit = lora_fnn(frozen, target, 4, input_radius=2.0)
     hp = lora_fnn_mp(frozen, target, 4, input_radius=2.0, digits=40)
     assert hp.exact and hp.max_block_error <= 1e-25
+    # the same construction: κ and γ as the float64 fit reports them (up to its rounding)
+    assert hp.gamma == pytest.approx(fit.gamma, rel=tolerance(fit.kappa, fit.gamma))
+    assert hp.kappa == pytest.approx(fit.kappa, rel=tolerance(fit.kappa, fit.gamma))
     x = sample_ball(np.zeros(8), 2.0, 10, seed=4)
     want = target(x)
     assert np.linalg.norm(hp.predict(x) - want) <= tolerance() * np.linalg.norm(want)
