@@ -278,7 +278,7 @@ class Settings:
     depth: int = 4
     seeds: int = 3
     pretrain_steps: int = 300
-    steps: int = 300
+    steps: int = 200
     ranks: tuple = (0, 1, 2, 4, 8, 16)
     lrs: tuple = (3e-3, 1e-2, 3e-2)
     tolerance: float = 0.02       # findings 1: "within 2 points of accuracy / R² of the best"
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sweep (one seed, few steps): a smoke test")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps on task 2 (default 300)")
+    p.add_argument("--steps", type=int, default=None, help="Adam steps on task 2 (default 200)")
     p.add_argument("--depth", type=int, default=None, help="L, layers of the MLP (default 4)")
     p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")
