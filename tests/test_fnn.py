@@ -216,8 +216,8 @@ def test_best_partition_equals_brute_force_and_beats_uniform(depths, seed, D):
     rng = np.random.default_rng(seed)
     frozen = random_fnn(D, L, seed=rng)
     # targets close to some partition's products, so that partitions differ in their requirements
-    planted = tuple(int(v) for v in np.diff(np.sort(np.r_[0, rng.choice(np.arange(1, L), Lbar - 1, replace=False), L]))) \
-        if Lbar > 1 else (L,)
+    cuts = np.sort(rng.choice(np.arange(1, L), Lbar - 1, replace=False)) if Lbar > 1 else []
+    planted = tuple(int(v) for v in np.diff(np.r_[0, cuts, L]))
     target = make_target(frozen, planted, tuple(int(rng.integers(0, D + 1)) for _ in planted), seed + 7)
     best, R_best = fnn_best_partition(frozen, target)
     assert sum(best) == L and len(best) == Lbar and min(best) >= 1
