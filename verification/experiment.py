@@ -250,7 +250,6 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     out = {"test_mse": None, "shifted_mse": None, "calibrated_test_mse": None, "calibrated_shifted_mse": None,
            "kappa": None, "gamma": None, "exact": None, "note": None, "prediction": None, "_test_errors": None}
     if cell.method != "lora":
-        out["note"] = "no construction for this method"
         return out
     test = sets["test"].numpy()
     shifted = sets["shifted"].numpy()
@@ -296,7 +295,7 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
             out["note"] = f"construction failed: {exc}"
             return out
     if not honest:
-        out["note"] = f"n/c (κ={out['kappa']:.2g})"
+        out["note"] = f"n/c (κ={out['kappa']:.1e})"
         return out
     for prefix, model in models.items():
         e_test = _per_sample_errors(_model_outputs(model, test), y_test)
@@ -624,18 +623,18 @@ def format_table(spec, summary) -> str:
         axes = [a for a in ("depth", "step", "layers", "rank") if a in rows[0]]
         print(f"\n{spec.name}: {kind} frozen model (threshold {thr}; MSE per coordinate, medians over seeds)",
               file=buf)
-        head = "".join(a.rjust(6) for a in axes) + "  label".ljust(16) + "params".rjust(7) + " thr" + \
+        head = "".join(a.rjust(6) for a in axes) + "  label".ljust(22) + "params".rjust(7) + " thr" + \
             "predicted".rjust(10) + "construct".rjust(10) + "calibrat.".rjust(10) + "gradient".rjust(10) + \
             "   [q25, q75]".ljust(22) + "constr x5".rjust(10) + "calib x5".rjust(10) + "grad x5".rjust(10)
         print(head, file=buf)
         for r in rows:
-            mark = ""
-            if isinstance(thr, int) and "rank" in r:
-                mark = ">=" if r["rank"] >= thr else ""
+            t = thr.get(str(r.get("depth"))) if isinstance(thr, dict) else thr
+            mark = ">=" if isinstance(t, int) and r.get("rank") is not None and r["rank"] >= t else ""
             cons = r["construction_test_mse"]
-            cons_s = _fmt(cons, 10) if cons is not None else (r["construction_note"] or "—")[:10].rjust(10)
+            note = r["construction_note"] or "—"
+            cons_s = _fmt(cons, 10) if cons is not None else " " + (note if note.startswith("n/c") else "—")[:15].rjust(15)
             iqr = f"[{_fmt(r['gradient_test_q25'], 8).strip()}, {_fmt(r['gradient_test_q75'], 8).strip()}]"
-            print("".join(str(r[a]).rjust(6) for a in axes) + "  " + str(r["label"]).ljust(14) +
+            print("".join(("—" if r[a] is None else str(r[a])).rjust(6) for a in axes) + "  " + str(r["label"]).ljust(20) +
                   str(r["params"]).rjust(7) + mark.rjust(4) + _fmt(r["prediction"], 10) + cons_s +
                   _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
                   _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +

@@ -277,6 +277,8 @@ def export_loralib_state_dict(fit_or_adapters, path=None, *, names=None, biases=
 
     loralib has no bias on its adapters; it trains the layer's own bias (``mark_only_lora_as_trainable(model,
     bias="lora_only")``), so a changed bias is written as ``<module>.bias`` holding the *adapted* bias.
+    loralib scales the update by ``lora_alpha / r`` (its default ``lora_alpha`` is 1): build its layers with
+    ``lora_alpha = r`` so that ``ΔW = B A`` as exported; load with ``model.load_state_dict(sd, strict=False)``.
 
     Parameters
     ----------

@@ -211,7 +211,7 @@ def _init_generator(seed: int, config: "Config") -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha1(tag).digest()[:6], "little"))
 
 
-def adapt(frozen: dict, task: Task, configs, steps: int, seed: int) -> dict:
+def adapt(frozen: dict, task: Task, configs, steps: int, seed: int, return_weights: bool = False) -> dict:
     """Train every configuration on ``task`` from the frozen model, stacked; per-run final metrics.
 
     Run ``i`` draws its ``A`` from its own generator (:func:`_init_generator`), so its result does not depend
@@ -266,6 +266,8 @@ def adapt(frozen: dict, task: Task, configs, steps: int, seed: int) -> dict:
             res[f"{split}_loss"] = _losses(out, task, split).tolist()
             res[f"{split}_metric"] = _metric(out, task, split).tolist()
         res["train_loss"] = _losses(_forward(W, b, task.x["train"]), task, "train").tolist()
+        if return_weights:
+            res["weights"], res["biases"] = W.clone(), b.clone()                   # (R, L, D, D), (R, L, D)
     res["wall_s"] = time.perf_counter() - start
     return res
 
@@ -285,6 +287,34 @@ class Settings:
 
 
 QUICK = Settings(depth=3, seeds=1, pretrain_steps=60, steps=40, ranks=(0, 1, 4), lrs=(1e-2,))
+
+
+def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings(), rank: int = 4) -> list[str]:
+    """Seed 0 of each data set as safetensors checkpoints (``layers.{l}.weight`` / ``.bias``, float32) for the
+    rank advisor: ``<dataset>_frozen``, ``<dataset>_final_layers`` (all ``L`` layers tuned, lr 1e-2) and
+    ``<dataset>_lora_r<rank>`` (LoRA on all layers with biases, lr 1e-2)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in datasets:
+        task1, task2, D = load_tasks(dataset)
+        L = settings.depth
+        frozen = pretrain(task1, D, L, 0, settings.pretrain_steps)
+        configs = [Config("final", L, 0, True, 1e-2), Config("lora", L, rank, True, 1e-2)]
+        res = adapt(frozen, task2, configs, settings.steps, seed=1000, return_weights=True)
+        models = {"frozen": (frozen["W"], frozen["b"]), "final_layers": (res["weights"][0], res["biases"][0]),
+                  f"lora_r{rank}": (res["weights"][1], res["biases"][1])}
+        for tag, (W, b) in models.items():
+            state = {}
+            for l in range(L):
+                state[f"layers.{l}.weight"] = W[l].contiguous().float()
+                state[f"layers.{l}.bias"] = b[l].contiguous().float()
+            path = directory / f"{dataset}_{tag}.safetensors"
+            save_file(state, str(path), metadata={"format": "pt"})
+            written.append(str(path))
+    return written
 
 
 def configurations(settings: Settings, width: int) -> list[Config]:
@@ -496,6 +526,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--checkpoints", help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
+                                         "(safetensors) for python -m verification.advise")
     args = p.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     changes = {}
@@ -539,6 +571,9 @@ def main(argv=None) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "table.txt").write_text(table)
         plot(rows, out / "figure.png")
+    if args.checkpoints:
+        for path in save_checkpoints(args.checkpoints, datasets, settings):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

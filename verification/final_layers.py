@@ -1,0 +1,61 @@
+"""LoRA vs final-layers tuning at equal parameter counts (Zeng & Lee 2024, Lemma 4): ``L̄ = 1``, ``L = 8``.
+
+``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` parameters;
+tuning the last ``l`` layers trains ``l(D² + D)``. Gradient training only: the float64 construction of an
+8-layer block is not computable honestly (shown as ``n/c`` with its ``κ``).
+"""
+
+from __future__ import annotations
+
+import lora_theory
+
+from .experiment import Cell, CLIError, ExperimentSpec, apply_quick, fnn_structure, parse_ranks, run_cli
+
+
+def _add(p):
+    p.add_argument("--depth", type=int, default=8, help="L, the frozen depth (default 8)")
+    p.add_argument("--layers", default=None, help="how many final layers to tune, e.g. 1-7 (default 1..L-1)")
+
+
+def _validate(args):
+    if args.depth < 2:
+        raise CLIError(f"--depth must be at least 2 (one frozen layer and one tuned), got {args.depth}")
+
+
+def _cells(args):
+    structure = fnn_structure(args, args.depth, 1)
+    D, L = args.width, args.depth
+    ranks = parse_ranks(args.ranks or f"1-{min(D, L)}", D)   # 2RDL = R·(2DL): rank R ~ R layers of D² + D
+    try:
+        layers = parse_ranks(args.layers or f"1-{L - 1}", L - 1)
+    except CLIError as exc:
+        raise CLIError(str(exc).replace("--ranks", "--layers").replace("(the width)", "(depth - 1)")) from None
+    out = []
+    for kind in args.kinds:
+        for R in ranks:
+            out.append(Cell(kind=kind, structure=structure, method="lora", axis=(("layers", None), ("rank", R)),
+                            label="lora", ranks=(R,) * L, tune_bias=args.tune_bias))
+        for l in layers:
+            out.append(Cell(kind=kind, structure=structure, method="final_layers",
+                            axis=(("layers", l), ("rank", None)), label="final_layers", layers=l, tune_bias=True))
+    return out
+
+
+def _quick(args):
+    apply_quick(args, ranks="1,2")
+    if args.layers is None:
+        args.layers = "1,2"
+
+
+SPEC = ExperimentSpec(
+    name="final_layers", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
+    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1), axis_names=("params",),
+    quick=_quick, validate=_validate)
+
+
+def main(argv=None) -> int:
+    return run_cli(SPEC, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
