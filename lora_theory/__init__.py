@@ -1,11 +1,53 @@
 """lora-theory: the constructive proofs of Zeng & Lee, *The Expressive Power of Low-Rank Adaptation* (ICLR 2024).
 
-Every theorem of the paper as a function that builds its object (LoRA adapters, biases, witnesses) and
-reports what the theorem predicts about it. numpy, scipy and sympy only; float64 throughout.
+Every result of the paper as a function that builds its object (LoRA adapters, biases, witnesses,
+certificates) and reports what the result predicts about it. numpy, scipy, sympy and mpmath only;
+constructions in float64, exact rationals or raised precision.
+
+=====================================  ==========================================================
+Result (Zeng & Lee 2024)               Functions
+=====================================  ==========================================================
+Lemma 1 (linear models)                :func:`lora_linear`, :func:`linear_optimal_error`,
+                                       :func:`linear_gaussian_mse`, :func:`linear_rank_requirement`,
+                                       :func:`optimality_gap`
+Theorem 3 / 6 (ReLU FNN, partitions)   :func:`lora_fnn`, :func:`fnn_rank_requirement`,
+                                       :func:`fnn_best_partition`, :func:`fnn_rank_threshold`
+Theorem 5 (error below threshold)      :func:`fnn_error_bound`, :func:`fnn_error_bound_at`
+Lemma 4 (final-layers tuning)          :func:`final_layers_witness`, :func:`lora_parameter_count`,
+                                       :func:`final_layers_parameter_count`
+Theorem 7 (transformers)               :func:`lora_tfn`, :func:`tfn_rank_requirement`,
+                                       :func:`tfn_rank_threshold`
+Exact / high-precision checks          :func:`certify_linear`, :func:`certify_fnn`, :func:`certify_tfn`,
+                                       :func:`lora_linear_mp`, :func:`lora_fnn_mp`
+Rank advice for real checkpoints       :func:`advise_layers`, :func:`advise_fnn`
+=====================================  ==========================================================
 """
 
+from . import symbolic
 from .adapter import Adapter
+from .advisor import FNNAdvice, LayerAdvice, RankReport, advise_fnn, advise_layers, energy_rank, tail_curves
+from .bounds import ErrorBound, fnn_error_bound, fnn_error_bound_at
 from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, SingularMatrixError
+from .final_layers import Witness, final_layers_parameter_count, final_layers_witness, lora_parameter_count
+from .fnn import (
+    BlockFit,
+    Domain,
+    FNNFit,
+    block_discrepancies,
+    fnn_best_partition,
+    fnn_rank_requirement,
+    lora_fnn,
+    sample_ball,
+)
+from .highprec import (
+    HighPrecisionFNNFit,
+    HighPrecisionLinearFit,
+    PrecisionAdvice,
+    choose_digits,
+    lora_fnn_mp,
+    lora_linear_mp,
+    suggest_precision,
+)
 from .linear import (
     LinearFit,
     OptimalityGap,
@@ -21,8 +63,27 @@ from .linear import (
 from .models import FNN, TFN, random_fnn, random_linear, random_tfn
 from .numerics import condition_number, numeric_rank, relative_error, tolerance, unit_roundoff
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
+from .symbolic import (
+    Certificate,
+    Check,
+    certify_fnn,
+    certify_linear,
+    certify_tfn,
+    fnn_rank_threshold_expr,
+    linear_rank_threshold_expr,
+    random_rational_fnn,
+    random_rational_linear,
+    random_rational_tfn,
+    tfn_rank_threshold_expr,
+)
+from .tfn import TFNFit, lora_tfn, tfn_matched_discrepancy_ranks, tfn_rank_requirement
 from .thresholds import fnn_rank_threshold, linear_rank_threshold, tfn_rank_threshold
 
 __version__ = "0.1.0"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+import types as _types
+
+#: Public names: every function, class and constant above (submodules such as ``symbolic`` stay reachable
+#: as attributes but are not star-exported).
+__all__ = sorted(name for name, value in list(globals().items())
+                 if not name.startswith("_") and not isinstance(value, _types.ModuleType))
