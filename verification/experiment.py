@@ -357,8 +357,15 @@ def _floats(text, name):
     return vals
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (the usage stays available with --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m verification.{spec.name}", description=spec.description)
+    p = _Parser(prog=f"python -m verification.{spec.name}", description=spec.description)
     p.add_argument("--width", type=int, default=16, help="D (default 16)")
     p.add_argument("--ranks", default=None, help="LoRA ranks, e.g. 1-16 (default) or 1,2,8")
     p.add_argument("--seeds", type=int, default=5, help="how many seeds (0..N-1; default 5)")
@@ -776,9 +783,10 @@ def _duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
-def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=sys.stderr) -> dict:
+def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> dict:
     from tqdm import tqdm
 
+    progress_file = sys.stderr if progress_file is None else progress_file
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -816,6 +824,13 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=sys.stder
     bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
                file=progress_file, disable=not todo, mininterval=1.0)
     vers = versions()
+    if runs_path.exists() and runs_path.stat().st_size:
+        with open(runs_path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:  # a line cut by an interruption: end it, so that the next record starts on its own line
+            with open(runs_path, "a") as log:
+                log.write("\n")
     with open(runs_path, "a") as log:
         for (structure, method), chunk in _chunks(todo, chunk_size):
             t0 = time.perf_counter()

@@ -1,0 +1,146 @@
+"""Every experiment CLI runs with --quick through main(argv), writes valid files, resumes without repeats
+and refuses bad input with a one-line message and no summary."""
+
+import csv
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import verification
+from verification.__main__ import main as list_main
+
+SMALL = ["--quick", "--width", "4", "--seeds", "1", "--iterations", "20", "--no-figure"]
+
+CASES = {
+    "linear": ["--ranks", "1,2"],
+    "fnn": ["--ranks", "1,2"],
+    "tfn": ["--ranks", "1,2", "--seq-len", "3", "--frozen", "random"],
+    "final_layers": ["--depth", "3", "--ranks", "1", "--layers", "1,2"],
+    "biases": ["--ranks", "2"],
+    "rank_schedule": ["--steps=-1,1"],
+    "depth_sweep": ["--depths", "2,4", "--ranks", "1,2"],
+}
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cli_quick_writes_valid_files(name, tmp_path, capsys):
+    module = importlib.import_module(f"verification.{name}")
+    out = tmp_path / name
+    assert module.main(SMALL + CASES[name] + ["--out", str(out)]) == 0
+    summary = _summary(out)
+    assert set(summary) >= {"experiment", "threshold", "domain", "rows", "pretrained_rows"}
+    assert summary["experiment"] == name
+    assert summary["rows"], "no rows"
+    for row in summary["rows"] + summary["pretrained_rows"]:
+        assert {"params", "construction_test_mse", "gradient_test_mse", "gradient_test_q25", "gradient_test_q75",
+                "gradient_shifted_mse"} <= set(row)
+        assert row["gradient_test_mse"] is None or row["gradient_test_mse"] >= 0
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(summary["rows"]) + len(summary["pretrained_rows"])
+    records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in records}) == len(records) > 0
+    for r in records:
+        assert {"config", "config_hash", "seed", "versions", "device", "losses", "wall_time_s"} <= set(r)
+    printed = capsys.readouterr().out
+    assert name in printed and "gradient" in printed
+
+
+def test_fnn_figure_and_construction_domain(tmp_path):
+    from verification import fnn
+    out = tmp_path / "f"
+    assert fnn.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "10", "--ranks", "1,4",
+                     "--frozen", "random", "--out", str(out)]) == 0
+    assert (out / "figure.png").stat().st_size > 1000
+    s = _summary(out)
+    assert s["domain"]["kind"] == "ball" and s["domain"]["radius"] > 0
+    exact = [r for r in s["rows"] if r["rank"] >= s["threshold"]]
+    for r in exact:  # at and above the threshold the float64 construction is exact (relative 1e-20 in MSE)
+        assert r["construction_test_mse"] <= 1e-20 * r["target_power"]
+        assert r["construction_shifted_mse"] <= 1e-20 * 25 * r["target_power"]
+
+
+def test_resume_finishes_without_repeating(tmp_path):
+    from verification import linear
+    out = tmp_path / "lin"
+    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "10", "--ranks", "1,2", "--frozen", "random",
+            "--no-figure", "--out", str(out), "--chunk", "3"]
+    assert linear.main(argv) == 0
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    full = {json.loads(l)["id"]: json.loads(l)["losses"]["test"] for l in lines}
+    # an interruption: the log holds the first runs and a half-written line, and no summary
+    (out / "runs.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    (out / "summary.json").unlink()
+    assert linear.main(["--resume", str(out)]) == 0
+    records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines() if l.endswith("}")]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == len(full)
+    for r in records:  # the rerun runs reproduce the first ones: data and init depend on the run alone
+        assert r["losses"]["test"] == pytest.approx(full[r["id"]], rel=1e-5)
+    assert _summary(out)["experiment"] == "linear"
+    # resuming a finished sweep repeats nothing
+    assert linear.main(["--resume", str(out)]) == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines[:3]) + 1 + (len(full) - 3)
+
+
+def test_resume_refuses_another_experiment(tmp_path, capsys):
+    from verification import fnn, linear
+    out = tmp_path / "lin"
+    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
+                        "--frozen", "random", "--no-figure", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert fnn.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "linear" in err[0]
+
+
+def _bad(module, argv, capsys, match, tmp_path):
+    out = tmp_path / "bad"
+    code = module.main(argv + ["--out", str(out)]) if "--out" not in argv else module.main(argv)
+    assert code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "tpu"], "--device"),
+    (["--ranks", "0,1"], "--ranks"),
+    (["--ranks", "17"], "--ranks"),
+    (["--ranks", "a-b"], "--ranks"),
+    (["--depth", "2", "--target-depth", "3"], "--target-depth"),
+    (["--seeds", "0"], "--seeds"),
+    (["--lr=-1"], "--lr"),
+    (["--iterations", "ten"], "--iterations"),
+])
+def test_bad_input_exits_with_one_line(argv, match, capsys, tmp_path):
+    from verification import fnn
+    _bad(fnn, ["--quick"] + argv, capsys, match, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(capsys, tmp_path):
+    from verification import linear
+    _bad(linear, ["--quick", "--device", "cuda"], capsys, "CUDA", tmp_path)
+
+
+def test_unwritable_out(capsys, tmp_path):
+    from verification import linear
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _bad(linear, ["--quick", "--out", str(blocker / "sub")], capsys, "--out", tmp_path)
+
+
+def test_listing(capsys):
+    assert list_main() == 0
+    printed = capsys.readouterr().out
+    for name in verification.EXPERIMENTS:
+        assert name in printed
+    assert "unavailable" not in printed
