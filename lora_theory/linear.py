@@ -46,9 +46,11 @@ __all__ = [
 
 
 def product(matrices) -> np.ndarray:
-    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; empty -> ``I``)."""
+    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix)."""
     matrices = list(matrices)
-    out = np.eye(matrices[0].shape[0]) if matrices else None
+    if not matrices:
+        raise InvalidArgumentError("matrices", "the product of no matrices needs a width; pass at least one")
+    out = np.eye(matrices[0].shape[0])
     for M in matrices:
         out = M @ out
     return out
@@ -331,6 +333,11 @@ class OptimalityGap:
     @property
     def frobenius_ratio(self) -> float:
         return _ratio(self.achieved_frobenius, self.optimal_frobenius)
+
+    @property
+    def spectral_excess(self) -> float:
+        """``achieved - optimal`` in the 2-norm: meaningful where the ratio is not (an optimum of 0)."""
+        return self.achieved_spectral - self.optimal_spectral
 
 
 def _ratio(a, b):
