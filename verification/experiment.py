@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -382,6 +383,8 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
     p.add_argument("--chunk", type=int, default=None, help="runs per stack (default: 64 on CPU, 4096 on CUDA)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stacks trained at once on a CPU, one torch thread each (default: the CPU count)")
     p.add_argument("--out", default=None, help="output folder (default results/<experiment>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -411,6 +414,8 @@ def _check_common(args):
         raise CLIError(f"--iterations must be at least 1, got {args.iterations}")
     if args.validate_every < 1:
         raise CLIError(f"--validate-every must be at least 1, got {args.validate_every}")
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be at least 1, got {args.workers}")
     if args.chunk is not None and args.chunk < 1:
         raise CLIError(f"--chunk must be at least 1, got {args.chunk}")
     kinds = [k.strip() for k in args.frozen.split(",") if k.strip()]
@@ -445,16 +450,18 @@ def make_runs(spec, args, cells) -> list:
     return runs
 
 
-def _chunks(runs, size):
+def _chunks(runs, size, split_seeds=True):
+    """Stacks of at most ``size`` runs of one structure and method; on a CPU also of one seed (then the
+    batch and the target are broadcast, not gathered)."""
     groups = {}
     for r in runs:
         c = r["cell"]
-        key = (c.structure, c.method)
+        key = (c.structure, c.method) + ((r["seed"],) if split_seeds else ())
         groups.setdefault(key, []).append(r)
     for key, group in groups.items():
         group.sort(key=lambda r: (r["seed"], r["cell"].kind))
         for i in range(0, len(group), size):
-            yield key, group[i:i + size]
+            yield key[:2], group[i:i + size]
 
 
 def _stack_for(chunk, problems, dtype, device):
@@ -793,6 +800,9 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
         torch.backends.cudnn.allow_tf32 = False
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
     chunk_size = args.chunk or (4096 if device.type == "cuda" else 64)
+    workers = args.workers if args.workers else (1 if device.type == "cuda" else (os.cpu_count() or 1))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     cells = spec.cells(args)
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
@@ -804,11 +814,13 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
     print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
           f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
     if todo:
-        first_key, first_chunk = next(_chunks(todo, chunk_size))
+        first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
         rate = estimate_rate(first_chunk, problems, dtype, device, first_key[0], args.iterations)
         total = len(todo) * args.iterations
-        eta = total / rate
-        msg = f"  about {rate:,.0f} run-steps/s here: {total:,} run-steps, estimated {_duration(eta)}"
+        parallel = max(1, min(workers, len(list(_chunks(todo, chunk_size, device.type == "cpu")))))
+        eta = total / (rate * parallel)
+        msg = (f"  about {rate:,.0f} run-steps/s per stack here ({parallel} at once): {total:,} run-steps, "
+               f"estimated {_duration(eta)}")
         if eta > 3600:
             msg += " (hours of arithmetic on this device: consider --quick or --device cuda)"
         print(msg, file=progress_file)
@@ -831,49 +843,74 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
         if cut:  # a line cut by an interruption: end it, so that the next record starts on its own line
             with open(runs_path, "a") as log:
                 log.write("\n")
+    eval_cache = {}
+
+    def train_chunk(structure, chunk):
+        t0 = time.perf_counter()
+        stack = _stack_for(chunk, problems, dtype, device)
+        seeds = sorted({r["seed"] for r in chunk})
+        data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
+        seed_pos = {s: i for i, s in enumerate(seeds)}
+        targets = [problems.target(structure, s) for s in seeds]   # one target per seed and structure
+        tstack = _target_stack(structure, targets, dtype, device)
+        tindex = np.array([seed_pos[r["seed"]] for r in chunk])
+        if structure not in eval_cache:
+            eval_cache[structure] = evaluation_sets(structure)
+        eval_sets = eval_cache[structure]
+        t_out = {k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
+                 for k, v in eval_sets.items()}
+        result = train_stack(
+            stack, tstack, data_index=tindex, target_index=tindex, target_data_index=list(range(len(seeds))),
+            data_seeds=data_seeds, lr=np.array([r["lr"] for r in chunk]),
+            weight_decay=np.array([r["wd"] for r in chunk]), iterations=args.iterations, batch_size=256,
+            input_shape=_input_shape(structure), select=args.select, validate_every=args.validate_every,
+            val_inputs=eval_sets["val"], val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)))
+        ti = torch.as_tensor(tindex, device=device)
+        errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
+        wall = (time.perf_counter() - t0) / len(chunk)
+        out = []
+        for i, r in enumerate(chunk):
+            cons = constructions.get((r["cell"], r["seed"])) or {}
+            rec = {"id": r["id"], "experiment": spec.name, "config": r["config"], "config_hash": r["id"],
+                   "seed": r["seed"], "versions": vers, "device": str(device),
+                   "losses": {"train_final": _num(result.final_train_loss[i]),
+                              "train_curve": {"steps": result.curve_steps,
+                                              "loss": [_num(v) for v in result.curve[:, i]]},
+                              "val": _num(errs["val"][i].mean()), "test": _num(errs["test"][i].mean()),
+                              "shifted": _num(errs["shifted"][i].mean())},
+                   "wall_time_s": wall}
+            if result.best_step is not None:
+                rec["best_step"] = int(result.best_step[i])
+            if cons.get("_test_errors") is not None:
+                d = errs["test"][i] - cons["_test_errors"]
+                rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+            out.append(rec)
+        return out
+
+    chunks = list(_chunks(todo, chunk_size, device.type == "cpu"))
+    for structure, _ in {(k[0], None) for k, _ in chunks}:
+        eval_cache[structure] = evaluation_sets(structure)
     with open(runs_path, "a") as log:
-        for (structure, method), chunk in _chunks(todo, chunk_size):
-            t0 = time.perf_counter()
-            stack = _stack_for(chunk, problems, dtype, device)
-            seeds = sorted({r["seed"] for r in chunk})
-            data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
-            seed_pos = {s: i for i, s in enumerate(seeds)}
-            target_keys = sorted({r["seed"] for r in chunk})
-            targets = [problems.target(structure, s) for s in target_keys]
-            tstack = _target_stack(structure, targets, dtype, device)
-            target_pos = {s: i for i, s in enumerate(target_keys)}
-            tindex = np.array([target_pos[r["seed"]] for r in chunk])
-            eval_sets = {k: v for k, v in evaluation_sets(structure).items()}
-            t_out = {k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
-                     for k, v in eval_sets.items()}
-            result = train_stack(
-                stack, tstack, data_index=[seed_pos[r["seed"]] for r in chunk], target_index=tindex,
-                target_data_index=[seed_pos[s] for s in target_keys], data_seeds=data_seeds,
-                lr=np.array([r["lr"] for r in chunk]), weight_decay=np.array([r["wd"] for r in chunk]),
-                iterations=args.iterations, batch_size=256, input_shape=_input_shape(structure),
-                select=args.select, validate_every=args.validate_every, val_inputs=eval_sets["val"],
-                val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)))
-            ti = torch.as_tensor(tindex, device=device)
-            errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
-            wall = (time.perf_counter() - t0) / len(chunk)
-            for i, r in enumerate(chunk):
-                cons = constructions.get((r["cell"], r["seed"])) or {}
-                rec = {"id": r["id"], "experiment": spec.name, "config": r["config"], "config_hash": r["id"],
-                       "seed": r["seed"], "versions": vers, "device": str(device),
-                       "losses": {"train_final": _num(result.final_train_loss[i]),
-                                  "train_curve": {"steps": result.curve_steps,
-                                                  "loss": [_num(v) for v in result.curve[:, i]]},
-                                  "val": _num(errs["val"][i].mean()), "test": _num(errs["test"][i].mean()),
-                                  "shifted": _num(errs["shifted"][i].mean())},
-                       "wall_time_s": wall}
-                if result.best_step is not None:
-                    rec["best_step"] = int(result.best_step[i])
-                if cons.get("_test_errors") is not None:
-                    d = errs["test"][i] - cons["_test_errors"]
-                    rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+        def write(recs):
+            for rec in recs:
                 log.write(json.dumps(rec) + "\n")
                 records.append(rec)
             log.flush()
+
+        if workers <= 1 or len(chunks) <= 1:
+            for (structure, _method), chunk in chunks:
+                write(train_chunk(structure, chunk))
+        else:
+            # stacks are independent: train several at once, one torch thread each (ops release the GIL)
+            with ThreadPoolExecutor(workers) as pool:
+                futures = [pool.submit(train_chunk, key[0], chunk) for key, chunk in chunks]
+                try:
+                    for fut in as_completed(futures):
+                        write(fut.result())
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
     bar.close()
     return summarize(spec, args, cells, runs, records, constructions, problems)
 

@@ -431,6 +431,8 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
     target_data_index = torch.as_tensor(np.asarray(target_data_index, dtype=np.int64), device=device)
     opt = StackedAdam(stack.params, stack.masks, lr, weight_decay, betas, eps)
     R = stack.R
+    single_seed = len(streams) == 1
+    single_target = target.R == 1
     reduce_dims = tuple(range(1, 2 + len(input_shape)))
     checkpoints = sorted({max(1, round(iterations * (i + 1) / curve_points)) for i in range(curve_points)})
     curve, curve_steps = [], []
@@ -459,8 +461,14 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
     for step in range(1, iterations + 1):
         xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
         with torch.no_grad():
-            y = target.forward(xs[target_data_index])[target_index]        # (R, n, *shape)
-        x = xs[data_index]                                                  # (R, n, *shape)
+            if single_target:
+                y = target.forward(xs[target_data_index])                   # (1, n, *shape), broadcast
+            else:
+                y = target.forward(xs[target_data_index])[target_index]    # (R, n, *shape)
+        if single_seed:
+            x = xs.expand(R, *xs.shape[1:])                                 # (R, n, *shape), no copy
+        else:
+            x = xs[data_index]                                              # (R, n, *shape)
         if manual:
             per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
         else:
