@@ -1,0 +1,266 @@
+"""Benchmark: the batched trainer against the same model trained one run at a time with torch.optim.Adam.
+
+    python bench/trainer.py                 # CPU, FNN (L̄=2, L=4) and TFN (L=2, H=2, N=10), D=16, batch 256
+    python bench/trainer.py --device cuda   # adds the CUDA column and an estimate of the paper's grid
+
+For each model it reports run-steps per second of
+* the baseline: one run at a time (``TorchFNN``/``TorchTFN``, adapters applied with ``functional_call``,
+  ``torch.optim.Adam``, a fresh batch and the target's output every step: the work of the authors' loop),
+* the batched trainer (:func:`verification.trainer.train_stack`) with stacks as the CLIs use them
+  (64 runs per stack on a CPU, with one stack per core trained at once; all runs in one stack on CUDA),
+the ratio, and the fraction of the arithmetic ceiling: FLOPs per run-step over the float32 matmul rate
+measured here on one large square product with the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lora_theory  # noqa: E402
+from verification.models import TorchFNN, TorchTFN  # noqa: E402
+from verification.trainer import BatchStream, FNNStack, TFNStack, lora_init_A, train_stack  # noqa: E402
+
+D, BATCH, RANK = 16, 256, 4
+FNN_L, FNN_LBAR = 4, 2
+TFN_L, TFN_H, TFN_N = 2, 2, 10
+# the paper's grid (THEORY.md §4): 16,680 runs of 5000 steps, 3,840 of them TFN (L = 1, 2)
+GRID_RUNS, GRID_TFN_RUNS, GRID_STEPS = 16_680, 3_840, 5000
+
+
+def fnn_flops() -> float:
+    """Per run-step: forward ``2nD²`` per layer, backward ``2nD²`` (weight gradient) + ``2nD²`` (input
+    gradient, not for layer 1); the LoRA products ``B A`` and the optimiser are negligible."""
+    return 2 * BATCH * D * D * (FNN_L + FNN_L + FNN_L - 1)
+
+
+def tfn_flops() -> float:
+    """Per run-step: forward per block and head three projections (``W_K Z``, ``W_Q Z``, ``W_O W_V Z``) and
+    two ``N x N`` products, then the two feed-forward layers; the output layer; backward twice the forward."""
+    nN = BATCH * TFN_N
+    per_head = 3 * 2 * nN * D * D + 2 * 2 * BATCH * TFN_N * TFN_N * D
+    forward = TFN_L * (TFN_H * per_head + 2 * 2 * nN * D * D) + 2 * nN * D * D
+    return 3 * forward
+
+
+def matmul_ceiling(device, seconds=1.0) -> float:
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c = a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    c.sum().item()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------- baseline
+
+def baseline_fnn(device, steps):
+    frozen = lora_theory.random_fnn(D, FNN_L, seed=1)
+    target = lora_theory.random_fnn(D, FNN_LBAR, seed=2)
+    model = TorchFNN.from_numpy(frozen, dtype=torch.float32, device=device)
+    tm = TorchFNN.from_numpy(target, dtype=torch.float32, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    A = [torch.nn.Parameter(a.float().to(device)) for a in lora_init_A(3, [RANK] * FNN_L, D)]
+    B = [torch.nn.Parameter(torch.zeros(D, RANK, device=device)) for _ in range(FNN_L)]
+    biases = [l.bias for l in model.layers]
+    for b in biases:
+        b.requires_grad_(True)
+    opt = torch.optim.Adam(A + B + biases, lr=1e-3, weight_decay=1e-4)
+    stream = BatchStream(4, BATCH, (D,))
+
+    def step():
+        x = stream.next().to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            y = tm(x)
+        state = {f"layers.{l}.weight": model.layers[l].weight + B[l] @ A[l] for l in range(FNN_L)}
+        loss = ((functional_call(model, state, (x,), strict=False) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return _time_steps(step, steps, device)
+
+
+def baseline_tfn(device, steps):
+    frozen = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=1)
+    target = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=2)
+    model = TorchTFN.from_numpy(frozen, dtype=torch.float32, device=device)
+    tm = TorchTFN.from_numpy(target, dtype=torch.float32, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"blocks.{l}.heads.{h}.{m}.weight" for l in range(TFN_L) for h in range(TFN_H)
+             for m in ("query", "key", "value", "output")] + [f"blocks.{TFN_L - 1}.ff2.weight", "output.weight"]
+    A = [torch.nn.Parameter(a.float().to(device)) for a in lora_init_A(3, [RANK] * len(names), D)]
+    B = [torch.nn.Parameter(torch.zeros(D, RANK, device=device)) for _ in names]
+    biases = [m.bias for blk in model.blocks for m in (blk.ff1, blk.ff2)]
+    for b in biases:
+        b.requires_grad_(True)
+    opt = torch.optim.Adam(A + B + biases, lr=1e-3, weight_decay=1e-4)
+    stream = BatchStream(4, BATCH, (D, TFN_N))
+
+    def step():
+        X = stream.next().to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            Y = tm(X)
+        state = {n: model.get_parameter(n) + b @ a for n, a, b in zip(names, A, B)}
+        loss = ((functional_call(model, state, (X,), strict=False) - Y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return _time_steps(step, steps, device)
+
+
+def _time_steps(step, steps, device):
+    for _ in range(3):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- batched
+
+def _fnn_stack(R, device):
+    frozen = [lora_theory.random_fnn(D, FNN_L, seed=i) for i in range(R)]
+    target = lora_theory.random_fnn(D, FNN_LBAR, seed=1000)
+    W = np.stack([np.stack(f.weights) for f in frozen])
+    b = np.stack([np.stack(f.biases) for f in frozen])
+    ranks = np.repeat((np.arange(R) % D + 1)[:, None], FNN_L, 1)
+    stack = FNNStack(W, b, ranks=ranks, tune_bias=np.ones(R, bool), init_seeds=np.arange(R), device=device)
+    tstack = FNNStack(np.stack(target.weights)[None], np.stack(target.biases)[None], method="none", device=device)
+    return stack, tstack, (D,)
+
+
+def _tfn_stack(R, device):
+    frozen = [lora_theory.random_tfn(D, TFN_L, TFN_H, seed=i) for i in range(R)]
+    target = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=1000)
+    params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
+    stack = TFNStack(params, ranks=np.arange(R) % D + 1, tune_bias=np.ones(R, bool), init_seeds=np.arange(R),
+                     device=device)
+    tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", device=device)
+    return stack, tstack, (D, TFN_N)
+
+
+def batched(make, R, steps, device, workers):
+    """Run-steps/s of ``workers`` stacks of ``R`` runs trained at once (threads on a CPU)."""
+    stacks = [make(R, device) for _ in range(workers)]
+
+    def train(item, it):
+        stack, tstack, shape = item
+        train_stack(stack, tstack, data_index=np.zeros(R, int), target_index=np.zeros(R, int),
+                    target_data_index=[0], data_seeds=[7], lr=np.full(R, 1e-3), weight_decay=np.full(R, 1e-4),
+                    iterations=it, batch_size=BATCH, input_shape=shape)
+
+    for item in stacks:
+        train(item, 2)
+    _sync(device)
+    t0 = time.perf_counter()
+    if workers == 1:
+        train(stacks[0], steps)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda item: train(item, steps), stacks))
+    _sync(device)
+    return R * steps * workers / (time.perf_counter() - t0)
+
+
+def measure(device, args) -> dict:
+    cores = os.cpu_count() or 1
+    workers = 1 if device.type == "cuda" else (args.workers or cores)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cores // workers))
+    ceiling_batched = matmul_ceiling(device)
+    if device.type == "cpu":
+        torch.set_num_threads(cores)
+    ceiling_loop = matmul_ceiling(device)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers,
+           "matmul_gflops": ceiling_loop / 1e9}
+    fnn_R = args.fnn_runs or (64 if device.type == "cpu" else 1920)
+    tfn_R = args.tfn_runs or (8 if device.type == "cpu" else 512)
+    for name, make, base, flops, R, steps in (
+            ("fnn", _fnn_stack, baseline_fnn, fnn_flops(), fnn_R, args.fnn_steps),
+            ("tfn", _tfn_stack, baseline_tfn, tfn_flops(), tfn_R, args.tfn_steps)):
+        if device.type == "cpu":
+            torch.set_num_threads(cores)         # the baseline uses every thread, as a lone process would
+        loop = base(device, max(10, steps // 2))
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, cores // workers))
+        fast = batched(make, R, steps, device, workers)
+        out[name] = {"runs_per_stack": R, "baseline_run_steps_per_s": loop, "batched_run_steps_per_s": fast,
+                     "ratio": fast / loop, "flops_per_run_step": flops,
+                     "baseline_fraction_of_ceiling": loop * flops / ceiling_loop,
+                     "batched_fraction_of_ceiling": fast * flops / (ceiling_batched * (workers if device.type == "cpu" else 1))}
+    fnn_rate, tfn_rate = out["fnn"]["batched_run_steps_per_s"], out["tfn"]["batched_run_steps_per_s"]
+    out["fnn_depth4_default_minutes"] = 1920 * 5000 / fnn_rate / 60
+    out["paper_grid_hours"] = ((GRID_RUNS - GRID_TFN_RUNS) * GRID_STEPS / fnn_rate
+                               + GRID_TFN_RUNS * GRID_STEPS / tfn_rate) / 3600
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda", "both"), default="cpu")
+    p.add_argument("--fnn-steps", type=int, default=200)
+    p.add_argument("--tfn-steps", type=int, default=20)
+    p.add_argument("--fnn-runs", type=int, default=None, help="runs per stack (default 64 CPU, 1920 CUDA)")
+    p.add_argument("--tfn-runs", type=int, default=None, help="runs per stack (default 8 CPU, 512 CUDA)")
+    p.add_argument("--workers", type=int, default=None, help="CPU stacks at once (default: CPU count)")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = p.parse_args(argv)
+    if args.device in ("cuda", "both") and not torch.cuda.is_available():
+        print("error: --device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    devices = {"cpu": ["cpu"], "cuda": ["cpu", "cuda"], "both": ["cpu", "cuda"]}[args.device]
+    results = [measure(torch.device(d), args) for d in devices]
+    cols = [r["device"] for r in results]
+    print(f"{'':44}" + "".join(c.rjust(14) for c in cols))
+    rows = [("matmul ceiling (GFLOP/s, float32)", lambda r: f"{r['matmul_gflops']:.1f}"),
+            ("stacks at once x threads each", lambda r: f"{r['workers']} x {max(1, r['threads'] // r['workers']) if r['device'] == 'cpu' else '-'}")]
+    for m in ("fnn", "tfn"):
+        title = "FNN L̄=2 L=4" if m == "fnn" else "TFN L=2 H=2 N=10"
+        rows += [(f"{title}: runs per stack", lambda r, m=m: f"{r[m]['runs_per_stack']}"),
+                 (f"{title}: baseline run-steps/s", lambda r, m=m: f"{r[m]['baseline_run_steps_per_s']:,.0f}"),
+                 (f"{title}: batched run-steps/s", lambda r, m=m: f"{r[m]['batched_run_steps_per_s']:,.0f}"),
+                 (f"{title}: ratio batched / baseline", lambda r, m=m: f"{r[m]['ratio']:.1f}x"),
+                 (f"{title}: baseline % of ceiling", lambda r, m=m: f"{100 * r[m]['baseline_fraction_of_ceiling']:.1f}%"),
+                 (f"{title}: batched % of ceiling", lambda r, m=m: f"{100 * r[m]['batched_fraction_of_ceiling']:.1f}%")]
+    rows += [("fnn --depth 4 default (1,920 x 5000), min", lambda r: f"{r['fnn_depth4_default_minutes']:.1f}"),
+             ("the paper's whole grid, hours", lambda r: f"{r['paper_grid_hours']:.1f}")]
+    for label, fmt in rows:
+        print(f"{label:44}" + "".join(fmt(r).rjust(14) for r in results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
