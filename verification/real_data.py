@@ -18,7 +18,8 @@ MLP (``L = 4``; ReLU between layers, the last layer affine; ``nn.Linear`` initia
 * **Final-layers tuning** (Zeng & Lee 2024, Lemma 4): all weights and biases of the last ``l`` layers,
   ``l·(D² + D)`` parameters.
 
-Every configuration is trained full-batch with Adam for a fixed number of steps at each learning rate of a
+Every configuration is trained full-batch with Adam for a fixed number of steps (:data:`DEFAULT_STEPS`: 200
+for digits, 1000 for the regression task) at each learning rate of a
 small grid; the learning rate with the lowest final validation loss is kept and its test metric (accuracy, or
 R² for the regression task) reported, median over seeds. All runs of one seed and data set are trained at
 once as one stacked model (leading run dimension; the loss is the plain sum of per-run losses and Adam is
@@ -280,11 +281,15 @@ class Settings:
     depth: int = 4
     seeds: int = 3
     pretrain_steps: int = 300
-    steps: int = 200
+    steps: int | None = None      # None: DEFAULT_STEPS of the data set
     ranks: tuple = (0, 1, 2, 4, 8, 16)
     lrs: tuple = (3e-3, 1e-2, 3e-2)
     tolerance: float = 0.02       # findings 1: "within 2 points of accuracy / R² of the best"
 
+
+#: Adam steps on task 2 by data set: the regression task needs more (at 200 steps every method, full
+#: fine-tuning included, stopped near R² = 0.5 with the training loss still falling; at 1000 steps about 0.8).
+DEFAULT_STEPS = {"digits": 200, "breast_cancer": 1000}
 
 QUICK = Settings(depth=3, seeds=1, pretrain_steps=60, steps=40, ranks=(0, 1, 4), lrs=(1e-2,))
 
@@ -303,7 +308,8 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
         L = settings.depth
         frozen = pretrain(task1, D, L, 0, settings.pretrain_steps)
         configs = [Config("final", L, 0, True, 1e-2), Config("lora", L, rank, True, 1e-2)]
-        res = adapt(frozen, task2, configs, settings.steps, seed=1000, return_weights=True)
+        res = adapt(frozen, task2, configs, settings.steps or DEFAULT_STEPS[dataset], seed=1000,
+                    return_weights=True)
         models = {"frozen": (frozen["W"], frozen["b"]), "final_layers": (res["weights"][0], res["biases"][0]),
                   f"lora_r{rank}": (res["weights"][1], res["biases"][1])}
         for tag, (W, b) in models.items():
@@ -349,13 +355,14 @@ def run_experiment(datasets=DATASETS, settings: Settings = Settings(), *, progre
         for seed in range(settings.seeds):
             t0 = time.perf_counter()
             frozen = pretrain(task1, D, settings.depth, seed, settings.pretrain_steps)
-            res = adapt(frozen, task2, configs, settings.steps, seed=1000 + seed)
+            steps = settings.steps or DEFAULT_STEPS[dataset]
+            res = adapt(frozen, task2, configs, steps, seed=1000 + seed)
             if progress:
                 print(f"[{dataset} seed {seed}] task-1 test {task1.metric_name()} {frozen['test_metric']:.3f}; "
                       f"{len(configs)} task-2 runs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             for i, c in enumerate(configs):
                 cfg = {"dataset": dataset, "width": D, "depth": settings.depth, **asdict(c),
-                       "steps": settings.steps, "pretrain_steps": settings.pretrain_steps}
+                       "steps": steps, "pretrain_steps": settings.pretrain_steps}
                 records.append({
                     "config": cfg,
                     "config_hash": hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12],
@@ -521,7 +528,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sweep (one seed, few steps): a smoke test")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps on task 2 (default 200)")
+    p.add_argument("--steps", type=int, default=None, help="Adam steps on task 2 (default: 200 digits, 1000 breast_cancer)")
     p.add_argument("--depth", type=int, default=None, help="L, layers of the MLP (default 4)")
     p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")

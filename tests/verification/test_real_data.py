@@ -28,6 +28,22 @@ def test_quick_cli_writes_everything(tmp_path, capsys):
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_checkpoints_feed_the_advisor(tmp_path):
+    """Saved checkpoints: the LoRA-tuned model's changes have rank <= r per layer (float32 storage), the
+    final-layers-tuned one's do not."""
+    from verification.advise import advise_checkpoints
+    from verification.real_data import QUICK, save_checkpoints
+
+    paths = save_checkpoints(tmp_path, ("breast_cancer",), QUICK, rank=2)
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "breast_cancer_frozen.safetensors", "breast_cancer_final_layers.safetensors",
+        "breast_cancer_lora_r2.safetensors"]
+    lora = advise_checkpoints(paths[0], paths[2])
+    assert all(0 < r <= 2 for r in lora.exact_ranks.values())
+    full = advise_checkpoints(paths[0], paths[1])
+    assert max(full.exact_ranks.values()) > 2
+
+
 def test_stacked_runs_are_independent():
     """A run's result does not depend on what else is stacked with it (sum of losses, per-run Adam)."""
     task1, task2, D = load_tasks("breast_cancer")
