@@ -1,0 +1,54 @@
+"""CUDA: the batched trainer on the GPU trains the same runs as on the CPU (same data, drawn on the CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lora_theory
+from lora_theory.numerics import relative_error
+from verification.trainer import FNNStack, TFNStack, train_stack
+
+pytestmark = pytest.mark.gpu
+
+
+def _train(device, family):
+    R = 3
+    if family == "fnn":
+        frozen = [lora_theory.random_fnn(6, 3, seed=i) for i in range(R)]
+        target = lora_theory.random_fnn(6, 1, seed=50)
+        stack = FNNStack(np.stack([np.stack(f.weights) for f in frozen]), np.stack([np.stack(f.biases) for f in frozen]),
+                         ranks=[[1, 2, 3], [2, 2, 2], [6, 0, 1]], tune_bias=[True, False, True], init_seeds=[1, 2, 3],
+                         dtype=torch.float64, device=device)
+        tstack = FNNStack(np.stack(target.weights)[None], np.stack(target.biases)[None], method="none",
+                          dtype=torch.float64, device=device)
+        shape = (6,)
+    else:
+        frozen = [lora_theory.random_tfn(4, 2, 2, seed=i) for i in range(R)]
+        target = lora_theory.random_tfn(4, 2, 2, seed=50)
+        stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+                         ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64,
+                         device=device)
+        tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64,
+                          device=device)
+        shape = (4, 3)
+    train_stack(stack, tstack, data_index=[0, 1, 0], target_index=[0, 0, 0], target_data_index=[0], data_seeds=[5, 6],
+                lr=[1e-2, 1e-3, 3e-3], weight_decay=[0, 1e-3, 1e-2], iterations=50, batch_size=32, input_shape=shape)
+    return {k: p.detach().cpu().numpy() for k, p in stack.params.items()}
+
+
+@pytest.mark.parametrize("family", ["fnn", "tfn"])
+def test_cuda_trains_the_same_runs_as_cpu(family):
+    cpu, gpu = _train("cpu", family), _train("cuda", family)
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) <= 1e-9, k
+
+
+def test_cli_on_cuda(tmp_path):
+    from verification import fnn
+    out = tmp_path / "f"
+    assert fnn.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "20", "--ranks", "1,4",
+                     "--device", "cuda", "--out", str(out), "--no-figure"]) == 0
+    records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
+    assert all(r["device"].startswith("cuda") for r in records)
