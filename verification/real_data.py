@@ -29,8 +29,9 @@ Findings checked (``summary.json``, and the table on stdout), reported as the da
 
 1. *more adapted depth needs less rank*: for each ``k``, the smallest rank whose test metric comes within
    ``tolerance`` of the best any configuration reaches; the finding holds when it does not increase with ``k``;
-2. *LoRA vs final-layers tuning at equal parameters*: for each ``l``, the best LoRA configuration with at most
-   as many parameters as final-layers tuning of ``l`` layers, against it;
+2. *LoRA vs final-layers tuning at equal parameters*: for each ``l``, the LoRA configuration with the lowest
+   validation loss among those with at most as many parameters as final-layers tuning of ``l`` layers (chosen
+   on validation, judged on test), against it;
 3. *bias tuning helps*: LoRA with biases against without, at every ``(k, r)``.
 """
 
@@ -394,6 +395,7 @@ def select(records) -> list[dict]:
         out.append({"dataset": ds, "method": method, "layers": layers, "rank": rank, "bias": bias,
                     "parameters": rs[0]["parameters"], "metric": rs[0]["metric"],
                     "test_metric": float(np.median([r["test_metric"] for r in rs])),
+                    "val_loss": float(np.median([r["val_loss"] for r in rs])),
                     "test_loss": float(np.median([r["test_loss"] for r in rs])),
                     "lrs": sorted({r["config"]["lr"] for r in rs}), "seeds": len(rs)})
     return out
@@ -409,14 +411,33 @@ def findings(rows, tolerance: float = 0.02) -> dict:
         best = max(r["test_metric"] for r in lora.values())
         depths = sorted({k for k, _, _ in lora})
         ranks = sorted({r for _, r, _ in lora if r > 0})
-        needed = {}
-        for k in depths:
-            ok = [r for r in ranks if lora[(k, r, True)]["test_metric"] >= best - tolerance]
-            needed[k] = min(ok) if ok else None
-        # "not reached at any rank tried" counts as larger than every rank tried
-        seq = [needed[k] if needed[k] is not None else float("inf") for k in depths]
-        depth_holds = None if all(v == float("inf") for v in seq) else all(a >= b for a, b in zip(seq, seq[1:]))
+        inf = float("inf")
+
+        def rank_needed(tol):
+            needed = {}
+            for k in depths:
+                ok = [r for r in ranks if lora[(k, r, True)]["test_metric"] >= best - tol]
+                needed[k] = min(ok) if ok else None
+            # "not reached at any rank tried" counts as larger than every rank tried
+            seq = [needed[k] if needed[k] is not None else inf for k in depths]
+            holds = None if all(v == inf for v in seq) else all(a >= b for a, b in zip(seq, seq[1:]))
+            return needed, holds
+
+        needed, depth_holds = rank_needed(tolerance)
+        by_level = {}
+        for tol in sorted({tolerance, 0.05, 0.1, 0.2}):
+            n, h = rank_needed(tol)
+            by_level[f"{tol:g}"] = {"level": best - tol, "rank_needed": {str(k): v for k, v in n.items()},
+                                    "holds": h}
         at_rank = {r: [lora[(k, r, True)]["test_metric"] for k in depths] for r in ranks}
+        # equal total rank k·r (equal parameters): is it better spread over more layers?
+        by_total = {}
+        for k in depths:
+            for r in ranks:
+                by_total.setdefault(k * r, []).append({"layers": k, "rank": r,
+                                                       "metric": lora[(k, r, True)]["test_metric"]})
+        by_total = {str(t): sorted(v, key=lambda e: e["layers"]) for t, v in sorted(by_total.items()) if len(v) > 1}
+        spread = [v[-1]["metric"] >= v[0]["metric"] for v in by_total.values()]
         monotone = {r: all(b >= a - 1e-9 for a, b in zip(v, v[1:])) for r, v in at_rank.items()}
         versus = []
         for l, fr in sorted(final.items()):
@@ -424,7 +445,8 @@ def findings(rows, tolerance: float = 0.02) -> dict:
             cands = [r for key, r in lora.items() if r["parameters"] <= budget and key[1] > 0]
             if not cands:
                 continue
-            top = max(cands, key=lambda r: r["test_metric"])
+            # chosen by validation loss, as a practitioner would, not by the test metric it is judged on
+            top = min(cands, key=lambda r: r["val_loss"])
             versus.append({"final_layers": l, "final_parameters": budget, "final_metric": fr["test_metric"],
                            "lora_layers": top["layers"], "lora_rank": top["rank"], "lora_bias": top["bias"],
                            "lora_parameters": top["parameters"], "lora_metric": top["test_metric"],
@@ -439,6 +461,9 @@ def findings(rows, tolerance: float = 0.02) -> dict:
             "depth_vs_rank": {
                 "rank_needed": {str(k): v for k, v in needed.items()},
                 "holds": depth_holds,
+                "by_level": by_level,
+                "equal_total_rank": by_total,
+                "deepest_spread_wins": f"{sum(spread)}/{len(spread)}",
                 "metric_by_rank_and_layers": {str(r): v for r, v in at_rank.items()},
                 "metric_nondecreasing_in_layers": {str(r): v for r, v in monotone.items()},
             },
@@ -532,6 +557,8 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=None, help="L, layers of the MLP (default 4)")
     p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")
+    p.add_argument("--from-runs", help="recompute the table, summary and figure from an existing runs.jsonl "
+                                       "instead of training")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--checkpoints", help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
                                          "(safetensors) for python -m verification.advise")
@@ -555,7 +582,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    records = run_experiment(datasets, settings)
+    if args.from_runs:
+        records = [json.loads(line) for line in Path(args.from_runs).read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["config"]["dataset"] in datasets]
+    else:
+        records = run_experiment(datasets, settings)
     rows = select(records)
     summary = {"settings": asdict(settings), "findings": findings(rows, settings.tolerance), "rows": rows,
                "wall_s": time.perf_counter() - start, "versions": _versions()}
@@ -572,9 +603,10 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "runs.jsonl", "w") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
+        if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
+            with open(out / "runs.jsonl", "w") as fh:
+                for r in records:
+                    fh.write(json.dumps(r) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "table.txt").write_text(table)
         plot(rows, out / "figure.png")
