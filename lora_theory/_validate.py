@@ -100,3 +100,19 @@ def as_positive(value, name: str) -> float:
     if not np.isfinite(value) or value <= 0:
         raise InvalidArgumentError(name, f"must be positive and finite, got {value}")
     return value
+
+
+def as_tolerance(value, name: str = "tol"):
+    """``None`` (the caller's default), or a finite real number ``>= 0`` returned unchanged.
+
+    A NaN tolerance compares false with every singular value, so a numeric rank taken with it is 0 and a
+    fit would call itself exact while wrong; a negative or infinite one is just as meaningless. The value
+    is returned as given (not through ``float``) so that an ``mpmath.mpf`` keeps its precision.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(name, f"must be a real number (or None for the default), got {value!r}")
+    if not value >= 0 or value == float("inf"):
+        raise InvalidArgumentError(name, f"must be finite and >= 0, got {value!r}")
+    return value

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_array, as_positive, as_ranks, readonly
+from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly
 from .errors import InvalidArgumentError, SingularMatrixError
 from .linear import _chain_adapters, discrepancy_rank, product
 from .models import FNN, relu
@@ -184,7 +184,13 @@ class Domain:
     block_input_radii: tuple = ()
 
     def contains(self, x, rtol: float = 1e-12) -> np.ndarray | bool:
-        """Whether ``x`` (``(D,)`` or ``(n, D)``) lies in the certified ball (always ``False`` for samples)."""
+        """Whether ``x`` (``(D,)`` or ``(n, D)``) lies in the certified ball (always ``False`` for samples).
+
+        ``rtol`` (finite, ``>= 0``; None for the default 1e-12) widens the radius by that fraction, for the
+        rounding of points built on the sphere.
+        """
+        rtol = as_tolerance(rtol, "rtol")
+        rtol = 1e-12 if rtol is None else rtol
         x = np.asarray(x, dtype=np.float64)
         if self.kind != "ball":
             return np.zeros(x.shape[:-1], dtype=bool) if x.ndim > 1 else False

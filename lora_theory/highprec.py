@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import mpmath
 import numpy as np
 
-from ._validate import as_array, as_ranks, as_square, as_square_sequence
+from ._validate import as_array, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from .models import FNN
@@ -371,7 +371,8 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
         ``κ`` (and raises it if the ``κ`` found at that precision asks for more).
     rank_tol : float, optional
         Singular values of ``E`` at or below this are zero (default ``D · 10^-digits · scale · 2^10``: the
-        float64 data are exact, so ``E``'s rank is the exact one up to the working precision).
+        float64 data are exact, so ``E``'s rank is the exact one up to the working precision). Finite and
+        ``>= 0``; a NaN would count no singular value and call any fit exact.
 
     Returns
     -------
@@ -380,7 +381,7 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
     Raises
     ------
     InvalidArgumentError
-        As :func:`lora_theory.lora_linear`; ``digits`` not an int >= 16.
+        As :func:`lora_theory.lora_linear`; ``digits`` not an int >= 16; ``rank_tol`` NaN, infinite or negative.
     SingularMatrixError
         ``Q_l`` or ``P_l`` singular at the working precision.
     """
@@ -388,6 +389,7 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
     n = frozen[0].shape[0]
     target = as_square(target, "target", n)
     ranks = as_ranks(rank, len(frozen), n)
+    rank_tol = as_tolerance(rank_tol, "rank_tol")
     digits = _check_digits(digits)
     if digits is None:
         from .linear import lora_linear
@@ -567,6 +569,7 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
             or not isinstance(input_radius, numbers.Real) or not math.isfinite(input_radius) or input_radius <= 0:
         raise InvalidArgumentError("input_radius", f"must be a positive finite real number, got {input_radius!r}")
     c0 = np.zeros(n) if center is None else as_array(center, "center", shape=(n,))
+    rank_tol = as_tolerance(rank_tol, "rank_tol")
     digits = _check_digits(digits)
     if digits is None:
         kappa, gamma = _float64_kappa_estimate(

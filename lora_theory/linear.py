@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_ranks, as_square, as_square_sequence
+from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .models import FNN
@@ -72,10 +72,13 @@ def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     """Numeric ``rank(E)``.
 
     Default tolerance ``D · eps · max(||T||_2, ||Π W||_2, σ_1(E))``: ``E`` is a difference of two matrices
-    of those norms and inherits their rounding, so singular values below it are noise.
+    of those norms and inherits their rounding, so singular values below it are noise. A given ``tol``
+    must be finite and ``>= 0`` (:class:`~lora_theory.errors.InvalidArgumentError` otherwise: a NaN would
+    count no singular value and report rank 0).
     """
     frozen = as_square_sequence(frozen, "frozen")
     target = as_square(target, "target", frozen[0].shape[0])
+    tol = as_tolerance(tol, "tol")
     E = target - product(frozen)
     s = np.linalg.svd(E, compute_uv=False)
     if tol is None:
@@ -117,7 +120,10 @@ def linear_gaussian_mse(frozen, target, rank) -> float:
 
 
 def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
-    """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1)."""
+    """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1).
+
+    ``tol`` as in :func:`discrepancy_rank` (finite, ``>= 0``, or None for the default).
+    """
     return ceil_div(discrepancy_rank(frozen, target, tol), len(frozen))
 
 
@@ -222,6 +228,7 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     L = len(frozen)
     D = frozen[0].shape[0]
     names = names or [f"W_{l + 1}" for l in range(L)]
+    rank_tol = as_tolerance(rank_tol, "rank_tol")
     E = target - product(frozen)                                        # (D, D)
     U, s, Vt = np.linalg.svd(E)
     if rank_tol is None:
@@ -273,7 +280,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
         The LoRA-rank ``R`` of every layer, or per-layer ranks ``R_l``.
     rank_tol : float, optional
         Singular values of ``E`` at or below this are treated as zero (default: see
-        :func:`discrepancy_rank`).
+        :func:`discrepancy_rank`). Finite and ``>= 0``.
 
     Returns
     -------
@@ -283,7 +290,8 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     Raises
     ------
     InvalidArgumentError
-        Mismatched or non-square shapes, NaN/inf, a rank outside ``0..D`` or per-layer ranks of the wrong count.
+        Mismatched or non-square shapes, NaN/inf, a rank outside ``0..D`` or per-layer ranks of the wrong count;
+        ``rank_tol`` NaN, infinite or negative.
     SingularMatrixError
         A matrix the construction must invert (``Q_l`` or ``P_l``) is singular; names it and gives ``κ``.
 
@@ -296,6 +304,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
+    rank_tol = as_tolerance(rank_tol, "rank_tol")
     adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)
     k = sum(ranks)
     spectral, frob = _tail(s, k)

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from ._validate import as_tolerance
 from .errors import IllConditionedWarning, SingularMatrixError
 
 __all__ = [
@@ -63,8 +64,10 @@ def numeric_rank(matrix, tol: float | None = None, scale: float | None = None) -
 
     Default ``tol = max(m, n) · eps · scale`` with ``scale = σ_1(matrix)`` (numpy's convention) unless a
     larger ``scale`` is given, e.g. the norm of the operands a discrepancy was computed from, whose
-    rounding the discrepancy inherits.
+    rounding the discrepancy inherits. A given ``tol`` must be finite and ``>= 0``
+    (:class:`~lora_theory.errors.InvalidArgumentError` otherwise: a NaN counts no singular value).
     """
+    tol = as_tolerance(tol, "tol")
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.size == 0:
         return 0

@@ -207,3 +207,53 @@ def test_non_positive_numbers(value, match):
     with pytest.raises(InvalidArgumentError, match=match):
         as_positive(value, "radius")
     assert as_positive(2, "radius") == 2.0
+
+
+# A NaN rank tolerance compared false with every singular value: lora_linear(W, T, 1, rank_tol=nan) reported
+# error_rank 0 and exact=True for a fit that was wrong. Every tolerance argument is now checked.
+BAD_TOLERANCES = [
+    (math.nan, r"must be finite and >= 0, got nan"),
+    (math.inf, r"must be finite and >= 0, got inf"),
+    (-1e-12, r"must be finite and >= 0, got -1e-12"),
+    (True, r"must be a real number \(or None for the default\), got True"),
+    ("1e-9", r"must be a real number"),
+]
+
+
+def _tolerance_calls():
+    from lora_theory.fnn import Domain
+    from lora_theory.highprec import lora_fnn_mp, lora_linear_mp
+    from lora_theory.models import FNN
+    from lora_theory.numerics import numeric_rank
+
+    fnn = FNN([np.eye(D), np.eye(D)], [np.ones(D), np.ones(D)])
+    target = FNN([TARGET], [np.ones(D)])
+    ball = Domain("ball", np.zeros(D), 1.0, None, None)
+    return [
+        ("rank_tol", lambda t: lora_linear(GOOD, TARGET, 1, rank_tol=t)),
+        ("tol", lambda t: discrepancy_rank(GOOD, TARGET, tol=t)),
+        ("tol", lambda t: linear_rank_requirement(GOOD, TARGET, tol=t)),
+        ("tol", lambda t: numeric_rank(TARGET, tol=t)),
+        ("rank_tol", lambda t: lora_linear_mp(GOOD, TARGET, 1, digits=20, rank_tol=t)),
+        ("rank_tol", lambda t: lora_fnn_mp(fnn, target, 2, input_radius=1.0, digits=20, rank_tol=t)),
+        ("rtol", lambda t: ball.contains(np.zeros(D), rtol=t)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("tol, match", BAD_TOLERANCES)
+def test_nan_or_negative_rank_tolerance_is_refused_not_reported_exact(index, tol, match):
+    name, call = _tolerance_calls()[index]
+    with pytest.raises(InvalidArgumentError, match=rf"^{name}: {match}") as info:
+        call(tol)
+    assert info.value.argument == name
+
+
+def test_valid_rank_tolerances_still_work():
+    from lora_theory.numerics import numeric_rank
+
+    assert discrepancy_rank(GOOD, TARGET, tol=0.0) == np.linalg.matrix_rank(TARGET - GOOD[1] @ GOOD[0])
+    assert numeric_rank(np.diag([1.0, 1e-3, 0.0]), tol=1e-2) == 1
+    assert numeric_rank(np.diag([1.0, 1e-3, 0.0]), tol=np.float32(1e-4)) == 2
+    fit = lora_linear(GOOD, TARGET, 1, rank_tol=0.0)
+    assert fit.error_rank == 3 and not fit.exact
