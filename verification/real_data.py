@@ -526,13 +526,20 @@ def plot(rows, path) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, color=color,
                         label=f"k={k}, bias {'on' if bias else 'off'}")
                 if bias:
-                    nz = [p for p in pts if p[2] > 0]
+                    nz = [p for p in pts if p[0] > 0]
                     bx.plot([p[2] for p in nz], [p[1] for p in nz], "-", marker="o", ms=3, color=color,
                             label=f"LoRA, k={k}")
         final = sorted((r["parameters"], r["test_metric"], r["layers"]) for r in sub if r["method"] == "final")
         bx.plot([f[0] for f in final], [f[1] for f in final], "k-s", label="final-layers tuning")
         for p, m, l in final:
             bx.annotate(f"l={l}", (p, m), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if metric == "R2":                  # bias-only tuning of a regression head lies far below 0
+            values = [r["test_metric"] for r in sub]
+            low = min(values)
+            if low < -0.3:
+                for axis in (ax, bx):
+                    axis.set_ylim(-0.3, 1.0)
+                ax.text(0.02, 0.02, f"off scale: down to {low:.1f}", transform=ax.transAxes, fontsize=7)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("LoRA rank r (0: biases only)")
         ax.set_ylabel(f"task-2 test {metric}")
