@@ -289,8 +289,16 @@ class FNNFit:
     domain : Domain
         What the biases were sized for.
     tolerance : float
-        ``numerics.tolerance(kappa, gamma)``: the relative error ``||f(x) - f̄(x)|| / ||f̄(x)||`` to expect
-        on the domain when ``exact``.
+        ``numerics.tolerance(kappa, gamma)``, a bound on the rounding error *relative to the size of the
+        outputs on the whole domain*: when ``exact``, ``||f(x) - f̄(x)||_2 <= tolerance · s_out`` for every
+        ``x`` of the domain, ``s_out`` (:attr:`output_radius`) the bound on the output norm over the domain
+        (ball: the last block's output radius). Read as a relative error ``||f(x) - f̄(x)|| / ||f̄(x)||`` it
+        covers only inputs whose outputs have norm near ``s_out`` (inputs near the sphere of a ball, or a
+        batch of them). It does *not* cover inputs far inside a large ball: the linearising biases are sized
+        for the radius, so the rounding is an absolute ``u·(κ + γ)·s_out`` wherever ``x`` lies, and an input
+        with ``||f̄(x)|| << s_out`` sees it magnified by ``s_out / ||f̄(x)||`` (N(0, I) inputs in a ball of
+        radius 1e5 have relative errors near 7e-10 where ``tolerance`` is 3e-10). Use
+        :attr:`absolute_tolerance` or :meth:`tolerance_at` there.
     frozen, target : FNN
         The inputs.
     """
@@ -308,6 +316,79 @@ class FNNFit:
     tolerance: float
     frozen: FNN = field(repr=False, default=None)
     target: FNN = field(repr=False, default=None)
+
+    @property
+    def output_radius(self) -> float:
+        """``s_out``: bound on ``||f̄(x)||_2`` (and ``||f(x)||_2``) over the domain, the last block's output size.
+
+        Ball: ``||W̃_L̄||_2 r_L̄ + ||W̃_L̄ u_0 + c_L̄||_2`` (ReLU never increases a norm); samples: the largest
+        sampled output pre-activation norm.
+        """
+        return float(self.block_fits[-1].output_radius)
+
+    @property
+    def absolute_tolerance(self) -> float:
+        """``tolerance · s_out``: when ``exact``, ``||f(x) - f̄(x)||_2`` is at most this for every ``x`` of the domain.
+
+        Why: block ``i`` rounds with an absolute error near ``u·γ_i·s_i`` at its output (``s_i`` its output
+        size; :attr:`gamma`), and its weights with ``u·κ`` times ``s_i``; the blocks after it carry that
+        error at most as far as they carry their input, ``s_{i+1} >= ||W̃_{i+1}||_2 s_i``, so at the network's
+        output every term is at most ``u·(κ + γ_i)·s_out``, and their sum ``u·(κ + γ)·s_out``. ``tolerance``
+        holds the constant ``c`` and the 1e-10 floor on top. A statement of size, not of place: it holds as
+        well at an input of norm 1e-3 as on the sphere of the ball.
+        """
+        return float(self.tolerance * self.output_radius)
+
+    @property
+    def radius_amplification(self) -> float:
+        """``a = s_out / s_1``: how much the domain's size magnifies the rounding seen by unit-size inputs.
+
+        ``s_1`` is the output bound of the ball of radius ``min(r, 1)`` around the same centre, propagated
+        through the realised blocks as :attr:`output_radius` is (``s_i = ||W̃_i||_2 r_{i-1} + ||W̃_i u_0 + c_i||``).
+        An input within distance 1 of the centre has outputs of size at most ``s_1`` and an absolute rounding
+        error of size ``u·(κ + γ)·s_out`` (:attr:`absolute_tolerance`), so its relative error can reach
+        ``u·(κ + γ)·a``: the :class:`~lora_theory.errors.IllConditionedWarning` of :func:`lora_fnn` is raised
+        on that value. 1 for radii ``<= 1`` and for sample domains (the biases are sized on the data).
+        """
+        if self.domain.kind != "ball":
+            return 1.0
+        D = self.target.width
+        radius, u0 = min(float(self.domain.radius), 1.0), self.domain.center
+        for bf, c in zip(self.block_fits, self.target.biases):
+            radius = float(np.linalg.norm(bf.realised, 2) * radius + np.linalg.norm(bf.realised @ u0 + c))
+            u0 = np.zeros(D)
+        return max(self.output_radius / radius, 1.0) if radius > 0 else 1.0
+
+    def tolerance_at(self, x) -> np.ndarray | float:
+        """Per-sample relative tolerance ``tolerance · s_out / ||f̄(x)||_2`` (Zeng & Lee 2024, Theorem 3 in float64).
+
+        :attr:`absolute_tolerance` divided by the target's output norm at ``x``: when ``exact``,
+        ``||f(x) - f̄(x)||_2 / ||f̄(x)||_2 <= tolerance_at(x)`` for every ``x`` of the domain. It equals
+        :attr:`tolerance` for inputs whose outputs have the domain's full size ``s_out``, and grows as
+        ``s_out / ||f̄(x)||`` for inputs far inside a large ball.
+
+        Parameters
+        ----------
+        x : array (D,) or (n, D)
+
+        Returns
+        -------
+        float or ndarray (n,)
+            ``inf`` where ``f̄(x) = 0`` (only the absolute bound applies) and, for a ball domain, at inputs
+            outside the certified ball (no guarantee there: a ReLU may switch). For a sample domain the
+            value is as empirical as the domain.
+        """
+        x = as_array(x, "x")
+        X = np.atleast_2d(x)
+        if x.ndim > 2 or X.shape[1] != self.target.width:
+            raise InvalidArgumentError(
+                "x", f"must have shape (D,) or (n, D) with D = {self.target.width}, got {x.shape}")
+        ref = np.linalg.norm(self.target(X), axis=1)                      # (n,) ||f̄(x)||
+        tol = np.full(ref.shape, np.inf)
+        np.divide(self.absolute_tolerance, ref, out=tol, where=ref > 0)
+        if self.domain.kind == "ball":
+            tol[~np.asarray(self.domain.contains(X))] = np.inf
+        return float(tol[0]) if x.ndim == 1 else tol
 
     @property
     def block_discrepancy_ranks(self) -> tuple:
@@ -416,7 +497,10 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
     Warns
     -----
     IllConditionedWarning
-        When ``u·(κ + γ)`` exceeds 1e-8.
+        When ``u·(κ + γ)·a`` exceeds 1e-8, ``a`` = :attr:`FNNFit.radius_amplification` (1 for radii ``<= 1``
+        and for samples): the relative error to expect on inputs within distance 1 of the ball's centre,
+        since the biases, sized for the radius, make the rounding absolute (:attr:`FNNFit.absolute_tolerance`).
+        A ball much larger than the inputs to be evaluated costs digits; certify the ball the inputs need.
     """
     L, Lbar, D = _check_models(frozen, target)
     ranks = as_ranks(rank, L, D)
@@ -517,7 +601,6 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
     model = FNN(weights, biases, activation=frozen.activation, final_relu=frozen.final_relu)
     kappa = max(kappas.values(), default=1.0)
     gamma = float(sum(b.gamma for b in block_fits))
-    warn_if_ill_conditioned(kappa, gamma, what="FNN construction (Theorem 3)")
     domain = Domain(
         kind=kind,
         center=readonly(center0) if kind == "ball" else None,
@@ -525,7 +608,15 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         margin=float(margin) if kind == "samples" else None,
         n_samples=int(X.shape[0]) if kind == "samples" else None,
         block_input_radii=tuple(float(v) for v in input_radii))
-    return FNNFit(
+    fit = FNNFit(
         adapters=tuple(adapters), model=model, ranks=ranks, partition=sizes, block_fits=tuple(block_fits),
         exact=all(b.exact for b in block_fits), condition_numbers=kappas, kappa=kappa, gamma=gamma,
         domain=domain, tolerance=tolerance(kappa, gamma), frozen=frozen, target=target)
+    a = fit.radius_amplification
+    reason = "" if a <= 1 else (
+        f"on inputs within distance 1 of the centre, whose outputs can be a = {a:.3g} times smaller than the "
+        f"output size {fit.output_radius:.3g} the biases for radius {domain.radius:g} are sized for; certify "
+        "a smaller ball if the inputs are smaller")
+    warn_if_ill_conditioned(kappa, gamma, what="FNN construction (Theorem 3)", amplification=a,
+                            amplification_reason=reason)
+    return fit

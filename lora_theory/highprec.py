@@ -84,11 +84,13 @@ class PrecisionAdvice:
     kappa, gamma : float
         From the fit (``γ = 0`` for linear fits).
     expected_error : float
-        ``u·(κ + γ)`` in float64: the relative error to expect.
+        ``u·(κ + γ)·a`` in float64: the relative error to expect (``a``: the radius amplification of an FNN
+        fit on a ball, :attr:`lora_theory.fnn.FNNFit.radius_amplification`; 1 otherwise).
     float64_sufficient : bool
         ``expected_error <= 1e-8`` (the threshold of :class:`~lora_theory.errors.IllConditionedWarning`).
     digits : int
-        :func:`choose_digits` ``(κ, γ)``: what :func:`lora_linear_mp` / :func:`lora_fnn_mp` should use.
+        :func:`choose_digits` ``(κ, γ)`` (plus ``ceil(log10 a)``): what :func:`lora_linear_mp` /
+        :func:`lora_fnn_mp` should use.
     message : str
     """
 
@@ -106,22 +108,28 @@ class PrecisionAdvice:
 def suggest_precision(fit) -> PrecisionAdvice:
     """Advice for a float64 fit (:class:`~lora_theory.LinearFit`, :class:`~lora_theory.fnn.FNNFit`, ...).
 
-    Reads ``fit.kappa`` and ``fit.gamma`` (0 when absent). When float64 is not enough the message names the
-    high-precision path and the digits it needs.
+    Reads ``fit.kappa`` and ``fit.gamma`` (0 when absent) and, for an FNN fit on a ball, its
+    ``radius_amplification`` ``a`` (:attr:`lora_theory.fnn.FNNFit.radius_amplification`, 1 when absent): the
+    expected relative error is ``u·(κ + γ)·a``, the value :class:`~lora_theory.errors.IllConditionedWarning`
+    is raised on, and the digits :func:`choose_digits` ``(κ, γ)`` plus ``ceil(log10 a)``. When float64 is
+    not enough the message names the high-precision path and the digits it needs.
     """
     if not hasattr(fit, "kappa"):
         raise InvalidArgumentError("fit", f"must be a fit with a condition number (kappa), got {type(fit).__name__}")
     kappa = float(fit.kappa)
     gamma = float(getattr(fit, "gamma", 0.0) or 0.0)
-    expected = unit_roundoff() * (kappa + gamma)
+    amplification = max(float(getattr(fit, "radius_amplification", 1.0) or 1.0), 1.0)
+    expected = unit_roundoff() * (kappa + gamma) * amplification
     ok = expected <= WARN_RELATIVE_ERROR
-    digits = choose_digits(kappa, gamma)
+    digits = choose_digits(kappa, gamma) + int(math.ceil(math.log10(amplification)))
     fn = "lora_fnn_mp" if hasattr(fit, "domain") or hasattr(fit, "block_fits") else "lora_linear_mp"
     if ok:
-        msg = (f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}, expected relative error "
-               f"u·(κ + γ) = {expected:.2g}")
+        amp = f", radius amplification a = {amplification:.3g}" if amplification > 1 else ""
+        msg = (f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}{amp}, expected relative error "
+               f"u·(κ + γ){'·a' if amp else ''} = {expected:.2g}")
     else:
-        msg = (f"float64 loses about {math.log10(max(kappa + gamma, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, "
+        msg = (f"float64 loses about {math.log10(max((kappa + gamma) * amplification, 1)):.1f} of its 16 digits "
+               f"(κ = {kappa:.3g}, "
                f"γ = {gamma:.3g}, expected relative error {expected:.2g}): use the high-precision path, "
                f"lora_theory.highprec.{fn}(..., digits={digits})")
     return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)

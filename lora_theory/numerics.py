@@ -106,11 +106,22 @@ def check_invertible(matrix, name: str, context: str = "") -> float:
 
 
 def warn_if_ill_conditioned(kappa: float, gamma: float = 0.0, what: str = "construction",
-                            stacklevel: int = 3) -> None:
-    """Warn with :class:`IllConditionedWarning` when ``u·(κ + γ)`` exceeds 1e-8."""
-    expected = unit_roundoff() * (kappa + gamma)
+                            stacklevel: int = 3, amplification: float = 1.0, amplification_reason: str = "") -> None:
+    """Warn with :class:`IllConditionedWarning` when ``u·(κ + γ)·amplification`` exceeds 1e-8.
+
+    ``amplification`` (default 1) is how much larger the outputs the rounding is relative to are than the
+    outputs the caller should expect to evaluate (an FNN fit on a ball of large radius: see
+    :attr:`lora_theory.fnn.FNNFit.radius_amplification`); ``amplification_reason`` says what it is.
+    """
+    base = unit_roundoff() * (kappa + gamma)
+    expected = base * amplification
     if expected > WARN_RELATIVE_ERROR:
+        if amplification > 1:
+            detail = (f"expect relative errors near u·(κ + γ)·a = {base:.2g} · {amplification:.3g} = {expected:.2g} "
+                      f"in float64 ({amplification_reason})")
+        else:
+            detail = f"expect relative errors near u·(κ + γ) = {expected:.2g} in float64"
         warnings.warn(
-            f"{what} is ill-conditioned: κ = {kappa:.3g}, γ = {gamma:.3g}; expect relative errors near "
-            f"u·(κ + γ) = {expected:.2g} in float64 (the high-precision path avoids this)",
+            f"{what} is ill-conditioned: κ = {kappa:.3g}, γ = {gamma:.3g}; {detail} "
+            "(the high-precision path avoids this)",
             IllConditionedWarning, stacklevel=stacklevel)

@@ -351,7 +351,7 @@ def test_compensating_biases_stay_small_unlike_plain_levels():
     compound; compensating biases size each level for its own pre-activation P_j u only."""
     frozen, target = random_fnn(16, 4, seed=2), random_fnn(16, 1, seed=3)
     radius = 10.0
-    fit = lora_fnn(frozen, target, 4, input_radius=radius)
+    fit = _fit(frozen, target, 4, input_radius=radius)                    # a 4-layer block: it may warn
     M = fit.model.weights
     for j, beta in enumerate(fit.block_fits[0].levels):
         P = product(M[:j + 1])
@@ -558,3 +558,59 @@ def test_domain_contains():
     fit = lora_fnn(*_pair(), 2, input_radius=1.0, center=np.ones(4))
     assert fit.domain.contains(np.ones(4)) and not fit.domain.contains(np.ones(4) * 3)
     assert fit.domain.contains(sample_ball(np.ones(4), 1.0, 20, 0)).all()
+
+
+# ------------------------------------------- rounding far inside a large ball (absolute vs relative tolerance)
+
+
+@pytest.mark.parametrize("D, r", [(16, 1e5), (4, 1e8)])
+def test_relative_tolerance_does_not_cover_inputs_far_inside_a_large_ball(D, r):
+    """The biases are sized for the radius, so the rounding is absolute, ``u·(κ + γ)·s_out`` anywhere in the
+    ball; N(0, I) inputs have outputs ``s_out / ||f̄(x)||`` times smaller than the ball's. ``tolerance_at``
+    states the per-sample relative tolerance that covers them; (the plain relative ``fit.tolerance`` is not a
+    valid claim there: measured 6.6e-10 against 2.8e-10 at D = 16, r = 1e5)."""
+    frozen, target = random_fnn(D, 2, seed=0), random_fnn(D, 1, seed=1)
+    R = fnn_rank_requirement(frozen, target)
+    with pytest.warns(IllConditionedWarning, match=r"radius amplification|a = .* times smaller"):
+        fit = lora_fnn(frozen, target, R, input_radius=r)
+    assert fit.exact
+    x = np.random.default_rng(2).standard_normal((1000, D))               # ||x|| ~ sqrt(D) << r
+    y, y_bar = fit.model(x), target(x)
+    err = np.linalg.norm(y - y_bar, axis=1)                               # (n,)
+    assert np.all(err <= fit.absolute_tolerance)
+    assert fit.absolute_tolerance == pytest.approx(fit.tolerance * fit.output_radius)
+    tol_at = fit.tolerance_at(x)                                          # (n,)
+    nonzero = np.linalg.norm(y_bar, axis=1) > 0
+    assert np.all(err[nonzero] / np.linalg.norm(y_bar[nonzero], axis=1) <= tol_at[nonzero])
+    assert np.all(np.isinf(tol_at[~nonzero]))
+    assert np.all(tol_at[nonzero] >= fit.tolerance)                     # outputs on the ball are <= s_out
+    assert fit.tolerance_at(x[0]) == pytest.approx(tol_at[0])
+    # the warning's amplification is the ratio of the ball's output size to a unit ball's around the centre
+    assert fit.radius_amplification > 1e3
+    assert fit.tolerance_at(np.full(D, 2 * r)) == math.inf             # outside the ball: no guarantee
+
+
+def test_tolerance_at_on_the_sphere_and_small_balls():
+    frozen, target = random_fnn(6, 2, seed=3), random_fnn(6, 1, seed=4)
+    fit = lora_fnn(frozen, target, 3, input_radius=1.0)
+    assert fit.radius_amplification == 1.0                                # radius <= 1: nothing to dilute
+    x = sample_ball(np.zeros(6), 1.0, 200, 5)
+    err = np.linalg.norm(fit.model(x) - target(x), axis=1)
+    assert np.all(err <= fit.absolute_tolerance)
+    ref = np.linalg.norm(target(x), axis=1)
+    tol_at = fit.tolerance_at(x)
+    np.testing.assert_allclose(tol_at[ref > 0], fit.tolerance * fit.output_radius / ref[ref > 0], rtol=1e-12)
+    with pytest.raises(InvalidArgumentError, match=r"^x: must have shape \(D,\) or \(n, D\) with D = 6"):
+        fit.tolerance_at(np.zeros((2, 5)))
+    samples = _fit(frozen, target, 3, inputs=x)
+    assert samples.radius_amplification == 1.0 and np.all(np.isfinite(samples.tolerance_at(x)[ref > 0]))
+
+
+def test_moderate_ball_does_not_warn_and_large_ball_warns():
+    frozen, target = random_fnn(16, 2, seed=0), random_fnn(16, 1, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        fit = lora_fnn(frozen, target, 8, input_radius=10.0)            # u·(κ + γ)·a ~ 2e-12
+    assert 1 < fit.radius_amplification < 100
+    with pytest.warns(IllConditionedWarning, match=r"u·\(κ \+ γ\)·a = .*certify a smaller ball"):
+        lora_fnn(frozen, target, 8, input_radius=1e5)
