@@ -78,6 +78,15 @@ def test_tail_curves_are_the_errors_of_truncated_svd(seed, out, inp):
         assert abs(np.linalg.norm(a.delta - ad.delta, "fro") - a.frobenius_tail[r]) <= 1e-12 * scale
 
 
+def test_spectral_norm_of_large_matrices():
+    """Above 512 on the short side the tolerance scale comes from power iteration: a few digits suffice."""
+    from lora_theory.advisor import _spectral_norm
+
+    M = np.random.default_rng(4).standard_normal((530, 520))
+    assert _spectral_norm(M) == pytest.approx(np.linalg.norm(M, 2), rel=1e-2)
+    assert _spectral_norm(np.zeros((600, 600))) == 0.0
+
+
 def test_energy_rank_literal():
     s = np.array([3.0, 2.0, 1.0, 0.5])
     total = np.sum(s ** 2)

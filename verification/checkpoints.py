@@ -14,7 +14,6 @@ Floating tensors come back as float64 numpy arrays, with the storage dtype and i
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 import zipfile
@@ -297,12 +296,3 @@ def fnn_from_state_dict(tensors, *, activation: str = "relu", final_relu: bool =
         return lora_theory.FNN(weights, biases, activation=activation, final_relu=final_relu)
     except ValueError as exc:
         raise CheckpointError(path, f"is not a plain width-D MLP ({exc})") from None
-
-
-def save_state_dict(tensors, path, *, dtype=torch.float32) -> None:
-    """Write ``name -> array`` as a safetensors file (metadata ``{"format": "pt"}``); for tests and examples."""
-    from safetensors.torch import save_file
-
-    out = {k: torch.as_tensor(np.ascontiguousarray(v)).to(dtype) if np.issubdtype(np.asarray(v).dtype, np.floating)
-           else torch.as_tensor(np.ascontiguousarray(v)) for k, v in tensors.items()}
-    save_file(out, os.fspath(path), metadata={"format": "pt"})
