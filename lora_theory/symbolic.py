@@ -149,6 +149,11 @@ class Certificate:
         (linear), a :class:`RationalFNN` or a :class:`RationalTFN`.
     domain : dict or None
         FNN only: ``{"center": ..., "radius_squared": ...}`` of the input ball, and the ball of every block.
+    frozen, target : object
+        The instance certified, exact, as the checks saw it: a tuple of sympy matrices ``W_1 .. W_L`` and a
+        sympy matrix ``T`` (linear), two :class:`RationalFNN` (FNN) or two :class:`RationalTFN` (TFN).
+        Floats given as input appear as the rationals they equal exactly. A certificate read without them
+        would not say which instance it is about.
     """
 
     model: str
@@ -162,6 +167,8 @@ class Certificate:
     adapters: dict = field(default_factory=dict)
     adapted: object = None
     domain: dict | None = None
+    frozen: object = None
+    target: object = None
 
     @property
     def passed(self) -> bool:
@@ -195,9 +202,10 @@ class _Stop(Exception):
 
 
 class _Recorder:
-    def __init__(self):
+    def __init__(self, frozen, target):
         self.checks: list[Check] = []
         self.adapters: dict = {}
+        self.frozen, self.target = frozen, target                       # the instance, exact
 
     def check(self, name, passed, detail=""):
         self.checks.append(Check(name, bool(passed), detail))
@@ -409,15 +417,15 @@ def _finish(rec, model, sizes, rank, required, adapted=None, domain=None, stop=N
     if stop is not None:
         singular = _sym(stop.singular) if stop.singular is not None else None
         return Certificate(model, sizes, rank, tuple(rec.checks), stop.outcome, stop.reason, required,
-                           singular, dict(rec.adapters), None, domain)
+                           singular, dict(rec.adapters), None, domain, rec.frozen, rec.target)
     failed = [c for c in rec.checks if not c.passed]
     if failed:  # a completed construction whose exact check fails would be an error in this module
         return Certificate(model, sizes, rank, tuple(rec.checks), NOT_MET,
                            f"the construction completed but the exact check '{failed[0].name}' failed "
                            "(an error in the construction; please report it)", required, None,
-                           dict(rec.adapters), None, domain)
+                           dict(rec.adapters), None, domain, rec.frozen, rec.target)
     return Certificate(model, sizes, rank, tuple(rec.checks), EXACT, theorem, required, None,
-                       dict(rec.adapters), adapted, domain)
+                       dict(rec.adapters), adapted, domain, rec.frozen, rec.target)
 
 
 def _store(rec, key, A, B):
@@ -480,7 +488,7 @@ def certify_linear(frozen, target, rank) -> Certificate:
     ranks = as_ranks(rank, len(W), n)
     rank_out = rank if isinstance(rank, numbers.Integral) else ranks
     sizes = {"D": n, "L": len(W)}
-    rec = _Recorder()
+    rec = _Recorder(tuple(_sym(M) for M in W), _sym(T))
     names = [f"W_{l + 1}" for l in range(len(W))]
     required = ceil_div((T - _prod(W, n)).rank(), len(W))
 
@@ -682,7 +690,7 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
     sizes = {"D": n, "L": L_, "Lbar": Lbar_, "partition": sizes_part}
     block_ranks = [(Tt[i] - _prod(Wf[b.start:b.stop], n)).rank() for i, b in enumerate(blocks)]
     required = max(ceil_div(rk, len(b)) for rk, b in zip(block_ranks, blocks))
-    rec = _Recorder()
+    rec = _Recorder(f0, fbar)
     domain = {"center": _sym(u0), "radius_squared": sympy.Rational(int(r2.numerator), int(r2.denominator)),
               "blocks": []}
     weights, biases = [], []
@@ -921,7 +929,7 @@ def certify_tfn(frozen, target, rank) -> Certificate:
                       f"{(Lb, H, n)}, got {(fbar.depth, fbar.heads, fbar.embed_dim)}")
     R = as_int(rank, "rank", 0, n)
     sizes = {"D": n, "L": Lb, "H": H}
-    rec = _Recorder()
+    rec = _Recorder(f0, fbar)
     G = [0] * Lb
 
     def g(M):

@@ -362,3 +362,23 @@ def test_fnn_with_linear_activation_needs_no_levels():
     want = target.to_float()(x)
     _fnn_agrees_in_float(cert, frozen, target, [0, 0, 0], 100, seed=0)
     assert np.allclose(cert.adapted.to_float()(x), want, rtol=0, atol=1e-9 * np.abs(want).max())
+
+
+def test_certificate_records_the_instance():
+    """A certificate names the instance it is about: the exact frozen model and target, in every outcome."""
+    W, T = random_rational_linear(3, 2, seed=1)
+    exact, below = certify_linear(W, T, 3), certify_linear(W, T, 0)
+    for cert in (exact, below):
+        assert cert.frozen == tuple(sympy.ImmutableMatrix(M) for M in W) and cert.target == T
+    floats = certify_linear([np.eye(2) * 0.1, np.eye(2)], np.eye(2), 1)
+    assert floats.frozen[0][0, 0] == sympy.Rational(3602879701896397, 36028797018963968)   # the exact float
+    broken = RationalFNN((sympy.eye(3), sympy.zeros(3, 3)), (sympy.zeros(3, 1),) * 2)
+    f_frozen, f_target = random_rational_fnn(3, 2, 1, seed=3)
+    for fr in (f_frozen, broken):
+        cert = certify_fnn(fr, f_target, 2, input_radius=1)
+        assert cert.frozen is fr and cert.target is f_target
+    t_frozen, t_target = random_rational_tfn(2, 1, 1, seed=0)
+    cert = certify_tfn(t_frozen, t_target, 1)
+    assert cert.frozen is t_frozen and cert.target is t_target
+    from_float = certify_tfn(t_frozen.to_float(), t_target.to_float(), 1)
+    assert isinstance(from_float.frozen, RationalTFN) and from_float.frozen.wq == t_frozen.wq
