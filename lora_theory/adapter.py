@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import as_array, readonly
+from ._validate import as_array, as_int, readonly
 from .errors import InvalidArgumentError
 
 __all__ = ["Adapter"]
@@ -51,11 +51,13 @@ class Adapter:
         """Factor ``delta`` as ``B A`` through its SVD, keeping ``rank`` directions (all numeric ones by default).
 
         ``B = U_r diag(s_r)``, ``A = V_r^T``; with ``rank`` below ``rank(delta)`` this is ``LR_r(delta)``.
+        ``rank`` must be an integer in ``0..min(delta.shape)`` (:class:`~lora_theory.errors.InvalidArgumentError`
+        otherwise: a negative one sliced from the end, a float was truncated).
         """
         from .numerics import numeric_rank
 
         delta = as_array(delta, "delta", ndim=2)
-        r = numeric_rank(delta) if rank is None else int(rank)
+        r = numeric_rank(delta) if rank is None else as_int(rank, "rank", 0, min(delta.shape))
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
         return cls(vt[:r], u[:, :r] * s[:r])
 

@@ -257,3 +257,22 @@ def test_valid_rank_tolerances_still_work():
     assert numeric_rank(np.diag([1.0, 1e-3, 0.0]), tol=np.float32(1e-4)) == 2
     fit = lora_linear(GOOD, TARGET, 1, rank_tol=0.0)
     assert fit.error_rank == 3 and not fit.exact
+
+
+# Adapter.from_delta(np.eye(3), -1) sliced a rank-2 adapter from the end and 1.7 truncated to 1.
+@pytest.mark.parametrize("rank, match", [
+    (-1, r"^rank: must be at least 0, got -1"),
+    (1.7, r"^rank: must be an integer, got 1.7"),
+    (4, r"^rank: must be at most 3, got 4"),
+    (True, r"^rank: must be an integer, got True"),
+])
+def test_adapter_from_delta_rejects_negative_or_fractional_rank(rank, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        Adapter.from_delta(np.eye(3), rank)
+
+
+def test_adapter_from_delta_valid_ranks():
+    assert Adapter.from_delta(np.eye(3), 0).rank == 0
+    assert Adapter.from_delta(np.eye(3), np.int64(2)).rank == 2
+    assert Adapter.from_delta(np.ones((3, 2)), 2).rank == 2          # up to min(delta.shape)
+    assert Adapter.from_delta(np.ones((3, 2))).rank == 1             # default: the numeric rank
