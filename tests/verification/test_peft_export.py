@@ -199,7 +199,7 @@ def test_advisor_proposal_round_trips_through_peft(tmp_path, fmt):
     assert relative_error(got, want) < 1e-5
 
     # the proposal itself is a valid LoraConfig whose layers have the proposed ranks
-    fresh = peft.get_peft_model(MLP(), peft.LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"}))
+    fresh = peft.get_peft_model(MLP(), peft.LoraConfig(**cfg))
     shapes = {n: tuple(p.shape) for n, p in fresh.named_parameters() if "lora_A" in n}
     assert shapes == {f"base_model.model.{n}.lora_A.default.weight": (r, tuned.get_submodule(n).in_features)
                       for n, r in cfg["rank_pattern"].items()}
