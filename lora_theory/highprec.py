@@ -112,7 +112,9 @@ def suggest_precision(fit) -> PrecisionAdvice:
     ``radius_amplification`` ``a`` (:attr:`lora_theory.fnn.FNNFit.radius_amplification`, 1 when absent): the
     expected relative error is ``u·(κ + γ)·a``, the value :class:`~lora_theory.errors.IllConditionedWarning`
     is raised on, and the digits :func:`choose_digits` ``(κ, γ)`` plus ``ceil(log10 a)``. When float64 is
-    not enough the message names the high-precision path and the digits it needs.
+    not enough the message names the high-precision path and the digits it needs; for a
+    :class:`~lora_theory.tfn.TFNFit`, which no high-precision construction here rebuilds, it says so and
+    points to the exact certificate :func:`lora_theory.symbolic.certify_tfn` instead.
     """
     if not hasattr(fit, "kappa"):
         raise InvalidArgumentError("fit", f"must be a fit with a condition number (kappa), got {type(fit).__name__}")
@@ -122,7 +124,17 @@ def suggest_precision(fit) -> PrecisionAdvice:
     expected = unit_roundoff() * (kappa + gamma) * amplification
     ok = expected <= WARN_RELATIVE_ERROR
     digits = choose_digits(kappa, gamma) + int(math.ceil(math.log10(amplification)))
+    from .tfn import TFNFit
+
     fn = "lora_fnn_mp" if hasattr(fit, "domain") or hasattr(fit, "block_fits") else "lora_linear_mp"
+    if isinstance(fit, TFNFit) and not ok:
+        # neither high-precision construction rebuilds a transformer (attention, two chains per head)
+        msg = (f"float64 loses about {math.log10(max(kappa, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, expected "
+               f"relative error {expected:.2g}) and there is no high-precision TFN construction "
+               f"(lora_linear_mp and lora_fnn_mp cannot rebuild a TFN; about {digits} digits would be needed): "
+               "for a rational (or float64, taken exactly) instance, lora_theory.symbolic.certify_tfn certifies "
+               "the construction exactly, with no rounding")
+        return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)
     if ok:
         amp = f", radius amplification a = {amplification:.3g}" if amplification > 1 else ""
         msg = (f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}{amp}, expected relative error "

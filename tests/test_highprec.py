@@ -147,3 +147,22 @@ def test_four_layer_relu_block_agrees_with_float64():
     assert np.linalg.norm(fit.model(x) - want) <= fit.tolerance * np.linalg.norm(want)
     for beta_mp, beta in zip(hp.levels, (b.levels for b in fit.block_fits)):
         np.testing.assert_allclose([float(v) for v in beta_mp], beta, rtol=tolerance(fit.kappa, fit.gamma))
+
+
+def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_the_exact_certificate():
+    """No high-precision path rebuilds a TFN: the advice must not name lora_linear_mp for a TFNFit."""
+    from lora_theory.models import random_tfn
+    from lora_theory.tfn import lora_tfn
+
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
+    w1 = np.array(frozen.w1)
+    w1[0] = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt                     # κ(W1) = 1e10: u·κ ≈ 1e-6
+    with pytest.warns(IllConditionedWarning):
+        fit = lora_tfn(frozen.replace(w1=w1), target, 2)
+    advice = suggest_precision(fit)
+    assert not advice.float64_sufficient
+    assert "highprec.lora_linear_mp(" not in advice.message and "use the high-precision path" not in advice.message
+    assert "no high-precision TFN construction" in advice.message and "certify_tfn" in advice.message
+    well = suggest_precision(lora_tfn(frozen, target, 2))
+    assert well.float64_sufficient and "float64 suffices" in well.message
