@@ -282,6 +282,26 @@ def _chain_mp(factors, target, ranks, names, rank_tol):
     return adapters, adapted, s, rank_E, kappas
 
 
+def _warn_if_too_few_digits(fit, what):
+    """Warn when digits the caller chose keep fewer than 8 after the construction lost ``log10(κ + γ)``.
+
+    The rule of the float64 path (:func:`lora_theory.numerics.warn_if_ill_conditioned`) at the working
+    precision: warn when ``u_digits·(κ + γ) > 1e-8``, ``u_digits = eps / 2`` at ``digits`` significant
+    digits. (Warning whenever :func:`choose_digits` asks for more would warn at 16 to 23 digits even for
+    ``κ = 1``, its 8 safety digits included.) The message gives :func:`choose_digits` ``(κ, γ)``.
+    """
+    with _mp.workdps(fit.digits):
+        u = float(_mp.eps) / 2
+    expected = u * (fit.kappa + fit.gamma)
+    if expected > WARN_RELATIVE_ERROR:
+        needed = choose_digits(fit.kappa, fit.gamma)
+        warnings.warn(
+            f"{what} at digits={fit.digits} is ill-conditioned: κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g}; expect "
+            f"relative errors near u·(κ + γ) = {expected:.2g} at that precision; {needed} digits are needed "
+            f"(choose_digits: {TARGET_DIGITS} kept + log10 κ + log10 γ + {SAFETY_DIGITS} safety), or pass "
+            "digits=None to choose them", IllConditionedWarning, stacklevel=3)
+
+
 def _float64_kappa_estimate(run):
     """``(κ, γ)`` of the float64 construction (``inf`` when float64 finds a matrix singular)."""
     with warnings.catch_warnings():
@@ -404,6 +424,12 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
         As :func:`lora_theory.lora_linear`; ``digits`` not an int >= 16; ``rank_tol`` NaN, infinite or negative.
     SingularMatrixError
         ``Q_l`` or ``P_l`` singular at the working precision.
+
+    Warns
+    -----
+    IllConditionedWarning
+        When ``digits`` is given and too few: ``u·(κ + γ) > 1e-8`` at that precision; the message gives the
+        digits :func:`choose_digits` asks for.
     """
     frozen = as_square_sequence(frozen, "frozen")
     n = frozen[0].shape[0]
@@ -425,7 +451,9 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
                              f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} "
                              "digits", rank_tol)
         return fit
-    return _linear_mp(frozen, target, ranks, digits, "given", rank_tol)
+    fit = _linear_mp(frozen, target, ranks, digits, "given", rank_tol)
+    _warn_if_too_few_digits(fit, "high-precision linear construction (Lemma 1)")
+    return fit
 
 
 def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
@@ -579,6 +607,11 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
     ------
     InvalidArgumentError, SingularMatrixError
         As :func:`lora_theory.fnn.lora_fnn` (a singular matrix at the working precision).
+
+    Warns
+    -----
+    IllConditionedWarning
+        As :func:`lora_linear_mp`: ``digits`` given and ``u·(κ + γ) > 1e-8`` at that precision.
     """
     from .fnn import _check_models, lora_fnn
 
@@ -604,7 +637,9 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
                           f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits",
                           rank_tol)
         return fit
-    return _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, "given", rank_tol)
+    fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, "given", rank_tol)
+    _warn_if_too_few_digits(fit, "high-precision FNN construction (Theorem 3)")
+    return fit
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):

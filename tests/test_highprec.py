@@ -166,3 +166,22 @@ def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_the_exact_certifi
     assert "no high-precision TFN construction" in advice.message and "certify_tfn" in advice.message
     well = suggest_precision(lora_tfn(frozen, target, 2))
     assert well.float64_sufficient and "float64 suffices" in well.message
+
+
+def test_explicit_digits_too_few_warn_with_the_digits_needed():
+    """Chosen digits that the construction's κ eats (8-layer block at 16 digits: errors near 1e-6) warn;
+    enough digits do not."""
+    frozen, target = _deep_linear(0)
+    with pytest.warns(IllConditionedWarning, match=r"at digits=16 .*κ = .*; (\d+) digits are needed") as record:
+        hp = lora_linear_mp(frozen, target, 2, digits=16)
+    needed = choose_digits(hp.kappa, hp.gamma)
+    assert any(f"; {needed} digits are needed" in str(w.message) for w in record)
+    assert 10.0 ** -16 * (hp.kappa + hp.gamma) > 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        lora_linear_mp(frozen, target, 2, digits=needed)
+        small = random_linear(3, 2, seed=0).weights
+        lora_linear_mp(small, np.eye(3), 1, digits=16)                  # well conditioned: 16 digits are plenty
+    f0, t = random_fnn(16, 8, seed=0, scale=0.25), random_fnn(16, 1, seed=1)
+    with pytest.warns(IllConditionedWarning, match=r"high-precision FNN construction \(Theorem 3\) at digits=16"):
+        lora_fnn_mp(f0, t, 2, input_radius=10.0, digits=16)
