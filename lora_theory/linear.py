@@ -203,8 +203,16 @@ class LinearFit:
         return product(self.model.weights)
 
     def achieved_error(self, norm: str = "spectral") -> float:
-        """``||Π(W_l + Δ_l) - T||`` actually reached (2-norm or Frobenius)."""
-        return float(np.linalg.norm(self.product - self.target, 2 if norm == "spectral" else "fro"))
+        """``||Π(W_l + Δ_l) - T||`` actually reached: ``norm="spectral"`` (2-norm) or ``"fro"`` (Frobenius).
+
+        Any other ``norm`` raises :class:`~lora_theory.errors.InvalidArgumentError`, as in
+        :func:`linear_optimal_error` (it used to fall back to Frobenius silently).
+        """
+        if norm == "spectral":
+            return float(np.linalg.norm(self.product - self.target, 2))
+        if norm == "fro":
+            return float(np.linalg.norm(self.product - self.target, "fro"))
+        raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
 
 
 def _chain_gamma(frozen, adapted, target) -> float:

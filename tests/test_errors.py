@@ -161,6 +161,16 @@ def test_bad_norm_argument():
         linear_optimal_error(GOOD, TARGET, 1, norm="nuclear")
 
 
+@pytest.mark.parametrize("norm", ["nuclear", "Spectral", 2, None])
+def test_achieved_error_nuclear_is_refused_not_frobenius(norm):
+    # LinearFit.achieved_error('nuclear') used to return the Frobenius norm silently
+    fit = lora_linear(GOOD, TARGET, 1)
+    with pytest.raises(InvalidArgumentError, match=rf"^norm: must be 'spectral' or 'fro', got {norm!r}"):
+        fit.achieved_error(norm)
+    assert fit.achieved_error("fro") == pytest.approx(fit.frobenius_error, rel=1e-9, abs=1e-12)
+    assert fit.achieved_error() == pytest.approx(fit.spectral_error, rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("adapters, match", [
     ([np.zeros((D, D))], r"^adapters: must give one adapter per frozen layer \(2\), got 1"),
     (5, r"^adapters: must be a sequence with one adapter per frozen layer, got int"),
