@@ -19,7 +19,7 @@ CASES = {
     "fnn": ["--ranks", "1,2"],
     "tfn": ["--ranks", "1,2", "--seq-len", "3", "--frozen", "random"],
     "final_layers": ["--depth", "3", "--ranks", "1", "--layers", "1,2"],
-    "biases": ["--ranks", "2"],
+    "biases": ["--ranks", "2", "--select", "best", "--validate-every", "5"],
     "rank_schedule": ["--steps=-1,1"],
     "depth_sweep": ["--depths", "2,4", "--ranks", "1,2"],
 }
@@ -49,6 +49,8 @@ def test_cli_quick_writes_valid_files(name, tmp_path, capsys):
     assert len({r["id"] for r in records}) == len(records) > 0
     for r in records:
         assert {"config", "config_hash", "seed", "versions", "device", "losses", "wall_time_s"} <= set(r)
+        if "best" in CASES[name]:  # --select best records the chosen iterate
+            assert 1 <= r["best_step"] <= 20 and r["config"]["select"] == "best"
     printed = capsys.readouterr().out
     assert name in printed and "gradient" in printed
 
