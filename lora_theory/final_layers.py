@@ -10,7 +10,9 @@ sup norm its error on the domain is at least ``||f̄(x) - f̄(x')|| / 2``. LoRA 
 the last ``l`` layers.
 
 :func:`final_layers_witness` makes this checkable on a stated ball: it searches for the pair that maximises
-the target's separation and reports it, or says that the domain holds none, and why.
+the target's separation and reports it, or says that the domain holds none, and why. A singular ``W_1``
+gives the pair without any ReLU: ``x' = x + v`` with ``v`` in the kernel of ``W_1`` has the same first-layer
+pre-activation as ``x``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._validate import as_array, as_int, as_ranks, readonly
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, SingularMatrixError
 from .fnn import sample_ball
 from .models import FNN
-from .numerics import check_invertible, unit_roundoff
+from .numerics import check_invertible, numeric_rank, unit_roundoff
 
 __all__ = ["Witness", "final_layers_witness", "lora_parameter_count", "final_layers_parameter_count"]
 
@@ -50,11 +52,14 @@ class Witness:
     reason : str
         Why (or why not): e.g. ``b_1`` keeps every first-layer pre-activation positive on the ball.
     x, x_prime : ndarray (D,) or None
-        The pair, both in the ball; ``x' = x + W_1^{-1} d``.
+        The pair, both in the ball; ``x' = x + W_1^{-1} d`` (``mechanism="relu"``) or ``x' = x + v`` with
+        ``W_1 v = 0`` (``mechanism="kernel"``).
     d : ndarray (D,) or None
-        ``W_1 (x' - x)``: the change of the first-layer pre-activation, zero off ``coordinates``.
+        ``W_1 (x' - x)``: the change of the first-layer pre-activation, zero off ``coordinates`` (for a
+        kernel witness, computed, at rounding level).
     coordinates : tuple of int
-        The support of ``d``: first-layer units negative at both points.
+        The support of ``d``: first-layer units negative at both points (empty for a kernel witness, which
+        needs no unit switched off).
     separation : float
         ``||f̄(x) - f̄(x')||_2`` (0 when no pair was found).
     relative_separation : float
@@ -70,6 +75,9 @@ class Witness:
     center : ndarray (D,)
     radius : float
         The ball searched.
+    mechanism : {"relu", "kernel"}
+        How the first layer merges the pair: ReLU units negative at both points (invertible ``W_1``), or
+        ``x' - x`` in the kernel of a singular ``W_1``.
     """
 
     found: bool
@@ -85,6 +93,7 @@ class Witness:
     lower_bound: float
     center: np.ndarray
     radius: float
+    mechanism: str = "relu"
 
     def __bool__(self) -> bool:
         return self.found
@@ -96,7 +105,7 @@ def _none(reason, center, radius):
                    center=readonly(center), radius=radius)
 
 
-def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None, seed=0,
+def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=None, seed=0,
                          n_starts: int = 64, n_directions: int = 32, n_refine: int = 20) -> Witness:
     """Search a ball for the pair of Lemma 4 (Zeng & Lee 2024): equal after the frozen first layer, far apart
     under the target.
@@ -109,10 +118,10 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
     target : FNN
         ``f̄``, any depth, the frozen model's width ``D``.
     input_radius : float > 0
-        Radius of the domain ``||x - center||_2 <= input_radius``.
+        Radius of the domain ``||x - center||_2 <= input_radius`` (required: a witness is about a domain).
     center : array (D,), optional
         Its centre (default 0).
-    seed : int or numpy Generator
+    seed : int >= 0, None or numpy Generator
         For the random search.
     n_starts, n_directions, n_refine : int
         Search effort: random starting points ``x`` (besides the points where each first-layer unit is most
@@ -123,15 +132,19 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
     Witness
         ``found=False`` with the reason when ``b_1`` keeps every first-layer unit positive on the ball (the
         first layer is then affine and injective there, and final-layers tuning can undo it, e.g.
-        ``W_2 = T_1 W_1^{-1}`` for a one-layer target), when the first layer has no ReLU, or when the best
-        separation found is at rounding level.
+        ``W_2 = T_1 W_1^{-1}`` for a one-layer target), when the first layer has no ReLU (and ``W_1`` is
+        invertible), or when the best separation found is at rounding level.
+
+        A singular ``W_1`` (to working precision, as :func:`~lora_theory.numerics.check_invertible`) gives
+        the pair trivially, with or without ReLU: ``x' = x + v`` with ``v`` in its numeric kernel has
+        ``W_1 x' + b_1 = W_1 x + b_1``. The search then runs along kernel directions, chords of the ball
+        through random points, and reports a ``mechanism="kernel"`` witness, subject to the same
+        rounding-ratio rule (a target blind to the kernel separates nothing).
 
     Raises
     ------
     InvalidArgumentError
-        Not FNNs, widths differ, bad radius, centre or search effort.
-    SingularMatrixError
-        ``W_1`` is singular (``x' = x + W_1^{-1} d`` needs a solve with it).
+        Not FNNs, widths differ, missing or bad radius, bad centre, seed or search effort.
     """
     if not isinstance(frozen, FNN):
         raise InvalidArgumentError("frozen", f"must be a lora_theory.FNN, got {type(frozen).__name__}")
@@ -140,9 +153,15 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
     D = frozen.width
     if target.width != D:
         raise InvalidArgumentError("target", f"must have the frozen model's width D = {D}, got {target.width}")
+    if input_radius is None:
+        raise InvalidArgumentError("input_radius", "is required and must be positive and finite: the witness "
+                                                   "searches the ball ||x - center|| <= input_radius")
     if isinstance(input_radius, (bool, np.bool_)) or not isinstance(input_radius, numbers.Real) \
             or not math.isfinite(input_radius) or input_radius <= 0:
         raise InvalidArgumentError("input_radius", f"must be positive and finite, got {input_radius!r}")
+    if not (seed is None or isinstance(seed, np.random.Generator)
+            or (isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0)):
+        raise InvalidArgumentError("seed", f"must be a non-negative int, None or a numpy Generator, got {seed!r}")
     r = float(input_radius)
     c = np.zeros(D) if center is None else as_array(center, "center", shape=(D,))
     n_starts = as_int(n_starts, "n_starts", 1)
@@ -150,10 +169,16 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
     n_refine = as_int(n_refine, "n_refine", 0)
 
     W1, b1 = frozen.weights[0], frozen.biases[0]
-    if frozen.activation != "relu" or (frozen.depth == 1 and not frozen.final_relu):
-        return _none("the frozen first layer has no ReLU: it is affine, injective when W_1 is invertible, "
+    first_relu = frozen.activation == "relu" and (frozen.depth > 1 or frozen.final_relu)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    try:
+        check_invertible(W1, "W_1", "the witness solves W_1 (x' - x) = d")
+    except SingularMatrixError as exc:
+        return _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu,
+                               exc.condition_number)
+    if not first_relu:
+        return _none("the frozen first layer has no ReLU: it is affine, injective as W_1 is invertible, "
                      "and the final layers can undo it", c, r)
-    check_invertible(W1, "W_1", "the witness solves W_1 (x' - x) = d")
 
     # the smallest value of every first-layer unit on the ball
     rows = np.linalg.norm(W1, axis=1)                                     # (D,)
@@ -166,7 +191,6 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
                      f"{float(lowest.min()):.3g}): the first layer is affine and injective there, so no pair "
                      f"exists and tuning the final layers can fit", c, r)
 
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     negative_units = np.flatnonzero(lowest < -eta)
     # starts: where each unit that can go negative is most negative, their pairwise midpoints pushed to the
     # sphere, and uniform points of the ball
@@ -216,6 +240,68 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius, center=None,
                    coordinates=tuple(int(k) for k in support), separation=float(sep),
                    relative_separation=float(sep / ref) if ref > 0 else 0.0, rounding_ratio=float(ratio),
                    first_layer_gap=gap, lower_bound=float(sep / 2), center=readonly(c), radius=r)
+
+
+def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu, kappa):
+    """The pair of a singular ``W_1``: ``x' = x + v``, ``v`` in its numeric kernel, both ends of a chord."""
+    D = W1.shape[0]
+    _, s, Vt = np.linalg.svd(W1)
+    K = Vt[numeric_rank(W1):].T                                           # (D, k) orthonormal kernel basis
+    X = np.vstack([c, sample_ball(c, r, n_starts, rng)])                  # (n, D) chord through each point
+    best = _chord_search(X, K, c, r, target, rng, n_directions)
+    step = r / 4
+    for _ in range(n_refine):
+        near = best[1] + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
+        off = np.linalg.norm(near - c, axis=1, keepdims=True)
+        near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
+        cand = _chord_search(near, K, c, r, target, rng, n_directions)
+        if cand[0] > best[0]:
+            best = cand
+        else:
+            step /= 2
+    sep, x, xp = best
+    fx, fxp = target(x), target(xp)
+    ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
+    ratio = sep / (unit_roundoff() * ref) if ref > 0 else 0.0
+    d = W1 @ (xp - x)                                                     # (D,) rounding level
+    h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if first_relu else (lambda z: W1 @ z + b1)
+    hx, hxp = h(x), h(xp)
+    h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
+    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else float(np.linalg.norm(hx - hxp))
+    kappa_text = "inf" if not math.isfinite(kappa) else f"{kappa:.3g}"
+    found = ratio > MIN_ROUNDING_RATIO
+    if found:
+        reason = (f"W_1 is singular (κ = {kappa_text}, kernel of dimension {K.shape[1]}): x' - x lies in its "
+                  f"kernel, so W_1 x + b_1 = W_1 x' + b_1 and the frozen first layer maps both to the same point "
+                  f"while the target's outputs differ by {sep:.3g}: no tuning of the final layers is within "
+                  f"{sep / 2:.3g} of the target on this ball")
+    else:
+        reason = (f"W_1 is singular (κ = {kappa_text}) but the target separates the best pair along its kernel "
+                  f"at rounding level only ({ratio:.3g} roundings): no witness on this ball")
+    return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d), coordinates=(),
+                   separation=float(sep), relative_separation=float(sep / ref) if ref > 0 else 0.0,
+                   rounding_ratio=float(ratio), first_layer_gap=gap, lower_bound=float(sep / 2),
+                   center=readonly(c), radius=r, mechanism="kernel")
+
+
+def _chord_search(X, K, c, r, target, rng, n_directions):
+    """Over the chords of the ball through the rows of ``X`` along unit kernel directions (the basis columns
+    of ``K`` and random combinations), the two ends the target separates most: ``(separation, x, x')``."""
+    D, k = K.shape
+    V = np.vstack([K.T, rng.standard_normal((n_directions, k)) @ K.T])  # (m, D) kernel directions
+    V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(float).tiny)
+    best = (-1.0, None, None)
+    for x in X:
+        b = V @ (x - c)                                                   # (m,)
+        q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
+        root = np.sqrt(np.maximum(b * b - q, 0.0))
+        t_hi, t_lo = (-b + root) * (1 - 1e-9), (-b - root) * (1 - 1e-9)   # ends of the chord, inside the ball
+        P, Pp = x + t_lo[:, None] * V, x + t_hi[:, None] * V              # (m, D) each
+        seps = np.linalg.norm(target(Pp) - target(P), axis=1)
+        j = int(np.argmax(seps))
+        if seps[j] > best[0]:
+            best = (float(seps[j]), P[j].copy(), Pp[j].copy())
+    return best
 
 
 def _search(X, W1, b1, c, r, eta, target, rng, n_directions):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_theory.errors import InvalidArgumentError, SingularMatrixError
+from lora_theory.errors import InvalidArgumentError
 from lora_theory.final_layers import (
     MIN_ROUNDING_RATIO,
     final_layers_parameter_count,
@@ -141,14 +141,45 @@ def test_parameter_counts():
 # -------------------------------------------------------------------------------------------- bad input
 
 
-def test_singular_first_layer_is_named():
+def test_singular_first_layer_gives_a_kernel_witness():
+    """A singular W_1 merges x and x + v for v in its kernel (W_1 x + b_1 unchanged, ReLU or not): the pair of
+    Lemma 4 exists trivially. It used to raise SingularMatrixError; it is now reported as a witness."""
     frozen = random_fnn(4, 2, seed=0)
     W1 = frozen.weights[0].copy()
-    W1[1] = 2 * W1[0]
-    with pytest.raises(SingularMatrixError, match="W_1") as info:
-        final_layers_witness(frozen.replace(weights=[W1, frozen.weights[1]]), random_fnn(4, 1, seed=1),
-                             input_radius=1.0)
-    assert info.value.matrix == "W_1" and "κ =" in str(info.value)
+    W1[1] = 2 * W1[0]                                                     # rank 3: a one-dimensional kernel
+    target = random_fnn(4, 1, seed=1, final_relu=False)
+    for activation in ("relu", "linear"):
+        broken = FNN([W1, frozen.weights[1]], frozen.biases, activation=activation)
+        w = final_layers_witness(broken, target, input_radius=1.0, seed=0, n_starts=8, n_refine=3)
+        assert w.found and w.mechanism == "kernel" and w.coordinates == ()
+        assert "W_1 is singular" in w.reason and "kernel of dimension 1" in w.reason
+        for z in (w.x, w.x_prime):
+            assert np.linalg.norm(z - w.center) <= w.radius * (1 + 1e-12)
+        assert np.linalg.norm(W1 @ (w.x_prime - w.x)) <= 1e-12 * np.linalg.norm(w.x_prime - w.x)
+        assert w.first_layer_gap <= 1e-12
+        sep = np.linalg.norm(target(w.x) - target(w.x_prime))
+        assert w.separation == pytest.approx(sep) and w.lower_bound == pytest.approx(sep / 2)
+        assert w.rounding_ratio > MIN_ROUNDING_RATIO
+        # the longest chord along the kernel has length 2r; an affine target separates its ends most
+        v = np.linalg.svd(W1)[2][-1]
+        assert sep >= 0.99 * 2 * np.linalg.norm(target.weights[0] @ v)
+    # the same rounding-ratio rule: a target blind to the kernel separates nothing
+    blind = FNN([np.outer(np.ones(4), W1[0])], [np.zeros(4)], final_relu=False)     # T v = 0
+    w = final_layers_witness(frozen.replace(weights=[W1, frozen.weights[1]]), blind, input_radius=1.0,
+                             n_starts=8, n_refine=2)
+    assert not w.found and w.mechanism == "kernel" and "rounding level" in w.reason
+
+
+def test_missing_radius_and_bad_seed_are_project_errors():
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^input_radius: is required") as info:
+        final_layers_witness(frozen, target)                              # was a TypeError
+    assert info.value.argument == "input_radius"
+    for seed in (-1, 1.5, "0", True):
+        with pytest.raises(InvalidArgumentError, match=r"^seed: must be a non-negative int, None or a numpy Generator"):
+            final_layers_witness(frozen, target, input_radius=1.0, seed=seed)
+    for seed in (None, np.int64(3), np.random.default_rng(0)):
+        final_layers_witness(frozen, target, input_radius=1.0, seed=seed, n_starts=2, n_refine=0)
 
 
 @pytest.mark.parametrize("kwargs, argument, message", [
