@@ -347,20 +347,25 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
 def lora_parameter_count(width: int, depth: int, rank) -> int:
     """Trainable parameters of LoRA on every layer of a width-``D``, depth-``L`` FNN: ``2·R·D·L``.
 
-    With per-layer ranks ``R_l`` (a sequence of ``L`` ints), ``2·D·Σ_l R_l``. Biases are not counted.
-    Zeng & Lee 2024 compare LoRA with tuning the final layers (Lemma 4) at equal counts: ``2RDL = l·D^2``,
-    i.e. rank ``R = l·D / (2L)`` against the last ``l`` layers (:func:`final_layers_parameter_count`).
+    With per-layer ranks ``R_l`` (a sequence of ``L`` ints), ``2·D·Σ_l R_l``. Counted: the adapter factors
+    ``A`` (``R x D``) and ``B`` (``D x R``) of every layer. Not counted: biases (tuned or not, the same ``L·D``
+    in both methods' experiments). Zeng & Lee 2024 compare LoRA with tuning the final layers (Lemma 4) at
+    equal counts: ``2RDL = l·D^2``, i.e. rank ``R = l·D / (2L)`` against the last ``l`` layers, which is what
+    :func:`final_layers_parameter_count` returns by default (weights only), so the two compare like for like.
     """
     D = as_int(width, "width", 1)
     L = as_int(depth, "depth", 1)
     return 2 * D * sum(as_ranks(rank, L, D))
 
 
-def final_layers_parameter_count(width: int, layers: int, bias: bool = True) -> int:
-    """Trainable parameters of tuning the last ``l`` layers of a width-``D`` FNN: ``l·D^2`` (``+ l·D`` biases).
+def final_layers_parameter_count(width: int, layers: int, bias: bool = False) -> int:
+    """Trainable parameters of tuning the last ``l`` layers of a width-``D`` FNN: ``l·D^2`` weights.
 
-    The paper's comparison (Zeng & Lee 2024, Lemma 4 and its experiment): at equal parameter counts LoRA
-    (``2RDL``, :func:`lora_parameter_count`) represents targets that tuning the last ``l`` layers cannot.
+    Counted by default: the ``D x D`` weight matrices of the last ``l`` layers, and nothing else, like
+    :func:`lora_parameter_count` (``2RDL``, adapter factors only, no biases), so that the paper's comparison
+    (Zeng & Lee 2024, Lemma 4 and its experiment; THEORY.md §2.5: ``2RDL`` against ``l·D^2``) is like for
+    like: at equal counts LoRA represents targets that tuning the last ``l`` layers cannot. ``bias=True``
+    adds the ``l·D`` biases of those layers.
     """
     D = as_int(width, "width", 1)
     l = as_int(layers, "layers", 0)

@@ -132,10 +132,15 @@ def test_parameter_counts():
     assert lora_parameter_count(16, 8, 2) == 2 * 2 * 16 * 8
     assert lora_parameter_count(16, 4, [8, 9, 10, 11]) == 2 * 16 * 38
     assert lora_parameter_count(16, 2, 0) == 0
-    assert final_layers_parameter_count(16, 2) == 2 * 256 + 2 * 16
+    assert final_layers_parameter_count(16, 2, bias=True) == 2 * 256 + 2 * 16
     assert final_layers_parameter_count(16, 2, bias=False) == 2 * 256
-    # the paper's comparison at L̄ = 1, L = 8, D = 16: rank R against l layers when 2RDL = l·D^2
-    assert lora_parameter_count(16, 8, 2) == final_layers_parameter_count(16, 2, bias=False)
+
+
+def test_parameter_counts_compare_like_for_like_by_default():
+    """Neither count includes biases by default (final_layers_parameter_count used to add l·D), so the paper's
+    comparison 2RDL = l·D^2 (L̄ = 1, L = 8, D = 16: R = 2 against l = 2 layers) holds with the defaults."""
+    assert final_layers_parameter_count(16, 2) == 2 * 256
+    assert lora_parameter_count(16, 8, 2) == final_layers_parameter_count(16, 2)
 
 
 # -------------------------------------------------------------------------------------------- bad input
