@@ -38,7 +38,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +49,7 @@ import lora_theory
 from lora_theory.errors import LoraTheoryError
 
 from .models import TorchFNN, TorchTFN
-from .trainer import FNNStack, TFNStack, BatchStream, gaussian_inputs, train_stack
+from .trainer import BatchStream, FNNStack, TFNStack, fnn_apply, gaussian_inputs, tfn_apply, train_stack
 
 __all__ = ["Cell", "ExperimentSpec", "run_cli", "CLIError", "parse_ranks"]
 
@@ -515,10 +515,8 @@ def _evaluate(stack, targets_out, target_index, X, device):
         for i in range(0, R, size):
             sl = slice(i, i + size)
             if structure_fnn:
-                from .trainer import fnn_apply
                 pred = fnn_apply(W[sl], b[sl], Xd, stack.activation, stack.final_relu)
             else:
-                from .trainer import tfn_apply
                 pred = tfn_apply({k: v[sl] for k, v in eff.items()}, Xd)
             y = targets_out[target_index[sl]]
             err = ((pred - y) ** 2).mean(dim=tuple(range(2, pred.dim())))

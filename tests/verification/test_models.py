@@ -1,6 +1,5 @@
 """The torch models equal lora_theory's numpy models in float64."""
 
-import os
 from pathlib import Path
 
 import numpy as np
