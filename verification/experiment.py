@@ -293,6 +293,10 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
                 if honest:  # the authors' biases: sized on 256 N(0, I) samples, multiplicative margin 2
                     calib = gaussian_inputs(CALIBRATION_SEED, N_CALIBRATION, (frozen.width,)).numpy()
                     models["calibrated_"] = lora_fnn(frozen, target, list(cell.ranks), inputs=calib, margin=2.0).model
+        except lora_theory.SingularMatrixError as exc:
+            # singular to working precision: not computable in float64 (the high-precision path may be)
+            out.update(kappa=exc.condition_number, note=f"n/c (κ={exc.condition_number:.1e}; {exc.matrix.split(' =')[0]})")
+            return out
         except LoraTheoryError as exc:
             out["note"] = f"construction failed: {exc}"
             return out
