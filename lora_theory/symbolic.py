@@ -1079,25 +1079,42 @@ def random_rational_fnn(width: int, depth: int, target_depth: int, *, seed=None,
     return model(depth_), model(tdepth)
 
 
+def _rand_nonsingular(rng, n, bound, denominator):
+    """As :func:`_rand` for an ``n x n`` matrix, redrawn until its determinant is non-zero (exactly)."""
+    while True:
+        M = _rand(rng, (n, n), bound, denominator)
+        if M.det() != 0:
+            return M
+
+
 def random_rational_tfn(embed_dim: int, depth: int, heads: int, *, seed=None, denominator: int = 4,
-                        bound: int = 4):
+                        bound: int = 4, nonsingular: bool = False):
     """A random rational transformer pair ``(frozen, target)`` (:class:`RationalTFN`) for :func:`certify_tfn`.
 
-    Every parameter ``k / denominator``, ``k`` uniform in ``-bound..bound``.
+    Every parameter ``k / denominator``, ``k`` uniform in ``-bound..bound``. Small entries make singular
+    matrices common (one ``2 x 2`` draw in ten or so); ``nonsingular=True`` redraws every ``D x D`` matrix
+    until its determinant is non-zero, so the matrices Theorem 7 inverts as given (``W_K^T``, ``W_O``,
+    ``W1_l``, ``W2_l``, ``T2_l``, ``W_out``) are invertible. (Matrices built by the construction, such as
+    ``W_Q + Δ_Q``, can still be singular.)
     """
     n = as_int(embed_dim, "embed_dim", 1)
     depth_ = as_int(depth, "depth", 1)
     H = as_int(heads, "heads", 1)
     den, b = _instance_args(denominator, bound)
+    if not isinstance(nonsingular, (bool, np.bool_)):
+        raise InvalidArgumentError("nonsingular", f"must be a bool, got {nonsingular!r}")
     rng = _rng(seed)
 
+    def square():
+        return _rand_nonsingular(rng, n, b, den) if nonsingular else _rand(rng, (n, n), b, den)
+
     def model():
-        att = [[[_rand(rng, (n, n), b, den) for _ in range(H)] for _ in range(depth_)] for _ in range(4)]
+        att = [[[square() for _ in range(H)] for _ in range(depth_)] for _ in range(4)]
         return RationalTFN(*att,
-                           w1=[_rand(rng, (n, n), b, den) for _ in range(depth_)],
+                           w1=[square() for _ in range(depth_)],
                            b1=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
-                           w2=[_rand(rng, (n, n), b, den) for _ in range(depth_)],
+                           w2=[square() for _ in range(depth_)],
                            b2=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
-                           w_out=_rand(rng, (n, n), b, den))
+                           w_out=square())
 
     return model(), model()

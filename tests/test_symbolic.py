@@ -258,15 +258,16 @@ def test_fnn_accepts_float_models():
 
 @given(n=st.integers(2, 4), depth=st.integers(1, 2), heads=st.integers(1, 2), seed=st.integers(0, 10_000))
 def test_tfn_certificate_at_threshold_and_below(n, depth, heads, seed):
-    frozen, target = random_rational_tfn(n, depth, heads, seed=seed)
+    # nonsingular=True: every matrix Theorem 7 inverts as given is invertible (with the default small
+    # entries about a third of the draws had a singular W_K^T, W_O, W1, W2, T2 or W_out and skipped the rest)
+    frozen, target = random_rational_tfn(n, depth, heads, seed=seed, nonsingular=True)
     probe = certify_tfn(frozen, target, n)
-    if probe.outcome != EXACT:
-        _check_named_singular(probe)
-        return
+    assert probe.outcome == EXACT                  # at R = D no chain solves with a matrix it built itself
     R = probe.required_rank
     cert = certify_tfn(frozen, target, R)
-    if cert.outcome != EXACT:  # at a lower rank the chains also invert P_2 = W_Q + Δ_Q, ...
+    if cert.outcome != EXACT:  # rare (2 draws in 100): below D the chains also invert P_2 = W_Q + Δ_Q, ...
         _check_named_singular(cert)
+        assert "P_2" in cert.reason or cert.reason.startswith("W_out + Δ_out")   # built by the construction
         return
     assert all(c.passed for c in cert.checks)
     X = np.random.default_rng(seed).standard_normal((3, n, 5))
@@ -278,6 +279,30 @@ def test_tfn_certificate_at_threshold_and_below(n, depth, heads, seed):
         assert below.outcome == NOT_MET                              # never "impossible" for TFNs
         assert ("matched rank G" in below.reason and f"exceeds 2R = {2 * (R - 1)}" in below.reason) \
             or "is singular" in below.reason
+
+
+@pytest.mark.parametrize("seed, named", [
+    (5, "qk[0,0]: Q_1 = W_K[0,0]^T is singular"),
+    (7, "out: Q_1 = W_out is singular"),
+    (8, "W1[0] is singular"),
+    (11, "ov[0,0]: Q_1 = W_O[0,0] is singular"),
+])
+def test_tfn_singular_draws_are_named(seed, named):
+    """The singular branch, explicitly: default draws (small entries) whose given matrices are singular."""
+    frozen, target = random_rational_tfn(2, 1, 1, seed=seed)
+    cert = certify_tfn(frozen, target, 2)
+    _check_named_singular(cert)
+    assert cert.reason.startswith(named)
+
+
+def test_random_rational_tfn_nonsingular_option():
+    frozen, target = random_rational_tfn(2, 2, 2, seed=5, nonsingular=True)
+    for model in (frozen, target):
+        squares = [M for name in ("wq", "wk", "wv", "wo") for block in getattr(model, name) for M in block]
+        squares += list(model.w1) + list(model.w2) + [model.w_out]
+        assert all(M.det() != 0 for M in squares)
+    with pytest.raises(InvalidArgumentError, match=r"^nonsingular: must be a bool"):
+        random_rational_tfn(2, 1, 1, nonsingular="yes")
 
 
 def test_tfn_acceptance_instance():
