@@ -4,8 +4,9 @@
     python bench/trainer.py --device cuda   # adds the CUDA column and an estimate of the paper's grid
 
 For each model it reports run-steps per second of
-* the baseline: one run at a time (``TorchFNN``/``TorchTFN``, adapters applied with ``functional_call``,
-  ``torch.optim.Adam``, a fresh batch and the target's output every step: the work of the authors' loop),
+* the baseline: one run at a time, the same model code (a stack of one run, autograd) with
+  ``torch.optim.Adam``, a fresh batch and the target's output every step (the work of the authors' loop),
+  on a CPU the better of one thread and all threads,
 * the batched trainer (:func:`verification.trainer.train_stack`) with stacks as the CLIs use them
   (64 runs per stack on a CPU, with one stack per core trained at once; all runs in one stack on CUDA),
 the ratio, and the fraction of the arithmetic ceiling: FLOPs per run-step over the float32 matmul rate
@@ -24,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_theory  # noqa: E402
-from verification.models import TorchFNN, TorchTFN  # noqa: E402
-from verification.trainer import BatchStream, FNNStack, TFNStack, lora_init_A, train_stack  # noqa: E402
+from verification.trainer import BatchStream, FNNStack, TFNStack, train_stack  # noqa: E402
 
 D, BATCH, RANK = 16, 256, 4
 FNN_L, FNN_LBAR = 4, 2
@@ -76,57 +75,19 @@ def _sync(device):
 
 # --------------------------------------------------------------------------------------------- baseline
 
-def baseline_fnn(device, steps):
-    frozen = lora_theory.random_fnn(D, FNN_L, seed=1)
-    target = lora_theory.random_fnn(D, FNN_LBAR, seed=2)
-    model = TorchFNN.from_numpy(frozen, dtype=torch.float32, device=device)
-    tm = TorchFNN.from_numpy(target, dtype=torch.float32, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    A = [torch.nn.Parameter(a.float().to(device)) for a in lora_init_A(3, [RANK] * FNN_L, D)]
-    B = [torch.nn.Parameter(torch.zeros(D, RANK, device=device)) for _ in range(FNN_L)]
-    biases = [l.bias for l in model.layers]
-    for b in biases:
-        b.requires_grad_(True)
-    opt = torch.optim.Adam(A + B + biases, lr=1e-3, weight_decay=1e-4)
-    stream = BatchStream(4, BATCH, (D,))
+def baseline(make, device, steps):
+    """One run at a time: the same stacked model code with a single run (``R = 1``), autograd, and
+    ``torch.optim.Adam(weight_decay=...)`` over its adapters and biases; a fresh batch and the target's
+    output every step."""
+    stack, tstack, shape = make(1, device)
+    opt = torch.optim.Adam(list(stack.params.values()), lr=1e-3, weight_decay=1e-4)
+    stream = BatchStream(4, BATCH, shape)
 
     def step():
-        x = stream.next().to(device=device, dtype=torch.float32)
+        x = stream.next().to(device=device, dtype=torch.float32).unsqueeze(0)   # (1, n, *shape)
         with torch.no_grad():
-            y = tm(x)
-        state = {f"layers.{l}.weight": model.layers[l].weight + B[l] @ A[l] for l in range(FNN_L)}
-        loss = ((functional_call(model, state, (x,), strict=False) - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return _time_steps(step, steps, device)
-
-
-def baseline_tfn(device, steps):
-    frozen = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=1)
-    target = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=2)
-    model = TorchTFN.from_numpy(frozen, dtype=torch.float32, device=device)
-    tm = TorchTFN.from_numpy(target, dtype=torch.float32, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = [f"blocks.{l}.heads.{h}.{m}.weight" for l in range(TFN_L) for h in range(TFN_H)
-             for m in ("query", "key", "value", "output")] + [f"blocks.{TFN_L - 1}.ff2.weight", "output.weight"]
-    A = [torch.nn.Parameter(a.float().to(device)) for a in lora_init_A(3, [RANK] * len(names), D)]
-    B = [torch.nn.Parameter(torch.zeros(D, RANK, device=device)) for _ in names]
-    biases = [m.bias for blk in model.blocks for m in (blk.ff1, blk.ff2)]
-    for b in biases:
-        b.requires_grad_(True)
-    opt = torch.optim.Adam(A + B + biases, lr=1e-3, weight_decay=1e-4)
-    stream = BatchStream(4, BATCH, (D, TFN_N))
-
-    def step():
-        X = stream.next().to(device=device, dtype=torch.float32)
-        with torch.no_grad():
-            Y = tm(X)
-        state = {n: model.get_parameter(n) + b @ a for n, a, b in zip(names, A, B)}
-        loss = ((functional_call(model, state, (X,), strict=False) - Y) ** 2).mean()
+            y = tstack.forward(x)
+        loss = ((stack.forward(x) - y) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,12 +165,15 @@ def measure(device, args) -> dict:
            "matmul_gflops": ceiling_loop / 1e9}
     fnn_R = args.fnn_runs or (64 if device.type == "cpu" else 1920)
     tfn_R = args.tfn_runs or (8 if device.type == "cpu" else 512)
-    for name, make, base, flops, R, steps in (
-            ("fnn", _fnn_stack, baseline_fnn, fnn_flops(), fnn_R, args.fnn_steps),
-            ("tfn", _tfn_stack, baseline_tfn, tfn_flops(), tfn_R, args.tfn_steps)):
+    for name, make, flops, R, steps in (
+            ("fnn", _fnn_stack, fnn_flops(), fnn_R, args.fnn_steps),
+            ("tfn", _tfn_stack, tfn_flops(), tfn_R, args.tfn_steps)):
         if device.type == "cpu":
-            torch.set_num_threads(cores)         # the baseline uses every thread, as a lone process would
-        loop = base(device, max(10, steps // 2))
+            torch.set_num_threads(1)
+        loop = baseline(make, device, max(10, steps // 2))
+        if device.type == "cpu" and cores > 1:   # the baseline gets the better of one thread and all of them
+            torch.set_num_threads(cores)
+            loop = max(loop, baseline(make, device, max(10, steps // 2)))
         if device.type == "cpu":
             torch.set_num_threads(max(1, cores // workers))
         fast = batched(make, R, steps, device, workers)
