@@ -243,7 +243,7 @@ class FNNStack:
             want_b = "bias" in p
             for l in reversed(range(L)):
                 if relu[l]:
-                    g = torch.ops.aten.threshold_backward(g, zs[l + 1], 0.0)
+                    g = g.mul_(torch.sign(zs[l + 1]))                       # ReLU' = 1[z > 0] = sign(z), z >= 0
                 if need_w:
                     gW[l] = torch.bmm(g.transpose(1, 2), zs[l])             # (R, D, D) = g^T z_{l-1}
                 if want_b:
