@@ -615,6 +615,9 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
 def _domain_description(constructions):
     radii = [c["domain"]["radius"] for c in constructions.values() if c.get("domain")]
     if not radii:
+        if any(c.get("kappa") is not None for c in constructions.values()):
+            return {"kind": "all inputs", "reason": "no linearising biases: the construction (linear model or "
+                                                    "transformer) is exact for every input"}
         return None
     return {"kind": "ball", "center": 0.0, "radius": max(radii),
             "covers": "the test inputs and the shifted (x5) test inputs",
