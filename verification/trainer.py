@@ -352,23 +352,44 @@ class StackedAdam:
     Per entry, exactly the update of ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (default, non-amsgrad):
     ``g += wd·p; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²; p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)``.
     Entries where ``masks[name]`` is False get a zero gradient, so their moments and updates stay zero.
+    All parameters are updated as one flat vector (a handful of operations per step whatever their number);
+    ``m[name]`` and ``v[name]`` are views of the flat moments.
     """
 
     def __init__(self, params: dict, masks: dict, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.masks = params, masks
         any_p = next(iter(params.values()))
-        self.lr = torch.as_tensor(np.asarray(lr, dtype=np.float64)).to(device=any_p.device, dtype=any_p.dtype)
-        self.wd = torch.as_tensor(np.asarray(weight_decay, dtype=np.float64)).to(device=any_p.device, dtype=any_p.dtype)
-        self.use_wd = bool((self.wd != 0).any())
+        dev, dt = any_p.device, any_p.dtype
+        lr = torch.as_tensor(np.asarray(lr, dtype=np.float64)).to(device=dev, dtype=dt)
+        wd = torch.as_tensor(np.asarray(weight_decay, dtype=np.float64)).to(device=dev, dtype=dt)
+        self.names = list(params)
+        self.sizes = [params[k].numel() for k in self.names]
+        total = sum(self.sizes)
+
+        def flat(per_run, k):                    # (R,) -> every entry of params[k], flattened
+            p = params[k]
+            return per_run.view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
+
+        self.lr = torch.cat([flat(lr, k) for k in self.names])                  # (P,)
+        self.wd = torch.cat([flat(wd, k) for k in self.names])                  # (P,)
+        self.use_wd = bool((wd != 0).any())
+        if any(masks.get(k) is not None for k in self.names):
+            self.mask = torch.cat([(masks[k].expand_as(params[k]) if masks.get(k) is not None
+                                    else torch.ones_like(params[k], dtype=torch.bool)).reshape(-1)
+                                   for k in self.names]).to(dev)                # (P,) bool
+        else:
+            self.mask = None
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = 0
-        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
-
-    @staticmethod
-    def _per_run(vec, like):
-        return vec.view(-1, *([1] * (like.dim() - 1)))
+        self.m_flat = torch.zeros(total, device=dev, dtype=dt)
+        self.v_flat = torch.zeros(total, device=dev, dtype=dt)
+        self.m, self.v, off = {}, {}, 0
+        for k, n in zip(self.names, self.sizes):
+            self.m[k] = self.m_flat[off:off + n].view_as(params[k])
+            self.v[k] = self.v_flat[off:off + n].view_as(params[k])
+            off += n
+        self._zero = torch.zeros((), device=dev, dtype=dt)
 
     @torch.no_grad()
     def step(self):
@@ -376,20 +397,21 @@ class StackedAdam:
         t = self.step_count
         bc1 = 1 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        for k, p in self.params.items():
-            g = p.grad
-            if self.use_wd:
-                g = g.addcmul(p, self._per_run(self.wd, p))
-            mask = self.masks.get(k)
-            if mask is not None:
-                g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
-            m, v = self.m[k], self.v[k]
-            m.lerp_(g, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            step = self._per_run(self.lr, p) / bc1
-            p.addcdiv_(m * step, denom, value=-1.0)
+        plist = [self.params[k] for k in self.names]
+        g = torch.cat([p.grad.reshape(-1) for p in plist])                      # (P,)
+        if self.use_wd:
+            g.addcmul_(torch.cat([p.detach().reshape(-1) for p in plist]), self.wd)
+        if self.mask is not None:
+            g = torch.where(self.mask, g, self._zero)
+        self.m_flat.lerp_(g, 1 - self.beta1)
+        self.v_flat.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        denom = (self.v_flat.sqrt() / bc2_sqrt).add_(self.eps)
+        update = (self.m_flat * self.lr).div_(denom).mul_(1.0 / bc1)            # lr/bc1 · m / denom
+        off = 0
+        for p, n in zip(plist, self.sizes):
+            p.sub_(update[off:off + n].view_as(p))
             p.grad = None
+            off += n
 
 
 # ----------------------------------------------------------------------------------------------- training
