@@ -191,16 +191,25 @@ def pretrain(frozen, target, structure, seed) -> tuple:
 
 
 class Problems:
-    """Targets and frozen models per (structure, kind, seed), built once."""
+    """Targets and frozen models per (structure, kind, seed), built once.
 
-    def __init__(self):
+    With ``cache`` (a folder), pretrained frozen models are saved there as ``.npz`` files and read back
+    by a resumed sweep instead of being trained again.
+    """
+
+    def __init__(self, cache: Path | None = None):
         self._targets, self._frozen, self.pretrain_info = {}, {}, {}
+        self.cache = cache
 
     def target(self, structure, seed):
         key = (_structure_target(structure), seed)
         if key not in self._targets:
             self._targets[key] = make_target(structure, seed)
         return self._targets[key]
+
+    def _cache_path(self, structure, seed):
+        name = "-".join(str(v) for v in structure) + f"-seed{seed}.npz"
+        return self.cache / name
 
     def frozen(self, structure, kind, seed):
         key = (tuple(structure), kind, seed)
@@ -209,12 +218,41 @@ class Problems:
             if kind == "random":
                 self._frozen[key] = random
             elif kind == "pretrained":
-                model, info = pretrain(random, self.target(structure, seed), structure, seed)
+                label = f"{list(structure)} seed {seed}"
+                path = self._cache_path(structure, seed) if self.cache is not None else None
+                if path is not None and path.is_file():
+                    model, info = _load_model(path, random)
+                else:
+                    model, info = pretrain(random, self.target(structure, seed), structure, seed)
+                    if path is not None:
+                        _save_model(path, model, info)
                 self._frozen[key] = model
-                self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+                self.pretrain_info[label] = info
             else:
                 raise CLIError(f"unknown frozen-model kind {kind!r}")
         return self._frozen[key]
+
+
+def _save_model(path: Path, model, info):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, lora_theory.FNN):
+        arrays = {"weights": np.stack(model.weights), "biases": np.stack(model.biases)}
+    else:
+        arrays = dict(model.parameters())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, info=json.dumps(info), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_model(path: Path, like):
+    with np.load(path, allow_pickle=False) as data:
+        info = json.loads(str(data["info"]))
+        if isinstance(like, lora_theory.FNN):
+            model = like.replace(weights=list(data["weights"]), biases=list(data["biases"]))
+        else:
+            model = like.replace(**{k: data[k] for k in like.parameters()})
+    return model, info
 
 
 def _input_shape(structure):
@@ -818,7 +856,7 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
     records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
     done = {r["id"] for r in records}
     todo = [r for r in runs if r["id"] not in done]
-    problems = Problems()
+    problems = Problems(cache=out / "pretrained")
 
     print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
           f"device {device}, training in {args.dtype}; output {out}", file=progress_file)

@@ -146,3 +146,21 @@ def test_listing(capsys):
     for name in verification.EXPERIMENTS:
         assert name in printed
     assert "unavailable" not in printed
+
+
+@pytest.mark.parametrize("structure", [("fnn", 4, 2, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True),
+                                       ("tfn", 4, 1, 1, 3)])
+def test_pretrained_models_are_cached_for_resume(structure, tmp_path):
+    from verification.experiment import Problems
+    first = Problems(cache=tmp_path).frozen(structure, "pretrained", 0)
+    assert list(tmp_path.glob("*.npz"))
+    again = Problems(cache=tmp_path)
+    second = again.frozen(structure, "pretrained", 0)
+    assert again.pretrain_info  # read back with its record (steps, first and last loss)
+    if structure[0] == "fnn":
+        for a, b in zip(first.weights + first.biases, second.weights + second.biases):
+            assert (a == b).all()
+        assert second.activation == structure[4]
+    else:
+        for k, v in first.parameters().items():
+            assert (v == second.parameters()[k]).all()
