@@ -190,6 +190,54 @@ def pretrain(frozen, target, structure, seed) -> tuple:
     return torch_model.to_numpy(), {"steps": steps, "first_loss": first, "last_loss": last}
 
 
+def pretrain_fnns(frozens, targets, structure, seeds) -> list:
+    """:func:`pretrain` for several FNN instances at once: one float64 stack on the CPU, every run with its
+    own data stream and its own stopping step (its learning rate drops to zero once its loss is below a
+    third of its first). Returns ``[(model, info)]`` in the order of ``seeds``."""
+    from .trainer import StackedAdam
+
+    R, L, D = len(seeds), structure[2], structure[1]
+    linear = structure[4] == "linear"
+    stack = FNNStack(np.stack([np.stack(f.weights) for f in frozens]), np.stack([np.stack(f.biases) for f in frozens]),
+                     method="final_layers", tuned_layers=[L] * R, activation=structure[4], final_relu=structure[5],
+                     dtype=torch.float64, device="cpu")
+    if linear:  # the linear model has no biases to train
+        stack.masks["bias"] = torch.zeros((R, L, 1), dtype=torch.bool)
+    target = FNNStack(np.stack([np.stack(t.weights) for t in targets]), np.stack([np.stack(t.biases) for t in targets]),
+                      method="none", activation=structure[4], final_relu=structure[5], dtype=torch.float64)
+    opt = StackedAdam(stack.params, stack.masks, np.full(R, PRETRAIN_LR), np.zeros(R))
+    base_lr = opt.lr.clone()
+    run_of_entry = torch.cat([torch.arange(R).view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
+                              for p in (stack.params[k] for k in opt.names)])
+    streams = [BatchStream(_seed_int(s, TAG_PRETRAIN), 256, (D,)) for s in seeds]
+    active = np.ones(R, dtype=bool)
+    first = last = None
+    steps = np.zeros(R, dtype=int)
+    for step in range(1, PRETRAIN_MAX_STEPS + 1):
+        x = torch.stack([st.next() for st in streams])                      # (R, 256, D)
+        with torch.no_grad():
+            y = target.forward(x)
+        loss = stack.loss_and_grads(x, y).numpy().copy()
+        if first is None:
+            first, last = loss.copy(), loss.copy()
+        last[active] = loss[active]
+        steps[active] = step
+        done = active & (loss < PRETRAIN_FACTOR * first)
+        if done.any():
+            active &= ~done
+            if not active.any():
+                break
+            opt.lr = base_lr * torch.as_tensor(active, dtype=base_lr.dtype)[run_of_entry]
+        opt.step()
+    W, b = stack.weights_and_biases()
+    out = []
+    for i, f in enumerate(frozens):
+        biases = None if linear else list(b[i].detach().numpy())
+        model = f.replace(weights=list(W[i].detach().numpy()), biases=biases if biases is not None else f.biases)
+        out.append((model, {"steps": int(steps[i]), "first_loss": float(first[i]), "last_loss": float(last[i])}))
+    return out
+
+
 class Problems:
     """Targets and frozen models per (structure, kind, seed), built once.
 
@@ -210,6 +258,22 @@ class Problems:
     def _cache_path(self, structure, seed):
         name = "-".join(str(v) for v in structure) + f"-seed{seed}.npz"
         return self.cache / name
+
+    def prepare(self, structure, seeds):
+        """Pretrain the FNN frozen models of ``seeds`` not yet built or cached, all at once."""
+        if structure[0] != "fnn":
+            return
+        todo = [s for s in seeds if (tuple(structure), "pretrained", s) not in self._frozen
+                and not (self.cache is not None and self._cache_path(structure, s).is_file())]
+        if not todo:
+            return
+        frozens = [make_random_frozen(structure, s) for s in todo]
+        targets = [self.target(structure, s) for s in todo]
+        for s, (model, info) in zip(todo, pretrain_fnns(frozens, targets, structure, todo)):
+            self._frozen[(tuple(structure), "pretrained", s)] = model
+            self.pretrain_info[f"{list(structure)} seed {s}"] = info
+            if self.cache is not None:
+                _save_model(self._cache_path(structure, s), model, info)
 
     def frozen(self, structure, kind, seed):
         key = (tuple(structure), kind, seed)
@@ -857,6 +921,9 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
     done = {r["id"] for r in records}
     todo = [r for r in runs if r["id"] not in done]
     problems = Problems(cache=out / "pretrained")
+    if "pretrained" in args.kinds:
+        for structure in dict.fromkeys(c.structure for c in cells):
+            problems.prepare(structure, range(args.seeds))
 
     print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
           f"device {device}, training in {args.dtype}; output {out}", file=progress_file)

@@ -164,3 +164,24 @@ def test_pretrained_models_are_cached_for_resume(structure, tmp_path):
     else:
         for k, v in first.parameters().items():
             assert (v == second.parameters()[k]).all()
+
+
+@pytest.mark.parametrize("activation", ["relu", "linear"])
+def test_batched_pretraining_equals_the_one_run_loop(activation):
+    """THEORY.md §4 pretraining: the stacked version (used by the CLIs) against the plain torch.optim.Adam loop."""
+    import numpy as np
+
+    from lora_theory.numerics import relative_error
+    from verification.experiment import make_random_frozen, make_target, pretrain, pretrain_fnns
+    structure = ("fnn", 6, 3, 1, activation, True)
+    seeds = [0, 1, 2]
+    batched = pretrain_fnns([make_random_frozen(structure, s) for s in seeds],
+                            [make_target(structure, s) for s in seeds], structure, seeds)
+    for s, (model, info) in zip(seeds, batched):
+        ref, ref_info = pretrain(make_random_frozen(structure, s), make_target(structure, s), structure, s)
+        assert info["steps"] == ref_info["steps"]
+        assert info["last_loss"] < info["first_loss"] / 3 or info["steps"] == 1000
+        assert relative_error(np.stack(model.weights), np.stack(ref.weights)) <= 1e-10
+        assert relative_error(np.stack(model.biases), np.stack(ref.biases)) <= 1e-10 or activation == "linear"
+        if activation == "linear":
+            assert all((b == 0).all() for b in model.biases)
