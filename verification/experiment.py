@@ -19,7 +19,11 @@ Protocol (THEORY.md §4, the authors' bugs fixed; every choice below is declared
   the test inputs and the shifted ones (recorded as ``domain``), and, as the authors did, with biases
   calibrated on 256 ``N(0, I)`` samples with a multiplicative margin 2 (``calibrated_*`` columns). Where
   float64 cannot represent the construction honestly (a block of more than 4 layers, or an expected relative
-  rounding ``u·(κ + γ)`` above 1e-6) the MSE is ``null`` and ``κ`` is stored instead.
+  rounding ``u·(κ + γ)`` above 1e-6) the MSE is ``null`` and ``κ`` is stored instead, unless the experiment
+  asks for the high-precision path (``final_layers``, ``depth_sweep``): then the construction is rebuilt with
+  :mod:`lora_theory.highprec` (mpmath, digits chosen from ``κ`` and ``γ``) and evaluated at that precision on
+  the first ``n`` test and shifted inputs; the digits and ``n`` are recorded beside the MSE, and the float64
+  ``n/c (κ=...)`` note is kept.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Cell:
     ranks: tuple | None = None
     layers: int | None = None
     tune_bias: bool = True
+    highprec_subsample: int = 0     # > 0: where float64 is not honest, mpmath on this many test/shifted inputs
 
     @property
     def family(self) -> str:
@@ -398,13 +403,13 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
         except lora_theory.SingularMatrixError as exc:
             # singular to working precision: not computable in float64 (the high-precision path may be)
             out.update(kappa=exc.condition_number, note=f"n/c (κ={exc.condition_number:.1e}; {exc.matrix.split(' =')[0]})")
-            return out
+            return _highprec_construction(cell, frozen, target, sets, out)
         except LoraTheoryError as exc:
             out["note"] = f"construction failed: {exc}"
             return out
     if not honest:
         out["note"] = f"n/c (κ={out['kappa']:.1e})"
-        return out
+        return _highprec_construction(cell, frozen, target, sets, out)
     for prefix, model in models.items():
         e_test = _per_sample_errors(_model_outputs(model, test), y_test)
         e_shift = _per_sample_errors(_model_outputs(model, shifted), y_shift)
@@ -414,6 +419,151 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
             out["_test_errors"] = e_test
     out["target_power"] = float(np.mean(y_test ** 2))
     return out
+
+
+#: Extra digits over :func:`lora_theory.highprec.choose_digits` of the float64 ``κ``, ``γ`` (which
+#: underestimate the deep blocks' values), and at least this many digits per layer of the largest block:
+#: measured at D = 16, the 8-layer blocks need 57 to 59 digits and the 14-layer ones 57 to 117.
+HIGHPREC_EXTRA_DIGITS = 6
+HIGHPREC_DIGITS_PER_LAYER = 8
+
+
+def _largest_block(cell) -> int:
+    D, L, Lbar = cell.structure[1:4]
+    return max(lora_theory.partition.uniform_partition(L, Lbar)) if cell.structure[4] != "linear" else L
+
+
+def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
+    """The construction at raised precision (THEORY.md §3), where float64 is not honest; ``out`` completed.
+
+    Only for cells with ``highprec_subsample > 0`` (FNN family, LoRA): Lemma 1 (linear models,
+    :func:`lora_theory.highprec.lora_linear_mp`) or Theorem 3 on the certified ball of the float64 path
+    (:func:`lora_theory.highprec.lora_fnn_mp`), at ``max(choose_digits(κ, γ) + 6, 8·(largest block))``
+    digits, redone at :func:`~lora_theory.highprec.choose_digits` of the ``κ``, ``γ`` found when those ask
+    for more. Evaluated at working precision (:meth:`predict`) on the first ``highprec_subsample`` test and
+    shifted inputs; sets ``test_mse``, ``shifted_mse``, ``precision_digits``, ``subsample``,
+    ``highprec_kappa``, ``highprec_gamma``, ``highprec_seconds``. The float64 ``note`` and ``kappa`` stay.
+    """
+    n = int(cell.highprec_subsample)
+    if n <= 0 or cell.family != "fnn" or cell.method != "lora":
+        return out
+    from lora_theory.highprec import choose_digits, lora_fnn_mp, lora_linear_mp
+
+    t0 = time.perf_counter()
+    test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]          # (n, D) each
+    linear = frozen.activation == "linear"
+    kappa = out["kappa"] if out["kappa"] is not None and math.isfinite(out["kappa"]) else 1e16
+    gamma = out["gamma"] if out["gamma"] is not None and math.isfinite(out["gamma"]) else 0.0
+    radius = float(np.linalg.norm(sets["shifted"].numpy(), axis=1).max()) * (1 + 1e-9)
+
+    def fit_at(digits):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lora_theory.IllConditionedWarning)
+            if linear:
+                return lora_linear_mp(frozen.weights, target.weights[0], list(cell.ranks), digits=digits)
+            return lora_fnn_mp(frozen, target, list(cell.ranks), input_radius=radius, digits=digits)
+
+    digits = max(choose_digits(max(kappa, 1.0), max(gamma, 0.0)) + HIGHPREC_EXTRA_DIGITS,
+                 HIGHPREC_DIGITS_PER_LAYER * _largest_block(cell))
+    try:
+        fit = fit_at(digits)
+        needed = choose_digits(fit.kappa, fit.gamma)
+        if needed > digits:
+            fit = fit_at(needed)
+    except LoraTheoryError as exc:
+        out["note"] = f"{out['note']}; high precision failed: {exc}"
+        return out
+    if not linear:
+        out["domain"] = {"kind": "ball", "center": 0.0, "radius": radius,
+                         "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0}}
+    y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
+    out.update(test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
+               shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
+               precision_digits=int(fit.digits), subsample=n, highprec_kappa=float(fit.kappa),
+               highprec_gamma=float(fit.gamma), exact=bool(fit.exact),
+               target_power=float(np.mean(_model_outputs(target, sets["test"].numpy()) ** 2)))
+    out["highprec_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _mp_speed() -> float:
+    """Seconds for one 16 x 16 mpmath matrix product at 50 digits here (the unit of the estimate)."""
+    import mpmath
+
+    with mpmath.mp.workdps(50):
+        A = mpmath.mp.matrix(np.linspace(-1, 1, 256).reshape(16, 16).tolist())
+        t = time.perf_counter()
+        for _ in range(3):
+            A * A
+    return (time.perf_counter() - t) / 3
+
+
+def highprec_estimate(cells, seeds: int) -> tuple:
+    """``(count, seconds)``: the constructions that will take the high-precision path and their serial time.
+
+    Counts LoRA cells with ``highprec_subsample > 0`` whose largest block exceeds
+    :data:`MAX_HONEST_BLOCK` layers (times ``seeds``). The time model, measured at D = 16 on a 2-core CPU
+    where one 16 x 16 product at 50 digits takes 9 ms: about ``0.35·L`` s to build a block of ``L`` layers
+    and ``1.1·L`` ms per evaluated input, scaled by ``(D/16)³`` and ``(D/16)²`` and by this machine's speed.
+    """
+    unit = _mp_speed() / 0.009
+    count, seconds = 0, 0.0
+    for cell in cells:
+        if cell.highprec_subsample <= 0 or cell.method != "lora" or cell.family != "fnn":
+            continue
+        block = _largest_block(cell)
+        if block <= MAX_HONEST_BLOCK:
+            continue
+        D, L = cell.structure[1], cell.structure[2]
+        per = 0.35 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
+        count += seeds
+        seconds += seeds * per * unit
+    return count, seconds
+
+
+def highprec_message(cells, seeds: int) -> str | None:
+    """The pre-run line on the high-precision construction column (``None`` when it is not used)."""
+    count, seconds = highprec_estimate(cells, seeds)
+    if not count:
+        return None
+    n = max(c.highprec_subsample for c in cells)
+    return (f"  construction column: {count} constructions in high precision (mpmath) on {n} test and {n} "
+            f"shifted inputs each, estimated {_duration(seconds)} before training (--no-highprec skips them)")
+
+
+HIGHPREC_SUBSAMPLE, HIGHPREC_QUICK_SUBSAMPLE = 256, 16
+
+
+def add_highprec_arguments(p):
+    """``--no-highprec`` and ``--highprec-subsample N`` for experiments whose constructions need mpmath."""
+    p.add_argument("--no-highprec", action="store_true",
+                   help="float64 constructions only: deep blocks are reported n/c with their κ")
+    p.add_argument("--highprec-subsample", type=int, default=None,
+                   help=f"test and shifted inputs the high-precision construction is evaluated on "
+                        f"(default {HIGHPREC_SUBSAMPLE}; {HIGHPREC_QUICK_SUBSAMPLE} with --quick)")
+
+
+def highprec_subsample(args) -> int:
+    """The ``highprec_subsample`` of the experiment's LoRA cells (0 with ``--no-highprec``)."""
+    if getattr(args, "no_highprec", True):
+        return 0
+    return HIGHPREC_SUBSAMPLE if args.highprec_subsample is None else int(args.highprec_subsample)
+
+
+def quick_highprec(args):
+    """``--quick``: the high-precision construction on :data:`HIGHPREC_QUICK_SUBSAMPLE` inputs."""
+    if args.highprec_subsample is None:
+        args.highprec_subsample = HIGHPREC_QUICK_SUBSAMPLE
+
+
+def check_highprec_arguments(args, cells):
+    """Validate ``--highprec-subsample`` and print the high-precision estimate (stderr) before the run."""
+    n = args.highprec_subsample
+    if n is not None and not 1 <= n <= N_TEST:
+        raise CLIError(f"--highprec-subsample must be in 1..{N_TEST}, got {n}")
+    msg = highprec_message(cells, args.seeds)
+    if msg:
+        print(msg.strip(), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- the spec
@@ -679,6 +829,9 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
             "calibrated_test_mse": _median([c["calibrated_test_mse"] for c in cons]),
             "calibrated_shifted_mse": _median([c["calibrated_shifted_mse"] for c in cons]),
             "construction_kappa": _median([c["kappa"] for c in cons]),
+            "construction_precision_digits": max((c["precision_digits"] for c in cons if c.get("precision_digits")),
+                                                 default=None),
+            "construction_subsample": next((c["subsample"] for c in cons if c.get("subsample")), None),
             "construction_note": next((c["note"] for c in cons if c["note"]), None),
             "target_power": _median([c.get("target_power") for c in cons]),
             "gradient_test_mse": g_med, "gradient_test_q25": g25, "gradient_test_q75": g75,
@@ -688,6 +841,7 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
             "per_seed": [{"seed": s, "lr": b["config"]["lr"], "weight_decay": b["config"]["weight_decay"],
                           "gradient_test_mse": b["losses"]["test"], "gradient_shifted_mse": b["losses"]["shifted"],
                           "construction_test_mse": (constructions.get((cell, s)) or {}).get("test_mse"),
+                          "construction_precision_digits": (constructions.get((cell, s)) or {}).get("precision_digits"),
                           "paired_diff_mean": b.get("paired", {}).get("diff_mean"),
                           "paired_diff_se": b.get("paired", {}).get("diff_se")} for s, b in per_seed],
         })
@@ -741,6 +895,7 @@ def _fmt(v, width=9):
 def format_table(spec, summary) -> str:
     buf = io.StringIO()
     thr = summary["threshold"]
+    highprec = []
     for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
         rows = summary[key]
         if not rows:
@@ -758,18 +913,28 @@ def format_table(spec, summary) -> str:
             cons = r["construction_test_mse"]
             note = r["construction_note"] or "—"
             cons_s = _fmt(cons, 10) if cons is not None else " " + (note if note.startswith("n/c") else "—")[:15].rjust(15)
+            if cons is not None and r.get("construction_precision_digits"):
+                cons_s = _fmt(cons, 9) + "*"
+                highprec.append(r)
             iqr = f"[{_fmt(r['gradient_test_q25'], 8).strip()}, {_fmt(r['gradient_test_q75'], 8).strip()}]"
             print("".join(("—" if r[a] is None else str(r[a])).rjust(6) for a in axes) + "  " + str(r["label"]).ljust(20) +
                   str(r["params"]).rjust(7) + mark.rjust(4) + _fmt(r["prediction"], 10) + cons_s +
                   _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
                   _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +
                   _fmt(r["gradient_shifted_mse"], 10), file=buf)
+    if highprec:
+        digits = sorted({r["construction_precision_digits"] for r in highprec})
+        n = max(r["construction_subsample"] or 0 for r in highprec)
+        print(f"* construction in high precision (mpmath, {digits[0]}{'' if len(digits) == 1 else f'..{digits[-1]}'} "
+              f"digits) on the first {n} test and shifted inputs: not computable honestly in float64 "
+              f"(construction_note gives the float64 κ)", file=buf)
     return buf.getvalue()
 
 
 CSV_FIELDS = ["kind", "depth", "step", "layers", "rank", "label", "method", "params", "prediction",
               "construction_test_mse", "construction_shifted_mse", "calibrated_test_mse", "calibrated_shifted_mse",
-              "construction_kappa", "construction_note", "gradient_test_mse", "gradient_test_q25",
+              "construction_kappa", "construction_note", "construction_precision_digits",
+              "construction_subsample", "gradient_test_mse", "gradient_test_q25",
               "gradient_test_q75", "gradient_shifted_mse", "gradient_val_mse", "target_power"]
 
 

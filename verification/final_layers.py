@@ -1,25 +1,30 @@
 """LoRA vs final-layers tuning at equal parameter counts (Zeng & Lee 2024, Lemma 4): ``L̄ = 1``, ``L = 8``.
 
 ``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` parameters;
-tuning the last ``l`` layers trains ``l(D² + D)``. Gradient training only: the float64 construction of an
-8-layer block is not computable honestly (shown as ``n/c`` with its ``κ``).
+tuning the last ``l`` layers trains ``l(D² + D)``. The float64 construction of an 8-layer block is not
+computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
+high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
+``--no-highprec``: float64 only, about 10 s per construction saved).
 """
 
 from __future__ import annotations
 
 import lora_theory
 
-from .experiment import Cell, CLIError, ExperimentSpec, apply_quick, fnn_structure, parse_ranks, run_cli
+from .experiment import (Cell, CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
+                         fnn_structure, highprec_subsample, parse_ranks, quick_highprec, run_cli)
 
 
 def _add(p):
     p.add_argument("--depth", type=int, default=8, help="L, the frozen depth (default 8)")
     p.add_argument("--layers", default=None, help="how many final layers to tune, e.g. 1-7 (default 1..L-1)")
+    add_highprec_arguments(p)
 
 
 def _validate(args):
     if args.depth < 2:
         raise CLIError(f"--depth must be at least 2 (one frozen layer and one tuned), got {args.depth}")
+    check_highprec_arguments(args, _cells(args))
 
 
 def _cells(args):
@@ -34,7 +39,8 @@ def _cells(args):
     for kind in args.kinds:
         for R in ranks:
             out.append(Cell(kind=kind, structure=structure, method="lora", axis=(("layers", None), ("rank", R)),
-                            label="lora", ranks=(R,) * L, tune_bias=args.tune_bias))
+                            label="lora", ranks=(R,) * L, tune_bias=args.tune_bias,
+                            highprec_subsample=highprec_subsample(args)))
         for l in layers:
             out.append(Cell(kind=kind, structure=structure, method="final_layers",
                             axis=(("layers", l), ("rank", None)), label="final_layers", layers=l, tune_bias=True))
@@ -43,6 +49,7 @@ def _cells(args):
 
 def _quick(args):
     apply_quick(args, ranks="1,2")
+    quick_highprec(args)
     if args.layers is None:
         args.layers = "1,2"
 
