@@ -250,14 +250,15 @@ class Problems:
     by a resumed sweep instead of being trained again.
     """
 
-    def __init__(self, cache: Path | None = None):
+    def __init__(self, cache: Path | None = None, make_target: Callable | None = None):
         self._targets, self._frozen, self.pretrain_info = {}, {}, {}
         self.cache = cache
+        self._make_target = make_target or globals()["make_target"]   # (structure, seed) -> target model
 
     def target(self, structure, seed):
         key = (_structure_target(structure), seed)
         if key not in self._targets:
-            self._targets[key] = make_target(structure, seed)
+            self._targets[key] = self._make_target(structure, seed)
         return self._targets[key]
 
     def _cache_path(self, structure, seed):
@@ -583,6 +584,7 @@ class ExperimentSpec:
     validate: Callable[[argparse.Namespace], None] | None = None
     extra_summary: Callable[[argparse.Namespace, list], dict] | None = None
     default_depth: int | None = None
+    make_target: Callable[[argparse.Namespace, tuple, int], object] | None = None   # default: make_target
 
 
 def parse_ranks(text: str, width: int) -> list:
@@ -1085,7 +1087,8 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
     records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
     done = {r["id"] for r in records}
     todo = [r for r in runs if r["id"] not in done]
-    problems = Problems(cache=out / "pretrained")
+    problems = Problems(cache=out / "pretrained", make_target=None if spec.make_target is None else
+                        (lambda structure, seed: spec.make_target(args, structure, seed)))
     if "pretrained" in args.kinds:
         for structure in dict.fromkeys(c.structure for c in cells):
             problems.prepare(structure, range(args.seeds))
