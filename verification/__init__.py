@@ -7,6 +7,7 @@ stacked model (:mod:`verification.trainer`), and the paper's synthetic experimen
 
 from .models import TorchFNN, TorchTFN, merge_adapter
 
-EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep")
+EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep", "singular_values")
+TOOLS = ("certify", "advise", "real_data")
 
-__all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS"]
+__all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS", "TOOLS"]
