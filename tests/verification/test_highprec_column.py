@@ -1,0 +1,85 @@
+"""The construction column of final_layers and depth_sweep comes from the high-precision path where float64
+is not honest (THEORY.md §2.3, §3): exact from the threshold on, not before, digits and subsample recorded."""
+
+import csv
+import json
+
+import lora_theory
+from verification import depth_sweep, final_layers
+from verification.experiment import (HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate)
+
+RUN = ["--quick", "--seeds", "1", "--frozen", "random", "--iterations", "20", "--no-figure"]
+EXACT = 1e-20   # MSE relative to the target's output power, from the threshold on (issue 3's acceptance)
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_final_layers_quick_fills_the_construction_column(tmp_path, capsys):
+    out = tmp_path / "fl"
+    assert final_layers.main(RUN + ["--ranks", "1,2", "--layers", "1", "--out", str(out)]) == 0
+    summary = _summary(out)
+    threshold = summary["threshold"]
+    assert threshold == lora_theory.fnn_rank_threshold(16, 8, 1) == 2
+    lora = [r for r in summary["rows"] if r["label"] == "lora"]
+    assert [r["rank"] for r in lora] == [1, 2]
+    for row in lora:
+        mse, power = row["construction_test_mse"], row["target_power"]
+        assert mse is not None and row["construction_shifted_mse"] is not None
+        assert row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
+        assert isinstance(row["construction_precision_digits"], int) and row["construction_precision_digits"] > 16
+        assert row["construction_note"].startswith("n/c (κ=")      # the float64 verdict is kept
+        assert row["construction_kappa"] > 0
+        if row["rank"] >= threshold:
+            assert mse <= EXACT * power and row["construction_shifted_mse"] <= EXACT * 25 * power
+        else:
+            assert mse > EXACT * power
+        assert row["per_seed"][0]["construction_precision_digits"] == row["construction_precision_digits"]
+    for row in summary["rows"]:
+        if row["label"] == "final_layers":
+            assert row["construction_test_mse"] is None and row["construction_precision_digits"] is None
+    with open(out / "summary.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {"construction_precision_digits", "construction_subsample"} <= set(csv_rows[0])
+    captured = capsys.readouterr()
+    assert "high precision" in captured.out and "*" in captured.out
+    assert "constructions in high precision" in captured.err   # the pre-run estimate
+
+
+def test_no_highprec_keeps_the_float64_verdict(tmp_path):
+    out = tmp_path / "fl"
+    assert final_layers.main(RUN + ["--ranks", "2", "--layers", "1", "--no-highprec", "--out", str(out)]) == 0
+    row = next(r for r in _summary(out)["rows"] if r["label"] == "lora")
+    assert row["construction_test_mse"] is None and row["construction_precision_digits"] is None
+    assert row["construction_note"].startswith("n/c (κ=")
+
+
+def test_depth_sweep_deep_block_is_exact_at_its_threshold(tmp_path):
+    out = tmp_path / "ds"
+    assert depth_sweep.main(RUN + ["--depths", "6", "--ranks", "3", "--out", str(out)]) == 0
+    summary = _summary(out)
+    assert summary["threshold"] == {"6": 3}
+    (row,) = summary["rows"]
+    assert row["construction_precision_digits"] is not None and row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
+    assert row["construction_test_mse"] <= EXACT * row["target_power"]
+
+
+def test_bad_subsample_exits_with_one_line(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert final_layers.main(RUN + ["--highprec-subsample", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --highprec-subsample must be in 1..5000")
+    assert not (out / "summary.json").exists()
+
+
+def test_estimate_counts_only_blocks_float64_cannot_do():
+    def cell(L, n):
+        return Cell(kind="random", structure=("fnn", 16, L, 1, "relu", True), method="lora", axis=(("rank", 1),),
+                    ranks=(1,) * L, highprec_subsample=n)
+
+    assert highprec_estimate([cell(MAX_HONEST_BLOCK, 256)], 5) == (0, 0.0)
+    assert highprec_estimate([cell(8, 0)], 5) == (0, 0.0)
+    count, seconds = highprec_estimate([cell(8, 256), cell(14, 256)], 5)
+    assert count == 10 and seconds > 0
+    assert highprec_estimate([cell(14, 256)], 5)[1] > highprec_estimate([cell(8, 256)], 5)[1]
