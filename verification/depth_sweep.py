@@ -3,8 +3,8 @@
 ``python -m verification.depth_sweep``: deeper frozen models need less rank. Constructions of blocks of
 more than 4 layers are not computable honestly in float64 (their ``κ`` is recorded as ``n/c (κ=...)``);
 their construction column comes from the high-precision path (mpmath, marked ``*``) on the first 256 test
-and shifted inputs (``--highprec-subsample``). With the full protocol that is 800 constructions, about 2 h
-on a 2-core CPU before training starts (the estimate is printed): ``--no-highprec`` skips them.
+and shifted inputs (``--highprec-subsample``). With the full protocol that is 800 constructions, about
+1.5 to 2.5 h on a 2-core CPU before training starts (the estimate is printed): ``--no-highprec`` skips them.
 """
 
 from __future__ import annotations

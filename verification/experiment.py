@@ -504,8 +504,9 @@ def highprec_estimate(cells, seeds: int) -> tuple:
 
     Counts LoRA cells with ``highprec_subsample > 0`` whose largest block exceeds
     :data:`MAX_HONEST_BLOCK` layers (times ``seeds``). The time model, measured at D = 16 on a 2-core CPU
-    where one 16 x 16 product at 50 digits takes 9 ms: about ``0.35·L`` s to build a block of ``L`` layers
-    and ``1.1·L`` ms per evaluated input, scaled by ``(D/16)³`` and ``(D/16)²`` and by this machine's speed.
+    where one 16 x 16 product at 50 digits takes 9 ms: about ``0.15·L`` s to build a block of ``L`` layers
+    and ``1.1·L`` ms per evaluated input (256 test and 256 shifted inputs: 4 s at L = 6, 5.5 s at L = 8,
+    7 s at L = 10, 10 to 14 s at L = 14), scaled by ``(D/16)³`` and ``(D/16)²`` and by this machine's speed.
     """
     unit = _mp_speed() / 0.009
     count, seconds = 0, 0.0
@@ -516,7 +517,7 @@ def highprec_estimate(cells, seeds: int) -> tuple:
         if block <= MAX_HONEST_BLOCK:
             continue
         D, L = cell.structure[1], cell.structure[2]
-        per = 0.35 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
+        per = 0.15 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
         count += seeds
         seconds += seeds * per * unit
     return count, seconds

@@ -4,7 +4,7 @@
 tuning the last ``l`` layers trains ``l(D² + D)``. The float64 construction of an 8-layer block is not
 computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
 high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
-``--no-highprec``: float64 only, about 10 s per construction saved).
+the full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
 """
 
 from __future__ import annotations
