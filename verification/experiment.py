@@ -1002,20 +1002,23 @@ def make_figure(spec, summary, path: Path):
 
 # ------------------------------------------------------------------------------------------------- driver
 
-def _prepare_out(spec, args, argv):
-    if args.resume:
-        out = Path(args.resume)
-        cfg_path = out / "config.json"
-        if not cfg_path.is_file():
-            raise CLIError(f"--resume {out}: no config.json there (not an experiment folder)")
-        try:
-            saved = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"--resume {out}: cannot read config.json ({exc})") from None
-        if saved.get("experiment") != spec.name:
-            raise CLIError(f"--resume {out}: that folder holds the experiment {saved.get('experiment')!r}, "
-                           f"not {spec.name!r}")
-        return out, saved["argv"]
+def _read_config(spec, out: Path, flag: str) -> dict:
+    """The ``config.json`` of an experiment folder (read only); refuses one of another experiment."""
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise CLIError(f"{flag} {out}: no config.json there (not an experiment folder)")
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{flag} {out}: cannot read config.json ({exc})") from None
+    if saved.get("experiment") != spec.name:
+        raise CLIError(f"{flag} {out}: that folder holds the experiment {saved.get('experiment')!r}, "
+                       f"not {spec.name!r}")
+    return saved
+
+
+def _prepare_out(spec, args):
+    """The output folder of a new sweep, created and checked writable (called once the input is valid)."""
     out = Path(args.out) if args.out else Path("results") / f"{spec.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1025,10 +1028,8 @@ def _prepare_out(spec, args, argv):
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     if (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        if saved.get("experiment") != spec.name:
-            raise CLIError(f"--out {out}: already holds the experiment {saved.get('experiment')!r}")
-    return out, None
+        _read_config(spec, out, "--out")
+    return out
 
 
 def _load_records(path: Path) -> list:
@@ -1069,7 +1070,7 @@ def _duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
-def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> dict:
+def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=None) -> dict:
     from tqdm import tqdm
 
     progress_file = sys.stderr if progress_file is None else progress_file
@@ -1082,7 +1083,7 @@ def execute(spec: ExperimentSpec, args, argv, out: Path, progress_file=None) -> 
     workers = args.workers if args.workers else (1 if device.type == "cuda" else (os.cpu_count() or 1))
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    cells = spec.cells(args)
+    cells = spec.cells(args) if cells is None else cells
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
     records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
@@ -1203,43 +1204,66 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
+def _normalise(spec, args):
+    """The common checks and ``--quick`` applied to parsed arguments (in place)."""
+    args.ranks_list = None
+    _check_common(args)
+    if args.quick and spec.quick is not None:
+        spec.quick(args)
+
+
 def run_cli(spec: ExperimentSpec, argv=None) -> int:
-    """Parse ``argv``, run the experiment, print the table and write the files. Returns the exit status."""
+    """Parse ``argv``, run the experiment, print the table and write the files. Returns the exit status.
+
+    Every input is validated (the cells built, so ranks, depths and the experiment's own flags are
+    checked) before the output folder is created or touched: bad input exits with status 2 and a one-line
+    message, and leaves an existing folder as it was.
+    """
     parser = base_parser(spec)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    out = None
     try:
-        out, saved_argv = _prepare_out(spec, args, argv)
-        if saved_argv is not None:
+        saved = None
+        if args.resume:
+            resume_dir = Path(args.resume)
+            saved = _read_config(spec, resume_dir, "--resume")
             device = args.device
-            args = parser.parse_args(saved_argv)
-            args.resume, args.out = str(out), str(out)
+            try:
+                args = parser.parse_args(saved["argv"])
+            except SystemExit:
+                raise CLIError(f"--resume {resume_dir}: its saved command line does not parse") from None
+            args.resume, args.out = str(resume_dir), str(resume_dir)
             if device != "auto":
                 args.device = device
-        args.ranks_list = None
-        _check_common(args)
-        if args.quick and spec.quick is not None:
-            spec.quick(args)
+        _normalise(spec, args)
         if spec.validate is not None:
             spec.validate(args)
         resolve_device(args.device)
-        if saved_argv is None:
+        cells = spec.cells(args)
+        make_runs(spec, args, cells)
+        # the input is valid: only now is the folder created or changed
+        if saved is None:
+            out = _prepare_out(spec, args)
             _atomic_write(out / "config.json", json.dumps(
-                {"experiment": spec.name, "argv": list(argv if argv is not None else sys.argv[1:]),
+                {"experiment": spec.name, "argv": argv,
                  "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
+        else:
+            out = Path(args.resume)
         for name in ("summary.json", "summary.csv", "figure.png"):
             try:
                 (out / name).unlink()
             except FileNotFoundError:
                 pass
-        summary = execute(spec, args, argv, out)
+        summary = execute(spec, args, out, cells=cells)
     except (CLIError, LoraTheoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: finish with --resume {out}", file=sys.stderr)
+        print("interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130
     print(format_table(spec, summary))
     _atomic_write(out / "summary.csv", format_csv(summary))

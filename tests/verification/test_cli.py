@@ -185,3 +185,25 @@ def test_batched_pretraining_equals_the_one_run_loop(activation):
         assert relative_error(np.stack(model.biases), np.stack(ref.biases)) <= 1e-10 or activation == "linear"
         if activation == "linear":
             assert all((b == 0).all() for b in model.biases)
+
+
+def _files(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys):
+    """Bad ranks given with the --out of a finished sweep: exit 2, and the folder (summaries, figure,
+    config.json) stays as it was, so that the sweep still resumes (the input is validated first)."""
+    from verification import linear
+    out = tmp_path / "a"
+    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
+                        "--frozen", "random", "--out", str(out)]) == 0
+    before = _files(out)
+    assert {"summary.json", "summary.csv", "figure.png", "config.json", "runs.jsonl"} <= set(before)
+    capsys.readouterr()
+    assert linear.main(["--quick", "--width", "4", "--out", str(out), "--ranks", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ranks" in err[0]
+    assert _files(out) == before
+    assert linear.main(["--resume", str(out)]) == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(before["runs.jsonl"].splitlines())
