@@ -250,9 +250,10 @@ class Problems:
     by a resumed sweep instead of being trained again.
     """
 
-    def __init__(self, cache: Path | None = None, make_target: Callable | None = None):
+    def __init__(self, cache: Path | None = None, make_target: Callable | None = None, key: str = ""):
         self._targets, self._frozen, self.pretrain_info = {}, {}, {}
         self.cache = cache
+        self.key = key        # what the targets depend on beyond the structure and seed (in the cache name)
         self._make_target = make_target or globals()["make_target"]   # (structure, seed) -> target model
 
     def target(self, structure, seed):
@@ -262,7 +263,7 @@ class Problems:
         return self._targets[key]
 
     def _cache_path(self, structure, seed):
-        name = "-".join(str(v) for v in structure) + f"-seed{seed}.npz"
+        name = "-".join(str(v) for v in structure) + (f"-{self.key}" if self.key else "") + f"-seed{seed}.npz"
         return self.cache / name
 
     def prepare(self, structure, seeds):
@@ -586,6 +587,9 @@ class ExperimentSpec:
     extra_summary: Callable[[argparse.Namespace, list], dict] | None = None
     default_depth: int | None = None
     make_target: Callable[[argparse.Namespace, tuple, int], object] | None = None   # default: make_target
+    #: what else the results depend on beyond the cells and the training settings (e.g. a target's
+    #: prescribed spectrum): it enters every run's config and id, and the pretrained-model cache key
+    config_extra: Callable[[argparse.Namespace], dict] | None = None
 
 
 def parse_ranks(text: str, width: int) -> list:
@@ -695,7 +699,19 @@ def versions() -> dict:
             "lora_theory": getattr(lora_theory, "__version__", "?")}
 
 
+def config_extra(spec, args) -> dict | None:
+    """``spec.config_extra(args)`` as JSON values, ``None`` when the experiment declares nothing."""
+    if spec.config_extra is None:
+        return None
+    extra = spec.config_extra(args)
+    return json.loads(json.dumps(extra, sort_keys=True, default=_json_default)) if extra else None
+
+
 def make_runs(spec, args, cells) -> list:
+    """Every run of the sweep: ``{"id", "config", "cell", "seed", "lr", "wd"}``; ``id`` hashes ``config``,
+    which holds everything the run's result depends on (cell, seed, grid point, steps, selection, dtype
+    and the experiment's :attr:`ExperimentSpec.config_extra`)."""
+    extra = config_extra(spec, args)
     runs = []
     for cell in cells:
         for seed in range(args.seeds):
@@ -705,6 +721,8 @@ def make_runs(spec, args, cells) -> list:
                               "weight_decay": wd, "iterations": args.iterations, "batch_size": 256,
                               "select": args.select, "validate_every": args.validate_every if args.select == "best" else None,
                               "dtype": args.dtype}
+                    if extra is not None:
+                        config["extra"] = extra
                     runs.append({"id": _hash(config), "config": config, "cell": cell, "seed": seed,
                                  "lr": lr, "wd": wd})
     return runs
@@ -1017,8 +1035,45 @@ def _read_config(spec, out: Path, flag: str) -> dict:
     return saved
 
 
-def _prepare_out(spec, args):
-    """The output folder of a new sweep, created and checked writable (called once the input is valid)."""
+#: flags that change where or how fast a sweep runs, not its results
+RUN_FLAGS = ("device", "chunk", "workers", "no_figure")
+_NOT_SETTINGS = RUN_FLAGS + ("out", "resume", "quick", "quick_applied", "ranks_list",
+                             "lr", "weight_decay", "frozen")          # the last three: parsed into the grids, kinds
+_SETTING_FLAGS = {"kinds": "--frozen", "lr_grid": "--lr", "wd_grid": "--weight-decay", "tune_bias": "--tune-bias",
+                  "config_extra": "the experiment's target"}
+
+
+def run_settings(spec, args) -> dict:
+    """Every setting the sweep's results depend on (all flags after ``--quick``, less :data:`RUN_FLAGS` and
+    the output folder), as JSON values: two command lines with equal settings make the same sweep."""
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    if settings.get("select") != "best":
+        settings["validate_every"] = None
+    extra = config_extra(spec, args)
+    if extra is not None:
+        settings["config_extra"] = extra
+    return json.loads(json.dumps(settings, sort_keys=True, default=_json_default))
+
+
+def _saved_settings(spec, saved: dict) -> dict | None:
+    """The settings of a folder's ``config.json`` (re-derived from its command line for older folders)."""
+    if "settings" in saved:
+        return saved["settings"]
+    try:
+        args = base_parser(spec).parse_args(saved.get("argv") or [])
+        _normalise(spec, args)
+        return run_settings(spec, args)
+    except (SystemExit, CLIError, LoraTheoryError):
+        return None
+
+
+def _prepare_out(spec, args, settings: dict):
+    """The output folder of a new sweep, created and checked writable (called once the input is valid).
+
+    A folder that already holds this experiment is reused only for the same settings (the sweep goes on
+    where it stopped, as with ``--resume``). With other settings it is refused if it holds any run, so
+    that runs of two sweeps are never mixed; a folder with no run is started afresh.
+    """
     out = Path(args.out) if args.out else Path("results") / f"{spec.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1028,7 +1083,17 @@ def _prepare_out(spec, args):
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     if (out / "config.json").exists():
-        _read_config(spec, out, "--out")
+        saved = _read_config(spec, out, "--out")
+        old = _saved_settings(spec, saved)
+        if old != settings:
+            if _load_records(out / "runs.jsonl"):
+                old = old or {}
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                flags = ", ".join(_SETTING_FLAGS.get(k, "--" + k.replace("_", "-")) for k in diff)
+                raise CLIError(f"--out {out}: holds a {spec.name} sweep with other settings "
+                               f"({flags or 'its command line'}): use another --out, or --resume {out} to finish it")
+            for stale in [out / "runs.jsonl", *sorted((out / "pretrained").glob("*.npz"))]:
+                stale.unlink(missing_ok=True)      # no run in it: start afresh
     return out
 
 
@@ -1089,8 +1154,10 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
     done = {r["id"] for r in records}
     todo = [r for r in runs if r["id"] not in done]
+    extra = config_extra(spec, args)
     problems = Problems(cache=out / "pretrained", make_target=None if spec.make_target is None else
-                        (lambda structure, seed: spec.make_target(args, structure, seed)))
+                        (lambda structure, seed: spec.make_target(args, structure, seed)),
+                        key="" if extra is None else _hash(extra)[:12])
     if "pretrained" in args.kinds:
         for structure in dict.fromkeys(c.structure for c in cells):
             problems.prepare(structure, range(args.seeds))
@@ -1247,9 +1314,10 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         make_runs(spec, args, cells)
         # the input is valid: only now is the folder created or changed
         if saved is None:
-            out = _prepare_out(spec, args)
+            settings = run_settings(spec, args)
+            out = _prepare_out(spec, args, settings)
             _atomic_write(out / "config.json", json.dumps(
-                {"experiment": spec.name, "argv": argv,
+                {"experiment": spec.name, "argv": argv, "settings": settings,
                  "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
         else:
             out = Path(args.resume)

@@ -101,9 +101,15 @@ def _extra(args, rows):
                       "is E's for the random frozen model"}
 
 
+def _config_extra(args):
+    """The prescribed spectrum: the target, hence every run's result, depends on it (``--decay``, ``--spectrum``)."""
+    return {"spectrum": spectrum(args).tolist()}
+
+
 SPEC = ExperimentSpec(
     name="singular_values", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=_threshold, quick=apply_quick, validate=_validate, extra_summary=_extra, make_target=make_target)
+    threshold=_threshold, quick=apply_quick, validate=_validate, extra_summary=_extra, make_target=make_target,
+    config_extra=_config_extra)
 
 
 def main(argv=None) -> int:

@@ -207,3 +207,35 @@ def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys):
     assert _files(out) == before
     assert linear.main(["--resume", str(out)]) == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(before["runs.jsonl"].splitlines())
+
+
+def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
+    """Without --resume, an --out folder holding runs of other settings is refused with one line and left
+    as it was; with the same settings it goes on (nothing trained twice); with no run in it, it starts
+    afresh. Folders written before config.json held the settings are compared through their command line."""
+    from verification import linear
+    out = tmp_path / "lin"
+    argv = ["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1", "--frozen", "random",
+            "--no-figure", "--out", str(out)]
+    assert linear.main(argv) == 0
+    before = _files(out)
+    capsys.readouterr()
+    for other, flag in ((["--iterations", "6"], "--iterations"), (["--ranks", "1,2"], "--ranks"),
+                        (["--fixed-bias"], "--tune-bias"), (["--lr", "0.5"], "--lr")):
+        assert linear.main(argv + other) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0] and flag in err[0], err
+        assert _files(out) == before
+    # flags that do not change results are no difference
+    assert linear.main(argv + ["--workers", "1", "--chunk", "7"]) == 0
+    assert "(2 already done)" in capsys.readouterr().err
+    # an older folder (no settings in config.json): compared through its saved command line
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["settings"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert linear.main(argv + ["--iterations", "6"]) == 2
+    assert linear.main(argv) == 0
+    # no run in the folder: started afresh with the new settings
+    (out / "runs.jsonl").write_text("")
+    assert linear.main(argv + ["--iterations", "6"]) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["iterations"] == 6

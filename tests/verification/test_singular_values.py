@@ -100,3 +100,45 @@ def test_listing_has_experiments_and_tools(capsys):
     for name in TOOLS:
         assert name in tools and name not in experiments
     assert set(TOOLS) == {"certify", "advise", "real_data"} and "unavailable" not in printed
+
+
+def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
+    """--decay / --spectrum change the target: they enter every run's id and the pretrained-model cache key,
+    and a folder holding runs of another spectrum is refused (one line, folder unchanged) instead of mixed."""
+    from verification.experiment import make_runs
+
+    out = tmp_path / "x"
+    base = ["--quick", "--iterations", "5", "--ranks", "1", "--seeds", "1", "--no-figure", "--out", str(out)]
+    assert singular_values.main(base) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert singular_values.main(base + ["--decay", "0.3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "--decay" in err[0] and "--resume" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # the same settings again: the runs are reused (nothing trained twice)
+    assert singular_values.main(base) == 0
+    assert "(2 already done)" in capsys.readouterr().err
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+    def ids(extra):
+        args = _parsed(extra)
+        return {r["id"] for r in make_runs(singular_values.SPEC, args, singular_values.SPEC.cells(args))}
+
+    assert ids([]).isdisjoint(ids(["--decay", "0.3"]))
+    assert ids(["--decay", "0.7"]) == ids([])                     # the same spectrum, the same runs
+    assert ids(["--spectrum", "1,0.5"]).isdisjoint(ids(["--spectrum", "1,0.25"]))
+    cached = []
+    for decay in ("0.7", "0.3"):       # pretrained toward the target: cached under the spectrum's key
+        folder = tmp_path / f"p{decay}"
+        assert singular_values.main(RUN + ["--iterations", "2", "--ranks", "1", "--frozen", "pretrained",
+                                           "--decay", decay, "--out", str(folder)]) == 0
+        cached.append({p.name for p in (folder / "pretrained").glob("*.npz")})
+    assert len(cached[0]) == len(cached[1]) == 1 and cached[0] != cached[1]
+
+
+def _parsed(extra):
+    from verification.experiment import _normalise, base_parser
+    args = base_parser(singular_values.SPEC).parse_args(RUN + ["--ranks", "1,2"] + extra)
+    _normalise(singular_values.SPEC, args)
+    return args
