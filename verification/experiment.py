@@ -39,6 +39,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -1195,6 +1196,7 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
             with open(runs_path, "a") as log:
                 log.write("\n")
     eval_cache = {}
+    stop = threading.Event()      # set on an interruption: every stack still training stops at its next step
 
     def train_chunk(structure, chunk):
         t0 = time.perf_counter()
@@ -1215,7 +1217,8 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
             data_seeds=data_seeds, lr=np.array([r["lr"] for r in chunk]),
             weight_decay=np.array([r["wd"] for r in chunk]), iterations=args.iterations, batch_size=256,
             input_shape=_input_shape(structure), select=args.select, validate_every=args.validate_every,
-            val_inputs=eval_sets["val"], val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)))
+            val_inputs=eval_sets["val"], val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)),
+            stop=stop)
         ti = torch.as_tensor(tindex, device=device)
         errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
         wall = (time.perf_counter() - t0) / len(chunk)
@@ -1248,21 +1251,31 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
                 records.append(rec)
             log.flush()
 
-        if workers <= 1 or len(chunks) <= 1:
-            for (structure, _method), chunk in chunks:
-                write(train_chunk(structure, chunk))
-        else:
-            # stacks are independent: train several at once, one torch thread each (ops release the GIL)
-            with ThreadPoolExecutor(workers) as pool:
+        try:
+            if workers <= 1 or len(chunks) <= 1:
+                for (structure, _method), chunk in chunks:
+                    write(train_chunk(structure, chunk))
+            else:
+                # stacks are independent: train several at once, one torch thread each (ops release the GIL)
+                pool = ThreadPoolExecutor(workers)
                 futures = [pool.submit(train_chunk, key[0], chunk) for key, chunk in chunks]
+                written = set()
                 try:
                     for fut in as_completed(futures):
                         write(fut.result())
+                        written.add(fut)
                 except BaseException:
+                    # an interruption (Ctrl-C, or a stack that failed): stop the stacks still training at their
+                    # next step, drop those not started, and keep every stack that did finish
+                    stop.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
                     for fut in futures:
-                        fut.cancel()
+                        if fut not in written and fut.done() and not fut.cancelled() and fut.exception() is None:
+                            write(fut.result())
                     raise
-    bar.close()
+                pool.shutdown(wait=True)
+        finally:
+            bar.close()
     return summarize(spec, args, cells, runs, records, constructions, problems)
 
 

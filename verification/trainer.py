@@ -29,13 +29,17 @@ import torch
 
 __all__ = [
     "DRAW_CHUNK", "LORA_INIT_STD", "BatchStream", "FNNStack", "TFNStack", "StackedAdam", "TrainResult",
-    "train_stack", "fnn_apply", "tfn_apply", "gaussian_inputs", "lora_init_A",
+    "TrainingStopped", "train_stack", "fnn_apply", "tfn_apply", "gaussian_inputs", "lora_init_A",
 ]
 
 #: Steps of training inputs drawn at once from a data seed's generator (part of the data definition).
 DRAW_CHUNK = 50
 #: Standard deviation of the LoRA ``A`` initialisation (the authors'; ``B`` starts at zero).
 LORA_INIT_STD = 0.25
+
+
+class TrainingStopped(Exception):
+    """Raised by :func:`train_stack` when its ``stop`` event is set: the stack's runs are incomplete."""
 
 
 def gaussian_inputs(seed: int, n: int, shape: Sequence[int], scale: float = 1.0) -> torch.Tensor:
@@ -431,7 +435,7 @@ class TrainResult:
 def train_stack(stack, target, *, data_index, target_index, target_data_index, data_seeds, lr, weight_decay,
                 iterations, batch_size=256, input_shape=None, select="final", validate_every=100,
                 val_inputs=None, val_targets=None, curve_points=20, progress: Callable[[int], None] | None = None,
-                betas=(0.9, 0.999), eps=1e-8, backward="manual") -> TrainResult:
+                betas=(0.9, 0.999), eps=1e-8, backward="manual", stop=None) -> TrainResult:
     """Train a stack of runs for ``iterations`` steps of Adam on fresh Gaussian batches.
 
     Parameters
@@ -454,6 +458,9 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
         ``val_inputs`` (float64, shape (n_val, *input_shape), shared) against ``val_targets`` (T, n_val, ...)
         and keep each run's best iterate; the stack's parameters are set to it at the end.
     progress : callable(steps_done_increment), optional
+    stop : threading.Event, optional
+        Checked before every step; once set, :class:`TrainingStopped` is raised (an interrupted sweep stops
+        all its stacks promptly, also those trained in other threads).
     backward : {"manual", "autograd"}
         The FNN stack's hand-written backward (default) or autograd (the reference; TFNs always autograd).
     """
@@ -494,6 +501,8 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
     last_loss = None
     pending = 0
     for step in range(1, iterations + 1):
+        if stop is not None and stop.is_set():
+            raise TrainingStopped(f"stopped before step {step} of {iterations}")
         xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
         with torch.no_grad():
             if single_target:

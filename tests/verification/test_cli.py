@@ -239,3 +239,52 @@ def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
     (out / "runs.jsonl").write_text("")
     assert linear.main(argv + ["--iterations", "6"]) == 0
     assert json.loads((out / "config.json").read_text())["settings"]["iterations"] == 6
+
+
+def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_others(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while several stacks train in threads: the stacks still training stop at their next step
+    (a threading.Event checked by train_stack), every stack that finished is written to runs.jsonl before
+    the interruption propagates, and --resume finishes the sweep without repeating a run."""
+    import threading
+
+    from verification import experiment, linear
+    from verification.trainer import TrainingStopped
+
+    real = experiment.train_stack
+    lock, first_done = threading.Lock(), threading.Event()
+    started, finished, stopped = [], [], []
+
+    def interrupted_after_the_first_stack(stack, target, **kw):
+        if kw.get("stop") is None:              # the time estimate's stacks, not the sweep's
+            return real(stack, target, **kw)
+        with lock:
+            n = len(started)
+            started.append(n)
+        if n == 1:                              # the second stack: Ctrl-C, once the first has finished
+            first_done.wait(60)
+            raise KeyboardInterrupt
+        try:
+            result = real(stack, target, **kw)
+        except TrainingStopped:
+            stopped.append(n)
+            raise
+        finished.append(n)
+        if n == 0:
+            first_done.set()
+        return result
+
+    monkeypatch.setattr(experiment, "train_stack", interrupted_after_the_first_stack)
+    out = tmp_path / "lin"
+    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "3000", "--ranks", "1,2", "--frozen",
+            "random", "--no-figure", "--chunk", "2", "--workers", "2", "--out", str(out)]
+    assert linear.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+    records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
+    assert 0 in finished and len(records) == 2 * len(finished)       # every finished stack (2 runs) written
+    assert len(started) < 4 or stopped                               # the third stack did not train on
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(experiment, "train_stack", real)
+    assert linear.main(["--resume", str(out)]) == 0
+    ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 8
+    assert {r["id"] for r in records} <= set(ids)

@@ -228,3 +228,25 @@ def test_batch_stream_same_data_whatever_is_stacked():
     second = [b.next().clone() for _ in range(60)]
     assert all(torch.equal(u, v) for u, v in zip(first, second))
     assert not torch.equal(first[0], first[1])
+
+
+def test_train_stack_stops_when_its_stop_event_is_set():
+    import threading
+
+    from verification.trainer import TrainingStopped
+    frozen, targets = _fnn_problem(2, seed=40)
+    W, b = _stack_arrays(frozen)
+    TW, Tb = _stack_arrays(targets[:1])
+    stack = FNNStack(W, b, ranks=[[1] * L] * 2, tune_bias=[True] * 2, init_seeds=[0, 1], dtype=torch.float64)
+    target = FNNStack(TW, Tb, method="none", dtype=torch.float64)
+    stop, steps = threading.Event(), []
+
+    def progress(k):
+        steps.append(k)
+        stop.set()                          # as an interruption from another thread would
+
+    with pytest.raises(TrainingStopped, match="before step 51 of 1000"):
+        train_stack(stack, target, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[1],
+                    lr=np.full(2, 1e-3), weight_decay=np.zeros(2), iterations=1000, batch_size=BATCH,
+                    progress=progress, stop=stop)
+    assert steps == [50]
