@@ -116,14 +116,23 @@ class Cell:
                 "tune_bias": self.tune_bias}
 
     def params(self) -> int:
-        """Trained parameter count: LoRA ``Σ r (in + out)``; final layers ``l (D² + D)``."""
-        D = self.structure[1]
+        """Trained parameter count, the trained biases included.
+
+        LoRA: ``Σ_l r_l (in + out)`` (``2RDL`` for rank ``R`` on ``L`` layers of width ``D``; a TFN has
+        ``4LH + 2`` adapted matrices) plus the biases trained with it when ``tune_bias``: ``L·D`` for an FNN
+        (none for a linear model, which has no biases), ``2·L·D`` for a TFN (``b1``, ``b2`` of every block).
+        Final layers: ``l (D² + D)``, the weights and biases of the ``l`` tuned layers.
+        (:func:`lora_theory.lora_parameter_count` and :func:`lora_theory.final_layers_parameter_count`
+        count weights only.)
+        """
+        D, L = self.structure[1], self.structure[2]
         if self.method == "final_layers":
             return self.layers * (D * D + D)
         if self.family == "tfn":
-            L, H = self.structure[2], self.structure[3]
-            return self.ranks[0] * 2 * D * (4 * L * H + 2)
-        return sum(2 * r * D for r in self.ranks)
+            H = self.structure[3]
+            return self.ranks[0] * 2 * D * (4 * L * H + 2) + (2 * L * D if self.tune_bias else 0)
+        biases = L * D if self.tune_bias and self.structure[4] != "linear" else 0
+        return sum(2 * r * D for r in self.ranks) + biases
 
 
 def _hash(obj) -> str:
@@ -944,6 +953,8 @@ def format_table(spec, summary) -> str:
                   _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
                   _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +
                   _fmt(r["gradient_shifted_mse"], 10), file=buf)
+    print("params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the "
+          "biases with --tune-bias; final layers: l·(D² + D))", file=buf)
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)

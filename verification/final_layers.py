@@ -1,7 +1,8 @@
-"""LoRA vs final-layers tuning at equal parameter counts (Zeng & Lee 2024, Lemma 4): ``L̄ = 1``, ``L = 8``.
+"""LoRA vs final-layers tuning by trained parameter count (Zeng & Lee 2024, Lemma 4): ``L̄ = 1``, ``L = 8``.
 
-``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` parameters;
-tuning the last ``l`` layers trains ``l(D² + D)``. The float64 construction of an 8-layer block is not
+``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` adapter
+parameters plus the ``L·D`` biases (``--tune-bias``, the default); tuning the last ``l`` layers trains
+their weights and biases, ``l(D² + D)``; the ``params`` column counts both that way. The float64 construction of an 8-layer block is not
 computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
 high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
 the full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
@@ -30,7 +31,7 @@ def _validate(args):
 def _cells(args):
     structure = fnn_structure(args, args.depth, 1)
     D, L = args.width, args.depth
-    ranks = parse_ranks(args.ranks or f"1-{min(D, L)}", D)   # 2RDL = R·(2DL): rank R ~ R layers of D² + D
+    ranks = parse_ranks(args.ranks or f"1-{min(D, L)}", D)   # 2RDL + LD: rank R ~ R layers of D² + D, plus LD
     try:
         layers = parse_ranks(args.layers or f"1-{L - 1}", L - 1)
     except CLIError as exc:

@@ -288,3 +288,28 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
     ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 8
     assert {r["id"] for r in records} <= set(ids)
+
+
+_RELU, _LINEAR, _TFN = ("fnn", 4, 3, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True), ("tfn", 4, 2, 2, 3)
+
+
+@pytest.mark.parametrize("structure,method,ranks,layers,tune_bias", [
+    (_RELU, "lora", (1, 1, 1), None, True), (_RELU, "lora", (1, 1, 1), None, False),
+    (_RELU, "lora", (2, 1, 0), None, True), (_LINEAR, "lora", (2, 2), None, True),
+    (_RELU, "final_layers", None, 2, True), (_TFN, "lora", (2,), None, True), (_TFN, "lora", (2,), None, False),
+])
+def test_parameter_counts_include_the_trained_biases(structure, method, ranks, layers, tune_bias):
+    """Cell.params is the number of entries the stack really trains: LoRA's biases count when it trains
+    them (as the final layers' do), so that the 'equal parameter count' comparison is honest."""
+    import lora_theory
+    from verification.experiment import Cell, Problems, _stack_for
+    cell = Cell(kind="random", structure=structure, method=method, axis=(("rank", 1),), ranks=ranks, layers=layers,
+                tune_bias=tune_bias)
+    stack = _stack_for([{"cell": cell, "seed": 0}], Problems(), torch.float64, torch.device("cpu"))
+    trained = sum(int(stack.masks[k].expand_as(p)[0].sum()) if stack.masks.get(k) is not None else p[0].numel()
+                  for k, p in stack.params.items())
+    assert cell.params() == trained
+    if structure == _RELU and method == "lora" and ranks == (1, 1, 1):   # the Lemma 4 counts, weights only
+        assert cell.params() == lora_theory.lora_parameter_count(4, 3, 1) + (3 * 4 if tune_bias else 0)
+    if method == "final_layers":
+        assert cell.params() == lora_theory.final_layers_parameter_count(4, 2, bias=True)
