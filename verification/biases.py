@@ -1,8 +1,10 @@
 """Fixed vs trained biases (Zeng & Lee 2024, Theorem 3 re-chooses the biases): ``L̄ = 1``, ``L = 2``.
 
 ``python -m verification.biases``: LoRA with the frozen biases kept (``fixed_biases``) beside LoRA with the
-biases trained (``trained_biases``), gradient runs only in each curve; the construction column is the
-theorem's (biases re-chosen).
+biases trained (``trained_biases``), gradient runs only in each curve. The construction is the theorem's,
+which re-chooses the biases: its column is filled on the ``trained_biases`` rows only (``null`` on the
+``fixed_biases`` rows, whose runs keep the biases) and the figure draws it as one curve per frozen-model
+kind, labelled "construction (biases re-chosen)".
 """
 
 from __future__ import annotations

@@ -363,13 +363,18 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     """The float64 construction for one cell and seed, evaluated on the test and shifted sets.
 
     Returns a dict with ``test_mse``, ``shifted_mse``, ``calibrated_test_mse``, ``calibrated_shifted_mse``
-    (``None`` where not computable or not applicable), ``kappa``, ``gamma``, ``exact``, ``note``, the
+    (``None`` where not computable or not applicable: final-layers cells, and LoRA cells of an FNN with biases
+    that keep the frozen biases, since the construction re-chooses them), ``kappa``, ``gamma``, ``exact``, ``note``, the
     domain, ``prediction`` (linear: the exact Gaussian MSE; FNN: Theorem 5 bound; TFN: none) and the
     per-sample test errors (``_test_errors``) used to pair gradient runs with it.
     """
     out = {"test_mse": None, "shifted_mse": None, "calibrated_test_mse": None, "calibrated_shifted_mse": None,
            "kappa": None, "gamma": None, "exact": None, "note": None, "prediction": None, "_test_errors": None}
     if cell.method != "lora":
+        return out
+    if cell.family == "fnn" and cell.structure[4] != "linear" and not cell.tune_bias:
+        # the construction (and the Theorem 5 bound) re-chooses the biases: not these runs' method
+        out["note"] = "n/a: the construction re-chooses the biases; these runs keep them fixed"
         return out
     test = sets["test"].numpy()
     shifted = sets["shifted"].numpy()
@@ -981,48 +986,72 @@ def format_csv(summary) -> str:
     return buf.getvalue()
 
 
+FIGURE_FLOOR = 1e-32     # exact zeros drawn at this MSE on the log scale
+
+
+def figure_series(spec, summary) -> list:
+    """The curves of :func:`make_figure`: dicts ``{"kind", "curve", "label", "x", "y", "lo", "hi", "style"}``.
+
+    Gradient curves: one per frozen-model kind and row label (and group axis, e.g. the depth), with the
+    interquartile band. Construction curves: one per kind (and group axis), whatever the row labels, from
+    the rows that have a construction MSE; where the construction re-chooses the biases (FNNs with biases,
+    whose ``domain`` is a certified ball) the label says so. Rows of runs that keep the frozen biases have
+    no construction value (it is not their method), so nothing of theirs is drawn as a construction.
+    """
+    x_axis = "params" if spec.name == "final_layers" else spec.axis_names[-1]
+    group_axes = list(spec.axis_names[:-1])
+    rechosen = (summary.get("domain") or {}).get("kind") == "ball"
+    out = []
+    for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
+        rows = summary[key]
+        grad, cons = {}, {}
+        for r in rows:
+            group = tuple(r[a] for a in group_axes)
+            grad.setdefault((r["label"],) + group, []).append(r)
+            if r["construction_test_mse"] is not None:
+                cons.setdefault(group, {}).setdefault(r[x_axis], r["construction_test_mse"])
+        for i, (skey, rs) in enumerate(sorted(grad.items(), key=lambda kv: str(kv[0]))):
+            rs = sorted((r for r in rs if r["gradient_test_mse"] is not None), key=lambda r: r[x_axis])
+            if rs:
+                out.append({"kind": kind, "curve": "gradient", "style": i,
+                            "label": f"{kind} " + " ".join(str(v) for v in skey) + ": gradient",
+                            "x": [r[x_axis] for r in rs], "y": [r["gradient_test_mse"] for r in rs],
+                            "lo": [r["gradient_test_q25"] for r in rs], "hi": [r["gradient_test_q75"] for r in rs]})
+        for i, (group, points) in enumerate(sorted(cons.items(), key=lambda kv: str(kv[0]))):
+            xs = sorted(points)
+            name = " ".join([kind] + [f"{a} {v}" for a, v in zip(group_axes, group)])
+            out.append({"kind": kind, "curve": "construction", "style": i,
+                        "label": f"{name}: construction" + (" (biases re-chosen)" if rechosen else ""),
+                        "x": xs, "y": [points[x] for x in xs], "lo": None, "hi": None})
+    return out
+
+
 def make_figure(spec, summary, path: Path):
-    """MSE against the experiment's axis, log scale: construction and gradient (IQR band), random and pretrained."""
+    """MSE against the experiment's axis, log scale: construction and gradient (IQR band), random and pretrained
+    (the curves of :func:`figure_series`)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     colours = {"random": "tab:blue", "pretrained": "tab:orange"}
     styles = ["-", "--", ":", "-."]
-    floor = 1e-32
-    for kind, key in (("random", "rows"), ("pretrained", "pretrained_rows")):
-        rows = summary[key]
-        if not rows:
-            continue
-        x_axis = "params" if spec.name == "final_layers" else spec.axis_names[-1]
-        group_axes = [a for a in spec.axis_names[:-1]]
-        series = {}
-        for r in rows:
-            series.setdefault((r["label"],) + tuple(r[a] for a in group_axes), []).append(r)
-        for i, (skey, rs) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
-            rs = sorted(rs, key=lambda r: r[x_axis])
-            x = [r[x_axis] for r in rs]
-            name = f"{kind} " + " ".join(str(s) for s in skey)
-            ls = styles[i % len(styles)]
-            g = [r["gradient_test_mse"] for r in rs]
-            if any(v is not None for v in g):
-                xs = [xx for xx, v in zip(x, g) if v is not None]
-                ax.plot(xs, [max(v, floor) for v in g if v is not None], ls, marker="o", ms=3,
-                        color=colours[kind], label=f"{name}: gradient")
-                lo = [r["gradient_test_q25"] for r in rs if r["gradient_test_mse"] is not None]
-                hi = [r["gradient_test_q75"] for r in rs if r["gradient_test_mse"] is not None]
-                ax.fill_between(xs, [max(v, floor) for v in lo], [max(v, floor) for v in hi],
-                                color=colours[kind], alpha=0.15)
-            c = [r["construction_test_mse"] for r in rs]
-            if any(v is not None for v in c):
-                xs = [xx for xx, v in zip(x, c) if v is not None]
-                ax.plot(xs, [max(v, floor) for v in c if v is not None], ls, marker="s", ms=3,
-                        color=colours[kind], alpha=0.6, mfc="none", label=f"{name}: construction")
+    floor = FIGURE_FLOOR
+    for c in figure_series(spec, summary):
+        ls = styles[c["style"] % len(styles)]
+        y = [max(v, floor) for v in c["y"]]
+        if c["curve"] == "gradient":
+            ax.plot(c["x"], y, ls, marker="o", ms=3, color=colours[c["kind"]], label=c["label"])
+            ax.fill_between(c["x"], [max(v, floor) for v in c["lo"]], [max(v, floor) for v in c["hi"]],
+                            color=colours[c["kind"]], alpha=0.15)
+        else:
+            ax.plot(c["x"], y, ls, marker="s", ms=3, color=colours[c["kind"]], alpha=0.6, mfc="none",
+                    label=c["label"])
+    x_axis = "params" if spec.name == "final_layers" else spec.axis_names[-1]
     thr = summary["threshold"]
     if isinstance(thr, int) and spec.axis_names[-1] == "rank" and spec.name != "final_layers":
         ax.axvline(thr, color="grey", lw=0.8, ls=":", label=f"threshold {thr}")
     ax.set_yscale("log")
-    ax.set_xlabel(x_axis if rows else spec.axis_names[-1])
+    ax.set_xlabel(x_axis)
     ax.set_ylabel("test MSE per coordinate (median over seeds)")
     ax.set_title(f"{spec.name}: construction vs gradient-trained (floor {floor:g} for exact zeros)")
     ax.legend(fontsize=6, loc="best")

@@ -313,3 +313,34 @@ def test_parameter_counts_include_the_trained_biases(structure, method, ranks, l
         assert cell.params() == lora_theory.lora_parameter_count(4, 3, 1) + (3 * 4 if tune_bias else 0)
     if method == "final_layers":
         assert cell.params() == lora_theory.final_layers_parameter_count(4, 2, bias=True)
+
+
+def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
+    """The construction re-chooses the biases: the fixed-biases rows have no construction value, and the
+    figure draws one construction curve per kind, labelled 'construction (biases re-chosen)'."""
+    from verification import biases, rank_schedule
+    from verification.experiment import figure_series, make_figure
+    out = tmp_path / "b"
+    assert biases.main(SMALL + ["--ranks", "1,4", "--iterations", "5", "--out", str(out)]) == 0
+    s = _summary(out)
+    for row in s["rows"] + s["pretrained_rows"]:
+        if row["label"] == "fixed_biases":
+            assert row["construction_test_mse"] is None and row["prediction"] is None
+            assert row["construction_note"].startswith("n/a")
+        else:
+            assert row["construction_test_mse"] is not None
+    curves = figure_series(biases.SPEC, s)
+    cons = [c for c in curves if c["curve"] == "construction"]
+    assert sorted(c["kind"] for c in cons) == ["pretrained", "random"]
+    for c in cons:
+        assert c["label"] == f"{c['kind']}: construction (biases re-chosen)" and c["x"] == [1, 4]
+    assert {c["label"] for c in curves if c["curve"] == "gradient"} == {
+        f"{k} {label}: gradient" for k in ("random", "pretrained") for label in ("fixed_biases", "trained_biases")}
+    make_figure(biases.SPEC, s, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 1000
+    # one construction curve across the rows of an experiment whose rows each have their own label
+    rows = [{"step": st, "label": f"schedule {st}", "construction_test_mse": 10.0 ** st, "gradient_test_mse": 1.0,
+             "gradient_test_q25": 0.5, "gradient_test_q75": 2.0} for st in (-1, 1)]
+    cons = [c for c in figure_series(rank_schedule.SPEC, {"rows": rows, "pretrained_rows": [], "domain": None})
+            if c["curve"] == "construction"]
+    assert len(cons) == 1 and cons[0]["x"] == [-1, 1] and cons[0]["label"] == "random: construction"
