@@ -8,7 +8,9 @@ Protocol (THEORY.md §4, the authors' bugs fixed; every choice below is declared
   fresh batches of 256, float64 on the CPU) toward the target until the training loss is below a third of
   the first one, at most 1000 steps.
 * Data. Fresh standard Gaussian training batches of 256 every step from a stream that depends on the
-  experiment seed only (shared by the grid points, ranks and frozen-model variants of that seed); a fixed
+  experiment seed only (shared by the grid points, ranks and frozen-model variants of that seed); the LoRA
+  initialisation (``B = 0``, ``A ~ N(0, 0.25²)``) comes from (experiment seed, cell), so the grid points of
+  one cell and seed start from the same ``A``; a fixed
   validation set of 256 inputs and a fixed test set of 5000 inputs drawn from two other seeds, the same for
   every run; the shifted test set is the test set times 5.
 * Selection. Every run is evaluated at its final iterate (``--select best``: its best-validation iterate,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -899,6 +902,8 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
                     "points, ranks and frozen-model kinds of that seed; fixed validation and test sets from "
                     "their own seeds, shared by all runs",
             "pretraining": "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)",
+            "initialisation": "LoRA B = 0, A ~ N(0, 0.25^2) drawn from a seed of (experiment seed, cell): the "
+                              "grid points (learning rate x weight decay) of one cell and seed start from the same A",
         },
         "pretraining": problems.pretrain_info,
     }
@@ -1199,23 +1204,26 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     problems = Problems(cache=out / "pretrained", make_target=None if spec.make_target is None else
                         (lambda structure, seed: spec.make_target(args, structure, seed)),
                         key="" if extra is None else _hash(extra)[:12])
-    if "pretrained" in args.kinds:
-        for structure in dict.fromkeys(c.structure for c in cells):
-            problems.prepare(structure, range(args.seeds))
-
     print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
           f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
-    if todo:
+    if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
-        rate = estimate_rate(first_chunk, problems, dtype, device, first_key[0], args.iterations)
+        probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]
+        rate = estimate_rate(probe, problems, dtype, device, first_key[0], args.iterations)
         total = len(todo) * args.iterations
         parallel = max(1, min(workers, len(list(_chunks(todo, chunk_size, device.type == "cpu")))))
         eta = total / (rate * parallel)
         msg = (f"  about {rate:,.0f} run-steps/s per stack here ({parallel} at once): {total:,} run-steps, "
-               f"estimated {_duration(eta)}")
+               f"estimated {_duration(eta)} of training")
         if eta > 3600:
             msg += " (hours of arithmetic on this device: consider --quick or --device cuda)"
         print(msg, file=progress_file)
+    if "pretrained" in args.kinds:
+        structures = list(dict.fromkeys(c.structure for c in cells))
+        print(f"  first: the pretrained frozen models ({len(structures)} structure(s) x {args.seeds} seeds, float64 "
+              f"on the CPU; cached in {out / 'pretrained'}) and the constructions", file=progress_file)
+        for structure in structures:
+            problems.prepare(structure, range(args.seeds))
 
     sets = evaluation_sets(cells[0].structure) if cells else None
     constructions = {}

@@ -344,3 +344,42 @@ def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
     cons = [c for c in figure_series(rank_schedule.SPEC, {"rows": rows, "pretrained_rows": [], "domain": None})
             if c["curve"] == "construction"]
     assert len(cons) == 1 and cons[0]["x"] == [-1, 1] and cons[0]["label"] == "random: construction"
+
+
+def test_time_estimate_is_printed_before_pretraining(tmp_path, monkeypatch, capsys):
+    """The run count and time estimate come before the (CPU) pretraining of the frozen models."""
+    import sys
+
+    from verification import experiment, fnn
+    real = experiment.pretrain_fnns
+
+    def spy(*args, **kwargs):
+        print("PRETRAINING NOW", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "pretrain_fnns", spy)
+    assert fnn.main(SMALL + ["--ranks", "1", "--iterations", "5", "--frozen", "pretrained",
+                             "--out", str(tmp_path / "f")]) == 0
+    err = capsys.readouterr().err
+    assert "PRETRAINING NOW" in err
+    assert err.index("runs x 5 steps") < err.index("estimated") < err.index("PRETRAINING NOW")
+
+
+def test_lora_init_shared_by_the_grid_points_is_declared(tmp_path):
+    """The grid points of one (cell, seed) start from the same A (and runs of another cell or seed do not):
+    summary.json declares it under protocol."""
+    from verification import linear
+    from verification.experiment import Problems, _normalise, _stack_for, base_parser, make_runs
+    args = base_parser(linear.SPEC).parse_args(["--width", "4", "--ranks", "1,2", "--seeds", "2", "--frozen", "random"])
+    _normalise(linear.SPEC, args)
+    runs = make_runs(linear.SPEC, args, linear.SPEC.cells(args))
+    stack = _stack_for(runs, Problems(), torch.float64, torch.device("cpu"))
+    A = stack.params["A"].detach()
+    for i, r in enumerate(runs):
+        for j, q in enumerate(runs):
+            same = r["cell"] == q["cell"] and r["seed"] == q["seed"]
+            assert torch.equal(A[i], A[j]) == same
+    out = tmp_path / "lin"
+    assert linear.main(SMALL + ["--ranks", "1", "--iterations", "2", "--frozen", "random", "--out", str(out)]) == 0
+    declared = _summary(out)["protocol"]["initialisation"]
+    assert "same A" in declared and "grid points" in declared
