@@ -222,12 +222,40 @@ def test_stacked_adam_masks_moments():
 
 
 def test_batch_stream_same_data_whatever_is_stacked():
-    a = BatchStream(3, 4, (2,))
-    b = BatchStream(3, 4, (2,))
-    first = [a.next().clone() for _ in range(60)]
-    second = [b.next().clone() for _ in range(60)]
-    assert all(torch.equal(u, v) for u, v in zip(first, second))
-    assert not torch.equal(first[0], first[1])
+    """A run's training batches are its data seed's stream, whatever its stack holds: the run alone, runs of
+    other seeds (batches gathered), runs of its own seed (the batch broadcast), or both; across a draw
+    boundary."""
+    from verification.trainer import DRAW_CHUNK
+    frozen, targets = _fnn_problem(3, seed=50)
+    W, b = _stack_arrays(frozen)
+    TW, Tb = _stack_arrays(targets[:1])
+    steps = DRAW_CHUNK + 10
+
+    def batches_seen(seeds, watch):
+        R, distinct = len(seeds), sorted(set(seeds))
+        stack = FNNStack(W[:R], b[:R], ranks=[[1] * L] * R, tune_bias=[True] * R, init_seeds=range(R),
+                         dtype=torch.float64)
+        target = FNNStack(np.repeat(TW, len(distinct), 0), np.repeat(Tb, len(distinct), 0), method="none",
+                          dtype=torch.float64)
+        seen, original = [], stack.loss_and_grads
+
+        def recording(x, y):
+            seen.append(x[watch].clone())                                   # (BATCH, D): run `watch`'s batch
+            return original(x, y)
+
+        stack.loss_and_grads = recording
+        index = [distinct.index(s) for s in seeds]
+        train_stack(stack, target, data_index=index, target_index=index, target_data_index=range(len(distinct)),
+                    data_seeds=distinct, lr=np.full(R, 1e-3), weight_decay=np.zeros(R), iterations=steps,
+                    batch_size=BATCH)
+        return seen
+
+    alone = batches_seen([7], 0)
+    stream = BatchStream(7, BATCH, (D,))
+    assert all(torch.equal(u, stream.next()) for u in alone)
+    assert len(alone) == steps and not torch.equal(alone[0], alone[1])
+    for seeds, watch in (([3, 7, 11], 1), ([7, 7], 1), ([7, 3, 7], 2)):
+        assert all(torch.equal(u, v) for u, v in zip(batches_seen(seeds, watch), alone, strict=True)), seeds
 
 
 def test_train_stack_stops_when_its_stop_event_is_set():
