@@ -1061,7 +1061,14 @@ def make_figure(spec, summary, path: Path):
     ax.set_title(f"{spec.name}: construction vs gradient-trained (floor {floor:g} for exact zeros)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=130, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -1332,6 +1339,24 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
+def _given_flags(parser, argv) -> dict:
+    """``{dest: option as typed}`` for the options that ``argv`` gives explicitly (abbreviations included)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.option_strings and a.dest != "help"})
+    parser.parse_args(argv, namespace=ns)
+    typed = [t.split("=", 1)[0] for t in argv if t.startswith("--")]
+    options = {}                                    # dest -> its option strings (--tune-bias, --fixed-bias: one dest)
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            options.setdefault(a.dest, []).extend(a.option_strings)
+    given = {}
+    for dest, strings in options.items():
+        if getattr(ns, dest, unset) is not unset:
+            names = [t for t in typed if any(o.startswith(t) for o in strings)]
+            given[dest] = names[0] if names else strings[0]
+    return given
+
+
 def _normalise(spec, args):
     """The common checks and ``--quick`` applied to parsed arguments (in place)."""
     args.ranks_list = None
@@ -1359,14 +1384,20 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         if args.resume:
             resume_dir = Path(args.resume)
             saved = _read_config(spec, resume_dir, "--resume")
-            device = args.device
+            given = _given_flags(parser, argv)
             try:
-                args = parser.parse_args(saved["argv"])
+                resumed = parser.parse_args(saved["argv"])
             except SystemExit:
                 raise CLIError(f"--resume {resume_dir}: its saved command line does not parse") from None
+            for dest in RUN_FLAGS:        # where and how fast it runs: from this command line
+                if dest in given:
+                    setattr(resumed, dest, getattr(args, dest))
+            ignored = [flag for dest, flag in given.items() if dest not in RUN_FLAGS + ("resume",)]
+            if ignored:
+                print(f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
+                      f"{', '.join(ignored)}", file=sys.stderr)
+            args = resumed
             args.resume, args.out = str(resume_dir), str(resume_dir)
-            if device != "auto":
-                args.device = device
         _normalise(spec, args)
         if spec.validate is not None:
             spec.validate(args)
@@ -1395,11 +1426,19 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         print("interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130
     print(format_table(spec, summary))
-    _atomic_write(out / "summary.csv", format_csv(summary))
+    # both summaries (each written atomically, summary.json last), then the figure, whose failure is a warning
+    texts = {"summary.csv": format_csv(summary), "summary.json": json.dumps(summary, indent=1, default=_json_default)}
+    for name, text in texts.items():
+        _atomic_write(out / name, text)
+    figure = False
     if not args.no_figure:
-        make_figure(spec, summary, out / "figure.png")
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=_json_default))
-    print(f"wrote {out}/summary.json, summary.csv{'' if args.no_figure else ', figure.png'}, runs.jsonl")
+        try:
+            make_figure(spec, summary, out / "figure.png")
+            figure = True
+        except Exception as exc:  # noqa: BLE001 - the results are written; the drawing is an extra
+            print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); the summaries are complete",
+                  file=sys.stderr)
+    print(f"wrote {out}/summary.json, summary.csv{', figure.png' if figure else ''}, runs.jsonl")
     return 0
 
 

@@ -383,3 +383,51 @@ def test_lora_init_shared_by_the_grid_points_is_declared(tmp_path):
     assert linear.main(SMALL + ["--ranks", "1", "--iterations", "2", "--frozen", "random", "--out", str(out)]) == 0
     declared = _summary(out)["protocol"]["initialisation"]
     assert "same A" in declared and "grid points" in declared
+
+
+def test_resume_warns_about_the_flags_it_ignores(tmp_path, capsys):
+    """--resume goes on with the saved settings: other flags are named in one warning line; the flags that
+    do not change results (--device, --chunk, --workers, --no-figure) are taken from the command line."""
+    from verification import linear
+    out = tmp_path / "lin"
+    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
+                        "--frozen", "random", "--out", str(out)]) == 0
+    (out / "figure.png").unlink()
+    capsys.readouterr()
+    assert linear.main(["--resume", str(out), "--ranks", "2", "--iter=7", "--fixed-bias", "--no-figure",
+                        "--workers", "1", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    warnings = [l for l in captured.err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "--ranks" in warnings[0] and "--iter" in warnings[0] and "--fixed-bias" in warnings[0]
+    for honoured in ("--no-figure", "--workers", "--device"):
+        assert honoured not in warnings[0]
+    assert not (out / "figure.png").exists()                      # --no-figure honoured
+    assert [r["rank"] for r in _summary(out)["rows"]] == [1]      # --ranks ignored
+    assert linear.main(["--resume", str(out), "--no-figure"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, capsys):
+    from verification import fnn
+    monkeypatch.chdir(tmp_path)
+    assert fnn.main(["--quick", "--ranks", "0"]) == 2
+    assert "--ranks" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_figure_failure_leaves_complete_summaries_and_a_warning(tmp_path, monkeypatch, capsys):
+    from verification import experiment, linear
+
+    def broken(spec, summary, path):
+        raise RuntimeError("no drawing today")
+
+    monkeypatch.setattr(experiment, "make_figure", broken)
+    out = tmp_path / "lin"
+    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
+                        "--frozen", "random", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [l for l in err if l.startswith("warning:")] == [
+        "warning: figure.png not written (RuntimeError: no drawing today); the summaries are complete"]
+    assert _summary(out)["rows"] and (out / "summary.csv").read_text().count("\n") == 2
+    assert not (out / "figure.png").exists() and not list(out.glob(".tmp-*"))
