@@ -963,8 +963,8 @@ def format_table(spec, summary) -> str:
                   _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
                   _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +
                   _fmt(r["gradient_shifted_mse"], 10), file=buf)
-    print("params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the "
-          "biases with --tune-bias; final layers: l·(D² + D))", file=buf)
+    print("params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the biases "
+          "it trains with --tune-bias; final layers: l·(D² + D))", file=buf)
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)

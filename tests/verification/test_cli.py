@@ -275,8 +275,9 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
 
     monkeypatch.setattr(experiment, "train_stack", interrupted_after_the_first_stack)
     out = tmp_path / "lin"
-    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "3000", "--ranks", "1,2", "--frozen",
-            "random", "--no-figure", "--chunk", "2", "--workers", "2", "--out", str(out)]
+    argv = ["--width", "4", "--seeds", "2", "--iterations", "1500", "--ranks", "1,2", "--lr", "1e-2,1e-3",
+            "--weight-decay", "0", "--frozen", "random", "--no-figure", "--chunk", "2", "--workers", "2",
+            "--out", str(out)]
     assert linear.main(argv) == 130
     assert "--resume" in capsys.readouterr().err
     records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
