@@ -215,35 +215,45 @@ class FNNStack:
         W, b = self.weights_and_biases(params, dtype)
         return fnn_apply(W, b, x, self.activation, self.final_relu)
 
-    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict | None = None) -> torch.Tensor:
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-run MSE on ``(x, y)`` (R, n, D) and the gradients of their sum, by a hand-written backward.
 
         The same numbers autograd computes (tested), with fewer passes over the activations: a ReLU's
         backward reads the stored activation, the gradient of ``W = W0 + B A`` is ``B^T gW`` / ``gW A^T``.
         Sets ``p.grad`` for every trainable parameter and returns the per-run losses (R,).
 
-        ``out`` (optional) maps parameter names to tensors of their shapes (the optimiser's gradient buffers,
-        :attr:`StackedAdam.grads`): the gradients are written into them and ``p.grad`` set to them, no copy.
+        A ``p.grad`` already set (e.g. to the optimiser's buffer :attr:`StackedAdam.grads`) is overwritten in
+        place, not accumulated into; otherwise a new one is allocated.
         """
         with torch.no_grad():
             p = self.params
-            W, b = self.weights_and_biases()                                # (R, L, D, D), (R, L, D)
             R, L, D = self.R, self.L, self.D
+            n = x.shape[1]
+            ws = self._workspace(n, x.dtype, x.device)
+            if "weight" in p:
+                W = p["weight"]
+            elif "A" in p:                                                  # W0 + B A, written into a buffer
+                W = torch.matmul(p["B"], p["A"], out=ws["W"]).add_(self.frozen_weights)
+            else:
+                W = self.frozen_weights                                     # (R, L, D, D)
+            b = p["bias"] if "bias" in p else self.frozen_biases            # (R, L, D)
             relu = [self.activation == "relu" and (l < L - 1 or self.final_relu) for l in range(L)]
             zs = [x]
             z = x
             for l in range(L):
-                z = torch.baddbmm(b[:, l].unsqueeze(1), z, W[:, l].transpose(1, 2))  # (R, n, D) = z W_l^T + b_l
+                z = torch.baddbmm(b[:, l].unsqueeze(1), z, W[:, l].transpose(1, 2), out=ws["z"][l])  # (R, n, D)
                 if relu[l]:
                     z.clamp_(min=0)
                 zs.append(z)
-            diff = z - y                                                    # (R, n, D)
+            g, g_next = ws["g"]
+            diff = torch.sub(z, y, out=g)                                   # (R, n, D)
             n_el = diff.shape[1] * diff.shape[2]
             per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
             g = diff.mul_(2.0 / n_el)
-            grads = {k: (out[k] if out is not None else torch.empty_like(t)) for k, t in p.items()}
+            grads = {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+                         else torch.empty_like(t)) for k, t in p.items()}
             need_w = "weight" in p or "A" in p
-            gW = torch.empty((L, R, D, D), dtype=g.dtype, device=g.device) if need_w else None  # layer-major
+            gW = ws["gW"]                                                   # (L, R, D, D), layer-major
             gb = grads.get("bias")                                          # (R, L, D)
             for l in reversed(range(L)):
                 if relu[l]:                                                 # ReLU' = 1[z > 0], in place on g
@@ -253,9 +263,9 @@ class FNNStack:
                 if gb is not None:
                     torch.sum(g, dim=1, out=gb[:, l])                       # (R, D)
                 if l > 0:
-                    g = torch.bmm(g, W[:, l])                               # (R, n, D) = g W_l
+                    g, g_next = torch.bmm(g, W[:, l], out=g_next), g        # (R, n, D) = g W_l
             if need_w:
-                gW = gW.transpose(0, 1)                                     # (R, L, D, D)
+                gW = ws["gW_runs"].copy_(gW.transpose(0, 1))                # (R, L, D, D)
             if "weight" in p:
                 grads["weight"].copy_(gW)
             if "A" in p:
@@ -264,6 +274,18 @@ class FNNStack:
             for k, t in p.items():
                 t.grad = grads[k]
         return per_run
+
+    def _workspace(self, n, dtype, device) -> dict:
+        """Buffers of :meth:`loss_and_grads` for batches of ``n``, kept between steps: a step allocates no
+        large tensor (freeing and re-allocating them every step costs the kernel's page faults)."""
+        key = (n, dtype, device)
+        if getattr(self, "_ws_key", None) != key:
+            R, L, D = self.R, self.L, self.D
+            new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+            self._ws = {"z": [new(R, n, D) for _ in range(L)], "g": [new(R, n, D), new(R, n, D)],
+                        "W": new(R, L, D, D), "gW": new(L, R, D, D), "gW_runs": new(R, L, D, D)}
+            self._ws_key = key
+        return self._ws
 
     def adapters(self, run: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """LoRA only: ``[(A_l, B_l)]`` of one run, at its own rank (float64 numpy)."""
@@ -356,8 +378,12 @@ class StackedAdam:
     Per entry, exactly the update of ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (default, non-amsgrad):
     ``g += wd·p; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²; p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)``.
     Entries where ``masks[name]`` is False get a zero gradient, so their moments and updates stay zero.
-    All parameters are updated as one flat vector (a handful of operations per step whatever their number);
-    ``m[name]`` and ``v[name]`` are views of the flat moments.
+
+    All parameters are updated as one flat vector, in place (a handful of operations per step whatever their
+    number): the parameters become views of one flat tensor (``p.data`` is re-pointed; the tensors themselves,
+    their shapes and values are unchanged), ``m[name]``, ``v[name]`` are views of the flat moments, and
+    :attr:`grads` are views of one flat gradient buffer: a backward that writes its gradients there (set
+    ``p.grad = opt.grads[name]`` before :meth:`FNNStack.loss_and_grads`) saves gathering them.
     """
 
     def __init__(self, params: dict, masks: dict, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
@@ -386,14 +412,29 @@ class StackedAdam:
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = 0
+        self.param_flat = torch.cat([params[k].detach().reshape(-1) for k in self.names])  # (P,)
+        self.grad_flat = torch.zeros(total, device=dev, dtype=dt)
         self.m_flat = torch.zeros(total, device=dev, dtype=dt)
         self.v_flat = torch.zeros(total, device=dev, dtype=dt)
-        self.m, self.v, off = {}, {}, 0
+        self._denom = torch.empty(total, device=dev, dtype=dt)
+        self._num = torch.empty(total, device=dev, dtype=dt)
+        self.m, self.v, self.grads, off = {}, {}, {}, 0
         for k, n in zip(self.names, self.sizes):
-            self.m[k] = self.m_flat[off:off + n].view_as(params[k])
-            self.v[k] = self.v_flat[off:off + n].view_as(params[k])
+            p = params[k]
+            p.data = self.param_flat[off:off + n].view(p.shape)
+            self.grads[k] = self.grad_flat[off:off + n].view(p.shape)
+            self.m[k] = self.m_flat[off:off + n].view(p.shape)
+            self.v[k] = self.v_flat[off:off + n].view(p.shape)
             off += n
         self._zero = torch.zeros((), device=dev, dtype=dt)
+
+    def _flat_grad(self) -> torch.Tensor:
+        """The gradients as one flat vector: :attr:`grad_flat`, filled from ``p.grad`` unless already there."""
+        for k in self.names:
+            grad, buf = self.params[k].grad, self.grads[k]
+            if grad.data_ptr() != buf.data_ptr() or grad.stride() != buf.stride():
+                buf.copy_(grad)
+        return self.grad_flat
 
     @torch.no_grad()
     def step(self):
@@ -401,21 +442,18 @@ class StackedAdam:
         t = self.step_count
         bc1 = 1 - self.beta1 ** t
         bc2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        plist = [self.params[k] for k in self.names]
-        g = torch.cat([p.grad.reshape(-1) for p in plist])                      # (P,)
+        g = self._flat_grad()                                                   # (P,), consumed in place
         if self.use_wd:
-            g.addcmul_(torch.cat([p.detach().reshape(-1) for p in plist]), self.wd)
+            g.addcmul_(self.param_flat, self.wd)
         if self.mask is not None:
-            g = torch.where(self.mask, g, self._zero)
+            torch.where(self.mask, g, self._zero, out=g)
         self.m_flat.lerp_(g, 1 - self.beta1)
         self.v_flat.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        denom = (self.v_flat.sqrt() / bc2_sqrt).add_(self.eps)
-        update = (self.m_flat * self.lr).div_(denom).mul_(1.0 / bc1)            # lr/bc1 · m / denom
-        off = 0
-        for p, n in zip(plist, self.sizes):
-            p.sub_(update[off:off + n].view_as(p))
-            p.grad = None
-            off += n
+        denom = torch.sqrt(self.v_flat, out=self._denom).div_(bc2_sqrt).add_(self.eps)
+        update = torch.mul(self.m_flat, self.lr, out=self._num).div_(denom).mul_(1.0 / bc1)  # lr/bc1 · m / denom
+        self.param_flat.sub_(update)
+        for k in self.names:
+            self.params[k].grad = None
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -514,6 +552,8 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
         else:
             x = xs[data_index]                                              # (R, n, *shape)
         if manual:
+            for k, p in stack.params.items():
+                p.grad = opt.grads[k]                                       # written in place, no gather
             per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
         else:
             pred = stack.forward(x)
