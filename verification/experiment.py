@@ -506,6 +506,82 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
     return out
 
 
+def _takes_highprec(cell: Cell) -> bool:
+    """Whether ``cell``'s construction takes the high-precision path whatever the instance (block > 4 layers)."""
+    return (cell.highprec_subsample > 0 and cell.family == "fnn" and cell.method == "lora"
+            and _largest_block(cell) > MAX_HONEST_BLOCK)
+
+
+_POOL_SETS = None
+
+
+def _pool_init(sets):
+    global _POOL_SETS
+    _POOL_SETS = {k: torch.from_numpy(v) for k, v in sets.items()}
+
+
+def _pool_construction(cell, frozen, target):
+    return build_construction(cell, frozen, target, _POOL_SETS)
+
+
+def _construction_key(cell: Cell, seed: int) -> str:
+    return _hash({"cell": cell.as_dict(), "seed": seed, "subsample": cell.highprec_subsample})
+
+
+def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress_file) -> dict:
+    """:func:`build_construction` for ``jobs`` (``(cell, seed, frozen, target)`` of deep blocks), in
+    ``workers`` processes, each result appended to ``cache`` as it comes: a rerun (``--resume``) reads the
+    finished ones back instead of rebuilding them (minutes each at 60 to 120 digits)."""
+    from tqdm import tqdm
+
+    done = {}
+    for rec in _load_records(cache):
+        done[rec.get("key")] = rec.get("construction")
+    results, todo = {}, []
+    for cell, seed, frozen, target in jobs:
+        key = _construction_key(cell, seed)
+        if isinstance(done.get(key), dict):
+            results[(cell, seed)] = {**done[key], "_test_errors": None}
+        else:
+            todo.append((key, cell, seed, frozen, target))
+    if not todo:
+        return results
+    workers = max(1, min(workers, len(todo)))
+    bar = tqdm(total=len(todo), desc="high-precision constructions", unit="construction", file=progress_file,
+               mininterval=1.0)
+    with open(cache, "a") as log:
+        def keep(key, cell, seed, cons):
+            results[(cell, seed)] = cons
+            stored = {k: v for k, v in cons.items() if not k.startswith("_")}
+            log.write(json.dumps({"key": key, "construction": stored}, default=_json_default) + "\n")
+            log.flush()
+            bar.update(1)
+
+        try:
+            if workers == 1:
+                for key, cell, seed, frozen, target in todo:
+                    keep(key, cell, seed, build_construction(cell, frozen, target, sets))
+            else:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                # spawned, not forked: the parent holds torch's thread pools
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_pool_init,
+                                         initargs=({k: v.numpy() for k, v in sets.items()},)) as pool:
+                    futures = {pool.submit(_pool_construction, cell, frozen, target): (key, cell, seed)
+                               for key, cell, seed, frozen, target in todo}
+                    try:
+                        for fut in as_completed(futures):
+                            keep(*futures[fut], fut.result())
+                    except BaseException:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+        finally:
+            bar.close()
+    return results
+
+
 def _mp_speed() -> float:
     """Seconds for one 16 x 16 mpmath matrix product at 50 digits here (the unit of the estimate)."""
     import mpmath
@@ -542,14 +618,17 @@ def highprec_estimate(cells, seeds: int) -> tuple:
     return count, seconds
 
 
-def highprec_message(cells, seeds: int) -> str | None:
+def highprec_message(cells, seeds: int, workers: int = 1) -> str | None:
     """The pre-run line on the high-precision construction column (``None`` when it is not used)."""
     count, seconds = highprec_estimate(cells, seeds)
     if not count:
         return None
     n = max(c.highprec_subsample for c in cells)
+    workers = max(1, min(workers, count))
     return (f"  construction column: {count} constructions in high precision (mpmath) on {n} test and {n} "
-            f"shifted inputs each, estimated {_duration(seconds)} before training (--no-highprec skips them)")
+            f"shifted inputs each, in {workers} process{'es' if workers > 1 else ''}: estimated "
+            f"{_duration(seconds / workers)} before training (those already in constructions.jsonl are "
+            f"reused; --no-highprec skips them)")
 
 
 HIGHPREC_SUBSAMPLE, HIGHPREC_QUICK_SUBSAMPLE = 256, 16
@@ -559,6 +638,9 @@ def add_highprec_arguments(p):
     """``--no-highprec`` and ``--highprec-subsample N`` for experiments whose constructions need mpmath."""
     p.add_argument("--no-highprec", action="store_true",
                    help="float64 constructions only: deep blocks are reported n/c with their κ")
+    p.add_argument("--highprec", dest="no_highprec", action="store_false",
+                   help="the high-precision column (the default); with --resume, adds it to a sweep run with "
+                        "--no-highprec (for example trained on a GPU, its constructions then built on a CPU)")
     p.add_argument("--highprec-subsample", type=int, default=None,
                    help=f"test and shifted inputs the high-precision construction is evaluated on "
                         f"(default {HIGHPREC_SUBSAMPLE}; {HIGHPREC_QUICK_SUBSAMPLE} with --quick)")
@@ -582,7 +664,7 @@ def check_highprec_arguments(args, cells):
     n = args.highprec_subsample
     if n is not None and not 1 <= n <= N_TEST:
         raise CLIError(f"--highprec-subsample must be in 1..{N_TEST}, got {n}")
-    msg = highprec_message(cells, args.seeds)
+    msg = highprec_message(cells, args.seeds, args.workers or os.cpu_count() or 1)
     if msg:
         print(msg.strip(), file=sys.stderr)
 
@@ -1090,7 +1172,10 @@ def _read_config(spec, out: Path, flag: str) -> dict:
 
 #: flags that change where or how fast a sweep runs, not its results
 RUN_FLAGS = ("device", "chunk", "workers", "no_figure")
-_NOT_SETTINGS = RUN_FLAGS + ("out", "resume", "quick", "quick_applied", "ranks_list",
+#: flags that change only the construction column, never a training run: a ``--resume`` takes them from its
+#: own command line, so a sweep trained with ``--no-highprec`` can get its high-precision column later
+CONSTRUCTION_FLAGS = ("no_highprec", "highprec_subsample")
+_NOT_SETTINGS = RUN_FLAGS + CONSTRUCTION_FLAGS + ("out", "resume", "quick", "quick_applied", "ranks_list",
                              "lr", "weight_decay", "frozen")          # the last three: parsed into the grids, kinds
 _SETTING_FLAGS = {"kinds": "--frozen", "lr_grid": "--lr", "wd_grid": "--weight-decay", "tune_bias": "--tune-bias",
                   "config_extra": "the experiment's target"}
@@ -1138,6 +1223,8 @@ def _prepare_out(spec, args, settings: dict):
     if (out / "config.json").exists():
         saved = _read_config(spec, out, "--out")
         old = _saved_settings(spec, saved)
+        if old is not None:   # folders written before a flag stopped counting as a setting
+            old = {k: v for k, v in old.items() if k not in _NOT_SETTINGS}
         if old != settings:
             if _load_records(out / "runs.jsonl"):
                 old = old or {}
@@ -1233,12 +1320,18 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
             problems.prepare(structure, range(args.seeds))
 
     sets = evaluation_sets(cells[0].structure) if cells else None
-    constructions = {}
+    constructions, deep = {}, []
     for cell in cells:
         for seed in range(args.seeds):
             frozen = problems.frozen(cell.structure, cell.kind, seed)
             target = problems.target(cell.structure, seed)
-            constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
+            if _takes_highprec(cell):
+                deep.append((cell, seed, frozen, target))
+            else:
+                constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
+    if deep:
+        constructions.update(build_highprec_constructions(
+            deep, sets, out / "constructions.jsonl", args.workers or os.cpu_count() or 1, progress_file))
 
     bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
                file=progress_file, disable=not todo, mininterval=1.0)
@@ -1389,10 +1482,10 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
                 resumed = parser.parse_args(saved["argv"])
             except SystemExit:
                 raise CLIError(f"--resume {resume_dir}: its saved command line does not parse") from None
-            for dest in RUN_FLAGS:        # where and how fast it runs: from this command line
-                if dest in given:
+            for dest in RUN_FLAGS + CONSTRUCTION_FLAGS:  # where and how it runs, the construction column:
+                if dest in given:                          # from this command line
                     setattr(resumed, dest, getattr(args, dest))
-            ignored = [flag for dest, flag in given.items() if dest not in RUN_FLAGS + ("resume",)]
+            ignored = [flag for dest, flag in given.items() if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume",)]
             if ignored:
                 print(f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
                       f"{', '.join(ignored)}", file=sys.stderr)

@@ -83,3 +83,44 @@ def test_estimate_counts_only_blocks_float64_cannot_do():
     count, seconds = highprec_estimate([cell(8, 256), cell(14, 256)], 5)
     assert count == 10 and seconds > 0
     assert highprec_estimate([cell(14, 256)], 5)[1] > highprec_estimate([cell(8, 256)], 5)[1]
+
+
+def test_resume_with_highprec_adds_the_column_to_a_sweep_trained_without_it(tmp_path, monkeypatch):
+    """A sweep trained with --no-highprec (e.g. on a GPU) gets its high-precision column from a later
+    ``--resume DIR --highprec``, without training again; the constructions are kept in constructions.jsonl
+    and a further resume reuses them instead of rebuilding."""
+    from verification import experiment
+
+    out = tmp_path / "ds"
+    args = RUN + ["--depths", "6", "--ranks", "3", "--workers", "1"]
+    assert depth_sweep.main(args + ["--no-highprec", "--out", str(out)]) == 0
+    (row,) = _summary(out)["rows"]
+    assert row["construction_test_mse"] is None and row["construction_note"].startswith("n/c (κ=")
+    runs = (out / "runs.jsonl").read_text()
+
+    assert depth_sweep.main(["--resume", str(out), "--highprec", "--workers", "1"]) == 0
+    assert (out / "runs.jsonl").read_text() == runs                   # nothing trained again
+    (row,) = _summary(out)["rows"]
+    assert row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
+    assert row["construction_test_mse"] <= EXACT * row["target_power"]
+    cached = (out / "constructions.jsonl").read_text().splitlines()
+    assert len(cached) == 1
+
+    def rebuilt(*a, **k):
+        raise AssertionError("a cached high-precision construction was rebuilt")
+
+    monkeypatch.setattr(experiment, "_highprec_construction", rebuilt)
+    assert depth_sweep.main(["--resume", str(out), "--highprec", "--workers", "1"]) == 0
+    (again,) = _summary(out)["rows"]
+    assert again["construction_test_mse"] == row["construction_test_mse"]
+    assert (out / "constructions.jsonl").read_text().splitlines() == cached
+
+
+def test_highprec_constructions_in_processes_equal_the_serial_ones(tmp_path):
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    args = RUN + ["--depths", "6", "--ranks", "1,3"]
+    assert depth_sweep.main(args + ["--workers", "1", "--out", str(out1)]) == 0
+    assert depth_sweep.main(args + ["--workers", "2", "--out", str(out2)]) == 0
+    for a, b in zip(_summary(out1)["rows"], _summary(out2)["rows"]):
+        assert a["construction_test_mse"] == b["construction_test_mse"]
+        assert a["construction_precision_digits"] == b["construction_precision_digits"]
