@@ -753,6 +753,9 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    p.add_argument("--construction-only", action="store_true",
+                   help="build and evaluate the constructions only, train nothing (the gradient columns stay "
+                        "empty; a later --resume of the folder without this flag trains the runs)")
     spec.add_arguments(p)
     return p
 
@@ -1175,7 +1178,7 @@ RUN_FLAGS = ("device", "chunk", "workers", "no_figure")
 #: flags that change only the construction column, never a training run: a ``--resume`` takes them from its
 #: own command line, so a sweep trained with ``--no-highprec`` can get its high-precision column later
 CONSTRUCTION_FLAGS = ("no_highprec", "highprec_subsample")
-_NOT_SETTINGS = RUN_FLAGS + CONSTRUCTION_FLAGS + ("out", "resume", "quick", "quick_applied", "ranks_list",
+_NOT_SETTINGS = RUN_FLAGS + CONSTRUCTION_FLAGS + ("construction_only", "out", "resume", "quick", "quick_applied", "ranks_list",
                              "lr", "weight_decay", "frozen")          # the last three: parsed into the grids, kinds
 _SETTING_FLAGS = {"kinds": "--frozen", "lr_grid": "--lr", "wd_grid": "--weight-decay", "tune_bias": "--tune-bias",
                   "config_extra": "the experiment's target"}
@@ -1293,13 +1296,17 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     runs_path = out / "runs.jsonl"
     records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
     done = {r["id"] for r in records}
-    todo = [r for r in runs if r["id"] not in done]
+    todo = [] if args.construction_only else [r for r in runs if r["id"] not in done]
     extra = config_extra(spec, args)
     problems = Problems(cache=out / "pretrained", make_target=None if spec.make_target is None else
                         (lambda structure, seed: spec.make_target(args, structure, seed)),
                         key="" if extra is None else _hash(extra)[:12])
-    print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
-          f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
+    if args.construction_only:
+        print(f"{spec.name}: constructions only, no training ({len(done)} of {len(runs)} runs already done); "
+              f"output {out}", file=progress_file)
+    else:
+        print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
+              f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
         probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]
@@ -1489,6 +1496,7 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
             if ignored:
                 print(f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
                       f"{', '.join(ignored)}", file=sys.stderr)
+            resumed.construction_only = args.construction_only   # never inherited: a resume trains unless told
             args = resumed
             args.resume, args.out = str(resume_dir), str(resume_dir)
         _normalise(spec, args)

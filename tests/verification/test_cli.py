@@ -432,3 +432,30 @@ def test_figure_failure_leaves_complete_summaries_and_a_warning(tmp_path, monkey
         "warning: figure.png not written (RuntimeError: no drawing today); the summaries are complete"]
     assert _summary(out)["rows"] and (out / "summary.csv").read_text().count("\n") == 2
     assert not (out / "figure.png").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path, capsys):
+    """``--construction-only`` fills the construction columns in seconds and leaves the gradient ones empty; a
+    later ``--resume`` without the flag trains the sweep (it is never inherited from the saved command line),
+    and the construction columns are the same either way."""
+    from verification import linear
+    out = tmp_path / "lin"
+    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "10", "--ranks", "1,2", "--frozen", "random",
+            "--no-figure", "--out", str(out)]
+    assert linear.main(argv + ["--construction-only"]) == 0
+    assert "constructions only, no training" in capsys.readouterr().err
+    assert (out / "runs.jsonl").read_text() == ""
+    first = _summary(out)["rows"]
+    for row in first:
+        assert row["construction_test_mse"] is not None
+        assert row["gradient_test_mse"] is None and row["seeds"] == []
+    assert linear.main(["--resume", str(out)]) == 0
+    records = (out / "runs.jsonl").read_text().splitlines()
+    protocol = _summary(out)["protocol"]
+    assert len(records) == 2 * 2 * len(protocol["lr_grid"]) * len(protocol["weight_decay_grid"])  # ranks x seeds x grid
+    for a, b in zip(first, _summary(out)["rows"]):
+        assert b["gradient_test_mse"] is not None and b["seeds"] == [0, 1]
+        assert a["construction_test_mse"] == b["construction_test_mse"]
+    assert linear.main(["--resume", str(out), "--construction-only"]) == 0   # a finished sweep: nothing new
+    assert (out / "runs.jsonl").read_text().splitlines() == records
+    assert _summary(out)["rows"][0]["gradient_test_mse"] is not None    # its finished runs still count
