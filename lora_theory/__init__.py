@@ -42,10 +42,12 @@ from .fnn import (
 from .highprec import (
     HighPrecisionFNNFit,
     HighPrecisionLinearFit,
+    HighPrecisionTFNFit,
     PrecisionAdvice,
     choose_digits,
     lora_fnn_mp,
     lora_linear_mp,
+    lora_tfn_mp,
     suggest_precision,
 )
 from .linear import (

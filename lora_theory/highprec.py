@@ -45,6 +45,8 @@ __all__ = [
     "lora_linear_mp",
     "HighPrecisionFNNFit",
     "lora_fnn_mp",
+    "HighPrecisionTFNFit",
+    "lora_tfn_mp",
 ]
 
 #: Digits a high-precision result should keep after the construction lost ``log10(κ) + log10(γ)``.
@@ -718,3 +720,231 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
         partition=sizes, digits=digits, digits_reason=reason, kappa=kappa, gamma=gamma, exact=exact,
         block_errors=tuple(block_errors), levels=tuple(all_levels), center=center, radius=radius,
         condition_numbers=kappas)
+
+
+# ------------------------------------------------------------------------------------------ transformer
+
+
+def _object_arrays(digits):
+    """``(from_float, from_mpf, exp, context)`` for object arrays of high-precision numbers at ``digits``.
+
+    ``gmpy2.mpfr`` when gmpy2 is installed (about 10 times faster in numpy's object loops), else
+    ``mpmath.mpf``; both at the working precision of ``digits`` decimal digits plus 10 bits, and both exact
+    on float64 and on mpmath numbers of that precision.
+    """
+    with _mp.workdps(digits):
+        bits = _mp.prec + 10
+    try:
+        import gmpy2
+    except ImportError:
+        ctx = _mp.workprec(bits)
+        return np.vectorize(_mp.mpf, otypes=[object]), np.vectorize(lambda x: x, otypes=[object]), \
+            np.vectorize(_mp.exp, otypes=[object]), ctx
+    ctx = gmpy2.context(gmpy2.get_context(), precision=bits)
+
+    def from_mpf(x):
+        sign, man, exp, _ = x._mpf_
+        v = gmpy2.mul_2exp(gmpy2.mpfr(int(man)), int(exp))
+        return -v if sign else v
+
+    return (np.vectorize(gmpy2.mpfr, otypes=[object]), np.vectorize(from_mpf, otypes=[object]),
+            np.vectorize(gmpy2.exp, otypes=[object]), ctx)
+
+
+def _tfn_forward_objects(p, X, exp):
+    """The TFN of :class:`lora_theory.TFN` on object arrays: ``p`` its parameters, ``X`` ``(n, D, N)``."""
+    L, H = p["wq"].shape[:2]
+    Z = X                                                               # (n, D, N)
+    for l in range(L):
+        A = np.zeros_like(Z)
+        for h in range(H):
+            K = p["wk"][l, h] @ Z                                       # (n, D, N)
+            Q = p["wq"][l, h] @ Z                                       # (n, D, N)
+            S = np.swapaxes(K, -1, -2) @ Q                              # (n, N, N) scores, keys on axis -2
+            S = exp(S - S.max(axis=-2, keepdims=True))
+            S = S / S.sum(axis=-2, keepdims=True)                       # columns sum to 1
+            A = A + p["wo"][l, h] @ (p["wv"][l, h] @ Z) @ S             # (n, D, N)
+        H1 = p["w1"][l] @ A + p["b1"][l][:, None]                       # (n, D, N)
+        H1 = np.where(H1 > 0, H1, 0)
+        Z = p["w2"][l] @ H1 + p["b2"][l][:, None]                       # (n, D, N)
+    return p["w_out"] @ Z                                               # (n, D, N)
+
+
+@dataclass(frozen=True, eq=False)
+class HighPrecisionTFNFit:
+    """Theorem 7's adapters and biases computed at ``digits`` significant digits.
+
+    Attributes
+    ----------
+    params_mp : dict
+        The adapted network's parameters under :class:`lora_theory.TFN`'s names, as nested lists of mpmath
+        matrices: ``params_mp["wq"][l][h]`` ``(D, D)`` (likewise ``wk``, ``wv``, ``wo``), ``w1[l]``,
+        ``w2[l]`` ``(D, D)``, ``b1[l]``, ``b2[l]`` ``(D, 1)``, ``w_out`` ``(D, D)``.
+    rank, digits : int
+    digits_reason : str
+    matched_ranks : tuple of int
+        ``G_l`` per block at working precision; ``required_rank = max_l ceil(G_l / 2)``.
+    exact : bool
+        ``rank >= required_rank``.
+    condition_numbers : dict of str -> float
+        As :attr:`lora_theory.tfn.TFNFit.condition_numbers`.
+    """
+
+    params_mp: dict
+    frozen: object
+    target: object
+    rank: int
+    digits: int
+    digits_reason: str
+    matched_ranks: tuple
+    required_rank: int
+    exact: bool
+    condition_numbers: dict = field(default_factory=dict)
+
+    @property
+    def kappa(self) -> float:
+        """Largest condition number the construction solved with (1 if none)."""
+        return max(self.condition_numbers.values(), default=1.0)
+
+    @property
+    def model(self):
+        """The adapted network rounded to float64 (:class:`lora_theory.TFN`; a float64 forward pass
+        through it loses digits again: evaluate with :meth:`predict`)."""
+        from .models import TFN
+
+        p = self.params_mp
+        return TFN(**{k: np.array(_nested_np(v)) if k != "w_out" else _np(v) for k, v in p.items()})
+
+    def _inputs(self, X):
+        X = as_array(X, "X")
+        D = self.frozen.embed_dim
+        if X.ndim not in (2, 3) or X.shape[-2] != D:
+            raise InvalidArgumentError("X", f"must have shape (D, N) or (n, D, N) with D = {D}, got {X.shape}")
+        return X
+
+    def predict(self, X) -> np.ndarray:
+        """The adapted network on ``X`` (``(D, N)`` or ``(n, D, N)``), evaluated at working precision, rounded
+        to float64, shaped like ``X``."""
+        X = self._inputs(X)
+        from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
+        with ctx:
+            p = {k: from_mpf(np.array(_nested_objects(v), dtype=object)) for k, v in self.params_mp.items()}
+            Y = _tfn_forward_objects(p, from_float(np.atleast_3d(X) if X.ndim == 3 else X[None]), exp)
+            Y = np.vectorize(float, otypes=[np.float64])(Y)
+        return Y if X.ndim == 3 else Y[0]
+
+    def relative_error(self, X) -> float:
+        """``||f(X) - f̄(X)||_F / ||f̄(X)||_F``, adapted network and target both at working precision."""
+        X = self._inputs(X)
+        X3 = X if X.ndim == 3 else X[None]
+        from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
+        with ctx:
+            p = {k: from_mpf(np.array(_nested_objects(v), dtype=object)) for k, v in self.params_mp.items()}
+            t = {k: from_float(v) for k, v in self.target.parameters().items()}
+            Xo = from_float(X3)
+            f, fbar = _tfn_forward_objects(p, Xo, exp), _tfn_forward_objects(t, Xo, exp)
+            num, den = np.sum((f - fbar) ** 2), np.sum(fbar ** 2)
+            return float((num / den) ** 0.5) if den > 0 else float(num ** 0.5)
+
+
+def _nested_objects(v):
+    """Nested lists of mpmath matrices (and matrices) as nested lists of their entries (mpf)."""
+    if isinstance(v, list):
+        return [_nested_objects(x) for x in v]
+    if v.cols == 1:
+        return [v[i, 0] for i in range(v.rows)]
+    return [[v[i, j] for j in range(v.cols)] for i in range(v.rows)]
+
+
+def _nested_np(v):
+    if isinstance(v, list):
+        return [_nested_np(x) for x in v]
+    return _np(v)[:, 0] if v.cols == 1 else _np(v)
+
+
+def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisionTFNFit:
+    """Theorem 7's construction (Zeng & Lee 2024, Theorem 7 (transformers)) at raised precision.
+
+    The steps of :func:`lora_theory.tfn.lora_tfn` (``C_l = T2_l W2_l^{-1}``, Lemma 1 on the score products
+    ``(W_Q, W_K^T)``, the value products ``(W_V, W_O)`` and the output product ``(W2_L, W_out)``, ``b1 = c1``,
+    ``b2_l = W2_l T2_l^{-1} c2_l``, ``b2_L = (W_out + Δ_out)^{-1} T_out c2_L``) in mpmath. The float64
+    construction is as accurate as float64 weights can be (perturbing its adapted weights by one rounding
+    unit moves the output as much as its error), but for two blocks that is a relative output error up to
+    1e-10: the adapted second block reads the first block's output through ``C_1``, which amplifies the
+    rounding of every first-block weight. At raised precision and evaluated there (:meth:`predict`) the
+    adapted network equals the target to the working precision less ``log10 κ``.
+
+    Parameters
+    ----------
+    frozen, target : TFN
+        As :func:`lora_theory.lora_tfn`.
+    rank : int in 0..D
+    digits : int >= 16, or None
+        ``None``: :func:`choose_digits` of the float64 construction's ``κ`` (and at least 30).
+
+    Raises
+    ------
+    InvalidArgumentError, SingularMatrixError
+        As :func:`lora_theory.lora_tfn` (a singular matrix at the working precision).
+    """
+    from .tfn import _check_pair, lora_tfn
+
+    _check_pair(frozen, target)
+    L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
+    from ._validate import as_int
+
+    R = as_int(rank, "rank", 0, D)
+    digits = _check_digits(digits)
+    if digits is None:
+        kappa, _ = _float64_kappa_estimate(lambda: lora_tfn(frozen, target, R))
+        digits = max(choose_digits(kappa), 30)
+        reason = f"chosen from the float64 κ ≈ {kappa:.3g}: {TARGET_DIGITS} + log10 κ + {SAFETY_DIGITS} safety (>= 30)"
+    else:
+        reason = "given"
+    kappas: dict = {}
+    G = [0] * L
+    with _mp.workdps(digits):
+        f = {k: v for k, v in frozen.parameters().items()}
+        t = {k: v for k, v in target.parameters().items()}
+        out = {name: [[None] * H for _ in range(L)] for name in ("wq", "wk", "wv", "wo")}
+        out.update(w1=[_mpm(f["w1"][l]) for l in range(L)], b1=[_mpm(t["b1"][l]) for l in range(L)],
+                   w2=[_mpm(f["w2"][l]) for l in range(L)], b2=[None] * L)
+        C = _eye(D)                                                     # (D, D) C_{l-1}
+        for l in range(L):
+            lu_w1 = _LU(_mpm(f["w1"][l]), f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C")
+            kappas[f"W1[{l}]"] = lu_w1.kappa
+            for h in range(H):
+                TQ, TK, TV, TO = (_mpm(t[k][l, h]) for k in ("wq", "wk", "wv", "wo"))
+                qk_target = C.T * TK.T * TQ * C                         # (D, D) C^T T_K^T T_Q C
+                _, (wq, wkT), _, rank_qk, kq = _chain_mp(
+                    [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T], qk_target, (R, R),
+                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], None)
+                ov_target = lu_w1.solve(_mpm(t["w1"][l]) * TO * TV * C)  # (D, D) W1^-1 T1 T_O T_V C
+                _, (wv, wo), _, rank_ov, kv = _chain_mp(
+                    [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])], ov_target, (R, R),
+                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], None)
+                out["wq"][l][h], out["wk"][l][h], out["wv"][l][h], out["wo"][l][h] = wq, wkT.T, wv, wo
+                G[l] = max(G[l], rank_qk, rank_ov)
+                kappas.update({f"qk[{l},{h}] {k}": v for k, v in kq.items()})
+                kappas.update({f"ov[{l},{h}] {k}": v for k, v in kv.items()})
+            if l < L - 1:
+                W2, T2 = _mpm(f["w2"][l]), _mpm(t["w2"][l])
+                lu_w2t = _LU(W2.T, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block")
+                lu_t2 = _LU(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
+                kappas[f"W2[{l}]"], kappas[f"T2[{l}]"] = lu_w2t.kappa, lu_t2.kappa
+                C = lu_w2t.solve(T2.T).T                                # (D, D) T2 W2^-1
+                out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))       # (D, 1) W2 T2^-1 c2
+        T_out = _mpm(t["w_out"])
+        _, (w2_last, w_out), _, rank_out, ko = _chain_mp(
+            [_mpm(f["w2"][L - 1]), _mpm(f["w_out"])], T_out * _mpm(t["w2"][L - 1]), (R, R), ["W2[L-1]", "W_out"], None)
+        G[L - 1] = max(G[L - 1], rank_out)
+        kappas.update({f"out {k}": v for k, v in ko.items()})
+        out["w2"][L - 1] = w2_last
+        lu_out = _LU(w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
+        kappas["W_out + Δ_out"] = lu_out.kappa
+        out["b2"][L - 1] = lu_out.solve(T_out * _mpm(t["b2"][L - 1]))
+        out["w_out"] = w_out
+    required = max((g + 1) // 2 for g in G)
+    return HighPrecisionTFNFit(params_mp=out, frozen=frozen, target=target, rank=R, digits=digits,
+                               digits_reason=reason, matched_ranks=tuple(G), required_rank=required,
+                               exact=R >= required, condition_numbers=kappas)

@@ -185,3 +185,83 @@ def test_explicit_digits_too_few_warn_with_the_digits_needed():
     f0, t = random_fnn(16, 8, seed=0, scale=0.25), random_fnn(16, 1, seed=1)
     with pytest.warns(IllConditionedWarning, match=r"high-precision FNN construction \(Theorem 3\) at digits=16"):
         lora_fnn_mp(f0, t, 2, input_radius=10.0, digits=16)
+
+
+# ------------------------------------------------------------------------------------- transformer
+
+
+def _tfn_pair(seed, D=6, L=2, H=2):
+    from lora_theory.models import random_tfn
+
+    return random_tfn(D, L, H, seed=seed), random_tfn(D, L, H, seed=seed + 100)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tfn_mp_equals_the_target_to_working_precision_from_the_threshold(seed):
+    """Theorem 7 at raised precision: from ceil(D/2) on, the adapted network equals the target to the working
+    precision less log10 κ (evaluated at that precision), far below what float64 weights can carry."""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.tfn import lora_tfn
+
+    frozen, target = _tfn_pair(seed)
+    X = np.random.default_rng(seed).standard_normal((3, 6, 5))          # (n, D, N)
+    fit = lora_tfn_mp(frozen, target, 3, digits=40)
+    assert fit.exact and fit.required_rank == 3 and fit.matched_ranks == (6, 6)
+    assert fit.relative_error(X) <= 10.0 ** -40 * fit.kappa * 1e6
+    f64 = lora_tfn(frozen, target, 3)
+    # the float64 construction is the same one: its adapted weights agree to float64 rounding (relative κ·u)
+    for name, W in f64.model.parameters().items():
+        assert np.allclose(fit.model.parameters()[name], W, rtol=0, atol=1e3 * f64.kappa * unit_roundoff()
+                           * max(1.0, np.abs(W).max()))
+    y = target(X)
+    assert np.max(np.abs(fit.predict(X) - y)) <= 1e-13 * np.max(np.abs(y))   # float64 rounding of the outputs
+
+
+def test_tfn_mp_below_the_threshold_is_not_exact():
+    from lora_theory.highprec import lora_tfn_mp
+
+    frozen, target = _tfn_pair(3)
+    X = np.random.default_rng(3).standard_normal((2, 6, 5))
+    fit = lora_tfn_mp(frozen, target, 2, digits=30)
+    assert not fit.exact and fit.relative_error(X) > 1e-3
+
+
+def test_tfn_mp_bad_arguments():
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+
+    frozen, target = _tfn_pair(0)
+    with pytest.raises(InvalidArgumentError, match="rank"):
+        lora_tfn_mp(frozen, target, 7)
+    with pytest.raises(InvalidArgumentError, match="digits"):
+        lora_tfn_mp(frozen, target, 3, digits=8)
+    with pytest.raises(InvalidArgumentError, match="target"):
+        lora_tfn_mp(frozen, random_tfn(6, 1, 2, seed=1), 3)
+    fit = lora_tfn_mp(frozen, target, 3, digits=20)
+    with pytest.raises(InvalidArgumentError, match="X"):
+        fit.predict(np.zeros((5, 6)))
+
+
+def test_tfn_mp_names_a_singular_matrix():
+    from lora_theory.highprec import lora_tfn_mp
+
+    frozen, target = _tfn_pair(4)
+    w2 = np.array(frozen.w2)
+    w2[0][:, 0] = 0.0                                                   # W2 of the first block singular
+    with pytest.raises(SingularMatrixError, match=r"W2\[0\]"):
+        lora_tfn_mp(frozen.replace(w2=w2), target, 3, digits=30)
+
+
+def test_tfn_mp_evaluates_the_same_without_gmpy2(monkeypatch):
+    """The object-array evaluation uses gmpy2 when it is there and mpmath otherwise: the same numbers."""
+    import sys
+
+    from lora_theory.highprec import lora_tfn_mp
+
+    frozen, target = _tfn_pair(5, D=4, L=1)
+    X = np.random.default_rng(5).standard_normal((2, 4, 3))
+    fit = lora_tfn_mp(frozen, target, 2, digits=30)
+    fast = fit.predict(X)
+    monkeypatch.setitem(sys.modules, "gmpy2", None)                     # import gmpy2 now raises ImportError
+    assert np.array_equal(fit.predict(X), fast)
+    assert fit.relative_error(X) < 1e-20

@@ -438,6 +438,12 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
         if prefix == "":
             out["_test_errors"] = e_test
     out["target_power"] = float(np.mean(y_test ** 2))
+    if cell.family == "tfn" and cell.highprec_subsample > 0:
+        # float64 weights of Theorem 7's two-block construction carry a relative output error up to ~1e-10
+        # (lora_theory.highprec.lora_tfn_mp): the column then comes from the construction at raised precision
+        out["note"] = (f"float64: test {out['test_mse']:.3g}, x5 {out['shifted_mse']:.3g} "
+                       f"(relative {out['test_mse'] / out['target_power']:.2g}) on {len(test)} inputs")
+        return _highprec_construction(cell, frozen, target, sets, out)
     return out
 
 
@@ -465,12 +471,25 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
     ``highprec_kappa``, ``highprec_gamma``, ``highprec_seconds``. The float64 ``note`` and ``kappa`` stay.
     """
     n = int(cell.highprec_subsample)
-    if n <= 0 or cell.family != "fnn" or cell.method != "lora":
+    if n <= 0 or cell.method != "lora":
         return out
-    from lora_theory.highprec import choose_digits, lora_fnn_mp, lora_linear_mp
+    from lora_theory.highprec import choose_digits, lora_fnn_mp, lora_linear_mp, lora_tfn_mp
 
     t0 = time.perf_counter()
-    test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]          # (n, D) each
+    test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]          # (n, D) or (n, D, N) each
+    if cell.family == "tfn":
+        try:
+            fit = lora_tfn_mp(frozen, target, cell.ranks[0])
+        except LoraTheoryError as exc:
+            out["note"] = f"{out['note']}; high precision failed: {exc}"
+            return out
+        y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
+        out.update(test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
+                   shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
+                   precision_digits=int(fit.digits), subsample=n, highprec_kappa=float(fit.kappa),
+                   exact=bool(fit.exact), _test_errors=None)
+        out["highprec_seconds"] = time.perf_counter() - t0
+        return out
     linear = frozen.activation == "linear"
     kappa = out["kappa"] if out["kappa"] is not None and math.isfinite(out["kappa"]) else 1e16
     gamma = out["gamma"] if out["gamma"] is not None and math.isfinite(out["gamma"]) else 0.0
@@ -507,9 +526,11 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
 
 
 def _takes_highprec(cell: Cell) -> bool:
-    """Whether ``cell``'s construction takes the high-precision path whatever the instance (block > 4 layers)."""
-    return (cell.highprec_subsample > 0 and cell.family == "fnn" and cell.method == "lora"
-            and _largest_block(cell) > MAX_HONEST_BLOCK)
+    """Whether ``cell``'s construction takes the high-precision path whatever the instance: FNN blocks of more
+    than 4 layers, and every TFN cell that asks for it."""
+    if cell.highprec_subsample <= 0 or cell.method != "lora":
+        return False
+    return cell.family == "tfn" or _largest_block(cell) > MAX_HONEST_BLOCK
 
 
 _POOL_SETS = None
@@ -598,15 +619,29 @@ def highprec_estimate(cells, seeds: int) -> tuple:
     """``(count, seconds)``: the constructions that will take the high-precision path and their serial time.
 
     Counts LoRA cells with ``highprec_subsample > 0`` whose largest block exceeds
-    :data:`MAX_HONEST_BLOCK` layers (times ``seeds``). The time model, measured at D = 16 on a 2-core CPU
+    :data:`MAX_HONEST_BLOCK` layers, and TFN cells with ``highprec_subsample > 0`` (times ``seeds``). The
+    TFN's model: about ``1.2·L·H`` s to build and ``8·L·H`` ms per evaluated input (10x that without gmpy2).
+    The FNN's model, measured at D = 16 on a 2-core CPU
     where one 16 x 16 product at 50 digits takes 9 ms: about ``0.15·L`` s to build a block of ``L`` layers
     and ``1.1·L`` ms per evaluated input (256 test and 256 shifted inputs: 4 s at L = 6, 5.5 s at L = 8,
     7 s at L = 10, 10 to 14 s at L = 14), scaled by ``(D/16)³`` and ``(D/16)²`` and by this machine's speed.
     """
     unit = _mp_speed() / 0.009
+    try:
+        import gmpy2  # noqa: F401  (the object-array evaluation of the TFN is ~10x faster with it)
+        tfn_eval = 0.008
+    except ImportError:
+        tfn_eval = 0.08
     count, seconds = 0, 0.0
     for cell in cells:
-        if cell.highprec_subsample <= 0 or cell.method != "lora" or cell.family != "fnn":
+        if cell.highprec_subsample <= 0 or cell.method != "lora":
+            continue
+        if cell.family == "tfn":   # measured at D = 16, N = 10: ~1.2 s per head and block to build, 8 ms to evaluate
+            D, L, H, N = cell.structure[1:5]
+            per = (1.2 * L * H * (D / 16) ** 3
+                   + tfn_eval * L * H * (N / 10) ** 2 * (D / 16) ** 2 * 2 * cell.highprec_subsample)
+            count += seeds
+            seconds += seeds * per * unit
             continue
         block = _largest_block(cell)
         if block <= MAX_HONEST_BLOCK:
@@ -634,13 +669,18 @@ def highprec_message(cells, seeds: int, workers: int = 1) -> str | None:
 HIGHPREC_SUBSAMPLE, HIGHPREC_QUICK_SUBSAMPLE = 256, 16
 
 
-def add_highprec_arguments(p):
-    """``--no-highprec`` and ``--highprec-subsample N`` for experiments whose constructions need mpmath."""
-    p.add_argument("--no-highprec", action="store_true",
-                   help="float64 constructions only: deep blocks are reported n/c with their κ")
+def add_highprec_arguments(p, default: bool = True):
+    """``--no-highprec``, ``--highprec`` and ``--highprec-subsample N`` for experiments whose constructions
+    take the high-precision path: by default (``default=True``, deep FNN blocks) or on request (the TFN)."""
+    p.add_argument("--no-highprec", action="store_true", default=not default,
+                   help="float64 constructions only" + (": deep blocks are reported n/c with their κ" if default
+                                                        else " (the default)"))
     p.add_argument("--highprec", dest="no_highprec", action="store_false",
-                   help="the high-precision column (the default); with --resume, adds it to a sweep run with "
-                        "--no-highprec (for example trained on a GPU, its constructions then built on a CPU)")
+                   help=("the high-precision column (the default); with --resume, adds it to a sweep run with "
+                         "--no-highprec (for example trained on a GPU, its constructions then built on a CPU)")
+                   if default else "the construction column at raised precision (mpmath) on a subsample of the "
+                                   "inputs, the float64 value kept in construction_note; with --resume, adds it "
+                                   "to a finished sweep")
     p.add_argument("--highprec-subsample", type=int, default=None,
                    help=f"test and shifted inputs the high-precision construction is evaluated on "
                         f"(default {HIGHPREC_SUBSAMPLE}; {HIGHPREC_QUICK_SUBSAMPLE} with --quick)")
@@ -1053,9 +1093,11 @@ def format_table(spec, summary) -> str:
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)
+        why = ("float64 weights carry a relative output error up to ~1e-10 (construction_note gives the float64 "
+               "MSE)" if spec.family == "tfn" else
+               "not computable honestly in float64 (construction_note gives the float64 κ)")
         print(f"* construction in high precision (mpmath, {digits[0]}{'' if len(digits) == 1 else f'..{digits[-1]}'} "
-              f"digits) on the first {n} test and shifted inputs: not computable honestly in float64 "
-              f"(construction_note gives the float64 κ)", file=buf)
+              f"digits) on the first {n} test and shifted inputs: {why}", file=buf)
     return buf.getvalue()
 
 

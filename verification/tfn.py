@@ -1,36 +1,47 @@
 """Transformer networks (Zeng & Lee 2024, Theorem 7): ``L`` blocks (default 2), ``H`` heads (2), ``N`` tokens (10).
 
 ``python -m verification.tfn``: the float64 construction is exact from ``ceil(D/2)`` on for every input
-(no bounded domain; the calibrated column does not apply). The full protocol is hours of CPU arithmetic:
-use ``--quick`` or ``--device cuda``.
+(no bounded domain; the calibrated column does not apply), up to the rounding its float64 weights carry:
+a relative output error up to ~1e-10 with two blocks (the second block reads the first one's output through
+``C_1 = T2 W2^{-1}``). ``--highprec`` builds the column at raised precision instead
+(:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s per
+construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training
+is hours of CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
 """
 
 from __future__ import annotations
 
 import lora_theory
 
-from .experiment import CLIError, ExperimentSpec, apply_quick, lora_cells, parse_ranks, run_cli
+import dataclasses
+
+from .experiment import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
+                         highprec_subsample, lora_cells, parse_ranks, quick_highprec, run_cli)
 
 
 def _add(p):
     p.add_argument("--depth", type=int, default=2, help="L, the number of blocks (default 2)")
     p.add_argument("--heads", type=int, default=2, help="H (default 2)")
     p.add_argument("--seq-len", type=int, default=10, help="N, tokens per input (default 10)")
+    add_highprec_arguments(p, default=False)
 
 
 def _validate(args):
     for flag, v in (("--depth", args.depth), ("--heads", args.heads), ("--seq-len", args.seq_len)):
         if v < 1:
             raise CLIError(f"{flag} must be at least 1, got {v}")
+    check_highprec_arguments(args, _cells(args))
 
 
 def _cells(args):
     structure = ("tfn", args.width, args.depth, args.heads, args.seq_len)
-    return lora_cells(args, structure, parse_ranks(args.ranks or f"1-{args.width}", args.width))
+    cells = lora_cells(args, structure, parse_ranks(args.ranks or f"1-{args.width}", args.width))
+    return [dataclasses.replace(c, highprec_subsample=highprec_subsample(args)) for c in cells]
 
 
 def _quick(args):
     apply_quick(args, ranks="1,8", iterations=30)
+    quick_highprec(args)
 
 
 SPEC = ExperimentSpec(

@@ -124,3 +124,29 @@ def test_highprec_constructions_in_processes_equal_the_serial_ones(tmp_path):
     for a, b in zip(_summary(out1)["rows"], _summary(out2)["rows"]):
         assert a["construction_test_mse"] == b["construction_test_mse"]
         assert a["construction_precision_digits"] == b["construction_precision_digits"]
+
+
+def test_tfn_highprec_column_is_exact_from_the_threshold_and_keeps_the_float64_value(tmp_path, capsys):
+    """``tfn --highprec``: Theorem 7's construction at raised precision, exact (relative 1e-20 and far below)
+    from ceil(D/2) on and not before; the float64 MSE stays in the note. Off by default."""
+    from verification import tfn
+
+    out = tmp_path / "tfn"
+    argv = ["--quick", "--seeds", "1", "--frozen", "random", "--construction-only", "--no-figure", "--workers", "1",
+            "--highprec-subsample", "4"]
+    assert tfn.main(argv + ["--highprec", "--out", str(out)]) == 0
+    rows = _summary(out)["rows"]
+    assert [r["rank"] for r in rows] == [1, 8]
+    for row in rows:
+        assert row["construction_subsample"] == 4 and row["construction_precision_digits"] >= 30
+        assert row["construction_note"].startswith("float64: test ")
+        if row["rank"] >= lora_theory.tfn_rank_threshold(16):
+            assert row["construction_test_mse"] <= EXACT * row["target_power"]
+            assert row["construction_shifted_mse"] <= EXACT * 25 * row["target_power"]
+        else:
+            assert row["construction_test_mse"] > EXACT * row["target_power"]
+    assert "float64 weights carry" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert tfn.main(argv + ["--ranks", "8", "--out", str(plain)]) == 0
+    (row,) = _summary(plain)["rows"]
+    assert row["construction_precision_digits"] is None and row["construction_note"] is None
