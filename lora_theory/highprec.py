@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import mpmath
 import numpy as np
 
-from ._validate import as_array, as_ranks, as_square, as_square_sequence, as_tolerance
+from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from .models import FNN
@@ -829,7 +829,7 @@ class HighPrecisionTFNFit:
         from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
         with ctx:
             p = {k: from_mpf(np.array(_nested_objects(v), dtype=object)) for k, v in self.params_mp.items()}
-            Y = _tfn_forward_objects(p, from_float(np.atleast_3d(X) if X.ndim == 3 else X[None]), exp)
+            Y = _tfn_forward_objects(p, from_float(X if X.ndim == 3 else X[None]), exp)   # (n, D, N)
             Y = np.vectorize(float, otypes=[np.float64])(Y)
         return Y if X.ndim == 3 else Y[0]
 
@@ -891,8 +891,6 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
 
     _check_pair(frozen, target)
     L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
-    from ._validate import as_int
-
     R = as_int(rank, "rank", 0, D)
     digits = _check_digits(digits)
     if digits is None:
@@ -904,8 +902,7 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
     kappas: dict = {}
     G = [0] * L
     with _mp.workdps(digits):
-        f = {k: v for k, v in frozen.parameters().items()}
-        t = {k: v for k, v in target.parameters().items()}
+        f, t = frozen.parameters(), target.parameters()
         out = {name: [[None] * H for _ in range(L)] for name in ("wq", "wk", "wv", "wo")}
         out.update(w1=[_mpm(f["w1"][l]) for l in range(L)], b1=[_mpm(t["b1"][l]) for l in range(L)],
                    w2=[_mpm(f["w2"][l]) for l in range(L)], b2=[None] * L)
