@@ -265,3 +265,31 @@ def test_tfn_mp_evaluates_the_same_without_gmpy2(monkeypatch):
     monkeypatch.setitem(sys.modules, "gmpy2", None)                     # import gmpy2 now raises ImportError
     assert np.array_equal(fit.predict(X), fast)
     assert fit.relative_error(X) < 1e-20
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_two_block_float64_construction_sits_at_the_rounding_floor_of_its_weights(seed):
+    """Paper sizes (D = 16, L = 2, H = 2): the float64 construction's error is what float64 weights allow
+    (perturbing its adapted weights by one rounding unit moves the output about as much), while the same
+    construction at raised precision, evaluated there, is exact to far below 1e-20 of the output power."""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+    from lora_theory.tfn import lora_tfn
+
+    rng = np.random.default_rng(seed)
+    frozen, target = random_tfn(16, 2, 2, seed=rng), random_tfn(16, 2, 2, seed=rng)
+    X = rng.standard_normal((16, 16, 10))                               # (n, D, N)
+    y = target(X)
+    power = np.mean(y ** 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)          # κ reaches 1e8 on some seeds: the point
+        fit = lora_tfn(frozen, target, 8)
+    err = np.mean((fit.model(X) - y) ** 2) / power
+    u = unit_roundoff()
+    perturbed = fit.model.replace(**{k: v * (1 + u * rng.choice([-1.0, 1.0], size=np.shape(v)))
+                                     for k, v in fit.model.parameters().items()})
+    floor = np.mean((perturbed(X) - fit.model(X)) ** 2) / power
+    assert err <= 30 * floor                                            # at the floor (measured 0.2 to 2.3x)
+    hp = lora_tfn_mp(frozen, target, 8)
+    assert np.mean((hp.predict(X) - y) ** 2) / power <= 1e-24           # the float64 rounding of y itself
+    assert hp.relative_error(X[:2]) <= 10.0 ** (-hp.digits) * hp.kappa * 1e6
