@@ -1142,27 +1142,88 @@ def figure_series(spec, summary) -> list:
             grad.setdefault((r["label"],) + group, []).append(r)
             if r["construction_test_mse"] is not None:
                 cons.setdefault(group, {}).setdefault(r[x_axis], r["construction_test_mse"])
-        for i, (skey, rs) in enumerate(sorted(grad.items(), key=lambda kv: str(kv[0]))):
+        for i, (skey, rs) in enumerate(sorted(grad.items(), key=lambda kv: _natural(kv[0]))):
             rs = sorted((r for r in rs if r["gradient_test_mse"] is not None), key=lambda r: r[x_axis])
             if rs:
-                out.append({"kind": kind, "curve": "gradient", "style": i,
+                out.append({"kind": kind, "curve": "gradient", "style": i, "group": skey[1:],
                             "label": f"{kind} " + " ".join(str(v) for v in skey) + ": gradient",
                             "x": [r[x_axis] for r in rs], "y": [r["gradient_test_mse"] for r in rs],
                             "lo": [r["gradient_test_q25"] for r in rs], "hi": [r["gradient_test_q75"] for r in rs]})
-        for i, (group, points) in enumerate(sorted(cons.items(), key=lambda kv: str(kv[0]))):
+        for i, (group, points) in enumerate(sorted(cons.items(), key=lambda kv: _natural(kv[0]))):
             xs = sorted(points)
             name = " ".join([kind] + [f"{a} {v}" for a, v in zip(group_axes, group)])
-            out.append({"kind": kind, "curve": "construction", "style": i,
+            out.append({"kind": kind, "curve": "construction", "style": i, "group": group,
                         "label": f"{name}: construction" + (" (biases re-chosen)" if rechosen else ""),
                         "x": xs, "y": [points[x] for x in xs], "lo": None, "hi": None})
     return out
 
 
-def make_figure(spec, summary, path: Path):
-    """MSE against the experiment's axis, log scale: construction and gradient (IQR band), random and pretrained
-    (the curves of :func:`figure_series`)."""
+def _natural(key) -> tuple:
+    """Sort key of a tuple of labels and numbers: numbers by value (depth 2 before depth 10)."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
+
+
+def _save_figure(fig, path: Path):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=130, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def make_grouped_figure(spec, summary, path: Path):
+    """For experiments with a group axis (the depth sweep): one panel per frozen-model kind, one colour per
+    group (e.g. frozen depth ``L``), gradient solid with its IQR band, construction dashed, and each
+    group's threshold marked on its construction curve."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
+    series = figure_series(spec, summary)
+    kinds = [k for k in ("random", "pretrained") if any(c["kind"] == k for c in series)]
+    groups = sorted({c["group"] for c in series}, key=_natural)
+    cmap = colormaps["viridis"]
+    colour = {g: cmap(i / max(1, len(groups) - 1) * 0.9) for i, g in enumerate(groups)}
+    group_axes = spec.axis_names[:-1]
+    thr = summary["threshold"] if isinstance(summary["threshold"], dict) else {}
+    floor = FIGURE_FLOOR
+    fig = Figure(figsize=(5.2 * len(kinds), 4.8))
+    axes = [fig.add_subplot(1, len(kinds), i + 1) for i in range(len(kinds))]
+    for ax, kind in zip(axes, kinds):
+        for c in (c for c in series if c["kind"] == kind):
+            g = c["group"]
+            name = " ".join(f"{a} {v}" for a, v in zip(group_axes, g))
+            y = [max(v, floor) for v in c["y"]]
+            if c["curve"] == "gradient":
+                ax.plot(c["x"], y, "-", marker="o", ms=3, color=colour[g], label=f"{name}: gradient")
+                ax.fill_between(c["x"], [max(v, floor) for v in c["lo"]], [max(v, floor) for v in c["hi"]],
+                                color=colour[g], alpha=0.12)
+            else:
+                t = thr.get(str(g[0])) if len(g) == 1 else None
+                ax.plot(c["x"], y, "--", marker="s", ms=3, color=colour[g], mfc="none",
+                        label=f"{name}: construction" + (f" (threshold {t})" if t is not None else ""))
+                if t is not None and t in c["x"]:
+                    ax.plot([t], [y[c["x"].index(t)]], marker="v", ms=7, color=colour[g])
+        ax.set_yscale("log")
+        ax.set_xlabel(spec.axis_names[-1])
+        ax.set_title(f"{kind} frozen model")
+        ax.legend(fontsize=5, loc="best", ncol=2)
+    axes[0].set_ylabel("test MSE per coordinate (median over seeds)")
+    fig.suptitle(f"{spec.name}: construction (dashed, ▼ at the threshold) vs gradient-trained (solid); "
+                 f"floor {floor:g}", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def make_figure(spec, summary, path: Path):
+    """MSE against the experiment's axis, log scale: construction and gradient (IQR band), random and pretrained
+    (the curves of :func:`figure_series`); experiments with a group axis get :func:`make_grouped_figure`."""
+    from matplotlib.figure import Figure
+
+    if len(spec.axis_names) > 1:
+        return make_grouped_figure(spec, summary, path)
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     colours = {"random": "tab:blue", "pretrained": "tab:orange"}
@@ -1188,14 +1249,7 @@ def make_figure(spec, summary, path: Path):
     ax.set_title(f"{spec.name}: construction vs gradient-trained (floor {floor:g} for exact zeros)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=130, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- driver

@@ -459,3 +459,21 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     assert linear.main(["--resume", str(out), "--construction-only"]) == 0   # a finished sweep: nothing new
     assert (out / "runs.jsonl").read_text().splitlines() == records
     assert _summary(out)["rows"][0]["gradient_test_mse"] is not None    # its finished runs still count
+
+
+def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path):
+    """The depth sweep's figure: one panel per frozen-model kind, one curve pair per depth, depths in numeric
+    order (2 before 10), the construction labelled with its depth's threshold."""
+    from verification import depth_sweep
+    from verification.experiment import figure_series, make_figure
+
+    def row(depth, rank):
+        return {"depth": depth, "rank": rank, "label": "lora", "construction_test_mse": 10.0 ** -rank,
+                "gradient_test_mse": 1e-2, "gradient_test_q25": 5e-3, "gradient_test_q75": 2e-2}
+
+    rows = [row(d, r) for d in (10, 2) for r in (1, 2, 8)]
+    summary = {"rows": rows, "pretrained_rows": rows, "domain": None, "threshold": {"2": 8, "10": 2}}
+    curves = figure_series(depth_sweep.SPEC, summary)
+    assert [c["group"] for c in curves if c["kind"] == "random" and c["curve"] == "gradient"] == [(2,), (10,)]
+    make_figure(depth_sweep.SPEC, summary, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 1000
