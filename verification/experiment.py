@@ -1588,7 +1588,8 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
             for dest in RUN_FLAGS + CONSTRUCTION_FLAGS:  # where and how it runs, the construction column:
                 if dest in given:                          # from this command line
                     setattr(resumed, dest, getattr(args, dest))
-            ignored = [flag for dest, flag in given.items() if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume",)]
+            ignored = [flag for dest, flag in given.items()
+                       if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume", "construction_only")]
             if ignored:
                 print(f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
                       f"{', '.join(ignored)}", file=sys.stderr)

@@ -456,7 +456,9 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     for a, b in zip(first, _summary(out)["rows"]):
         assert b["gradient_test_mse"] is not None and b["seeds"] == [0, 1]
         assert a["construction_test_mse"] == b["construction_test_mse"]
+    capsys.readouterr()
     assert linear.main(["--resume", str(out), "--construction-only"]) == 0   # a finished sweep: nothing new
+    assert "ignoring" not in capsys.readouterr().err                      # the flag is taken, not ignored
     assert (out / "runs.jsonl").read_text().splitlines() == records
     assert _summary(out)["rows"][0]["gradient_test_mse"] is not None    # its finished runs still count
 
