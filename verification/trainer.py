@@ -87,33 +87,29 @@ def fnn_apply(weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, acti
     return z
 
 
-def _heads_cat(W: torch.Tensor) -> torch.Tensor:
-    """(R, H, D, D) per-head matrices -> (R, D, H·D): ``Z @ out`` gives every head's ``Z W_h^T`` side by side."""
-    R, H, D, _ = W.shape
-    return W.transpose(-1, -2).permute(0, 2, 1, 3).reshape(R, D, H * D)
-
-
 def tfn_apply(p: dict, X: torch.Tensor) -> torch.Tensor:
     """Stacked TFN (THEORY.md §1). ``p`` maps ``wq, wk, wv, wo`` (R, L, H, D, D), ``w1, w2`` (R, L, D, D),
     ``b1, b2`` (R, L, D), ``w_out`` (R, D, D); ``X`` (R, n, D, N) or (1, n, D, N) -> (R, n, D, N).
 
-    Tokens of all samples are rows of one matrix, so every projection is one batched product per run with
-    ``n·N`` rows (the heads side by side); only the ``N x N`` attention products are small.
+    Tokens of all samples are rows of one matrix, so every projection is one batched product per run and
+    head with ``n·N`` rows, whose result viewed as ``(R·n, N, D)`` feeds the ``N x N`` attention products
+    without a copy (heads side by side would need a permuted copy of every projection, a fifth of a
+    training step on a CPU).
     """
     R, L, H, D, _ = p["wq"].shape
     n, N = X.shape[1], X.shape[-1]
     Z = X.transpose(-1, -2).expand(R, n, N, D).reshape(R, n * N, D)          # (R, nN, D) tokens as rows
-
-    def split(T):                                                           # (R, nN, H·D) -> (R, n, H, N, D)
-        return T.view(R, n, N, H, D).permute(0, 1, 3, 2, 4)
-
     for l in range(L):
-        K = split(torch.bmm(Z, _heads_cat(p["wk"][:, l])))                  # rows k_i = W_K z_i
-        Q = split(torch.bmm(Z, _heads_cat(p["wq"][:, l])))                  # rows q_j = W_Q z_j
-        OV = torch.matmul(p["wo"][:, l], p["wv"][:, l])                     # (R, H, D, D) = W_O W_V
-        V = split(torch.bmm(Z, _heads_cat(OV)))                             # rows W_O W_V z_i
-        S = torch.softmax(K @ Q.transpose(-1, -2), dim=-2)                  # (R, n, H, N, N) over keys i
-        A = (S.transpose(-1, -2) @ V).sum(dim=2).reshape(R, n * N, D)       # (R, nN, D)
+        A = None
+        for h in range(H):
+            K = torch.bmm(Z, p["wk"][:, l, h].transpose(-1, -2)).view(R * n, N, D)   # rows k_i = W_K z_i
+            Q = torch.bmm(Z, p["wq"][:, l, h].transpose(-1, -2)).view(R * n, N, D)   # rows q_j = W_Q z_j
+            OV = torch.bmm(p["wo"][:, l, h], p["wv"][:, l, h])                        # (R, D, D) = W_O W_V
+            V = torch.bmm(Z, OV.transpose(-1, -2)).view(R * n, N, D)                 # rows W_O W_V z_i
+            S = torch.softmax(torch.bmm(K, Q.transpose(-1, -2)), dim=-2)             # (Rn, N, N) over keys i
+            head = torch.bmm(S.transpose(-1, -2), V)                                 # (Rn, N, D)
+            A = head if A is None else A + head
+        A = A.view(R, n * N, D)                                                      # (R, nN, D)
         H1 = torch.relu(torch.baddbmm(p["b1"][:, l].unsqueeze(1), A, p["w1"][:, l].transpose(-1, -2)))
         Z = torch.baddbmm(p["b2"][:, l].unsqueeze(1), H1, p["w2"][:, l].transpose(-1, -2))  # (R, nN, D)
     out = torch.bmm(Z, p["w_out"].transpose(-1, -2))                        # (R, nN, D)
