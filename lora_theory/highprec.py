@@ -1,4 +1,4 @@
-"""The linear and FNN constructions in high-precision arithmetic (mpmath), for ill-conditioned cases.
+"""The linear, FNN and transformer constructions in high-precision arithmetic (mpmath), for ill-conditioned cases.
 
 THEORY.md §2.3 and §3: products of 8 frozen layers with weights ``U(-1/4, 1/4)`` (D = 16) have condition
 numbers ``κ`` of 1e8 to 1e12, so the float64 construction of Lemma 1 loses up to every digit, and a ReLU
@@ -10,6 +10,8 @@ linear block reaches the target to 1e-30 or better.
   :func:`lora_theory.lora_linear`, with ``mpmath.svd_r`` and ``mpmath.lu_solve``;
 * :func:`lora_fnn_mp` — Theorem 3 / Theorem 6 on a certified ball, with the compensating biases of
   :func:`lora_theory.fnn.lora_fnn`;
+* :func:`lora_tfn_mp` — Theorem 7, the transformer construction of :func:`lora_theory.lora_tfn`, evaluated
+  at that precision (two-block float64 weights carry a relative output error up to 1e-10);
 * :func:`choose_digits` — the precision for given ``κ`` and ``γ``: about ``16 + log10 κ + log10 γ + safety``;
 * :func:`suggest_precision` — reads a float64 fit's ``κ`` and ``γ`` and says whether float64 suffices and,
   if not, how many digits the high-precision path needs.
@@ -114,9 +116,9 @@ def suggest_precision(fit) -> PrecisionAdvice:
     ``radius_amplification`` ``a`` (:attr:`lora_theory.fnn.FNNFit.radius_amplification`, 1 when absent): the
     expected relative error is ``u·(κ + γ)·a``, the value :class:`~lora_theory.errors.IllConditionedWarning`
     is raised on, and the digits :func:`choose_digits` ``(κ, γ)`` plus ``ceil(log10 a)``. When float64 is
-    not enough the message names the high-precision path and the digits it needs; for a
-    :class:`~lora_theory.tfn.TFNFit`, which no high-precision construction here rebuilds, it says so and
-    points to the exact certificate :func:`lora_theory.symbolic.certify_tfn` instead.
+    not enough the message names the high-precision path (:func:`lora_linear_mp`, :func:`lora_fnn_mp` or,
+    for a :class:`~lora_theory.tfn.TFNFit`, :func:`lora_tfn_mp`, with the exact certificate
+    :func:`lora_theory.symbolic.certify_tfn` beside it) and the digits it needs.
     """
     if not hasattr(fit, "kappa"):
         raise InvalidArgumentError("fit", f"must be a fit with a condition number (kappa), got {type(fit).__name__}")
@@ -128,14 +130,18 @@ def suggest_precision(fit) -> PrecisionAdvice:
     digits = choose_digits(kappa, gamma) + int(math.ceil(math.log10(amplification)))
     from .tfn import TFNFit
 
-    fn = "lora_fnn_mp" if hasattr(fit, "domain") or hasattr(fit, "block_fits") else "lora_linear_mp"
+    if isinstance(fit, (TFNFit, HighPrecisionTFNFit)):
+        fn = "lora_tfn_mp"
+    elif hasattr(fit, "domain") or hasattr(fit, "block_fits") or isinstance(fit, HighPrecisionFNNFit):
+        fn = "lora_fnn_mp"
+    else:
+        fn = "lora_linear_mp"
     if isinstance(fit, TFNFit) and not ok:
-        # neither high-precision construction rebuilds a transformer (attention, two chains per head)
         msg = (f"float64 loses about {math.log10(max(kappa, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, expected "
-               f"relative error {expected:.2g}) and there is no high-precision TFN construction "
-               f"(lora_linear_mp and lora_fnn_mp cannot rebuild a TFN; about {digits} digits would be needed): "
-               "for a rational (or float64, taken exactly) instance, lora_theory.symbolic.certify_tfn certifies "
-               "the construction exactly, with no rounding")
+               f"relative error {expected:.2g}): use the high-precision path, "
+               f"lora_theory.highprec.lora_tfn_mp(..., digits={digits}), evaluated at that precision with its "
+               "predict(); for a rational (or float64, taken exactly) instance, "
+               "lora_theory.symbolic.certify_tfn certifies the construction exactly, with no rounding")
         return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)
     if ok:
         amp = f", radius amplification a = {amplification:.3g}" if amplification > 1 else ""
@@ -233,10 +239,12 @@ def _check_digits(digits):
     return int(digits)
 
 
-def _chain_mp(factors, target, ranks, names, rank_tol):
+def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
     """The SVD split of Lemma 1 at working precision. Returns ``(adapters, adapted, s, rank_E, kappas)``.
 
     ``factors``, ``target`` are mpmath matrices; ``adapters[l] = (A, B)`` mpmath matrices (``Δ = B A``).
+    ``kappa_target``: the condition numbers of the solves that formed ``target`` (it carries their rounding,
+    so the default rank tolerance grows by ``1 + kappa_target``, as :func:`lora_theory.tfn._rank_tol`).
     """
     m = len(factors)
     n = target.rows
@@ -250,7 +258,7 @@ def _chain_mp(factors, target, ranks, names, rank_tol):
     s = [s[i] for i in range(n)]
     if rank_tol is None:
         scale = max(_fro(target), _fro(frozen_product), s[0])
-        rank_tol = n * _mp.eps * scale * 2 ** 10
+        rank_tol = n * _mp.eps * scale * 2 ** 10 * (1 + kappa_target)
     rank_E = sum(1 for v in s if v > rank_tol)
     adapters, adapted, kappas = [], [], {}
     P = _eye(n)                                                         # adapted factors before l
@@ -311,7 +319,10 @@ def _float64_kappa_estimate(run):
         try:
             fit = run()
         except SingularMatrixError as exc:
-            return max(exc.condition_number, 1e16), 0.0
+            # singular to float64: at least 1e16; an exactly singular matrix (κ = inf) gets the digits of
+            # 1e16 and is then named by the high-precision solve itself
+            kappa = exc.condition_number
+            return (max(kappa, 1e16) if math.isfinite(kappa) else 1e16), 0.0
     return fit.kappa, float(getattr(fit, "gamma", 0.0))
 
 
@@ -740,9 +751,11 @@ def _object_arrays(digits):
         ctx = _mp.workprec(bits)
         return np.vectorize(_mp.mpf, otypes=[object]), np.vectorize(lambda x: x, otypes=[object]), \
             np.vectorize(_mp.exp, otypes=[object]), ctx
-    ctx = gmpy2.context(gmpy2.get_context(), precision=bits)
+    ctx = gmpy2.context(precision=bits)          # round to nearest, whatever the caller's context says
 
     def from_mpf(x):
+        if not _mp.isfinite(x):
+            raise ArithmeticError(f"a high-precision parameter is not finite: {x}")
         sign, man, exp, _ = x._mpf_
         v = gmpy2.mul_2exp(gmpy2.mpfr(int(man)), int(exp))
         return -v if sign else v
@@ -805,6 +818,11 @@ class HighPrecisionTFNFit:
     def kappa(self) -> float:
         """Largest condition number the construction solved with (1 if none)."""
         return max(self.condition_numbers.values(), default=1.0)
+
+    @property
+    def gamma(self) -> float:
+        """0: the transformer construction adds no linearising biases (the ``γ`` of the FNN path)."""
+        return 0.0
 
     @property
     def model(self):
@@ -880,25 +898,44 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
         As :func:`lora_theory.lora_tfn`.
     rank : int in 0..D
     digits : int >= 16, or None
-        ``None``: :func:`choose_digits` of the float64 construction's ``κ`` (and at least 30).
+        ``None``: :func:`choose_digits` of the float64 construction's ``κ`` (and at least 30), raised when
+        the ``κ`` found at that precision asks for more.
 
     Raises
     ------
     InvalidArgumentError, SingularMatrixError
         As :func:`lora_theory.lora_tfn` (a singular matrix at the working precision).
+
+    Warns
+    -----
+    IllConditionedWarning
+        ``digits`` given and ``u·κ > 1e-8`` at that precision (as :func:`lora_linear_mp`).
     """
     from .tfn import _check_pair, lora_tfn
 
     _check_pair(frozen, target)
-    L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
-    R = as_int(rank, "rank", 0, D)
+    R = as_int(rank, "rank", 0, frozen.embed_dim)
     digits = _check_digits(digits)
-    if digits is None:
-        kappa, _ = _float64_kappa_estimate(lambda: lora_tfn(frozen, target, R))
-        digits = max(choose_digits(kappa), 30)
-        reason = f"chosen from the float64 κ ≈ {kappa:.3g}: {TARGET_DIGITS} + log10 κ + {SAFETY_DIGITS} safety (>= 30)"
-    else:
-        reason = "given"
+    if digits is not None:
+        fit = _tfn_mp(frozen, target, R, digits, "given")
+        _warn_if_too_few_digits(fit, "high-precision transformer construction (Theorem 7)")
+        return fit
+    kappa, _ = _float64_kappa_estimate(lambda: lora_tfn(frozen, target, R))
+    digits = max(choose_digits(kappa), MIN_TFN_DIGITS)
+    fit = _tfn_mp(frozen, target, R, digits, f"chosen from the float64 κ ≈ {kappa:.3g}: {TARGET_DIGITS} + log10 κ + "
+                                             f"{SAFETY_DIGITS} safety (at least {MIN_TFN_DIGITS})")
+    needed = choose_digits(fit.kappa)
+    if needed > digits + RERUN_DIGITS:
+        fit = _tfn_mp(frozen, target, R, needed, f"raised to {needed} for κ = {fit.kappa:.3g} found at {digits} digits")
+    return fit
+
+
+#: The least precision :func:`lora_tfn_mp` chooses by itself.
+MIN_TFN_DIGITS = 30
+
+
+def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
+    L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
     kappas: dict = {}
     G = [0] * L
     with _mp.workdps(digits):
@@ -906,7 +943,7 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
         out = {name: [[None] * H for _ in range(L)] for name in ("wq", "wk", "wv", "wo")}
         out.update(w1=[_mpm(f["w1"][l]) for l in range(L)], b1=[_mpm(t["b1"][l]) for l in range(L)],
                    w2=[_mpm(f["w2"][l]) for l in range(L)], b2=[None] * L)
-        C = _eye(D)                                                     # (D, D) C_{l-1}
+        C, kappa_C = _eye(D), 0.0                                       # (D, D) C_{l-1}, κ solved to form it
         for l in range(L):
             lu_w1 = _LU(_mpm(f["w1"][l]), f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C")
             kappas[f"W1[{l}]"] = lu_w1.kappa
@@ -915,11 +952,11 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
                 qk_target = C.T * TK.T * TQ * C                         # (D, D) C^T T_K^T T_Q C
                 _, (wq, wkT), _, rank_qk, kq = _chain_mp(
                     [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T], qk_target, (R, R),
-                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], None)
+                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], None, kappa_C)
                 ov_target = lu_w1.solve(_mpm(t["w1"][l]) * TO * TV * C)  # (D, D) W1^-1 T1 T_O T_V C
                 _, (wv, wo), _, rank_ov, kv = _chain_mp(
                     [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])], ov_target, (R, R),
-                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], None)
+                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], None, kappa_C + lu_w1.kappa)
                 out["wq"][l][h], out["wk"][l][h], out["wv"][l][h], out["wo"][l][h] = wq, wkT.T, wv, wo
                 G[l] = max(G[l], rank_qk, rank_ov)
                 kappas.update({f"qk[{l},{h}] {k}": v for k, v in kq.items()})
@@ -929,7 +966,7 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
                 lu_w2t = _LU(W2.T, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block")
                 lu_t2 = _LU(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
                 kappas[f"W2[{l}]"], kappas[f"T2[{l}]"] = lu_w2t.kappa, lu_t2.kappa
-                C = lu_w2t.solve(T2.T).T                                # (D, D) T2 W2^-1
+                C, kappa_C = lu_w2t.solve(T2.T).T, lu_w2t.kappa         # (D, D) T2 W2^-1
                 out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))       # (D, 1) W2 T2^-1 c2
         T_out = _mpm(t["w_out"])
         _, (w2_last, w_out), _, rank_out, ko = _chain_mp(

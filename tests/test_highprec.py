@@ -149,8 +149,10 @@ def test_four_layer_relu_block_agrees_with_float64():
         np.testing.assert_allclose([float(v) for v in beta_mp], beta, rtol=tolerance(fit.kappa, fit.gamma))
 
 
-def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_the_exact_certificate():
-    """No high-precision path rebuilds a TFN: the advice must not name lora_linear_mp for a TFNFit."""
+def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_lora_tfn_mp_and_the_certificate():
+    """A TFNFit's advice names the transformer's own high-precision path (never lora_linear_mp) and the
+    exact certificate; the digits it names make lora_tfn_mp exact."""
+    from lora_theory.highprec import lora_tfn_mp
     from lora_theory.models import random_tfn
     from lora_theory.tfn import lora_tfn
 
@@ -158,13 +160,18 @@ def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_the_exact_certifi
     U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
     w1 = np.array(frozen.w1)
     w1[0] = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt                     # κ(W1) = 1e10: u·κ ≈ 1e-6
+    frozen = frozen.replace(w1=w1)
     with pytest.warns(IllConditionedWarning):
-        fit = lora_tfn(frozen.replace(w1=w1), target, 2)
+        fit = lora_tfn(frozen, target, 2)
     advice = suggest_precision(fit)
     assert not advice.float64_sufficient
-    assert "highprec.lora_linear_mp(" not in advice.message and "use the high-precision path" not in advice.message
-    assert "no high-precision TFN construction" in advice.message and "certify_tfn" in advice.message
-    well = suggest_precision(lora_tfn(frozen, target, 2))
+    assert "lora_linear_mp" not in advice.message and "lora_fnn_mp" not in advice.message
+    assert f"lora_tfn_mp(..., digits={advice.digits})" in advice.message and "certify_tfn" in advice.message
+    hp = lora_tfn_mp(frozen, target, 2, digits=advice.digits)
+    X = np.random.default_rng(3).standard_normal((2, 4, 3))
+    assert hp.relative_error(X) < 1e-20
+    assert "lora_tfn_mp" in suggest_precision(hp).message or suggest_precision(hp).float64_sufficient is False
+    well = suggest_precision(lora_tfn(random_tfn(4, 1, 1, seed=1), target, 2))
     assert well.float64_sufficient and "float64 suffices" in well.message
 
 
@@ -293,3 +300,54 @@ def test_two_block_float64_construction_sits_at_the_rounding_floor_of_its_weight
     hp = lora_tfn_mp(frozen, target, 8)
     assert np.mean((hp.predict(X) - y) ** 2) / power <= 1e-24           # the float64 rounding of y itself
     assert hp.relative_error(X[:2]) <= 10.0 ** (-hp.digits) * hp.kappa * 1e6
+
+
+def test_tfn_mp_rank_tolerance_counts_the_solves_behind_the_matched_products():
+    """An exactly rank-1 change of T_V (dyadic entries: the float64 sum is exact) matched through an
+    ill-conditioned W1 (κ = 1e8): rounding at the working precision is not counted as rank (the tolerance
+    grows with the κ of the solves, as in float64), so G = 1 and rank 1 is exact. (A change added in float64
+    without care is rank 1 plus its rounding: full rank at 40 digits, and rightly not exact at rank 1.)"""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+    from lora_theory.tfn import lora_tfn
+
+    rng = np.random.default_rng(8)
+    frozen = random_tfn(4, 1, 1, seed=rng)
+    U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
+    frozen = frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1e-8]) @ Vt)[None])
+    wv = np.round(np.array(frozen.wv) * 1024) / 1024                    # multiples of 2^-10
+    frozen = frozen.replace(wv=wv.copy())
+    wv[0, 0] += np.outer([1.0, -0.5, 0.25, 0.0], [0.5, 1.0, 0.0, -1.0])  # exact in float64: rank exactly 1
+    target = frozen.replace(wv=wv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        assert lora_tfn(frozen, target, 1).matched_ranks == (1,)
+    fit = lora_tfn_mp(frozen, target, 1, digits=40)
+    assert fit.matched_ranks == (1,) and fit.required_rank == 1 and fit.exact
+    assert fit.relative_error(rng.standard_normal((2, 4, 3))) < 1e-20
+
+
+def test_tfn_mp_too_few_digits_warn_and_chosen_digits_suffice():
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
+    frozen = frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1e-13]) @ Vt)[None])    # κ(W1) = 1e13
+    with pytest.warns(IllConditionedWarning, match="digits are needed"):
+        lora_tfn_mp(frozen, target, 2, digits=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        fit = lora_tfn_mp(frozen, target, 2)                             # digits chosen: no warning
+    assert fit.digits >= choose_digits(fit.kappa) - 2
+    assert fit.relative_error(np.random.default_rng(2).standard_normal((2, 4, 3))) < 1e-20
+
+
+def test_tfn_mp_exactly_singular_matrix_is_named_with_chosen_digits():
+    """digits=None on an exactly singular W1: the high-precision solve names it (float64's κ is inf)."""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    with pytest.raises(SingularMatrixError, match=r"W1\[0\]"):
+        lora_tfn_mp(frozen.replace(w1=np.zeros((1, 4, 4))), target, 2)
