@@ -382,6 +382,7 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     test = sets["test"].numpy()
     shifted = sets["shifted"].numpy()
     y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
+    out["target_power"] = float(np.mean(y_test ** 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lora_theory.IllConditionedWarning)
         try:
@@ -545,22 +546,24 @@ def _pool_construction(cell, frozen, target):
     return build_construction(cell, frozen, target, _POOL_SETS)
 
 
-def _construction_key(cell: Cell, seed: int) -> str:
-    return _hash({"cell": cell.as_dict(), "seed": seed, "subsample": cell.highprec_subsample})
+def _construction_key(cell: Cell, seed: int, extra=None) -> str:
+    return _hash({"cell": cell.as_dict(), "seed": seed, "subsample": cell.highprec_subsample, "extra": extra})
 
 
-def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress_file) -> dict:
+def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress_file, extra=None) -> dict:
     """:func:`build_construction` for ``jobs`` (``(cell, seed, frozen, target)`` of deep blocks), in
     ``workers`` processes, each result appended to ``cache`` as it comes: a rerun (``--resume``) reads the
-    finished ones back instead of rebuilding them (minutes each at 60 to 120 digits)."""
+    finished ones back instead of rebuilding them (minutes each at 60 to 120 digits). The key of a result
+    hashes its cell, seed, subsample and the experiment's ``config_extra`` (``extra``)."""
     from tqdm import tqdm
 
+    _end_cut_line(cache)
     done = {}
     for rec in _load_records(cache):
         done[rec.get("key")] = rec.get("construction")
     results, todo = {}, []
     for cell, seed, frozen, target in jobs:
-        key = _construction_key(cell, seed)
+        key = _construction_key(cell, seed, extra)
         if isinstance(done.get(key), dict):
             results[(cell, seed)] = {**done[key], "_test_errors": None}
         else:
@@ -592,11 +595,17 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
                                          initargs=({k: v.numpy() for k, v in sets.items()},)) as pool:
                     futures = {pool.submit(_pool_construction, cell, frozen, target): (key, cell, seed)
                                for key, cell, seed, frozen, target in todo}
+                    kept = set()
                     try:
                         for fut in as_completed(futures):
                             keep(*futures[fut], fut.result())
+                            kept.add(fut)
                     except BaseException:
-                        pool.shutdown(wait=False, cancel_futures=True)
+                        # an interruption or a failed construction: keep every one that did finish
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        for fut, job in futures.items():
+                            if fut not in kept and fut.done() and not fut.cancelled() and fut.exception() is None:
+                                keep(*job, fut.result())
                         raise
         finally:
             bar.close()
@@ -694,8 +703,8 @@ def highprec_subsample(args) -> int:
 
 
 def quick_highprec(args):
-    """``--quick``: the high-precision construction on :data:`HIGHPREC_QUICK_SUBSAMPLE` inputs."""
-    if args.highprec_subsample is None:
+    """``--quick``: the high-precision construction (when it is on) on :data:`HIGHPREC_QUICK_SUBSAMPLE` inputs."""
+    if args.highprec_subsample is None and not args.no_highprec:
         args.highprec_subsample = HIGHPREC_QUICK_SUBSAMPLE
 
 
@@ -704,6 +713,8 @@ def check_highprec_arguments(args, cells):
     n = args.highprec_subsample
     if n is not None and not 1 <= n <= N_TEST:
         raise CLIError(f"--highprec-subsample must be in 1..{N_TEST}, got {n}")
+    if n is not None and args.no_highprec:
+        raise CLIError("--highprec-subsample sizes the high-precision column, which is off here: add --highprec")
     msg = highprec_message(cells, args.seeds, args.workers or os.cpu_count() or 1)
     if msg:
         print(msg.strip(), file=sys.stderr)
@@ -1182,7 +1193,7 @@ def make_grouped_figure(spec, summary, path: Path):
     from matplotlib.figure import Figure
 
     series = figure_series(spec, summary)
-    kinds = [k for k in ("random", "pretrained") if any(c["kind"] == k for c in series)]
+    kinds = [k for k in ("random", "pretrained") if any(c["kind"] == k for c in series)] or ["random"]
     groups = sorted({c["group"] for c in series}, key=_natural)
     cmap = colormaps["viridis"]
     colour = {g: cmap(i / max(1, len(groups) - 1) * 0.9) for i, g in enumerate(groups)}
@@ -1209,7 +1220,8 @@ def make_grouped_figure(spec, summary, path: Path):
         ax.set_yscale("log")
         ax.set_xlabel(spec.axis_names[-1])
         ax.set_title(f"{kind} frozen model")
-        ax.legend(fontsize=5, loc="best", ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=5, loc="best", ncol=2)
     axes[0].set_ylabel("test MSE per coordinate (median over seeds)")
     fig.suptitle(f"{spec.name}: construction (dashed, ▼ at the threshold) vs gradient-trained (solid); "
                  f"floor {floor:g}", fontsize=9)
@@ -1331,9 +1343,20 @@ def _prepare_out(spec, args, settings: dict):
                 flags = ", ".join(_SETTING_FLAGS.get(k, "--" + k.replace("_", "-")) for k in diff)
                 raise CLIError(f"--out {out}: holds a {spec.name} sweep with other settings "
                                f"({flags or 'its command line'}): use another --out, or --resume {out} to finish it")
-            for stale in [out / "runs.jsonl", *sorted((out / "pretrained").glob("*.npz"))]:
+            for stale in [out / "runs.jsonl", out / "constructions.jsonl", *sorted((out / "pretrained").glob("*.npz"))]:
                 stale.unlink(missing_ok=True)      # no run in it: start afresh
     return out
+
+
+def _end_cut_line(path: Path):
+    """End a last line cut by an interruption, so that the next record appended starts on its own line."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(path, "a") as log:
+                log.write("\n")
 
 
 def _load_records(path: Path) -> list:
@@ -1434,18 +1457,12 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
                 constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
     if deep:
         constructions.update(build_highprec_constructions(
-            deep, sets, out / "constructions.jsonl", args.workers or os.cpu_count() or 1, progress_file))
+            deep, sets, out / "constructions.jsonl", args.workers or os.cpu_count() or 1, progress_file, extra))
 
     bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
                file=progress_file, disable=not todo, mininterval=1.0)
     vers = versions()
-    if runs_path.exists() and runs_path.stat().st_size:
-        with open(runs_path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut = f.read(1) != b"\n"
-        if cut:  # a line cut by an interruption: end it, so that the next record starts on its own line
-            with open(runs_path, "a") as log:
-                log.write("\n")
+    _end_cut_line(runs_path)
     eval_cache = {}
     stop = threading.Event()      # set on an interruption: every stack still training stops at its next step
 
@@ -1553,6 +1570,26 @@ def _given_flags(parser, argv) -> dict:
     return given
 
 
+def _construction_tokens(parser, argv) -> list:
+    """The tokens of ``argv`` that give :data:`CONSTRUCTION_FLAGS` (with their values), abbreviations included."""
+    actions = parser._option_string_actions
+    tokens, i = [], 0
+    while i < len(argv):
+        t = argv[i]
+        name = t.split("=", 1)[0]
+        action = actions.get(name)
+        if action is None and name.startswith("--"):
+            matches = {a for o, a in actions.items() if o.startswith(name)}
+            action = matches.pop() if len(matches) == 1 else None
+        if action is not None and action.dest in CONSTRUCTION_FLAGS:
+            tokens.append(t)
+            if action.nargs != 0 and "=" not in t and i + 1 < len(argv):
+                tokens.append(argv[i + 1])
+                i += 1
+        i += 1
+    return tokens
+
+
 def _normalise(spec, args):
     """The common checks and ``--quick`` applied to parsed arguments (in place)."""
     args.ranks_list = None
@@ -1611,6 +1648,9 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
                  "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
         else:
             out = Path(args.resume)
+            tokens = _construction_tokens(parser, argv)
+            if tokens:   # the construction column asked for now is the folder's from now on
+                _atomic_write(out / "config.json", json.dumps({**saved, "argv": list(saved["argv"]) + tokens}, indent=1))
         for name in ("summary.json", "summary.csv", "figure.png"):
             try:
                 (out / name).unlink()

@@ -479,3 +479,13 @@ def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path
     assert [c["group"] for c in curves if c["kind"] == "random" and c["curve"] == "gradient"] == [(2,), (10,)]
     make_figure(depth_sweep.SPEC, summary, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+
+def test_depth_sweep_figure_with_nothing_to_draw_is_an_empty_panel(tmp_path):
+    from verification import depth_sweep
+    from verification.experiment import make_figure
+
+    make_figure(depth_sweep.SPEC, {"rows": [], "pretrained_rows": [], "domain": None, "threshold": {}},
+                tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 1000

@@ -114,6 +114,14 @@ def test_resume_with_highprec_adds_the_column_to_a_sweep_trained_without_it(tmp_
     (again,) = _summary(out)["rows"]
     assert again["construction_test_mse"] == row["construction_test_mse"]
     assert (out / "constructions.jsonl").read_text().splitlines() == cached
+    # the column asked for on a resume stays the folder's: a plain resume keeps it (from the cache), and a
+    # line cut by an interruption does not swallow the next record
+    with open(out / "constructions.jsonl", "a") as f:
+        f.write('{"key": "cut-off", "constr')
+    assert depth_sweep.main(["--resume", str(out), "--workers", "1"]) == 0
+    (plain,) = _summary(out)["rows"]
+    assert plain["construction_test_mse"] == row["construction_test_mse"]
+    assert (out / "constructions.jsonl").read_text().splitlines()[:1] == cached
 
 
 def test_highprec_constructions_in_processes_equal_the_serial_ones(tmp_path):
@@ -147,6 +155,15 @@ def test_tfn_highprec_column_is_exact_from_the_threshold_and_keeps_the_float64_v
             assert row["construction_test_mse"] > EXACT * row["target_power"]
     assert "float64 weights carry" in capsys.readouterr().out
     plain = tmp_path / "plain"
-    assert tfn.main(argv + ["--ranks", "8", "--out", str(plain)]) == 0
+    assert tfn.main(argv[:-2] + ["--ranks", "8", "--out", str(plain)]) == 0
     (row,) = _summary(plain)["rows"]
     assert row["construction_precision_digits"] is None and row["construction_note"] is None
+
+
+def test_subsample_without_the_high_precision_column_is_refused(tmp_path, capsys):
+    from verification import tfn
+
+    out = tmp_path / "t"
+    assert tfn.main(["--quick", "--highprec-subsample", "4", "--out", str(out)]) == 2
+    assert "add --highprec" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
