@@ -793,6 +793,9 @@ class HighPrecisionTFNFit:
         The adapted network's parameters under :class:`lora_theory.TFN`'s names, as nested lists of mpmath
         matrices: ``params_mp["wq"][l][h]`` ``(D, D)`` (likewise ``wk``, ``wv``, ``wo``), ``w1[l]``,
         ``w2[l]`` ``(D, D)``, ``b1[l]``, ``b2[l]`` ``(D, 1)``, ``w_out`` ``(D, D)``.
+    adapters_mp : dict
+        ``(name, block, head) -> (A, B)`` mpmath matrices (``A`` ``(r, D)``, ``B`` ``(D, r)``), keyed as
+        :attr:`lora_theory.tfn.TFNFit.adapters`; :attr:`adapters` rounds them to float64.
     rank, digits : int
     digits_reason : str
     matched_ranks : tuple of int
@@ -804,6 +807,7 @@ class HighPrecisionTFNFit:
     """
 
     params_mp: dict
+    adapters_mp: dict
     frozen: object
     target: object
     rank: int
@@ -823,6 +827,18 @@ class HighPrecisionTFNFit:
     def gamma(self) -> float:
         """0: the transformer construction adds no linearising biases (the ``γ`` of the FNN path)."""
         return 0.0
+
+    @property
+    def adapters(self) -> dict:
+        """The adapters rounded to float64, keyed as :attr:`lora_theory.tfn.TFNFit.adapters`."""
+        D = self.frozen.embed_dim
+        return {k: Adapter(_np(A) if A.rows else np.zeros((0, D)), _np(B) if B.cols else np.zeros((D, 0)))
+                for k, (A, B) in self.adapters_mp.items()}
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of adapter parameters used, ``Σ r (in + out)``."""
+        return sum(a.num_parameters for a in self.adapters.values())
 
     @property
     def model(self):
@@ -937,6 +953,7 @@ MIN_TFN_DIGITS = 30
 def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
     L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
     kappas: dict = {}
+    adapters: dict = {}
     G = [0] * L
     with _mp.workdps(digits):
         f, t = frozen.parameters(), target.parameters()
@@ -950,14 +967,17 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
             for h in range(H):
                 TQ, TK, TV, TO = (_mpm(t[k][l, h]) for k in ("wq", "wk", "wv", "wo"))
                 qk_target = C.T * TK.T * TQ * C                         # (D, D) C^T T_K^T T_Q C
-                _, (wq, wkT), _, rank_qk, kq = _chain_mp(
+                (aq, akT), (wq, wkT), _, rank_qk, kq = _chain_mp(
                     [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T], qk_target, (R, R),
                     [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], None, kappa_C)
                 ov_target = lu_w1.solve(_mpm(t["w1"][l]) * TO * TV * C)  # (D, D) W1^-1 T1 T_O T_V C
-                _, (wv, wo), _, rank_ov, kv = _chain_mp(
+                (av, ao), (wv, wo), _, rank_ov, kv = _chain_mp(
                     [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])], ov_target, (R, R),
                     [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], None, kappa_C + lu_w1.kappa)
                 out["wq"][l][h], out["wk"][l][h], out["wv"][l][h], out["wo"][l][h] = wq, wkT.T, wv, wo
+                # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is (A = B2^T, B = A2^T)
+                adapters[("wq", l, h)], adapters[("wk", l, h)] = aq, (akT[1].T, akT[0].T)
+                adapters[("wv", l, h)], adapters[("wo", l, h)] = av, ao
                 G[l] = max(G[l], rank_qk, rank_ov)
                 kappas.update({f"qk[{l},{h}] {k}": v for k, v in kq.items()})
                 kappas.update({f"ov[{l},{h}] {k}": v for k, v in kv.items()})
@@ -969,9 +989,10 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
                 C, kappa_C = lu_w2t.solve(T2.T).T, lu_w2t.kappa         # (D, D) T2 W2^-1
                 out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))       # (D, 1) W2 T2^-1 c2
         T_out = _mpm(t["w_out"])
-        _, (w2_last, w_out), _, rank_out, ko = _chain_mp(
+        (a2, aout), (w2_last, w_out), _, rank_out, ko = _chain_mp(
             [_mpm(f["w2"][L - 1]), _mpm(f["w_out"])], T_out * _mpm(t["w2"][L - 1]), (R, R), ["W2[L-1]", "W_out"], None)
         G[L - 1] = max(G[L - 1], rank_out)
+        adapters[("w2", L - 1, None)], adapters[("w_out", L - 1, None)] = a2, aout
         kappas.update({f"out {k}": v for k, v in ko.items()})
         out["w2"][L - 1] = w2_last
         lu_out = _LU(w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
@@ -979,6 +1000,6 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
         out["b2"][L - 1] = lu_out.solve(T_out * _mpm(t["b2"][L - 1]))
         out["w_out"] = w_out
     required = max((g + 1) // 2 for g in G)
-    return HighPrecisionTFNFit(params_mp=out, frozen=frozen, target=target, rank=R, digits=digits,
+    return HighPrecisionTFNFit(params_mp=out, adapters_mp=adapters, frozen=frozen, target=target, rank=R, digits=digits,
                                digits_reason=reason, matched_ranks=tuple(G), required_rank=required,
                                exact=R >= required, condition_numbers=kappas)

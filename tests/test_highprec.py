@@ -351,3 +351,18 @@ def test_tfn_mp_exactly_singular_matrix_is_named_with_chosen_digits():
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     with pytest.raises(SingularMatrixError, match=r"W1\[0\]"):
         lora_tfn_mp(frozen.replace(w1=np.zeros((1, 4, 4))), target, 2)
+
+
+def test_tfn_mp_adapters_are_keyed_like_the_float64_ones_and_rebuild_its_weights():
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.tfn import lora_tfn
+
+    frozen, target = _tfn_pair(7)
+    hp, f64 = lora_tfn_mp(frozen, target, 2, digits=30), lora_tfn(frozen, target, 2)
+    assert set(hp.adapters) == set(f64.adapters) and hp.num_parameters == f64.num_parameters
+    for (name, l, h), a in hp.adapters.items():
+        assert a.rank <= 2
+        W = getattr(frozen, name)[l] if name in ("w2",) else (frozen.w_out if name == "w_out" else getattr(frozen, name)[l, h])
+        adapted = hp.model.parameters()[name]
+        adapted = adapted[l] if name == "w2" else (adapted if name == "w_out" else adapted[l, h])
+        assert np.allclose(W + a.delta, adapted, rtol=0, atol=1e-12 * max(1.0, np.abs(adapted).max()))

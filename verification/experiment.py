@@ -463,7 +463,8 @@ def _largest_block(cell) -> int:
 def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
     """The construction at raised precision (THEORY.md §3), where float64 is not honest; ``out`` completed.
 
-    Only for cells with ``highprec_subsample > 0`` (FNN family, LoRA): Lemma 1 (linear models,
+    Only for LoRA cells with ``highprec_subsample > 0``. TFN: :func:`lora_theory.highprec.lora_tfn_mp`
+    (digits chosen from its float64 ``κ``). FNN family: Lemma 1 (linear models,
     :func:`lora_theory.highprec.lora_linear_mp`) or Theorem 3 on the certified ball of the float64 path
     (:func:`lora_theory.highprec.lora_fnn_mp`), at ``max(choose_digits(κ, γ) + 6, 8·(largest block))``
     digits, redone at :func:`~lora_theory.highprec.choose_digits` of the ``κ``, ``γ`` found when those ask
