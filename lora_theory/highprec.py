@@ -292,7 +292,7 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
     return adapters, adapted, s, rank_E, kappas
 
 
-def _warn_if_too_few_digits(fit, what):
+def _warn_if_too_few_digits(fit, what, stacklevel=3):
     """Warn when digits the caller chose keep fewer than 8 after the construction lost ``log10(κ + γ)``.
 
     The rule of the float64 path (:func:`lora_theory.numerics.warn_if_ill_conditioned`) at the working
@@ -309,7 +309,26 @@ def _warn_if_too_few_digits(fit, what):
             f"{what} at digits={fit.digits} is ill-conditioned: κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g}; expect "
             f"relative errors near u·(κ + γ) = {expected:.2g} at that precision; {needed} digits are needed "
             f"(choose_digits: {TARGET_DIGITS} kept + log10 κ + log10 γ + {SAFETY_DIGITS} safety), or pass "
-            "digits=None to choose them", IllConditionedWarning, stacklevel=3)
+            "digits=None to choose them", IllConditionedWarning, stacklevel=stacklevel)
+
+
+def _at_precision(build, float64_run, digits, what, least=16):
+    """``build(digits, reason)`` at the caller's ``digits`` (warning when too few for its ``κ``, ``γ``), or,
+    with ``digits=None``, at :func:`choose_digits` of the float64 construction ``float64_run()``'s ``κ``,
+    ``γ`` (at least ``least``), built again at more when the values found at that precision ask for more
+    than :data:`RERUN_DIGITS` beyond. The shared precision rule of the ``lora_*_mp`` functions."""
+    if digits is not None:
+        fit = build(digits, "given")
+        _warn_if_too_few_digits(fit, what, stacklevel=4)
+        return fit
+    kappa, gamma = _float64_kappa_estimate(float64_run)
+    digits = max(choose_digits(kappa, gamma), least)
+    fit = build(digits, f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + "
+                        f"log10 γ + {SAFETY_DIGITS} safety" + (f" (at least {least})" if least > 16 else ""))
+    needed = choose_digits(fit.kappa, fit.gamma)
+    if needed > digits + RERUN_DIGITS:
+        fit = build(needed, f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits")
+    return fit
 
 
 def _float64_kappa_estimate(run):
@@ -449,24 +468,11 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
     target = as_square(target, "target", n)
     ranks = as_ranks(rank, len(frozen), n)
     rank_tol = as_tolerance(rank_tol, "rank_tol")
-    digits = _check_digits(digits)
-    if digits is None:
-        from .linear import lora_linear
+    from .linear import lora_linear
 
-        kappa, gamma = _float64_kappa_estimate(lambda: lora_linear(frozen, target, ranks))
-        digits = choose_digits(kappa, gamma)
-        reason = (f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + log10 γ "
-                  f"+ {SAFETY_DIGITS} safety")
-        fit = _linear_mp(frozen, target, ranks, digits, reason, rank_tol)
-        needed = choose_digits(fit.kappa, fit.gamma)
-        if needed > digits + RERUN_DIGITS:
-            fit = _linear_mp(frozen, target, ranks, needed,
-                             f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} "
-                             "digits", rank_tol)
-        return fit
-    fit = _linear_mp(frozen, target, ranks, digits, "given", rank_tol)
-    _warn_if_too_few_digits(fit, "high-precision linear construction (Lemma 1)")
-    return fit
+    return _at_precision(lambda d, reason: _linear_mp(frozen, target, ranks, d, reason, rank_tol),
+                         lambda: lora_linear(frozen, target, ranks), _check_digits(digits),
+                         "high-precision linear construction (Lemma 1)")
 
 
 def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
@@ -636,23 +642,10 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
         raise InvalidArgumentError("input_radius", f"must be a positive finite real number, got {input_radius!r}")
     c0 = np.zeros(n) if center is None else as_array(center, "center", shape=(n,))
     rank_tol = as_tolerance(rank_tol, "rank_tol")
-    digits = _check_digits(digits)
-    if digits is None:
-        kappa, gamma = _float64_kappa_estimate(
-            lambda: lora_fnn(frozen, target, ranks, partition=sizes, input_radius=float(input_radius), center=c0))
-        digits = choose_digits(kappa, gamma)
-        reason = (f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + log10 γ + "
-                  f"{SAFETY_DIGITS} safety")
-        fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, reason, rank_tol)
-        needed = choose_digits(fit.kappa, fit.gamma)
-        if needed > digits + RERUN_DIGITS:
-            fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, needed,
-                          f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits",
-                          rank_tol)
-        return fit
-    fit = _fnn_mp(frozen, target, ranks, sizes, float(input_radius), c0, digits, "given", rank_tol)
-    _warn_if_too_few_digits(fit, "high-precision FNN construction (Theorem 3)")
-    return fit
+    r = float(input_radius)
+    return _at_precision(lambda d, reason: _fnn_mp(frozen, target, ranks, sizes, r, c0, d, reason, rank_tol),
+                         lambda: lora_fnn(frozen, target, ranks, partition=sizes, input_radius=r, center=c0),
+                         _check_digits(digits), "high-precision FNN construction (Theorem 3)")
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
@@ -931,19 +924,9 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
 
     _check_pair(frozen, target)
     R = as_int(rank, "rank", 0, frozen.embed_dim)
-    digits = _check_digits(digits)
-    if digits is not None:
-        fit = _tfn_mp(frozen, target, R, digits, "given")
-        _warn_if_too_few_digits(fit, "high-precision transformer construction (Theorem 7)")
-        return fit
-    kappa, _ = _float64_kappa_estimate(lambda: lora_tfn(frozen, target, R))
-    digits = max(choose_digits(kappa), MIN_TFN_DIGITS)
-    fit = _tfn_mp(frozen, target, R, digits, f"chosen from the float64 κ ≈ {kappa:.3g}: {TARGET_DIGITS} + log10 κ + "
-                                             f"{SAFETY_DIGITS} safety (at least {MIN_TFN_DIGITS})")
-    needed = choose_digits(fit.kappa)
-    if needed > digits + RERUN_DIGITS:
-        fit = _tfn_mp(frozen, target, R, needed, f"raised to {needed} for κ = {fit.kappa:.3g} found at {digits} digits")
-    return fit
+    return _at_precision(lambda d, reason: _tfn_mp(frozen, target, R, d, reason), lambda: lora_tfn(frozen, target, R),
+                         _check_digits(digits), "high-precision transformer construction (Theorem 7)",
+                         least=MIN_TFN_DIGITS)
 
 
 #: The least precision :func:`lora_tfn_mp` chooses by itself.
