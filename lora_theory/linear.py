@@ -312,8 +312,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
-    rank_tol = as_tolerance(rank_tol, "rank_tol")
-    adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)
+    adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
     k = sum(ranks)
     spectral, frob = _tail(s, k)
     model = FNN([W + a.delta for W, a in zip(frozen, adapters)], activation="linear")
