@@ -438,7 +438,6 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
         out[f"{prefix}shifted_mse"] = float(e_shift.mean())
         if prefix == "":
             out["_test_errors"] = e_test
-    out["target_power"] = float(np.mean(y_test ** 2))
     if cell.family == "tfn" and cell.highprec_subsample > 0:
         # float64 weights of Theorem 7's two-block construction carry a relative output error up to ~1e-10
         # (lora_theory.highprec.lora_tfn_mp): the column then comes from the construction at raised precision
@@ -479,20 +478,7 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
 
     t0 = time.perf_counter()
     test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]          # (n, D) or (n, D, N) each
-    if cell.family == "tfn":
-        try:
-            fit = lora_tfn_mp(frozen, target, cell.ranks[0])
-        except LoraTheoryError as exc:
-            out["note"] = f"{out['note']}; high precision failed: {exc}"
-            return out
-        y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
-        out.update(test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
-                   shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
-                   precision_digits=int(fit.digits), subsample=n, highprec_kappa=float(fit.kappa),
-                   exact=bool(fit.exact), _test_errors=None)
-        out["highprec_seconds"] = time.perf_counter() - t0
-        return out
-    linear = frozen.activation == "linear"
+    linear = frozen.activation == "linear" if cell.family == "fnn" else False
     kappa = out["kappa"] if out["kappa"] is not None and math.isfinite(out["kappa"]) else 1e16
     gamma = out["gamma"] if out["gamma"] is not None and math.isfinite(out["gamma"]) else 0.0
     radius = float(np.linalg.norm(sets["shifted"].numpy(), axis=1).max()) * (1 + 1e-9)
@@ -504,26 +490,28 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
                 return lora_linear_mp(frozen.weights, target.weights[0], list(cell.ranks), digits=digits)
             return lora_fnn_mp(frozen, target, list(cell.ranks), input_radius=radius, digits=digits)
 
-    digits = max(choose_digits(max(kappa, 1.0), max(gamma, 0.0)) + HIGHPREC_EXTRA_DIGITS,
-                 HIGHPREC_DIGITS_PER_LAYER * _largest_block(cell))
     try:
-        fit = fit_at(digits)
-        needed = choose_digits(fit.kappa, fit.gamma)
-        if needed > digits:
-            fit = fit_at(needed)
+        if cell.family == "tfn":
+            fit = lora_tfn_mp(frozen, target, cell.ranks[0])
+        else:
+            digits = max(choose_digits(max(kappa, 1.0), max(gamma, 0.0)) + HIGHPREC_EXTRA_DIGITS,
+                         HIGHPREC_DIGITS_PER_LAYER * _largest_block(cell))
+            fit = fit_at(digits)
+            needed = choose_digits(fit.kappa, fit.gamma)
+            if needed > digits:
+                fit = fit_at(needed)
     except LoraTheoryError as exc:
         out["note"] = f"{out['note']}; high precision failed: {exc}"
         return out
-    if not linear:
+    if cell.family == "fnn" and not linear:
         out["domain"] = {"kind": "ball", "center": 0.0, "radius": radius,
                          "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0}}
     y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
     out.update(test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
                shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
                precision_digits=int(fit.digits), subsample=n, highprec_kappa=float(fit.kappa),
-               highprec_gamma=float(fit.gamma), exact=bool(fit.exact),
-               target_power=float(np.mean(_model_outputs(target, sets["test"].numpy()) ** 2)))
-    out["highprec_seconds"] = time.perf_counter() - t0
+               highprec_gamma=float(fit.gamma), exact=bool(fit.exact), _test_errors=None,
+               highprec_seconds=time.perf_counter() - t0)
     return out
 
 
@@ -604,9 +592,8 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
                     except BaseException:
                         # an interruption or a failed construction: keep every one that did finish
                         pool.shutdown(wait=True, cancel_futures=True)
-                        for fut, job in futures.items():
-                            if fut not in kept and fut.done() and not fut.cancelled() and fut.exception() is None:
-                                keep(*job, fut.result())
+                        for fut in _finished(futures, kept):
+                            keep(*futures[fut], fut.result())
                         raise
         finally:
             bar.close()
@@ -643,21 +630,14 @@ def highprec_estimate(cells, seeds: int) -> tuple:
     except ImportError:
         tfn_eval = 0.08
     count, seconds = 0, 0.0
-    for cell in cells:
-        if cell.highprec_subsample <= 0 or cell.method != "lora":
-            continue
+    for cell in filter(_takes_highprec, cells):
         if cell.family == "tfn":   # measured at D = 16, N = 10: ~1.2 s per head and block to build, 8 ms to evaluate
             D, L, H, N = cell.structure[1:5]
             per = (1.2 * L * H * (D / 16) ** 3
                    + tfn_eval * L * H * (N / 10) ** 2 * (D / 16) ** 2 * 2 * cell.highprec_subsample)
-            count += seeds
-            seconds += seeds * per * unit
-            continue
-        block = _largest_block(cell)
-        if block <= MAX_HONEST_BLOCK:
-            continue
-        D, L = cell.structure[1], cell.structure[2]
-        per = 0.15 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
+        else:
+            D, L = cell.structure[1], cell.structure[2]
+            per = 0.15 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
         count += seeds
         seconds += seeds * per * unit
     return count, seconds
@@ -1349,6 +1329,11 @@ def _prepare_out(spec, args, settings: dict):
     return out
 
 
+def _finished(futures, handled) -> list:
+    """The futures that finished cleanly and were not handled yet (after an interruption: keep their work)."""
+    return [f for f in futures if f not in handled and f.done() and not f.cancelled() and f.exception() is None]
+
+
 def _end_cut_line(path: Path):
     """End a last line cut by an interruption, so that the next record appended starts on its own line."""
     if path.exists() and path.stat().st_size:
@@ -1538,9 +1523,8 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
                     # next step, drop those not started, and keep every stack that did finish
                     stop.set()
                     pool.shutdown(wait=True, cancel_futures=True)
-                    for fut in futures:
-                        if fut not in written and fut.done() and not fut.cancelled() and fut.exception() is None:
-                            write(fut.result())
+                    for fut in _finished(futures, written):
+                        write(fut.result())
                     raise
                 pool.shutdown(wait=True)
         finally:
@@ -1571,26 +1555,6 @@ def _given_flags(parser, argv) -> dict:
     return given
 
 
-def _construction_tokens(parser, argv) -> list:
-    """The tokens of ``argv`` that give :data:`CONSTRUCTION_FLAGS` (with their values), abbreviations included."""
-    actions = parser._option_string_actions
-    tokens, i = [], 0
-    while i < len(argv):
-        t = argv[i]
-        name = t.split("=", 1)[0]
-        action = actions.get(name)
-        if action is None and name.startswith("--"):
-            matches = {a for o, a in actions.items() if o.startswith(name)}
-            action = matches.pop() if len(matches) == 1 else None
-        if action is not None and action.dest in CONSTRUCTION_FLAGS:
-            tokens.append(t)
-            if action.nargs != 0 and "=" not in t and i + 1 < len(argv):
-                tokens.append(argv[i + 1])
-                i += 1
-        i += 1
-    return tokens
-
-
 def _normalise(spec, args):
     """The common checks and ``--quick`` applied to parsed arguments (in place)."""
     args.ranks_list = None
@@ -1614,7 +1578,7 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     out = None
     try:
-        saved = None
+        saved, construction = None, {}
         if args.resume:
             resume_dir = Path(args.resume)
             saved = _read_config(spec, resume_dir, "--resume")
@@ -1623,8 +1587,13 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
                 resumed = parser.parse_args(saved["argv"])
             except SystemExit:
                 raise CLIError(f"--resume {resume_dir}: its saved command line does not parse") from None
-            for dest in RUN_FLAGS + CONSTRUCTION_FLAGS:  # where and how it runs, the construction column:
-                if dest in given:                          # from this command line
+            # the construction column asked for on an earlier resume, then on this command line
+            construction = {**(saved.get("construction") or {}),
+                            **{dest: getattr(args, dest) for dest in CONSTRUCTION_FLAGS if dest in given}}
+            for dest, value in construction.items():
+                setattr(resumed, dest, value)
+            for dest in RUN_FLAGS:        # where and how fast it runs: from this command line
+                if dest in given:
                     setattr(resumed, dest, getattr(args, dest))
             ignored = [flag for dest, flag in given.items()
                        if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume", "construction_only")]
@@ -1649,9 +1618,8 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
                  "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
         else:
             out = Path(args.resume)
-            tokens = _construction_tokens(parser, argv)
-            if tokens:   # the construction column asked for now is the folder's from now on
-                _atomic_write(out / "config.json", json.dumps({**saved, "argv": list(saved["argv"]) + tokens}, indent=1))
+            if construction != (saved.get("construction") or {}):   # the folder's column from now on
+                _atomic_write(out / "config.json", json.dumps({**saved, "construction": construction}, indent=1))
         for name in ("summary.json", "summary.csv", "figure.png"):
             try:
                 (out / name).unlink()
