@@ -365,6 +365,153 @@ class TFNStack:
     def forward(self, X, params=None, dtype=None):
         return tfn_apply(self.effective(params, dtype), X)
 
+    def loss_and_grads(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """Per-run MSE on ``(X, Y)`` (R or 1, n, D, N) and the gradients of their sum, by a hand-written backward.
+
+        The numbers autograd computes through :func:`tfn_apply` (tested), in the same token-row layout
+        (``Z`` (R, n·N, D), one row per token), with every activation and gradient in buffers kept between
+        steps and the loss's gradient formed in place. Per block and head, with ``S = softmax_i(k_i · q_j)``
+        (keys ``i`` down the rows) and ``head = S^T V``:
+        ``dS = V dhead^T``, ``dV = S dhead``, ``dS_raw = S ⊙ (dS - Σ_i S ⊙ dS)``, ``dK = dS_raw Q``,
+        ``dQ = dS_raw^T K``; the projections' weight gradients are ``dK^T Z`` etc. and ``W_O W_V`` splits
+        its gradient ``gOV`` into ``gOV W_V^T`` and ``W_O^T gOV``; an adapter's ``W = W0 + B A`` gets
+        ``B^T gW`` and ``gW A^T``. Sets ``p.grad`` for every trainable parameter (a ``p.grad`` already set,
+        e.g. to :attr:`StackedAdam.grads`, is overwritten in place) and returns the per-run losses (R,).
+        """
+        if self.method != "lora":
+            raise ValueError("loss_and_grads trains LoRA adapters; this stack has none")
+        with torch.no_grad():
+            p = self.params
+            R, L, H, D = self.R, self.L, self.H, self.D
+            n, N = X.shape[1], X.shape[-1]
+            nN, Rn = n * N, R * n
+            ws = self._workspace(n, N, X.dtype, X.device)
+            T = lambda t: t.transpose(-1, -2)                                 # noqa: E731
+            lh = lambda t: t.permute(1, 2, 0, 3, 4)                           # noqa: E731  (R, L, H, ..) -> (L, H, R, ..)
+            # effective weights W0 + B A, block- and head-major so that every (l, h) slice is contiguous
+            eff = {}
+            for k in _TFN_ATT:
+                W = torch.matmul(p[f"B_{k}"], p[f"A_{k}"], out=ws[f"BA_{k}"]).add_(self.frozen[k])  # (R, L, H, D, D)
+                eff[k] = ws[f"W_{k}"].copy_(lh(W))                             # (L, H, R, D, D)
+            W2 = ws["W2"].copy_(self.frozen["w2"].transpose(0, 1))            # (L, R, D, D)
+            W2[-1].baddbmm_(p["B_w2"], p["A_w2"])
+            Wout = torch.baddbmm(self.frozen["w_out"], p["B_w_out"], p["A_w_out"], out=ws["Wout"])  # (R, D, D)
+            W1 = ws["W1"].copy_(self.frozen["w1"].transpose(0, 1))            # (L, R, D, D)
+            OV = torch.matmul(eff["wo"], eff["wv"], out=ws["OV"])             # (L, H, R, D, D) = W_O W_V
+            WkT, WqT, OVT = (ws[f"{k}T"].copy_(T(w)) for k, w in (("Wk", eff["wk"]), ("Wq", eff["wq"]), ("OV", OV)))
+            W1T, W2T = ws["W1T"].copy_(T(W1)), ws["W2T"].copy_(T(W2))
+            b1 = (p["b1"] if "b1" in p else self.frozen["b1"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
+            b2 = (p["b2"] if "b2" in p else self.frozen["b2"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
+
+            # forward, keeping what the backward reads
+            if X.shape[0] == 1 or X.stride(0) == 0:                           # one input batch for every run:
+                X = X[:1]
+                ws["X1"].view(1, n, N, D).copy_(T(X))                         # (1, nN, D), tokens as rows,
+                Z = ws["Z"][0] = ws["X1"].expand(R, nN, D)                    # read by every run, no copy
+            else:
+                ws["XR"].view(R, n, N, D).copy_(T(X))
+                Z = ws["Z"][0] = ws["XR"]                                     # (R, nN, D) tokens as rows
+            for l in range(L):
+                A = ws["A"][l]                                                # (R, nN, D) sum of the heads
+                for h in range(H):
+                    K = torch.bmm(Z, WkT[l, h], out=ws["K"][l][h]).view(Rn, N, D)  # rows k_i = W_K z_i
+                    Q = torch.bmm(Z, WqT[l, h], out=ws["Q"][l][h]).view(Rn, N, D)  # rows q_j = W_Q z_j
+                    V = torch.bmm(Z, OVT[l, h], out=ws["V"][l][h]).view(Rn, N, D)  # rows W_O W_V z_i
+                    S_raw = torch.bmm(K, T(Q), out=ws["S_raw"])               # (Rn, N, N) k_i . q_j
+                    S = torch.ops.aten._softmax.out(S_raw, -2, False, out=ws["S"][l][h])  # over keys i
+                    if h == 0:
+                        torch.bmm(T(S), V, out=A.view(Rn, N, D))              # (Rn, N, D) head_j = sum_i S_ij v_i
+                    else:
+                        A.view(Rn, N, D).baddbmm_(T(S), V)
+                H1 = torch.baddbmm(b1[l], A, W1T[l], out=ws["H1"][l]).clamp_(min=0)  # (R, nN, D)
+                Z = torch.baddbmm(b2[l], H1, W2T[l], out=ws["Z"][l + 1])      # (R, nN, D)
+            diff = torch.bmm(Z, T(Wout), out=ws["G"])                         # (R, nN, D) output tokens
+            diff.sub_(T(Y).reshape(Y.shape[0], nN, D))
+            n_el = nN * D
+            per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
+            G = diff.mul_(2.0 / n_el)                                         # d(sum of losses)/d out
+
+            # backward: gradients of the effective weights, block- and head-major
+            gW = {k: ws[f"g{k}"] for k in _TFN_ATT}                           # (L, H, R, D, D)
+            gW1, gW2, gb1, gb2 = ws["gW1"], ws["gW2"], ws["gb1"], ws["gb2"]   # (L, R, D, D), (L, R, D)
+            gWout = torch.bmm(T(G), Z, out=ws["gWout"])                       # (R, D, D)
+            dZ = torch.bmm(G, Wout, out=ws["dZ"])                             # (R, nN, D)
+            for l in reversed(range(L)):
+                H1, A, Z_in = ws["H1"][l], ws["A"][l], ws["Z"][l]
+                torch.bmm(T(dZ), H1, out=gW2[l])
+                torch.sum(dZ, dim=1, out=gb2[l])
+                dH = torch.bmm(dZ, W2[l], out=ws["dH"])                       # (R, nN, D)
+                torch.ops.aten.threshold_backward.grad_input(dH, H1, 0, grad_input=dH)  # ReLU' = 1[H1 > 0]
+                torch.bmm(T(dH), A, out=gW1[l])
+                torch.sum(dH, dim=1, out=gb1[l])
+                dA = torch.bmm(dH, W1[l], out=ws["dA"]).view(Rn, N, D)        # dhead of every head
+                for h in range(H):
+                    K, Q, V = (ws[k][l][h].view(Rn, N, D) for k in ("K", "Q", "V"))
+                    S = ws["S"][l][h]                                         # (Rn, N, N)
+                    dS = torch.bmm(V, T(dA), out=ws["dS"])                    # (Rn, N, N)
+                    dV = torch.bmm(S, dA, out=ws["dV"])                       # (Rn, N, D)
+                    dS_raw = torch.ops.aten._softmax_backward_data.out(dS, S, -2, S.dtype, grad_input=ws["S_raw"])
+                    dK = torch.bmm(dS_raw, Q, out=ws["dK"]).view(R, nN, D)
+                    dQ = torch.bmm(T(dS_raw), K, out=ws["dQ"]).view(R, nN, D)
+                    dV = dV.view(R, nN, D)
+                    torch.bmm(T(dK), Z_in, out=gW["wk"][l, h])
+                    torch.bmm(T(dQ), Z_in, out=gW["wq"][l, h])
+                    gOV = torch.bmm(T(dV), Z_in, out=ws["gOV"])               # (R, D, D)
+                    torch.bmm(gOV, T(eff["wv"][l, h]), out=gW["wo"][l, h])
+                    torch.bmm(T(eff["wo"][l, h]), gOV, out=gW["wv"][l, h])
+                    if l > 0:                                                 # dZ of the block's input
+                        if h == 0:
+                            torch.bmm(dK, eff["wk"][l, h], out=ws["dZ"])
+                        else:
+                            ws["dZ"].baddbmm_(dK, eff["wk"][l, h])
+                        ws["dZ"].baddbmm_(dQ, eff["wq"][l, h])
+                        ws["dZ"].baddbmm_(dV, OV[l, h])
+                dZ = ws["dZ"]
+
+            grads = {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+                         else torch.empty_like(t)) for k, t in p.items()}
+            runs_first = lambda t: t.permute(2, 0, 1, 3, 4)                   # noqa: E731  (L, H, R, ..) -> (R, L, H, ..)
+            for k in _TFN_ATT:
+                g = runs_first(gW[k])                                         # (R, L, H, D, D)
+                torch.matmul(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])          # (R, L, H, r, D) = B^T gW
+                torch.matmul(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])          # (R, L, H, D, r) = gW A^T
+            for k, g in (("w2", gW2[-1]), ("w_out", gWout)):
+                torch.bmm(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])             # (R, r, D)
+                torch.bmm(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])             # (R, D, r)
+            for k, g in (("b1", gb1), ("b2", gb2)):
+                if k in p:
+                    grads[k].copy_(g.transpose(0, 1))                         # (R, L, D)
+            for k, t in p.items():
+                t.grad = grads[k]
+        return per_run
+
+    def _workspace(self, n, N, dtype, device) -> dict:
+        """Buffers of :meth:`loss_and_grads` for batches of ``n`` sequences of ``N`` tokens, kept between
+        steps (a step allocates no large tensor)."""
+        key = (n, N, dtype, device)
+        if getattr(self, "_ws_key", None) != key:
+            R, L, H, D, r = self.R, self.L, self.H, self.D, self.rmax
+            nN, Rn = n * N, R * n
+            new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+            per_lh = lambda *shape: [[new(*shape) for _ in range(H)] for _ in range(L)]  # noqa: E731
+            ws = {"Z": [None] + [new(R, nN, D) for _ in range(L)], "X1": new(1, nN, D), "XR": new(R, nN, D),
+                  "A": [new(R, nN, D) for _ in range(L)],
+                  "H1": [new(R, nN, D) for _ in range(L)], "K": per_lh(R, nN, D), "Q": per_lh(R, nN, D),
+                  "V": per_lh(R, nN, D), "S": per_lh(Rn, N, N), "S_raw": new(Rn, N, N), "G": new(R, nN, D),
+                  "dZ": new(R, nN, D), "dH": new(R, nN, D), "dA": new(R, nN, D), "dS": new(Rn, N, N),
+                  "dV": new(Rn, N, D), "dK": new(Rn, N, D), "dQ": new(Rn, N, D), "gOV": new(R, D, D),
+                  "W1": new(L, R, D, D), "W2": new(L, R, D, D), "W1T": new(L, R, D, D), "W2T": new(L, R, D, D),
+                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW1": new(L, R, D, D), "gW2": new(L, R, D, D),
+                  "gb1": new(L, R, D), "gb2": new(L, R, D), "gWout": new(R, D, D)}
+            for k in _TFN_ATT:
+                ws[f"BA_{k}"] = new(R, L, H, D, D)
+                ws[f"W_{k}"] = new(L, H, R, D, D)
+                ws[f"g{k}"] = new(L, H, R, D, D)
+            for k in ("Wk", "Wq", "OV"):
+                ws[f"{k}T"] = new(L, H, R, D, D)
+            self._ws, self._ws_key = ws, key
+        return self._ws
+
 
 # ------------------------------------------------------------------------------------------------- Adam
 
@@ -496,7 +643,7 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
         Checked before every step; once set, :class:`TrainingStopped` is raised (an interrupted sweep stops
         all its stacks promptly, also those trained in other threads).
     backward : {"manual", "autograd"}
-        The FNN stack's hand-written backward (default) or autograd (the reference; TFNs always autograd).
+        The stack's hand-written backward (default; ``loss_and_grads``) or autograd (the reference).
     """
     device, dtype = stack.device, stack.dtype
     manual = backward == "manual" and hasattr(stack, "loss_and_grads")

@@ -119,18 +119,22 @@ def test_final_layers_stack_equals_loop():
 
 
 def test_tfn_stack_equals_loop():
+    """The stack, with its hand-written backward and with autograd, against one plain loop of
+    torch.optim.Adam per run (computed once: the loop is the slow part)."""
     Dt, Lt, H, N, steps = 4, 2, 2, 3, 60
     frozen = [lora_theory.random_tfn(Dt, Lt, H, seed=s) for s in (1, 2)]
     target = lora_theory.random_tfn(Dt, Lt, H, seed=9)
     ranks = np.array([1, 3])
     lr, wd = np.array([1e-2, 3e-3]), np.array([1e-3, 0.0])
     tune_bias = np.array([True, False])
-    stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
-                     ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
-    tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64)
-    train_stack(stack, tstack, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[4],
-                lr=lr, weight_decay=wd, iterations=steps, batch_size=8, input_shape=(Dt, N))
-    eff = stack.effective()
+    effective = {}
+    for backward in ("manual", "autograd"):
+        stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+                         ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
+        tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64)
+        train_stack(stack, tstack, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[4],
+                    lr=lr, weight_decay=wd, iterations=steps, batch_size=8, input_shape=(Dt, N), backward=backward)
+        effective[backward] = stack.effective()
     for i in range(2):
         r = int(ranks[i])
         model = TorchTFN.from_numpy(frozen[i])
@@ -161,12 +165,13 @@ def test_tfn_stack_equals_loop():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        for (n, short, l, h), A, B in zip(names, As, Bs):
-            want = (model.get_parameter(n) + B @ A).detach().numpy()
-            got = eff[short][i] if l is None else (eff[short][i, l] if h is None else eff[short][i, l, h])
-            assert relative_error(got.detach().numpy(), want) <= 1e-6, n
-        for l, blk in enumerate(model.blocks):
-            assert relative_error(eff["b1"][i, l].detach().numpy(), blk.ff1.bias.detach().numpy()) <= 1e-6
+        for backward, eff in effective.items():
+            for (n, short, l, h), A, B in zip(names, As, Bs):
+                want = (model.get_parameter(n) + B @ A).detach().numpy()
+                got = eff[short][i] if l is None else (eff[short][i, l] if h is None else eff[short][i, l, h])
+                assert relative_error(got.detach().numpy(), want) <= 1e-6, (backward, n)
+            for l, blk in enumerate(model.blocks):
+                assert relative_error(eff["b1"][i, l].detach().numpy(), blk.ff1.bias.detach().numpy()) <= 1e-6
 
 
 def test_manual_backward_equals_autograd():
@@ -184,6 +189,37 @@ def test_manual_backward_equals_autograd():
     for p in stack.params.values():
         p.grad = None
     ref = ((stack.forward(x) - y) ** 2).mean(dim=(1, 2))
+    ref.sum().backward()
+    assert relative_error(loss.numpy(), ref.detach().numpy()) <= 1e-12
+    for k, p in stack.params.items():
+        assert relative_error(manual[k].numpy(), p.grad.numpy()) <= 1e-12, k
+
+
+@pytest.mark.parametrize("blocks, heads, inputs", [(2, 2, "shared"), (2, 2, "per run"), (1, 1, "shared"),
+                                                    (3, 2, "per run")])
+def test_tfn_manual_backward_equals_autograd(blocks, heads, inputs):
+    """TFNStack.loss_and_grads against autograd through tfn_apply, float64: every adapter and bias gradient
+    (padded ranks, biases trained in some runs), one input batch shared by all runs or one per run, one
+    target batch or one per run."""
+    R, Dt, N, n = 3, 5, 4, 6
+    frozen = [lora_theory.random_tfn(Dt, blocks, heads, seed=60 + i) for i in range(R)]
+    stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+                     ranks=[1, 3, 5], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64)
+    g = torch.Generator().manual_seed(blocks * 10 + heads)
+    with torch.no_grad():
+        for k, p in stack.params.items():
+            if k.startswith("B_"):                        # non-zero B so every gradient is exercised
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * stack.masks[k])
+    lead = R if inputs == "per run" else 1
+    x = torch.randn(lead, n, Dt, N, generator=g, dtype=torch.float64)
+    y = torch.randn(R + 1 - lead, n, Dt, N, generator=g, dtype=torch.float64)
+    if inputs == "shared":
+        x = x.expand(R, n, Dt, N)                        # as train_stack passes one data seed's batch
+    loss = stack.loss_and_grads(x, y)
+    manual = {k: p.grad.clone() for k, p in stack.params.items()}
+    for p in stack.params.values():
+        p.grad = None
+    ref = ((stack.forward(x) - y) ** 2).mean(dim=(1, 2, 3))
     ref.sum().backward()
     assert relative_error(loss.numpy(), ref.detach().numpy()) <= 1e-12
     for k, p in stack.params.items():
