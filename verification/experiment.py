@@ -994,12 +994,7 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
             "gradient_shifted_mse": _median([b["losses"]["shifted"] for _, b in per_seed]),
             "gradient_val_mse": _median([b["losses"]["val"] for _, b in per_seed]),
             "seeds": [s for s, _ in per_seed],
-            "per_seed": [{"seed": s, "lr": b["config"]["lr"], "weight_decay": b["config"]["weight_decay"],
-                          "gradient_test_mse": b["losses"]["test"], "gradient_shifted_mse": b["losses"]["shifted"],
-                          "construction_test_mse": (constructions.get((cell, s)) or {}).get("test_mse"),
-                          "construction_precision_digits": (constructions.get((cell, s)) or {}).get("precision_digits"),
-                          "paired_diff_mean": b.get("paired", {}).get("diff_mean"),
-                          "paired_diff_se": b.get("paired", {}).get("diff_se")} for s, b in per_seed],
+            "per_seed": _per_seed_entries(cell, args.seeds, dict(per_seed), constructions),
         })
         rows[cell.kind].append(row)
     threshold = spec.threshold(args)
@@ -1024,9 +1019,66 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
         },
         "pretraining": problems.pretrain_info,
     }
+    if rows.get("random") and rows.get("pretrained"):
+        summary["pretrained_vs_random"] = pretrained_vs_random(rows["random"], rows["pretrained"])
     if spec.extra_summary is not None:
         summary.update(spec.extra_summary(args, rows.get("random", []) + rows.get("pretrained", [])))
     return summary
+
+
+def _per_seed_entries(cell, n_seeds, best_by_seed, constructions) -> list[dict]:
+    """A row's per-seed record: every seed with a selected gradient run or a construction (a
+    ``--construction-only`` sweep has constructions only); what a seed lacks is ``None``."""
+    out = []
+    for s in range(n_seeds):
+        b, c = best_by_seed.get(s), constructions.get((cell, s))
+        if b is None and c is None:
+            continue
+        b, c = b or {}, c or {}
+        out.append({"seed": s, "lr": b.get("config", {}).get("lr"),
+                    "weight_decay": b.get("config", {}).get("weight_decay"),
+                    "gradient_test_mse": b.get("losses", {}).get("test"),
+                    "gradient_shifted_mse": b.get("losses", {}).get("shifted"),
+                    "construction_test_mse": c.get("test_mse"),
+                    "construction_precision_digits": c.get("precision_digits"),
+                    "paired_diff_mean": b.get("paired", {}).get("diff_mean"),
+                    "paired_diff_se": b.get("paired", {}).get("diff_se")})
+    return out
+
+
+_ROW_AXES = ("depth", "step", "layers", "rank")
+
+
+def pretrained_vs_random(random_rows, pretrained_rows) -> list[dict]:
+    """The pretrained frozen model against the random one it was pretrained from, paired by seed (seed
+    ``s``'s pretrained model starts from seed ``s``'s random one and meets the same target and test set).
+
+    Per row (matched on the experiment's axes and label) and per column (``construction``, ``gradient``, the
+    test MSE): ``seeds`` (seeds with both numbers finite), ``pretrained_lower`` (in how many of them the
+    pretrained model's MSE is lower) and ``median_ratio`` (median over those seeds of pretrained / random; null
+    where a random MSE is 0). A median over seeds can come out either way where the per-seed effect is small
+    next to the seed-to-seed spread; the paired count shows how often pretraining helps.
+    """
+    def key(r):
+        return tuple(r.get(a) for a in _ROW_AXES) + (r.get("label"),)
+
+    pre = {key(r): r for r in pretrained_rows}
+    out = []
+    for r in random_rows:
+        q = pre.get(key(r))
+        if q is None:
+            continue
+        entry = {a: r[a] for a in _ROW_AXES if a in r}
+        for col, field in (("construction", "construction_test_mse"), ("gradient", "gradient_test_mse")):
+            a = {e["seed"]: e[field] for e in r["per_seed"]}
+            b = {e["seed"]: e[field] for e in q["per_seed"]}
+            pairs = [(a[s], b[s]) for s in sorted(a.keys() & b.keys())
+                     if a[s] is not None and b[s] is not None and np.isfinite(a[s]) and np.isfinite(b[s])]
+            ratios = [y / x for x, y in pairs if x > 0]
+            entry[col] = {"seeds": len(pairs), "pretrained_lower": sum(y < x for x, y in pairs),
+                          "median_ratio": (_median(ratios) if len(ratios) == len(pairs) and pairs else None)}
+        out.append(entry)
+    return out
 
 
 def _domain_description(constructions):
@@ -1082,6 +1134,26 @@ def format_table(spec, summary) -> str:
                   _fmt(r["gradient_shifted_mse"], 10), file=buf)
     print("params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the biases "
           "it trains with --tune-bias; final layers: l·(D² + D))", file=buf)
+    paired = summary.get("pretrained_vs_random")
+    if paired:
+        print(f"\n{spec.name}: pretrained vs random frozen model, paired by seed (k/n: pretrained lower in k of "
+              f"n seeds; ratio: median of pretrained / random)", file=buf)
+        axes = [a for a in _ROW_AXES if a in paired[0]]
+        print("".join(a.rjust(6) for a in axes) + " thr" + "construction".rjust(20) + "gradient".rjust(20), file=buf)
+
+        def cell(c):
+            if not c["seeds"]:
+                return "—".rjust(20)
+            ratio = "—" if c["median_ratio"] is None else f"{c['median_ratio']:.3g}"
+            return f"{c['pretrained_lower']}/{c['seeds']}  {ratio}".rjust(20)
+
+        for e in paired:
+            t = thr.get(str(e.get("depth"))) if isinstance(thr, dict) else thr
+            mark = ">=" if isinstance(t, int) and e.get("rank") is not None and e["rank"] >= t else ""
+            print("".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes) + mark.rjust(4) +
+                  cell(e["construction"]) + cell(e["gradient"]), file=buf)
+        print("(from the threshold on, both constructions are exact: their ratio compares rounding errors)",
+              file=buf)
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)

@@ -6,6 +6,7 @@ import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -449,6 +450,10 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     for row in first:
         assert row["construction_test_mse"] is not None
         assert row["gradient_test_mse"] is None and row["seeds"] == []
+        # the per-seed constructions are kept (paired comparisons need them), the gradient fields empty
+        assert [e["seed"] for e in row["per_seed"]] == [0, 1]
+        assert all(e["gradient_test_mse"] is None and e["lr"] is None for e in row["per_seed"])
+        assert np.median([e["construction_test_mse"] for e in row["per_seed"]]) == row["construction_test_mse"]
     assert linear.main(["--resume", str(out)]) == 0
     records = (out / "runs.jsonl").read_text().splitlines()
     protocol = _summary(out)["protocol"]
@@ -456,11 +461,52 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     for a, b in zip(first, _summary(out)["rows"]):
         assert b["gradient_test_mse"] is not None and b["seeds"] == [0, 1]
         assert a["construction_test_mse"] == b["construction_test_mse"]
+        assert [e["construction_test_mse"] for e in a["per_seed"]] == [e["construction_test_mse"] for e in b["per_seed"]]
+        assert all(e["gradient_test_mse"] is not None for e in b["per_seed"])
     capsys.readouterr()
     assert linear.main(["--resume", str(out), "--construction-only"]) == 0   # a finished sweep: nothing new
     assert "ignoring" not in capsys.readouterr().err                      # the flag is taken, not ignored
     assert (out / "runs.jsonl").read_text().splitlines() == records
     assert _summary(out)["rows"][0]["gradient_test_mse"] is not None    # its finished runs still count
+
+
+def test_pretrained_vs_random_pairs_by_seed():
+    """The paired comparison counts, per row and column, the seeds where the pretrained model's MSE is below
+    the random one's *of the same seed*, over the seeds where both are finite; its ratio is the median of the
+    per-seed ratios, null when a random MSE is 0; rows are matched on their axes, not their order."""
+    from verification.experiment import pretrained_vs_random
+
+    def row(rank, cons, grad):
+        return {"rank": rank, "label": f"r={rank}", "per_seed": [
+            {"seed": s, "construction_test_mse": c, "gradient_test_mse": g} for s, (c, g) in enumerate(zip(cons, grad))]}
+
+    random = [row(1, [4.0, 1.0, 2.0], [1.0, None, 1.0]), row(2, [0.0, 1.0, 1.0], [1.0, 1.0, 1.0])]
+    pretrained = [row(2, [0.0, 2.0, 0.5], [2.0, 2.0, 2.0]),
+                  row(1, [2.0, 2.0, float("nan")], [0.5, 0.5, 0.25])]
+    out = pretrained_vs_random(random, pretrained)
+    assert [e["rank"] for e in out] == [1, 2]
+    assert out[0]["construction"] == {"seeds": 2, "pretrained_lower": 1, "median_ratio": 1.25}   # 2/4, 2/1
+    assert out[0]["gradient"] == {"seeds": 2, "pretrained_lower": 2, "median_ratio": 0.375}      # seed 1 unpaired
+    assert out[1]["construction"] == {"seeds": 3, "pretrained_lower": 1, "median_ratio": None}   # a random 0
+    assert out[1]["gradient"] == {"seeds": 3, "pretrained_lower": 0, "median_ratio": 2.0}
+    assert pretrained_vs_random(random, pretrained[:1])[0]["rank"] == 2                          # rank 1 unmatched
+
+
+def test_pretrained_vs_random_in_the_outputs(tmp_path, capsys):
+    """With both frozen-model kinds the summary and the printed table carry the paired comparison, over every
+    seed of a --construction-only sweep."""
+    from verification import fnn
+    out = tmp_path / "f"
+    assert fnn.main(["--width", "4", "--seeds", "3", "--ranks", "1,4", "--construction-only",
+                     "--no-figure", "--workers", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = _summary(out)
+    paired = summary["pretrained_vs_random"]
+    assert [e["rank"] for e in paired] == [1, 4]
+    assert all(e["construction"]["seeds"] == 3 and e["gradient"]["seeds"] == 0 for e in paired)
+    assert "pretrained vs random frozen model, paired by seed" in printed
+    lower = paired[0]["construction"]["pretrained_lower"]
+    assert f"{lower}/3" in printed.split("paired by seed")[1]
 
 
 def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path):
