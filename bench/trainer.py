@@ -10,7 +10,9 @@ For each model it reports run-steps per second of
 * the batched trainer (:func:`verification.trainer.train_stack`) with stacks as the CLIs use them
   (64 runs per stack on a CPU, with one stack per core trained at once; all runs in one stack on CUDA),
 the ratio, and the fraction of the arithmetic ceiling: FLOPs per run-step over the float32 matmul rate
-measured here on one large square product with the same threads.
+measured here on one large square product with the same threads. Every rate is measured ``--repeat``
+times (default 3), interleaved, and reported as the median: on a shared machine single measurements of the
+same code vary by a factor of up to 2.
 """
 
 from __future__ import annotations
@@ -153,34 +155,48 @@ def batched(make, R, steps, device, workers):
 
 
 def measure(device, args) -> dict:
+    """Every rate ``args.repeat`` times, the repetitions interleaved (ceilings, then each model's baseline
+    and batched trainer, then again), so that a slow spell of a shared machine touches all of them alike;
+    the medians are reported (and the spread under ``"samples"``), the fractions of the ceiling from them."""
     cores = os.cpu_count() or 1
     workers = 1 if device.type == "cuda" else (args.workers or cores)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, cores // workers))
-    ceiling_batched = matmul_ceiling(device)
-    if device.type == "cpu":
-        torch.set_num_threads(cores)
-    ceiling_loop = matmul_ceiling(device)
-    out = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers,
-           "matmul_gflops": ceiling_loop / 1e9}
     fnn_R = args.fnn_runs or (64 if device.type == "cpu" else 1920)
     tfn_R = args.tfn_runs or (8 if device.type == "cpu" else 512)
-    for name, make, flops, R, steps in (
-            ("fnn", _fnn_stack, fnn_flops(), fnn_R, args.fnn_steps),
-            ("tfn", _tfn_stack, tfn_flops(), tfn_R, args.tfn_steps)):
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        loop = baseline(make, device, max(10, steps // 2))
-        if device.type == "cpu" and cores > 1:   # the baseline gets the better of one thread and all of them
-            torch.set_num_threads(cores)
-            loop = max(loop, baseline(make, device, max(10, steps // 2)))
+    models = (("fnn", _fnn_stack, fnn_flops(), fnn_R, args.fnn_steps),
+              ("tfn", _tfn_stack, tfn_flops(), tfn_R, args.tfn_steps))
+    samples = {"ceiling_batched": [], "ceiling_loop": []}
+    for name, *_ in models:
+        samples[f"{name}_baseline"], samples[f"{name}_batched"] = [], []
+    for _ in range(args.repeat):
         if device.type == "cpu":
             torch.set_num_threads(max(1, cores // workers))
-        fast = batched(make, R, steps, device, workers)
+        samples["ceiling_batched"].append(matmul_ceiling(device))
+        if device.type == "cpu":
+            torch.set_num_threads(cores)
+        samples["ceiling_loop"].append(matmul_ceiling(device))
+        for name, make, flops, R, steps in models:
+            if device.type == "cpu":
+                torch.set_num_threads(1)
+            loop = baseline(make, device, max(10, steps // 2))
+            if device.type == "cpu" and cores > 1:   # the baseline gets the better of one thread and all of them
+                torch.set_num_threads(cores)
+                loop = max(loop, baseline(make, device, max(10, steps // 2)))
+            if device.type == "cpu":
+                torch.set_num_threads(max(1, cores // workers))
+            samples[f"{name}_baseline"].append(loop)
+            samples[f"{name}_batched"].append(batched(make, R, steps, device, workers))
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    if device.type == "cpu":
+        torch.set_num_threads(cores)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers, "repeat": args.repeat,
+           "matmul_gflops": med["ceiling_loop"] / 1e9, "samples": samples}
+    for name, make, flops, R, steps in models:
+        loop, fast = med[f"{name}_baseline"], med[f"{name}_batched"]
         out[name] = {"runs_per_stack": R, "baseline_run_steps_per_s": loop, "batched_run_steps_per_s": fast,
                      "ratio": fast / loop, "flops_per_run_step": flops,
-                     "baseline_fraction_of_ceiling": loop * flops / ceiling_loop,
-                     "batched_fraction_of_ceiling": fast * flops / (ceiling_batched * (workers if device.type == "cpu" else 1))}
+                     "baseline_fraction_of_ceiling": loop * flops / med["ceiling_loop"],
+                     "batched_fraction_of_ceiling":
+                         fast * flops / (med["ceiling_batched"] * (workers if device.type == "cpu" else 1))}
     fnn_rate, tfn_rate = out["fnn"]["batched_run_steps_per_s"], out["tfn"]["batched_run_steps_per_s"]
     out["fnn_depth4_default_minutes"] = 1920 * 5000 / fnn_rate / 60
     out["paper_grid_hours"] = ((GRID_RUNS - GRID_TFN_RUNS) * GRID_STEPS / fnn_rate
@@ -196,8 +212,12 @@ def main(argv=None) -> int:
     p.add_argument("--fnn-runs", type=int, default=None, help="runs per stack (default 64 CPU, 1920 CUDA)")
     p.add_argument("--tfn-runs", type=int, default=None, help="runs per stack (default 8 CPU, 512 CUDA)")
     p.add_argument("--workers", type=int, default=None, help="CPU stacks at once (default: CPU count)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="measure every rate this many times, interleaved, and report the medians (default 3)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.device in ("cuda", "both") and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available", file=sys.stderr)
         return 2

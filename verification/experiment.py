@@ -1144,8 +1144,8 @@ def format_table(spec, summary) -> str:
         def cell(c):
             if not c["seeds"]:
                 return "—".rjust(20)
-            ratio = "—" if c["median_ratio"] is None else f"{c['median_ratio']:.3g}"
-            return f"{c['pretrained_lower']}/{c['seeds']}  {ratio}".rjust(20)
+            ratio = "—" if c["median_ratio"] is None else f"{c['median_ratio']:#.3g}"
+            return f"{c['pretrained_lower']}/{c['seeds']}".rjust(10) + ratio.rjust(10)
 
         for e in paired:
             t = thr.get(str(e.get("depth"))) if isinstance(thr, dict) else thr
@@ -1505,14 +1505,18 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
 
     sets = evaluation_sets(cells[0].structure) if cells else None
     constructions, deep = {}, []
-    for cell in cells:
-        for seed in range(args.seeds):
-            frozen = problems.frozen(cell.structure, cell.kind, seed)
-            target = problems.target(cell.structure, seed)
-            if _takes_highprec(cell):
-                deep.append((cell, seed, frozen, target))
-            else:
-                constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
+    plain = [(cell, seed) for cell in cells for seed in range(args.seeds) if not _takes_highprec(cell)]
+    with tqdm(total=len(plain), desc="constructions (float64)", unit="construction", file=progress_file,
+              disable=not plain, mininterval=1.0) as bar:
+        for cell in cells:
+            for seed in range(args.seeds):
+                frozen = problems.frozen(cell.structure, cell.kind, seed)
+                target = problems.target(cell.structure, seed)
+                if _takes_highprec(cell):
+                    deep.append((cell, seed, frozen, target))
+                else:
+                    constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
+                    bar.update()
     if deep:
         constructions.update(build_highprec_constructions(
             deep, sets, out / "constructions.jsonl", args.workers or os.cpu_count() or 1, progress_file, extra))
