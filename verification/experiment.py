@@ -1053,14 +1053,19 @@ def pretrained_vs_random(random_rows, pretrained_rows) -> list[dict]:
     """The pretrained frozen model against the random one it was pretrained from, paired by seed (seed
     ``s``'s pretrained model starts from seed ``s``'s random one and meets the same target and test set).
 
-    Per row (matched on the experiment's axes and label) and per column (``construction``, ``gradient``, the
-    test MSE): ``seeds`` (seeds with both numbers finite), ``pretrained_lower`` (in how many of them the
-    pretrained model's MSE is lower) and ``median_ratio`` (median over those seeds of pretrained / random; null
-    where a random MSE is 0). A median over seeds can come out either way where the per-seed effect is small
-    next to the seed-to-seed spread; the paired count shows how often pretraining helps.
+    Per row (matched on the experiment's axes and label; both are kept in the entry) and per column
+    (``construction``, ``gradient``, the test MSE): ``seeds`` (seeds with both numbers, NaN and missing ones
+    left out; an infinite MSE, a diverged run, counts), ``pretrained_lower`` (in how many of them the
+    pretrained model's MSE is lower), ``ties`` (equal) and ``median_ratio`` (median over those seeds of
+    pretrained / random; null where a random MSE is 0 or both are infinite). A median over seeds can come
+    out either way where the per-seed effect is small next to the seed-to-seed spread; the paired count
+    shows how often pretraining helps.
     """
     def key(r):
         return tuple(r.get(a) for a in _ROW_AXES) + (r.get("label"),)
+
+    def usable(v):
+        return v is not None and not math.isnan(v)
 
     pre = {key(r): r for r in pretrained_rows}
     out = []
@@ -1069,14 +1074,15 @@ def pretrained_vs_random(random_rows, pretrained_rows) -> list[dict]:
         if q is None:
             continue
         entry = {a: r[a] for a in _ROW_AXES if a in r}
+        entry["label"] = r.get("label")
         for col, field in (("construction", "construction_test_mse"), ("gradient", "gradient_test_mse")):
             a = {e["seed"]: e[field] for e in r["per_seed"]}
             b = {e["seed"]: e[field] for e in q["per_seed"]}
-            pairs = [(a[s], b[s]) for s in sorted(a.keys() & b.keys())
-                     if a[s] is not None and b[s] is not None and np.isfinite(a[s]) and np.isfinite(b[s])]
-            ratios = [y / x for x, y in pairs if x > 0]
+            pairs = [(a[s], b[s]) for s in sorted(a.keys() & b.keys()) if usable(a[s]) and usable(b[s])]
+            defined = pairs and all(x > 0 and not (math.isinf(x) and math.isinf(y)) for x, y in pairs)
             entry[col] = {"seeds": len(pairs), "pretrained_lower": sum(y < x for x, y in pairs),
-                          "median_ratio": (_median(ratios) if len(ratios) == len(pairs) and pairs else None)}
+                          "ties": sum(y == x for x, y in pairs),
+                          "median_ratio": float(np.median([y / x for x, y in pairs])) if defined else None}
         out.append(entry)
     return out
 
@@ -1139,21 +1145,24 @@ def format_table(spec, summary) -> str:
         print(f"\n{spec.name}: pretrained vs random frozen model, paired by seed (k/n: pretrained lower in k of "
               f"n seeds; ratio: median of pretrained / random)", file=buf)
         axes = [a for a in _ROW_AXES if a in paired[0]]
-        print("".join(a.rjust(6) for a in axes) + " thr" + "construction".rjust(20) + "gradient".rjust(20), file=buf)
+        print("".join(a.rjust(6) for a in axes) + "  label".ljust(22) + " thr" + "construction".rjust(20) +
+              "gradient".rjust(20), file=buf)
 
         def cell(c):
             if not c["seeds"]:
                 return "—".rjust(20)
             ratio = "—" if c["median_ratio"] is None else f"{c['median_ratio']:#.3g}"
-            return f"{c['pretrained_lower']}/{c['seeds']}".rjust(10) + ratio.rjust(10)
+            ties = f" ={c['ties']}" if c["ties"] else ""
+            return f"{c['pretrained_lower']}/{c['seeds']}{ties}".rjust(10) + ratio.rjust(10)
 
         for e in paired:
             t = thr.get(str(e.get("depth"))) if isinstance(thr, dict) else thr
             mark = ">=" if isinstance(t, int) and e.get("rank") is not None and e["rank"] >= t else ""
-            print("".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes) + mark.rjust(4) +
-                  cell(e["construction"]) + cell(e["gradient"]), file=buf)
-        print("(from the threshold on, both constructions are exact: their ratio compares rounding errors)",
-              file=buf)
+            print("".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes) + "  " +
+                  str(e["label"]).ljust(20) + mark.rjust(4) + cell(e["construction"]) + cell(e["gradient"]),
+                  file=buf)
+        print("(=t: t seeds equal; from the threshold on, both constructions are exact: their ratio compares "
+              "rounding errors)", file=buf)
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)

@@ -433,12 +433,13 @@ class TFNStack:
 
             # backward: gradients of the effective weights, block- and head-major
             gW = {k: ws[f"g{k}"] for k in _TFN_ATT}                           # (L, H, R, D, D)
-            gW1, gW2, gb1, gb2 = ws["gW1"], ws["gW2"], ws["gb1"], ws["gb2"]   # (L, R, D, D), (L, R, D)
+            gW1, gW2, gb1, gb2 = ws["gW1"], ws["gW2"], ws["gb1"], ws["gb2"]   # (L, R, D, D), (R, D, D), (L, R, D)
             gWout = torch.bmm(T(G), Z, out=ws["gWout"])                       # (R, D, D)
             dZ = torch.bmm(G, Wout, out=ws["dZ"])                             # (R, nN, D)
             for l in reversed(range(L)):
                 H1, A, Z_in = ws["H1"][l], ws["A"][l], ws["Z"][l]
-                torch.bmm(T(dZ), H1, out=gW2[l])
+                if l == L - 1:                                                # W2 is adapted in the last block only
+                    torch.bmm(T(dZ), H1, out=gW2)
                 torch.sum(dZ, dim=1, out=gb2[l])
                 dH = torch.bmm(dZ, W2[l], out=ws["dH"])                       # (R, nN, D)
                 torch.ops.aten.threshold_backward.grad_input(dH, H1, 0, grad_input=dH)  # ReLU' = 1[H1 > 0]
@@ -475,7 +476,7 @@ class TFNStack:
                 g = runs_first(gW[k])                                         # (R, L, H, D, D)
                 torch.matmul(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])          # (R, L, H, r, D) = B^T gW
                 torch.matmul(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])          # (R, L, H, D, r) = gW A^T
-            for k, g in (("w2", gW2[-1]), ("w_out", gWout)):
+            for k, g in (("w2", gW2), ("w_out", gWout)):
                 torch.bmm(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])             # (R, r, D)
                 torch.bmm(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])             # (R, D, r)
             for k, g in (("b1", gb1), ("b2", gb2)):
@@ -501,7 +502,7 @@ class TFNStack:
                   "dZ": new(R, nN, D), "dH": new(R, nN, D), "dA": new(R, nN, D), "dS": new(Rn, N, N),
                   "dV": new(Rn, N, D), "dK": new(Rn, N, D), "dQ": new(Rn, N, D), "gOV": new(R, D, D),
                   "W1": new(L, R, D, D), "W2": new(L, R, D, D), "W1T": new(L, R, D, D), "W2T": new(L, R, D, D),
-                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW1": new(L, R, D, D), "gW2": new(L, R, D, D),
+                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW1": new(L, R, D, D), "gW2": new(R, D, D),
                   "gb1": new(L, R, D), "gb2": new(L, R, D), "gWout": new(R, D, D)}
             for k in _TFN_ATT:
                 ws[f"BA_{k}"] = new(R, L, H, D, D)

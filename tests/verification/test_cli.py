@@ -472,24 +472,31 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
 
 def test_pretrained_vs_random_pairs_by_seed():
     """The paired comparison counts, per row and column, the seeds where the pretrained model's MSE is below
-    the random one's *of the same seed*, over the seeds where both are finite; its ratio is the median of the
-    per-seed ratios, null when a random MSE is 0; rows are matched on their axes, not their order."""
+    the random one's *of the same seed*, over the seeds where both are there and not NaN (an infinite MSE,
+    a diverged run, counts); ties apart; its ratio is the median of the per-seed ratios, null when a random
+    MSE is 0; rows are matched on their axes and label, not their order, and keep both."""
     from verification.experiment import pretrained_vs_random
+    inf, nan = float("inf"), float("nan")
 
-    def row(rank, cons, grad):
-        return {"rank": rank, "label": f"r={rank}", "per_seed": [
+    def row(rank, cons, grad, label=None):
+        return {"rank": rank, "label": label or f"r={rank}", "per_seed": [
             {"seed": s, "construction_test_mse": c, "gradient_test_mse": g} for s, (c, g) in enumerate(zip(cons, grad))]}
 
-    random = [row(1, [4.0, 1.0, 2.0], [1.0, None, 1.0]), row(2, [0.0, 1.0, 1.0], [1.0, 1.0, 1.0])]
+    random = [row(1, [4.0, 1.0, 2.0], [1.0, None, 1.0]), row(2, [0.0, 1.0, 1.0], [1.0, inf, 1.0])]
     pretrained = [row(2, [0.0, 2.0, 0.5], [2.0, 2.0, 2.0]),
-                  row(1, [2.0, 2.0, float("nan")], [0.5, 0.5, 0.25])]
+                  row(1, [2.0, 2.0, nan], [0.5, 0.5, 0.25])]
     out = pretrained_vs_random(random, pretrained)
-    assert [e["rank"] for e in out] == [1, 2]
-    assert out[0]["construction"] == {"seeds": 2, "pretrained_lower": 1, "median_ratio": 1.25}   # 2/4, 2/1
-    assert out[0]["gradient"] == {"seeds": 2, "pretrained_lower": 2, "median_ratio": 0.375}      # seed 1 unpaired
-    assert out[1]["construction"] == {"seeds": 3, "pretrained_lower": 1, "median_ratio": None}   # a random 0
-    assert out[1]["gradient"] == {"seeds": 3, "pretrained_lower": 0, "median_ratio": 2.0}
+    assert [(e["rank"], e["label"]) for e in out] == [(1, "r=1"), (2, "r=2")]
+    assert out[0]["construction"] == {"seeds": 2, "pretrained_lower": 1, "ties": 0, "median_ratio": 1.25}  # 2/4, 2/1
+    assert out[0]["gradient"] == {"seeds": 2, "pretrained_lower": 2, "ties": 0, "median_ratio": 0.375}    # seed 1 unpaired
+    assert out[1]["construction"] == {"seeds": 3, "pretrained_lower": 1, "ties": 1, "median_ratio": None}  # a random 0
+    assert out[1]["gradient"] == {"seeds": 3, "pretrained_lower": 1, "ties": 0, "median_ratio": 2.0}       # inf diverged
     assert pretrained_vs_random(random, pretrained[:1])[0]["rank"] == 2                          # rank 1 unmatched
+    # two rows of one rank told apart by their label (the biases experiment: fixed and trained biases)
+    two = [row(1, [1.0], [1.0], "fixed_biases"), row(1, [1.0], [1.0], "trained_biases")]
+    lower = [row(1, [2.0], [2.0], "trained_biases"), row(1, [0.5], [0.5], "fixed_biases")]
+    out = pretrained_vs_random(two, lower)
+    assert [(e["label"], e["gradient"]["pretrained_lower"]) for e in out] == [("fixed_biases", 1), ("trained_biases", 0)]
 
 
 def test_pretrained_vs_random_in_the_outputs(tmp_path, capsys):
