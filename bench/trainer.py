@@ -7,8 +7,9 @@ For each model it reports run-steps per second of
 * the baseline: one run at a time, the same model code (a stack of one run, autograd) with
   ``torch.optim.Adam``, a fresh batch and the target's output every step (the work of the authors' loop),
   on a CPU the better of one thread and all threads,
-* the batched trainer (:func:`verification.trainer.train_stack`) with stacks as the CLIs use them
-  (64 runs per stack on a CPU, with one stack per core trained at once; all runs in one stack on CUDA),
+* the batched trainer (:func:`verification.trainer.train_stack`): on a CPU one stack per core trained at
+  once, 64 FNN runs per stack as the CLIs use them and 8 TFN runs (the CLIs' 64 measured no faster for the
+  TFN); on CUDA all runs in one stack,
 the ratio, and the fraction of the arithmetic ceiling: FLOPs per run-step over the float32 matmul rate
 measured here on one large square product with the same threads. Every rate is measured ``--repeat``
 times (default 3), interleaved, and reported as the median: on a shared machine single measurements of the
