@@ -1108,6 +1108,12 @@ def _fmt(v, width=9):
     return f"{v:.2e}".rjust(width)
 
 
+def _threshold_mark(thr, row) -> str:
+    """``">="`` for a row at or above its threshold (per depth where ``thr`` is a dict), else ``""``."""
+    t = thr.get(str(row.get("depth"))) if isinstance(thr, dict) else thr
+    return ">=" if isinstance(t, int) and row.get("rank") is not None and row["rank"] >= t else ""
+
+
 def format_table(spec, summary) -> str:
     buf = io.StringIO()
     thr = summary["threshold"]
@@ -1116,7 +1122,7 @@ def format_table(spec, summary) -> str:
         rows = summary[key]
         if not rows:
             continue
-        axes = [a for a in ("depth", "step", "layers", "rank") if a in rows[0]]
+        axes = [a for a in _ROW_AXES if a in rows[0]]
         print(f"\n{spec.name}: {kind} frozen model (threshold {thr}; MSE per coordinate, medians over seeds)",
               file=buf)
         head = "".join(a.rjust(6) for a in axes) + "  label".ljust(22) + "params".rjust(7) + " thr" + \
@@ -1124,8 +1130,7 @@ def format_table(spec, summary) -> str:
             "   [q25, q75]".ljust(22) + "constr x5".rjust(10) + "calib x5".rjust(10) + "grad x5".rjust(10)
         print(head, file=buf)
         for r in rows:
-            t = thr.get(str(r.get("depth"))) if isinstance(thr, dict) else thr
-            mark = ">=" if isinstance(t, int) and r.get("rank") is not None and r["rank"] >= t else ""
+            mark = _threshold_mark(thr, r)
             cons = r["construction_test_mse"]
             note = r["construction_note"] or "—"
             cons_s = _fmt(cons, 10) if cons is not None else " " + (note if note.startswith("n/c") else "—")[:15].rjust(15)
@@ -1156,8 +1161,7 @@ def format_table(spec, summary) -> str:
             return f"{c['pretrained_lower']}/{c['seeds']}{ties}".rjust(10) + ratio.rjust(10)
 
         for e in paired:
-            t = thr.get(str(e.get("depth"))) if isinstance(thr, dict) else thr
-            mark = ">=" if isinstance(t, int) and e.get("rank") is not None and e["rank"] >= t else ""
+            mark = _threshold_mark(thr, e)
             print("".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes) + "  " +
                   str(e["label"]).ljust(20) + mark.rjust(4) + cell(e["construction"]) + cell(e["gradient"]),
                   file=buf)

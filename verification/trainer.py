@@ -135,6 +135,13 @@ def _lora_init(init_seeds, ranks, rmax, width, dtype, device):
     return A.to(dtype=dtype, device=device)
 
 
+def _grad_buffers(params: dict) -> dict:
+    """Where a hand-written backward writes each parameter's gradient: its ``grad`` when already set with the
+    right shape and dtype (e.g. :attr:`StackedAdam.grads`, overwritten in place), else a new tensor."""
+    return {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+                else torch.empty_like(t)) for k, t in params.items()}
+
+
 def _rank_mask(ranks: torch.Tensor, rmax: int) -> torch.Tensor:
     """(R, ...) integer ranks -> (R, ..., rmax) bool, True on the first ``rank`` slots."""
     return torch.arange(rmax) < ranks.unsqueeze(-1)
@@ -246,8 +253,7 @@ class FNNStack:
             n_el = diff.shape[1] * diff.shape[2]
             per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
             g = diff.mul_(2.0 / n_el)
-            grads = {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
-                         else torch.empty_like(t)) for k, t in p.items()}
+            grads = _grad_buffers(p)
             need_w = "weight" in p or "A" in p
             gW = ws["gW"]                                                   # (L, R, D, D), layer-major
             gb = grads.get("bias")                                          # (R, L, D)
@@ -469,8 +475,7 @@ class TFNStack:
                         ws["dZ"].baddbmm_(dV, OV[l, h])
                 dZ = ws["dZ"]
 
-            grads = {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
-                         else torch.empty_like(t)) for k, t in p.items()}
+            grads = _grad_buffers(p)
             runs_first = lambda t: t.permute(2, 0, 1, 3, 4)                   # noqa: E731  (L, H, R, ..) -> (R, L, H, ..)
             for k in _TFN_ATT:
                 g = runs_first(gW[k])                                         # (R, L, H, D, D)
