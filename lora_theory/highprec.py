@@ -36,7 +36,7 @@ from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from .models import FNN
-from .numerics import WARN_RELATIVE_ERROR, condition_number, unit_roundoff
+from .numerics import WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number, unit_roundoff
 from .partition import check_partition, partition_blocks, uniform_partition
 
 __all__ = [
@@ -349,7 +349,7 @@ def _float64_kappa_estimate(run):
 
 
 @dataclass(frozen=True, eq=False)
-class HighPrecisionLinearFit:
+class HighPrecisionLinearFit(_LargestConditionNumber):
     """Lemma 1's adapters computed at ``digits`` significant digits.
 
     Attributes
@@ -391,11 +391,6 @@ class HighPrecisionLinearFit:
     optimal_error: object
     exact: bool
     condition_numbers: dict = field(default_factory=dict)
-
-    @property
-    def kappa(self) -> float:
-        """Largest condition number the construction solved with (1 if none)."""
-        return max(self.condition_numbers.values(), default=1.0)
 
     @property
     def gamma(self) -> float:
@@ -777,7 +772,7 @@ def _tfn_forward_objects(p, X, exp):
 
 
 @dataclass(frozen=True, eq=False)
-class HighPrecisionTFNFit:
+class HighPrecisionTFNFit(_LargestConditionNumber):
     """Theorem 7's adapters and biases computed at ``digits`` significant digits.
 
     Attributes
@@ -810,11 +805,6 @@ class HighPrecisionTFNFit:
     required_rank: int
     exact: bool
     condition_numbers: dict = field(default_factory=dict)
-
-    @property
-    def kappa(self) -> float:
-        """Largest condition number the construction solved with (1 if none)."""
-        return max(self.condition_numbers.values(), default=1.0)
 
     @property
     def gamma(self) -> float:

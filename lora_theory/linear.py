@@ -28,7 +28,7 @@ from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .models import FNN
-from .numerics import check_invertible, warn_if_ill_conditioned
+from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
 from .thresholds import ceil_div
 
 __all__ = [
@@ -128,7 +128,7 @@ def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class LinearFit:
+class LinearFit(_LargestConditionNumber):
     """The adapters of Lemma 1 and what they predict.
 
     Attributes
@@ -174,11 +174,6 @@ class LinearFit:
     @property
     def ranks_used(self) -> tuple:
         return tuple(a.rank for a in self.adapters)
-
-    @property
-    def kappa(self) -> float:
-        """Largest condition number the construction inverted (1 if it inverted nothing)."""
-        return max(self.condition_numbers.values(), default=1.0)
 
     @property
     def gamma(self) -> float:

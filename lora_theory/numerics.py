@@ -125,3 +125,13 @@ def warn_if_ill_conditioned(kappa: float, gamma: float = 0.0, what: str = "const
             f"{what} is ill-conditioned: κ = {kappa:.3g}, γ = {gamma:.3g}; {detail} "
             "(the high-precision path avoids this)",
             IllConditionedWarning, stacklevel=stacklevel)
+
+
+class _LargestConditionNumber:
+    """Mixin of the fit dataclasses that record ``condition_numbers`` (name -> ``κ``) of what they solved with:
+    :attr:`kappa`, the largest of them."""
+
+    @property
+    def kappa(self) -> float:
+        """Largest condition number the construction inverted or solved with (1 if it solved with none)."""
+        return max(self.condition_numbers.values(), default=1.0)

@@ -34,7 +34,7 @@ from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .linear import _chain_adapters
 from .models import TFN
-from .numerics import check_invertible, warn_if_ill_conditioned
+from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
 from .thresholds import ceil_div
 
 __all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancy_ranks"]
@@ -44,7 +44,7 @@ HEAD_MATRICES = ("wq", "wk", "wv", "wo")
 
 
 @dataclass(frozen=True, eq=False)
-class TFNFit:
+class TFNFit(_LargestConditionNumber):
     """The adapters and biases of Theorem 7 and what the construction found.
 
     Attributes
@@ -88,11 +88,6 @@ class TFNFit:
     exact: bool
     matched_errors: dict = field(default_factory=dict)
     condition_numbers: dict = field(default_factory=dict)
-
-    @property
-    def kappa(self) -> float:
-        """Largest condition number the construction inverted (1 if it inverted nothing)."""
-        return max(self.condition_numbers.values(), default=1.0)
 
     @property
     def num_parameters(self) -> int:
