@@ -78,7 +78,7 @@ from .symbolic import (
     random_rational_tfn,
     tfn_rank_threshold_expr,
 )
-from .tfn import TFNFit, lora_tfn, tfn_matched_discrepancy_ranks, tfn_rank_requirement
+from .tfn import TFNFit, lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks, tfn_rank_requirement
 from .thresholds import fnn_rank_threshold, linear_rank_threshold, tfn_rank_threshold
 
 __version__ = "0.1.0"

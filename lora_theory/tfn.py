@@ -37,7 +37,7 @@ from .models import TFN
 from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
 from .thresholds import ceil_div
 
-__all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancy_ranks"]
+__all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancies", "tfn_matched_discrepancy_ranks"]
 
 #: Names of the per-head adapted matrices, as keys of :attr:`TFNFit.adapters`.
 HEAD_MATRICES = ("wq", "wk", "wv", "wo")
@@ -160,6 +160,28 @@ def _matched_problems(frozen, target, kappas):
     out_target = target.w_out @ target.w2[L - 1]                        # (D, D) T_out T2_L
     factors = (frozen.w2[L - 1], frozen.w_out)
     yield "out", L - 1, None, factors, ("W2[L-1]", "W_out"), out_target, _rank_tol(factors, out_target, 0.0)
+
+
+def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
+    """The discrepancies Theorem 7's construction matches, ``matched - second factor @ first factor``.
+
+    Returns ``{(kind, block, head): E}``, each ``E`` a ``(D, D)`` array, ``block`` 0-based, in the
+    construction's order: per block and head ``("qk", l, h)``: ``C_{l-1}^T T_K^T T_Q C_{l-1} - W_K^T W_Q``
+    and ``("ov", l, h)``: ``W1_l^{-1} T1_l T_O T_V C_{l-1} - W_O W_V``; then ``("out", L-1, None)``:
+    ``T_out T2_L - W_out W2_L``. The counterpart of :func:`lora_theory.block_discrepancies` for the TFN:
+    ``σ_{2R+1}`` of each is what rank ``R`` leaves on that product (:attr:`TFNFit.matched_errors`), its
+    numeric rank ``G_l`` (the largest in block ``l``) sets the threshold ``ceil(G_l / 2)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``target`` of another depth, number of heads or embedding size.
+    SingularMatrixError
+        ``W1_l``, or ``W2_l`` or ``T2_l`` for ``l < L``, singular (named, with ``κ``).
+    """
+    _check_pair(frozen, target)
+    return {(kind, l, h): matched - factors[1] @ factors[0]
+            for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {})}
 
 
 def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:

@@ -15,7 +15,8 @@ from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, Sing
 from lora_theory.models import TFN, random_tfn, relu, softmax_columns
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
 from lora_theory.thresholds import tfn_rank_threshold
-from lora_theory.tfn import lora_tfn, tfn_matched_discrepancy_ranks, tfn_rank_requirement
+from lora_theory.tfn import (lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks,
+                             tfn_rank_requirement)
 
 SEEDS = st.integers(0, 2 ** 32 - 1)
 
@@ -180,6 +181,31 @@ def test_instance_requirement_follows_matched_ranks(D, L, H, data):
     X = _inputs(rng, D)
     for scale in (1.0, 50.0):
         assert relative_error(fit.model(scale * X), target(scale * X)) <= tolerance(fit.kappa)
+
+
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 2), R=st.integers(0, 4), seed=SEEDS)
+def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
+    """The discrepancies the construction matches: their defining identities where no ``C_l`` or solve
+    enters (block 0's scores, the output product), one per chain, and the adapted chain misses its
+    product by exactly their ``σ_{2R+1}`` (Lemma 1), their numeric ranks giving ``G_l``."""
+    frozen, target, rng = _pair(D, L, H, seed)
+    R = min(R, D)
+    E = tfn_matched_discrepancies(frozen, target)
+    assert set(E) == ({(k, l, h) for k in ("qk", "ov") for l in range(L) for h in range(H)}
+                      | {("out", L - 1, None)})
+    assert all(e.shape == (D, D) for e in E.values())
+    for h in range(H):
+        np.testing.assert_array_equal(
+            E[("qk", 0, h)], target.wk[0, h].T @ target.wq[0, h] - frozen.wk[0, h].T @ frozen.wq[0, h])
+    np.testing.assert_array_equal(
+        E[("out", L - 1, None)], target.w_out @ target.w2[L - 1] - frozen.w_out @ frozen.w2[L - 1])
+    fit = _quiet(lora_tfn, frozen, target, R)
+    for key, e in E.items():
+        s = np.linalg.svd(e, compute_uv=False)
+        expected = s[2 * R] if 2 * R < D else 0.0          # (values at rounding level count as 0 in the fit)
+        assert fit.matched_errors[key] == pytest.approx(expected, rel=1e-10, abs=1e-12 * s[0])
+    assert tfn_matched_discrepancy_ranks(frozen, target) == fit.matched_ranks
 
 
 def test_rank_zero_rechooses_biases_only():
