@@ -8,6 +8,6 @@ stacked model (:mod:`verification.trainer`), and the paper's synthetic experimen
 from .models import TorchFNN, TorchTFN, merge_adapter
 
 EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep", "singular_values")
-TOOLS = ("certify", "advise", "real_data")
+TOOLS = ("certify", "advise", "real_data", "pretraining")
 
 __all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS", "TOOLS"]
