@@ -49,11 +49,14 @@ def fnn_flops() -> float:
 
 def tfn_flops() -> float:
     """Per run-step: forward per block and head three projections (``W_K Z``, ``W_Q Z``, ``W_O W_V Z``) and
-    two ``N x N`` products, then the two feed-forward layers; the output layer; backward twice the forward."""
+    two ``N x N`` products, then the two feed-forward layers; the output layer. Backward: two products of the
+    forward's size for each (a weight and an input gradient; both operands' gradients for the ``N x N``
+    products), less the input gradients of the first block's projections (the input needs none)."""
     nN = BATCH * TFN_N
-    per_head = 3 * 2 * nN * D * D + 2 * 2 * BATCH * TFN_N * TFN_N * D
-    forward = TFN_L * (TFN_H * per_head + 2 * 2 * nN * D * D) + 2 * nN * D * D
-    return 3 * forward
+    projection = 2 * nN * D * D
+    per_head = 3 * projection + 2 * 2 * BATCH * TFN_N * TFN_N * D
+    forward = TFN_L * (TFN_H * per_head + 2 * projection) + projection
+    return 3 * forward - TFN_H * 3 * projection
 
 
 def matmul_ceiling(device, seconds=1.0) -> float:
