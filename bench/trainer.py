@@ -51,12 +51,15 @@ def tfn_flops() -> float:
     """Per run-step: forward per block and head three projections (``W_K Z``, ``W_Q Z``, ``W_O W_V Z``) and
     two ``N x N`` products, then the two feed-forward layers; the output layer. Backward: two products of the
     forward's size for each (a weight and an input gradient; both operands' gradients for the ``N x N``
-    products), less the input gradients of the first block's projections (the input needs none)."""
+    products), less what neither the batched trainer nor the autograd baseline computes: the input
+    gradients of the first block's projections (the input needs none), the weight gradients of ``W1`` (never
+    adapted) and of ``W2`` before the last block (adapted in the last block only). The ``D x D`` products
+    (``B A``, ``W_O W_V``, the adapters' gradients) are left out: a few per mille."""
     nN = BATCH * TFN_N
     projection = 2 * nN * D * D
     per_head = 3 * projection + 2 * 2 * BATCH * TFN_N * TFN_N * D
     forward = TFN_L * (TFN_H * per_head + 2 * projection) + projection
-    return 3 * forward - TFN_H * 3 * projection
+    return 3 * forward - (TFN_H * 3 + TFN_L + TFN_L - 1) * projection
 
 
 def matmul_ceiling(device, seconds=1.0) -> float:

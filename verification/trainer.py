@@ -439,7 +439,7 @@ class TFNStack:
 
             # backward: gradients of the effective weights, block- and head-major
             gW = {k: ws[f"g{k}"] for k in _TFN_ATT}                           # (L, H, R, D, D)
-            gW1, gW2, gb1, gb2 = ws["gW1"], ws["gW2"], ws["gb1"], ws["gb2"]   # (L, R, D, D), (R, D, D), (L, R, D)
+            gW2, gb1, gb2 = ws["gW2"], ws["gb1"], ws["gb2"]                   # (R, D, D), (L, R, D) x 2
             gWout = torch.bmm(T(G), Z, out=ws["gWout"])                       # (R, D, D)
             dZ = torch.bmm(G, Wout, out=ws["dZ"])                             # (R, nN, D)
             for l in reversed(range(L)):
@@ -449,7 +449,6 @@ class TFNStack:
                 torch.sum(dZ, dim=1, out=gb2[l])
                 dH = torch.bmm(dZ, W2[l], out=ws["dH"])                       # (R, nN, D)
                 torch.ops.aten.threshold_backward.grad_input(dH, H1, 0, grad_input=dH)  # ReLU' = 1[H1 > 0]
-                torch.bmm(T(dH), A, out=gW1[l])
                 torch.sum(dH, dim=1, out=gb1[l])
                 dA = torch.bmm(dH, W1[l], out=ws["dA"]).view(Rn, N, D)        # dhead of every head
                 for h in range(H):
@@ -507,7 +506,7 @@ class TFNStack:
                   "dZ": new(R, nN, D), "dH": new(R, nN, D), "dA": new(R, nN, D), "dS": new(Rn, N, N),
                   "dV": new(Rn, N, D), "dK": new(Rn, N, D), "dQ": new(Rn, N, D), "gOV": new(R, D, D),
                   "W1": new(L, R, D, D), "W2": new(L, R, D, D), "W1T": new(L, R, D, D), "W2T": new(L, R, D, D),
-                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW1": new(L, R, D, D), "gW2": new(R, D, D),
+                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW2": new(R, D, D),
                   "gb1": new(L, R, D), "gb2": new(L, R, D), "gWout": new(R, D, D)}
             for k in _TFN_ATT:
                 ws[f"BA_{k}"] = new(R, L, H, D, D)
