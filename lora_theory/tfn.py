@@ -163,14 +163,16 @@ def _matched_problems(frozen, target, kappas):
 
 
 def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
-    """The discrepancies Theorem 7's construction matches, ``matched - second factor @ first factor``.
+    """The discrepancies the construction of Zeng & Lee 2024, Theorem 7 (transformers) matches,
+    ``matched - second factor @ first factor``.
 
     Returns ``{(kind, block, head): E}``, each ``E`` a ``(D, D)`` array, ``block`` 0-based, in the
     construction's order: per block and head ``("qk", l, h)``: ``C_{l-1}^T T_K^T T_Q C_{l-1} - W_K^T W_Q``
     and ``("ov", l, h)``: ``W1_l^{-1} T1_l T_O T_V C_{l-1} - W_O W_V``; then ``("out", L-1, None)``:
     ``T_out T2_L - W_out W2_L``. The counterpart of :func:`lora_theory.block_discrepancies` for the TFN:
     ``σ_{2R+1}`` of each is what rank ``R`` leaves on that product (:attr:`TFNFit.matched_errors`), its
-    numeric rank ``G_l`` (the largest in block ``l``) sets the threshold ``ceil(G_l / 2)``.
+    numeric ranks give ``G_l`` (the largest in block ``l``) and the instance's threshold
+    ``max_l ceil(G_l / 2)`` (:func:`tfn_rank_requirement`).
 
     Raises
     ------
