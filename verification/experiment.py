@@ -69,6 +69,8 @@ CALIBRATION_SEED = 3_000_017
 N_VALIDATION, N_TEST, N_CALIBRATION = 256, 5000, 256
 SHIFT = 5.0
 PRETRAIN_LR, PRETRAIN_MAX_STEPS, PRETRAIN_FACTOR = 1e-3, 1000, 1.0 / 3.0
+#: the pretraining above in words (THEORY.md §4), as the summaries record it
+PRETRAINING_PROTOCOL = "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)"
 MAX_HONEST_BLOCK = 4
 MAX_HONEST_ROUNDING = 1e-6
 TAG_TARGET, TAG_FROZEN, TAG_PRETRAIN, TAG_DATA, TAG_INIT = 1, 2, 3, 4, 5
@@ -1013,7 +1015,7 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
             "data": "fresh N(0, I) batches per step from the experiment seed's stream, shared by the grid "
                     "points, ranks and frozen-model kinds of that seed; fixed validation and test sets from "
                     "their own seeds, shared by all runs",
-            "pretraining": "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)",
+            "pretraining": PRETRAINING_PROTOCOL,
             "initialisation": "LoRA B = 0, A ~ N(0, 0.25^2) drawn from a seed of (experiment seed, cell): the "
                               "grid points (learning rate x weight decay) of one cell and seed start from the same A",
         },

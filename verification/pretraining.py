@@ -31,7 +31,8 @@ import numpy as np
 
 import lora_theory
 
-from .experiment import CLIError, Problems, _atomic_write, _Parser, _save_figure, fnn_structure
+from .experiment import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems,
+                         _atomic_write, _Parser, _save_figure, fnn_structure)
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -41,23 +42,33 @@ PROG = "python -m verification.pretraining"
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("fnn", "tfn"), default="fnn", help="fnn (default) or tfn")
-    p.add_argument("--width", type=int, default=16, help="D (default 16)")
+    p.add_argument("--width", type=int, default=None, help="D (default 16)")
     p.add_argument("--depth", type=int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 tfn)")
     p.add_argument("--target-depth", type=int, default=None, help="L̄, fnn only (default max(1, L // 2))")
-    p.add_argument("--heads", type=int, default=2, help="H, tfn only (default 2)")
-    p.add_argument("--seq-len", type=int, default=10, help="N, tokens per pretraining input, tfn only (default 10)")
-    p.add_argument("--seeds", type=int, default=20, help="how many seeds (0..N-1; default 20)")
+    p.add_argument("--heads", type=int, default=None, help="H, tfn only (default 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="N, tokens per pretraining input, tfn only (default 10)")
+    p.add_argument("--seeds", type=int, default=None, help="how many seeds (0..N-1; default 20)")
     p.add_argument("--out", default=None, help="output folder (default results/pretraining-<model>-<time>)")
-    p.add_argument("--quick", action="store_true", help="a small smoke run (D = 4, 3 seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small smoke run: D = 4 and 3 seeds unless --width, --seeds say otherwise")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
     return p
 
 
 def _structure(args) -> tuple:
-    if args.quick:
-        args.width, args.seeds = 4, 3
+    """The sweeps' structure tuple for these arguments (``args.width``, ``.seeds`` ... filled in), validated."""
+    if args.width is None:
+        args.width = 4 if args.quick else 16
+    if args.seeds is None:
+        args.seeds = 3 if args.quick else 20
     if args.model == "tfn" and args.target_depth is not None:
         raise CLIError("--target-depth applies to --model fnn only")
+    if args.model == "fnn":
+        for flag, value in (("--heads", args.heads), ("--seq-len", args.seq_len)):
+            if value is not None:
+                raise CLIError(f"{flag} applies to --model tfn only")
+    args.heads = 2 if args.heads is None else args.heads
+    args.seq_len = 10 if args.seq_len is None else args.seq_len
     L = args.depth if args.depth is not None else (4 if args.model == "fnn" else 2)
     for flag, value in (("--width", args.width), ("--depth", L), ("--seeds", args.seeds),
                         ("--heads", args.heads), ("--seq-len", args.seq_len)):
@@ -123,13 +134,25 @@ def spectra(structure, seeds, problems: Problems, progress=None) -> dict:
     return out
 
 
+def _zero_rounding(s: np.ndarray) -> np.ndarray:
+    """Singular values (seeds, D) with those at rounding level, ``<= D·eps·σ_1`` of their matrix, set to 0."""
+    tol = s.shape[1] * np.finfo(np.float64).eps * s[:, :1]                                # (seeds, 1)
+    return np.where(s > tol, s, 0.0)
+
+
 def summarize(structure, seeds, result, pretrain_info) -> dict:
-    """Medians, quartiles and the paired comparison of :func:`spectra`, with every seed's spectra."""
+    """Medians, quartiles and the paired comparison of :func:`spectra`, with every seed's spectra.
+
+    Per discrepancy and ``k``: ``pretrained_lower`` (seeds where the pretrained ``σ_k`` is lower),
+    ``median_ratio`` (median of pretrained / random over ``ratio_seeds`` seeds: a pair of values both at
+    rounding level, set to 0, has no ratio; a positive value over 0 counts as infinite). ``capped`` lists
+    the seeds whose pretraining stopped at the step limit before reaching its loss target.
+    """
     rows = []
     for name in result["names"]:
-        rand, pre = result["random"][name], result["pretrained"][name]                  # (seeds, D) each
+        rand, pre = (_zero_rounding(result[kind][name]) for kind in ("random", "pretrained"))  # (seeds, D)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = pre / rand
+            ratio = pre / rand                      # 0/0 (both at rounding level): NaN, left out; x/0: inf
         M = result["factors"][name]
         D = rand.shape[1]
         rows.append({
@@ -140,12 +163,15 @@ def summarize(structure, seeds, result, pretrain_info) -> dict:
             "q25_pretrained": np.quantile(pre, 0.25, 0).tolist(),
             "q75_pretrained": np.quantile(pre, 0.75, 0).tolist(),
             "pretrained_lower": (pre < rand).sum(0).tolist(),
-            "median_ratio": [float(np.median(r[np.isfinite(r)])) if np.isfinite(r).any() else None
+            "median_ratio": [float(np.median(r[~np.isnan(r)])) if (~np.isnan(r)).any() else None
                              for r in ratio.T],
+            "ratio_seeds": (~np.isnan(ratio)).sum(0).tolist(),
             "random": rand.tolist(), "pretrained": pre.tolist()})
+    capped = sorted(label for label, info in pretrain_info.items()
+                    if info["steps"] >= PRETRAIN_MAX_STEPS and info["last_loss"] >= PRETRAIN_FACTOR * info["first_loss"])
     return {"tool": "pretraining", "structure": list(structure), "seeds": list(seeds),
-            "pretraining": "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)",
-            "pretrain_info": pretrain_info, "discrepancies": rows,
+            "pretraining": PRETRAINING_PROTOCOL, "pretrain_info": pretrain_info, "capped": capped,
+            "discrepancies": rows,
             "parameter_change": {name: {"median": float(np.median(v)), "q25": float(np.quantile(v, 0.25)),
                                         "q75": float(np.quantile(v, 0.75))}
                                  for name, v in result["change"].items()}}
@@ -177,6 +203,14 @@ def format_table(summary) -> str:
                      + f"   (of {n})")
         lines.append(f"{'':<20}{'median ratio':>18}"
                      + "".join(f"{'-' if v is None else format(v, '.3f'):>8}" for v in row["median_ratio"]))
+    if any(c < n for row in summary["discrepancies"] for c in row["ratio_seeds"]):
+        lines.append("")
+        lines.append("(some ratios are medians over fewer seeds: both singular values at rounding level, see "
+                     "ratio_seeds in summary.json)")
+    if summary["capped"]:
+        lines.append("")
+        lines.append(f"pretraining reached the step limit ({PRETRAIN_MAX_STEPS}) before a third of its first loss "
+                     f"in {len(summary['capped'])} of {n} seeds")
     lines.append("")
     lines.append("relative change of the frozen parameters, ||pretrained - random|| / ||random|| (median "
                  "[q25, q75] over seeds):")
@@ -192,17 +226,16 @@ def make_figure(summary, path: Path):
     rows = summary["discrepancies"]
     cols = min(len(rows), 4)
     nrows = -(-len(rows) // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.7 * nrows))
+    fig = Figure(figsize=(max(3.2 * cols, 6.4), 2.7 * nrows + 0.5))
     colours = {"random": "tab:blue", "pretrained": "tab:orange"}
     for i, row in enumerate(rows):
         ax = fig.add_subplot(nrows, cols, i + 1)
         k = np.arange(1, len(row["median_random"]) + 1)
         for kind in ("random", "pretrained"):
-            floor = 1e-300                                  # exact zeros cannot be drawn on a log scale
-            ax.plot(k, np.maximum(row[f"median_{kind}"], floor), marker="o", ms=2.5, color=colours[kind],
-                    label=kind)
-            ax.fill_between(k, np.maximum(row[f"q25_{kind}"], floor), np.maximum(row[f"q75_{kind}"], floor),
-                            color=colours[kind], alpha=0.2)
+            positive = lambda v: np.where(np.asarray(v) > 0, v, np.nan)  # noqa: E731  (zeros: not drawn on a log scale)
+            ax.plot(k, positive(row[f"median_{kind}"]), marker="o", ms=2.5, color=colours[kind], label=kind)
+            ax.fill_between(k, positive(row[f"q25_{kind}"]), positive(row[f"q75_{kind}"]), color=colours[kind],
+                            alpha=0.2)
         ax.set_yscale("log")
         ax.set_title(row["name"], fontsize=8)
         ax.set_xlabel("k", fontsize=7)
@@ -211,10 +244,37 @@ def make_figure(summary, path: Path):
             ax.set_ylabel("σ_k (median, IQR)", fontsize=7)
         if i == 0:
             ax.legend(fontsize=6)
-    fig.suptitle(f"{_describe(summary['structure'])}, {len(summary['seeds'])} seeds: discrepancy spectra, "
+    fig.suptitle(f"{_describe(summary['structure'])}, {len(summary['seeds'])} seeds:\ndiscrepancy spectra, "
                  "random vs pretrained frozen model", fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def _prepare_out(args, structure, seeds) -> Path:
+    """The output folder, created and checked writable. A folder of an experiment sweep, of another tool, or
+    of this tool with other sizes or seeds is refused (its files would be overwritten); the same settings
+    again reuse the folder and its pretrained models."""
+    out = Path(args.out) if args.out else Path("results") / f"pretraining-{args.model}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "config.json").exists():
+        raise CLIError(f"--out {out}: holds an experiment sweep; use another folder")
+    if (out / "summary.json").exists():
+        try:
+            old = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or old.get("tool") != "pretraining":
+            raise CLIError(f"--out {out}: holds another tool's or experiment's summary.json; use another folder")
+        if old.get("structure") != list(structure) or old.get("seeds") != list(seeds):
+            raise CLIError(f"--out {out}: holds a pretraining summary for {old.get('structure')} with "
+                           f"{len(old.get('seeds') or [])} seeds; use another folder")
+    try:
+        (out / "pretrained").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def main(argv=None) -> int:
@@ -225,32 +285,36 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
     try:
         structure = _structure(args)
-        out = Path(args.out) if args.out else Path("results") / f"pretraining-{args.model}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-        try:
-            (out / "pretrained").mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        seeds = list(range(args.seeds))
+        out = _prepare_out(args, structure, seeds)
     except CLIError as exc:
         print(f"error: {PROG}: {exc}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
-    seeds = list(range(args.seeds))
+    for name in ("summary.json", "figure.png"):                 # no stale result beside a new one
+        (out / name).unlink(missing_ok=True)
     problems = Problems(cache=out / "pretrained")
     print(f"pretraining: {_describe(structure)}, {len(seeds)} seeds (the pretrained models are kept in "
           f"{out / 'pretrained'})", file=sys.stderr)
-    with tqdm(total=len(seeds), desc="pretraining and spectra", unit="seed", file=sys.stderr) as bar:
-        result = spectra(structure, seeds, problems, progress=bar)
+    try:
+        with tqdm(total=len(seeds), desc="pretraining and spectra", unit="seed", file=sys.stderr) as bar:
+            result = spectra(structure, seeds, problems, progress=bar)
+    except KeyboardInterrupt:
+        print(f"interrupted: the pretrained models so far are kept; run the same command with --out {out} "
+              "to go on", file=sys.stderr)
+        return 130
     summary = summarize(structure, seeds, result, problems.pretrain_info)
     print(format_table(summary))
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     written = ["summary.json"]
     if not args.no_figure:
-        make_figure(summary, out / "figure.png")
-        written.append("figure.png")
+        try:
+            make_figure(summary, out / "figure.png")
+            written.append("figure.png")
+        except Exception as exc:  # noqa: BLE001 - the summary is written; the drawing is an extra
+            print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); summary.json is complete",
+                  file=sys.stderr)
     print(f"wrote {out}/{', '.join(written)}", file=sys.stderr)
     return 0
 

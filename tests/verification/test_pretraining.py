@@ -8,6 +8,7 @@ import pytest
 
 import lora_theory
 from verification import TOOLS, pretraining
+from verification import experiment
 from verification.experiment import Problems
 
 
@@ -17,10 +18,8 @@ def _run(tmp_path, argv, name="out"):
     return out, json.loads((out / "summary.json").read_text())
 
 
-def _expected_spectra(structure, seed):
+def _expected_spectra(problems, structure, seed):
     """The SVDs of the matched discrepancies, from the models an experiment sweep of this structure uses."""
-    problems = Problems()
-    problems.prepare(structure, [0, 1, 2])
     target = problems.target(structure, seed)
     out = {}
     for kind in ("random", "pretrained"):
@@ -43,8 +42,10 @@ def test_spectra_are_those_of_the_sweeps_models_and_pair_by_seed(model, structur
     assert (out / "figure.png").stat().st_size > 0 and summary["structure"] == list(structure)
     assert [row["name"] for row in summary["discrepancies"]] == names
     assert summary["seeds"] == [0, 1, 2] and len(summary["pretrain_info"]) == 3
+    problems = Problems()                               # as an experiment sweep builds its models
+    problems.prepare(structure, summary["seeds"])
     for seed in summary["seeds"]:
-        expected = _expected_spectra(structure, seed)
+        expected = _expected_spectra(problems, structure, seed)
         for kind in ("random", "pretrained"):
             for row, s in zip(summary["discrepancies"], expected[kind]):
                 np.testing.assert_allclose(row[kind][seed], s, rtol=1e-12, atol=1e-15)
@@ -62,9 +63,52 @@ def test_spectra_are_those_of_the_sweeps_models_and_pair_by_seed(model, structur
     assert "paired by seed" in printed and names[-1] in printed and "median ratio" in printed
 
 
+def test_a_block_of_three_layers_leaves_every_third_singular_value(tmp_path):
+    """L = 5, L̄ = 2: the uniform partition has a block of 3 layers, where rank R leaves σ_{3R+1}."""
+    _, summary = _run(tmp_path, ["--depth", "5", "--target-depth", "2", "--no-figure"])
+    sizes = lora_theory.uniform_partition(5, 2)
+    assert [row["factors"] for row in summary["discrepancies"]] == list(sizes)
+    for row, M in zip(summary["discrepancies"], sizes):
+        assert row["rank_leaving"] == [(k - 1) // M if (k - 1) % M == 0 else None for k in range(1, 5)]
+    assert [row["rank_leaving"] for row in summary["discrepancies"] if row["factors"] == 3] == [[0, None, None, 1]]
+
+
+def test_ratios_at_rounding_level():
+    """Values at rounding level count as 0: a pair of zeros has no ratio (fewer seeds), a positive value
+    over a zero an infinite one, which the median keeps."""
+    rand = np.array([[1.0, 0.5, 1e-20], [1.0, 0.5, 1e-20], [1.0, 0.5, 0.2]])             # (3 seeds, D = 3)
+    pre = np.array([[1.0, 0.4, 1e-19], [1.0, 0.6, 1e-3], [1.0, 0.4, 0.1]])
+    result = {"names": ["E"], "factors": {"E": 1}, "random": {"E": rand}, "pretrained": {"E": pre},
+              "change": {"W_1": np.array([0.1, 0.2, 0.3])}}
+    info = {f"seed {s}": {"steps": 10, "first_loss": 3.0, "last_loss": 0.9} for s in range(3)}
+    row = pretraining.summarize(("fnn", 3, 1, 1, "relu", True), [0, 1, 2], result, info)["discrepancies"][0]
+    assert row["ratio_seeds"] == [3, 3, 2]                    # seed 0's σ_3: both at rounding level
+    assert row["median_ratio"][2] == pytest.approx(np.median([np.inf, 0.5]))
+    assert row["pretrained_lower"] == [0, 2, 1]
+    assert row["median_ratio"][1] == pytest.approx(0.8)
+
+
+def test_capped_pretraining_is_reported(capsys):
+    rand = np.ones((2, 2))
+    result = {"names": ["E"], "factors": {"E": 2}, "random": {"E": rand}, "pretrained": {"E": rand / 2},
+              "change": {"W_1": np.array([0.1, 0.2])}}
+    info = {"seed 0": {"steps": experiment.PRETRAIN_MAX_STEPS, "first_loss": 3.0, "last_loss": 1.5},
+            "seed 1": {"steps": 12, "first_loss": 3.0, "last_loss": 0.9}}
+    summary = pretraining.summarize(("fnn", 2, 2, 1, "relu", True), [0, 1], result, info)
+    assert summary["capped"] == ["seed 0"]
+    assert "step limit" in pretraining.format_table(summary) and "1 of 2 seeds" in pretraining.format_table(summary)
+
+
+def test_protocol_text_states_the_constants():
+    assert experiment.PRETRAIN_LR == 1e-3 and experiment.PRETRAIN_FACTOR == pytest.approx(1 / 3)
+    assert experiment.PRETRAIN_MAX_STEPS == 1000
+    assert experiment.PRETRAINING_PROTOCOL == ("Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 "
+                                               "(<= 1000 steps)")
+
+
 def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys):
-    out, first = _run(tmp_path, ["--model", "fnn", "--no-figure"])
-    from verification import experiment
+    out, first = _run(tmp_path, ["--model", "fnn"])
+    assert (out / "figure.png").exists()
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the pretrained models were trained again")
@@ -73,7 +117,27 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(experiment, "pretrain_fnns", no_pretraining)
     _, again = _run(tmp_path, ["--model", "fnn", "--no-figure"])
     assert again["discrepancies"] == first["discrepancies"]
-    assert not (out / "figure.png").exists()
+    assert not (out / "figure.png").exists()                 # no stale figure beside the new summary
+
+
+@pytest.mark.parametrize("setup,match", [
+    ("sweep", "experiment sweep"), ("other_tool", "another tool"), ("other_settings", "pretraining summary for"),
+])
+def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    if setup == "sweep":
+        (out / "config.json").write_text(json.dumps({"experiment": "fnn"}))
+    elif setup == "other_tool":
+        (out / "summary.json").write_text(json.dumps({"experiment": "fnn", "rows": []}))
+    else:
+        (out / "summary.json").write_text(json.dumps({"tool": "pretraining", "structure": ["tfn", 4, 2, 2, 10],
+                                                      "seeds": [0, 1, 2]}))
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    assert pretraining.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -83,6 +147,8 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     (["--model", "tfn", "--target-depth", "1"], "--target-depth"),
     (["--model", "cnn"], "--model"),
     (["--heads", "x"], "--heads"),
+    (["--heads", "2"], "--heads"),
+    (["--quick", "--seeds", "0"], "--seeds"),
 ])
 def test_bad_input_exits_with_one_line(argv, match, tmp_path, capsys):
     out = tmp_path / "bad"
