@@ -197,8 +197,8 @@ def format_table(summary) -> str:
         lines.append(f"{row['name']:<20}{'k':>18}" + "".join(f"{k:>8}" for k in range(1, D + 1)))
         lines.append(f"{'':<20}{'rank R leaves σ_k':>18}"
                      + "".join(f"{'' if r is None else r:>8}" for r in row["rank_leaving"]))
-        lines.append(f"{'':<20}{'median random':>18}" + "".join(f"{v:>8.4g}" for v in row["median_random"]))
-        lines.append(f"{'':<20}{'pretrained':>18}" + "".join(f"{v:>8.4g}" for v in row["median_pretrained"]))
+        lines.append(f"{'':<20}{'median random':>18}" + "".join(f"{v:>8.3g}" for v in row["median_random"]))
+        lines.append(f"{'':<20}{'pretrained':>18}" + "".join(f"{v:>8.3g}" for v in row["median_pretrained"]))
         lines.append(f"{'':<20}{'lower in':>18}" + "".join(f"{c:>8}" for c in row["pretrained_lower"])
                      + f"   (of {n})")
         lines.append(f"{'':<20}{'median ratio':>18}"
