@@ -190,14 +190,8 @@ def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     """``G_l`` for every block: the largest numeric rank of its matched discrepancies (Theorem 7).
 
     The matched products (module docstring) depend only on the frozen and target weights, not on the
-    adapters, so this needs no construction. Numeric rank as in :func:`_rank_tol`.
-
-    Raises
-    ------
-    InvalidArgumentError
-        ``target`` of another depth, number of heads or embedding size.
-    SingularMatrixError
-        ``W1_l``, or ``W2_l`` or ``T2_l`` for ``l < L``, singular (named, with ``κ``).
+    adapters, so this needs no construction. Numeric rank as in :func:`_rank_tol`. Raises what
+    :func:`tfn_matched_discrepancies` raises.
     """
     _check_pair(frozen, target)
     ranks = [0] * frozen.depth
