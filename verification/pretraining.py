@@ -1,4 +1,4 @@
-"""How pretraining moves the frozen model: the spectra of the discrepancies the construction matches.
+"""``python -m verification.pretraining``: how pretraining moves the spectra the construction matches.
 
 ``python -m verification.pretraining --model fnn --depth 4 --seeds 100`` (or ``--model tfn``): for seeds
 ``0..N-1`` the random frozen model and the target of the experiments (``python -m verification.fnn`` /
