@@ -1,12 +1,13 @@
 """``python -m verification.pretraining``: how pretraining moves the spectra the construction matches.
 
-``python -m verification.pretraining --model fnn --depth 4 --seeds 100`` (or ``--model tfn``): for seeds
-``0..N-1`` the random frozen model and the target of the experiments (``python -m verification.fnn`` /
-``verification.tfn`` with the same sizes draw the same ones), the pretrained frozen model made from the
-random one (THEORY.md §4: all its weights and biases trained toward the target until the loss is a third of
+``python -m verification.pretraining --model fnn --depth 4 --seeds 100`` (or ``--model linear``,
+``--model tfn``): for seeds ``0..N-1`` the random frozen model and the target of the experiments
+(``python -m verification.fnn``, ``verification.linear``, ``verification.tfn`` with the same sizes draw the
+same ones), the pretrained frozen model made from the random one (THEORY.md §4: all its weights and biases trained toward the target until the loss is a third of
 the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of every discrepancy the construction
 matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3, uniform partition,
-:func:`lora_theory.block_discrepancies`), the TFN's score, value and output discrepancies (Theorem 7,
+:func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose tail
+gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and output discrepancies (Theorem 7,
 :func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the error below it are set
 by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a TFN chain),
 so a frozen model closer to the target helps exactly as far as pretraining lowers them.
@@ -41,9 +42,11 @@ PROG = "python -m verification.pretraining"
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("fnn", "tfn"), default="fnn", help="fnn (default) or tfn")
+    p.add_argument("--model", choices=("fnn", "linear", "tfn"), default="fnn",
+                   help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn")
     p.add_argument("--width", type=int, default=None, help="D (default 16)")
-    p.add_argument("--depth", type=int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 tfn)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)")
     p.add_argument("--target-depth", type=int, default=None, help="L̄, fnn only (default max(1, L // 2))")
     p.add_argument("--heads", type=int, default=None, help="H, tfn only (default 2)")
     p.add_argument("--seq-len", type=int, default=None, help="N, tokens per pretraining input, tfn only (default 10)")
@@ -61,15 +64,17 @@ def _structure(args) -> tuple:
         args.width = 4 if args.quick else 16
     if args.seeds is None:
         args.seeds = 3 if args.quick else 20
-    if args.model == "tfn" and args.target_depth is not None:
+    if args.model != "fnn" and args.target_depth is not None:
         raise CLIError("--target-depth applies to --model fnn only")
-    if args.model == "fnn":
+    if args.model != "tfn":
         for flag, value in (("--heads", args.heads), ("--seq-len", args.seq_len)):
             if value is not None:
                 raise CLIError(f"{flag} applies to --model tfn only")
     args.heads = 2 if args.heads is None else args.heads
     args.seq_len = 10 if args.seq_len is None else args.seq_len
     L = args.depth if args.depth is not None else (4 if args.model == "fnn" else 2)
+    if args.model == "linear":                        # verification.linear's models: one target layer
+        args.target_depth = 1
     for flag, value in (("--width", args.width), ("--depth", L), ("--seeds", args.seeds),
                         ("--heads", args.heads), ("--seq-len", args.seq_len)):
         if value < 1:
@@ -79,7 +84,7 @@ def _structure(args) -> tuple:
     Lbar = args.target_depth if args.target_depth is not None else max(1, L // 2)
     if not 1 <= Lbar <= L:
         raise CLIError(f"--target-depth: need 1 <= L̄ <= L = {L}, got {Lbar}")
-    return fnn_structure(args, L, Lbar)
+    return fnn_structure(args, L, Lbar, activation="linear" if args.model == "linear" else "relu")
 
 
 def _discrepancies(structure, frozen, target) -> dict:
@@ -123,6 +128,8 @@ def spectra(structure, seeds, problems: Problems, progress=None) -> dict:
                     out["factors"][name] = M
             before, after = (_parameters(structure, models[k]) for k in ("random", "pretrained"))
             for name, value in before.items():
+                if not np.any(value) and not np.any(after[name]):
+                    continue                                      # a linear model's zero biases
                 change = np.linalg.norm(np.asarray(after[name]) - value) / np.linalg.norm(value)
                 out["change"].setdefault(name, []).append(float(change))
             if progress is not None:
@@ -179,8 +186,8 @@ def summarize(structure, seeds, result, pretrain_info) -> dict:
 
 def _describe(structure) -> str:
     if structure[0] == "fnn":
-        _, D, L, Lbar, *_ = structure
-        return f"FNN L̄={Lbar}, L={L}, D={D}"
+        _, D, L, Lbar, activation, _ = structure
+        return f"{'linear' if activation == 'linear' else 'FNN'} L̄={Lbar}, L={L}, D={D}"
     _, D, L, H, N = structure
     return f"TFN L={L}, H={H}, D={D}"
 

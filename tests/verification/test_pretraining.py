@@ -34,6 +34,7 @@ def _expected_spectra(problems, structure, seed):
 
 @pytest.mark.parametrize("model,structure,names", [
     ("fnn", ("fnn", 4, 4, 2, "relu", True), ["E_1 (layers 1-2)", "E_2 (layers 3-4)"]),
+    ("linear", ("fnn", 4, 2, 1, "linear", True), ["E_1 (layers 1-2)"]),
     ("tfn", ("tfn", 4, 2, 2, 10), ["qk[0,0]", "ov[0,0]", "qk[0,1]", "ov[0,1]",
                                    "qk[1,0]", "ov[1,0]", "qk[1,1]", "ov[1,1]", "out"]),
 ])
@@ -57,8 +58,9 @@ def test_spectra_are_those_of_the_sweeps_models_and_pair_by_seed(model, structur
         np.testing.assert_allclose(row["median_random"], np.median(rand, 0), rtol=1e-12)
         # rank R leaves σ_{MR+1} (M factors per chain: two here for the FNN's blocks and every TFN chain)
         assert row["factors"] == 2 and row["rank_leaving"] == [0, None, 1, None]
-    # pretraining moved every frozen parameter, and the table says so
+    # pretraining moved every frozen parameter it trains, and the table says so (a linear model has no biases)
     assert all(c["median"] > 0 for c in summary["parameter_change"].values())
+    assert any(name.startswith("b") for name in summary["parameter_change"]) == (structure[4] != "linear")
     printed = capsys.readouterr().out
     assert "paired by seed" in printed and names[-1] in printed and "median ratio" in printed
 
@@ -145,6 +147,8 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
     (["--seeds", "0"], "--seeds"),
     (["--width", "0"], "--width"),
     (["--model", "tfn", "--target-depth", "1"], "--target-depth"),
+    (["--model", "linear", "--target-depth", "1"], "--target-depth"),
+    (["--model", "linear", "--heads", "2"], "--heads"),
     (["--model", "cnn"], "--model"),
     (["--heads", "x"], "--heads"),
     (["--heads", "2"], "--heads"),
