@@ -376,12 +376,15 @@ class TFNStack:
 
         The numbers autograd computes through :func:`tfn_apply` (tested), in the same token-row layout
         (``Z`` (R, n·N, D), one row per token), with every activation and gradient in buffers kept between
-        steps and the loss's gradient formed in place. Per block and head, with ``S = softmax_i(k_i · q_j)``
-        (keys ``i`` down the rows) and ``head = S^T V``:
-        ``dS = V dhead^T``, ``dV = S dhead``, ``dS_raw = S ⊙ (dS - Σ_i S ⊙ dS)``, ``dK = dS_raw Q``,
-        ``dQ = dS_raw^T K``; the projections' weight gradients are ``dK^T Z`` etc. and ``W_O W_V`` splits
-        its gradient ``gOV`` into ``gOV W_V^T`` and ``W_O^T gOV``; an adapter's ``W = W0 + B A`` gets
-        ``B^T gW`` and ``gW A^T``. Sets ``p.grad`` for every trainable parameter (a ``p.grad`` already set,
+        steps and the loss's gradient formed in place. Per block and head the scores are formed as the
+        bilinear form they are, ``S_raw = Z G Z^T`` per sequence with ``G = W_K^T W_Q`` (``k_i · q_j =
+        z_i^T G z_j``: one projection ``P = Z G`` instead of two, and one weight gradient), then
+        ``S = softmax_i(S_raw)`` (keys ``i`` down the rows) and ``head = S^T V``, ``V = Z (W_O W_V)^T``.
+        Backward: ``dS = V dhead^T``, ``dV = S dhead``, ``dS_raw = S ⊙ (dS - Σ_i S ⊙ dS)``,
+        ``dP = dS_raw Z``, ``gG = Z^T dP`` (summed over sequences), split into ``W_K gG`` for ``W_Q`` and
+        ``W_Q gG^T`` for ``W_K``; the block input gets ``dP G^T + dS_raw^T P + dV W_O W_V``; ``W_O W_V``
+        splits its gradient ``gOV`` into ``gOV W_V^T`` and ``W_O^T gOV``; an adapter's ``W = W0 + B A``
+        gets ``B^T gW`` and ``gW A^T``. Sets ``p.grad`` for every trainable parameter (a ``p.grad`` already set,
         e.g. to :attr:`StackedAdam.grads`, is overwritten in place) and returns the per-run losses (R,).
         """
         if self.method != "lora":
@@ -404,7 +407,8 @@ class TFNStack:
             Wout = torch.baddbmm(self.frozen["w_out"], p["B_w_out"], p["A_w_out"], out=ws["Wout"])  # (R, D, D)
             W1 = ws["W1"].copy_(self.frozen["w1"].transpose(0, 1))            # (L, R, D, D)
             OV = torch.matmul(eff["wo"], eff["wv"], out=ws["OV"])             # (L, H, R, D, D) = W_O W_V
-            WkT, WqT, OVT = (ws[f"{k}T"].copy_(T(w)) for k, w in (("Wk", eff["wk"]), ("Wq", eff["wq"]), ("OV", OV)))
+            KQ = torch.matmul(T(eff["wk"]), eff["wq"], out=ws["KQ"])         # (L, H, R, D, D) = W_K^T W_Q
+            OVT = ws["OVT"].copy_(T(OV))
             W1T, W2T = ws["W1T"].copy_(T(W1)), ws["W2T"].copy_(T(W2))
             b1 = (p["b1"] if "b1" in p else self.frozen["b1"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
             b2 = (p["b2"] if "b2" in p else self.frozen["b2"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
@@ -413,17 +417,19 @@ class TFNStack:
             if X.shape[0] == 1 or X.stride(0) == 0:                           # one input batch for every run:
                 X = X[:1]
                 ws["X1"].view(1, n, N, D).copy_(T(X))                         # (1, nN, D), tokens as rows,
-                Z = ws["Z"][0] = ws["X1"].expand(R, nN, D)                    # read by every run, no copy
+                Z = ws["Z"][0] = ws["X1"].expand(R, nN, D)                    # read by every run, no copy,
+                Zs = [ws["XR"].copy_(Z)]                                      # but copied for the scores
             else:
                 ws["XR"].view(R, n, N, D).copy_(T(X))
                 Z = ws["Z"][0] = ws["XR"]                                     # (R, nN, D) tokens as rows
+                Zs = [Z]
+            Zs += ws["Z"][1:]                                                 # block inputs, per-run storage
             for l in range(L):
                 A = ws["A"][l]                                                # (R, nN, D) sum of the heads
                 for h in range(H):
-                    K = torch.bmm(Z, WkT[l, h], out=ws["K"][l][h]).view(Rn, N, D)  # rows k_i = W_K z_i
-                    Q = torch.bmm(Z, WqT[l, h], out=ws["Q"][l][h]).view(Rn, N, D)  # rows q_j = W_Q z_j
+                    P = torch.bmm(Z, KQ[l, h], out=ws["P"][l][h]).view(Rn, N, D)  # rows W_Q^T W_K z_i
                     V = torch.bmm(Z, OVT[l, h], out=ws["V"][l][h]).view(Rn, N, D)  # rows W_O W_V z_i
-                    S_raw = torch.bmm(K, T(Q), out=ws["S_raw"])               # (Rn, N, N) k_i . q_j
+                    S_raw = torch.bmm(P, T(Zs[l].view(Rn, N, D)), out=ws["S_raw"])  # (Rn, N, N) k_i . q_j
                     S = torch.ops.aten._softmax.out(S_raw, -2, False, out=ws["S"][l][h])  # over keys i
                     if h == 0:
                         torch.bmm(T(S), V, out=A.view(Rn, N, D))              # (Rn, N, D) head_j = sum_i S_ij v_i
@@ -452,25 +458,25 @@ class TFNStack:
                 torch.sum(dH, dim=1, out=gb1[l])
                 dA = torch.bmm(dH, W1[l], out=ws["dA"]).view(Rn, N, D)        # dhead of every head
                 for h in range(H):
-                    K, Q, V = (ws[k][l][h].view(Rn, N, D) for k in ("K", "Q", "V"))
+                    P, V = (ws[k][l][h].view(Rn, N, D) for k in ("P", "V"))
                     S = ws["S"][l][h]                                         # (Rn, N, N)
                     dS = torch.bmm(V, T(dA), out=ws["dS"])                    # (Rn, N, N)
                     dV = torch.bmm(S, dA, out=ws["dV"])                       # (Rn, N, D)
                     dS_raw = torch.ops.aten._softmax_backward_data.out(dS, S, -2, S.dtype, grad_input=ws["S_raw"])
-                    dK = torch.bmm(dS_raw, Q, out=ws["dK"]).view(R, nN, D)
-                    dQ = torch.bmm(T(dS_raw), K, out=ws["dQ"]).view(R, nN, D)
+                    dP = torch.bmm(dS_raw, Zs[l].view(Rn, N, D), out=ws["dP"]).view(R, nN, D)
                     dV = dV.view(R, nN, D)
-                    torch.bmm(T(dK), Z_in, out=gW["wk"][l, h])
-                    torch.bmm(T(dQ), Z_in, out=gW["wq"][l, h])
+                    gKQ = torch.bmm(T(Z_in), dP, out=ws["gKQ"])               # (R, D, D) gradient of W_K^T W_Q
+                    torch.bmm(eff["wk"][l, h], gKQ, out=gW["wq"][l, h])       # W_K gKQ
+                    torch.bmm(eff["wq"][l, h], T(gKQ), out=gW["wk"][l, h])    # W_Q gKQ^T
                     gOV = torch.bmm(T(dV), Z_in, out=ws["gOV"])               # (R, D, D)
                     torch.bmm(gOV, T(eff["wv"][l, h]), out=gW["wo"][l, h])
                     torch.bmm(T(eff["wo"][l, h]), gOV, out=gW["wv"][l, h])
                     if l > 0:                                                 # dZ of the block's input
                         if h == 0:
-                            torch.bmm(dK, eff["wk"][l, h], out=ws["dZ"])
+                            torch.bmm(dP, T(KQ[l, h]), out=ws["dZ"])         # through P = Z W_K^T W_Q
                         else:
-                            ws["dZ"].baddbmm_(dK, eff["wk"][l, h])
-                        ws["dZ"].baddbmm_(dQ, eff["wq"][l, h])
+                            ws["dZ"].baddbmm_(dP, T(KQ[l, h]))
+                        ws["dZ"].view(Rn, N, D).baddbmm_(T(dS_raw), P)        # through the keys' side, Z^T
                         ws["dZ"].baddbmm_(dV, OV[l, h])
                 dZ = ws["dZ"]
 
@@ -501,10 +507,11 @@ class TFNStack:
             per_lh = lambda *shape: [[new(*shape) for _ in range(H)] for _ in range(L)]  # noqa: E731
             ws = {"Z": [None] + [new(R, nN, D) for _ in range(L)], "X1": new(1, nN, D), "XR": new(R, nN, D),
                   "A": [new(R, nN, D) for _ in range(L)],
-                  "H1": [new(R, nN, D) for _ in range(L)], "K": per_lh(R, nN, D), "Q": per_lh(R, nN, D),
+                  "H1": [new(R, nN, D) for _ in range(L)], "P": per_lh(R, nN, D),
                   "V": per_lh(R, nN, D), "S": per_lh(Rn, N, N), "S_raw": new(Rn, N, N), "G": new(R, nN, D),
                   "dZ": new(R, nN, D), "dH": new(R, nN, D), "dA": new(R, nN, D), "dS": new(Rn, N, N),
-                  "dV": new(Rn, N, D), "dK": new(Rn, N, D), "dQ": new(Rn, N, D), "gOV": new(R, D, D),
+                  "dV": new(Rn, N, D), "dP": new(Rn, N, D), "gOV": new(R, D, D), "gKQ": new(R, D, D),
+                  "KQ": new(L, H, R, D, D), "OVT": new(L, H, R, D, D),
                   "W1": new(L, R, D, D), "W2": new(L, R, D, D), "W1T": new(L, R, D, D), "W2T": new(L, R, D, D),
                   "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW2": new(R, D, D),
                   "gb1": new(L, R, D), "gb2": new(L, R, D), "gWout": new(R, D, D)}
@@ -512,8 +519,6 @@ class TFNStack:
                 ws[f"BA_{k}"] = new(R, L, H, D, D)
                 ws[f"W_{k}"] = new(L, H, R, D, D)
                 ws[f"g{k}"] = new(L, H, R, D, D)
-            for k in ("Wk", "Wq", "OV"):
-                ws[f"{k}T"] = new(L, H, R, D, D)
             self._ws, self._ws_key = ws, key
         return self._ws
 
