@@ -20,6 +20,7 @@ exactly zero and ``rank(B A) <= r``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -623,6 +624,27 @@ class TrainResult:
     params: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def subnormals_flushed(enabled: bool = True):
+    """Flush subnormal floats to zero on this thread's CPU for the duration (restored after).
+
+    The TFN's attention scores run to the hundreds, so most of the softmax's probabilities underflow
+    toward zero through the subnormal range (below 1.2e-38 in float32, 2.2e-308 in float64), where x86
+    arithmetic is many times slower: flushing them made the TFN training step about 1.09x faster (median
+    of paired rounds on the 2-core CPU) with bitwise-equal losses and gradients in that test. A flushed value
+    changes by less than the smallest normal number, far below the rounding of every output. Applies to the
+    calling thread (each CPU stack trains in its own thread with one intra-op thread); a thread that already
+    flushes them is left so.
+    """
+    already = bool(torch.tensor([5e-324], dtype=torch.float64)[0] == 0)   # a subnormal reads as 0 when flushed
+    changed = enabled and not already and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
 def train_stack(stack, target, *, data_index, target_index, target_data_index, data_seeds, lr, weight_decay,
                 iterations, batch_size=256, input_shape=None, select="final", validate_every=100,
                 val_inputs=None, val_targets=None, curve_points=20, progress: Callable[[int], None] | None = None,
@@ -691,38 +713,39 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
 
     last_loss = None
     pending = 0
-    for step in range(1, iterations + 1):
-        if stop is not None and stop.is_set():
-            raise TrainingStopped(f"stopped before step {step} of {iterations}")
-        xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
-        with torch.no_grad():
-            if single_target:
-                y = target.forward(xs[target_data_index])                   # (1, n, *shape), broadcast
+    with subnormals_flushed(torch.device(device).type == "cpu"):
+        for step in range(1, iterations + 1):
+            if stop is not None and stop.is_set():
+                raise TrainingStopped(f"stopped before step {step} of {iterations}")
+            xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
+            with torch.no_grad():
+                if single_target:
+                    y = target.forward(xs[target_data_index])                   # (1, n, *shape), broadcast
+                else:
+                    y = target.forward(xs[target_data_index])[target_index]    # (R, n, *shape)
+            if single_seed:
+                x = xs.expand(R, *xs.shape[1:])                                 # (R, n, *shape), no copy
             else:
-                y = target.forward(xs[target_data_index])[target_index]    # (R, n, *shape)
-        if single_seed:
-            x = xs.expand(R, *xs.shape[1:])                                 # (R, n, *shape), no copy
-        else:
-            x = xs[data_index]                                              # (R, n, *shape)
-        if manual:
-            for k, p in stack.params.items():
-                p.grad = opt.grads[k]                                       # written in place, no gather
-            per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
-        else:
-            pred = stack.forward(x)
-            per_run = ((pred - y) ** 2).mean(dim=reduce_dims)               # (R,)
-            per_run.sum().backward()
-        opt.step()
-        if step in checkpoints:
-            last_loss = per_run.detach().double().cpu().numpy()
-            curve.append(last_loss)
-            curve_steps.append(step)
-        if select == "best" and (step % validate_every == 0 or step == iterations):
-            validate(step)
-        pending += 1
-        if progress is not None and (pending >= 50 or step == iterations):
-            progress(pending)
-            pending = 0
+                x = xs[data_index]                                              # (R, n, *shape)
+            if manual:
+                for k, p in stack.params.items():
+                    p.grad = opt.grads[k]                                       # written in place, no gather
+                per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
+            else:
+                pred = stack.forward(x)
+                per_run = ((pred - y) ** 2).mean(dim=reduce_dims)               # (R,)
+                per_run.sum().backward()
+            opt.step()
+            if step in checkpoints:
+                last_loss = per_run.detach().double().cpu().numpy()
+                curve.append(last_loss)
+                curve_steps.append(step)
+            if select == "best" and (step % validate_every == 0 or step == iterations):
+                validate(step)
+            pending += 1
+            if progress is not None and (pending >= 50 or step == iterations):
+                progress(pending)
+                pending = 0
     result = TrainResult(final_train_loss=last_loss, curve_steps=curve_steps, curve=np.array(curve))
     if select == "best":
         with torch.no_grad():

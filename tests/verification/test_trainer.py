@@ -8,7 +8,8 @@ from torch.func import functional_call
 import lora_theory
 from lora_theory.numerics import relative_error
 from verification.models import TorchFNN, TorchTFN
-from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A, train_stack)
+from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A, subnormals_flushed,
+                                  train_stack)
 
 D, L, LBAR, BATCH, STEPS = 6, 3, 1, 32, 200
 
@@ -314,3 +315,47 @@ def test_train_stack_stops_when_its_stop_event_is_set():
                     lr=np.full(2, 1e-3), weight_decay=np.zeros(2), iterations=1000, batch_size=BATCH,
                     progress=progress, stop=stop)
     assert steps == [50]
+
+
+def _flushing() -> bool:
+    return bool(torch.tensor([5e-324], dtype=torch.float64)[0] == 0)    # a subnormal reads as 0 when flushed
+
+
+def test_subnormals_are_flushed_while_training_and_the_mode_restored_after():
+    assert not _flushing()
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    with subnormals_flushed():
+        assert _flushing()
+    assert not _flushing()
+    with subnormals_flushed(enabled=False):
+        assert not _flushing()
+    torch.set_flush_denormal(True)                     # a thread that already flushes them is left so
+    try:
+        with subnormals_flushed():
+            assert _flushing()
+        assert _flushing()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_flushing_subnormals_leaves_the_tfn_step_at_float32_rounding():
+    """Large attention scores send softmax probabilities through the subnormal range; flushing them to zero
+    changes the float32 losses and gradients by no more than rounding."""
+    frozen = [lora_theory.random_tfn(8, 2, 2, seed=s) for s in range(3)]
+    params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
+    stack = TFNStack(params, ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[0, 1, 2])
+    gen = torch.Generator().manual_seed(3)
+    for k, p in stack.params.items():                  # adapters away from B = 0, so every gradient is live
+        p.data.add_(0.1 * torch.randn(p.shape, generator=gen) * stack.masks[k])
+    x = 3.0 * torch.randn(1, 64, 8, 5, generator=gen)                                   # (1, n, D, N)
+    y = torch.randn(3, 64, 8, 5, generator=gen)
+    plain = stack.loss_and_grads(x, y).clone()
+    S = torch.cat([s.flatten() for row in stack._ws["S"] for s in row])                 # every softmax output
+    assert ((S > 0) & (S < torch.finfo(torch.float32).tiny)).any()                     # subnormals occur
+    grads = {k: p.grad.clone() for k, p in stack.params.items()}
+    with subnormals_flushed():
+        flushed = stack.loss_and_grads(x, y).clone()
+    assert relative_error(flushed.numpy(), plain.numpy()) <= 1e-6
+    for k, p in stack.params.items():
+        assert relative_error(p.grad.numpy(), grads[k].numpy()) <= 1e-5, k
