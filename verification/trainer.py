@@ -414,23 +414,16 @@ class TFNStack:
             b1 = (p["b1"] if "b1" in p else self.frozen["b1"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
             b2 = (p["b2"] if "b2" in p else self.frozen["b2"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
 
-            # forward, keeping what the backward reads
-            if X.shape[0] == 1 or X.stride(0) == 0:                           # one input batch for every run:
-                X = X[:1]
-                ws["X1"].view(1, n, N, D).copy_(T(X))                         # (1, nN, D), tokens as rows,
-                Z = ws["Z"][0] = ws["X1"].expand(R, nN, D)                    # read by every run, no copy,
-                Zs = [ws["XR"].copy_(Z)]                                      # but copied for the scores
-            else:
-                ws["XR"].view(R, n, N, D).copy_(T(X))
-                Z = ws["Z"][0] = ws["XR"]                                     # (R, nN, D) tokens as rows
-                Zs = [Z]
-            Zs += ws["Z"][1:]                                                 # block inputs, per-run storage
+            # forward, keeping what the backward reads; every block input per run (the scores read each
+            # run's sequences), one shared input batch (R or 1 leading, or stride 0) broadcast by the copy
+            Z = ws["Z"][0]
+            Z.view(R, n, N, D).copy_(T(X))                                    # (R, nN, D) tokens as rows
             for l in range(L):
                 A = ws["A"][l]                                                # (R, nN, D) sum of the heads
                 for h in range(H):
                     P = torch.bmm(Z, KQ[l, h], out=ws["P"][l][h]).view(Rn, N, D)  # rows W_Q^T W_K z_i
                     V = torch.bmm(Z, OVT[l, h], out=ws["V"][l][h]).view(Rn, N, D)  # rows W_O W_V z_i
-                    S_raw = torch.bmm(P, T(Zs[l].view(Rn, N, D)), out=ws["S_raw"])  # (Rn, N, N) k_i . q_j
+                    S_raw = torch.bmm(P, T(Z.view(Rn, N, D)), out=ws["S_raw"])  # (Rn, N, N) k_i . q_j
                     S = torch.ops.aten._softmax.out(S_raw, -2, False, out=ws["S"][l][h])  # over keys i
                     if h == 0:
                         torch.bmm(T(S), V, out=A.view(Rn, N, D))              # (Rn, N, D) head_j = sum_i S_ij v_i
@@ -464,7 +457,7 @@ class TFNStack:
                     dS = torch.bmm(V, T(dA), out=ws["dS"])                    # (Rn, N, N)
                     dV = torch.bmm(S, dA, out=ws["dV"])                       # (Rn, N, D)
                     dS_raw = torch.ops.aten._softmax_backward_data.out(dS, S, -2, S.dtype, grad_input=ws["S_raw"])
-                    dP = torch.bmm(dS_raw, Zs[l].view(Rn, N, D), out=ws["dP"]).view(R, nN, D)
+                    dP = torch.bmm(dS_raw, Z_in.view(Rn, N, D), out=ws["dP"]).view(R, nN, D)
                     dV = dV.view(R, nN, D)
                     gKQ = torch.bmm(T(Z_in), dP, out=ws["gKQ"])               # (R, D, D) gradient of W_K^T W_Q
                     torch.bmm(eff["wk"][l, h], gKQ, out=gW["wq"][l, h])       # W_K gKQ
@@ -502,11 +495,11 @@ class TFNStack:
         steps (a step allocates no large tensor)."""
         key = (n, N, dtype, device)
         if getattr(self, "_ws_key", None) != key:
-            R, L, H, D, r = self.R, self.L, self.H, self.D, self.rmax
+            R, L, H, D = self.R, self.L, self.H, self.D
             nN, Rn = n * N, R * n
             new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
             per_lh = lambda *shape: [[new(*shape) for _ in range(H)] for _ in range(L)]  # noqa: E731
-            ws = {"Z": [None] + [new(R, nN, D) for _ in range(L)], "X1": new(1, nN, D), "XR": new(R, nN, D),
+            ws = {"Z": [new(R, nN, D) for _ in range(L + 1)],
                   "A": [new(R, nN, D) for _ in range(L)],
                   "H1": [new(R, nN, D) for _ in range(L)], "P": per_lh(R, nN, D),
                   "V": per_lh(R, nN, D), "S": per_lh(Rn, N, N), "S_raw": new(Rn, N, N), "G": new(R, nN, D),
