@@ -1384,14 +1384,13 @@ def _saved_settings(spec, saved: dict) -> dict | None:
         return None
 
 
-def _prepare_out(spec, args, settings: dict):
-    """The output folder of a new sweep, created and checked writable (called once the input is valid).
+def default_out(name: str) -> Path:
+    """``results/<name>-<time>``: the output folder when ``--out`` is not given."""
+    return Path("results") / f"{name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
-    A folder that already holds this experiment is reused only for the same settings (the sweep goes on
-    where it stopped, as with ``--resume``). With other settings it is refused if it holds any run, so
-    that runs of two sweeps are never mixed; a folder with no run is started afresh.
-    """
-    out = Path(args.out) if args.out else Path("results") / f"{spec.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+def writable_folder(out: Path) -> None:
+    """Create ``out`` (the ``--out`` folder) and check that a file can be written there (CLIError if not)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -1399,6 +1398,17 @@ def _prepare_out(spec, args, settings: dict):
         probe.unlink()
     except OSError as exc:
         raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _prepare_out(spec, args, settings: dict):
+    """The output folder of a new sweep, created and checked writable (called once the input is valid).
+
+    A folder that already holds this experiment is reused only for the same settings (the sweep goes on
+    where it stopped, as with ``--resume``). With other settings it is refused if it holds any run, so
+    that runs of two sweeps are never mixed; a folder with no run is started afresh.
+    """
+    out = Path(args.out) if args.out else default_out(spec.name)
+    writable_folder(out)
     if (out / "config.json").exists():
         saved = _read_config(spec, out, "--out")
         old = _saved_settings(spec, saved)

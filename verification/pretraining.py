@@ -22,7 +22,6 @@ reads them back).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
 import warnings
@@ -33,7 +32,7 @@ import numpy as np
 import lora_theory
 
 from .experiment import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems,
-                         _atomic_write, _Parser, _save_figure, fnn_structure)
+                         _atomic_write, _Parser, _save_figure, default_out, fnn_structure, writable_folder)
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -261,7 +260,7 @@ def _prepare_out(args, structure, seeds) -> Path:
     """The output folder, created and checked writable. A folder of an experiment sweep, of another tool, or
     of this tool with other sizes or seeds is refused (its files would be overwritten); the same settings
     again reuse the folder and its pretrained models."""
-    out = Path(args.out) if args.out else Path("results") / f"pretraining-{args.model}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.out) if args.out else default_out(f"pretraining-{args.model}")
     if (out / "config.json").exists():
         raise CLIError(f"--out {out}: holds an experiment sweep; use another folder")
     if (out / "summary.json").exists():
@@ -274,13 +273,8 @@ def _prepare_out(args, structure, seeds) -> Path:
         if old.get("structure") != list(structure) or old.get("seeds") != list(seeds):
             raise CLIError(f"--out {out}: holds a pretraining summary for {old.get('structure')} with "
                            f"{len(old.get('seeds') or [])} seeds; use another folder")
-    try:
-        (out / "pretrained").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    writable_folder(out)
+    (out / "pretrained").mkdir(exist_ok=True)                  # the cache of pretrained models
     return out
 
 
