@@ -13,9 +13,9 @@ For each model it reports run-steps per second of
 the ratio, and the fraction of the arithmetic ceiling: FLOPs per run-step over the float32 matmul rate
 measured here on one large square product with the same threads. The FLOPs are those of the baseline's step
 for both (so the two fractions compare rates of the same work); the TFN's batched step reaches the same
-result with a fifth fewer products, and a second row gives its fraction counting only those. Every rate is measured ``--repeat``
-times (default 3), interleaved, and reported as the median: on a shared machine single measurements of the
-same code vary by a factor of up to 2.
+result with a fifth fewer products, and a second row gives its fraction counting only those. Every rate is
+measured ``--repeat`` times (default 3), interleaved, and reported as the median: on a shared machine single
+measurements of the same code vary by a factor of up to 2.
 """
 
 from __future__ import annotations
@@ -219,16 +219,15 @@ def measure(device, args) -> dict:
         torch.set_num_threads(cores)
     out = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers, "repeat": args.repeat,
            "matmul_gflops": med["ceiling_loop"] / 1e9, "samples": samples}
+    batched_ceiling = med["ceiling_batched"] * (workers if device.type == "cpu" else 1)   # all stacks at once
     for name, make, flops, R, steps in models:
         loop, fast = med[f"{name}_baseline"], med[f"{name}_batched"]
         out[name] = {"runs_per_stack": R, "baseline_run_steps_per_s": loop, "batched_run_steps_per_s": fast,
                      "ratio": fast / loop, "flops_per_run_step": flops,
                      "baseline_fraction_of_ceiling": loop * flops / med["ceiling_loop"],
-                     "batched_fraction_of_ceiling":
-                         fast * flops / (med["ceiling_batched"] * (workers if device.type == "cpu" else 1)),
+                     "batched_fraction_of_ceiling": fast * flops / batched_ceiling,
                      "batched_flops_run": runs_flops[name],
-                     "batched_fraction_of_ceiling_run":
-                         fast * runs_flops[name] / (med["ceiling_batched"] * (workers if device.type == "cpu" else 1))}
+                     "batched_fraction_of_ceiling_run": fast * runs_flops[name] / batched_ceiling}
     fnn_rate, tfn_rate = out["fnn"]["batched_run_steps_per_s"], out["tfn"]["batched_run_steps_per_s"]
     out["fnn_depth4_default_minutes"] = 1920 * 5000 / fnn_rate / 60
     out["paper_grid_hours"] = ((GRID_RUNS - GRID_TFN_RUNS) * GRID_STEPS / fnn_rate
