@@ -617,6 +617,11 @@ class TrainResult:
     params: dict = field(default_factory=dict)
 
 
+def subnormals_are_flushed() -> bool:
+    """Whether this thread's CPU flushes subnormal floats to zero (a subnormal then reads as 0)."""
+    return bool(torch.tensor([5e-324], dtype=torch.float64)[0] == 0)
+
+
 @contextlib.contextmanager
 def subnormals_flushed(enabled: bool = True):
     """Flush subnormal floats to zero on this thread's CPU for the duration (restored after).
@@ -629,8 +634,7 @@ def subnormals_flushed(enabled: bool = True):
     calling thread (each CPU stack trains in its own thread with one intra-op thread); a thread that already
     flushes them is left so.
     """
-    already = bool(torch.tensor([5e-324], dtype=torch.float64)[0] == 0)   # a subnormal reads as 0 when flushed
-    changed = enabled and not already and torch.set_flush_denormal(True)
+    changed = enabled and not subnormals_are_flushed() and torch.set_flush_denormal(True)
     try:
         yield
     finally:

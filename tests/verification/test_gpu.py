@@ -33,7 +33,7 @@ def _train(device, family, shared=False):
         tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64,
                           device=device)
         shape = (4, 3)
-    # two data seeds: every run its own batch; one: the batch read by every run without a copy (stride 0)
+    # two data seeds: every run its own batch; one: a batch shared by every run (passed with stride 0)
     data = dict(data_index=[0, 0, 0], data_seeds=[5]) if shared else dict(data_index=[0, 1, 0], data_seeds=[5, 6])
     train_stack(stack, tstack, target_index=[0, 0, 0], target_data_index=[0], lr=[1e-2, 1e-3, 3e-3],
                 weight_decay=[0, 1e-3, 1e-2], iterations=50, batch_size=32, input_shape=shape, **data)

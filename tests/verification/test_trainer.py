@@ -8,8 +8,8 @@ from torch.func import functional_call
 import lora_theory
 from lora_theory.numerics import relative_error
 from verification.models import TorchFNN, TorchTFN
-from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A, subnormals_flushed,
-                                  train_stack)
+from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A,
+                                  subnormals_are_flushed, subnormals_flushed, train_stack)
 
 D, L, LBAR, BATCH, STEPS = 6, 3, 1, 32, 200
 
@@ -22,6 +22,11 @@ def _fnn_problem(R, seed=0):
 
 def _stack_arrays(models):
     return np.stack([np.stack(m.weights) for m in models]), np.stack([np.stack(m.biases) for m in models])
+
+
+def _stack_tfn(models) -> dict:
+    """The TFNs' parameters under their names, stacked along a leading run dimension (TFNStack's input)."""
+    return {k: np.stack([m.parameters()[k] for m in models]) for k in models[0].parameters()}
 
 
 def _reference_fnn_lora(frozen, target, ranks, tune_bias, lr, wd, data_seed, init_seed, steps):
@@ -130,7 +135,7 @@ def test_tfn_stack_equals_loop():
     tune_bias = np.array([True, False])
     effective = {}
     for backward in ("manual", "autograd"):
-        stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+        stack = TFNStack(_stack_tfn(frozen),
                          ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
         tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64)
         train_stack(stack, tstack, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[4],
@@ -204,7 +209,7 @@ def test_tfn_manual_backward_equals_autograd(blocks, heads, inputs):
     target batch or one per run."""
     R, Dt, N, n = 3, 5, 4, 6
     frozen = [lora_theory.random_tfn(Dt, blocks, heads, seed=60 + i) for i in range(R)]
-    stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+    stack = TFNStack(_stack_tfn(frozen),
                      ranks=[1, 3, 5], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64)
     g = torch.Generator().manual_seed(blocks * 10 + heads)
     with torch.no_grad():
@@ -317,24 +322,20 @@ def test_train_stack_stops_when_its_stop_event_is_set():
     assert steps == [50]
 
 
-def _flushing() -> bool:
-    return bool(torch.tensor([5e-324], dtype=torch.float64)[0] == 0)    # a subnormal reads as 0 when flushed
-
-
 def test_subnormals_are_flushed_while_training_and_the_mode_restored_after():
-    assert not _flushing()
+    assert not subnormals_are_flushed()
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
     with subnormals_flushed():
-        assert _flushing()
-    assert not _flushing()
+        assert subnormals_are_flushed()
+    assert not subnormals_are_flushed()
     with subnormals_flushed(enabled=False):
-        assert not _flushing()
+        assert not subnormals_are_flushed()
     torch.set_flush_denormal(True)                     # a thread that already flushes them is left so
     try:
         with subnormals_flushed():
-            assert _flushing()
-        assert _flushing()
+            assert subnormals_are_flushed()
+        assert subnormals_are_flushed()
     finally:
         torch.set_flush_denormal(False)
 
@@ -343,8 +344,7 @@ def test_flushing_subnormals_leaves_the_tfn_step_at_float32_rounding():
     """Large attention scores send softmax probabilities through the subnormal range; flushing them to zero
     changes the float32 losses and gradients by no more than rounding."""
     frozen = [lora_theory.random_tfn(8, 2, 2, seed=s) for s in range(3)]
-    params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
-    stack = TFNStack(params, ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[0, 1, 2])
+    stack = TFNStack(_stack_tfn(frozen), ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[0, 1, 2])
     gen = torch.Generator().manual_seed(3)
     for k, p in stack.params.items():                  # adapters away from B = 0, so every gradient is live
         p.data.add_(0.1 * torch.randn(p.shape, generator=gen) * stack.masks[k])
@@ -366,7 +366,7 @@ def test_tfn_manual_backward_in_float32_is_as_accurate_as_autograd():
     in float32, against the float64 gradients, its error is of autograd's own float32 size."""
     R, D, N, n = 3, 16, 10, 32
     frozen = [lora_theory.random_tfn(D, 2, 2, seed=80 + i) for i in range(R)]
-    arrays = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
+    arrays = _stack_tfn(frozen)
     g = torch.Generator().manual_seed(8)
     adapters_B = None
     grads = {}
