@@ -122,6 +122,13 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     assert not (out / "figure.png").exists()                 # no stale figure beside the new summary
 
 
+def _refused(argv, match, capsys):
+    """The command exits with status 2 and one line on stderr that names ``match``."""
+    assert pretraining.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
 @pytest.mark.parametrize("setup,match", [
     ("sweep", "experiment sweep"), ("other_tool", "another tool"), ("other_settings", "pretraining summary for"),
 ])
@@ -136,9 +143,7 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
         (out / "summary.json").write_text(json.dumps({"tool": "pretraining", "structure": ["tfn", 4, 2, 2, 10],
                                                       "seeds": [0, 1, 2]}))
     before = {p.name: p.read_text() for p in out.iterdir()}
-    assert pretraining.main(["--quick", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    _refused(["--quick", "--out", str(out)], match, capsys)
     assert {p.name: p.read_text() for p in out.iterdir()} == before
 
 
@@ -156,18 +161,14 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
 ])
 def test_bad_input_exits_with_one_line(argv, match, tmp_path, capsys):
     out = tmp_path / "bad"
-    assert pretraining.main(argv + ["--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    _refused(argv + ["--out", str(out)], match, capsys)
     assert not (out / "summary.json").exists()
 
 
 def test_unwritable_out(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert pretraining.main(["--quick", "--out", str(blocker / "sub")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--out" in err[0]
+    _refused(["--quick", "--out", str(blocker / "sub")], "--out", capsys)
 
 
 def test_listed_as_a_tool():
