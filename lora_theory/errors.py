@@ -46,11 +46,14 @@ class SingularMatrixError(LoraTheoryError, ValueError):
         Which matrix, in the paper's notation (for example ``"P_2 = (W_1 + Δ_1)"``).
     condition_number : float
         Its 2-norm condition number ``κ`` (``inf`` when exactly singular).
+    context : str
+        Why the construction must invert it (empty when not given).
     """
 
     def __init__(self, matrix: str, condition_number: float, context: str = ""):
         self.matrix = matrix
         self.condition_number = float(condition_number)
+        self.context = context
         kappa = "inf" if not math.isfinite(self.condition_number) else f"{self.condition_number:.3g}"
         where = f" ({context})" if context else ""
         super().__init__(

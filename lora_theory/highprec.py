@@ -35,6 +35,7 @@ import numpy as np
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
 from .models import FNN
 from .numerics import WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number, unit_roundoff
 from .partition import check_partition, partition_blocks, uniform_partition
@@ -245,6 +246,9 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
     ``factors``, ``target`` are mpmath matrices; ``adapters[l] = (A, B)`` mpmath matrices (``Δ = B A``).
     ``kappa_target``: the condition numbers of the solves that formed ``target`` (it carries their rounding,
     so the default rank tolerance grows by ``1 + kappa_target``, as :func:`lora_theory.tfn._rank_tol`).
+    Blocks of singular directions go to layers in the fixed order when it works, else in the first
+    assignment :func:`lora_theory.linear._search_assignment` finds (as the float64 chain); a
+    :class:`SingularMatrixError` only when none works.
     """
     m = len(factors)
     n = target.rows
@@ -260,35 +264,43 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
         scale = max(_fro(target), _fro(frozen_product), s[0])
         rank_tol = n * _mp.eps * scale * 2 ** 10 * (1 + kappa_target)
     rank_E = sum(1 for v in s if v > rank_tol)
-    adapters, adapted, kappas = [], [], {}
-    P = _eye(n)                                                         # adapted factors before l
-    start = 0
-    for l in range(m):
-        stop = min(start + ranks[l], rank_E)
+    blocks = _direction_blocks(ranks, rank_E)
+
+    def step(l, b, state):
+        adapted, kappas, given = state                                  # tuples: the layers before l
+        start, stop = blocks[b]
         if stop <= start:
-            adapters.append((_mp.zeros(0, n), _mp.zeros(n, 0)))
-            adapted.append(factors[l])
+            return adapted + (factors[l],), kappas, given
+        EV = _cols(U, start, stop) * _mp.diag(s[start:stop])            # (n, k) = E V_l
+        Vl_T = V[start:stop, :]                                         # (k, n) = V_l^T
+        new_kappas = []
+        if l < m - 1:
+            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+            lu = _LU(suffix[l], q_name, f"it receives singular directions {start + 1}..{stop} of E")
+            new_kappas.append((f"Q_{l + 1}", lu.kappa))
+            B = lu.solve(EV)                                            # (n, k) = Q^{-1} E V_l
         else:
-            EV = _cols(U, start, stop) * _mp.diag(s[start:stop])        # (n, k) = E V_l
-            Vl_T = V[start:stop, :]                                     # (k, n) = V_l^T
-            if l < m - 1:
-                q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
-                lu = _LU(suffix[l], q_name, f"it receives singular directions {start + 1}..{stop} of E")
-                kappas[f"Q_{l + 1}"] = lu.kappa
-                B = lu.solve(EV)                                        # (n, k) = Q^{-1} E V_l
-            else:
-                B = EV
-            if l > 0:
-                p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
-                lu = _LU(P.T, p_name, f"layer {l + 1} receives singular directions of E")
-                kappas[f"P_{l + 1}"] = lu.kappa
-                A = lu.solve(Vl_T.T).T                                  # (k, n) = V_l^T P^{-1}
-            else:
-                A = Vl_T
-            adapters.append((A, B))
-            adapted.append(factors[l] + B * A)
-        P = adapted[-1] * P
-        start += ranks[l]
+            B = EV
+        if l > 0:
+            p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
+            lu = _LU(_prod(adapted, n).T, p_name, f"layer {l + 1} receives singular directions of E")
+            new_kappas.append((f"P_{l + 1}", lu.kappa))
+            A = lu.solve(Vl_T.T).T                                      # (k, n) = V_l^T P^{-1}
+        else:
+            A = Vl_T
+        return adapted + (factors[l] + B * A,), kappas + tuple(new_kappas), given + ((l, (A, B)),)
+
+    try:
+        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), SingularMatrixError)
+    except (SingularMatrixError, _SearchCut) as exc:
+        cut = isinstance(exc, _SearchCut)
+        first = exc.first if cut else exc
+        raise SingularMatrixError(first.matrix, first.condition_number,
+                                  "; ".join(x for x in (first.context, _search_note(m, cut)) if x)) from None
+    adapted, kappa_pairs, given_pairs = states[-1]
+    given = dict(given_pairs)
+    adapters = [given.get(l, (_mp.zeros(0, n), _mp.zeros(n, 0))) for l in range(m)]
+    adapted, kappas = list(adapted), dict(kappa_pairs)
     return adapters, adapted, s, rank_E, kappas
 
 

@@ -8,17 +8,22 @@ Lemma 1: ``min_{rank Δ_l <= R_l} ||Π(W_l + Δ_l) - T||_2 = σ_{k+1}(E)``, atta
 ``Π(W_l + Δ_l) = Π W_l + LR_k(E)``; exact iff ``k >= rank(E)``. The lower bound needs no assumption:
 ``Π(W + Δ) - Π W`` has rank ``<= k`` (telescoping), so Eckart–Young gives ``σ_{k+1}(E)``.
 
-Construction (SVD split, THEORY.md §2.1): ``E = U S V^T``; layer ``l`` receives the next ``R_l`` right
-singular vectors ``V_l``, and with ``Q_l = W_L ... W_{l+1}`` (frozen, after ``l``) and
-``P_l = (W_{l-1}+Δ_{l-1}) ... (W_1+Δ_1)`` (adapted, before ``l``)::
+Construction (SVD split, THEORY.md §2.1): ``E = U S V^T``; layer ``l`` receives a block ``V_l`` of right
+singular vectors (``R_l`` of them, the blocks together the top ``min(Σ R_l, rank E)``), and with
+``Q_l = W_L ... W_{l+1}`` (frozen, after ``l``) and ``P_l = (W_{l-1}+Δ_{l-1}) ... (W_1+Δ_1)`` (adapted,
+before ``l``)::
 
     Δ_l = Q_l^{-1} E V_l V_l^T P_l^{-1},   B_l = Q_l^{-1} (E V_l),   A_l = V_l^T P_l^{-1}
 
-computed with solves. By induction ``Q_l Π_{k<=l}(W_k + Δ_k) = Π W + E Σ_{k<=l} V_k V_k^T``.
+computed with solves. By induction ``Q_l Π_{k<=l}(W_k + Δ_k) = Π W + E Σ_{k<=l} V_k V_k^T``. The blocks go
+in the fixed order (layer 1 the largest singular values) when no ``Q_l`` or ``P_l`` it needs is singular;
+otherwise the assignment of blocks to layers is searched (:func:`_search_assignment`), and the
+construction raises only when no assignment works.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +31,7 @@ import numpy as np
 
 from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, SingularMatrixError
 from .models import FNN
 from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
 from .thresholds import ceil_div
@@ -223,10 +228,132 @@ def _chain_gamma(frozen, adapted, target) -> float:
     return float(gamma)
 
 
+#: The most layer steps (a solve and an invertibility check each) the search of :func:`_search_assignment`
+#: tries before it gives up. The search visits each (layer, set of blocks used before it) at most once, so
+#: it is exhaustive while ``L·2^(L-1) <= MAX_ASSIGNMENT_STEPS``, i.e. for chains of up to 9 layers.
+MAX_ASSIGNMENT_STEPS = 4096
+
+
+def _direction_blocks(ranks, rank_E) -> tuple:
+    """The default cut of the singular directions: block ``b`` is ``[start_b, stop_b)`` (0-based), layer
+    ``b``'s share in the fixed order, ``R_1`` directions, then ``R_2``..., clipped at ``rank_E``."""
+    blocks, start = [], 0
+    for R in ranks:
+        blocks.append((min(start, rank_E), min(start + R, rank_E)))
+        start += R
+    return tuple(blocks)
+
+
+class _SearchCut(Exception):
+    """Internal: :func:`_search_assignment` stopped after :data:`MAX_ASSIGNMENT_STEPS` steps."""
+
+
+def _search_assignment(blocks, ranks, step, state, singular):
+    """Find an assignment of the blocks of directions to the layers of a Lemma 1 chain that the
+    construction can carry out; shared by the float64, mpmath and exact rational chains.
+
+    Lemma 1's optimum needs the product to realise ``Π W + LR_k(E)``, i.e. every one of the top ``k``
+    directions given to *some* layer; which layer gets which block is free. The fixed order (layer ``l``
+    gets block ``l``) can meet a singular ``P_l`` where another order does not: with ``W_1 = diag(0, 1)``,
+    ``W_2 = I``, ``T = diag(1, -2)`` and ``R = 1``, the first direction of ``E = diag(1, -3)`` (``e_2``)
+    makes ``W_1 + Δ_1 = diag(0, -2)`` singular, the second (``e_1``) makes it ``I``.
+
+    Search: depth first over the layers in order, layer ``l`` trying every unused block ``b`` that fits
+    its budget (``stop_b - start_b <= R_l``; empty blocks are interchangeable and tried once), blocks in
+    increasing order, so the fixed order is tried first and is the answer whenever it works. By the
+    identity ``Q_{l-1} P_l = Π W + Σ_{b used before l} E_b`` (``E_b`` the block's part of ``E``), whether
+    the rest of the chain can be built depends only on ``l`` and the *set* of blocks used before it, so a
+    (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and the search stops
+    after :data:`MAX_ASSIGNMENT_STEPS` of them. Within that budget the search is exhaustive: it fails only
+    when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank splits of
+    ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched,
+    so a failure is a failure of this construction, not a proof that the optimum is out of reach.
+
+    Parameters
+    ----------
+    blocks : tuple of (start, stop)
+        From :func:`_direction_blocks`.
+    ranks : tuple of int
+        The budgets ``R_l``.
+    step : callable ``(l, b, state) -> state``
+        Builds layer ``l`` with block ``b`` on top of ``state``; raises ``singular`` when a matrix it
+        must invert is singular.
+    state
+        The state before layer 1.
+    singular : exception class
+        What ``step`` raises on a singular matrix.
+
+    Returns
+    -------
+    (assignment, states)
+        ``assignment[l]`` is the block layer ``l`` received; ``states[l]`` the state after layer ``l``.
+
+    Raises
+    ------
+    singular
+        The first failure met (on the fixed order, which is tried first) when no assignment works.
+    _SearchCut
+        With ``.first`` the first failure, when the step budget ran out before the search was done.
+    """
+    L = len(ranks)
+    failed, first, steps = set(), [], [0]
+
+    def dfs(l, used, state):
+        if l == L:
+            return (), ()
+        key = (l, frozenset(b for b in used if blocks[b][1] > blocks[b][0]))
+        if key in failed:
+            return None
+        tried_empty = False
+        for b in range(L):
+            size = blocks[b][1] - blocks[b][0]
+            if b in used or size > ranks[l] or (size == 0 and tried_empty):
+                continue
+            tried_empty = tried_empty or size == 0
+            if steps[0] >= MAX_ASSIGNMENT_STEPS:
+                cut = _SearchCut()
+                cut.first = first[0]
+                raise cut
+            steps[0] += 1
+            try:
+                new = step(l, b, state)
+            except singular as exc:
+                if not first:
+                    first.append(exc)
+                continue
+            rest = dfs(l + 1, used | {b}, new)
+            if rest is not None:
+                return (b,) + rest[0], (new,) + rest[1]
+        failed.add(key)
+        return None
+
+    found = dfs(0, frozenset(), state)
+    if found is None:
+        raise first[0]
+    return found
+
+
+def _search_note(L, cut, what="singular directions") -> str:
+    """What the search of :func:`_search_assignment` tried, for the message of a failure."""
+    if cut:
+        return (f"the fixed order of the blocks of {what} fails here, and the search over their "
+                f"{math.factorial(L)} assignments to layers stopped after {MAX_ASSIGNMENT_STEPS} steps "
+                "without finding one that works (one may exist)")
+    if L == 1:
+        return ""
+    return (f"no assignment of the {L} blocks of {what} to the {L} layers avoids a singular "
+            "Q_l or P_l: all were searched")
+
+
 def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     """The SVD-split construction on a chain of factors. Returns (adapters, E, s, rank_E, kappas).
 
-    ``names[l]`` labels factor ``l`` in error messages (default ``W_{l+1}``).
+    ``names[l]`` labels factor ``l`` in error messages (default ``W_{l+1}``). The blocks of singular
+    directions go to the layers in the fixed order (layer ``l`` gets directions ``R_1 + .. + R_{l-1} + 1``
+    onward) when that order needs no singular ``Q_l`` or ``P_l``; otherwise :func:`_search_assignment`
+    looks for an assignment of the blocks to the layers that does, and raises
+    :class:`~lora_theory.errors.SingularMatrixError` (naming the fixed order's singular matrix) only when
+    none works. Every assignment realises the same product ``Π W + LR_k(E)``.
     """
     L = len(frozen)
     D = frozen[0].shape[0]
@@ -237,37 +364,47 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     if rank_tol is None:
         rank_tol = D * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
     rank_E = int(np.sum(s > rank_tol))
-    adapters, kappas, adapted = [], {}, []
-    start = 0
-    for l in range(L):
-        stop = min(start + ranks[l], rank_E)
-        k = max(stop - start, 0)
-        if k == 0:
-            adapters.append(Adapter.zeros(0, D, D))
-            adapted.append(frozen[l])
-            start += ranks[l]
-            continue
+    blocks = _direction_blocks(ranks, rank_E)
+
+    def step(l, b, state):
+        adapted, kappas, given = state                                  # tuples: the layers before l
+        start, stop = blocks[b]
+        if stop == start:
+            return adapted + (frozen[l],), kappas, given
         V_l = Vt[start:stop].T                                          # (D, k)
         EV = U[:, start:stop] * s[start:stop]                           # (D, k) = E V_l
+        new_kappas = []
         if l < L - 1:
             Q = product(frozen[l + 1:])                                 # (D, D) frozen layers after l
             q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
-            kappas[f"Q_{l + 1}"] = check_invertible(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")
+            new_kappas.append((f"Q_{l + 1}", check_invertible(
+                Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")))
             B = np.linalg.solve(Q, EV)                                  # (D, k)
         else:
             B = EV
         if l > 0:
             P = product(adapted)                                        # (D, D) adapted layers before l
             p_name = f"P_{l + 1} = " + " ".join(f"({n} + Δ)" for n in reversed(names[:l]))
-            kappas[f"P_{l + 1}"] = check_invertible(P, p_name, f"layer {l + 1} receives singular directions of E")
+            new_kappas.append((f"P_{l + 1}", check_invertible(
+                P, p_name, f"layer {l + 1} receives singular directions of E")))
             A = np.linalg.solve(P.T, V_l).T                             # (k, D) = V_l^T P^{-1}
         else:
             A = V_l.T
         adapter = Adapter(A, B)
-        adapters.append(adapter)
-        adapted.append(frozen[l] + adapter.delta)
-        start += ranks[l]
-    return tuple(adapters), E, s, rank_E, kappas
+        return adapted + (frozen[l] + adapter.delta,), kappas + tuple(new_kappas), given + ((l, adapter),)
+
+    try:
+        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), SingularMatrixError)
+    except (SingularMatrixError, _SearchCut) as exc:
+        cut = isinstance(exc, _SearchCut)
+        first = exc.first if cut else exc
+        note = _search_note(L, cut)
+        raise SingularMatrixError(first.matrix, first.condition_number,
+                                  "; ".join(x for x in (first.context, note) if x)) from None
+    _, kappa_pairs, given_pairs = states[-1]
+    kappas, given = dict(kappa_pairs), dict(given_pairs)
+    adapters = tuple(given.get(l, Adapter.zeros(0, D, D)) for l in range(L))
+    return adapters, E, s, rank_E, kappas
 
 
 def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
@@ -296,7 +433,11 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
         Mismatched or non-square shapes, NaN/inf, a rank outside ``0..D`` or per-layer ranks of the wrong count;
         ``rank_tol`` NaN, infinite or negative.
     SingularMatrixError
-        A matrix the construction must invert (``Q_l`` or ``P_l``) is singular; names it and gives ``κ``.
+        Every assignment of the blocks of singular directions to the layers meets a singular matrix it
+        must invert (``Q_l`` or ``P_l``); names the one the fixed order meets and gives ``κ``. The fixed
+        order (layer 1 the largest singular values) is used whenever it works; otherwise the first
+        assignment that works (:func:`_search_assignment`; exhaustive for ``L <= 9``), so
+        ``adapters[l]`` may hold smaller singular values than ``adapters[l + 1]``.
 
     Warns
     -----

@@ -54,6 +54,7 @@ from sympy.polys.matrices import DomainMatrix
 
 from ._validate import as_int, as_ranks
 from .errors import InvalidArgumentError
+from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
 from .models import FNN, TFN
 from .partition import check_partition, partition_blocks, uniform_partition
 from .thresholds import ceil_div
@@ -361,6 +362,12 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
     Records the checks in ``rec`` and returns ``(adapters, adapted, rank_E)``; ``adapters[l] = (A, B)``
     DomainMatrices (``Δ = B A``), ``adapted[l] = M_l + Δ_l``. Raises :class:`_Stop` with
     ``budget_outcome`` when ``Σ R_l < rank(E)`` and with NOT_MET on a singular ``Q_l`` / ``P_l``.
+
+    The blocks ``C_b F_b`` of the rank decomposition go to the layers in the fixed order (layer ``l`` takes
+    block ``l``) when that order meets no singular matrix, else in the first assignment of blocks to
+    layers that :func:`lora_theory.linear._search_assignment` finds (the float64 chain's search); NOT_MET
+    only when none works, with the checks of the fixed order, which name its singular matrix. The checks
+    recorded are those of the assignment used.
     """
     m = len(factors)
     n = target.shape[0]
@@ -372,45 +379,59 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
     if not ok:
         raise _Stop(budget_outcome, budget_reason(rank_E, k))
     C, F, _ = _rank_decomposition(E)                                    # (n, r), (r, n)
-    adapters, adapted = [], []
-    start = 0
-    for l in range(m):
-        stop = min(start + ranks[l], rank_E)
+    blocks = _direction_blocks(ranks, rank_E)
+
+    def step(l, b, state):
+        adapted, given, checks = state                                  # tuples: the layers before l
+        start, stop = blocks[b]
         if stop <= start:
-            adapters.append((_zeros(0, n), _zeros(n, 0)))
-            adapted.append(factors[l])
-            start += ranks[l]
-            continue
-        cols = list(range(start, stop))
-        C_l = C.extract(list(range(n)), cols)                           # (n, k_l)
-        F_l = F.extract(cols, list(range(n)))                           # (k_l, n)
-        if l < m - 1:
-            Q = _prod(factors[l + 1:], n)                               # (n, n) frozen factors after l
-            q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
-            rec.invertible(Q, q_name, f"it receives directions {start + 1}..{stop} of E = C F")
-            B = Q.lu_solve(C_l)                                         # (n, k_l) = Q^{-1} C_l
-        else:
-            B = C_l
-        if l > 0:
-            P = _prod(adapted, n)                                       # (n, n) adapted factors before l
-            p_name = f"{label}P_{l + 1} = " + " ".join(
-                f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l]))))
-            Q_prev = _prod(factors[l:], n)                              # Q_{l-1} (1-based: frozen after l-1)
-            sums = " + ".join(f"C_{j + 1} F_{j + 1}" for j in range(l))
-            equivalent = f"Π W + {sums}" if Q_prev.det() != 0 else ""
-            rec.invertible(P, p_name, f"layer {l + 1} receives directions {start + 1}..{stop}", equivalent)
-            A = P.transpose().lu_solve(F_l.transpose()).transpose()     # (k_l, n) = F_l P^{-1}
-        else:
-            A = F_l
+            return adapted + (factors[l],), given, checks
+        local = _Recorder(None, None)
+        try:
+            cols = list(range(start, stop))
+            C_l = C.extract(list(range(n)), cols)                       # (n, k_l)
+            F_l = F.extract(cols, list(range(n)))                       # (k_l, n)
+            if l < m - 1:
+                Q = _prod(factors[l + 1:], n)                           # (n, n) frozen factors after l
+                q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+                local.invertible(Q, q_name, f"it receives directions {start + 1}..{stop} of E = C F")
+                B = Q.lu_solve(C_l)                                     # (n, k_l) = Q^{-1} C_l
+            else:
+                B = C_l
+            if l > 0:
+                P = _prod(adapted, n)                                   # (n, n) adapted factors before l
+                p_name = f"{label}P_{l + 1} = " + " ".join(
+                    f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l]))))
+                Q_prev = _prod(factors[l:], n)                          # Q_{l-1} (1-based: frozen after l-1)
+                sums = " + ".join(f"C_{given[j][1] + 1} F_{given[j][1] + 1}" for j in range(len(given)))
+                equivalent = (f"Π W + {sums}" if sums else "Π W") if Q_prev.det() != 0 else ""
+                local.invertible(P, p_name, f"layer {l + 1} receives directions {start + 1}..{stop}", equivalent)
+                A = P.transpose().lu_solve(F_l.transpose()).transpose()  # (k_l, n) = F_l P^{-1}
+            else:
+                A = F_l
+        except _Stop as stop_:
+            stop_.checks = checks + tuple(local.checks)
+            raise
         delta = B * A                                                   # (n, n)
         r_delta = delta.rank()
-        rec.check(f"{label}rank(Δ_{l + 1}) <= R_{l + 1}", r_delta <= ranks[l],
-                  f"rank = {r_delta} (exact), R_{l + 1} = {ranks[l]}")
-        adapters.append((A, B))
-        adapted.append(factors[l] + delta)
-        start += ranks[l]
+        local.check(f"{label}rank(Δ_{l + 1}) <= R_{l + 1}", r_delta <= ranks[l],
+                    f"rank = {r_delta} (exact), R_{l + 1} = {ranks[l]}")
+        return adapted + (factors[l] + delta,), given + ((l, b, (A, B)),), checks + tuple(local.checks)
+
+    try:
+        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), _Stop)
+    except (_Stop, _SearchCut) as exc:
+        cut = isinstance(exc, _SearchCut)
+        first = exc.first if cut else exc
+        rec.checks.extend(first.checks)
+        note = _search_note(m, cut, "directions of E = C F")
+        raise _Stop(first.outcome, first.reason + (f"; {note}" if note else ""), first.singular) from None
+    adapted, given, checks = states[-1]
+    rec.checks.extend(checks)
+    placed = {l: AB for l, _, AB in given}
+    adapters = [placed.get(l, (_zeros(0, n), _zeros(n, 0))) for l in range(m)]
     rec.equal(f"{label}Π(W_l + Δ_l) == target", _prod(adapted, n), target)
-    return adapters, adapted, rank_E
+    return adapters, list(adapted), rank_E
 
 
 def _finish(rec, model, sizes, rank, required, adapted=None, domain=None, stop=None, theorem=""):
