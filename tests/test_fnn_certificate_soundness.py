@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import sympy
 
+from _adversarial import adversarial_directions, float_layers, inner_layers
 from lora_theory.symbolic import EXACT, RationalFNN, certify_fnn, random_rational_fnn
 
 # (width, frozen depth, target depth, partition): several depths, first blocks of 1 to 3 layers, and second
@@ -82,64 +83,15 @@ def _rational_unit(d, denominator=2 ** 20) -> list:
     return out
 
 
-# ------------------------------------------------------------------------------------- adversarial search
-
-
-def _float_layers(model):
-    L = model.depth
-    relu = [model.activation == "relu" and (l < L - 1 or model.final_relu) for l in range(L)]
-    return [(np.array(W.tolist(), dtype=float), np.array(b.tolist(), dtype=float).reshape(-1), relu[l])
-            for l, (W, b) in enumerate(zip(model.weights, model.biases))]
-
-
-def _pre_activation_and_gradient(layers, layer, unit, x):
-    """Pre-activation ``unit`` of ``layer`` (0-based) of the adapted network at ``x``, and its gradient."""
-    z, J = x, np.eye(x.size)
-    for W, b, relu in layers[:layer]:
-        pre = W @ z + b
-        z, J = pre, W @ J
-        if relu:
-            on = pre > 0
-            z, J = np.where(on, pre, 0.0), J * on[:, None]
-    W, b, _ = layers[layer]
-    return float(W[unit] @ z + b[unit]), W[unit] @ J
-
-
-def _adversarial_directions(layers, inner_layers, x0, r, rng, starts=6, iterations=30):
-    """For every (inner layer, unit): unit directions ``v`` such that ``x_0 + r v`` makes that unit's
-    pre-activation small, the best of the fixed-point iterations from ``starts`` starts."""
-    D = x0.size
-    out = []
-    for layer in inner_layers:
-        for unit in range(layers[layer][0].shape[0]):
-            best = None
-            for start in range(starts):
-                v = rng.standard_normal(D)
-                v /= np.linalg.norm(v)
-                for _ in range(iterations):
-                    value, g = _pre_activation_and_gradient(layers, layer, unit, x0 + r * v)
-                    if best is None or value < best[0]:
-                        best = (value, v.copy())
-                    if not np.linalg.norm(g) > 0:
-                        break
-                    new = -g / np.linalg.norm(g)
-                    if np.allclose(new, v, atol=1e-14):
-                        break
-                    v = new
-            out.append(best[1])
-    return out
+# ------------------------------------------------------------------------------------------- the points
 
 
 def _certified_points(cert, x0, r, rng, n_random=8):
     """Exact rational points of the ball ``||x - x_0|| <= r``: adversarial sphere points, random sphere
     points and random interior points."""
-    layers = _float_layers(cert.adapted)
-    starts, inner = 0, []
-    for size in cert.sizes["partition"]:
-        inner.extend(range(starts, starts + size - 1))
-        starts += size
+    layers = float_layers(cert.adapted)
     x0f = np.array([float(v) for v in x0])
-    directions = _adversarial_directions(layers, inner, x0f, float(r), rng)
+    directions = adversarial_directions(layers, inner_layers(cert.sizes["partition"]), x0f, float(r), rng)
     directions += list(rng.standard_normal((n_random, x0f.size)))
     points = []
     for k, d in enumerate(directions):
