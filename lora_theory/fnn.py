@@ -110,10 +110,14 @@ def _block_ranks(frozen, target, sizes) -> tuple[int, ...]:
 def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
     """``max_i ceil(rank(E_i) / |P_i|)``: the smallest uniform LoRA-rank for which the construction is exact.
 
-    Zeng & Lee 2024, Theorem 3 (uniform partition, the default) / Theorem 6 (any consecutive
-    ``partition``), at instance level: ``rank(E_i)`` is the numeric rank of the block discrepancy
-    (:func:`lora_theory.discrepancy_rank`), ``D`` for generic weights, where this is
-    ``ceil(D / floor(L / L̄))``.
+    The project's instance-level requirement: Zeng & Lee 2024, Theorem 6's sufficient condition
+    (``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block) with one rank for every layer, on the uniform
+    partition (the default) or any consecutive ``partition``. ``rank(E_i)`` is the numeric rank of the block
+    discrepancy (:func:`lora_theory.discrepancy_rank`). It is a sufficient condition: a smaller rank may still
+    be exact with other adapters. On the uniform partition it is at most Theorem 3's formula
+    ``ceil(max_i rank(E_i) / M)``, ``M = floor(L / L̄)``, which divides by ``M`` for every block, and smaller
+    when the last, longer block carries the largest rank (``L = 3``, ``L̄ = 2``, ranks 1 and 4: 2 against 4).
+    For generic weights (every ``rank(E_i) = D``) both are ``ceil(D / floor(L / L̄))``.
     """
     L, Lbar, _ = _check_models(frozen, target)
     sizes = _partition(partition, L, Lbar)

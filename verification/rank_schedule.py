@@ -1,9 +1,11 @@
 """Per-layer rank schedules (Zeng & Lee 2024, Theorem 6): ``L̄ = 2``, ``L = 4``, ranks ``base + s(l - 1)``.
 
-``python -m verification.rank_schedule``: with generic weights block ``i`` is exact iff the ranks of its
-layers sum to at least ``D``; at ``D = 16``, base 8, steps ``s = +1, +2`` give first-block sums 17, 18
-(predicted exact) and ``s = -1, -2`` give 15, 14 (predicted not exact). The prediction is printed in the
-label beside the result.
+``python -m verification.rank_schedule``: Theorem 6 gives a sufficient condition: block ``i`` is exact if the
+ranks of its layers sum to at least ``rank(E_i)``, which is ``D`` for generic weights. At ``D = 16``, base 8,
+steps ``s = +1, +2`` give first-block sums 17, 18 (condition met: "sufficient") and ``s = -1, -2`` give 15,
+14 (condition not met: "not sufficient"). Not meeting it promises nothing either way: the construction is
+not exact there when ``rank(E_i) = D``, but a degenerate instance (``rank(E_i) < D``) is exact below it
+(``tests/test_sufficient_conditions.py``). The label beside each result says which.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def schedule(args, s):
 
 
 def predicted_exact(args, ranks) -> bool:
-    """Generic weights: ``rank(E_i) = D``; exact iff every block's rank sum reaches ``D`` (Theorem 6)."""
+    """Whether Theorem 6's sufficient condition holds for generic weights (``rank(E_i) = D``): every
+    block's rank sum reaches ``D``. ``False`` means the condition is not met, not that no adapters exist."""
     blocks = partition_blocks(uniform_partition(args.depth, args.target_depth))
     return all(sum(ranks[l] for l in b) >= args.width for b in blocks)
 
@@ -60,7 +63,7 @@ def _cells(args):
     for kind in args.kinds:
         for s in _steps(args):
             ranks = schedule(args, s)
-            tag = "exact" if predicted_exact(args, ranks) else "not exact"
+            tag = "sufficient" if predicted_exact(args, ranks) else "not sufficient"
             out.append(Cell(kind=kind, structure=structure, method="lora", axis=(("step", s),),
                             label=f"{'-'.join(map(str, ranks))} {tag}", ranks=ranks, tune_bias=args.tune_bias))
     return out
