@@ -48,7 +48,9 @@ class Witness:
     Attributes
     ----------
     found : bool
-        Whether the domain holds a pair separated far above rounding.
+        Whether the search found a pair in the domain separated far above rounding. ``False`` is a proof
+        only where the reason says so (no ReLU in the first layer, or ``b_1`` keeping every first-layer
+        unit positive on the ball); otherwise it means a heuristic search found none.
     reason : str
         Why (or why not): e.g. ``b_1`` keeps every first-layer pre-activation positive on the ball.
     x, x_prime : ndarray (D,) or None
@@ -218,7 +220,8 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
             step /= 2
 
     if best is None:
-        return _none("no point of the ball has a first-layer unit negative enough to move along", c, r)
+        return _none("the search found no point of the ball with a first-layer unit negative enough to move "
+                     "along (a heuristic search: such a point may still exist)", c, r)
     sep, x, xp, d, support = best
     fx, fxp = target(x), target(xp)
     ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
@@ -235,7 +238,8 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
                   f"tuning of the final layers is within {sep / 2:.3g} of the target on this ball")
     else:
         reason = (f"the best pair found is separated by the target at rounding level only "
-                  f"({ratio:.3g} roundings): no witness on this ball")
+                  f"({ratio:.3g} roundings): the heuristic search found no witness on this ball (one may still "
+                  "exist)")
     return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d),
                    coordinates=tuple(int(k) for k in support), separation=float(sep),
                    relative_separation=float(sep / ref) if ref > 0 else 0.0, rounding_ratio=float(ratio),
@@ -277,7 +281,8 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
                   f"{sep / 2:.3g} of the target on this ball")
     else:
         reason = (f"W_1 is singular (κ = {kappa_text}) but the target separates the best pair along its kernel "
-                  f"at rounding level only ({ratio:.3g} roundings): no witness on this ball")
+                  f"at rounding level only ({ratio:.3g} roundings): the heuristic search found no witness on "
+                  "this ball (one may still exist)")
     return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d), coordinates=(),
                    separation=float(sep), relative_separation=float(sep / ref) if ref > 0 else 0.0,
                    rounding_ratio=float(ratio), first_layer_gap=gap, lower_bound=float(sep / 2),
