@@ -12,7 +12,7 @@ Lemma 1 (linear models)                :func:`lora_linear`, :func:`linear_optima
                                        :func:`optimality_gap`
 Theorem 3 / 6 (ReLU FNN, partitions)   :func:`lora_fnn`, :func:`fnn_rank_requirement`,
                                        :func:`fnn_best_partition`, :func:`fnn_rank_threshold`
-Theorem 5 (error below threshold)      :func:`fnn_error_bound`, :func:`fnn_error_bound_at`
+Theorem 5 setting: project's bound     :func:`fnn_error_bound`, :func:`fnn_error_bound_at`
 Lemma 4 (final-layers tuning)          :func:`final_layers_witness`, :func:`lora_parameter_count`,
                                        :func:`final_layers_parameter_count`
 Theorem 7 (transformers)               :func:`lora_tfn`, :func:`tfn_rank_requirement`,

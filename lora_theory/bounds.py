@@ -1,4 +1,7 @@
-"""The error of the FNN construction below the rank threshold (Zeng & Lee 2024, Theorem 5; THEORY.md §2.4).
+"""The error of the FNN construction below the rank threshold: the project's own per-instance bound
+(THEORY.md §2.4). It follows the argument of Zeng & Lee 2024, Theorem 5 (error below the threshold) but is
+not that theorem's statement, which bounds another quantity with other norms and constants (THEORY.md §2.4,
+"Relation to the paper's Theorem 5").
 
 Below the threshold, block ``i`` of the construction of :func:`lora_theory.fnn.lora_fnn` realises
 ``W̃_i = Π_{l ∈ P_i} W_l + LR_{k_i}(E_i)`` with ``ε_i = ||W̃_i - T_i||_2 = σ_{k_i+1}(E_i)``. While the
@@ -12,10 +15,10 @@ with ``z̄_i`` the target's activations (``z̄_0 = x``). Taking root-mean-square
 
     sqrt(E ||f(x) - f̄(x)||^2) <= Σ_i K_i ε_i a_{i-1},   a_0 = sqrt(tr Σ),   a_i = ||T_i||_2 a_{i-1} + ||c_i||_2,
 
-``Σ = E[x x^T]``. The per-coordinate MSE bound is that value squared over ``D``. The paper states the same
-shape of bound with growth factors ``(max_k (||T_k|| + ε_k))^{L̄-i}``; this is the per-instance form. It is
-not tight (typically 2 to 20 times the measured error); the exact optimum is known only for linear models
-(:func:`lora_theory.linear_gaussian_mse`).
+``Σ = E[x x^T]``. The per-coordinate MSE bound is that value squared over ``D``. It is attained on some
+instances (orthogonal discrepancies, ReLUs that stay active: ``tests/test_error_bound_tight.py``) and loose on
+others: the ratio bound / measured RMS error is given with its measured ranges in THEORY.md §2.4. The exact
+optimum is known only for linear models (:func:`lora_theory.linear_gaussian_mse`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ __all__ = ["ErrorBound", "fnn_error_bound", "fnn_error_bound_at"]
 
 @dataclass(frozen=True, eq=False)
 class ErrorBound:
-    """Zeng & Lee 2024, Theorem 5 (error below the threshold) for one instance.
+    """The project's per-instance bound on the FNN construction's error below the threshold, for one
+    instance (THEORY.md §2.4; derived along Zeng & Lee 2024, Theorem 5, not that theorem's statement).
 
     Attributes
     ----------
@@ -96,7 +100,11 @@ def _second_moment_trace(second_moment, D) -> float:
 
 
 def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_moment=None) -> ErrorBound:
-    """Bound on the error of the FNN construction at any rank (Zeng & Lee 2024, Theorem 5).
+    """The project's per-instance bound on the error of the FNN construction at any rank (THEORY.md §2.4).
+
+    Derived with the argument of Zeng & Lee 2024, Theorem 5 (ReLU is 1-Lipschitz, block errors carried by
+    the later blocks), but it bounds the root-mean-square error with spectral norms and per-block factors;
+    the paper's statement bounds another quantity with other norms and constants (THEORY.md §2.4).
 
     Parameters
     ----------
@@ -149,7 +157,7 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
 
 
 def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> np.ndarray | float:
-    """The per-sample bound ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of Theorem 5 (see :func:`fnn_error_bound`).
+    """The per-sample form ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of the project's bound (see :func:`fnn_error_bound`).
 
     ``x`` of shape ``(D,)`` (returns a float) or ``(n, D)`` (returns an array ``(n,)``).
     """

@@ -1,4 +1,5 @@
-"""Theorem 5 (error below the threshold): the measured error of the FNN construction never exceeds the bound."""
+"""The project's per-instance error bound below the threshold (THEORY.md §2.4, derived along Zeng & Lee 2024,
+Theorem 5): the measured error of the FNN construction never exceeds it."""
 
 from __future__ import annotations
 

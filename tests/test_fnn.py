@@ -187,8 +187,8 @@ def test_matches_the_literal_transcription(inst, seed):
 
 
 @given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10 ** 6))
-def test_below_threshold_rms_error_within_theorem5_bound(inst, seed):
-    """Theorem 5: the measured RMS error on Gaussian inputs is at most Σ_i K_i ε_i a_{i-1}."""
+def test_below_threshold_rms_error_within_the_per_instance_bound(inst, seed):
+    """The project's bound (THEORY.md §2.4): the measured RMS error on Gaussian inputs is at most Σ_i K_i ε_i a_{i-1}."""
     from lora_theory.bounds import fnn_error_bound
 
     rng = np.random.default_rng(seed)
