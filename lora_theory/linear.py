@@ -263,8 +263,8 @@ def _search_assignment(blocks, ranks, step, state, singular):
     increasing order, so the fixed order is tried first and is the answer whenever it works. By the
     identity ``Q_{l-1} P_l = Π W + Σ_{b used before l} E_b`` (``E_b`` the block's part of ``E``), whether
     the rest of the chain can be built depends only on ``l`` and the *set* of blocks used before it, so a
-    (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and the search stops
-    after :data:`MAX_ASSIGNMENT_STEPS` of them. Within that budget the search is exhaustive: it fails only
+    (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and once the fixed
+    order has failed the search stops after :data:`MAX_ASSIGNMENT_STEPS` steps in all. Within that budget the search is exhaustive: it fails only
     when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank splits of
     ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched,
     so a failure is a failure of this construction, not a proof that the optimum is out of reach.
@@ -310,7 +310,7 @@ def _search_assignment(blocks, ranks, step, state, singular):
             if b in used or size > ranks[l] or (size == 0 and tried_empty):
                 continue
             tried_empty = tried_empty or size == 0
-            if steps[0] >= MAX_ASSIGNMENT_STEPS:
+            if first and steps[0] >= MAX_ASSIGNMENT_STEPS:                # the fixed order always runs
                 cut = _SearchCut()
                 cut.first = first[0]
                 raise cut

@@ -196,3 +196,12 @@ def test_exact_lemma1_certifies_whenever_some_assignment_works(instance):
         assert cert.outcome == NOT_MET and "is singular" in cert.reason
     else:
         assert cert.outcome == EXACT and cert.passed
+
+
+def test_assignment_search_that_runs_out_of_steps_says_one_may_exist(monkeypatch):
+    """A search cut short must not claim that no assignment works."""
+    import lora_theory.linear as linear
+
+    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 1)           # the fixed order's first step only
+    with pytest.raises(SingularMatrixError, match=r"stopped after 1 steps .*\(one may exist\)"):
+        lora_linear([W1, W2], T, 1)
