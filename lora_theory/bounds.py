@@ -129,7 +129,8 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
     Notes
     -----
     Holds for :func:`lora_theory.fnn.lora_fnn` fits whose domain covers the inputs (the linearising biases
-    must keep the ReLUs active on the adapted block inputs); not tight.
+    must keep the ReLUs active on the adapted block inputs). Attained on some instances, loose on others
+    (THEORY.md §2.4 gives the measured ratios).
     """
     L, Lbar, D = _check_models(frozen, target)
     ranks = as_ranks(rank, L, D)
