@@ -350,3 +350,43 @@ def test_fast_product_matches_the_textbook_construction(instance):
         slow.append(_textbook_delta(frozen, E, V_l, l, slow))
     slow_product = product([W + d for W, d in zip(frozen, slow)])
     assert np.linalg.norm(fit.product - slow_product, 2) <= tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), excess=st.integers(1, 3), seed=SEEDS)
+def test_optimum_refuses_a_rank_above_the_width(D, L, excess, seed):
+    # A LoRA-rank is at most D (Lemma 1's R in 0..D): an optimum quoted for R > D would describe adapters
+    # that do not exist, so every quantity of the optimum refuses it, as the construction does.
+    from lora_theory.errors import InvalidArgumentError
+
+    rng = np.random.default_rng(seed)
+    frozen = random_linear(D, L, seed=rng).weights
+    target = rng.uniform(-1, 1, (D, D))
+    for call in (lambda: linear_optimal_error(frozen, target, D + excess),
+                 lambda: linear_optimal_error(frozen, target, D + excess, norm="fro"),
+                 lambda: linear_gaussian_mse(frozen, target, D + excess),
+                 lambda: lora_linear(frozen, target, D + excess)):
+        with pytest.raises(InvalidArgumentError, match=r"^rank: must be at most"):
+            call()
+
+
+@given(D=st.integers(2, 10), L=st.integers(1, 4), data=st.data(), seed=SEEDS)
+def test_requirement_with_a_tolerance_is_the_least_rank_within_it(D, L, data, seed):
+    # Lemma 1 with singular values <= tol counted as zero: the requirement R = ceil(#{σ_j > tol} / L) is the
+    # least uniform rank whose optimum σ_{RL+1}(E) is <= tol. E is planted with large and tiny singular
+    # values, so a requirement that ignored tol would count the tiny ones and not be the least.
+    big = data.draw(st.integers(0, D), label="big")
+    tiny = data.draw(st.integers(0, D - big), label="tiny")
+    rng = np.random.default_rng(seed)
+    frozen = random_linear(D, L, seed=rng).weights
+    Uo, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    Vo, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    sigma = np.concatenate([rng.uniform(0.5, 2.0, big), rng.uniform(1e-7, 1e-6, tiny), np.zeros(D - big - tiny)])
+    target = product(frozen) + Uo @ np.diag(np.sort(sigma)[::-1]) @ Vo.T
+    tol = 1e-3
+    R = linear_rank_requirement(frozen, target, tol=tol)
+    assert linear_optimal_error(frozen, target, R) <= tol
+    if R > 0:
+        assert linear_optimal_error(frozen, target, R - 1) > tol
+    assert R == math.ceil(big / L)
