@@ -390,3 +390,23 @@ def test_requirement_with_a_tolerance_is_the_least_rank_within_it(D, L, data, se
     if R > 0:
         assert linear_optimal_error(frozen, target, R - 1) > tol
     assert R == math.ceil(big / L)
+
+
+@given(D=st.integers(2, 8), seed=SEEDS)
+def test_gap_to_a_zero_optimum_is_one_when_reached_and_infinite_when_missed(D, seed):
+    # With k >= D the optimum is 0. Adapters that reach T have ratio 1 (0 / 0 read as "optimal"); adapters
+    # of the same rank that miss it are infinitely worse than the optimum, never a finite ratio. Frozen
+    # W = 0 and Δ = T make the product T without rounding. The Gaussian optimum is Lemma 1's.
+    rng = np.random.default_rng(seed)
+    frozen, target = [np.zeros((D, D))], rng.uniform(-1, 1, (D, D))
+    reached = optimality_gap(frozen, target, [target.copy()])
+    assert reached.total_rank == D and reached.optimal_spectral == 0.0
+    assert reached.spectral_ratio == reached.frobenius_ratio == 1.0
+    missed = optimality_gap(frozen, target, [target + np.eye(D)])
+    assert missed.spectral_ratio == missed.frobenius_ratio == math.inf
+    assert missed.spectral_excess == missed.achieved_spectral > 0
+    frozen = random_linear(D, 2, seed=rng).weights
+    fit = lora_linear(frozen, target, 1)
+    gap = optimality_gap(frozen, target, fit.adapters)
+    assert gap.optimal_gaussian_mse == linear_gaussian_mse(frozen, target, 1)
+    assert gap.optimal_frobenius == linear_optimal_error(frozen, target, 1, norm="fro")
