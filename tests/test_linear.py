@@ -410,3 +410,30 @@ def test_gap_to_a_zero_optimum_is_one_when_reached_and_infinite_when_missed(D, s
     gap = optimality_gap(frozen, target, fit.adapters)
     assert gap.optimal_gaussian_mse == linear_gaussian_mse(frozen, target, 1)
     assert gap.optimal_frobenius == linear_optimal_error(frozen, target, 1, norm="fro")
+
+
+def test_gap_reads_a_two_by_two_update_matrix_as_a_matrix_not_a_pair():
+    # At D = 2 an update matrix has two rows, like an (A, B) pair has two members: only a tuple is a pair.
+    rng = np.random.default_rng(5)
+    frozen, target = random_linear(2, 2, seed=rng).weights, rng.uniform(-1, 1, (2, 2))
+    deltas = [np.outer(rng.standard_normal(2), rng.standard_normal(2)) for _ in frozen]   # rank 1 each
+    as_matrices = optimality_gap(frozen, target, deltas)
+    as_adapters = optimality_gap(frozen, target, [Adapter(d[:1] / d[0, 0], d[:, :1]) for d in deltas])
+    assert as_matrices.total_rank == as_adapters.total_rank == 2
+    assert as_matrices.achieved_spectral == pytest.approx(as_adapters.achieved_spectral, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad, argument", [
+    (lambda D: [np.zeros((D + 1, D + 1)), np.zeros((D, D))], "adapters[0]"),
+    (lambda D: [np.zeros((D, D)), Adapter(np.zeros((1, D + 1)), np.zeros((D, 1)))], "adapters[1]"),
+    (lambda D: [Adapter(np.zeros((1, D)), np.zeros((D + 1, 1))), np.zeros((D, D))], "adapters[0]"),
+])
+def test_gap_refuses_adapters_of_another_width(bad, argument):
+    # An adapter for a layer of another shape does not adapt this chain: scoring it is refused, naming it.
+    from lora_theory.errors import InvalidArgumentError
+
+    D = 3
+    frozen, target = random_linear(D, 2, seed=0).weights, np.eye(D)
+    with pytest.raises(InvalidArgumentError) as info:
+        optimality_gap(frozen, target, bad(D))
+    assert info.value.argument == argument
