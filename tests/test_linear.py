@@ -437,3 +437,12 @@ def test_gap_refuses_adapters_of_another_width(bad, argument):
     with pytest.raises(InvalidArgumentError) as info:
         optimality_gap(frozen, target, bad(D))
     assert info.value.argument == argument
+
+
+def test_singular_values_at_the_tolerance_count_as_zero():
+    # discrepancy_rank counts σ_j > tol: with tol = 0 an exactly rank-1 discrepancy has rank 1, the exact
+    # zeros are not directions (a rank counted >= 0 would be D and ask for D directions).
+    frozen, target = [np.zeros((3, 3))], np.diag([2.0, 0.0, 0.0])
+    assert discrepancy_rank(frozen, target, tol=0) == 1
+    assert linear_rank_requirement(frozen, target, tol=0) == 1
+    assert discrepancy_rank(frozen, target, tol=2.0) == 0                 # σ_1 = 2 is at the tolerance
