@@ -16,7 +16,7 @@ from lora_theory.bounds import fnn_error_bound, fnn_error_bound_at
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError
 from lora_theory.fnn import fnn_rank_requirement, lora_fnn
 from lora_theory.linear import linear_gaussian_mse, product
-from lora_theory.models import random_fnn
+from lora_theory.models import FNN, random_fnn
 
 
 def _fit(*args, **kwargs):
@@ -142,3 +142,64 @@ def test_bad_rank_partition_models_and_x():
     assert info.value.argument == "x"
     with pytest.raises(InvalidArgumentError, match="NaN"):
         fnn_error_bound_at(frozen, target, 1, np.full(5, np.nan))
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+def _orthogonal(rng, D):
+    Q, R = np.linalg.qr(rng.standard_normal((D, D)))
+    return Q * np.sign(np.diag(R))
+
+
+@st.composite
+def aligned_instances(draw):
+    """A linear-activation pair on which the bound is attained, with the input ``x0`` that attains it.
+
+    Block i of the target is ``T_i = t_i Q_i`` (``Q_i`` orthogonal), the frozen block's product is
+    ``(t_i + e_i) Q_i`` (any number of layers), so ``ε_i = e_i`` and every error term of the bound points
+    the same way; the biases ``c_i = λ_i T_i z̄_{i-1}(x0)`` point along the activations at ``x0``, so
+    ``||z̄_i(x0)|| = ||T_i|| ||z̄_{i-1}(x0)|| + ||c_i||`` as the bound assumes. At rank 0 the construction
+    keeps the frozen weights; with the point mass ``Σ = x0 x0^T`` nothing in the bound's chain of triangle
+    inequalities is slack.
+    """
+    D = draw(st.integers(1, 5), label="D")
+    Lbar = draw(st.integers(1, 3), label="Lbar")
+    sizes = tuple(draw(st.lists(st.integers(1, 3), min_size=Lbar, max_size=Lbar), label="partition"))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    x0 = rng.standard_normal(D)
+    frozen_w, target_w, target_b, z = [], [], [], x0
+    for m in sizes:
+        t, e, lam = rng.uniform(0.5, 2.0), rng.uniform(0.05, 0.5), rng.uniform(0.0, 1.0)
+        Q = _orthogonal(rng, D)
+        T = t * Q
+        c = lam * (T @ z)
+        z = T @ z + c
+        rots = [_orthogonal(rng, D) for _ in range(m - 1)]
+        frozen_w += rots + [(t + e) * Q @ product(rots).T if rots else (t + e) * Q]
+        target_w.append(T)
+        target_b.append(c)
+    frozen = FNN(frozen_w, [np.zeros(D)] * len(frozen_w), activation="linear")
+    target = FNN(target_w, target_b, activation="linear")
+    return frozen, target, sizes, x0
+
+
+@given(aligned_instances())
+def test_bound_is_attained_when_every_error_term_is_aligned(instance):
+    # The bound's three ingredients are all tight here: each ε_i (σ_1 of E_i), each growth factor
+    # K_i = Π_{k>i}(||T_k|| + ε_k), each activation bound a_i = ||T_i|| a_{i-1} + ||c_i|| from a_0 = sqrt(tr Σ).
+    # A bound that skipped a block's growth, dropped a bias or mis-sized a_0 is either violated or slack.
+    frozen, target, sizes, x0 = instance
+    radius = 2 * float(np.linalg.norm(x0)) + 1
+    fit = _fit(frozen, target, 0, partition=sizes, input_radius=radius)
+    error = float(np.linalg.norm(fit.model(x0) - target(x0)))
+    bound = fnn_error_bound(frozen, target, 0, partition=sizes, second_moment=np.outer(x0, x0))
+    assert bound.rms == pytest.approx(error, rel=1e-9)
+    assert bound.mse == pytest.approx(error ** 2 / target.width, rel=1e-9)
+    assert fnn_error_bound_at(frozen, target, 0, x0, partition=sizes) == pytest.approx(error, rel=1e-9)
+    # Σ = I: the error map is linear, x ↦ G x with G a multiple of an orthogonal matrix when every c_i = 0,
+    # and the RMS error over N(0, I) is ||G||_F = ||G||_2 sqrt(D), the bound with a_0 = sqrt(D).
+    plain = FNN(target.weights, [np.zeros(target.width)] * target.depth, activation="linear")
+    G = _fit(frozen, plain, 0, partition=sizes, input_radius=radius).model(np.eye(target.width)) - plain(
+        np.eye(target.width))                                               # rows: G e_j
+    default = fnn_error_bound(frozen, plain, 0, partition=sizes)
+    assert default.rms == pytest.approx(float(np.linalg.norm(G, "fro")), rel=1e-9)

@@ -350,3 +350,99 @@ def test_fast_product_matches_the_textbook_construction(instance):
         slow.append(_textbook_delta(frozen, E, V_l, l, slow))
     slow_product = product([W + d for W, d in zip(frozen, slow)])
     assert np.linalg.norm(fit.product - slow_product, 2) <= tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+@given(D=st.integers(2, 8), L=st.integers(1, 3), excess=st.integers(1, 3), seed=SEEDS)
+def test_optimum_refuses_a_rank_above_the_width(D, L, excess, seed):
+    # A LoRA-rank is at most D (Lemma 1's R in 0..D): an optimum quoted for R > D would describe adapters
+    # that do not exist, so every quantity of the optimum refuses it, as the construction does.
+    from lora_theory.errors import InvalidArgumentError
+
+    rng = np.random.default_rng(seed)
+    frozen = random_linear(D, L, seed=rng).weights
+    target = rng.uniform(-1, 1, (D, D))
+    for call in (lambda: linear_optimal_error(frozen, target, D + excess),
+                 lambda: linear_optimal_error(frozen, target, D + excess, norm="fro"),
+                 lambda: linear_gaussian_mse(frozen, target, D + excess),
+                 lambda: lora_linear(frozen, target, D + excess)):
+        with pytest.raises(InvalidArgumentError, match=r"^rank: must be at most"):
+            call()
+
+
+@given(D=st.integers(2, 10), L=st.integers(1, 4), data=st.data(), seed=SEEDS)
+def test_requirement_with_a_tolerance_is_the_least_rank_within_it(D, L, data, seed):
+    # Lemma 1 with singular values <= tol counted as zero: the requirement R = ceil(#{σ_j > tol} / L) is the
+    # least uniform rank whose optimum σ_{RL+1}(E) is <= tol. E is planted with large and tiny singular
+    # values, so a requirement that ignored tol would count the tiny ones and not be the least.
+    big = data.draw(st.integers(0, D), label="big")
+    tiny = data.draw(st.integers(0, D - big), label="tiny")
+    rng = np.random.default_rng(seed)
+    frozen = random_linear(D, L, seed=rng).weights
+    Uo, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    Vo, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    sigma = np.concatenate([rng.uniform(0.5, 2.0, big), rng.uniform(1e-7, 1e-6, tiny), np.zeros(D - big - tiny)])
+    target = product(frozen) + Uo @ np.diag(np.sort(sigma)[::-1]) @ Vo.T
+    tol = 1e-3
+    R = linear_rank_requirement(frozen, target, tol=tol)
+    assert linear_optimal_error(frozen, target, R) <= tol
+    if R > 0:
+        assert linear_optimal_error(frozen, target, R - 1) > tol
+    assert R == math.ceil(big / L)
+
+
+@given(D=st.integers(2, 8), seed=SEEDS)
+def test_gap_to_a_zero_optimum_is_one_when_reached_and_infinite_when_missed(D, seed):
+    # With k >= D the optimum is 0. Adapters that reach T have ratio 1 (0 / 0 read as "optimal"); adapters
+    # of the same rank that miss it are infinitely worse than the optimum, never a finite ratio. Frozen
+    # W = 0 and Δ = T make the product T without rounding. The Gaussian optimum is Lemma 1's.
+    rng = np.random.default_rng(seed)
+    frozen, target = [np.zeros((D, D))], rng.uniform(-1, 1, (D, D))
+    reached = optimality_gap(frozen, target, [target.copy()])
+    assert reached.total_rank == D and reached.optimal_spectral == 0.0
+    assert reached.spectral_ratio == reached.frobenius_ratio == 1.0
+    missed = optimality_gap(frozen, target, [target + np.eye(D)])
+    assert missed.spectral_ratio == missed.frobenius_ratio == math.inf
+    assert missed.spectral_excess == missed.achieved_spectral > 0
+    frozen = random_linear(D, 2, seed=rng).weights
+    fit = lora_linear(frozen, target, 1)
+    gap = optimality_gap(frozen, target, fit.adapters)
+    assert gap.optimal_gaussian_mse == linear_gaussian_mse(frozen, target, 1)
+    assert gap.optimal_frobenius == linear_optimal_error(frozen, target, 1, norm="fro")
+
+
+def test_gap_reads_a_two_by_two_update_matrix_as_a_matrix_not_a_pair():
+    # At D = 2 an update matrix has two rows, like an (A, B) pair has two members: only a tuple is a pair.
+    rng = np.random.default_rng(5)
+    frozen, target = random_linear(2, 2, seed=rng).weights, rng.uniform(-1, 1, (2, 2))
+    deltas = [np.outer(rng.standard_normal(2), rng.standard_normal(2)) for _ in frozen]   # rank 1 each
+    as_matrices = optimality_gap(frozen, target, deltas)
+    as_adapters = optimality_gap(frozen, target, [Adapter(d[:1] / d[0, 0], d[:, :1]) for d in deltas])
+    assert as_matrices.total_rank == as_adapters.total_rank == 2
+    assert as_matrices.achieved_spectral == pytest.approx(as_adapters.achieved_spectral, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad, argument", [
+    (lambda D: [np.zeros((D + 1, D + 1)), np.zeros((D, D))], "adapters[0]"),
+    (lambda D: [np.zeros((D, D)), Adapter(np.zeros((1, D + 1)), np.zeros((D, 1)))], "adapters[1]"),
+    (lambda D: [Adapter(np.zeros((1, D)), np.zeros((D + 1, 1))), np.zeros((D, D))], "adapters[0]"),
+])
+def test_gap_refuses_adapters_of_another_width(bad, argument):
+    # An adapter for a layer of another shape does not adapt this chain: scoring it is refused, naming it.
+    from lora_theory.errors import InvalidArgumentError
+
+    D = 3
+    frozen, target = random_linear(D, 2, seed=0).weights, np.eye(D)
+    with pytest.raises(InvalidArgumentError) as info:
+        optimality_gap(frozen, target, bad(D))
+    assert info.value.argument == argument
+
+
+def test_singular_values_at_the_tolerance_count_as_zero():
+    # discrepancy_rank counts σ_j > tol: with tol = 0 an exactly rank-1 discrepancy has rank 1, the exact
+    # zeros are not directions (a rank counted >= 0 would be D and ask for D directions).
+    frozen, target = [np.zeros((3, 3))], np.diag([2.0, 0.0, 0.0])
+    assert discrepancy_rank(frozen, target, tol=0) == 1
+    assert linear_rank_requirement(frozen, target, tol=0) == 1
+    assert discrepancy_rank(frozen, target, tol=2.0) == 0                 # σ_1 = 2 is at the tolerance

@@ -55,3 +55,15 @@ def test_ceil_div_is_exact_integer_ceiling(a, b):
 def test_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+@given(width=st.integers(-8, 0), depth=st.integers(1, 8))
+def test_every_threshold_refuses_a_model_without_width(width, depth):
+    # A model of width D <= 0 has no directions to adapt: a threshold for it (ceil(0 / L) = 0) would be a
+    # silent answer about a model that does not exist, so each formula refuses it.
+    for call in (lambda: linear_rank_threshold(width, depth), lambda: fnn_rank_threshold(width, depth, 1),
+                 lambda: tfn_rank_threshold(width)):
+        with pytest.raises(InvalidArgumentError, match=r"^(width|embed_dim): must be at least 1"):
+            call()
