@@ -1874,7 +1874,8 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
     except OSError as exc:
         if out is None:
             raise
-        print(write_error_message(prog, out, exc, f"--resume {out}"), file=sys.stderr)
+        resume = f"--resume {out}" if (out / "config.json").is_file() else None   # else: the same command again
+        print(write_error_message(prog, out, exc, resume), file=sys.stderr)
         return 1
     finally:
         if lock is not None:

@@ -320,6 +320,9 @@ def _count_writes(monkeypatch):
 def _whole(out: Path):
     """No temporary file anywhere, and every file written whole (JSON, JSON Lines, CSV, PNG)."""
     assert not [p for p in out.rglob(".tmp-*")], list(out.rglob("*"))
+    if not (out / "config.json").exists():           # the first write failed: nothing else was written
+        assert [p.name for p in out.iterdir()] == [outdir.LOCK_FILE]
+        return
     json.loads((out / "config.json").read_text())
     if (out / "runs.jsonl").exists():
         for line in (out / "runs.jsonl").read_text().splitlines():
@@ -363,7 +366,12 @@ def test_a_full_disk_at_every_write_leaves_whole_files_and_one_line(tmp_path, mo
         assert not any("Traceback" in l for l in err)
         _whole(out)
         monkeypatch.setattr(outdir, "_write_all", real)
-        assert fnn.main(["--resume", str(out)]) == 0
+        if (out / "config.json").exists():
+            assert f"finish with --resume {out}" in err[-1]
+            assert fnn.main(["--resume", str(out)]) == 0
+        else:
+            assert "run the command again" in err[-1]
+            assert fnn.main(argv + ["--out", str(out)]) == 0
         _whole(out)
         ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
         assert len(ids) == len(set(ids)) == 2 * 2 * 2, k
