@@ -838,9 +838,10 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=100, help="with --select best (default 100)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
-    p.add_argument("--chunk", type=int, default=None, help="runs per stack (default: 64 on CPU, 4096 on CUDA)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="runs per stack (default: 64 on CPU, 4096 on CUDA); the speed, not the results")
     p.add_argument("--workers", type=int, default=None,
-                   help="stacks trained at once on a CPU, one torch thread each (default: the CPU count)")
+                   help="stacks trained at once on a CPU (default: the cores free here, docs/reliability.md)")
     p.add_argument("--out", default=None, help="output folder (default results/<experiment>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -1611,12 +1612,13 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     chunk_size = args.chunk or (4096 if device.type == "cuda" else 64)
     budget = cpu_budget()
     workers = args.workers if args.workers else (1 if device.type == "cuda" else budget["free"])
+    cpu_line = None
     if device.type == "cpu":
         threads = max(1, budget["free"] // workers)
         torch.set_num_threads(threads)
-        print(f"  CPU: {budget['free']} of {budget['cores']} cores free here (1-minute load {budget['load']:.1f}): "
-              f"{workers} stack{'s' if workers > 1 else ''} at once, {threads} torch thread{'s' if threads > 1 else ''}"
-              f" each (--workers sets it)", file=progress_file)
+        cpu_line = (f"  CPU: {budget['free']} of {budget['cores']} cores free here (1-minute load "
+                    f"{budget['load']:.1f}): {workers} stack{'s' if workers > 1 else ''} at once, {threads} torch "
+                    f"thread{'s' if threads > 1 else ''} each (--workers sets it)")
     cells = spec.cells(args) if cells is None else cells
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
@@ -1637,6 +1639,8 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     else:
         print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
               f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
+    if cpu_line and todo:
+        print(cpu_line, file=progress_file)
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
         probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]

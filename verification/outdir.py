@@ -35,8 +35,8 @@ import threading
 from pathlib import Path
 
 __all__ = ["CLIError", "OneLineParser", "SETTINGS_FILE", "LOCK_FILE", "folder_owner", "check_folder",
-           "claim_folder", "FolderLock", "atomic_write", "open_log", "append_lines", "figure_bytes", "write_error_message",
-           "interrupts_deferred"]
+           "claim_folder", "FolderLock", "atomic_write", "open_log", "append_lines", "figure_bytes",
+           "write_error_message", "interrupts_deferred"]
 
 #: the file that names the tool owning a folder (and holds its settings)
 SETTINGS_FILE = "config.json"
