@@ -1865,8 +1865,8 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
                 _atomic_write(out / "config.json", json.dumps({**saved, "construction": construction}, indent=1))
         summary = execute(spec, args, out, cells=cells)
         with interrupts_deferred():       # Ctrl-C now waits until the files are written whole
+            written = _write_summaries(spec, args, summary, out)   # first: a closed stdout cannot lose them
             print(format_table(spec, summary))
-            written = _write_summaries(spec, args, summary, out)
         print(f"wrote {out}/{', '.join(written)}, runs.jsonl")
         return 0
     except (CLIError, LoraTheoryError) as exc:
@@ -1876,7 +1876,7 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         print(f"{prog}: interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130
     except OSError as exc:
-        if out is None:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
             raise
         resume = f"--resume {out}" if (out / "config.json").is_file() else None   # else: the same command again
         print(write_error_message(prog, out, exc, resume), file=sys.stderr)

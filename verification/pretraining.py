@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if out is None:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
             raise
         print(write_error_message(PROG, out, exc, "the same command"), file=sys.stderr)
         return 1
@@ -335,8 +335,8 @@ def _run(args, out: Path, structure, seeds) -> int:
             result = spectra(structure, seeds, problems, progress=bar)
         summary = summarize(structure, seeds, result, problems.pretrain_info)
         with interrupts_deferred():      # Ctrl-C now waits until the files are written whole
+            written = _write(args, out, summary)       # first: a closed stdout cannot lose them
             print(format_table(summary))
-            written = _write(args, out, summary)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted: the pretrained models so far are kept; run the same command with --out {out} "
               "to go on", file=sys.stderr)

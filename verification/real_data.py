@@ -673,7 +673,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     except OSError as exc:
-        if out is None:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
             raise
         print(write_error_message(PROG, out, exc), file=sys.stderr)
         return 1
@@ -706,6 +706,12 @@ def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
                "wall_s": time.perf_counter() - start, "versions": _versions()}
     table = format_table(rows)
     with interrupts_deferred():           # Ctrl-C now waits until the files are written whole
+        if out is not None:         # first, each file whole (the old one stays until its replacement is complete)
+            if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
+                atomic_write(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write(out / "table.txt", table)
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+            plot(rows, out / "figure.png")
         print(table)
         for ds, f in summary["findings"].items():
             d, v, b = f["depth_vs_rank"], f["lora_vs_final_layers"], f["bias_tuning"]
@@ -715,12 +721,6 @@ def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
                   f"({f['best_metric']:.3f}), by adapted layers k: {d['rank_needed']} -> {verdict}; LoRA beats "
                   f"final-layers tuning at equal parameters in {v['lora_better_count']}/{v['total']}; biases help "
                   f"in {b['helps_count']}/{b['total']} (median gain {gain})")
-        if out is not None:         # each file whole: the old one stays until its replacement is complete
-            if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
-                atomic_write(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-            atomic_write(out / "table.txt", table)
-            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-            plot(rows, out / "figure.png")
     if args.checkpoints:
         for path in save_checkpoints(args.checkpoints, datasets, settings):
             print(f"wrote {path}", file=sys.stderr)
