@@ -557,3 +557,27 @@ def test_real_data_widths_are_those_of_the_data():
 
     for dataset, width in WIDTHS.items():
         assert load_tasks(dataset)[2] == width
+
+
+def test_pretraining_keeps_its_old_summary_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    """pretraining writes through the same functions: a rerun into its own folder whose summary.json
+    write meets a full disk ends with one line naming the folder (status 1), the old summary.json
+    byte-identical and no .tmp-* file."""
+    from verification import pretraining
+
+    out = tmp_path / "pre"
+    argv = ["--quick", "--model", "linear", "--seeds", "2", "--no-figure", "--out", str(out)]
+    assert pretraining.main(argv) == 0
+    old = (out / "summary.json").read_bytes()
+
+    def full(f, data):
+        f.write(bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outdir, "_write_all", full)
+    capsys.readouterr()
+    assert pretraining.main(argv) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in line and str(out) in line and ": error: " in line
+    assert (out / "summary.json").read_bytes() == old
+    assert not list(out.rglob(".tmp-*"))
