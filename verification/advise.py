@@ -29,6 +29,7 @@ from lora_theory.advisor import RankReport, advise_fnn, advise_layers
 from lora_theory.errors import LoraTheoryError
 
 from .checkpoints import CheckpointError, fnn_from_state_dict, read_checkpoint
+from .outdir import CLIError, check_folder, claim_folder
 
 __all__ = ["advise_checkpoints", "format_table", "plot_spectra", "main"]
 
@@ -124,8 +125,7 @@ def _fnn_mode(args) -> int:
           f"LoRA-rank needed {advice.best_rank} (Theorem 6)")
     print(f"generic weights would need ceil(D / floor(L / L̄)) = {advice.generic_threshold}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim_folder(Path(args.out), "advise")
         record = {"mode": "fnn", "advice": advice.to_dict()}
         if args.input_radius is not None:
             from lora_theory.fnn import lora_fnn
@@ -168,20 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # --out: new, empty or advise's own folder (its config.json), checked before any work
+        check_folder(Path(args.out), "advise") if args.out else None
+    except CLIError as exc:
+        print(f"python -m verification.advise: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.fnn:
             return _fnn_mode(args)
         report = advise_checkpoints(args.base, args.tuned, tol=args.tol, energy=args.energy)
         print(format_table(report))
         if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
+            out = claim_folder(Path(args.out), "advise")
             (out / "report.json").write_text(report.to_json())
             (out / "peft_rank_pattern.json").write_text(json.dumps(report.peft_proposal(args.choice), indent=2))
             plot_spectra(report, out / "spectra.png")
             print(f"wrote {out / 'report.json'}, {out / 'spectra.png'}, {out / 'peft_rank_pattern.json'}",
                   file=sys.stderr)
-    except (CheckpointError, LoraTheoryError) as exc:
+    except (CheckpointError, LoraTheoryError, CLIError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -41,10 +41,10 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,8 @@ import lora_theory
 from lora_theory.errors import LoraTheoryError
 
 from .models import TorchFNN, TorchTFN
+from .outdir import (CLIError, FolderLock, OneLineParser, append_lines, atomic_write, check_folder, figure_bytes,
+                     interrupts_deferred, open_log, write_error_message)
 from .trainer import BatchStream, FNNStack, TFNStack, fnn_apply, gaussian_inputs, tfn_apply, train_stack
 
 __all__ = ["Cell", "ExperimentSpec", "run_cli", "CLIError", "parse_ranks"]
@@ -74,10 +76,6 @@ PRETRAINING_PROTOCOL = "Adam lr 1e-3, fresh 256-batches, float64, until loss < f
 MAX_HONEST_BLOCK = 4
 MAX_HONEST_ROUNDING = 1e-6
 TAG_TARGET, TAG_FROZEN, TAG_PRETRAIN, TAG_DATA, TAG_INIT = 1, 2, 3, 4, 5
-
-
-class CLIError(Exception):
-    """Bad input: the CLI prints the one-line message and exits with status 2."""
 
 
 def _seed_int(*entropy) -> int:
@@ -281,12 +279,29 @@ class Problems:
         name = "-".join(str(v) for v in structure) + (f"-{self.key}" if self.key else "") + f"-seed{seed}.npz"
         return self.cache / name
 
+    def _cached(self, structure, seed):
+        """The cached pretrained model of ``(structure, seed)`` (kept in memory), or ``None`` when there is none
+        or the cache entry is damaged (an empty or cut file: reported on stderr, then pretrained again)."""
+        key = (tuple(structure), "pretrained", seed)
+        if key in self._frozen:
+            return self._frozen[key]
+        path = self._cache_path(structure, seed) if self.cache is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            model, info = _load_model(path, make_random_frozen(structure, seed))
+        except ValueError as exc:
+            print(f"warning: {path}: damaged cache entry ({exc}); pretrained again", file=sys.stderr)
+            return None
+        self._frozen[key] = model
+        self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+        return model
+
     def prepare(self, structure, seeds):
         """Pretrain the FNN frozen models of ``seeds`` not yet built or cached, all at once."""
         if structure[0] != "fnn":
             return
-        todo = [s for s in seeds if (tuple(structure), "pretrained", s) not in self._frozen
-                and not (self.cache is not None and self._cache_path(structure, s).is_file())]
+        todo = [s for s in seeds if self._cached(structure, s) is None]
         if not todo:
             return
         frozens = [make_random_frozen(structure, s) for s in todo]
@@ -304,16 +319,12 @@ class Problems:
             if kind == "random":
                 self._frozen[key] = random
             elif kind == "pretrained":
-                label = f"{list(structure)} seed {seed}"
-                path = self._cache_path(structure, seed) if self.cache is not None else None
-                if path is not None and path.is_file():
-                    model, info = _load_model(path, random)
-                else:
+                if self._cached(structure, seed) is None:
                     model, info = pretrain(random, self.target(structure, seed), structure, seed)
-                    if path is not None:
-                        _save_model(path, model, info)
-                self._frozen[key] = model
-                self.pretrain_info[label] = info
+                    if self.cache is not None:
+                        _save_model(self._cache_path(structure, seed), model, info)
+                    self._frozen[key] = model
+                    self.pretrain_info[f"{list(structure)} seed {seed}"] = info
             else:
                 raise CLIError(f"unknown frozen-model kind {kind!r}")
         return self._frozen[key]
@@ -325,19 +336,34 @@ def _save_model(path: Path, model, info):
         arrays = {"weights": np.stack(model.weights), "biases": np.stack(model.biases)}
     else:
         arrays = dict(model.parameters())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, info=json.dumps(info), **arrays)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, info=json.dumps(info), **arrays)
+    atomic_write(path, buf.getvalue())
 
 
 def _load_model(path: Path, like):
-    with np.load(path, allow_pickle=False) as data:
-        info = json.loads(str(data["info"]))
-        if isinstance(like, lora_theory.FNN):
-            model = like.replace(weights=list(data["weights"]), biases=list(data["biases"]))
-        else:
-            model = like.replace(**{k: data[k] for k in like.parameters()})
+    """A cached pretrained model shaped like ``like`` and its info; ``ValueError`` for a damaged entry (empty or
+    cut file, not an npz, a missing or misshapen array, a non-finite value, unreadable info)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            info = json.loads(str(data["info"]))
+            if isinstance(like, lora_theory.FNN):
+                arrays = {"weights": data["weights"], "biases": data["biases"]}
+                expected = {"weights": np.stack(like.weights).shape, "biases": np.stack(like.biases).shape}
+            else:
+                arrays = {k: data[k] for k in like.parameters()}
+                expected = {k: np.shape(v) for k, v in like.parameters().items()}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    for k, a in arrays.items():
+        if a.shape != expected[k] or a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise ValueError(f"array {k!r} of shape {a.shape} and dtype {a.dtype}, expected {expected[k]} finite")
+    if not isinstance(info, dict) or not {"steps", "first_loss", "last_loss"} <= set(info):
+        raise ValueError("no pretraining info")
+    if isinstance(like, lora_theory.FNN):
+        model = like.replace(weights=list(arrays["weights"]), biases=list(arrays["biases"]))
+    else:
+        model = like.replace(**arrays)
     return model, info
 
 
@@ -527,11 +553,53 @@ def _takes_highprec(cell: Cell) -> bool:
 
 
 _POOL_SETS = None
+_PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
 
 
-def _pool_init(sets):
+def _die_with_parent(parent_pid: int) -> str:
+    """Make this worker process end when its parent does, even when the parent is killed by SIGKILL (which no
+    handler of the parent sees). Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread that
+    polls the parent's pid every second. Returns which of the two is in place."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:      # the parent died before the request took effect
+                    os._exit(1)
+                return "prctl"
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    return "watchdog"
+
+
+def _pool_init(sets, parent_pid=None, threads=1):
+    """Initializer of a construction worker: dies with its parent, ``threads`` torch threads, the input sets."""
     global _POOL_SETS
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    torch.set_num_threads(max(1, int(threads)))
     _POOL_SETS = {k: torch.from_numpy(v) for k, v in sets.items()}
+
+
+def construction_pool(workers: int, sets: dict):
+    """The process pool of the raised-precision constructions: ``workers`` spawned processes (not forked: the
+    parent holds torch's thread pools), each ending with this process (:func:`_die_with_parent`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
+                               initargs=({k: np.asarray(v) for k, v in sets.items()}, os.getpid(), 1))
 
 
 def _pool_construction(cell, frozen, target):
@@ -551,8 +619,8 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
 
     _end_cut_line(cache)
     done = {}
-    for rec in _load_records(cache):
-        done[rec.get("key")] = rec.get("construction")
+    for rec in _load_records(cache, _valid_construction_record, report=True):
+        done.setdefault(rec["key"], rec["construction"])
     results, todo = {}, []
     for cell, seed, frozen, target in jobs:
         key = _construction_key(cell, seed, extra)
@@ -565,12 +633,11 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
     workers = max(1, min(workers, len(todo)))
     bar = tqdm(total=len(todo), desc="high-precision constructions", unit="construction", file=progress_file,
                mininterval=1.0)
-    with open(cache, "a") as log:
+    with open_log(cache) as log:
         def keep(key, cell, seed, cons):
             results[(cell, seed)] = cons
             stored = {k: v for k, v in cons.items() if not k.startswith("_")}
-            log.write(json.dumps({"key": key, "construction": stored}, default=_json_default) + "\n")
-            log.flush()
+            append_lines(log, [json.dumps({"key": key, "construction": stored}, default=_json_default)])
             bar.update(1)
 
         try:
@@ -578,13 +645,7 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
                 for key, cell, seed, frozen, target in todo:
                     keep(key, cell, seed, build_construction(cell, frozen, target, sets))
             else:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                # spawned, not forked: the parent holds torch's thread pools
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_pool_init,
-                                         initargs=({k: v.numpy() for k, v in sets.items()},)) as pool:
+                with construction_pool(workers, {k: v.numpy() for k, v in sets.items()}) as pool:
                     futures = {pool.submit(_pool_construction, cell, frozen, target): (key, cell, seed)
                                for key, cell, seed, frozen, target in todo}
                     kept = set()
@@ -699,7 +760,7 @@ def check_highprec_arguments(args, cells):
         raise CLIError(f"--highprec-subsample must be in 1..{N_TEST}, got {n}")
     if n is not None and args.no_highprec:
         raise CLIError("--highprec-subsample sizes the high-precision column, which is off here: add --highprec")
-    msg = highprec_message(cells, args.seeds, args.workers or os.cpu_count() or 1)
+    msg = highprec_message(cells, args.seeds, args.workers or cpu_budget()["free"])
     if msg:
         print(msg.strip(), file=sys.stderr)
 
@@ -757,11 +818,8 @@ def _floats(text, name):
     return vals
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (the usage stays available with --help)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message}\n")
+class _Parser(OneLineParser):
+    """argparse with a one-line error message, ``<prog>: error: ...`` (the usage stays available with --help)."""
 
 
 def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
@@ -781,9 +839,10 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=100, help="with --select best (default 100)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
-    p.add_argument("--chunk", type=int, default=None, help="runs per stack (default: 64 on CPU, 4096 on CUDA)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="runs per stack (default: 64 on CPU, 4096 on CUDA); the speed, not the results")
     p.add_argument("--workers", type=int, default=None,
-                   help="stacks trained at once on a CPU, one torch thread each (default: the CPU count)")
+                   help="stacks trained at once on a CPU (default: the cores free here, docs/reliability.md)")
     p.add_argument("--out", default=None, help="output folder (default results/<experiment>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -881,6 +940,8 @@ def _chunks(runs, size, split_seeds=True):
 
 
 def _stack_for(chunk, problems, dtype, device):
+    """The stack of ``chunk``'s runs. LoRA ranks are padded to the width ``D`` whatever the chunk holds, so a
+    run's arithmetic, hence its result, does not depend on ``--chunk`` or on the runs stacked with it."""
     cell0 = chunk[0]["cell"]
     structure, method = cell0.structure, cell0.method
     frozen = [problems.frozen(structure, r["cell"].kind, r["seed"]) for r in chunk]
@@ -892,11 +953,12 @@ def _stack_for(chunk, problems, dtype, device):
         kw = dict(activation=structure[4], final_relu=structure[5], dtype=dtype, device=device)
         if method == "lora":
             return FNNStack(W, b, method="lora", ranks=[list(r["cell"].ranks) for r in chunk],
-                            tune_bias=[t and structure[4] != "linear" for t in tune], init_seeds=init_seeds, **kw)
+                            tune_bias=[t and structure[4] != "linear" for t in tune], init_seeds=init_seeds,
+                            rank_padding=structure[1], **kw)
         return FNNStack(W, b, method="final_layers", tuned_layers=[r["cell"].layers for r in chunk], **kw)
     params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
     return TFNStack(params, method="lora", ranks=[r["cell"].ranks[0] for r in chunk], tune_bias=tune,
-                    init_seeds=init_seeds, dtype=dtype, device=device)
+                    init_seeds=init_seeds, dtype=dtype, device=device, rank_padding=structure[1])
 
 
 def _target_stack(structure, targets, dtype, device):
@@ -942,10 +1004,8 @@ def _evaluate(stack, targets_out, target_index, X, device):
 # ------------------------------------------------------------------------------------------------ output
 
 def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """:func:`verification.outdir.atomic_write`: the old file or the new one, never a part."""
+    atomic_write(path, text)
 
 
 def _median_iqr(values):
@@ -1244,14 +1304,8 @@ def _natural(key) -> tuple:
 
 
 def _save_figure(fig, path: Path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=130, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """The figure drawn in memory, then written whole (:func:`verification.outdir.atomic_write`)."""
+    atomic_write(path, figure_bytes(fig, dpi=130))
 
 
 def make_grouped_figure(spec, summary, path: Path):
@@ -1341,12 +1395,24 @@ def _read_config(spec, out: Path, flag: str) -> dict:
     if not cfg_path.is_file():
         raise CLIError(f"{flag} {out}: no config.json there (not an experiment folder)")
     try:
-        saved = json.loads(cfg_path.read_text())
+        saved = json.loads(cfg_path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:
-        raise CLIError(f"{flag} {out}: cannot read config.json ({exc})") from None
+        raise CLIError(f"{flag} {out}: cannot read config.json ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict):
+        raise CLIError(f"{flag} {out}: config.json is not a JSON object (edited or damaged); nothing was changed")
     if saved.get("experiment") != spec.name:
         raise CLIError(f"{flag} {out}: that folder holds the experiment {saved.get('experiment')!r}, "
                        f"not {spec.name!r}")
+    argv = saved.get("argv")
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        # never let argparse fall back to the live command line (argv null) or fail on a number or a list
+        raise CLIError(f"{flag} {out}: config.json's argv is {type(argv).__name__ if argv is not None else 'null'}"
+                       f"{' (missing)' if 'argv' not in saved else ''}, not the list of strings of the command "
+                       f"line that made the sweep (edited or damaged); nothing was changed")
+    for key in ("settings", "construction"):
+        if saved.get(key) is not None and not isinstance(saved[key], dict):
+            raise CLIError(f"{flag} {out}: config.json's {key} is not a JSON object (edited or damaged); "
+                           f"nothing was changed")
     return saved
 
 
@@ -1375,10 +1441,10 @@ def run_settings(spec, args) -> dict:
 
 def _saved_settings(spec, saved: dict) -> dict | None:
     """The settings of a folder's ``config.json`` (re-derived from its command line for older folders)."""
-    if "settings" in saved:
+    if saved.get("settings") is not None:
         return saved["settings"]
     try:
-        args = base_parser(spec).parse_args(saved.get("argv") or [])
+        args = base_parser(spec).parse_args(saved["argv"])
         _normalise(spec, args)
         return run_settings(spec, args)
     except (SystemExit, CLIError, LoraTheoryError):
@@ -1401,27 +1467,31 @@ def writable_folder(out: Path) -> None:
         raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _prepare_out(spec, args, settings: dict):
-    """The output folder of a new sweep, created and checked writable (called once the input is valid).
+def _prepare_out(spec, args, settings: dict, out: Path, check_only: bool = False):
+    """The output folder of a new sweep, checked writable (called once the input is valid, the folder's
+    ownership checked and its lock held).
 
     A folder that already holds this experiment is reused only for the same settings (the sweep goes on
     where it stopped, as with ``--resume``). With other settings it is refused if it holds any run, so
-    that runs of two sweeps are never mixed; a folder with no run is started afresh.
+    that runs of two sweeps are never mixed; a folder with no run is started afresh. ``check_only``: the
+    refusal alone, nothing created or removed.
     """
-    out = Path(args.out) if args.out else default_out(spec.name)
-    writable_folder(out)
+    if not check_only:
+        writable_folder(out)
     if (out / "config.json").exists():
         saved = _read_config(spec, out, "--out")
         old = _saved_settings(spec, saved)
         if old is not None:   # folders written before a flag stopped counting as a setting
             old = {k: v for k, v in old.items() if k not in _NOT_SETTINGS}
         if old != settings:
-            if _load_records(out / "runs.jsonl"):
+            if (out / "runs.jsonl").is_file() and (out / "runs.jsonl").read_bytes().strip():   # any line
                 old = old or {}
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 flags = ", ".join(_SETTING_FLAGS.get(k, "--" + k.replace("_", "-")) for k in diff)
                 raise CLIError(f"--out {out}: holds a {spec.name} sweep with other settings "
                                f"({flags or 'its command line'}): use another --out, or --resume {out} to finish it")
+            if check_only:
+                return out
             for stale in [out / "runs.jsonl", out / "constructions.jsonl", *sorted((out / "pretrained").glob("*.npz"))]:
                 stale.unlink(missing_ok=True)      # no run in it: start afresh
     return out
@@ -1443,14 +1513,46 @@ def _end_cut_line(path: Path):
                 log.write("\n")
 
 
-def _load_records(path: Path) -> list:
-    records = []
+def _valid_run_record(rec) -> bool:
+    """A ``runs.jsonl`` record the summaries can use: an id, a config and the three losses (numbers or null)."""
+    if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("config"), dict)
+            and isinstance(rec.get("losses"), dict) and isinstance(rec.get("experiment"), str)):
+        return False
+    losses = rec["losses"]
+    return all(k in losses and (losses[k] is None or (isinstance(losses[k], (int, float))
+                                                      and not isinstance(losses[k], bool)))
+               for k in ("val", "test", "shifted"))
+
+
+def _valid_construction_record(rec) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("construction"), dict)
+
+
+def _load_records(path: Path, valid: Callable[[object], bool] | None = None, report: bool = False) -> list:
+    """The records of the JSON Lines file ``path`` (``[]`` when missing), read as bytes.
+
+    A line that is not UTF-8, not JSON, or not ``valid`` is skipped: a line cut by an interruption or a
+    damaged one (its run is simply run again, its construction built again). With ``report``, the skipped
+    lines are counted on stderr (one line per file); the file itself is never changed here.
+    """
+    records, bad = [], []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+            if not raw.strip():
+                continue
             try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by an interruption: that run is simply run again
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                bad.append(number)
+                continue
+            if valid is not None and not valid(rec):
+                bad.append(number)
+                continue
+            records.append(rec)
+    if bad and report:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(f"warning: {path}: {len(bad)} damaged or cut line{'s' if len(bad) > 1 else ''} skipped (line "
+              f"{shown}); what they held is computed again", file=sys.stderr)
     return records
 
 
@@ -1473,6 +1575,24 @@ def estimate_rate(chunk, problems, dtype, device, structure, iterations) -> floa
     return R * steps / (time.perf_counter() - t)
 
 
+def cpu_budget() -> dict:
+    """The cores this process may use now: ``cores`` (those it may run on, ``os.sched_getaffinity``: a
+    container's or ``taskset``'s limit, not the machine's count), ``load`` (the 1-minute load average: work of
+    other processes, e.g. a second sweep) and ``free = cores - floor(load)``, at least 1. The default
+    ``--workers`` is ``free``, and each worker gets ``free // workers`` torch threads, so that two sweeps
+    started one after the other do not both take every core (oversubscribed threads slow each other down
+    many times over)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return {"cores": cores, "load": load, "free": max(1, cores - min(cores, int(load)))}
+
+
 def _duration(seconds):
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -1491,13 +1611,23 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
         torch.backends.cudnn.allow_tf32 = False
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
     chunk_size = args.chunk or (4096 if device.type == "cuda" else 64)
-    workers = args.workers if args.workers else (1 if device.type == "cuda" else (os.cpu_count() or 1))
+    budget = cpu_budget()
+    workers = args.workers if args.workers else (1 if device.type == "cuda" else budget["free"])
+    cpu_line = None
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, budget["free"] // workers)
+        torch.set_num_threads(threads)
+        cpu_line = (f"  CPU: {budget['free']} of {budget['cores']} cores free here (1-minute load "
+                    f"{budget['load']:.1f}): {workers} stack{'s' if workers > 1 else ''} at once, {threads} torch "
+                    f"thread{'s' if threads > 1 else ''} each (--workers sets it)")
     cells = spec.cells(args) if cells is None else cells
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
-    records = [r for r in _load_records(runs_path) if r.get("experiment") == spec.name]
+    records = {}
+    for r in _load_records(runs_path, _valid_run_record, report=True):
+        if r["experiment"] == spec.name:
+            records.setdefault(r["id"], r)               # a run written twice (an older version's bug): the first
+    records = list(records.values())
     done = {r["id"] for r in records}
     todo = [] if args.construction_only else [r for r in runs if r["id"] not in done]
     extra = config_extra(spec, args)
@@ -1510,6 +1640,8 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     else:
         print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
               f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
+    if cpu_line and todo:
+        print(cpu_line, file=progress_file)
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
         probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]
@@ -1545,7 +1677,7 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
                     bar.update()
     if deep:
         constructions.update(build_highprec_constructions(
-            deep, sets, out / "constructions.jsonl", args.workers or os.cpu_count() or 1, progress_file, extra))
+            deep, sets, out / "constructions.jsonl", args.workers or budget["free"], progress_file, extra))
 
     bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
                file=progress_file, disable=not todo, mininterval=1.0)
@@ -1600,12 +1732,10 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     chunks = list(_chunks(todo, chunk_size, device.type == "cpu"))
     for structure, _ in {(k[0], None) for k, _ in chunks}:
         eval_cache[structure] = evaluation_sets(structure)
-    with open(runs_path, "a") as log:
+    with open_log(runs_path) as log:
         def write(recs):
-            for rec in recs:
-                log.write(json.dumps(rec) + "\n")
-                records.append(rec)
-            log.flush()
+            append_lines(log, [json.dumps(rec) for rec in recs])     # a stack's records whole, or none of them
+            records.extend(recs)
 
         try:
             if workers <= 1 or len(chunks) <= 1:
@@ -1670,15 +1800,20 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
 
     Every input is validated (the cells built, so ranks, depths and the experiment's own flags are
     checked) before the output folder is created or touched: bad input exits with status 2 and a one-line
-    message, and leaves an existing folder as it was.
+    message, and leaves an existing folder as it was. The folder must be new, empty or this experiment's own
+    (:func:`verification.outdir.check_folder`); a second run on a folder another run is writing is refused
+    (:class:`verification.outdir.FolderLock`). The old summaries stay until the new ones are written whole;
+    a failed write (a full disk) ends with one line naming the folder (status 1); Ctrl-C while the
+    summaries are written waits for them (status 130).
     """
     parser = base_parser(spec)
+    prog = parser.prog
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     argv = list(argv if argv is not None else sys.argv[1:])
-    out = None
+    out, lock = None, None
     try:
         saved, construction = None, {}
         if args.resume:
@@ -1711,44 +1846,67 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         resolve_device(args.device)
         cells = spec.cells(args)
         make_runs(spec, args, cells)
-        # the input is valid: only now is the folder created or changed
+        # the input is valid: now the folder, whose ownership is checked before anything is created in it
+        flag = "--out" if saved is None else "--resume"
+        target = Path(args.out) if args.out else default_out(spec.name)
+        if check_folder(target, spec.name, flag) and saved is None:    # refused settings leave it as it was
+            _prepare_out(spec, args, run_settings(spec, args), target, check_only=True)
+        lock = FolderLock(target, f"python -m verification.{spec.name}", flag).acquire()
+        check_folder(target, spec.name, flag)          # again under the lock: another run may have been first
         if saved is None:
             settings = run_settings(spec, args)
-            out = _prepare_out(spec, args, settings)
+            out = _prepare_out(spec, args, settings, target)
             _atomic_write(out / "config.json", json.dumps(
                 {"experiment": spec.name, "argv": argv, "settings": settings,
                  "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
         else:
-            out = Path(args.resume)
+            out = target
+            saved = _read_config(spec, out, "--resume")   # as it is now, under the lock
             if construction != (saved.get("construction") or {}):   # the folder's column from now on
                 _atomic_write(out / "config.json", json.dumps({**saved, "construction": construction}, indent=1))
-        for name in ("summary.json", "summary.csv", "figure.png"):
-            try:
-                (out / name).unlink()
-            except FileNotFoundError:
-                pass
         summary = execute(spec, args, out, cells=cells)
+        with interrupts_deferred():       # Ctrl-C now waits until the files are written whole
+            written = _write_summaries(spec, args, summary, out)   # first: a closed stdout cannot lose them
+            print(format_table(spec, summary))
+        print(f"wrote {out}/{', '.join(written)}, runs.jsonl")
+        return 0
     except (CLIError, LoraTheoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
+        print(f"{prog}: interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130
-    print(format_table(spec, summary))
-    # both summaries (each written atomically, summary.json last), then the figure, whose failure is a warning
+    except OSError as exc:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+            raise
+        resume = f"--resume {out}" if (out / "config.json").is_file() else None   # else: the same command again
+        print(write_error_message(prog, out, exc, resume), file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_summaries(spec, args, summary, out: Path) -> list[str]:
+    """``summary.csv`` and ``summary.json`` (each written whole, the JSON last), then the figure, whose failure
+    is a warning. The old files are replaced only by complete new ones; an old figure is removed once the
+    new summaries are written and no new figure is (it would show other results). Returns the names written."""
     texts = {"summary.csv": format_csv(summary), "summary.json": json.dumps(summary, indent=1, default=_json_default)}
     for name, text in texts.items():
         _atomic_write(out / name, text)
-    figure = False
+    written = list(texts)
     if not args.no_figure:
         try:
             make_figure(spec, summary, out / "figure.png")
-            figure = True
+            written.append("figure.png")
+        except OSError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the results are written; the drawing is an extra
             print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); the summaries are complete",
                   file=sys.stderr)
-    print(f"wrote {out}/summary.json, summary.csv{', figure.png' if figure else ''}, runs.jsonl")
-    return 0
+    if "figure.png" not in written:
+        (out / "figure.png").unlink(missing_ok=True)
+    return written
 
 
 def _json_default(o):

@@ -33,6 +33,7 @@ import lora_theory
 
 from .experiment import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems,
                          _atomic_write, _Parser, _save_figure, default_out, fnn_structure, writable_folder)
+from .outdir import FolderLock, check_folder, interrupts_deferred, write_error_message
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -256,26 +257,37 @@ def make_figure(summary, path: Path):
     _save_figure(fig, path)
 
 
-def _prepare_out(args, structure, seeds) -> Path:
-    """The output folder, created and checked writable. A folder of an experiment sweep, of another tool, or
-    of this tool with other sizes or seeds is refused (its files would be overwritten); the same settings
-    again reuse the folder and its pretrained models."""
-    out = Path(args.out) if args.out else default_out(f"pretraining-{args.model}")
+TOOL = "pretraining"
+
+
+def _legacy_folder(out: Path) -> bool:
+    """A folder written before config.json named the tool: its summary.json does (``"tool": "pretraining"``)."""
     if (out / "config.json").exists():
-        raise CLIError(f"--out {out}: holds an experiment sweep; use another folder")
-    if (out / "summary.json").exists():
+        return False
+    try:
+        old = json.loads((out / "summary.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and old.get("tool") == TOOL
+
+
+def _check_out(out: Path, structure, seeds) -> bool:
+    """Whether ``out`` may take this run (:func:`verification.outdir.check_folder`; reads only): new or empty
+    (``False``), or this tool's with the same sizes and seeds (``True``, its pretrained models are reused).
+    Anything else, another tool's folder or this tool's with other sizes or seeds, is refused (CLIError)."""
+    if _legacy_folder(out):
+        saved = json.loads((out / "summary.json").read_bytes().decode("utf-8"))
+    elif check_folder(out, TOOL):
         try:
-            old = json.loads((out / "summary.json").read_text())
+            saved = json.loads((out / "config.json").read_bytes().decode("utf-8"))
         except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict) or old.get("tool") != "pretraining":
-            raise CLIError(f"--out {out}: holds another tool's or experiment's summary.json; use another folder")
-        if old.get("structure") != list(structure) or old.get("seeds") != list(seeds):
-            raise CLIError(f"--out {out}: holds a pretraining summary for {old.get('structure')} with "
-                           f"{len(old.get('seeds') or [])} seeds; use another folder")
-    writable_folder(out)
-    (out / "pretrained").mkdir(exist_ok=True)                  # the cache of pretrained models
-    return out
+            saved = {}
+    else:
+        return False
+    if saved.get("structure") != list(structure) or saved.get("seeds") != list(seeds):
+        raise CLIError(f"--out {out}: holds a pretraining run for {saved.get('structure')} with "
+                       f"{len(saved.get('seeds') or [])} seeds; use another folder")
+    return True
 
 
 def main(argv=None) -> int:
@@ -284,40 +296,72 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    lock = out = None
     try:
         structure = _structure(args)
         seeds = list(range(args.seeds))
-        out = _prepare_out(args, structure, seeds)
+        out = Path(args.out) if args.out else default_out(f"pretraining-{args.model}")
+        _check_out(out, structure, seeds)
+        lock = FolderLock(out, PROG).acquire()
+        own = _check_out(out, structure, seeds)           # again under the lock
+        writable_folder(out)
+        (out / "pretrained").mkdir(exist_ok=True)          # the cache of pretrained models
+        if not own or _legacy_folder(out):
+            command = list(argv if argv is not None else sys.argv[1:])
+            _atomic_write(out / "config.json", json.dumps(
+                {"tool": TOOL, "argv": command, "structure": list(structure), "seeds": seeds}, indent=1))
+        return _run(args, out, structure, seeds)
     except CLIError as exc:
-        print(f"error: {PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+            raise
+        print(write_error_message(PROG, out, exc, "the same command"), file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, out: Path, structure, seeds) -> int:
     from tqdm import tqdm
 
-    for name in ("summary.json", "figure.png"):                 # no stale result beside a new one
-        (out / name).unlink(missing_ok=True)
     problems = Problems(cache=out / "pretrained")
     print(f"pretraining: {_describe(structure)}, {len(seeds)} seeds (the pretrained models are kept in "
           f"{out / 'pretrained'})", file=sys.stderr)
     try:
         with tqdm(total=len(seeds), desc="pretraining and spectra", unit="seed", file=sys.stderr) as bar:
             result = spectra(structure, seeds, problems, progress=bar)
+        summary = summarize(structure, seeds, result, problems.pretrain_info)
+        with interrupts_deferred():      # Ctrl-C now waits until the files are written whole
+            written = _write(args, out, summary)       # first: a closed stdout cannot lose them
+            print(format_table(summary))
     except KeyboardInterrupt:
-        print(f"interrupted: the pretrained models so far are kept; run the same command with --out {out} "
+        print(f"{PROG}: interrupted: the pretrained models so far are kept; run the same command with --out {out} "
               "to go on", file=sys.stderr)
         return 130
-    summary = summarize(structure, seeds, result, problems.pretrain_info)
-    print(format_table(summary))
+    print(f"wrote {out}/{', '.join(written)}", file=sys.stderr)
+    return 0
+
+
+def _write(args, out: Path, summary) -> list[str]:
+    """summary.json written whole (the old one replaced only then), then the figure, whose failure is a
+    warning; an old figure is removed when no new one is written (it would show other results)."""
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     written = ["summary.json"]
     if not args.no_figure:
         try:
             make_figure(summary, out / "figure.png")
             written.append("figure.png")
+        except OSError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the summary is written; the drawing is an extra
             print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); summary.json is complete",
                   file=sys.stderr)
-    print(f"wrote {out}/{', '.join(written)}", file=sys.stderr)
-    return 0
+    if "figure.png" not in written:
+        (out / "figure.png").unlink(missing_ok=True)
+    return written
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ Findings checked (``summary.json``, and the table on stdout), reported as the da
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import platform
@@ -551,12 +550,23 @@ def plot(rows, path) -> None:
         bx.set_title(f"{ds}: LoRA vs final-layers tuning")
         bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from .outdir import atomic_write, figure_bytes
+
+    try:
+        atomic_write(path, figure_bytes(fig, dpi=110))          # the old figure or the new one, never a part
+    finally:
+        plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m verification.real_data", description=__doc__.splitlines()[0])
+#: the input width ``D`` of each data set (``load_tasks`` returns it; a test checks the two agree)
+WIDTHS = {"digits": 64, "breast_cancer": 20}
+PROG = "python -m verification.real_data"
+
+
+def _parser():
+    from .outdir import OneLineParser
+
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sweep (one seed, few steps): a smoke test")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
@@ -569,54 +579,148 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--checkpoints", help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
                                          "(safetensors) for python -m verification.advise")
-    args = p.parse_args(argv)
+    return p
+
+
+def _settings(args, datasets):
+    """The run's :class:`Settings` from the flags, every flag checked (CLIError, one line)."""
+    from .outdir import CLIError
+
     settings = QUICK if args.quick else Settings()
     changes = {}
-    if args.seeds is not None:
-        changes["seeds"] = args.seeds
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.depth is not None:
-        changes["depth"] = args.depth
+    for flag, name in (("--seeds", "seeds"), ("--steps", "steps"), ("--depth", "depth"), ("--threads", "threads")):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be at least 1, got {value}")
+        if value is not None and name != "threads":
+            changes[name] = value
     if args.ranks is not None:
-        changes["ranks"] = tuple(int(r) for r in args.ranks.split(","))
-    if changes:
-        settings = Settings(**{**asdict(settings), **changes})
-    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
-    bad = [d for d in datasets if d not in DATASETS]
-    if bad:
-        p.error(f"unknown data set(s) {bad}; choose from {DATASETS}")
+        try:
+            ranks = tuple(int(r) for r in args.ranks.split(","))
+        except ValueError:
+            raise CLIError(f"--ranks: cannot read {args.ranks!r} as comma-separated integers (0 = biases only)") \
+                from None
+        width = min(WIDTHS[d] for d in datasets)
+        if any(r < 0 or r > width for r in ranks) or len(set(ranks)) != len(ranks):
+            raise CLIError(f"--ranks: distinct ranks in 0..{width} (the smallest width D of {', '.join(datasets)}), "
+                           f"got {args.ranks!r}")
+        changes["ranks"] = ranks
+    return Settings(**{**asdict(settings), **changes}) if changes else settings
+
+
+def _read_runs(path: Path, datasets) -> list:
+    """The records of a ``runs.jsonl`` given to ``--from-runs``; a missing file or a damaged line is refused."""
+    from .outdir import CLIError
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"--from-runs {path}: cannot read it ({exc.strerror or exc})") from None
+    records = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            dataset = rec["config"]["dataset"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise CLIError(f"--from-runs {path}: line {number} is not a run record of this tool") from None
+        if dataset in datasets:
+            records.append(rec)
+    if not records:
+        raise CLIError(f"--from-runs {path}: no run of {', '.join(datasets)} there")
+    return records
+
+
+def main(argv=None) -> int:
+    """Run the command line; return the exit status (2: bad input or a refused folder, 1: a failed write,
+    130: interrupted). Every flag and both output folders are checked before any training."""
+    from .outdir import CLIError, FolderLock, check_folder, interrupts_deferred, write_error_message
+
+    p = _parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    command = list(argv if argv is not None else sys.argv[1:])
+    lock = out = None
+    try:
+        datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+        bad = [d for d in datasets if d not in DATASETS]
+        if bad or not datasets:
+            raise CLIError(f"--datasets: unknown data set(s) {bad}; choose from {DATASETS}")
+        settings = _settings(args, datasets)
+        records = _read_runs(args.from_runs, datasets) if args.from_runs else None
+        if args.checkpoints:
+            check_folder(Path(args.checkpoints), "real_data", "--checkpoints")
+        if args.out:
+            out = Path(args.out)
+            check_folder(out, "real_data")
+            lock = FolderLock(out, PROG).acquire()
+            check_folder(out, "real_data")                      # again under the lock
+            _claim(out, {"argv": command, "settings": asdict(settings), "datasets": list(datasets)})
+        if args.checkpoints:
+            _claim(Path(args.checkpoints), {"argv": command, "contents": "checkpoints"}, "--checkpoints")
+    except CLIError as exc:
+        if lock is not None:
+            lock.release()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, datasets, settings, records, out, interrupts_deferred)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted" + (f"; nothing new written in {out}" if out is not None else ""),
+              file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+            raise
+        print(write_error_message(PROG, out, exc), file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(folder: Path, record: dict, flag: str = "--out") -> None:
+    """Create ``folder`` (checked already), check it is writable, and name this tool in its config.json."""
+    from .outdir import SETTINGS_FILE, CLIError, atomic_write
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / SETTINGS_FILE, json.dumps({"tool": "real_data", **record}, indent=1))
+    except OSError as exc:
+        raise CLIError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
+    from .outdir import atomic_write
+
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    if args.from_runs:
-        records = [json.loads(line) for line in Path(args.from_runs).read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["config"]["dataset"] in datasets]
-    else:
+    if records is None:
         records = run_experiment(datasets, settings)
     rows = select(records)
     summary = {"settings": asdict(settings), "findings": findings(rows, settings.tolerance), "rows": rows,
                "wall_s": time.perf_counter() - start, "versions": _versions()}
     table = format_table(rows)
-    print(table)
-    for ds, f in summary["findings"].items():
-        d, v, b = f["depth_vs_rank"], f["lora_vs_final_layers"], f["bias_tuning"]
-        verdict = {True: "holds", False: "does not hold", None: "undecided (no k comes close)"}[d["holds"]]
-        gain = "n/a" if b["median_gain"] is None else f"{b['median_gain']:+.3f}"
-        print(f"{ds}: rank LoRA needs to come within {f['tolerance']} of its best {f['metric']} "
-              f"({f['best_metric']:.3f}), by adapted layers k: {d['rank_needed']} -> {verdict}; LoRA beats "
-              f"final-layers tuning at equal parameters in {v['lora_better_count']}/{v['total']}; biases help "
-              f"in {b['helps_count']}/{b['total']} (median gain {gain})")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
-            with open(out / "runs.jsonl", "w") as fh:
-                for r in records:
-                    fh.write(json.dumps(r) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "table.txt").write_text(table)
-        plot(rows, out / "figure.png")
+    with interrupts_deferred():           # Ctrl-C now waits until the files are written whole
+        if out is not None:         # first, each file whole (the old one stays until its replacement is complete)
+            if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
+                atomic_write(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            atomic_write(out / "table.txt", table)
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+            plot(rows, out / "figure.png")
+        print(table)
+        for ds, f in summary["findings"].items():
+            d, v, b = f["depth_vs_rank"], f["lora_vs_final_layers"], f["bias_tuning"]
+            verdict = {True: "holds", False: "does not hold", None: "undecided (no k comes close)"}[d["holds"]]
+            gain = "n/a" if b["median_gain"] is None else f"{b['median_gain']:+.3f}"
+            print(f"{ds}: rank LoRA needs to come within {f['tolerance']} of its best {f['metric']} "
+                  f"({f['best_metric']:.3f}), by adapted layers k: {d['rank_needed']} -> {verdict}; LoRA beats "
+                  f"final-layers tuning at equal parameters in {v['lora_better_count']}/{v['total']}; biases help "
+                  f"in {b['helps_count']}/{b['total']} (median gain {gain})")
     if args.checkpoints:
         for path in save_checkpoints(args.checkpoints, datasets, settings):
             print(f"wrote {path}", file=sys.stderr)

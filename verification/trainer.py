@@ -143,6 +143,16 @@ def _grad_buffers(params: dict) -> dict:
                 else torch.empty_like(t)) for k, t in params.items()}
 
 
+def _padded_rank(ranks: torch.Tensor, rank_padding: int | None) -> int:
+    """The padded rank of a stack: ``rank_padding``, or the largest rank (at least 1) when it is ``None``."""
+    largest = max(int(ranks.max()), 1)
+    if rank_padding is None:
+        return largest
+    if int(rank_padding) < largest:
+        raise ValueError(f"rank_padding {rank_padding} is below the largest rank {largest}")
+    return int(rank_padding)
+
+
 def _rank_mask(ranks: torch.Tensor, rmax: int) -> torch.Tensor:
     """(R, ...) integer ranks -> (R, ..., rmax) bool, True on the first ``rank`` slots."""
     return torch.arange(rmax) < ranks.unsqueeze(-1)
@@ -163,10 +173,16 @@ class FNNStack:
         LoRA only: biases of every layer trained too.
     init_seeds : (R,) int
         Seeds of each run's adapter initialisation.
+    rank_padding : int, optional
+        LoRA only: the rank every run's ``A`` and ``B`` are padded to (zero rows and columns), at least the
+        largest rank (the default). A fixed padding (e.g. ``D``) makes a run's arithmetic, hence its result,
+        independent of the ranks of the runs stacked with it: the matrix kernels sum in another order for
+        another inner dimension, and float32 training carries such rounding differences into the results.
     """
 
     def __init__(self, weights, biases, *, activation="relu", final_relu=True, method="lora", ranks=None,
-                 tuned_layers=None, tune_bias=None, init_seeds=None, dtype=torch.float32, device="cpu"):
+                 tuned_layers=None, tune_bias=None, init_seeds=None, dtype=torch.float32, device="cpu",
+                 rank_padding=None):
         W = torch.tensor(np.array(weights, dtype=np.float64))
         b = torch.tensor(np.array(biases, dtype=np.float64))
         R, L, D, _ = W.shape
@@ -181,7 +197,7 @@ class FNNStack:
         if method == "lora":
             ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R, L)
             self.ranks = ranks
-            self.rmax = max(int(ranks.max()), 1)
+            self.rmax = _padded_rank(ranks, rank_padding)
             mask = _rank_mask(ranks, self.rmax)                             # (R, L, rmax)
             self.params["A"] = _lora_init(init_seeds, ranks, self.rmax, D, dtype, device)  # (R, L, rmax, D)
             self.params["B"] = torch.zeros((R, L, D, self.rmax), dtype=dtype, device=device)
@@ -314,7 +330,7 @@ class TFNStack:
     """
 
     def __init__(self, frozen: dict, *, method="lora", ranks=None, tune_bias=None, init_seeds=None,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", rank_padding=None):
         self.frozen = {k: torch.tensor(np.array(frozen[k], dtype=np.float64)).to(dtype=dtype, device=device)
                        for k in _TFN_KEYS}
         R, L, H, D, _ = self.frozen["wq"].shape
@@ -325,7 +341,7 @@ class TFNStack:
         if method == "lora":
             ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R)
             self.ranks = ranks
-            self.rmax = max(int(ranks.max()), 1)
+            self.rmax = _padded_rank(ranks, rank_padding)                   # see FNNStack
             mask = _rank_mask(ranks, self.rmax)                             # (R, rmax)
             # adapters of a run in a fixed order: wq, wk, wv, wo of every (block, head), then w2 (last block), w_out
             K = 4 * L * H + 2

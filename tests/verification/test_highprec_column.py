@@ -69,7 +69,7 @@ def test_bad_subsample_exits_with_one_line(tmp_path, capsys):
     out = tmp_path / "bad"
     assert final_layers.main(RUN + ["--highprec-subsample", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: --highprec-subsample must be in 1..5000")
+    assert err[-1].startswith("python -m verification.final_layers: error: --highprec-subsample must be in 1..5000")
     assert not (out / "summary.json").exists()
 
 

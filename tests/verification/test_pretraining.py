@@ -130,7 +130,8 @@ def _refused(argv, match, capsys):
 
 
 @pytest.mark.parametrize("setup,match", [
-    ("sweep", "experiment sweep"), ("other_tool", "another tool"), ("other_settings", "pretraining summary for"),
+    ("sweep", "holds the files of 'fnn'"), ("other_tool", "not a pretraining folder"),
+    ("other_settings", "pretraining run for"),
 ])
 def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, capsys):
     out = tmp_path / "out"

@@ -106,8 +106,8 @@ def test_selection_by_validation_loss():
     assert row["test_metric"] == 0.6 and row["lrs"] == [3e-2]
 
 
-def test_bad_dataset():
-    with pytest.raises(SystemExit):
-        main(["--quick", "--datasets", "mnist"])
+def test_bad_dataset(capsys):
+    assert main(["--quick", "--datasets", "mnist"]) == 2
+    assert "--datasets" in capsys.readouterr().err
     with pytest.raises(ValueError, match="dataset"):
         load_tasks("mnist")

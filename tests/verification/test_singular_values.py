@@ -87,7 +87,8 @@ def test_given_spectrum_sets_the_threshold(tmp_path):
 def test_bad_spectrum_exits_with_one_line(extra, message, tmp_path, capsys):
     out = tmp_path / "bad"
     assert singular_values.main(RUN + extra + ["--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + message)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "python -m verification.singular_values: error: " + message)
     assert not (out / "summary.json").exists()
 
 
