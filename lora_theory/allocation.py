@@ -96,12 +96,11 @@ def _problem(spectra, shapes):
 
 def _result(ranks, energies, costs, budget, method) -> RankAllocation:
     total = float(sum(float(np.sum(e)) for e in energies))
-    kept = float(sum(float(np.sum(e[:r])) for e, r in zip(energies, ranks)))
     discarded = float(sum(float(np.sum(e[r:])) for e, r in zip(energies, ranks)))
     return RankAllocation(
         ranks=tuple(int(r) for r in ranks), parameters=int(sum(r * c for r, c in zip(ranks, costs))),
         budget=None if budget is None else int(budget), discarded_energy=discarded, total_energy=total,
-        relative_error=math.sqrt(discarded / total) if total > 0 else 0.0, method=method) if kept >= 0 else None
+        relative_error=math.sqrt(discarded / total) if total > 0 else 0.0, method=method)
 
 
 def _budget(value, name="budget") -> int:
