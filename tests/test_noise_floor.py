@@ -250,10 +250,10 @@ def test_planted_rank_above_the_detection_limit_is_found_exactly(seed, wide, nar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_planted_rank_at_width_4096(dtype):
-    """The same at 4096 x 4096 (a 7B model's attention projections), rank 64, once per dtype."""
-    check_planted(1, 4096, 4096, 64, dtype)
+def test_planted_rank_at_width_4096():
+    """The same at 4096 x 4096 (a 7B model's attention projections), rank 64, in bfloat16, the precision whose
+    old tolerance read such changes as none (the other dtypes reach width 4096 on one side above)."""
+    check_planted(1, 4096, 4096, 64, "bfloat16")
 
 
 @settings(max_examples=20)
