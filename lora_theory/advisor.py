@@ -691,7 +691,8 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
     bias_change, bias_changed = None, False
     if bias_key is not None:
         b0, b1, bstorage = arrays[bias_key]
-        bias_change = b1.astype(np.float64) - b0.astype(np.float64)    # (out,)
+        with np.errstate(over="ignore"):
+            bias_change = b1.astype(np.float64) - b0.astype(np.float64)    # (out,); overflow checked below
         if not np.isfinite(bias_change).all():
             raise InvalidArgumentError(f"tuned[{bias_key!r}]", "its change overflows float64: rescale the weights")
         if tol is None:

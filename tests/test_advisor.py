@@ -251,6 +251,9 @@ def test_huge_weights_are_rescaled_not_nan():
     np.testing.assert_allclose(a.singular_values[:2], s * 1e299, rtol=1e-3)
     with pytest.raises(InvalidArgumentError, match="overflows float64"):
         advise_layers({"w": W * 1e8}, {"w": W * 0.5e8})
+    with pytest.raises(InvalidArgumentError, match=r"tuned\['l.bias'\]: its change overflows"):
+        advise_layers({"l.weight": np.eye(3), "l.bias": np.full(3, 1.7e308)},
+                      {"l.weight": np.eye(3), "l.bias": np.full(3, -1.7e308)})
     Ws, Ts = W * 1e-300 * 1e-310, (W + delta * 1e299) * 1e-300 * 1e-310   # entries near 1e-310, subnormal
     assert 0 < np.abs(Ws).max() < np.finfo(np.float64).tiny
     tiny = advise_layers({"w": Ws}, {"w": Ts}).layer("w")
