@@ -1,6 +1,7 @@
 """The rank advisor: per-layer exact and energy ranks, Eckart–Young error curves, PEFT proposal, bad input."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -234,3 +235,66 @@ def test_advise_fnn_generic_and_bad():
     assert advice.uniform_rank == advice.best_rank == advice.generic_threshold == 3
     with pytest.raises(InvalidArgumentError, match="target"):
         advise_fnn(target, frozen)
+
+
+# ----------------------------------------------------------------------------- edges (NaN, overflow, eps)
+
+
+def test_huge_weights_are_rescaled_not_nan():
+    """Regression: 1e308-scale weights gave singular values [nan, nan, nan] and rank 0. Weights near the top of
+    float64 are rescaled by a power of two before the SVD; a norm that float64 cannot hold is a named error."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((3, 3)) * 1e300
+    delta, s = known_rank_change(rng, 3, 3, 2)
+    a = advise_layers({"w": W}, {"w": W + delta * 1e299}).layer("w")
+    assert a.exact_rank == 2 and np.isfinite(a.singular_values).all()
+    np.testing.assert_allclose(a.singular_values[:2], s * 1e299, rtol=1e-3)
+    with pytest.raises(InvalidArgumentError, match="overflows float64"):
+        advise_layers({"w": W * 1e8}, {"w": W * 0.5e8})
+    with pytest.raises(InvalidArgumentError, match=r"tuned\['l.bias'\]: its change overflows"):
+        advise_layers({"l.weight": np.eye(3), "l.bias": np.full(3, 1.7e308)},
+                      {"l.weight": np.eye(3), "l.bias": np.full(3, -1.7e308)})
+    Ws, Ts = W * 1e-300 * 1e-310, (W + delta * 1e299) * 1e-300 * 1e-310   # entries near 1e-310, subnormal
+    assert 0 < np.abs(Ws).max() < np.finfo(np.float64).tiny
+    tiny = advise_layers({"w": Ws}, {"w": Ts}).layer("w")
+    assert tiny.exact_rank == 2                                         # subnormal-scale weights: same answer
+
+
+@pytest.mark.parametrize("eps", [float("nan"), -1.0, 0.0, 1e-3, float("inf"), True, "2e-7"])
+def test_eps_must_be_a_storage_epsilon(eps):
+    """Regression: eps=nan gave rank 0 and eps=-1 full rank."""
+    W = np.eye(3)
+    with pytest.raises(InvalidArgumentError, match="eps"):
+        advise_layers({"w": W}, {"w": 2 * W}, eps=eps)
+    with pytest.raises(InvalidArgumentError, match=r"eps\['w'\]"):
+        advise_layers({"w": W}, {"w": 2 * W}, eps={"w": eps})
+
+
+def test_energy_rank_refuses_what_it_cannot_rank():
+    """Regression: energy_rank(s, 2.0) and energy_rank of NaN or negative values returned numbers."""
+    for energy in (2.0, 0.0, -0.5, float("nan"), True, "0.9"):
+        with pytest.raises(InvalidArgumentError, match="energy"):
+            energy_rank([2.0, 1.0], energy)
+    for bad in ([1.0, float("nan")], [1.0, float("inf")], [1.0, -1.0], [1.0, 2.0], [[1.0]], ["a"]):
+        with pytest.raises(InvalidArgumentError, match="singular_values"):
+            energy_rank(bad, 0.9)
+        with pytest.raises(InvalidArgumentError, match="singular_values"):
+            tail_curves(bad)
+    assert energy_rank([1e200, 1e199], 0.99) == 1                     # squares would overflow: scaled first
+    _, frob = tail_curves([1e200, 1e199])
+    assert frob[0] == pytest.approx(math.hypot(1e200, 1e199), rel=1e-12)
+
+
+def test_dtypes_and_floor_arguments():
+    W = np.eye(3)
+    with pytest.raises(InvalidArgumentError, match=r"dtypes\['w'\]"):
+        advise_layers({"w": W}, {"w": W}, dtypes={"w": "int8"})
+    with pytest.raises(InvalidArgumentError, match=r"dtypes\['w'\]"):
+        advise_layers({"w": W}, {"w": W}, dtypes={"w": ("float32", "bfloat16", "float16")})
+    with pytest.raises(InvalidArgumentError, match="dtypes"):
+        advise_layers({"w": W}, {"w": W}, dtypes="bfloat16")
+    with pytest.raises(InvalidArgumentError, match="floor"):
+        advise_layers({"w": W}, {"w": W}, floor="gaussian")
+    r = advise_layers({"w": W}, {"w": W}, dtypes={"w": "torch.float32/bfloat16"})
+    assert r.layer("w").storage_dtype == "float32/bfloat16"
+    assert r.layer("w").floor.bounds.entry_max == pytest.approx(2.0 ** -24 + 2.0 ** -8, rel=1e-6)
