@@ -27,7 +27,7 @@ from . import symbolic
 from .adapter import Adapter
 from .advisor import FNNAdvice, LayerAdvice, RankReport, advise_fnn, advise_layers, energy_rank, tail_curves
 from .bounds import ErrorBound, fnn_error_bound, fnn_error_bound_at
-from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, SingularMatrixError
+from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, NumericalError, SingularMatrixError
 from .final_layers import Witness, final_layers_parameter_count, final_layers_witness, lora_parameter_count
 from .fnn import (
     BlockFit,

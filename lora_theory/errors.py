@@ -12,6 +12,7 @@ __all__ = [
     "LoraTheoryError",
     "InvalidArgumentError",
     "SingularMatrixError",
+    "NumericalError",
     "IllConditionedWarning",
 ]
 
@@ -56,6 +57,31 @@ class SingularMatrixError(LoraTheoryError, ValueError):
         super().__init__(
             f"{matrix} must be invertible but is singular to working precision, κ = {kappa}{where}"
         )
+
+
+class NumericalError(LoraTheoryError, ArithmeticError):
+    """float64 arithmetic failed inside a computation: an overflow, an invalid operation (``inf - inf``,
+    ``0 · inf``) or an SVD or solve that did not converge.
+
+    Inputs are finite when this is raised (non-finite input is refused as :class:`InvalidArgumentError`);
+    their scale is too large for float64 (weights near 1e150 multiply to 1e300 and beyond), or what they
+    give is too ill-conditioned for LAPACK. The constructions refuse rather than return ``inf`` or ``NaN``
+    entries. Rescale the input, or use the exact or high-precision paths (:mod:`lora_theory.symbolic`,
+    :mod:`lora_theory.highprec`).
+
+    Attributes
+    ----------
+    operation : str
+        The public function that was running (``"lora_fnn"``...).
+    detail : str
+        numpy's or LAPACK's own message (``"overflow encountered in matmul"``...).
+    """
+
+    def __init__(self, operation: str, detail: str):
+        self.operation = operation
+        self.detail = detail
+        super().__init__(f"{operation}: float64 arithmetic failed ({detail}); the input's scale is beyond what "
+                         "float64 can carry through this computation")
 
 
 class IllConditionedWarning(UserWarning):
