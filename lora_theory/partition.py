@@ -91,24 +91,27 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     def here(i, start, size):
         return ceil_div(rank_of(i, start, start + size), size)
 
-    @lru_cache(maxsize=None)
-    def cost(i, start):
-        # least achievable max over target layers i..Lbar-1 sharing frozen layers start..L-1, each
-        # remaining block holding at least one layer
+    # cost[i][start]: least achievable max over target layers i..Lbar-1 sharing frozen layers start..L-1, each
+    # remaining block holding at least one layer; filled from the last target layer back (a loop, not a
+    # recursion: L = L̄ = 3000 exceeded Python's recursion limit)
+    cost = [dict() for _ in range(Lbar)]
+    for start in range(Lbar - 1, L):
+        cost[Lbar - 1][start] = here(Lbar - 1, start, L - start)
+    for i in range(Lbar - 2, -1, -1):
         remaining = Lbar - i
-        if remaining == 1:
-            return here(i, start, L - start)
-        return min(max(here(i, start, size), cost(i + 1, start + size))
-                   for size in range(1, L - start - remaining + 2))
+        nxt = cost[i + 1]
+        for start in range(i, L - remaining + 1):
+            cost[i][start] = min(max(here(i, start, size), nxt[start + size])
+                                 for size in range(1, L - start - remaining + 2))
 
-    value = cost(0, 0)
+    value = cost[0][0]
     # the lexicographically smallest optimal partition: at each block the smallest size that keeps the
     # optimum reachable (taking each sub-problem's own lexicographic optimum would not be: a sub-problem
     # may reach a value below the global optimum with a lexicographically larger partition)
     sizes, start = [], 0
     for i in range(Lbar - 1):
         size = next(size for size in range(1, L - start - (Lbar - i) + 2)
-                    if here(i, start, size) <= value and cost(i + 1, start + size) <= value)
+                    if here(i, start, size) <= value and cost[i + 1][start + size] <= value)
         sizes.append(size)
         start += size
     sizes.append(L - start)
