@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._guard import numeric_guard
 from ._validate import as_array, as_ranks, as_square
 from .errors import InvalidArgumentError
 from .linear import discrepancy_rank, product
@@ -95,6 +96,7 @@ def _second_moment_trace(second_moment, D) -> float:
     return float(np.trace(S))
 
 
+@numeric_guard
 def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_moment=None) -> ErrorBound:
     """Bound on the error of the FNN construction at any rank (Zeng & Lee 2024, Theorem 5).
 
@@ -148,6 +150,7 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
                       target=target)
 
 
+@numeric_guard
 def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> np.ndarray | float:
     """The per-sample bound ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of Theorem 5 (see :func:`fnn_error_bound`).
 
