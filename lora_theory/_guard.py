@@ -19,7 +19,9 @@ _depth = threading.local()
 def numeric_guard(fn):
     """Run ``fn`` under ``np.errstate(over="raise", invalid="raise")``; numpy's and LAPACK's failures leave it as
     :class:`NumericalError` naming the outermost guarded function, the one the caller called. Underflow (to
-    zero or a subnormal) and division by zero (guarded where it matters) keep numpy's defaults."""
+    zero or a subnormal) and division by zero (guarded where it matters) keep numpy's defaults. Python's own
+    float ``OverflowError`` is named too; Python float sums and products that overflow to ``inf`` raise nothing,
+    so functions that compute with Python floats check their results (:func:`finite_or_raise`)."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -37,7 +39,18 @@ def numeric_guard(fn):
             if depth:
                 raise
             raise NumericalError(name, f"LinAlgError: {exc}") from None
+        except OverflowError as exc:                                      # Python float arithmetic (x ** 2)
+            if depth:
+                raise
+            raise NumericalError(name, f"OverflowError: {exc}") from None
         finally:
             _depth.value = depth
 
     return guarded
+
+
+def finite_or_raise(operation: str, **values) -> None:
+    """Raise :class:`NumericalError` naming the first of ``values`` (name -> float or array) that is not finite."""
+    for what, value in values.items():
+        if not np.all(np.isfinite(np.asarray(value, dtype=float))):
+            raise NumericalError(operation, f"{what} is not finite in float64 ({value!r})")

@@ -32,7 +32,8 @@ class InvalidArgumentError(LoraTheoryError, ValueError):
 
     def __init__(self, argument: str, message: str):
         self.argument = argument
-        super().__init__(f"{argument}: {message}")
+        # one line: the repr of an offending array spans several
+        super().__init__(" ".join(f"{argument}: {message}".split()))
 
 
 class SingularMatrixError(LoraTheoryError, ValueError):
@@ -79,8 +80,8 @@ class NumericalError(LoraTheoryError, ArithmeticError):
 
     def __init__(self, operation: str, detail: str):
         self.operation = operation
-        self.detail = detail
-        super().__init__(f"{operation}: float64 arithmetic failed ({detail}); the input's scale is beyond what "
+        self.detail = " ".join(str(detail).split())
+        super().__init__(f"{operation}: float64 arithmetic failed ({self.detail}); the input's scale is beyond what "
                          "float64 can carry through this computation")
 
 

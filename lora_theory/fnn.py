@@ -39,7 +39,7 @@ from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, 
 from .errors import InvalidArgumentError, SingularMatrixError
 from .linear import _chain_adapters, discrepancy_rank, product
 from .models import FNN, relu
-from .numerics import tolerance, verified_exact, warn_if_ill_conditioned
+from .numerics import check_norm_finite, tolerance, verified_exact, warn_if_ill_conditioned
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
 from .thresholds import ceil_div
 
@@ -283,8 +283,8 @@ class FNNFit:
         The rank suffices (:attr:`rank_sufficient`: then ``f = f̄`` on the domain in exact arithmetic) *and*
         float64 kept it: on the check points of the domain (:attr:`measured_error`) the adapted network is
         within :attr:`tolerance` of the target relative to ``s_out``, and ``tolerance ·``
-        :attr:`radius_amplification` is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (two
-        significant digits kept on inputs within distance 1 of the centre).
+        :attr:`radius_amplification` is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1: the
+        bound keeps at least the order of magnitude of outputs within distance 1 of the centre).
     condition_numbers : dict of str -> float
         ``κ`` of every matrix inverted, named ``"block i: Q_j"`` / ``"block i: P_j"`` (1-based, ``j`` local
         to the block).
@@ -545,6 +545,7 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         factors = frozen.weights[block.start:block.stop]
         T, c = target.weights[i], target.biases[i]
         names = [f"W_{l + 1}" for l in block]
+        check_norm_finite(T - product(factors), f"E_{i + 1}")
         try:
             block_adapters, E, s, rank_E, block_kappas = _chain_adapters(
                 factors, T, ranks[block.start:block.stop], names=names)

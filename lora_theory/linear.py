@@ -29,7 +29,8 @@ from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .models import FNN
-from .numerics import _LargestConditionNumber, check_invertible, tolerance, verified_exact, warn_if_ill_conditioned
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, svd_values, tolerance,
+                       verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
 __all__ = [
@@ -88,7 +89,7 @@ def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     target = as_square(target, "target", frozen[0].shape[0])
     tol = as_tolerance(tol, "tol")
     E = target - product(frozen)
-    s = np.linalg.svd(E, compute_uv=False)
+    s = svd_values(E)
     if tol is None:
         tol = E.shape[0] * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
     return int(np.sum(s > tol))
@@ -113,7 +114,7 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     """
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
-    spectral, frob = _tail(np.linalg.svd(E, compute_uv=False), k)
+    spectral, frob = _tail(svd_values(E), k)
     if norm == "spectral":
         return spectral
     if norm == "fro":
@@ -126,7 +127,7 @@ def linear_gaussian_mse(frozen, target, rank) -> float:
     """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (THEORY.md §2.1)."""
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
-    return _tail(np.linalg.svd(E, compute_uv=False), k)[1] ** 2 / E.shape[0]
+    return _tail(svd_values(E), k)[1] ** 2 / E.shape[0]
 
 
 @numeric_guard
@@ -163,7 +164,7 @@ class LinearFit(_LargestConditionNumber):
         ``Σ R_l >= rank(E)`` (:attr:`rank_sufficient`) *and* float64 kept it: the measured
         ``||Π(W_l + Δ_l) - T||_2``, relative to ``max(||T||_2, ||Π W||_2)``, is within
         ``tolerance(kappa, gamma)``, and that tolerance times ``max(||T||, ||Π W||) / ||T||`` (the same
-        bound relative to the target) is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT`.
+        bound relative to the target) is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1).
     condition_numbers : dict of str -> float
         ``κ`` of every matrix the construction solved with (``"Q_l"``, ``"P_l"``, 1-based ``l``).
     rank_sufficient : bool
@@ -331,6 +332,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
+    check_norm_finite(target - product(frozen), "E = T - Π W")
     adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
     k = sum(ranks)
     spectral, frob = _tail(s, k)
@@ -433,7 +435,7 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
             ranks.append(ad.rank)
     k = sum(ranks)
     residual = product([W + d for W, d in zip(frozen, deltas)]) - target
-    s = np.linalg.svd(target - product(frozen), compute_uv=False)
+    s = svd_values(target - product(frozen))
     spectral, frob = _tail(s, k)
     achieved_f = float(np.linalg.norm(residual, "fro"))
     return OptimalityGap(

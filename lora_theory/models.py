@@ -229,6 +229,19 @@ class TFN:
         return self.w_out @ self.block_outputs(X)[-1]
 
 
+#: The largest width (and number of heads) the random generators draw: a float64 matrix of side 32768 takes
+#: 8 GiB, and a width of 10^30 failed inside numpy. Larger sizes raise :class:`InvalidArgumentError`.
+MAX_RANDOM_WIDTH = 2 ** 15
+
+
+def _sizes(**sizes):
+    """Positive integer sizes for the random generators: widths and heads up to :data:`MAX_RANDOM_WIDTH`, depths
+    up to :data:`lora_theory.partition.MAX_DEPTH`."""
+    from .partition import MAX_DEPTH
+
+    return [as_int(v, name, 1, MAX_DEPTH if name == "depth" else MAX_RANDOM_WIDTH) for name, v in sizes.items()]
+
+
 def _rng(seed):
     return rng_from(seed, "seed")
 
@@ -238,12 +251,12 @@ def random_fnn(width: int, depth: int, *, seed=None, activation: str = "relu", f
     """A random FNN with the authors' initialisation (``torch.nn.Linear``'s default).
 
     Weights and biases ``U(-s, s)`` with ``s = 1/sqrt(D)`` unless ``scale`` is given (D=16 gives the
-    ``U(-1/4, 1/4)`` of THEORY.md §2.3). ``bias=False`` gives zero biases. ``seed``: None, an integer
+    ``U(-1/4, 1/4)`` of THEORY.md §2.3). ``bias=False`` gives zero biases. ``width`` at most
+    :data:`MAX_RANDOM_WIDTH`, ``depth`` at most :data:`lora_theory.partition.MAX_DEPTH`. ``seed``: None, an integer
     ``>= 0`` or a numpy Generator; ``scale`` finite and ``>= 0``; ``final_relu`` and ``bias`` booleans
     (:class:`~lora_theory.errors.InvalidArgumentError` otherwise).
     """
-    D = as_int(width, "width", 1)
-    L = as_int(depth, "depth", 1)
+    D, L = _sizes(width=width, depth=depth)
     rng = _rng(seed)
     bias = as_bool(bias, "bias")
     as_bool(final_relu, "final_relu")
@@ -264,9 +277,7 @@ def random_tfn(embed_dim: int, depth: int, heads: int, *, seed=None) -> TFN:
     Attention matrices ``N(0, 1)``; feed-forward weights and biases and the output layer
     ``U(-1/sqrt(D), 1/sqrt(D))`` (``nn.Linear`` default; the output layer has no bias).
     """
-    D = as_int(embed_dim, "embed_dim", 1)
-    L = as_int(depth, "depth", 1)
-    H = as_int(heads, "heads", 1)
+    D, L, H = _sizes(embed_dim=embed_dim, depth=depth, heads=heads)
     rng = _rng(seed)
     s = 1.0 / np.sqrt(D)
     att = [rng.standard_normal((L, H, D, D)) for _ in range(4)]

@@ -17,13 +17,18 @@ from ._validate import as_int
 from .errors import InvalidArgumentError
 from .thresholds import ceil_div
 
-__all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition"]
+__all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition", "MAX_DEPTH"]
+
+#: The largest depth ``L`` (and target depth ``L̄``) accepted: a partition is a tuple of ``L̄`` sizes, and a
+#: depth of 10^30 raised OverflowError (10^9 would exhaust memory). Larger depths raise
+#: :class:`~lora_theory.errors.InvalidArgumentError`.
+MAX_DEPTH = 10 ** 6
 
 
 def uniform_partition(depth: int, target_depth: int) -> tuple[int, ...]:
     """The paper's uniform partition: ``L̄`` blocks of ``M = floor(L / L̄)`` layers, the last takes the rest."""
-    L = as_int(depth, "depth", 1)
-    Lbar = as_int(target_depth, "target_depth", 1)
+    L = as_int(depth, "depth", 1, MAX_DEPTH)
+    Lbar = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if Lbar > L:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
     M = L // Lbar
@@ -34,6 +39,8 @@ def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]
     """Validate block sizes: ``L̄`` positive integers summing to ``L``."""
     if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
         raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {partition!r}")
+    depth = as_int(depth, "depth", 1, MAX_DEPTH)
+    target_depth = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     sizes = tuple(as_int(s, f"partition[{i}]") for i, s in enumerate(partition))
     if len(sizes) != target_depth:
         raise InvalidArgumentError(
@@ -47,7 +54,16 @@ def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]
 
 
 def partition_blocks(partition: Sequence[int]) -> tuple[range, ...]:
-    """The 0-based layer indices of every block: ``(3, 1) -> (range(0, 3), range(3, 4))``."""
+    """The 0-based layer indices of every block: ``(3, 1) -> (range(0, 3), range(3, 4))``.
+
+    ``partition``: a non-empty sequence of positive integers (:class:`~lora_theory.errors.InvalidArgumentError`
+    otherwise).
+    """
+    if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
+        raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {type(partition).__name__}")
+    if len(partition) == 0:
+        raise InvalidArgumentError("partition", "must hold at least one block")
+    partition = [as_int(s, f"partition[{i}]", 1) for i, s in enumerate(partition)]
     out, start = [], 0
     for size in partition:
         out.append(range(start, start + size))
@@ -68,13 +84,17 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     depth, target_depth : int
         ``L`` and ``L̄``.
 
+    ``depth`` and ``target_depth`` are integers in ``1..MAX_DEPTH``. ``block_rank`` is called once per
+    candidate block (at most ``L̄·(L - L̄ + 1)^2`` of them, fewer as blocks repeat), and the loop takes as many
+    steps.
+
     Returns
     -------
     (partition, rank) : the block sizes and the rank they require. Ties go to the lexicographically
     smallest partition, so the result is deterministic.
     """
-    L = as_int(depth, "depth", 1)
-    Lbar = as_int(target_depth, "target_depth", 1)
+    L = as_int(depth, "depth", 1, MAX_DEPTH)
+    Lbar = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if Lbar > L:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
     if not callable(block_rank):

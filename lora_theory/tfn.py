@@ -35,8 +35,8 @@ from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .linear import _chain_adapters
 from .models import TFN
-from .numerics import (_LargestConditionNumber, check_invertible, relative_error, tolerance, verified_exact,
-                       warn_if_ill_conditioned)
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, relative_error, svd_values,
+                       tolerance, verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
 __all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancies", "tfn_matched_discrepancy_ranks"]
@@ -75,7 +75,7 @@ class TFNFit(_LargestConditionNumber):
         ``rank >= required_rank`` (:attr:`rank_sufficient`: the adapted network equals the target for every
         input in exact arithmetic) *and* float64 kept it: on the check inputs (:attr:`measured_error`) the
         relative error is within ``tolerance(kappa)``, which is at most
-        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT`.
+        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1).
     matched_errors : dict
         ``(kind, block, head) -> σ_{2R+1}`` of that matched discrepancy, with ``kind`` in
         ``{"qk", "ov", "out"}`` (``head`` ``None`` for ``"out"``): the spectral error the chain leaves on
@@ -215,7 +215,7 @@ def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     ranks = [0] * frozen.depth
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {}):
         E = matched - factors[1] @ factors[0]
-        s = np.linalg.svd(E, compute_uv=False)
+        s = svd_values(E)
         ranks[l] = max(ranks[l], int(np.sum(s > tol)))
     return tuple(ranks)
 
@@ -273,6 +273,7 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     matched_errors: dict = {}
     G = [0] * L
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, kappas):
+        check_norm_finite(matched - factors[1] @ factors[0], f"the {kind} discrepancy of block {l}")
         (first, second), E, s, rank_E, chain_kappas = _chain_adapters(
             factors, matched, (R, R), names=list(names), rank_tol=tol)
         label = f"{kind}[{l},{h}]" if h is not None else kind
