@@ -2,6 +2,16 @@
 
 Every error about what the caller passed is a :class:`ValueError` subclass that names the offending
 argument, so that ``except ValueError`` keeps working and messages say what to fix.
+
+The documented exceptions of the public functions, and the only ones they raise on any input (checked by
+tests/test_fuzz.py for every public name but the rank advice of ``advisor.py``), are the three subclasses of
+:class:`LoraTheoryError`, each with a one-line message:
+
+* :class:`InvalidArgumentError`: wrong type, shape or value, NaN or inf, a size or precision beyond a cap;
+* :class:`SingularMatrixError`: a matrix a construction must invert is singular (its ``κ`` attached);
+* :class:`NumericalError`: finite input whose float64 computation overflowed or did not converge.
+
+:class:`IllConditionedWarning` is a warning, not an error: the result is returned, with what it lost.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ._validate import as_array, as_bool, as_int, as_ranks, readonly
 from .errors import InvalidArgumentError, SingularMatrixError
 from .fnn import sample_ball
 from .models import FNN
-from .numerics import check_invertible, numeric_rank, unit_roundoff
+from .numerics import check_invertible, finite_solve, numeric_rank, unit_roundoff
 
 __all__ = ["Witness", "final_layers_witness", "lora_parameter_count", "final_layers_parameter_count"]
 
@@ -326,7 +326,7 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
         V[:n_directions, support] = rng.standard_normal((n_directions, support.size))
         V[n_directions + np.arange(support.size), support] = 1.0
         V[n_directions + support.size + np.arange(support.size), support] = -1.0
-        delta = np.linalg.solve(W1, V.T).T                                # (k, D) x' - x per unit step
+        delta = finite_solve(W1, V.T, "W_1").T                           # (k, D) x' - x per unit step
         # ball: ||x - c + t δ||^2 <= r^2, largest root t of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
         a = np.sum(delta ** 2, axis=1)
         b = delta @ (x - c)

@@ -37,7 +37,7 @@ import numpy as np
 from ._guard import numeric_guard
 from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, rng_from
 from .errors import InvalidArgumentError, SingularMatrixError
-from .linear import _chain_adapters, discrepancy_rank, product
+from .linear import _chain_checked, discrepancy_rank, product
 from .models import FNN, relu
 from .numerics import check_norm_finite, tolerance, verified_exact, warn_if_ill_conditioned
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
@@ -547,7 +547,7 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         names = [f"W_{l + 1}" for l in block]
         check_norm_finite(T - product(factors), f"E_{i + 1}")
         try:
-            block_adapters, E, s, rank_E, block_kappas = _chain_adapters(
+            block_adapters, E, s, rank_E, block_kappas = _chain_checked(
                 factors, T, ranks[block.start:block.stop], names=names)
         except SingularMatrixError as exc:
             raise SingularMatrixError(

@@ -115,6 +115,8 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
     spectral, frob = _tail(svd_values(E), k)
+    if not isinstance(norm, str):
+        raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
     if norm == "spectral":
         return spectral
     if norm == "fro":
@@ -226,6 +228,8 @@ class LinearFit(_LargestConditionNumber):
         Any other ``norm`` raises :class:`~lora_theory.errors.InvalidArgumentError`, as in
         :func:`linear_optimal_error` (it used to fall back to Frobenius silently).
         """
+        if not isinstance(norm, str):
+            raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
         if norm == "spectral":
             return float(np.linalg.norm(self.product - self.target, 2))
         if norm == "fro":
@@ -294,6 +298,18 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     return tuple(adapters), E, s, rank_E, kappas
 
 
+def _chain_checked(*args, **kwargs):
+    """:func:`_chain_adapters`, with adapters that overflowed float64 in its solves (``Q_l^{-1} E V_l`` with a
+    tiny ``Q_l``) raised as ``FloatingPointError`` (a :class:`~lora_theory.errors.NumericalError` at the public
+    function) rather than as an invalid argument ``A`` or ``B`` the caller never passed."""
+    try:
+        return _chain_adapters(*args, **kwargs)
+    except InvalidArgumentError as exc:
+        if exc.argument in ("A", "B"):
+            raise FloatingPointError(f"the adapter factors overflowed float64 in Lemma 1's solves ({exc})") from None
+        raise
+
+
 @numeric_guard
 def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
     """Optimal LoRA adapters for a chain of frozen matrices toward a target (Zeng & Lee 2024, Lemma 1).
@@ -333,7 +349,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     target = as_square(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
     check_norm_finite(target - product(frozen), "E = T - Π W")
-    adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
+    adapters, E, s, rank_E, kappas = _chain_checked(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
     k = sum(ranks)
     spectral, frob = _tail(s, k)
     model = FNN([W + a.delta for W, a in zip(frozen, adapters)], activation="linear")

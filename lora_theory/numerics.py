@@ -176,6 +176,15 @@ def svd_values(matrix) -> np.ndarray:
     return s
 
 
+def finite_solve(matrix, rhs, what: str = "a matrix") -> np.ndarray:
+    """``np.linalg.solve(matrix, rhs)``, with ``FloatingPointError`` when the solution overflows: LAPACK returns
+    ``inf`` without raising (a ``W1`` of 1e-14 against a target's 1e299 gave an infinite matched product)."""
+    x = np.linalg.solve(matrix, rhs)
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"overflow in a solve with {what}: the solution exceeds the float64 range")
+    return x
+
+
 def check_norm_finite(matrix, what: str) -> None:
     """``FloatingPointError`` when ``||matrix||_F`` (hence every singular value) exceeds the float64 range, computed
     without squaring the entries (entries of 1e200 have a finite norm)."""

@@ -33,9 +33,10 @@ from ._guard import numeric_guard
 from ._validate import as_int
 from .adapter import Adapter
 from .errors import InvalidArgumentError
-from .linear import _chain_adapters
+from .linear import _chain_checked
 from .models import TFN
-from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, relative_error, svd_values,
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, finite_solve, relative_error,
+                       svd_values,
                        tolerance, verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
@@ -126,7 +127,7 @@ def _check_pair(frozen, target):
 
 def _solve_right(M, X):
     """``X M^{-1}`` with a solve: ``solve(M^T, X^T)^T``."""
-    return np.linalg.solve(M.T, X.T).T
+    return finite_solve(M.T, X.T, "the transpose of a frozen W2").T
 
 
 def _rank_tol(frozen_factors, matched, kappa_solved):
@@ -161,7 +162,7 @@ def _matched_problems(frozen, target, kappas):
             names = (f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T")
             yield "qk", l, h, factors, names, qk_target, _rank_tol(factors, qk_target, kappa_C)
             ov = target.w1[l] @ target.wo[l, h] @ target.wv[l, h] @ C   # (D, D) T1 T_O T_V C
-            ov_target = np.linalg.solve(frozen.w1[l], ov)               # (D, D) W1^-1 T1 T_O T_V C
+            ov_target = finite_solve(frozen.w1[l], ov, f"W1[{l}]")      # (D, D) W1^-1 T1 T_O T_V C
             factors = (frozen.wv[l, h], frozen.wo[l, h])
             names = (f"W_V[{l},{h}]", f"W_O[{l},{h}]")
             yield "ov", l, h, factors, names, ov_target, _rank_tol(factors, ov_target,
@@ -274,7 +275,7 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     G = [0] * L
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, kappas):
         check_norm_finite(matched - factors[1] @ factors[0], f"the {kind} discrepancy of block {l}")
-        (first, second), E, s, rank_E, chain_kappas = _chain_adapters(
+        (first, second), E, s, rank_E, chain_kappas = _chain_checked(
             factors, matched, (R, R), names=list(names), rank_tol=tol)
         label = f"{kind}[{l},{h}]" if h is not None else kind
         for key, kappa in chain_kappas.items():
@@ -304,10 +305,10 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     w_out = frozen.w_out + adapters[("w_out", L - 1, None)].delta       # (D, D)
     b2 = np.empty((L, D))
     for l in range(L - 1):
-        b2[l] = frozen.w2[l] @ np.linalg.solve(target.w2[l], target.b2[l])  # W2 T2^-1 c2
+        b2[l] = frozen.w2[l] @ finite_solve(target.w2[l], target.b2[l], f"T2[{l}]")  # W2 T2^-1 c2
     kappas["W_out + Δ_out"] = check_invertible(
         w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
-    b2[L - 1] = np.linalg.solve(w_out, target.w_out @ target.b2[L - 1])
+    b2[L - 1] = finite_solve(w_out, target.w_out @ target.b2[L - 1], "W_out + Δ_out")
     model = TFN(adapted("wq", frozen.wq), adapted("wk", frozen.wk), adapted("wv", frozen.wv),
                 adapted("wo", frozen.wo), w1=frozen.w1, b1=target.b1, w2=w2, b2=b2, w_out=w_out)
     kappa = max(kappas.values())

@@ -243,6 +243,27 @@ def test_a_sequence_argument_refuses_generators_ints_arrays_and_strings(value):
         lt.partition_blocks(value if not isinstance(value, np.ndarray) else "x")
 
 
+def test_solve_that_overflows_in_the_transformer_raises():
+    """W1 of 1e-14 against a target W1 of 1e299: LAPACK's solve returned inf without a word, and
+    tfn_matched_discrepancies returned an infinite matched product."""
+    one = np.array([[[[0.27]]]])
+    frozen = lt.TFN(one, one, one, one, w1=np.array([[[2.7e-14]]]), b1=np.array([[0.27]]), w2=np.array([[[0.27]]]),
+                    b2=np.array([[0.27]]), w_out=np.array([[0.27]]))
+    target = frozen.replace(w1=np.array([[[2.7e299]]]))
+    for fn in (lt.tfn_matched_discrepancies, lambda f, t: lt.lora_tfn(f, t, 1)):
+        with pytest.raises(NumericalError, match="W1"):
+            fn(frozen, target)
+
+
+@pytest.mark.parametrize("norm", [np.array(["a", "b"]), np.array([1, 2])])
+def test_norm_given_as_an_array_is_refused(norm):
+    """linear_optimal_error(..., norm=array) raised numpy's 'truth value of an array is ambiguous'."""
+    with pytest.raises(InvalidArgumentError, match="norm"):
+        lt.linear_optimal_error([np.eye(2)], 2 * np.eye(2), 1, norm)
+    with pytest.raises(InvalidArgumentError, match="norm"):
+        lt.lora_linear([np.eye(2)], 2 * np.eye(2), 1).achieved_error(norm)
+
+
 # ------------------------------------------------------------------ recursion and precision cap
 
 
