@@ -44,7 +44,7 @@ from .advisor import (
 )
 from .allocation import RankAllocation, allocate_ranks, uniform_ranks
 from .bounds import ErrorBound, fnn_error_bound, fnn_error_bound_at
-from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, SingularMatrixError
+from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, NumericalError, SingularMatrixError
 from .final_layers import Witness, final_layers_parameter_count, final_layers_witness, lora_parameter_count
 from .fnn import (
     BlockFit,

@@ -116,3 +116,57 @@ def as_tolerance(value, name: str = "tol"):
     if not value >= 0 or value == float("inf"):
         raise InvalidArgumentError(name, f"must be finite and >= 0, got {value!r}")
     return value
+
+
+def as_bool(value, name: str) -> bool:
+    """A real boolean (``True``/``False`` or a numpy bool): never the truthiness of a string or a number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(name, f"must be True or False, got {value!r}")
+    return bool(value)
+
+
+def as_nonnegative(value, name: str) -> float:
+    """A finite real number ``>= 0``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(name, f"must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise InvalidArgumentError(name, f"must be finite and >= 0, got {value}")
+    return value
+
+
+def as_seed(seed, name: str = "seed"):
+    """``None``, an integer ``>= 0``, a :class:`numpy.random.SeedSequence` or a :class:`numpy.random.Generator`."""
+    if seed is None or isinstance(seed, (np.random.Generator, np.random.SeedSequence)):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise InvalidArgumentError(
+            name, f"must be None, an integer >= 0 or a numpy Generator, got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise InvalidArgumentError(name, f"must be >= 0, got {seed}")
+    return int(seed)
+
+
+def rng_from(seed, name: str = "seed") -> np.random.Generator:
+    """The generator a ``seed`` argument stands for (checked by :func:`as_seed`)."""
+    seed = as_seed(seed, name)
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def as_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """A numpy floating dtype (``float16``/``float32``/``float64``...); integers and other kinds refused."""
+    try:
+        dt = np.dtype(dtype)
+    except Exception:
+        raise InvalidArgumentError(name, f"must be a numpy floating dtype, got {dtype!r}") from None
+    if not np.issubdtype(dt, np.floating):
+        raise InvalidArgumentError(name, f"must be a floating dtype (unit roundoff is defined for those), got {dt}")
+    return dt
+
+
+def as_sequence(values, name: str, what: str = "a sequence"):
+    """``values`` as a list, refusing strings, generators, scalars and 2-D+ arrays passed where a sequence of
+    items is expected (a generator would be consumed by the first look at it)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise InvalidArgumentError(name, f"must be {what}, got {type(values).__name__}")
+    return list(values)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._guard import numeric_guard
 from ._validate import as_array, as_int, readonly
 from .errors import InvalidArgumentError
 
@@ -47,6 +48,7 @@ class Adapter:
         return cls(np.zeros((rank, in_features)), np.zeros((out_features, rank)))
 
     @classmethod
+    @numeric_guard
     def from_delta(cls, delta, rank: int | None = None) -> "Adapter":
         """Factor ``delta`` as ``B A`` through its SVD, keeping ``rank`` directions (all numeric ones by default).
 
@@ -59,6 +61,8 @@ class Adapter:
         delta = as_array(delta, "delta", ndim=2)
         r = numeric_rank(delta) if rank is None else as_int(rank, "rank", 0, min(delta.shape))
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
+        if not np.all(np.isfinite(s)):
+            raise FloatingPointError("overflow in the singular values: the 2-norm of delta exceeds the float64 range")
         return cls(vt[:r], u[:, :r] * s[:r])
 
     @property

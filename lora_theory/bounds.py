@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._guard import finite_or_raise, numeric_guard
 from ._validate import as_array, as_ranks, as_square
 from .errors import InvalidArgumentError
 from .linear import discrepancy_rank, product
 from .models import FNN
+from .numerics import svd_values
 from .fnn import _block_error, _check_models, _partition
 from .partition import partition_blocks
 
@@ -99,6 +101,7 @@ def _second_moment_trace(second_moment, D) -> float:
     return float(np.trace(S))
 
 
+@numeric_guard
 def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_moment=None) -> ErrorBound:
     """The project's per-instance bound on the error of the FNN construction at any rank (THEORY.md §2.4).
 
@@ -141,7 +144,7 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
         factors = frozen.weights[block.start:block.stop]
         T = target.weights[i]
         E = T - product(factors)                                         # (D, D)
-        s = np.linalg.svd(E, compute_uv=False)
+        s = svd_values(E)
         rank_E = discrepancy_rank(factors, T)                             # the construction's tolerance
         k = min(sum(ranks[block.start:block.stop]), rank_E)
         dirs.append(k)
@@ -151,12 +154,16 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
     a = [float(np.sqrt(trace))]
     for i in range(Lbar - 1):
         a.append(norms[i] * a[-1] + float(np.linalg.norm(target.biases[i])))
+    # Python floats overflow to inf without a word (a target weight of 1e308 gave K = inf and rms = NaN)
+    finite_or_raise("fnn_error_bound", growth_factors=K, activation_bounds=a, block_errors=eps)
     rms = float(sum(K[i] * eps[i] * a[i] for i in range(Lbar)))
+    finite_or_raise("fnn_error_bound", rms=rms, mse=rms * (rms / D))
     return ErrorBound(rms=rms, mse=rms ** 2 / D, block_errors=tuple(eps), block_directions=tuple(dirs),
                       growth_factors=tuple(K), activation_bounds=tuple(a), partition=sizes, ranks=ranks,
                       target=target)
 
 
+@numeric_guard
 def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> np.ndarray | float:
     """The per-sample form ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of the project's bound (see :func:`fnn_error_bound`).
 

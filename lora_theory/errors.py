@@ -2,6 +2,16 @@
 
 Every error about what the caller passed is a :class:`ValueError` subclass that names the offending
 argument, so that ``except ValueError`` keeps working and messages say what to fix.
+
+The documented exceptions of the public functions, and the only ones they raise on any input (checked by
+tests/test_fuzz.py for every public name but the rank advice of ``advisor.py``), are the three subclasses of
+:class:`LoraTheoryError`, each with a one-line message:
+
+* :class:`InvalidArgumentError`: wrong type, shape or value, NaN or inf, a size or precision beyond a cap;
+* :class:`SingularMatrixError`: a matrix a construction must invert is singular (its ``κ`` attached);
+* :class:`NumericalError`: finite input whose float64 computation overflowed or did not converge.
+
+:class:`IllConditionedWarning` is a warning, not an error: the result is returned, with what it lost.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ __all__ = [
     "LoraTheoryError",
     "InvalidArgumentError",
     "SingularMatrixError",
+    "NumericalError",
     "IllConditionedWarning",
 ]
 
@@ -31,7 +42,8 @@ class InvalidArgumentError(LoraTheoryError, ValueError):
 
     def __init__(self, argument: str, message: str):
         self.argument = argument
-        super().__init__(f"{argument}: {message}")
+        # one line: the repr of an offending array spans several
+        super().__init__(" ".join(f"{argument}: {message}".split()))
 
 
 class SingularMatrixError(LoraTheoryError, ValueError):
@@ -59,6 +71,31 @@ class SingularMatrixError(LoraTheoryError, ValueError):
         super().__init__(
             f"{matrix} must be invertible but is singular to working precision, κ = {kappa}{where}"
         )
+
+
+class NumericalError(LoraTheoryError, ArithmeticError):
+    """float64 arithmetic failed inside a computation: an overflow, an invalid operation (``inf - inf``,
+    ``0 · inf``) or an SVD or solve that did not converge.
+
+    Inputs are finite when this is raised (non-finite input is refused as :class:`InvalidArgumentError`);
+    their scale is too large for float64 (weights near 1e150 multiply to 1e300 and beyond), or what they
+    give is too ill-conditioned for LAPACK. The constructions refuse rather than return ``inf`` or ``NaN``
+    entries. Rescale the input, or use the exact or high-precision paths (:mod:`lora_theory.symbolic`,
+    :mod:`lora_theory.highprec`).
+
+    Attributes
+    ----------
+    operation : str
+        The public function that was running (``"lora_fnn"``...).
+    detail : str
+        numpy's or LAPACK's own message (``"overflow encountered in matmul"``...).
+    """
+
+    def __init__(self, operation: str, detail: str):
+        self.operation = operation
+        self.detail = " ".join(str(detail).split())
+        super().__init__(f"{operation}: float64 arithmetic failed ({self.detail}); the input's scale is beyond what "
+                         "float64 can carry through this computation")
 
 
 class IllConditionedWarning(UserWarning):

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import as_array, as_int, as_ranks, readonly
+from ._guard import numeric_guard
+from ._validate import as_array, as_bool, as_int, as_ranks, readonly
 from .errors import InvalidArgumentError, SingularMatrixError
 from .fnn import sample_ball
 from .models import FNN
-from .numerics import check_invertible, numeric_rank, unit_roundoff
+from .numerics import check_invertible, finite_solve, numeric_rank, unit_roundoff
 
 __all__ = ["Witness", "final_layers_witness", "lora_parameter_count", "final_layers_parameter_count"]
 
@@ -107,6 +108,7 @@ def _none(reason, center, radius):
                    center=readonly(center), radius=radius)
 
 
+@numeric_guard
 def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=None, seed=0,
                          n_starts: int = 64, n_directions: int = 32, n_refine: int = 20) -> Witness:
     """Search a ball for the pair of Lemma 4 (Zeng & Lee 2024): equal after the frozen first layer, far apart
@@ -250,6 +252,8 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     """The pair of a singular ``W_1``: ``x' = x + v``, ``v`` in its numeric kernel, both ends of a chord."""
     D = W1.shape[0]
     _, s, Vt = np.linalg.svd(W1)
+    if not np.all(np.isfinite(s)):
+        raise FloatingPointError("overflow in the singular values: the 2-norm of W_1 exceeds the float64 range")
     K = Vt[numeric_rank(W1):].T                                           # (D, k) orthonormal kernel basis
     X = np.vstack([c, sample_ball(c, r, n_starts, rng)])                  # (n, D) chord through each point
     best = _chord_search(X, K, c, r, target, rng, n_directions)
@@ -327,7 +331,7 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
         V[:n_directions, support] = rng.standard_normal((n_directions, support.size))
         V[n_directions + np.arange(support.size), support] = 1.0
         V[n_directions + support.size + np.arange(support.size), support] = -1.0
-        delta = np.linalg.solve(W1, V.T).T                                # (k, D) x' - x per unit step
+        delta = finite_solve(W1, V.T, "W_1").T                           # (k, D) x' - x per unit step
         # ball: ||x - c + t δ||^2 <= r^2, largest root t of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
         a = np.sum(delta ** 2, axis=1)
         b = delta @ (x - c)
@@ -358,8 +362,10 @@ def lora_parameter_count(width: int, depth: int, rank) -> int:
     equal counts: ``2RDL = l·D^2``, i.e. rank ``R = l·D / (2L)`` against the last ``l`` layers, which is what
     :func:`final_layers_parameter_count` returns by default (weights only), so the two compare like for like.
     """
+    from .partition import MAX_DEPTH
+
     D = as_int(width, "width", 1)
-    L = as_int(depth, "depth", 1)
+    L = as_int(depth, "depth", 1, MAX_DEPTH)                            # one rank per layer is built
     return 2 * D * sum(as_ranks(rank, L, D))
 
 
@@ -374,4 +380,4 @@ def final_layers_parameter_count(width: int, layers: int, bias: bool = False) ->
     """
     D = as_int(width, "width", 1)
     l = as_int(layers, "layers", 0)
-    return l * D * D + (l * D if bias else 0)
+    return l * D * D + (l * D if as_bool(bias, "bias") else 0)

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly
+from ._guard import numeric_guard
+from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, rng_from
 from .errors import InvalidArgumentError, SingularMatrixError
-from .linear import _chain_adapters, discrepancy_rank, product
+from .linear import _chain_checked, discrepancy_rank, product
 from .models import FNN, relu
-from .numerics import tolerance, warn_if_ill_conditioned
+from .numerics import check_norm_finite, tolerance, verified_exact, warn_if_ill_conditioned
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
 from .thresholds import ceil_div
 
@@ -91,6 +92,7 @@ def _partition(partition, L, Lbar) -> tuple[int, ...]:
     return uniform_partition(L, Lbar) if partition is None else check_partition(partition, L, Lbar)
 
 
+@numeric_guard
 def block_discrepancies(frozen: FNN, target: FNN, partition=None) -> tuple[np.ndarray, ...]:
     """The block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l``, one ``(D, D)`` array per target layer.
 
@@ -107,6 +109,7 @@ def _block_ranks(frozen, target, sizes) -> tuple[int, ...]:
                  for i, b in enumerate(partition_blocks(sizes)))
 
 
+@numeric_guard
 def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
     """``max_i ceil(rank(E_i) / |P_i|)``: the smallest uniform LoRA-rank for which the construction is exact.
 
@@ -124,6 +127,7 @@ def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
     return max(ceil_div(r, s) for r, s in zip(_block_ranks(frozen, target, sizes), sizes))
 
 
+@numeric_guard
 def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
     """The consecutive partition minimising ``max_i ceil(rank(E_i) / |P_i|)``, and that rank.
 
@@ -136,17 +140,23 @@ def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
         lambda i, start, stop: discrepancy_rank(frozen.weights[start:stop], target.weights[i]), L, Lbar)
 
 
+@numeric_guard
 def sample_ball(center, radius: float, n: int, seed=None) -> np.ndarray:
     """``n`` points drawn uniformly from the ball ``||x - center||_2 <= radius``, shape ``(n, D)``.
 
     ``center`` is an array ``(D,)``. Uniform in volume: a Gaussian direction times ``radius·U^{1/D}``
     (in high dimension most points lie near the sphere, where the certified biases are tightest).
+    ``seed``: None, an integer ``>= 0`` or a numpy Generator. Raises
+    :class:`~lora_theory.errors.InvalidArgumentError` for an empty or non-finite centre, a radius that is not
+    positive and finite, a bad ``n`` or ``seed``.
     """
     center = as_array(center, "center", ndim=1)
+    if center.size == 0:
+        raise InvalidArgumentError("center", "must have at least one coordinate (D >= 1), got an empty array")
     radius = as_positive(radius, "radius")
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 0:
         raise InvalidArgumentError("n", f"must be a non-negative integer, got {n!r}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = rng_from(seed)
     D = center.shape[0]
     g = rng.standard_normal((int(n), D))                                 # (n, D)
     g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(float).tiny)
@@ -274,7 +284,11 @@ class FNNFit:
     block_fits : tuple of BlockFit
         Per-block details.
     exact : bool
-        ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block: then ``f = f̄`` on the domain.
+        The rank suffices (:attr:`rank_sufficient`: then ``f = f̄`` on the domain in exact arithmetic) *and*
+        float64 kept it: on the check points of the domain (:attr:`measured_error`) the adapted network is
+        within :attr:`tolerance` of the target relative to ``s_out``, and ``tolerance ·``
+        :attr:`radius_amplification` is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1: the
+        bound keeps at least the order of magnitude of outputs within distance 1 of the centre).
     condition_numbers : dict of str -> float
         ``κ`` of every matrix inverted, named ``"block i: Q_j"`` / ``"block i: P_j"`` (1-based, ``j`` local
         to the block).
@@ -282,7 +296,10 @@ class FNNFit:
         The largest of them (1 when nothing was inverted).
     gamma : float
         The bias amplification ``γ = Σ_i γ_i``, with
-        ``γ_i = Σ_{j=1..m_i} ||M_{m_i} ... M_{j+1}||_2 (||M_j||_2 s_{j-1} + ||b_j||_2) / s_out``: ``s_{j-1}``
+        ``γ_i = (Σ_{j=1..m_i} ||M_{m_i} ... M_{j+1}||_2 ((||W_j||_2 + ||Δ_j||_2) s_{j-1} + ||b_j||_2)
+        + (||T_i||_2 + ||Π_{l ∈ P_i} W_l||_2) s_0) / s_out`` (the adapted factor ``M_j = W_j + Δ_j`` rounds
+        relative to the magnitudes added, and the block product inherits the rounding of
+        ``E_i = T_i - Π W_l``, relative to both terms of the difference): ``s_{j-1}``
         bounds the norm of the input to layer ``j`` of block ``i`` on the domain (ball:
         ``||P_{j-1} u_0|| + r·||P_{j-1}||_2 + β_{j-1}√D``; samples: the largest sampled norm), ``s_out`` the
         norm of the block's output (ball: the next radius; samples: the largest sampled pre-activation).
@@ -305,6 +322,14 @@ class FNNFit:
         :attr:`absolute_tolerance` or :meth:`tolerance_at` there.
     frozen, target : FNN
         The inputs.
+    rank_sufficient : bool
+        ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block (Theorems 3 / 6: exact in exact arithmetic).
+    measured_error : float
+        ``max ||f(x) - f̄(x)||_2 / s_out`` over the check points, computed in float64 after the construction:
+        for a ball, its centre, the points of the sphere where each linearised ReLU of the first block is
+        closest to switching (``u_0 - r·p_k / ||p_k||``, ``p_k`` row ``k`` of ``P_j``), 64 points drawn
+        uniformly in the ball and 16 within distance 1 of the centre; for samples, the samples (at most
+        1024 of them, evenly spaced).
     """
 
     adapters: tuple
@@ -320,6 +345,8 @@ class FNNFit:
     tolerance: float
     frozen: FNN = field(repr=False, default=None)
     target: FNN = field(repr=False, default=None)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
 
     @property
     def output_radius(self) -> float:
@@ -456,6 +483,7 @@ def _domain_args(input_radius, center, inputs, margin, D):
     return "samples", None, None, X
 
 
+@numeric_guard
 def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=None, center=None,
              inputs=None, margin: float = 2.0) -> FNNFit:
     """LoRA adapters and biases that make a frozen ReLU FNN equal a shallower target on a domain.
@@ -515,13 +543,15 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
     sqrtD = math.sqrt(D)
 
     adapters, weights, biases, block_fits, kappas, input_radii = [], [], [], [], {}, []
+    first_block_partials = []                                             # P_j of block 1, for the check
     U = X                                                                 # (n, D) sampled block inputs
     for i, block in enumerate(partition_blocks(sizes)):
         factors = frozen.weights[block.start:block.stop]
         T, c = target.weights[i], target.biases[i]
         names = [f"W_{l + 1}" for l in block]
+        check_norm_finite(T - product(factors), f"E_{i + 1}")
         try:
-            block_adapters, E, s, rank_E, block_kappas = _chain_adapters(
+            block_adapters, E, s, rank_E, block_kappas = _chain_checked(
                 factors, T, ranks[block.start:block.stop], names=names)
         except SingularMatrixError as exc:
             raise SingularMatrixError(
@@ -540,10 +570,14 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         input_radii.append(r if kind == "ball" else in_size)
         levels, block_biases = [], []
         beta_prev, P = 0.0, np.eye(D)
-        rounding = []                                                     # ||M_j|| s_{j-1} + ||b_j|| per layer
+        rounding = []                                                     # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+        added = [float(np.linalg.norm(W, 2) + np.linalg.norm(a.delta, 2))      # magnitudes summed in M_j
+                 for W, a in zip(factors, block_adapters)]
         s_prev = in_size
         for j in range(m - 1):
             P = M[j] @ P                                                  # (D, D) P_j
+            if i == 0:
+                first_block_partials.append(P)
             if not linearise:
                 beta = 0.0
             elif kind == "ball":
@@ -557,7 +591,7 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
             b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))       # (D,)
             block_biases.append(b)
             levels.append(beta)
-            rounding.append(np.linalg.norm(M[j], 2) * s_prev + np.linalg.norm(b))
+            rounding.append(added[j] * s_prev + np.linalg.norm(b))
             # s_j: the input to layer j + 1 is P_j u + β_j·1 (ReLU active)
             if kind == "ball":
                 s_prev = float(np.linalg.norm(P @ u0) + r * np.linalg.norm(P, 2) + beta * sqrtD)
@@ -579,10 +613,12 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
                     out_size = float(np.max(np.linalg.norm(Z, axis=1)))
                 if linearise and (block.start + j < L - 1 or frozen.final_relu):
                     Z = relu(Z)
-        rounding.append(np.linalg.norm(M[-1], 2) * s_prev + np.linalg.norm(b_last))
+        rounding.append(added[-1] * s_prev + np.linalg.norm(b_last))
         # each layer's rounding reaches the block output through the adapted layers after it
         after = [float(np.linalg.norm(product(M[j + 1:]), 2)) for j in range(m - 1)] + [1.0]
         amplified = sum(a * t for a, t in zip(after, rounding))
+        # E_i = T_i - Π W_l is a float64 difference: W̃_i inherits its rounding, relative to both terms
+        amplified += float(np.linalg.norm(T, 2) + np.linalg.norm(product(factors), 2)) * in_size
         gamma_i = float(amplified / out_size) if out_size > 0 else 0.0
 
         k_i = sum(a.rank for a in block_adapters)
@@ -612,10 +648,12 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         margin=float(margin) if kind == "samples" else None,
         n_samples=int(X.shape[0]) if kind == "samples" else None,
         block_input_radii=tuple(float(v) for v in input_radii))
+    sufficient = all(b.exact for b in block_fits)
     fit = FNNFit(
         adapters=tuple(adapters), model=model, ranks=ranks, partition=sizes, block_fits=tuple(block_fits),
-        exact=all(b.exact for b in block_fits), condition_numbers=kappas, kappa=kappa, gamma=gamma,
-        domain=domain, tolerance=tolerance(kappa, gamma), frozen=frozen, target=target)
+        exact=sufficient, condition_numbers=kappas, kappa=kappa, gamma=gamma,
+        domain=domain, tolerance=tolerance(kappa, gamma), frozen=frozen, target=target,
+        rank_sufficient=sufficient)
     a = fit.radius_amplification
     reason = "" if a <= 1 else (
         f"on inputs within distance 1 of the centre, whose outputs can be a = {a:.3g} times smaller than the "
@@ -623,4 +661,38 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         "a smaller ball if the inputs are smaller")
     warn_if_ill_conditioned(kappa, gamma, what="FNN construction (Theorem 3)", amplification=a,
                             amplification_reason=reason)
+    # check the claim on what float64 built, on the fit's own domain
+    points = _check_points(domain, X, first_block_partials)
+    s_out = fit.output_radius
+    miss = float(np.max(np.linalg.norm(model(points) - target(points), axis=1)))
+    measured = miss / s_out if s_out > 0 else miss
+    exact = verified_exact(sufficient, measured, fit.tolerance, a, what="FNN construction (Theorem 3)")
+    object.__setattr__(fit, "exact", exact)
+    object.__setattr__(fit, "measured_error", measured)
     return fit
+
+
+#: How many sampled points :func:`lora_fnn` checks its fit on, beside the points where ReLUs switch first.
+CHECK_SAMPLES = 64
+
+
+def _check_points(domain: Domain, X, partials) -> np.ndarray:
+    """The inputs :func:`lora_fnn` checks its result on (see :attr:`FNNFit.measured_error`), shape ``(n, D)``.
+
+    ``X``: the samples of a sample domain; ``partials``: the partial products ``P_j`` of the first block.
+    """
+    if domain.kind == "samples":
+        if X.shape[0] > 1024:
+            X = X[np.linspace(0, X.shape[0] - 1, 1024).astype(int)]
+        return X
+    u0, r = domain.center, float(domain.radius)
+    points = [u0[None, :]]
+    for P in partials:                                                    # P_j of the first block, (D, D)
+        rows = np.linalg.norm(P, axis=1)                                  # (D,)
+        keep = rows > 0
+        # where row k of P_j u + β_j is smallest on the ball: u_0 - r p_k / ||p_k||
+        points.append(u0 - r * (P[keep] / rows[keep, None]) * (1.0 - 1e-12))
+    rng = np.random.default_rng(0)
+    points.append(sample_ball(u0, r, CHECK_SAMPLES, seed=rng))
+    points.append(sample_ball(u0, min(r, 1.0), 16, seed=rng))
+    return np.concatenate(points, axis=0)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import mpmath
 import numpy as np
 
+from ._guard import numeric_guard
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
@@ -60,24 +61,40 @@ SAFETY_DIGITS = 8
 #: precision ask for more than this many digits beyond it (the float64 estimates are close, and the
 #: safety digits cover small differences).
 RERUN_DIGITS = 2
+#: The largest working precision accepted, in significant decimal digits, given or chosen. Every float64
+#: ``κ`` and ``γ`` (at most 1.8e308) asks :func:`choose_digits` for at most 16 + 309 + 309 + 8 = 642 digits.
+#: Measured: a two-layer chain of width 8 took 0.2 s at 1000 digits, one of width 16 took 1.6 s at 300
+#: digits; a construction at ``digits=10**7`` did not return within 20 s. Larger requests are refused with
+#: :class:`~lora_theory.errors.InvalidArgumentError`.
+MAX_DIGITS = 1000
 _mp = mpmath.mp
 
 
+@numeric_guard
 def choose_digits(kappa: float, gamma: float = 0.0, *, target_digits: int = TARGET_DIGITS,
                   safety: int = SAFETY_DIGITS) -> int:
     """Decimal digits for a construction that inverts matrices of condition ``κ`` and amplifies by ``γ``.
 
     ``ceil(target_digits + log10(max(κ, 1)) + log10(max(γ, 1)) + safety)``: the construction loses about
     ``log10(κ + γ) <= log10 κ + log10 γ`` digits (THEORY.md §1: relative error ``u·(κ + γ)``), and
-    ``target_digits`` must survive. ``κ`` or ``γ`` infinite (singular in float64) is refused.
+    ``target_digits`` must survive. ``κ`` or ``γ`` infinite (singular in float64) is refused, as are
+    ``target_digits`` and ``safety`` that are not integers in ``0..MAX_DIGITS`` and a result above
+    :data:`MAX_DIGITS` (1000 digits), all with :class:`~lora_theory.errors.InvalidArgumentError`.
     """
     for name, v in (("kappa", kappa), ("gamma", gamma)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not v >= 0:
             raise InvalidArgumentError(name, f"must be a non-negative real number, got {v!r}")
         if not math.isfinite(v):
             raise InvalidArgumentError(name, "is infinite: the matrix is singular, no precision helps")
-    return int(math.ceil(target_digits + math.log10(max(float(kappa), 1.0))
-                         + math.log10(max(float(gamma), 1.0)) + safety))
+    target_digits = as_int(target_digits, "target_digits", 0, MAX_DIGITS)
+    safety = as_int(safety, "safety", 0, MAX_DIGITS)
+    digits = int(math.ceil(target_digits + math.log10(max(float(kappa), 1.0))
+                           + math.log10(max(float(gamma), 1.0)) + safety))
+    if digits > MAX_DIGITS:
+        raise InvalidArgumentError(
+            "kappa", f"κ = {float(kappa):.3g}, γ = {float(gamma):.3g} with {target_digits} digits kept and {safety} "
+                     f"safety need {digits} digits, beyond the cap MAX_DIGITS = {MAX_DIGITS}")
+    return digits
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,7 @@ class PrecisionAdvice:
         return self.message
 
 
+@numeric_guard
 def suggest_precision(fit) -> PrecisionAdvice:
     """Advice for a float64 fit (:class:`~lora_theory.LinearFit`, :class:`~lora_theory.fnn.FNNFit`, ...).
 
@@ -237,6 +255,10 @@ def _check_digits(digits):
         return None
     if isinstance(digits, (bool, np.bool_)) or not isinstance(digits, numbers.Integral) or digits < 16:
         raise InvalidArgumentError("digits", f"must be an integer >= 16 (or None to choose), got {digits!r}")
+    if digits > MAX_DIGITS:
+        raise InvalidArgumentError(
+            "digits", f"must be at most MAX_DIGITS = {MAX_DIGITS} (the cost grows as digits^1.6 per operation), "
+                      f"got {digits}")
     return int(digits)
 
 
@@ -316,7 +338,10 @@ def _warn_if_too_few_digits(fit, what, stacklevel=3):
         u = float(_mp.eps) / 2
     expected = u * (fit.kappa + fit.gamma)
     if expected > WARN_RELATIVE_ERROR:
-        needed = choose_digits(fit.kappa, fit.gamma)
+        try:
+            needed = choose_digits(fit.kappa, fit.gamma)
+        except InvalidArgumentError:
+            needed = f"more than MAX_DIGITS = {MAX_DIGITS}"
         warnings.warn(
             f"{what} at digits={fit.digits} is ill-conditioned: κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g}; expect "
             f"relative errors near u·(κ + γ) = {expected:.2g} at that precision; {needed} digits are needed "
@@ -337,7 +362,7 @@ def _at_precision(build, float64_run, digits, what, least=16):
     digits = max(choose_digits(kappa, gamma), least)
     fit = build(digits, f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + "
                         f"log10 γ + {SAFETY_DIGITS} safety" + (f" (at least {least})" if least > 16 else ""))
-    needed = choose_digits(fit.kappa, fit.gamma)
+    needed = choose_digits(fit.kappa, fit.gamma)                     # refuses more than MAX_DIGITS
     if needed > digits + RERUN_DIGITS:
         fit = build(needed, f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits")
     return fit
@@ -434,6 +459,7 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
         return Y[0] if x.ndim == 1 else Y
 
 
+@numeric_guard
 def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=None) -> HighPrecisionLinearFit:
     """Lemma 1's construction (Zeng & Lee 2024, Lemma 1 (linear models)) at raised precision.
 
@@ -445,7 +471,7 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
         ``T``.
     rank : int in 0..D, or sequence of L such ints
         ``R`` or per-layer ``R_l``.
-    digits : int >= 16, or None
+    digits : int in 16..MAX_DIGITS (1000), or None
         Significant decimal digits. ``None`` chooses :func:`choose_digits` from the float64 construction's
         ``κ`` (and raises it if the ``κ`` found at that precision asks for more).
     rank_tol : float, optional
@@ -599,6 +625,7 @@ class HighPrecisionFNNFit:
         return max(self.block_errors)
 
 
+@numeric_guard
 def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius, center=None,
                 digits: int | None = None, rank_tol=None) -> HighPrecisionFNNFit:
     """Theorem 3 (uniform partition) / Theorem 6 (general partition) of Zeng & Lee 2024 at raised precision.
@@ -619,7 +646,7 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
     input_radius : float
         Radius of the certified input ball (ball domain only).
     center : array (D,), optional
-    digits : int >= 16, or None
+    digits : int in 16..MAX_DIGITS (1000), or None
         ``None``: :func:`choose_digits` ``(κ, γ)`` of the float64 construction, raised when the values found
         at that precision ask for more.
     rank_tol : float, optional
@@ -683,7 +710,10 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             exact = exact and sum(ranks[block.start:block.stop]) >= rank_E
             m = len(M)
             in_size = float(_mp.norm(u0)) + float(r)
-            s_prev, rounding = in_size, []                              # ||M_j|| s_{j-1} + ||b_j|| per layer
+            s_prev, rounding = in_size, []                              # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+            # magnitudes summed in M_j = W_j + Δ_j, as the float64 path counts them (FNNFit.gamma)
+            added = [float(np.linalg.norm(frozen.weights[l], 2)) + float(np.linalg.norm(_np(Mj) - frozen.weights[l], 2))
+                     for l, Mj in zip(block, M)]
             beta_prev = _mp.mpf(0)
             P = _eye(n)
             levels, block_biases = [], []
@@ -700,7 +730,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
                 b = one * beta - M[j] * (one * beta_prev)               # (n, 1)
                 block_biases.append(b)
                 levels.append(beta)
-                rounding.append(float(np.linalg.norm(_np(M[j]), 2)) * s_prev + float(_mp.norm(b)))
+                rounding.append(added[j] * s_prev + float(_mp.norm(b)))
                 s_prev = float(_mp.norm(Pu0)) + float(r) * float(np.linalg.norm(_np(P), 2)) + float(beta) * math.sqrt(n)
                 beta_prev = beta
             b_last = c - M[-1] * (one * beta_prev)
@@ -716,11 +746,14 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             all_levels.append(tuple(levels))
             norm_Wt = float(np.linalg.norm(_np(W_tilde), 2)) * (1 + 1e-12)
             out_size = norm_Wt * float(r) + float(_mp.norm(W_tilde * u0 + c))
-            rounding.append(float(np.linalg.norm(_np(M[-1]), 2)) * s_prev + float(_mp.norm(b_last)))
+            rounding.append(added[-1] * s_prev + float(_mp.norm(b_last)))
             # each layer's rounding reaches the block output through the adapted layers after it
             Mf = [_np(Mj) for Mj in M]
             after = [float(np.linalg.norm(_float_product(Mf[j + 1:], n), 2)) for j in range(m - 1)] + [1.0]
             amplified = sum(a * t for a, t in zip(after, rounding))
+            # and the rounding of E_i = T_i - Π W_l (FNNFit.gamma)
+            amplified += (float(np.linalg.norm(target.weights[i], 2))
+                          + float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2))) * in_size
             gamma += amplified / out_size if out_size > 0 else 0.0
             weights.extend(M)
             biases.extend(block_biases)
@@ -891,6 +924,7 @@ def _nested_np(v):
     return _np(v)[:, 0] if v.cols == 1 else _np(v)
 
 
+@numeric_guard
 def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisionTFNFit:
     """Theorem 7's construction (Zeng & Lee 2024, Theorem 7 (transformers)) at raised precision.
 
@@ -908,7 +942,7 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
     frozen, target : TFN
         As :func:`lora_theory.lora_tfn`.
     rank : int in 0..D
-    digits : int >= 16, or None
+    digits : int in 16..MAX_DIGITS (1000), or None
         ``None``: :func:`choose_digits` of the float64 construction's ``κ`` (and at least 30), raised when
         the ``κ`` found at that precision asks for more.
 

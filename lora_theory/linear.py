@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._guard import numeric_guard
 from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
 from .models import FNN
-from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, svd_values, tolerance,
+                       verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
 __all__ = [
@@ -50,17 +52,23 @@ __all__ = [
 ]
 
 
+@numeric_guard
 def product(matrices) -> np.ndarray:
-    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix)."""
-    matrices = list(matrices)
-    if not matrices:
+    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix).
+
+    ``matrices``: a sequence of finite square float arrays of one side
+    (:class:`~lora_theory.errors.InvalidArgumentError` otherwise).
+    """
+    if isinstance(matrices, (list, tuple)) and not matrices:
         raise InvalidArgumentError("matrices", "the product of no matrices needs a width; pass at least one")
+    matrices = as_square_sequence(matrices, "matrices")
     out = np.eye(matrices[0].shape[0])
     for M in matrices:
         out = M @ out
     return out
 
 
+@numeric_guard
 def discrepancy(frozen, target) -> np.ndarray:
     """``E = T - W_L ... W_1``, shape ``(D, D)``."""
     frozen = as_square_sequence(frozen, "frozen")
@@ -73,6 +81,7 @@ def _rank_scale(frozen, target) -> float:
     return max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
 
 
+@numeric_guard
 def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     """Numeric ``rank(E)``.
 
@@ -85,7 +94,7 @@ def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     target = as_square(target, "target", frozen[0].shape[0])
     tol = as_tolerance(tol, "tol")
     E = target - product(frozen)
-    s = np.linalg.svd(E, compute_uv=False)
+    s = svd_values(E)
     if tol is None:
         tol = E.shape[0] * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
     return int(np.sum(s > tol))
@@ -102,6 +111,7 @@ def _total_rank(rank, depth, width) -> int:
     return sum(as_ranks(rank, depth, width))
 
 
+@numeric_guard
 def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     """The optimum of Lemma 1: ``σ_{k+1}(E)`` (``norm="spectral"``) or ``sqrt(Σ_{j>k} σ_j(E)^2)`` (``"fro"``).
 
@@ -109,7 +119,9 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     """
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
-    spectral, frob = _tail(np.linalg.svd(E, compute_uv=False), k)
+    spectral, frob = _tail(svd_values(E), k)
+    if not isinstance(norm, str):
+        raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
     if norm == "spectral":
         return spectral
     if norm == "fro":
@@ -117,13 +129,15 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
 
 
+@numeric_guard
 def linear_gaussian_mse(frozen, target, rank) -> float:
     """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (THEORY.md §2.1)."""
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
-    return _tail(np.linalg.svd(E, compute_uv=False), k)[1] ** 2 / E.shape[0]
+    return _tail(svd_values(E), k)[1] ** 2 / E.shape[0]
 
 
+@numeric_guard
 def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
     """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1).
 
@@ -154,9 +168,16 @@ class LinearFit(_LargestConditionNumber):
     spectral_error, frobenius_error, gaussian_mse : float
         Predicted optimum: ``σ_{k+1}(E)``, ``sqrt(Σ_{j>k} σ_j^2)``, ``Σ_{j>k} σ_j^2 / D``.
     exact : bool
-        ``Σ R_l >= rank(E)``.
+        ``Σ R_l >= rank(E)`` (:attr:`rank_sufficient`) *and* float64 kept it: the measured
+        ``||Π(W_l + Δ_l) - T||_2``, relative to ``max(||T||_2, ||Π W||_2)``, is within
+        ``tolerance(kappa, gamma)``, and that tolerance times ``max(||T||, ||Π W||) / ||T||`` (the same
+        bound relative to the target) is at most :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1).
     condition_numbers : dict of str -> float
         ``κ`` of every matrix the construction solved with (``"Q_l"``, ``"P_l"``, 1-based ``l``).
+    rank_sufficient : bool
+        Lemma 1's condition ``Σ R_l >= rank(E)`` (exact in exact arithmetic).
+    measured_error : float
+        ``||Π(W_l + Δ_l) - T||_2 / max(||T||_2, ||Π W||_2)`` as computed in float64 after the construction.
 
     The properties ``kappa`` (largest of those) and ``gamma`` (size of the largest layer term of the
     product, relative to ``max(||T||, ||Π W||)``) give the tolerance ``tolerance(kappa, gamma)``.
@@ -175,6 +196,8 @@ class LinearFit(_LargestConditionNumber):
     gaussian_mse: float
     exact: bool
     condition_numbers: dict = field(default_factory=dict)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
 
     @property
     def ranks_used(self) -> tuple:
@@ -182,9 +205,11 @@ class LinearFit(_LargestConditionNumber):
 
     @property
     def gamma(self) -> float:
-        """Amplification ``γ = max_l ||Q_l||_2 ||W_l + Δ_l||_2 ||P_l||_2 / max(||T||_2, ||Π W||_2)``.
+        """Amplification ``γ = max_l ||Q_l||_2 (||W_l||_2 + ||Δ_l||_2) ||P_l||_2 / max(||T||_2, ||Π W||_2)``.
 
-        Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product; when ``Δ_l`` is large (solves with
+        Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product, and ``W_l + Δ_l`` is a float64 sum
+        that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen
+        entry of 1e12 cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large (solves with
         ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far
         exceed either ``κ``), the rounding of the adapted product grows with this size, not with ``κ``
         alone. The achieved product is within ``c·u·(κ + γ)`` (relative to the same scale) of
@@ -208,6 +233,8 @@ class LinearFit(_LargestConditionNumber):
         Any other ``norm`` raises :class:`~lora_theory.errors.InvalidArgumentError`, as in
         :func:`linear_optimal_error` (it used to fall back to Frobenius silently).
         """
+        if not isinstance(norm, str):
+            raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
         if norm == "spectral":
             return float(np.linalg.norm(self.product - self.target, 2))
         if norm == "fro":
@@ -216,13 +243,14 @@ class LinearFit(_LargestConditionNumber):
 
 
 def _chain_gamma(frozen, adapted, target) -> float:
-    """``max_l ||Q_l|| ||M_l|| ||P_l|| / max(||T||, ||Π W||)`` (2-norms; see :attr:`LinearFit.gamma`)."""
+    """``max_l ||Q_l|| (||W_l|| + ||M_l - W_l||) ||P_l|| / max(||T||, ||Π W||)`` (2-norms; see :attr:`LinearFit.gamma`)."""
     L = len(frozen)
     scale = _rank_scale(frozen, target)
     gamma, P = 0.0, np.eye(frozen[0].shape[0])
     for l in range(L):
         Q = product(frozen[l + 1:]) if l < L - 1 else np.eye(frozen[0].shape[0])
-        size = np.linalg.norm(Q, 2) * np.linalg.norm(adapted[l], 2) * np.linalg.norm(P, 2)
+        added = np.linalg.norm(frozen[l], 2) + np.linalg.norm(adapted[l] - frozen[l], 2)   # magnitudes summed
+        size = np.linalg.norm(Q, 2) * added * np.linalg.norm(P, 2)
         gamma = max(gamma, size / scale if scale > 0 else size)
         P = adapted[l] @ P
     return float(gamma)
@@ -407,6 +435,19 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     return adapters, E, s, rank_E, kappas
 
 
+def _chain_checked(*args, **kwargs):
+    """:func:`_chain_adapters`, with adapters that overflowed float64 in its solves (``Q_l^{-1} E V_l`` with a
+    tiny ``Q_l``) raised as ``FloatingPointError`` (a :class:`~lora_theory.errors.NumericalError` at the public
+    function) rather than as an invalid argument ``A`` or ``B`` the caller never passed."""
+    try:
+        return _chain_adapters(*args, **kwargs)
+    except InvalidArgumentError as exc:
+        if exc.argument in ("A", "B"):
+            raise FloatingPointError(f"the adapter factors overflowed float64 in Lemma 1's solves ({exc})") from None
+        raise
+
+
+@numeric_guard
 def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
     """Optimal LoRA adapters for a chain of frozen matrices toward a target (Zeng & Lee 2024, Lemma 1).
 
@@ -448,17 +489,29 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
-    adapters, E, s, rank_E, kappas = _chain_adapters(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
+    check_norm_finite(target - product(frozen), "E = T - Π W")
+    adapters, E, s, rank_E, kappas = _chain_checked(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
     k = sum(ranks)
     spectral, frob = _tail(s, k)
     model = FNN([W + a.delta for W, a in zip(frozen, adapters)], activation="linear")
+    kappa = max(kappas.values(), default=1.0)
+    gamma = _chain_gamma(frozen, model.weights, target)
     if kappas:
-        warn_if_ill_conditioned(max(kappas.values()), _chain_gamma(frozen, model.weights, target),
-                                what="linear construction (Lemma 1)")
+        warn_if_ill_conditioned(kappa, gamma, what="linear construction (Lemma 1)")
+    # check the claim on what float64 built: the adapted product against the target, relative to the scale
+    # the tolerance is relative to; the amplification carries it to the target's own size
+    scale = _rank_scale(frozen, target)
+    miss = float(np.linalg.norm(product(model.weights) - target, 2))
+    measured = miss / scale if scale > 0 else miss
+    norm_T = float(np.linalg.norm(target, 2))
+    amplification = scale / norm_T if norm_T > 0 else 1.0
+    exact = verified_exact(k >= rank_E, measured, tolerance(kappa, gamma), amplification,
+                           what="linear construction (Lemma 1)")
     return LinearFit(
         adapters=adapters, ranks=ranks, model=model, frozen=frozen, target=target, discrepancy=E,
         singular_values=s, error_rank=rank_E, spectral_error=spectral, frobenius_error=frob,
-        gaussian_mse=frob ** 2 / D, exact=k >= rank_E, condition_numbers=kappas)
+        gaussian_mse=frob ** 2 / D, exact=exact, condition_numbers=kappas, rank_sufficient=k >= rank_E,
+        measured_error=measured)
 
 
 @dataclass(frozen=True)
@@ -498,6 +551,7 @@ def _ratio(a, b):
     return 1.0 if a == 0 else float("inf")
 
 
+@numeric_guard
 def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     """Score any adapters (trained, or the user's own) against the optimum of Lemma 1.
 
@@ -538,7 +592,7 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
             ranks.append(ad.rank)
     k = sum(ranks)
     residual = product([W + d for W, d in zip(frozen, deltas)]) - target
-    s = np.linalg.svd(target - product(frozen), compute_uv=False)
+    s = svd_values(target - product(frozen))
     spectral, frob = _tail(s, k)
     achieved_f = float(np.linalg.norm(residual, "fro"))
     return OptimalityGap(

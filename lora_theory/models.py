@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ._validate import as_array, as_int, as_square, as_square_sequence, readonly
+from ._guard import numeric_guard
+from ._validate import (as_array, as_bool, as_int, as_nonnegative, as_square, as_square_sequence, readonly,
+                        rng_from)
 from .errors import InvalidArgumentError
 
 __all__ = ["FNN", "TFN", "random_fnn", "random_linear", "random_tfn", "relu", "softmax_columns"]
@@ -65,15 +67,18 @@ class FNN:
         else:
             if isinstance(self.biases, np.ndarray) and self.biases.ndim == 1:
                 raise InvalidArgumentError("biases", "must be a sequence of vectors (one per layer)")
+            if isinstance(self.biases, (str, bytes)) or not isinstance(self.biases, (Sequence, np.ndarray)):
+                raise InvalidArgumentError(
+                    "biases", f"must be a sequence of vectors (one per layer) or None, got {type(self.biases).__name__}")
             if len(self.biases) != len(weights):
                 raise InvalidArgumentError(
                     "biases", f"must give one bias per layer ({len(weights)}), got {len(self.biases)}")
             biases = tuple(as_array(b, f"biases[{i}]", shape=(D,)) for i, b in enumerate(self.biases))
-        if self.activation not in ("relu", "linear"):
+        if not isinstance(self.activation, str) or self.activation not in ("relu", "linear"):
             raise InvalidArgumentError("activation", f"must be 'relu' or 'linear', got {self.activation!r}")
         object.__setattr__(self, "weights", tuple(readonly(w) for w in weights))
         object.__setattr__(self, "biases", tuple(readonly(b) for b in biases))
-        object.__setattr__(self, "final_relu", bool(self.final_relu))
+        object.__setattr__(self, "final_relu", as_bool(self.final_relu, "final_relu"))
 
     @property
     def width(self) -> int:
@@ -90,6 +95,7 @@ class FNN:
             return pre
         return relu(pre)
 
+    @numeric_guard
     def activations(self, x) -> list[np.ndarray]:
         """``[z_0, z_1, ..., z_L]`` for an input of shape ``(D,)`` or ``(n, D)``."""
         z = self._check_input(x)
@@ -196,12 +202,15 @@ class TFN:
         params.update(changes)
         return TFN(**params)
 
+    @numeric_guard
     def block_outputs(self, X) -> list[np.ndarray]:
-        """``[Z_0, Z_1, ..., Z_L]``, each shaped like the input (``(D, N)`` or ``(n, D, N)``)."""
+        """``[Z_0, Z_1, ..., Z_L]``, each shaped like the input (``(D, N)`` or ``(n, D, N)``, ``N >= 1`` tokens)."""
         Z = as_array(X, "X")
         if Z.ndim not in (2, 3) or Z.shape[-2] != self.embed_dim:
             raise InvalidArgumentError(
                 "X", f"must have shape (D, N) or (n, D, N) with D = {self.embed_dim}, got {Z.shape}")
+        if Z.shape[-1] == 0:
+            raise InvalidArgumentError("X", "must hold at least one token (N >= 1): attention over no keys is undefined")
         out = [Z]
         for l in range(self.depth):
             A = np.zeros_like(Z)
@@ -220,8 +229,21 @@ class TFN:
         return self.w_out @ self.block_outputs(X)[-1]
 
 
+#: The largest width (and number of heads) the random generators draw: a float64 matrix of side 32768 takes
+#: 8 GiB, and a width of 10^30 failed inside numpy. Larger sizes raise :class:`InvalidArgumentError`.
+MAX_RANDOM_WIDTH = 2 ** 15
+
+
+def _sizes(**sizes):
+    """Positive integer sizes for the random generators: widths and heads up to :data:`MAX_RANDOM_WIDTH`, depths
+    up to :data:`lora_theory.partition.MAX_DEPTH`."""
+    from .partition import MAX_DEPTH
+
+    return [as_int(v, name, 1, MAX_DEPTH if name == "depth" else MAX_RANDOM_WIDTH) for name, v in sizes.items()]
+
+
 def _rng(seed):
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return rng_from(seed, "seed")
 
 
 def random_fnn(width: int, depth: int, *, seed=None, activation: str = "relu", final_relu: bool = True,
@@ -229,12 +251,16 @@ def random_fnn(width: int, depth: int, *, seed=None, activation: str = "relu", f
     """A random FNN with the authors' initialisation (``torch.nn.Linear``'s default).
 
     Weights and biases ``U(-s, s)`` with ``s = 1/sqrt(D)`` unless ``scale`` is given (D=16 gives the
-    ``U(-1/4, 1/4)`` of THEORY.md §2.3). ``bias=False`` gives zero biases.
+    ``U(-1/4, 1/4)`` of THEORY.md §2.3). ``bias=False`` gives zero biases. ``width`` at most
+    :data:`MAX_RANDOM_WIDTH`, ``depth`` at most :data:`lora_theory.partition.MAX_DEPTH`. ``seed``: None, an integer
+    ``>= 0`` or a numpy Generator; ``scale`` finite and ``>= 0``; ``final_relu`` and ``bias`` booleans
+    (:class:`~lora_theory.errors.InvalidArgumentError` otherwise).
     """
-    D = as_int(width, "width", 1)
-    L = as_int(depth, "depth", 1)
+    D, L = _sizes(width=width, depth=depth)
     rng = _rng(seed)
-    s = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    bias = as_bool(bias, "bias")
+    as_bool(final_relu, "final_relu")
+    s = 1.0 / np.sqrt(D) if scale is None else as_nonnegative(scale, "scale")
     weights = [rng.uniform(-s, s, size=(D, D)) for _ in range(L)]
     biases = [rng.uniform(-s, s, size=D) for _ in range(L)] if bias else None
     return FNN(weights, biases, activation=activation, final_relu=final_relu)
@@ -251,9 +277,7 @@ def random_tfn(embed_dim: int, depth: int, heads: int, *, seed=None) -> TFN:
     Attention matrices ``N(0, 1)``; feed-forward weights and biases and the output layer
     ``U(-1/sqrt(D), 1/sqrt(D))`` (``nn.Linear`` default; the output layer has no bias).
     """
-    D = as_int(embed_dim, "embed_dim", 1)
-    L = as_int(depth, "depth", 1)
-    H = as_int(heads, "heads", 1)
+    D, L, H = _sizes(embed_dim=embed_dim, depth=depth, heads=heads)
     rng = _rng(seed)
     s = 1.0 / np.sqrt(D)
     att = [rng.standard_normal((L, H, D, D)) for _ in range(4)]

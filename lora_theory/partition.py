@@ -17,13 +17,18 @@ from ._validate import as_int
 from .errors import InvalidArgumentError
 from .thresholds import ceil_div
 
-__all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition"]
+__all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition", "MAX_DEPTH"]
+
+#: The largest depth ``L`` (and target depth ``L̄``) accepted: a partition is a tuple of ``L̄`` sizes, and a
+#: depth of 10^30 raised OverflowError (10^9 would exhaust memory). Larger depths raise
+#: :class:`~lora_theory.errors.InvalidArgumentError`.
+MAX_DEPTH = 10 ** 6
 
 
 def uniform_partition(depth: int, target_depth: int) -> tuple[int, ...]:
     """The paper's uniform partition: ``L̄`` blocks of ``M = floor(L / L̄)`` layers, the last takes the rest."""
-    L = as_int(depth, "depth", 1)
-    Lbar = as_int(target_depth, "target_depth", 1)
+    L = as_int(depth, "depth", 1, MAX_DEPTH)
+    Lbar = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if Lbar > L:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
     M = L // Lbar
@@ -34,6 +39,8 @@ def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]
     """Validate block sizes: ``L̄`` positive integers summing to ``L``."""
     if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
         raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {partition!r}")
+    depth = as_int(depth, "depth", 1, MAX_DEPTH)
+    target_depth = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     sizes = tuple(as_int(s, f"partition[{i}]") for i, s in enumerate(partition))
     if len(sizes) != target_depth:
         raise InvalidArgumentError(
@@ -47,7 +54,16 @@ def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]
 
 
 def partition_blocks(partition: Sequence[int]) -> tuple[range, ...]:
-    """The 0-based layer indices of every block: ``(3, 1) -> (range(0, 3), range(3, 4))``."""
+    """The 0-based layer indices of every block: ``(3, 1) -> (range(0, 3), range(3, 4))``.
+
+    ``partition``: a non-empty sequence of positive integers (:class:`~lora_theory.errors.InvalidArgumentError`
+    otherwise).
+    """
+    if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
+        raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {type(partition).__name__}")
+    if len(partition) == 0:
+        raise InvalidArgumentError("partition", "must hold at least one block")
+    partition = [as_int(s, f"partition[{i}]", 1) for i, s in enumerate(partition)]
     out, start = [], 0
     for size in partition:
         out.append(range(start, start + size))
@@ -68,13 +84,17 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     depth, target_depth : int
         ``L`` and ``L̄``.
 
+    ``depth`` and ``target_depth`` are integers in ``1..MAX_DEPTH``. ``block_rank`` is called once per
+    candidate block (at most ``L̄·(L - L̄ + 1)^2`` of them, fewer as blocks repeat), and the loop takes as many
+    steps.
+
     Returns
     -------
     (partition, rank) : the block sizes and the rank they require. Ties go to the lexicographically
     smallest partition, so the result is deterministic.
     """
-    L = as_int(depth, "depth", 1)
-    Lbar = as_int(target_depth, "target_depth", 1)
+    L = as_int(depth, "depth", 1, MAX_DEPTH)
+    Lbar = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if Lbar > L:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
     if not callable(block_rank):
@@ -91,24 +111,27 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     def here(i, start, size):
         return ceil_div(rank_of(i, start, start + size), size)
 
-    @lru_cache(maxsize=None)
-    def cost(i, start):
-        # least achievable max over target layers i..Lbar-1 sharing frozen layers start..L-1, each
-        # remaining block holding at least one layer
+    # cost[i][start]: least achievable max over target layers i..Lbar-1 sharing frozen layers start..L-1, each
+    # remaining block holding at least one layer; filled from the last target layer back (a loop, not a
+    # recursion: L = L̄ = 3000 exceeded Python's recursion limit)
+    cost = [dict() for _ in range(Lbar)]
+    for start in range(Lbar - 1, L):
+        cost[Lbar - 1][start] = here(Lbar - 1, start, L - start)
+    for i in range(Lbar - 2, -1, -1):
         remaining = Lbar - i
-        if remaining == 1:
-            return here(i, start, L - start)
-        return min(max(here(i, start, size), cost(i + 1, start + size))
-                   for size in range(1, L - start - remaining + 2))
+        nxt = cost[i + 1]
+        for start in range(i, L - remaining + 1):
+            cost[i][start] = min(max(here(i, start, size), nxt[start + size])
+                                 for size in range(1, L - start - remaining + 2))
 
-    value = cost(0, 0)
+    value = cost[0][0]
     # the lexicographically smallest optimal partition: at each block the smallest size that keeps the
     # optimum reachable (taking each sub-problem's own lexicographic optimum would not be: a sub-problem
     # may reach a value below the global optimum with a lexicographically larger partition)
     sizes, start = [], 0
     for i in range(Lbar - 1):
         size = next(size for size in range(1, L - start - (Lbar - i) + 2)
-                    if here(i, start, size) <= value and cost(i + 1, start + size) <= value)
+                    if here(i, start, size) <= value and cost[i + 1][start + size] <= value)
         sizes.append(size)
         start += size
     sizes.append(L - start)

@@ -52,11 +52,11 @@ import sympy
 from sympy import QQ
 from sympy.polys.matrices import DomainMatrix
 
-from ._validate import as_int, as_ranks
+from ._validate import as_bool, as_int, as_ranks, rng_from
 from .errors import InvalidArgumentError
 from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
-from .models import FNN, TFN
-from .partition import check_partition, partition_blocks, uniform_partition
+from .models import FNN, MAX_RANDOM_WIDTH, TFN
+from .partition import MAX_DEPTH, check_partition, partition_blocks, uniform_partition
 from .thresholds import ceil_div
 
 __all__ = [
@@ -318,17 +318,24 @@ def _prod(matrices, n) -> DomainMatrix:
 
 def _short(q) -> str:
     """A rational for a report: in full when short, else its float value and its size."""
-    try:
-        text = str(q)
-    except Exception:  # pragma: no cover
-        text = repr(q)
-    if len(text) <= 24:
-        return text
     if isinstance(q, sympy.Rational):
         num, den = int(q.p), int(q.q)
-    else:
+    elif hasattr(q, "numerator") and hasattr(q, "denominator"):
         num, den = int(q.numerator), int(q.denominator)
-    return f"≈ {float(Fraction(num, den)):.6g} ({len(text)} chars exact)"
+    else:
+        return str(q)
+    # sizes from bit lengths: str() of an integer beyond 4300 digits raises, float() beyond 1e308 overflows
+    digits = math.ceil((abs(num).bit_length() + den.bit_length()) * math.log10(2)) + 1
+    if digits <= 24:
+        text = str(q)
+        if len(text) <= 24:
+            return text
+    try:
+        value = f"{float(Fraction(num, den)):.6g}"
+    except OverflowError:
+        exponent = (abs(num).bit_length() - den.bit_length()) * math.log10(2)
+        value = f"{'-' if num < 0 else ''}1e{exponent:.0f}"
+    return f"≈ {value} (about {digits} digits exact)"
 
 
 def _short_vec(v) -> str:
@@ -556,11 +563,11 @@ class RationalFNN:
                 or len(self.biases) != len(W):
             raise InvalidArgumentError("biases", f"must give one bias vector per layer ({len(W)})")
         b = [_vec(v, f"biases[{i}]", n) for i, v in enumerate(self.biases)]
-        if self.activation not in ("relu", "linear"):
+        if not isinstance(self.activation, str) or self.activation not in ("relu", "linear"):
             raise InvalidArgumentError("activation", f"must be 'relu' or 'linear', got {self.activation!r}")
         object.__setattr__(self, "weights", tuple(_sym(M) for M in W))
         object.__setattr__(self, "biases", tuple(_sym(v) for v in b))
-        object.__setattr__(self, "final_relu", bool(self.final_relu))
+        object.__setattr__(self, "final_relu", as_bool(self.final_relu, "final_relu"))
 
     @property
     def width(self) -> int:
@@ -1033,7 +1040,7 @@ def certify_tfn(frozen, target, rank) -> Certificate:
 
 
 def _rng(seed):
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return rng_from(seed, "seed")
 
 
 def _rand(rng, shape, bound, denominator):
@@ -1062,8 +1069,8 @@ def random_rational_linear(width: int, depth: int, *, seed=None, error_rank: int
     frozen : list of L sympy.ImmutableMatrix (D, D)
     target : sympy.ImmutableMatrix (D, D)
     """
-    n = as_int(width, "width", 1)
-    depth_ = as_int(depth, "depth", 1)
+    n = as_int(width, "width", 1, MAX_RANDOM_WIDTH)
+    depth_ = as_int(depth, "depth", 1, MAX_DEPTH)
     den, b = _instance_args(denominator, bound)
     rng = _rng(seed)
     frozen = [_rand(rng, (n, n), b, den) for _ in range(depth_)]
@@ -1085,9 +1092,9 @@ def random_rational_fnn(width: int, depth: int, target_depth: int, *, seed=None,
 
     Weights and biases ``k / denominator``, ``k`` uniform in ``-bound..bound``.
     """
-    n = as_int(width, "width", 1)
-    depth_ = as_int(depth, "depth", 1)
-    tdepth = as_int(target_depth, "target_depth", 1)
+    n = as_int(width, "width", 1, MAX_RANDOM_WIDTH)
+    depth_ = as_int(depth, "depth", 1, MAX_DEPTH)
+    tdepth = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if tdepth > depth_:
         raise InvalidArgumentError("target_depth", f"the target depth L̄ = {tdepth} exceeds the frozen depth L = {depth_}")
     den, b = _instance_args(denominator, bound)
@@ -1118,9 +1125,9 @@ def random_rational_tfn(embed_dim: int, depth: int, heads: int, *, seed=None, de
     ``W1_l``, ``W2_l``, ``T2_l``, ``W_out``) are invertible. (Matrices built by the construction, such as
     ``W_Q + Δ_Q``, can still be singular.)
     """
-    n = as_int(embed_dim, "embed_dim", 1)
-    depth_ = as_int(depth, "depth", 1)
-    H = as_int(heads, "heads", 1)
+    n = as_int(embed_dim, "embed_dim", 1, MAX_RANDOM_WIDTH)
+    depth_ = as_int(depth, "depth", 1, MAX_DEPTH)
+    H = as_int(heads, "heads", 1, MAX_RANDOM_WIDTH)
     den, b = _instance_args(denominator, bound)
     if not isinstance(nonsingular, (bool, np.bool_)):
         raise InvalidArgumentError("nonsingular", f"must be a bool, got {nonsingular!r}")

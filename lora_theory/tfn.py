@@ -29,15 +29,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._guard import numeric_guard
 from ._validate import as_int
 from .adapter import Adapter
 from .errors import InvalidArgumentError
-from .linear import _chain_adapters
+from .linear import _chain_checked
 from .models import TFN
-from .numerics import _LargestConditionNumber, check_invertible, warn_if_ill_conditioned
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, finite_solve, relative_error,
+                       svd_values,
+                       tolerance, verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
 __all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancies", "tfn_matched_discrepancy_ranks"]
+
+#: How many inputs, of how many tokens, :func:`lora_tfn` checks its result on.
+CHECK_INPUTS, CHECK_TOKENS = 4, 3
 
 #: Names of the per-head adapted matrices, as keys of :attr:`TFNFit.adapters`.
 HEAD_MATRICES = ("wq", "wk", "wv", "wo")
@@ -67,7 +73,10 @@ class TFNFit(_LargestConditionNumber):
     required_rank : int
         ``max_l ceil(G_l / 2)``, the rank at which this construction is exact for this instance.
     exact : bool
-        ``rank >= required_rank``: the adapted network equals the target for every input.
+        ``rank >= required_rank`` (:attr:`rank_sufficient`: the adapted network equals the target for every
+        input in exact arithmetic) *and* float64 kept it: on the check inputs (:attr:`measured_error`) the
+        relative error is within ``tolerance(kappa)``, which is at most
+        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (1).
     matched_errors : dict
         ``(kind, block, head) -> σ_{2R+1}`` of that matched discrepancy, with ``kind`` in
         ``{"qk", "ov", "out"}`` (``head`` ``None`` for ``"out"``): the spectral error the chain leaves on
@@ -76,6 +85,12 @@ class TFNFit(_LargestConditionNumber):
         ``κ`` of every matrix solved with: ``"W1[l]"``, ``"W2[l]"``, ``"T2[l]"`` (``l < L-1``, 0-based),
         ``"W_out + Δ_out"``, and the chains' ``Q``/``P`` matrices as ``"qk[l,h] Q_1"``, ``"ov[l,h] P_2"``,
         ``"out Q_1"``...
+    rank_sufficient : bool
+        ``rank >= required_rank`` (Theorem 7's condition).
+    measured_error : float
+        ``||f(X) - f̄(X)|| / ||f̄(X)||`` (Frobenius, over the batch) on :data:`CHECK_INPUTS` inputs of
+        :data:`CHECK_TOKENS` tokens with ``N(0, 1)`` entries (seed 0), computed in float64 after the
+        construction.
     """
 
     adapters: dict
@@ -88,6 +103,8 @@ class TFNFit(_LargestConditionNumber):
     exact: bool
     matched_errors: dict = field(default_factory=dict)
     condition_numbers: dict = field(default_factory=dict)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
 
     @property
     def num_parameters(self) -> int:
@@ -110,7 +127,7 @@ def _check_pair(frozen, target):
 
 def _solve_right(M, X):
     """``X M^{-1}`` with a solve: ``solve(M^T, X^T)^T``."""
-    return np.linalg.solve(M.T, X.T).T
+    return finite_solve(M.T, X.T, "the transpose of a frozen W2").T
 
 
 def _rank_tol(frozen_factors, matched, kappa_solved):
@@ -145,7 +162,7 @@ def _matched_problems(frozen, target, kappas):
             names = (f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T")
             yield "qk", l, h, factors, names, qk_target, _rank_tol(factors, qk_target, kappa_C)
             ov = target.w1[l] @ target.wo[l, h] @ target.wv[l, h] @ C   # (D, D) T1 T_O T_V C
-            ov_target = np.linalg.solve(frozen.w1[l], ov)               # (D, D) W1^-1 T1 T_O T_V C
+            ov_target = finite_solve(frozen.w1[l], ov, f"W1[{l}]")      # (D, D) W1^-1 T1 T_O T_V C
             factors = (frozen.wv[l, h], frozen.wo[l, h])
             names = (f"W_V[{l},{h}]", f"W_O[{l},{h}]")
             yield "ov", l, h, factors, names, ov_target, _rank_tol(factors, ov_target,
@@ -162,6 +179,7 @@ def _matched_problems(frozen, target, kappas):
     yield "out", L - 1, None, factors, ("W2[L-1]", "W_out"), out_target, _rank_tol(factors, out_target, 0.0)
 
 
+@numeric_guard
 def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
     """The discrepancies the construction of Zeng & Lee 2024, Theorem 7 (transformers) matches,
     ``matched - second factor @ first factor``.
@@ -186,6 +204,7 @@ def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
             for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {})}
 
 
+@numeric_guard
 def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     """``G_l`` for every block: the largest numeric rank of its matched discrepancies (Theorem 7).
 
@@ -197,11 +216,12 @@ def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     ranks = [0] * frozen.depth
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {}):
         E = matched - factors[1] @ factors[0]
-        s = np.linalg.svd(E, compute_uv=False)
+        s = svd_values(E)
         ranks[l] = max(ranks[l], int(np.sum(s > tol)))
     return tuple(ranks)
 
 
+@numeric_guard
 def tfn_rank_requirement(frozen: TFN, target: TFN) -> int:
     """``max_l ceil(G_l / 2)``: the LoRA-rank at which Theorem 7's construction is exact for this instance.
 
@@ -211,6 +231,7 @@ def tfn_rank_requirement(frozen: TFN, target: TFN) -> int:
     return max(ceil_div(g, 2) for g in tfn_matched_discrepancy_ranks(frozen, target))
 
 
+@numeric_guard
 def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     """LoRA adapters and biases that make a frozen TFN equal a target TFN (Zeng & Lee 2024, Theorem 7).
 
@@ -253,7 +274,8 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     matched_errors: dict = {}
     G = [0] * L
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, kappas):
-        (first, second), E, s, rank_E, chain_kappas = _chain_adapters(
+        check_norm_finite(matched - factors[1] @ factors[0], f"the {kind} discrepancy of block {l}")
+        (first, second), E, s, rank_E, chain_kappas = _chain_checked(
             factors, matched, (R, R), names=list(names), rank_tol=tol)
         label = f"{kind}[{l},{h}]" if h is not None else kind
         for key, kappa in chain_kappas.items():
@@ -283,14 +305,20 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     w_out = frozen.w_out + adapters[("w_out", L - 1, None)].delta       # (D, D)
     b2 = np.empty((L, D))
     for l in range(L - 1):
-        b2[l] = frozen.w2[l] @ np.linalg.solve(target.w2[l], target.b2[l])  # W2 T2^-1 c2
+        b2[l] = frozen.w2[l] @ finite_solve(target.w2[l], target.b2[l], f"T2[{l}]")  # W2 T2^-1 c2
     kappas["W_out + Δ_out"] = check_invertible(
         w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
-    b2[L - 1] = np.linalg.solve(w_out, target.w_out @ target.b2[L - 1])
+    b2[L - 1] = finite_solve(w_out, target.w_out @ target.b2[L - 1], "W_out + Δ_out")
     model = TFN(adapted("wq", frozen.wq), adapted("wk", frozen.wk), adapted("wv", frozen.wv),
                 adapted("wo", frozen.wo), w1=frozen.w1, b1=target.b1, w2=w2, b2=b2, w_out=w_out)
-    warn_if_ill_conditioned(max(kappas.values()), what="transformer construction (Theorem 7)")
+    kappa = max(kappas.values())
+    warn_if_ill_conditioned(kappa, what="transformer construction (Theorem 7)")
     required = max(ceil_div(g, 2) for g in G)
+    # check the claim on what float64 built
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))   # (n, D, N)
+    measured = relative_error(model(X), target(X))
+    exact = verified_exact(R >= required, measured, tolerance(kappa), what="transformer construction (Theorem 7)")
     return TFNFit(adapters=adapters, model=model, frozen=frozen, target=target, rank=R,
-                  matched_ranks=tuple(G), required_rank=required, exact=R >= required,
-                  matched_errors=matched_errors, condition_numbers=kappas)
+                  matched_ranks=tuple(G), required_rank=required, exact=exact,
+                  matched_errors=matched_errors, condition_numbers=kappas, rank_sufficient=R >= required,
+                  measured_error=measured)
