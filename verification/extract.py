@@ -54,14 +54,18 @@ def vector_changed(base, tuned, dtypes) -> bool:
 
 
 def _factors(delta, r):
-    """Balanced rank-``r`` factors of ``delta`` (torch, ``(out, in)``): ``B`` (out, r), ``A`` (r, in), float64."""
+    """Balanced rank-``r`` factors of ``delta`` (torch, ``(out, in)``): ``B`` (out, r), ``A`` (r, in), float64,
+    and the relative Frobenius error ``sqrt(Σ_{k>r} σ_k²) / ||ΔW||_F`` the truncation leaves (Eckart–Young)."""
     import torch
 
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     root = S[:r].sqrt()
     B = (U[:, :r] * root).double().cpu().numpy()
     A = (root[:, None] * Vh[:r]).double().cpu().numpy()
-    return B, A
+    s = S.double().cpu().numpy()
+    total = float(np.sqrt(np.sum(s ** 2)))
+    discarded = float(np.sqrt(np.sum(s[r:] ** 2))) / total if total > 0 else 0.0
+    return B, A, discarded
 
 
 def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32", device="cpu",
@@ -108,7 +112,7 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
     unknown = sorted(set(ranks) - names)
     if unknown:
         raise AdapterWriteError(f"ranks name layers the checkpoint does not have: {unknown[:6]}")
-    entries, notes, left_out, fp_keys = [], {}, {}, []
+    entries, notes, left_out, fp_keys, truncation = [], {}, {}, [], {}
     bar = require("tqdm").tqdm(total=len(lay.matrices), desc="extract", unit="layer", leave=False,
                                disable=not progress)
     for spec in lay.matrices:
@@ -136,7 +140,7 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
             b = logical(tuned.get(spec.weight_key), spec).to(dev, cd)
             delta = b - a
             del a, b
-            B, A = _factors(delta, r)
+            B, A, truncation[spec.name] = _factors(delta, r)
             del delta
         else:                                   # bias only: PEFT refuses r = 0; zero factors carry lora_B.bias
             B, A = np.zeros((spec.shape[0], 1)), np.zeros((1, spec.shape[1]))
@@ -195,7 +199,9 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
     fingerprint = base_fingerprint(base.get, fp_keys, base.dtypes)
     record = {"base": str(base_path), "tuned": str(tuned_path), "architecture": lay.architecture,
               "requested_ranks": {k: int(v) for k, v in ranks.items() if int(v) > 0},
-              "left_out": left_out, "notes": notes}
+              "left_out": left_out, "notes": notes,
+              "truncation": truncation,
+              "truncation_note": "per layer ||dW - B A||_F / ||dW||_F of the stored change (Eckart-Young tail)"}
     return write_peft_adapter(final, Path(directory), skeleton=skeleton, dtype=dtype, modules_to_save=saved,
                               base_name=str(base_path) if base_name is None else base_name,
                               fingerprint=fingerprint, record=record)

@@ -641,10 +641,11 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
     if lora_bias and "embedding" in kinds:
         raise AdapterWriteError("lora_bias is needed for a bias change but PEFT refuses it on an embedding "
                                 "layer that is also adapted")
+    config_fan_in_fan_out = ("conv1d" in kinds) if fan_in_fan_out is None else bool(fan_in_fan_out)
     config = peft.LoraConfig(
         r=top, lora_alpha=top, target_modules=list(ranks) or None, rank_pattern=dict(ranks),
         alpha_pattern=dict(ranks), lora_dropout=0.0, bias="none", lora_bias=lora_bias,
-        fan_in_fan_out=("conv1d" in kinds) if fan_in_fan_out is None else bool(fan_in_fan_out),
+        fan_in_fan_out=config_fan_in_fan_out,
         modules_to_save=list(saved) or None, init_lora_weights=False, use_rslora=False, use_dora=False,
         inference_mode=True)
     if not ranks:   # modules_to_save only: PEFT needs one target; a zero adapter on no module is not possible
@@ -671,11 +672,16 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
     if result.unexpected_keys:
         raise AdapterWriteError(f"PEFT's model has no parameters {result.unexpected_keys[:4]}: the module paths "
                                 "do not match the architecture")
-    adapter_state = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # PEFT takes a 1-D lora_B.bias for an unsharded ZeRO-3 tensor
+        adapter_state = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     meta = [k for k, v in adapter_state.items() if v.is_meta]
     if meta:
         raise AdapterWriteError(f"PEFT's adapter has parameters that were not built: {meta[:4]}")
     model.peft_config["default"].base_model_name_or_path = None if base_name is None else str(base_name)
+    # PEFT rewrites the flag of its config per module it meets (a Linear after a Conv1D leaves it False);
+    # the saved config states the Conv1D layout, and PEFT sets it per module again when it loads
+    model.peft_config["default"].fan_in_fan_out = config_fan_in_fan_out
 
     record = dict(record or {})
     record.update(producer="lora_theory", dtype=str(dtype), ranks=dict(ranks), lora_bias=lora_bias,
