@@ -246,7 +246,7 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
     ----------
     floor_fn : callable, optional
         ``floor_fn(W_base, W_tuned, dtypes) -> object``, called with the two logical matrices (torch tensors
-        in the compute dtype on the device, common rows only) and their storage dtypes: where the
+        in their storage dtype on the device, common rows only) and their storage dtype names: where the
         storage-rounding noise floor of the layer is computed.
     progress : bool
         A tqdm bar over layers on stderr.
@@ -266,18 +266,20 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
             d0, d1 = base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key]
             rows = w0.shape[0] if w1.shape[0] != w0.shape[0] else None
             new_rows = resized_rows(w0.shape, w1.shape)
+            if rows is not None:
+                w1 = w1[:rows]
             cd = _compute_dtype(d0, d1)
-            a = logical(w0, spec).to(dev, cd)
-            b = logical(w1, spec, rows).to(dev, cd)
-            shape = tuple(a.shape)
-            del w0, w1
-            delta = b - a                                                   # (out, in)
+            # ΔW in one buffer: the tuned tensor converted, the base subtracted in place (no third copy)
+            delta = logical(w1, spec).to(dev, cd, copy=True)                # (out, in)
+            w0d = logical(w0, spec).to(dev)
+            delta.sub_(w0d)
+            shape = tuple(delta.shape)
+            base_fro = float(torch.linalg.vector_norm(w0d, dtype=torch.float64))
+            floor = floor_fn(w0d, logical(w1, spec).to(dev), (d0, d1)) if floor_fn is not None else None
+            del w0, w1, w0d
+            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             s = torch.linalg.svdvals(delta).double().cpu().numpy()          # (min(out, in),)
-            delta_fro = float(torch.linalg.vector_norm(delta.double() if cd == torch.float32 else delta))
             del delta
-            base_fro = float(torch.linalg.vector_norm(a.double() if cd == torch.float32 else a))
-            floor = floor_fn(a, b, (d0, d1)) if floor_fn is not None else None
-            del a, b
             bias = None, None, None, None
             if spec.bias_key is not None:
                 b0 = base.get(spec.bias_key).double()
