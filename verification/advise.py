@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -128,20 +129,63 @@ def _fnn_mode(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         record = {"mode": "fnn", "advice": advice.to_dict()}
         if args.input_radius is not None:
-            from lora_theory.fnn import lora_fnn
-
-            from .peft_export import export_peft
-
-            fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
-                           input_radius=args.input_radius)
-            export_peft(fit, out / "peft_adapter", dtype=args.dtype)
-            record["export"] = {"directory": str(out / "peft_adapter"), "rank": advice.best_rank,
-                                "partition": list(advice.best_partition), "input_radius": args.input_radius,
-                                "exact": bool(fit.exact), "kappa": fit.kappa, "gamma": fit.gamma,
-                                "tolerance": fit.tolerance}
+            record["export"] = _export_fnn(args, frozen, target, advice, out)
             print(f"adapters for the ball of radius {args.input_radius} exported to {out / 'peft_adapter'}")
         (out / "report.json").write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _export_fnn(args, frozen, target, advice, out) -> dict:
+    """Build the adapters for the ball, write them, and keep them only if they hold as written.
+
+    The adapter is written into a temporary folder beside ``out / "peft_adapter"``, read back and checked
+    against the built model in the precision written (:func:`~verification.peft_export.check_fnn_adapter`);
+    only then is it renamed into place. Otherwise nothing is left and :class:`AdapterWriteError` says why.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from lora_theory.fnn import lora_fnn
+
+    from .peft_export import AdapterWriteError, check_fnn_adapter, export_peft
+
+    fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
+                   input_radius=args.input_radius)
+    final = out / "peft_adapter"
+    if final.exists():
+        raise AdapterWriteError(f"{final} exists: the adapter is written only into a new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=".peft_adapter.tmp-", dir=out))
+    try:
+        export_peft(fit, tmp, dtype=args.dtype, base_name=str(Path(args.base).resolve()))
+        check = check_fnn_adapter(fit, tmp)
+        if not fit.exact:
+            raise AdapterWriteError(
+                f"the construction at rank {advice.best_rank} is not exact on the ball of radius "
+                f"{args.input_radius}; no adapter was written")
+        if not check["holds"] and not check["tolerance"] < 1:
+            raise AdapterWriteError(
+                f"in {check['dtype']} the construction for the ball of radius {args.input_radius:g} has no useful "
+                f"error bound (relative tolerance {check['tolerance']:.3g}); no adapter was written: use a wider "
+                "--dtype or a smaller --input-radius")
+        if not check["holds"] and check.get("max_error_to_target", 0.0) > check.get("allowed_error_to_target", 0.0):
+            raise AdapterWriteError(
+                f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} misses the target by "
+                f"{check['max_error_to_target']:.3g}, above the fit's bound {check['allowed_error_to_target']:.3g}; "
+                "no adapter was written")
+        if not check["holds"]:
+            where = "" if check["at_norm"] is None else f" at |x| = {check['at_norm']:.3g}"
+            raise AdapterWriteError(
+                f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} does not hold as written: "
+                f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
+                f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"directory": str(final), "rank": advice.best_rank, "partition": list(advice.best_partition),
+            "input_radius": args.input_radius, "exact": bool(fit.exact), "kappa": fit.kappa, "gamma": fit.gamma,
+            "tolerance": fit.tolerance, "written_check": check}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-final-relu", action="store_true", help="--fnn: the MLPs' last layer is affine")
     p.add_argument("--input-radius", type=float, default=None,
                    help="--fnn with --out: build the adapters for this input ball and export them for PEFT")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="--fnn export: dtype of the adapter tensors")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32",
+                   help="dtype of the exported adapter tensors (default float32); the adapter is checked as "
+                        "written and refused when it does not hold in that precision")
     return p
 
 

@@ -26,6 +26,7 @@ know (``Unexpected keyword arguments ... for class LoraConfig``).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ def _clip(adapter: Adapter, rank_tol):
 
 def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_model_prefix: str = "base_model.model",
                 dtype="float32", rank_tol: float | None = None, target_regex: bool = False,
-                choice: str = "exact") -> PeftExport:
+                choice: str = "exact", base_name=None, base_weights=None) -> PeftExport:
     """Write a PEFT LoRA adapter directory that ``peft.PeftModel.from_pretrained`` loads (module docstring).
 
     Parameters
@@ -185,6 +186,11 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
         Absolute tolerance of the numeric rank of ``B A`` (default ``max(out, in)·eps·||B||_2||A||_2``).
     target_regex : bool
         Write ``target_modules`` as one anchored regex instead of a list of names.
+    base_name : str, optional
+        ``base_model_name_or_path`` in ``adapter_config.json``.
+    base_weights : mapping name -> array, optional
+        The base's tensors the adapter changes (default for a fit: ``layers.{l}.weight`` of ``fit.frozen``);
+        their :func:`base_fingerprint` goes into ``lora_theory_export.json`` for :func:`check_base`.
 
     Returns
     -------
@@ -194,6 +200,8 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
     ------
     InvalidArgumentError
         Unusable inputs (see :func:`adapter_layers`), a bad ``dtype``.
+    AdapterWriteError
+        A factor or bias that is not finite, or not finite once rounded to ``dtype`` (float16 overflow).
     """
     from safetensors.numpy import save_file
 
@@ -221,6 +229,15 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
         notes[name].update(targeted=True, exported_rank=1, reason="no layer changes: one zero adapter so that "
                            "PEFT has something to load")
     lora_bias = any(b is not None for _, _, b in exported)
+    for name, a, b in exported:
+        for part, arr in (("A", a.A), ("B", a.B)) + ((("bias", b),) if b is not None else ()):
+            arr = np.asarray(arr, dtype=np.float64)
+            with np.errstate(over="ignore"):
+                rounded = arr.astype(np_dtype)
+            if not np.isfinite(arr).all() or not np.isfinite(rounded).all():
+                raise AdapterWriteError(
+                    f"layer {name}: {part} holds values beyond {np_dtype.name}'s range (largest |entry| "
+                    f"{float(np.nanmax(np.abs(arr))):.3g}); nothing was written")
     tensors = {}
     for name, a, b in exported:
         tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a.A, dtype=np_dtype)    # (r, in)
@@ -234,7 +251,7 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
     config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": None if base_name is None else str(base_name),
         "revision": None,
         "inference_mode": True,
         "r": top,
@@ -262,6 +279,15 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
         "untargeted": [n for n, v in notes.items() if not v.get("targeted")],
         "dtype": np_dtype.name,
     }
+    if base_weights is None and hasattr(getattr(fit_or_adapters, "frozen", None), "weights"):
+        base_weights = {f"layers.{l}.weight": w for l, w in enumerate(fit_or_adapters.frozen.weights)}
+    if base_weights is not None:
+        import torch
+
+        weights = {k: torch.as_tensor(np.asarray(v)) for k, v in base_weights.items()}
+        record["base_fingerprint"] = base_fingerprint(weights.__getitem__, list(weights),
+                                                      {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()})
+    record["base_model_name_or_path"] = config["base_model_name_or_path"]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -724,3 +750,93 @@ def _verify_written(folder, state, pre):
         w = written[k]
         if w.dtype != v.dtype or w.shape != v.shape or not torch.equal(w, v) or not torch.isfinite(w).all():
             raise AdapterWriteError(f"{folder}: tensor {k} as written differs from what was built")
+
+
+def check_fnn_adapter(fit, directory, *, samples_per_shell: int = 64, seed: int = 0) -> dict:
+    """Check an FNN adapter as written (``directory``, in its stored precision) against the adapted model
+    that was built (``fit.model``, float64), on the fit's ball.
+
+    The written factors and bias changes are read back, the network ``W_l + B̃_l Ã_l``, ``b_l + Δb̃_l`` is
+    evaluated in float64 at points on spheres of radius ``R, R/10, ...`` down to ``min(R, 1)`` around the
+    ball's centre (``samples_per_shell`` each, plus the centre), and the largest relative output error
+    ``||f_written(x) - f_built(x)|| / ||f_built(x)||`` is compared with ``tolerance(κ, γ, dtype)``
+    (:func:`lora_theory.numerics.tolerance`, the fit's own tolerance rule at the written precision). Large
+    radii round the linearising biases with an absolute error near ``u·R·||W||``, which inputs of unit size
+    see as a relative error near ``u·R``: such an adapter does not hold in that precision.
+
+    Returns
+    -------
+    dict
+        ``holds``, ``max_relative_error``, ``at_norm`` (the input norm where it occurred), ``tolerance``,
+        ``dtype``, ``finite``.
+    """
+    from safetensors.numpy import load_file
+
+    from lora_theory.numerics import tolerance
+
+    directory = Path(directory)
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    dtype = next(iter(tensors.values())).dtype.name
+    frozen, built = fit.frozen, fit.model
+    finite = all(np.isfinite(v).all() for v in tensors.values())
+    tol = tolerance(fit.kappa, fit.gamma, dtype=np.dtype(dtype))
+    result = {"dtype": dtype, "tolerance": float(tol), "finite": bool(finite)}
+    if not finite:
+        return result | {"holds": False, "max_relative_error": float("inf"), "at_norm": None}
+    weights, biases = [], []
+    for l, (W, b) in enumerate(zip(frozen.weights, frozen.biases)):
+        pre = f"base_model.model.layers.{l}."
+        W = np.asarray(W, np.float64).copy()
+        b = np.asarray(b, np.float64).copy()
+        if pre + "lora_A.weight" in tensors:
+            with np.errstate(over="ignore", invalid="ignore"):
+                W = W + tensors[pre + "lora_B.weight"].astype(np.float64) @ tensors[pre + "lora_A.weight"].astype(np.float64)
+        if pre + "lora_B.bias" in tensors:
+            b = b + tensors[pre + "lora_B.bias"].astype(np.float64)
+        weights.append(W)
+        biases.append(b)
+    if not all(np.isfinite(W).all() for W in weights):
+        return result | {"holds": False, "max_relative_error": float("inf"), "at_norm": None}
+    D = weights[0].shape[1]
+    center = np.zeros(D) if fit.domain.center is None else np.asarray(fit.domain.center, np.float64)
+    R = float(fit.domain.radius) if fit.domain.radius is not None else 1.0
+    radii = [R]
+    while radii[-1] / 10 >= min(R, 1.0) * (1 - 1e-12) and len(radii) < 400:
+        radii.append(radii[-1] / 10)
+    rng = np.random.default_rng(seed)
+    pts = [center[None, :]]
+    for r in radii:
+        d = rng.standard_normal((samples_per_shell, D))
+        pts.append(center + r * d / np.linalg.norm(d, axis=1, keepdims=True))
+    X = np.concatenate(pts)                                             # (n, D)
+    written = lora_forward(weights, biases, built, X)
+    reference = lora_forward(built.weights, built.biases, built, X)
+    with np.errstate(over="ignore", invalid="ignore"):
+        num = np.linalg.norm(written - reference, axis=1)
+        den = np.linalg.norm(reference, axis=1)
+        rel = np.where(den > 0, num / np.where(den > 0, den, 1.0), num)
+    if not np.isfinite(rel).all() or not math.isfinite(tol):
+        return result | {"holds": False, "max_relative_error": float("inf"), "at_norm": None}
+    worst = int(np.argmax(rel))
+    # the fit's own guarantee, at the written precision: ||f(x) - f̄(x)|| <= tolerance · s_out on the domain
+    with np.errstate(over="ignore", invalid="ignore"):
+        target = lora_forward(fit.target.weights, fit.target.biases, fit.target, X)
+        absolute = float(np.max(np.linalg.norm(written - target, axis=1)))
+        allowed = float(tol * fit.output_radius)
+    # a relative tolerance of 1 or more bounds nothing: such a precision cannot hold the construction
+    holds = bool(tol < 1 and rel[worst] <= tol and math.isfinite(allowed) and absolute <= allowed)
+    return result | {"holds": holds, "max_relative_error": float(rel[worst]),
+                     "at_norm": float(np.linalg.norm(X[worst] - center)),
+                     "max_error_to_target": absolute, "allowed_error_to_target": allowed}
+
+
+def lora_forward(weights, biases, like, X):
+    """Evaluate the MLP with ``like``'s activation convention (ReLU between layers, ``final_relu``) in float64."""
+    h = np.asarray(X, np.float64)
+    L = len(weights)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for l, (W, b) in enumerate(zip(weights, biases)):
+            h = h @ np.asarray(W).T + np.asarray(b)
+            if like.activation == "relu" and (l < L - 1 or like.final_relu):
+                h = np.maximum(h, 0.0)
+    return h

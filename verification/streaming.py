@@ -274,10 +274,10 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
             w0d = logical(w0, spec).to(dev)
             delta.sub_(w0d)
             shape = tuple(delta.shape)
-            base_fro = float(torch.linalg.vector_norm(w0d, dtype=torch.float64))
+            base_fro = float(torch.linalg.vector_norm(w0d, dtype=cd))
             floor = floor_fn(w0d, logical(w1, spec).to(dev), (d0, d1)) if floor_fn is not None else None
             del w0, w1, w0d
-            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            delta_fro = float(torch.linalg.vector_norm(delta))
             s = torch.linalg.svdvals(delta).double().cpu().numpy()          # (min(out, in),)
             del delta
             bias = None, None, None, None
