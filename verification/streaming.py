@@ -230,6 +230,51 @@ def _compute_dtype(*dtypes):
     return torch.float64 if "float64" in dtypes else torch.float32
 
 
+#: Unit roundoff ``u`` and smallest subnormal ``η`` of each storage dtype (round to nearest).
+ROUNDOFF = {"float64": (2.0 ** -53, 2.0 ** -1074), "float32": (2.0 ** -24, 2.0 ** -149),
+            "float16": (2.0 ** -11, 2.0 ** -24), "bfloat16": (2.0 ** -8, 2.0 ** -133)}
+
+
+def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
+    """The statistics of the entrywise rounding bound ``B = u_b|W_base| + u_t|W_tuned| + η_b + η_t`` of a stored
+    change, computed on the tensors' device in blocks of rows (no full-size copy of ``B``).
+
+    Returns ``{"shape", "row_max", "col_max", "entry_max", "frobenius"}`` (``max_i ||B_i,:||``,
+    ``max_j ||B_:,j||``, ``max B_ij``, ``||B||_F``): the fields of :class:`lora_theory.RoundingBounds`. The
+    subnormal terms are added through the triangle inequality (``+ η·sqrt(n)`` to a row norm ...), so every
+    statistic is an upper bound of the exact one. Sums run in float64 over float32 blocks (float64 blocks
+    when a stored tensor is float64 or an entry is beyond 1e30, where float32 squares would overflow).
+    """
+    import torch
+
+    (ub, eb), (ut, et) = ROUNDOFF[str(dtypes[0])], ROUNDOFF[str(dtypes[1])]
+    m, n = w0.shape
+    big = max(float(w0.abs().max()), float(w1.abs().max())) if w0.numel() else 0.0
+    cd = torch.float64 if "float64" in dtypes or big > 1e30 else torch.float32
+    row_max, entry_max = 0.0, 0.0
+    col_sq = torch.zeros(n, dtype=torch.float64, device=w0.device)
+    fro_sq = 0.0
+    for start in range(0, m, block_rows):
+        a = w0[start:start + block_rows].to(cd).abs_().mul_(ub)
+        a.add_(w1[start:start + block_rows].to(cd).abs_(), alpha=ut)             # (rows, n): B without η
+        sq = a.double().square_() if cd == torch.float32 else a.square()
+        rows = sq.sum(dim=1)
+        row_max = max(row_max, float(rows.max()))
+        col_sq += sq.sum(dim=0)
+        fro_sq += float(rows.sum())
+        entry_max = max(entry_max, float(a.max()))
+        del a, sq, rows
+    eta = eb + et
+    import math
+
+    # float32 blocks round each entry of B by a relative 2^-24 at most (two products and a sum): widen by
+    # 2^-20 so that every statistic stays an upper bound
+    up = 1.0 + (2.0 ** -20 if cd == torch.float32 else 2.0 ** -48)
+    return {"shape": (int(m), int(n)), "row_max": up * math.sqrt(row_max) + eta * math.sqrt(n),
+            "col_max": up * math.sqrt(float(col_sq.max())) + eta * math.sqrt(m), "entry_max": up * entry_max + eta,
+            "frobenius": up * math.sqrt(fro_sq) + eta * math.sqrt(m * n)}
+
+
 def logical(tensor, spec, rows=None):
     """The stored tensor as the ``(out, in)`` matrix of its module (first ``rows`` stored rows only)."""
     if rows is not None:
