@@ -255,7 +255,7 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     col_sq = torch.zeros(n, dtype=torch.float64, device=w0.device)
     fro_sq = 0.0
     for start in range(0, m, block_rows):
-        a = w0[start:start + block_rows].to(cd).abs_().mul_(ub)
+        a = w0[start:start + block_rows].to(cd, copy=True).abs_().mul_(ub)
         a.add_(w1[start:start + block_rows].to(cd).abs_(), alpha=ut)             # (rows, n): B without η
         sq = a.double().square_() if cd == torch.float32 else a.square()
         rows = sq.sum(dim=1)

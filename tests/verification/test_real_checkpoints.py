@@ -318,3 +318,57 @@ def test_extract_refuses_a_folder_that_is_not_empty(tmp_path):
     with pytest.raises(AdapterWriteError, match="not an empty folder"):
         extract_adapter(base, tuned, plants, tmp_path / "adapter", progress=False)
     assert (tmp_path / "adapter" / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- rounding statistics, extras
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verification.streaming import ROUNDOFF, rounding_statistics
+
+
+@settings(deadline=None, max_examples=25)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), block=st.integers(1, 16),
+       d0=st.sampled_from(["float32", "bfloat16", "float16", "float64"]),
+       d1=st.sampled_from(["float32", "bfloat16", "float16", "float64"]), seed=st.integers(0, 2 ** 16))
+def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, block, d0, d1, seed):
+    """The blocked, device-side statistics of B = u_b|W_b| + u_t|W_t| + eta_b + eta_t are upper bounds of the
+    exact ones (float64 on the whole matrix) and within a relative 1e-5 of them."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(m, n, generator=g, dtype=torch.float64) * 3).to(getattr(torch, d0))
+    w1 = (w0.double() + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64)).to(getattr(torch, d1))
+    got = rounding_statistics(w0, w1, (d0, d1), block_rows=block)
+    (ub, eb), (ut, et) = ROUNDOFF[d0], ROUNDOFF[d1]
+    B = ub * w0.double().abs() + ut * w1.double().abs() + eb + et
+    exact = {"row_max": float(B.norm(dim=1).max()), "col_max": float(B.norm(dim=0).max()),
+             "entry_max": float(B.max()), "frobenius": float(B.norm())}
+    assert got["shape"] == (m, n)
+    for key, value in exact.items():
+        assert value <= got[key] <= value * (1 + 1e-5), (key, value, got[key])
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from verification.advise import main
+
+    base, tuned, plants = build_pair("mlp", tmp_path, torch.float32, sharded=False)
+    monkeypatch.setitem(sys.modules, "peft", None)          # import peft now raises ImportError
+    assert main([str(base), str(tuned), "--quiet", "--extract", str(tmp_path / "ad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'lora-theory[peft]'" in err[0], err
+
+
+def test_certify_runs_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from verification.certify import main\n"
+            "sys.exit(main(['--model', 'linear', '--width', '3', '--depth', '2', '--rank', '2']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr
+    assert "exact" in out.stdout
