@@ -19,13 +19,27 @@ Theorem 7 (transformers)               :func:`lora_tfn`, :func:`tfn_rank_require
                                        :func:`tfn_rank_threshold`
 Exact / high-precision checks          :func:`certify_linear`, :func:`certify_fnn`, :func:`certify_tfn`,
                                        :func:`lora_linear_mp`, :func:`lora_fnn_mp`
-Rank advice for real checkpoints       :func:`advise_layers`, :func:`advise_fnn`
+Rank advice for real checkpoints       :func:`advise_layers`, :func:`advise_fnn`,
+(Eckart–Young per layer; Thm 3 / 6)    :func:`layer_advice_from_spectrum`, :func:`energy_rank`,
+                                       :func:`tail_curves`
+Storage-rounding noise floor           :func:`storage_roundoff`, :func:`smallest_subnormal`,
+(the project's, THEORY.md §5)          :func:`rounding_bounds`, :func:`noise_floor`,
+                                       :func:`entries_beyond_rounding`
 =====================================  ==========================================================
 """
 
 from . import symbolic
 from .adapter import Adapter
-from .advisor import FNNAdvice, LayerAdvice, RankReport, advise_fnn, advise_layers, energy_rank, tail_curves
+from .advisor import (
+    FNNAdvice,
+    LayerAdvice,
+    RankReport,
+    advise_fnn,
+    advise_layers,
+    energy_rank,
+    layer_advice_from_spectrum,
+    tail_curves,
+)
 from .bounds import ErrorBound, fnn_error_bound, fnn_error_bound_at
 from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, SingularMatrixError
 from .final_layers import Witness, final_layers_parameter_count, final_layers_witness, lora_parameter_count
@@ -63,6 +77,16 @@ from .linear import (
     product,
 )
 from .models import FNN, TFN, random_fnn, random_linear, random_tfn
+from .noise_floor import (
+    FLOOR_SAFETY,
+    NoiseFloor,
+    RoundingBounds,
+    entries_beyond_rounding,
+    noise_floor,
+    rounding_bounds,
+    smallest_subnormal,
+    storage_roundoff,
+)
 from .numerics import condition_number, numeric_rank, relative_error, tolerance, unit_roundoff
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
 from .symbolic import (

@@ -13,11 +13,13 @@ Two modes.
   ``max_i ceil(rank(E_i) / |P_i|)`` of Zeng & Lee 2024, Theorem 3 (uniform partition) and Theorem 6 (best
   consecutive partition), which can be far below the per-layer ranks.
 
-Numeric rank (THEORY.md §1, STYLE.md "Numerics"): a singular value of ``ΔW`` counts when it exceeds
-``tol_abs = rtol · max(||W_base||_2, ||W_tuned||_2, σ_1(ΔW))``. ``ΔW`` is a difference of two stored matrices
-and inherits their rounding (entrywise ``u·|W|`` in the storage precision), whose spectral norm is far below
-that scale; the default ``rtol = max(out, in) · eps`` (numpy's ``matrix_rank`` convention) uses the ``eps``
-of the *storage* dtype (float32: 1.2e-7, bfloat16: 7.8e-3), not of the float64 copy the SVD runs on.
+Which singular values count (THEORY.md §5): the stored change ``ΔW_stored = fl_t(W_tuned) - fl_b(W_base)``
+carries the storage rounding of both checkpoints, a matrix ``N`` with ``|N_ij| <= u_b|W_base_ij| +
+u_t|W_tuned_ij|`` (``u`` the unit roundoff of each tensor's *storage* dtype: bfloat16 ``2^-8``, float16
+``2^-11``, float32 ``2^-24``). A singular value counts when it exceeds the noise floor of
+:func:`lora_theory.noise_floor.noise_floor` (a bound on ``||N||_2``; by default the sharp one that assumes
+independent-looking rounding errors, with the rigorous ``||B||_F`` reported beside it) and the SVD's own
+rounding ``max(out, in) · eps_compute · σ_1``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .adapter import Adapter
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, LoraTheoryError
+from .noise_floor import (
+    FLOOR_MODELS,
+    NoiseFloor,
+    _bounds_of_scaled,
+    _dtype_name,
+    _power_of_two_scale,
+    _scaled_bound,
+    _unscale,
+    entries_beyond_rounding,
+    noise_floor,
+    smallest_subnormal,
+    storage_roundoff,
+)
 
 __all__ = [
     "PER_LAYER_NOTE",
@@ -40,6 +55,7 @@ __all__ = [
     "FNNAdvice",
     "advise_layers",
     "advise_fnn",
+    "layer_advice_from_spectrum",
     "energy_rank",
     "tail_curves",
 ]
@@ -74,12 +90,47 @@ def _spectral_norm(matrix: np.ndarray) -> float:
     return est
 
 
+def _spectrum(singular_values, name: str = "singular_values") -> np.ndarray:
+    """``singular_values`` as a finite, non-negative, non-increasing float64 vector, or a named error."""
+    try:
+        s = np.asarray(singular_values)
+    except Exception as exc:
+        raise InvalidArgumentError(name, f"could not be read as an array ({exc})") from None
+    if s.dtype == object or s.dtype == bool or not (np.issubdtype(s.dtype, np.integer)
+                                                    or np.issubdtype(s.dtype, np.floating)):
+        raise InvalidArgumentError(name, f"must be a vector of real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64)
+    if s.ndim != 1:
+        raise InvalidArgumentError(name, f"must be a 1-D vector, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise InvalidArgumentError(name, "contains NaN or infinite values")
+    if s.size and s.min() < 0:
+        raise InvalidArgumentError(name, f"must be non-negative, got {s.min()!r}")
+    if s.size > 1 and np.any(np.diff(s) > 0):
+        raise InvalidArgumentError(name, "must be sorted in non-increasing order (singular values, largest first)")
+    return s
+
+
+def _energy_share(energy) -> float:
+    if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1:
+        raise InvalidArgumentError("energy", f"must be a share in (0, 1], got {energy!r}")
+    return float(energy)
+
+
 def energy_rank(singular_values, energy: float) -> int:
-    """The smallest ``r`` with ``Σ_{j<=r} σ_j^2 >= energy · Σ_j σ_j^2`` (0 for an all-zero spectrum)."""
-    s = np.asarray(singular_values, dtype=np.float64)
-    sq = np.cumsum(s ** 2)
-    if sq.size == 0 or sq[-1] == 0.0:
+    """The smallest ``r`` with ``Σ_{j<=r} σ_j^2 >= energy · Σ_j σ_j^2`` (0 for an empty or all-zero spectrum).
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``energy`` not a number in ``(0, 1]``; ``singular_values`` not a 1-D vector of finite, non-negative,
+        non-increasing numbers.
+    """
+    energy = _energy_share(energy)
+    s = _spectrum(singular_values)
+    if s.size == 0 or s[0] == 0.0:
         return 0
+    sq = np.cumsum((s / s[0]) ** 2)                                     # scaled: no overflow for huge σ
     share = sq / sq[-1]
     # the last entry is exactly 1; a share equal to `energy` up to rounding counts as reaching it
     return int(np.argmax(share >= energy * (1.0 - 1e-12))) + 1
@@ -87,11 +138,18 @@ def energy_rank(singular_values, energy: float) -> int:
 
 def tail_curves(singular_values) -> tuple[np.ndarray, np.ndarray]:
     """``(σ_{r+1}, sqrt(Σ_{j>r} σ_j^2))`` for ``r = 0 .. k`` (``k`` singular values, both ``0`` at ``r = k``):
-    the spectral and Frobenius error of the best rank-``r`` approximation (Eckart–Young)."""
-    s = np.asarray(singular_values, dtype=np.float64)
+    the spectral and Frobenius error of the best rank-``r`` approximation (Eckart–Young).
+
+    Raises
+    ------
+    InvalidArgumentError
+        As :func:`energy_rank` for ``singular_values``.
+    """
+    s = _spectrum(singular_values)
     spectral = np.concatenate([s, [0.0]])                               # (k + 1,)
-    tail_sq = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])  # (k + 1,)
-    return spectral, np.sqrt(tail_sq)
+    top = s[0] if s.size and s[0] > 0 else 1.0
+    tail_sq = np.concatenate([np.cumsum(((s / top) ** 2)[::-1])[::-1], [0.0]])   # (k + 1,), in units of top^2
+    return spectral, top * np.sqrt(tail_sq)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,12 +165,17 @@ class LayerAdvice:
     shape : tuple (out, in)
     singular_values : ndarray (min(out, in),)
         ``σ(ΔW)``, descending.
-    rtol, tolerance : float
-        The relative tolerance and the absolute threshold ``rtol · max(||W_base||_2, ||W_tuned||_2, σ_1)``.
+    rtol : float or None
+        The relative tolerance when one was given (``tol`` of :func:`advise_layers`); ``None`` when the
+        threshold is the noise floor.
+    tolerance : float
+        The absolute threshold a singular value must exceed to count: ``max(floor.spectral, svd_tolerance)``,
+        or ``rtol · max(||W_base||_2, ||W_tuned||_2, σ_1)`` when ``rtol`` was given.
     exact_rank : int
-        Numeric ``rank(ΔW)``: the smallest LoRA rank that represents the change exactly (to the tolerance).
+        The reported rank: the number of singular values above ``tolerance``, the smallest LoRA rank that
+        represents the change up to storage rounding (equal to ``rank_above_floor`` unless ``rtol`` was given).
     energy, energy_rank : float, int
-        The smallest rank keeping the share ``energy`` of ``Σ σ_j^2`` over the numeric singular values.
+        The smallest rank keeping the share ``energy`` of ``Σ σ_j^2`` over the counted singular values.
     spectral_tail, frobenius_tail : ndarray (min(out, in) + 1,)
         ``σ_{r+1}(ΔW)`` and ``sqrt(Σ_{j>r} σ_j^2)`` against ``r = 0 ..``: the error of the best rank-``r`` adapter.
     base_norm, delta_norm : float
@@ -121,8 +184,26 @@ class LayerAdvice:
         ``b_tuned - b_base``.
     bias_changed : bool
         Whether ``||Δb||_2`` exceeds the same relative tolerance times ``max(||b_base||_2, ||b_tuned||_2)``.
-    delta : ndarray (out, in)
-        ``ΔW`` itself (not written to JSON), for :meth:`adapter`.
+    delta : ndarray (out, in) or None
+        ``ΔW`` itself (not written to JSON), for :meth:`adapter`; ``None`` for advice built from a spectrum
+        alone (:func:`layer_advice_from_spectrum`).
+    floor : NoiseFloor or None
+        The storage-rounding noise floor of this layer's stored change (THEORY.md §5).
+    rank_above_floor : int
+        Singular values above ``max(floor.spectral, svd_tolerance)``.
+    rank_above_rigorous : int
+        Singular values above ``max(floor.rigorous, svd_tolerance)``: counted whatever the rounding pattern.
+        Below ``rank_above_floor`` when some counted directions rely on the independence assumption.
+    spectrum_energy_rank : int
+        The smallest rank keeping the share ``energy`` of ``Σ σ_j^2`` over the *whole* spectrum (rounding
+        included).
+    svd_tolerance : float
+        ``max(out, in) · eps(compute_dtype) · σ_1``: the SVD's own rounding (numpy's ``matrix_rank`` rule).
+    compute_dtype : str
+        The dtype the singular values were computed in.
+    entries_beyond_rounding : int or None
+        How many entries of ``ΔW`` exceed their rounding bound (0: the stored change could be rounding alone);
+        ``None`` when unknown (spectrum-only advice).
     """
 
     name: str
@@ -144,11 +225,30 @@ class LayerAdvice:
     bias_change_norm: float = 0.0
     bias_changed: bool = False
     delta: np.ndarray = field(default=None, repr=False)
+    floor: NoiseFloor | None = None
+    rank_above_floor: int = 0
+    rank_above_rigorous: int = 0
+    spectrum_energy_rank: int = 0
+    svd_tolerance: float = 0.0
+    compute_dtype: str = "float64"
+    entries_beyond_rounding: int | None = None
 
     @property
     def max_rank(self) -> int:
         """``min(out, in)``: the rank of a full update."""
         return int(min(self.shape))
+
+    @property
+    def below_floor(self) -> bool:
+        """Whether no singular value of the stored change exceeds the noise floor (nothing to tell from rounding)."""
+        return self.rank_above_floor == 0
+
+    @property
+    def relative_floor(self) -> float:
+        """``floor.spectral / ||W_base||_F`` (the absolute floor when the base matrix is zero; NaN without a floor)."""
+        if self.floor is None:
+            return math.nan
+        return self.floor.spectral / self.base_norm if self.base_norm > 0 else self.floor.spectral
 
     @property
     def relative_change(self) -> float:
@@ -169,6 +269,9 @@ class LayerAdvice:
 
     def adapter(self, rank: int | None = None) -> Adapter:
         """The best rank-``rank`` adapter of ``ΔW`` (truncated SVD; default ``exact_rank``)."""
+        if self.delta is None:
+            raise InvalidArgumentError(
+                "rank", f"layer {self.name} was advised from its spectrum alone and holds no ΔW to factor")
         r = self.exact_rank if rank is None else int(rank)
         if not 0 <= r <= self.max_rank:
             raise InvalidArgumentError("rank", f"must be in 0..{self.max_rank} for layer {self.name}, got {r}")
@@ -185,8 +288,17 @@ class LayerAdvice:
             "max_rank": self.max_rank,
             "energy": float(self.energy),
             "energy_rank": int(self.energy_rank),
-            "rtol": float(self.rtol),
+            "rtol": None if self.rtol is None else float(self.rtol),
             "tolerance": float(self.tolerance),
+            "rank_above_floor": int(self.rank_above_floor),
+            "rank_above_rigorous": int(self.rank_above_rigorous),
+            "below_floor": bool(self.below_floor),
+            "spectrum_energy_rank": int(self.spectrum_energy_rank),
+            "svd_tolerance": float(self.svd_tolerance),
+            "compute_dtype": self.compute_dtype,
+            "entries_beyond_rounding": (None if self.entries_beyond_rounding is None
+                                        else int(self.entries_beyond_rounding)),
+            "floor": None if self.floor is None else self.floor.to_dict(),
             "singular_values": [float(v) for v in self.singular_values],
             "spectral_tail": [float(v) for v in self.spectral_tail],
             "frobenius_tail": [float(v) for v in self.frobenius_tail],
@@ -216,8 +328,12 @@ class RankReport:
         Tensors not analysed (integer buffers, scalars, tensors of 3 or more dimensions), with the reason.
     energy : float
         The energy share used for ``energy_rank``.
+    rtol : float or None
+        The relative tolerance when one was given, else ``None`` (the noise floor decides).
     note : str
         :data:`PER_LAYER_NOTE`.
+    floor_model : str
+        ``"independent"`` or ``"rigorous"``: which noise floor decided (THEORY.md §5).
     """
 
     layers: tuple
@@ -226,6 +342,37 @@ class RankReport:
     energy: float
     rtol: float | None
     note: str = PER_LAYER_NOTE
+    floor_model: str = "independent"
+
+    @property
+    def all_below_floor(self) -> bool:
+        """Whether there are layers and none has a singular value above its noise floor."""
+        return bool(self.layers) and all(a.below_floor for a in self.layers)
+
+    @property
+    def assumption_dependent(self) -> tuple:
+        """Names of the layers whose counted directions are not all above the rigorous floor ``||B||_F``:
+        their ranks hold only if their rounding errors look independent (THEORY.md §5.3)."""
+        return tuple(a.name for a in self.layers if a.rank_above_floor > a.rank_above_rigorous)
+
+    @property
+    def floor_note(self) -> str:
+        """One line on the noise floor: what it is, and that nothing exceeds it when every layer is below it."""
+        floors = [a for a in self.layers if a.floor is not None]
+        if not floors:
+            return "no weight matrix: no noise floor"
+        top = max(floors, key=lambda a: a.relative_floor)
+        what = (f"noise floor of storage rounding ({self.floor_model} model): up to {top.relative_floor:.2e} of "
+                f"||W_base||_F (layer {top.name}, {top.storage_dtype}, floor {top.floor.spectral:.2e})")
+        if self.all_below_floor:
+            return ("every layer's change is below its " + what + ": no direction of a fine-tuning change can be "
+                    "told apart from rounding")
+        dependent = self.assumption_dependent
+        if dependent and self.floor_model == "independent":
+            return (what + f"; {len(dependent)} layer(s) have directions between the independent-rounding floor and "
+                    "the rigorous one (counted if the rounding errors look independent): " + ", ".join(dependent[:8])
+                    + (" ..." if len(dependent) > 8 else ""))
+        return what
 
     def layer(self, name: str) -> LayerAdvice:
         """The advice for layer ``name`` (with or without the ``.weight`` suffix)."""
@@ -294,7 +441,8 @@ class RankReport:
             "bias_only": bias_only,
             "untargeted": untargeted,
             "parameters": int(params),
-            "note": self.note if ranks else "no layer changed: nothing to adapt",
+            "note": (self.note if ranks else self.floor_note + "; nothing to adapt" if self.all_below_floor
+                     else "no layer changed: nothing to adapt"),
         }
 
     def to_dict(self) -> dict:
@@ -302,6 +450,10 @@ class RankReport:
             "note": self.note,
             "energy": self.energy,
             "rtol": self.rtol,
+            "floor_model": self.floor_model,
+            "all_below_floor": self.all_below_floor,
+            "floor_note": self.floor_note,
+            "assumption_dependent": list(self.assumption_dependent),
             "layers": [a.to_dict() for a in self.layers],
             "vectors": [dict(v) for v in self.vectors],
             "skipped": [dict(s) for s in self.skipped],
@@ -317,15 +469,41 @@ class RankReport:
 # ------------------------------------------------------------------------------------------ per layer
 
 
-def _storage_eps(name, array, eps) -> float:
+_EPS_DTYPES = {2.0 ** -52: "float64", 2.0 ** -23: "float32", 2.0 ** -10: "float16", 2.0 ** -7: "bfloat16"}
+
+
+def _dtype_of_eps(value, argument: str) -> str:
+    """The storage dtype whose machine epsilon is ``value`` (``eps`` of :func:`advise_layers`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InvalidArgumentError(argument, f"must be a finite machine epsilon, got {value!r}")
+    name = _EPS_DTYPES.get(float(value))
+    if name is None:
+        raise InvalidArgumentError(
+            argument, f"must be the machine epsilon of float64, float32, float16 or bfloat16 (2^-52, 2^-23, "
+            f"2^-10, 2^-7), got {value!r}; pass the storage dtypes with `dtypes` instead")
+    return name
+
+
+def _storage_dtypes(key, a, b, eps, dtypes) -> tuple[str, str]:
+    """``(base, tuned)`` storage dtype names of tensor ``key``: ``dtypes``, else ``eps``, else the arrays' own."""
+    if isinstance(dtypes, Mapping) and key in dtypes:
+        given = dtypes[key]
+        if isinstance(given, str) and "/" in given:
+            given = tuple(given.split("/", 1))
+        if isinstance(given, (tuple, list)):
+            if len(given) != 2:
+                raise InvalidArgumentError(f"dtypes[{key!r}]", f"must be a dtype or a (base, tuned) pair, got {given!r}")
+            return _dtype_name(given[0], f"dtypes[{key!r}]"), _dtype_name(given[1], f"dtypes[{key!r}]")
+        name = _dtype_name(given, f"dtypes[{key!r}]")
+        return name, name
     if isinstance(eps, Mapping):
-        if name in eps:
-            return float(eps[name])
+        if key in eps:
+            name = _dtype_of_eps(eps[key], f"eps[{key!r}]")
+            return name, name
     elif eps is not None:
-        return float(eps)
-    if np.issubdtype(array.dtype, np.floating):
-        return float(np.finfo(array.dtype).eps)
-    return float(np.finfo(np.float64).eps)
+        name = _dtype_of_eps(eps, "eps")
+        return name, name
+    return (_dtype_name(a.dtype, f"base[{key!r}] (its dtype)"), _dtype_name(b.dtype, f"tuned[{key!r}] (its dtype)"))
 
 
 def _as_tensor(value, side: str, key: str) -> np.ndarray:
@@ -345,11 +523,12 @@ def _is_parameter_key(key: str) -> bool:
 
 
 def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None,
-                  dtypes=None) -> RankReport:
+                  dtypes=None, floor: str = "independent") -> RankReport:
     """The LoRA rank each layer's change needs, from two checkpoints of one architecture.
 
     Zeng & Lee 2024, Lemma 1 (linear models) with ``L = 1``, i.e. Eckart–Young, layer by layer (see
-    :data:`PER_LAYER_NOTE` for why that is all a real checkpoint allows).
+    :data:`PER_LAYER_NOTE` for why that is all a real checkpoint allows). A singular value of the stored change
+    counts when it exceeds the storage-rounding noise floor (THEORY.md §5; :func:`lora_theory.noise_floor`).
 
     Parameters
     ----------
@@ -358,15 +537,20 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
         weight matrix ``W`` of shape ``(out, in)`` (rectangular allowed); ``<layer>.bias`` (1-D, length
         ``out``) next to ``<layer>.weight`` is that layer's bias.
     tol : float, optional
-        Relative tolerance ``rtol``: a singular value of ``ΔW`` counts when it exceeds
-        ``rtol · max(||W_base||_2, ||W_tuned||_2, σ_1(ΔW))``. Default ``max(out, in) · eps``.
+        Relative tolerance ``rtol`` replacing the noise floor: a singular value of ``ΔW`` counts when it exceeds
+        ``rtol · max(||W_base||_2, ||W_tuned||_2, σ_1(ΔW))`` (the floor is still computed and reported).
     energy : float in (0, 1]
-        Spectrum share kept by ``energy_rank``.
+        Spectrum share kept by ``energy_rank`` and ``spectrum_energy_rank``.
     eps : float or mapping of str -> float, optional
-        Machine epsilon of the storage dtype of each tensor (the checkpoint readers pass it when they hand
-        over float64 copies of float32 / bfloat16 tensors). Default: the ``eps`` of each array's own dtype.
-    dtypes : mapping of str -> str, optional
-        The storage dtype names to record in the report (default: each array's own dtype).
+        Machine epsilon of the storage dtype of each tensor (``2^-52``, ``2^-23``, ``2^-10`` or ``2^-7``), for
+        float64 copies of float32 / float16 / bfloat16 tensors; ``dtypes`` says the same more directly.
+    dtypes : mapping of str -> dtype or (dtype, dtype), optional
+        The storage dtype of each tensor (as :func:`lora_theory.storage_roundoff` accepts), or a ``(base,
+        tuned)`` pair (also written ``"float32/bfloat16"``) when the two checkpoints differ. Default: ``eps``,
+        else each array's own dtype.
+    floor : {"independent", "rigorous"}
+        Which noise floor decides (THEORY.md §5): the sharp one that assumes independent-looking rounding
+        errors (default), or ``||B||_F`` that assumes nothing. Both are reported.
 
     Returns
     -------
@@ -378,7 +562,11 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
         Not mappings, or empty (``base`` / ``tuned``); tensors present in one checkpoint only (argument
         ``tuned``, listing them); shapes that differ; integer or bool ``.weight`` / ``.bias`` tensors
         (quantised weights: dequantise first) or integer buffers that differ; complex or non-numeric tensors;
-        NaN or infinite entries; ``tol`` not positive; ``energy`` outside ``(0, 1]``.
+        NaN or infinite entries; entries so large that the change's norms overflow float64; ``tol`` not
+        positive and finite; ``energy`` outside ``(0, 1]``; ``eps`` not a storage dtype's epsilon; unknown
+        ``dtypes``; ``floor`` not a model name.
+    LoraTheoryError
+        The SVD of a change did not converge.
     """
     for side, value in (("base", base), ("tuned", tuned)):
         if not isinstance(value, Mapping):
@@ -388,8 +576,13 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0
                             or not math.isfinite(tol)):
         raise InvalidArgumentError("tol", f"must be a positive relative tolerance, got {tol!r}")
-    if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1:
-        raise InvalidArgumentError("energy", f"must be a share in (0, 1], got {energy!r}")
+    energy = _energy_share(energy)
+    if floor not in FLOOR_MODELS:
+        raise InvalidArgumentError("floor", f"must be one of {FLOOR_MODELS}, got {floor!r}")
+    if eps is not None and not isinstance(eps, Mapping):
+        _dtype_of_eps(eps, "eps")
+    if dtypes is not None and not isinstance(dtypes, Mapping):
+        raise InvalidArgumentError("dtypes", f"must be a mapping name -> dtype, got {type(dtypes).__name__}")
 
     missing = [k for k in base if k not in tuned]
     extra = [k for k in tuned if k not in base]
@@ -429,10 +622,10 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
         for side, arr in (("base", a), ("tuned", b)):
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"{side}[{key!r}]", "contains NaN or infinite entries")
-        dtype = str(dtypes[key]) if isinstance(dtypes, Mapping) and key in dtypes else str(a.dtype)
-        arrays[key] = (a, b, max(_storage_eps(key, a, eps), _storage_eps(key, b, eps)), dtype)
+        storage = _storage_dtypes(key, a, b, eps, dtypes)
+        arrays[key] = (a, b, storage)
 
-    matrices = [k for k, (a, _, _, _) in arrays.items() if a.ndim == 2 and a.size > 0]
+    matrices = [k for k, (a, _, _) in arrays.items() if a.ndim == 2 and a.size > 0]
     bias_of = {}
     for k in matrices:
         if k.endswith(".weight"):
@@ -442,51 +635,163 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
     bias_keys = set(bias_of.values())
 
     layers, vectors = [], []
-    for key, (a, b, e, dtype) in arrays.items():
+    for key, (a, b, storage) in arrays.items():
         if key in bias_keys:
             continue
         if key in matrices:
-            layers.append(_layer_advice(key, a, b, e, dtype, tol, energy, bias_of.get(key), arrays))
+            layers.append(_layer_advice(key, a, b, storage, tol, energy, floor, bias_of.get(key), arrays))
         elif a.ndim == 1:
-            d = b.astype(np.float64) - a.astype(np.float64)
-            base_norm = float(np.linalg.norm(a))
-            change = float(np.linalg.norm(d))
+            e = _power_of_two_scale(a, b)
+            a_s, b_s = np.ldexp(a.astype(np.float64), -e), np.ldexp(b.astype(np.float64), -e)   # exact rescaling
+            base_norm = _unscale(float(np.linalg.norm(a_s)), e, "its norm", f"base[{key!r}]")
+            change = _unscale(float(np.linalg.norm(b_s - a_s)), e, "the norm of its change", f"tuned[{key!r}]")
+            beyond = entries_beyond_rounding(a, b, *storage)
             vectors.append({"name": key, "shape": list(a.shape), "change_norm": change,
-                            "relative_change": change / base_norm if base_norm > 0 else change})
+                            "relative_change": change / base_norm if base_norm > 0 else change,
+                            "changed": beyond > 0, "entries_beyond_rounding": beyond})
         else:
             reason = ("scalar" if a.ndim == 0 else "empty" if a.size == 0 else
                       f"{a.ndim}-D tensor (not a matrix; flatten convolution kernels to (out, -1) to advise them)")
             skipped.append({"name": key, "shape": list(a.shape), "reason": reason})
     return RankReport(layers=tuple(layers), vectors=tuple(vectors), skipped=tuple(skipped),
-                      energy=float(energy), rtol=None if tol is None else float(tol))
+                      energy=float(energy), rtol=None if tol is None else float(tol), floor_model=floor)
 
 
-def _layer_advice(key, a, b, eps, dtype, tol, energy, bias_key, arrays) -> LayerAdvice:
-    W0 = a.astype(np.float64)                                           # (out, in)
-    W1 = b.astype(np.float64)                                           # (out, in)
-    delta = W1 - W0                                                     # (out, in)
-    s = np.linalg.svd(delta, compute_uv=False)                          # (min(out, in),)
-    rtol = max(delta.shape) * eps if tol is None else float(tol)
-    scale = max(_spectral_norm(W0), _spectral_norm(W1), float(s[0]) if s.size else 0.0)
-    threshold = rtol * scale
-    exact = int(np.sum(s > threshold))
-    spectral, frob = tail_curves(s)
-    bias_change, bias_norm, bias_changed = None, 0.0, False
+def _storage_label(storage) -> str:
+    return storage[0] if storage[0] == storage[1] else f"{storage[0]}/{storage[1]}"
+
+
+def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> LayerAdvice:
+    """One layer: the change's spectrum and rounding bounds, computed on an exact power-of-two rescaling of
+    both matrices (``max |W| < 1``: no overflow or underflow in the SVD and the norms), then unscaled."""
+    e = _power_of_two_scale(a, b)
+    with np.errstate(under="ignore"):
+        W0 = np.ldexp(a.astype(np.float64), -e)                         # (out, in), W_base · 2^-e
+        W1 = np.ldexp(b.astype(np.float64), -e)                         # (out, in), W_tuned · 2^-e
+    delta = W1 - W0                                                     # (out, in), |entries| < 2: no overflow
+    try:
+        s = np.linalg.svd(delta, compute_uv=False)                      # (min(out, in),), scaled
+    except np.linalg.LinAlgError as exc:
+        raise LoraTheoryError(f"the SVD of the change of {key!r} did not converge ({exc})") from None
+    u_b, u_t = storage_roundoff(storage[0]), storage_roundoff(storage[1])
+    B = _scaled_bound(a, b, u_b, u_t, smallest_subnormal(storage[0]) + smallest_subnormal(storage[1]), e)
+    bounds = _bounds_of_scaled(B, e, f"base[{key!r}]")
+    beyond = int(np.count_nonzero(np.abs(delta) > B))
+    del B
+    where = f"tuned[{key!r}]"
+    singular_values = np.array([_unscale(float(v), e, "the change's singular values", where) for v in s])
+    delta_norm = _unscale(float(np.linalg.norm(delta)), e, "the change's norm", where)
+    base_norm = _unscale(float(np.linalg.norm(W0)), e, "the base matrix's norm", f"base[{key!r}]")
+    tolerance = rtol = None
+    if tol is not None:
+        rtol = float(tol)
+        scale = max(_spectral_norm(W0), _spectral_norm(W1), float(s[0]) if s.size else 0.0)
+        tolerance = _unscale(rtol * scale, e, "the tolerance", where)
+    full_delta = np.ldexp(delta, e)                                     # finite: its norm was
+    bias_change, bias_changed = None, False
     if bias_key is not None:
-        b0, b1, beps, _ = arrays[bias_key]
-        b0 = b0.astype(np.float64)
-        b1 = b1.astype(np.float64)
-        bias_change = b1 - b0                                           # (out,)
-        bias_norm = float(np.linalg.norm(bias_change))
-        btol = (b0.size * beps if tol is None else float(tol)) * max(np.linalg.norm(b0), np.linalg.norm(b1))
-        bias_changed = bool(bias_norm > btol)
+        b0, b1, bstorage = arrays[bias_key]
+        bias_change = b1.astype(np.float64) - b0.astype(np.float64)    # (out,)
+        if not np.isfinite(bias_change).all():
+            raise InvalidArgumentError(f"tuned[{bias_key!r}]", "its change overflows float64: rescale the weights")
+        if tol is None:
+            bias_changed = entries_beyond_rounding(b0, b1, *bstorage) > 0
+        else:
+            scale = max(float(np.linalg.norm(b0.astype(np.float64))), float(np.linalg.norm(b1.astype(np.float64))))
+            bias_changed = bool(np.linalg.norm(bias_change) > float(tol) * scale)
     name = key[: -len(".weight")] if key.endswith(".weight") else key
+    return layer_advice_from_spectrum(
+        name, key, a.shape, singular_values, noise_floor(bounds, model=model), base_norm=base_norm,
+        delta_norm=delta_norm, storage_dtype=_storage_label(storage), energy=energy, compute_dtype="float64",
+        tolerance=tolerance, rtol=rtol, entries_beyond_rounding=beyond, bias_key=bias_key,
+        bias_change=bias_change, bias_changed=bias_changed, delta=full_delta)
+
+
+def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, *, base_norm, delta_norm,
+                               storage_dtype, energy=0.99, compute_dtype="float64", tolerance=None, rtol=None,
+                               entries_beyond_rounding=None, bias_key=None, bias_change=None,
+                               bias_changed=False, delta=None) -> LayerAdvice:
+    """A :class:`LayerAdvice` from a change's spectrum and noise floor, without the matrix (streaming callers).
+
+    Zeng & Lee 2024, Lemma 1 with ``L = 1`` (Eckart–Young): the smallest LoRA rank representing the stored
+    change up to storage rounding is the number of singular values above ``max(floor.spectral,
+    svd_tolerance)``, ``svd_tolerance = max(out, in) · eps(compute_dtype) · σ_1`` (the SVD's own rounding).
+
+    Parameters
+    ----------
+    name, weight_key : str
+        The layer's module path and its checkpoint key.
+    shape : tuple (out, in)
+    singular_values : array (min(out, in),)
+        *All* singular values of the stored ``ΔW`` (finite, non-negative, non-increasing).
+    floor : NoiseFloor
+        :func:`lora_theory.noise_floor` of the layer's :class:`RoundingBounds` (same ``shape``).
+    base_norm, delta_norm : float
+        ``||W_base||_F`` and ``||ΔW||_F`` (finite, ``>= 0``).
+    storage_dtype : str
+        The label recorded (``"bfloat16"`` or ``"float32/bfloat16"``).
+    energy : float in (0, 1]
+    compute_dtype : dtype
+        What the SVD ran in (``"float32"`` for a float32 torch SVD); sets ``svd_tolerance``.
+    tolerance, rtol : float, optional
+        An absolute threshold replacing the floor, and the relative tolerance it came from (recorded).
+    entries_beyond_rounding : int, optional
+        :func:`lora_theory.entries_beyond_rounding` of the matrix, when the caller computed it.
+    bias_key, bias_change, bias_changed : optional
+        The layer's bias key, ``b_tuned - b_base`` (``(out,)``) and whether it changed beyond rounding.
+    delta : array (out, in), optional
+        ``ΔW`` when the caller keeps it (for :meth:`LayerAdvice.adapter`).
+
+    Raises
+    ------
+    InvalidArgumentError
+        A shape that is not two positive integers, a spectrum of the wrong length or not finite, non-negative
+        and sorted, a floor of another shape, negative or non-finite norms or tolerance, unknown dtypes,
+        ``energy`` outside ``(0, 1]``, a bias change or ``delta`` of the wrong shape.
+    """
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)):
+        raise InvalidArgumentError("shape", f"must be (out, in) with positive integers, got {shape!r}")
+    shape = (int(shape[0]), int(shape[1]))
+    s = _spectrum(singular_values)
+    if s.size != min(shape):
+        raise InvalidArgumentError(
+            "singular_values", f"must hold all min(out, in) = {min(shape)} singular values, got {s.size}")
+    if not isinstance(floor, NoiseFloor):
+        raise InvalidArgumentError("floor", f"must be a NoiseFloor, got {type(floor).__name__}")
+    if tuple(floor.shape) != shape:
+        raise InvalidArgumentError("floor", f"is for shape {floor.shape}, the layer is {shape}")
+    energy = _energy_share(energy)
+    for label, value in (("base_norm", base_norm), ("delta_norm", delta_norm)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(label, f"must be a finite number >= 0, got {value!r}")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
+                                  or not math.isfinite(tolerance) or tolerance < 0):
+        raise InvalidArgumentError("tolerance", f"must be a finite number >= 0, got {tolerance!r}")
+    compute = _dtype_name(compute_dtype, "compute_dtype")
+    svd_tolerance = max(shape) * 2.0 * storage_roundoff(compute) * (float(s[0]) if s.size else 0.0)
+    above_floor = max(floor.spectral, svd_tolerance)
+    threshold = above_floor if tolerance is None else float(tolerance)
+    exact = int(np.count_nonzero(s > threshold))
+    if bias_change is not None:
+        bias_change = np.asarray(bias_change, dtype=np.float64)
+        if bias_change.shape != (shape[0],) or not np.isfinite(bias_change).all():
+            raise InvalidArgumentError("bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}")
+    if delta is not None and np.shape(delta) != shape:
+        raise InvalidArgumentError("delta", f"must have shape {shape}, got {np.shape(delta)}")
+    spectral, frob = tail_curves(s)
     return LayerAdvice(
-        name=name, weight_key=key, shape=tuple(int(n) for n in delta.shape), singular_values=s, rtol=rtol,
-        tolerance=threshold, exact_rank=exact, energy=float(energy), energy_rank=energy_rank(s[:exact], energy),
-        spectral_tail=spectral, frobenius_tail=frob, base_norm=float(np.linalg.norm(W0)),
-        delta_norm=float(np.linalg.norm(delta)), storage_dtype=dtype, bias_key=bias_key,
-        bias_change=bias_change, bias_change_norm=bias_norm, bias_changed=bias_changed, delta=delta)
+        name=str(name), weight_key=str(weight_key), shape=shape, singular_values=s,
+        rtol=None if rtol is None else float(rtol), tolerance=float(threshold), exact_rank=exact, energy=energy,
+        energy_rank=energy_rank(s[:exact], energy), spectral_tail=spectral, frobenius_tail=frob,
+        base_norm=float(base_norm), delta_norm=float(delta_norm), storage_dtype=str(storage_dtype),
+        bias_key=bias_key, bias_change=bias_change,
+        bias_change_norm=0.0 if bias_change is None else float(np.linalg.norm(bias_change)),
+        bias_changed=bool(bias_changed), delta=delta, floor=floor,
+        rank_above_floor=int(np.count_nonzero(s > above_floor)),
+        rank_above_rigorous=int(np.count_nonzero(s > max(floor.rigorous, svd_tolerance))),
+        spectrum_energy_rank=energy_rank(s, energy), svd_tolerance=float(svd_tolerance), compute_dtype=compute,
+        entries_beyond_rounding=None if entries_beyond_rounding is None else int(entries_beyond_rounding))
 
 
 # ------------------------------------------------------------------------------------------ depth-aware
