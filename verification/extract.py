@@ -38,19 +38,20 @@ from .streaming import logical, open_pair, resized_rows
 
 __all__ = ["extract_adapter", "vector_changed", "STORAGE_ROUNDOFF"]
 
-#: Unit roundoff of each storage dtype (round to nearest).
+#: Unit roundoff of each storage dtype (round to nearest; :func:`lora_theory.storage_roundoff`).
 STORAGE_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 
 def vector_changed(base, tuned, dtypes) -> bool:
-    """Whether a 1-D tensor changed beyond the rounding of its storage: some entry with
-    ``|x_t - x_b| > u_b|x_b| + u_t|x_t|`` (``u`` the unit roundoff of each stored dtype). A model re-saved
-    in a lower precision is unchanged by this test."""
-    ub = STORAGE_ROUNDOFF.get(str(dtypes[0]), 0.0)
-    ut = STORAGE_ROUNDOFF.get(str(dtypes[1]), 0.0)
+    """Whether a 1-D tensor changed beyond the rounding of its storage: some entry of ``x_t - x_b`` above
+    ``u_b|x_b| + u_t|x_t| + η_b + η_t`` (:func:`lora_theory.entries_beyond_rounding`, which proves a change;
+    a model re-saved in a lower precision is unchanged by this test). A tuned vector with more entries (a
+    resized vocabulary) is compared on the common ones."""
+    from lora_theory import entries_beyond_rounding
+
     x0 = np.asarray(base, np.float64)
     x1 = np.asarray(tuned, np.float64)[: x0.shape[0]]
-    return bool(np.any(np.abs(x1 - x0) > ub * np.abs(x0) + ut * np.abs(x1)))
+    return entries_beyond_rounding(x0, x1, str(dtypes[0]), str(dtypes[1])) > 0
 
 
 def _factors(delta, r):

@@ -88,6 +88,7 @@ class CheckpointReport:
             "all_below_floor": self.all_below_floor,
             "floor_summary": floor_summary(self),
             "total_parameters_above_floor": int(sum(a.parameters(a.rank_above_floor) for a in self.layers)),
+            "note": __import__("lora_theory.advisor", fromlist=["PER_LAYER_NOTE"]).PER_LAYER_NOTE,
             "allocation": self.allocation,
         }
 
@@ -262,6 +263,9 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
                      f"{fs['max']:.2e}): nothing to adapt that rounding could not explain")
     else:
         lines.append(f"LoRA parameters at the ranks above the floor: {above} (the matrices hold {full})")
+    from lora_theory.advisor import PER_LAYER_NOTE
+
+    lines.append("note: " + PER_LAYER_NOTE)
     if report.allocation is not None:
         al, un = report.allocation, report.allocation["uniform"]
         lines.append(f"allocation ({al['parameters']} parameters): relative error {al['relative_error']:.3e}; "

@@ -186,7 +186,8 @@ def test_cli_writes_report_plot_and_proposal(tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(base), str(tuned), "--out", str(out), "--energy", "0.9"]) == 0
     table = capsys.readouterr().out
-    assert "fc1" in table and "1/3" in table and "rank 90%" in table and "Theorems 3 and 6" in table
+    assert "fc1" in table and "1/3" in table and "energy 90%" in table and "Theorems 3 and 6" in table
+    assert "5 x 3" in table                                         # shapes as out x in
     report = json.loads((out / "report.json").read_text())
     assert [(l["name"], l["exact_rank"]) for l in report["layers"]] == [("fc1", 1), ("fc2", 0)]
     assert isinstance(report["layers"][0]["singular_values"], list)

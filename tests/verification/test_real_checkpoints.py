@@ -372,3 +372,67 @@ def test_certify_runs_without_torch():
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert out.returncode == 0, out.stderr
     assert "exact" in out.stdout
+
+
+# ----------------------------------------------------------------------------- the command line on real layouts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cli_finds_the_planted_ranks_and_extracts_an_adapter_that_reproduces_them(tmp_path, capsys, arch, dtype):
+    from verification.advise import main
+
+    base, tuned, plants = build_pair(arch, tmp_path, dtype, sharded=True)
+    out, ad = tmp_path / "out", tmp_path / "adapter"
+    assert main([str(base), str(tuned), "--out", str(out), "--extract", str(ad), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    ranks = {l["name"]: l["rank_above_floor"] for l in report["layers"]}
+    assert {k: v for k, v in ranks.items() if v} == plants                    # nothing else above the floor
+    names = [l["name"] for l in report["layers"]]
+    assert names == [m.name for m in TensorSource(base).layout().matrices]    # model order
+    assert "vectors: 1 of" in table                                          # the one changed norm, one line
+    written = json.loads((ad / "lora_theory_export.json").read_text())
+    assert {k: v for k, v in written["ranks"].items() if k in plants} == plants
+    want = outputs(arch, load_float32(arch, tuned))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = outputs(arch, load_peft_adapter(load_float32(arch, base), ad))
+    assert rel(got, want) <= 16 * STORAGE_ROUNDOFF[str(dtype).replace("torch.", "")]
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_an_unchanged_model_resaved_in_lower_precision_is_below_the_floor(tmp_path, capsys, low):
+    """Regression: bf16 checkpoints read as "nothing changed" for real changes; the converse must hold too:
+    a model only re-saved in a lower precision has rank 0 everywhere, and the report says what the floor is."""
+    from verification.advise import main
+
+    torch.manual_seed(0)
+    model = llama()
+    model.save_pretrained(tmp_path / "base")
+    model.to(low).save_pretrained(tmp_path / "tuned")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["all_below_floor"] and all(l["rank_above_floor"] == 0 for l in report["layers"])
+    assert "below its storage-rounding floor" in table
+    assert not any(v["changed"] for v in report["vectors"])
+    assert main([str(tmp_path / "base"), str(tmp_path / "tuned"), "--quiet", "--extract", str(tmp_path / "ad")]) == 2
+    assert "nothing to extract" in capsys.readouterr().err
+
+
+def test_heatmap_for_many_layers(tmp_path):
+    from verification.advise import main
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"blocks.{i}.proj.weight": torch.randn(16, 12, generator=g) for i in range(60)}
+    tuned = {k: v + (torch.randn(16, 1 + i % 5, generator=g) @ torch.randn(1 + i % 5, 12, generator=g)) * 0.1
+             for i, (k, v) in enumerate(base.items())}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    assert main([str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [l["rank_above_floor"] for l in report["layers"]] == [1 + i % 5 for i in range(60)]
+    assert (tmp_path / "out" / "spectra.png").read_bytes()[:4] == b"\x89PNG"
