@@ -8,9 +8,10 @@ Each pair (base, tuned = base + a rank-8 change in every matrix) is generated he
 (``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Both
 contenders run in a fresh process that reports its wall time and its peak resident memory (``ru_maxrss``):
 
-* ``advisor``: :func:`verification.streaming.stream_spectra` (layout from ``config.json``, tensors read
-  lazily from the shards the index names, ``ΔW`` in float32, its singular values, norms and bias changes,
-  one layer at a time); ``setup`` is the part before the first layer (importing ``transformers`` and
+* ``advisor``: :func:`verification.rank_report.advise_stream`, what ``python -m verification.advise`` runs
+  before it prints (layout from ``config.json``, tensors read lazily from the shards the index names,
+  ``ΔW`` in float32, its singular values, the statistics of its rounding bound and the noise floor, norms,
+  bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing ``transformers`` and
   building the model on the meta device to read the layout);
 * ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
   ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
@@ -128,12 +129,13 @@ def write_pair(folder: Path, size, *, rank=8, shard_bytes=1 << 29, seed=0):
 
 
 def child_advisor(base, tuned, device):
-    from verification.streaming import open_pair, stream_spectra
+    from verification.rank_report import advise_stream
+    from verification.streaming import open_pair
 
-    b, t, lay = open_pair(base, tuned)              # imports transformers, builds the model on the meta device
+    open_pair(base, tuned)                          # imports transformers, builds the model on the meta device
     setup = time.perf_counter()
-    count = sum(1 for s in stream_spectra(b, t, lay, device=device, progress=False) if hasattr(s, "singular_values"))
-    return count, setup
+    report = advise_stream(base, tuned, device=device, progress=False)
+    return len(report.layers), setup
 
 
 def child_loop(base, tuned, device):
@@ -218,6 +220,8 @@ def main(argv=None) -> int:
                    help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each contender, interleaved (loop, advisor, loop, ...); the fastest is reported")
     p.add_argument("--workdir", default=None, help="where the pairs are written (default: a temporary folder)")
     p.add_argument("--project-only", action="store_true", help="only the 7B projection")
     p.add_argument("--no-project", action="store_true", help="skip the 7B projection")
@@ -239,8 +243,14 @@ def main(argv=None) -> int:
                 write_pair(work, size)
                 gen = time.perf_counter() - t0
                 base, tuned = work / "base", work / "tuned"
-                ours = run_child("advisor", base, tuned, args.device, args.threads)
-                loop = run_child("loop", base, tuned, args.device, args.threads)
+                runs = {"advisor": [], "loop": []}
+                for _ in range(args.repeat):
+                    for kind in ("loop", "advisor"):
+                        runs[kind].append(run_child(kind, base, tuned, args.device, args.threads))
+                ours = min(runs["advisor"], key=lambda r: r["seconds"])
+                loop = min(runs["loop"], key=lambda r: r["seconds"])
+                ours["all_seconds"] = [r["seconds"] for r in runs["advisor"]]
+                loop["all_seconds"] = [r["seconds"] for r in runs["loop"]]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, "advisor": ours,
