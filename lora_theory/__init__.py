@@ -25,6 +25,8 @@ Rank advice for real checkpoints       :func:`advise_layers`, :func:`advise_fnn`
 Storage-rounding noise floor           :func:`storage_roundoff`, :func:`smallest_subnormal`,
 (the project's, THEORY.md §5)          :func:`rounding_bounds`, :func:`noise_floor`,
                                        :func:`entries_beyond_rounding`
+Ranks under a budget (the project's,   :func:`allocate_ranks`, :func:`uniform_ranks`
+THEORY.md §6)
 =====================================  ==========================================================
 """
 
@@ -40,6 +42,7 @@ from .advisor import (
     layer_advice_from_spectrum,
     tail_curves,
 )
+from .allocation import RankAllocation, allocate_ranks, uniform_ranks
 from .bounds import ErrorBound, fnn_error_bound, fnn_error_bound_at
 from .errors import IllConditionedWarning, InvalidArgumentError, LoraTheoryError, SingularMatrixError
 from .final_layers import Witness, final_layers_parameter_count, final_layers_witness, lora_parameter_count
