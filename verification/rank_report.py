@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CheckpointReport", "advise_stream", "format_report", "plot_heatmap", "uniform_at_budget",
-           "relative_error_of_ranks", "allocation"]
+__all__ = ["CheckpointReport", "advise_stream", "format_report", "plot_heatmap", "relative_error_of_ranks",
+           "allocation", "peft_proposal"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,25 +186,11 @@ def relative_error_of_ranks(layers, ranks) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def uniform_at_budget(layers, budget: int) -> dict:
-    """The largest uniform rank ``r`` (capped at each layer's ``min(out, in)``) whose adapters fit ``budget``
-    parameters, with its parameters and measured error."""
-    best = 0
-    top = max((a.max_rank for a in layers), default=0)
-    for r in range(1, top + 1):
-        if sum(a.parameters(min(r, a.max_rank)) for a in layers) <= budget:
-            best = r
-        else:
-            break
-    ranks = {a.name: min(best, a.max_rank) for a in layers}
-    return {"rank": best, "ranks": ranks, "parameters": int(sum(a.parameters(r) for a, r in zip(layers, ranks.values()))),
-            "relative_error": relative_error_of_ranks(layers, ranks)}
-
-
 def allocation(report: CheckpointReport, *, budget: int | None = None, error: float | None = None) -> dict:
     """Ranks from :func:`lora_theory.allocate_ranks` under ``budget`` parameters or a relative ``error``, beside
-    the uniform rank at the same budget; both errors measured on the spectra."""
-    from lora_theory import allocate_ranks
+    :func:`lora_theory.uniform_ranks` (one rank for every layer) at the same budget; both errors measured on the
+    spectra of the stored changes (:func:`relative_error_of_ranks`, checked against the allocation's own)."""
+    from lora_theory import allocate_ranks, uniform_ranks
 
     layers = report.layers
     spectra = [a.singular_values for a in layers]
@@ -213,16 +199,17 @@ def allocation(report: CheckpointReport, *, budget: int | None = None, error: fl
         result = allocate_ranks(spectra, shapes, budget=int(budget))
     else:
         result = allocate_ranks(spectra, shapes, error=float(error))
-    ranks_list = list(getattr(result, "ranks", result))
-    ranks = {a.name: int(r) for a, r in zip(layers, ranks_list)}
-    params = int(sum(a.parameters(r) for a, r in zip(layers, ranks_list)))
-    spent = int(budget) if budget is not None else params
-    uniform = uniform_at_budget(layers, spent)
+    ranks = {a.name: int(r) for a, r in zip(layers, result.ranks)}
+    spent = int(budget) if budget is not None else int(result.parameters)
+    base = uniform_ranks(spectra, shapes, spent)
+    uniform = {a.name: int(r) for a, r in zip(layers, base.ranks)}
     return {"budget": None if budget is None else int(budget), "error_target": None if error is None else float(error),
-            "ranks": ranks, "parameters": params, "relative_error": relative_error_of_ranks(layers, ranks),
-            "uniform": uniform,
+            "method": result.method, "ranks": ranks, "parameters": int(result.parameters),
+            "relative_error": relative_error_of_ranks(layers, ranks),
+            "uniform": {"rank": max(base.ranks, default=0), "ranks": uniform, "parameters": int(base.parameters),
+                        "relative_error": relative_error_of_ranks(layers, uniform)},
             "note": "relative_error = sqrt(sum of discarded sigma^2) / sqrt(sum of all sigma^2) over all layers "
-                    "(truncated SVD per layer); uniform: one rank for every layer at the same budget"}
+                    "(truncated SVD per layer, Eckart-Young); uniform: one rank for every layer at the same budget"}
 
 
 # ------------------------------------------------------------------------------------------ output

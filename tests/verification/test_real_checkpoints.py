@@ -436,3 +436,27 @@ def test_heatmap_for_many_layers(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [l["rank_above_floor"] for l in report["layers"]] == [1 + i % 5 for i in range(60)]
     assert (tmp_path / "out" / "spectra.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_allocation_beside_a_uniform_rank(tmp_path, capsys):
+    """--budget: the allocation's measured error is at most the uniform rank's at the same budget, both are
+    written, and --extract writes the allocated ranks."""
+    from verification.advise import main
+
+    base, tuned, plants = build_pair("llama", tmp_path, torch.float32, sharded=False)
+    out, ad = tmp_path / "out", tmp_path / "ad"
+    budget = 2 * sum(r * sum(logical_weight(llama(), n).shape) for n, r in plants.items()) // 3
+    assert main([str(base), str(tuned), "--out", str(out), "--budget", str(budget), "--extract", str(ad),
+                 "--quiet"]) == 0
+    assert "uniform rank" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    al = report["allocation"]
+    assert al["parameters"] <= budget and al["uniform"]["parameters"] <= budget
+    assert al["relative_error"] <= al["uniform"]["relative_error"]
+    # the measured error is the Eckart-Young tail of the spectra at those ranks
+    layers = {l["name"]: l for l in report["layers"]}
+    num = sum(layers[n]["frobenius_tail"][r] ** 2 for n, r in al["ranks"].items())
+    den = sum(l["frobenius_tail"][0] ** 2 for l in layers.values())
+    assert al["relative_error"] == pytest.approx((num / den) ** 0.5, rel=1e-12)
+    written = json.loads((ad / "lora_theory_export.json").read_text())
+    assert written["requested_ranks"] == {k: v for k, v in al["ranks"].items() if v}
