@@ -32,7 +32,7 @@ from pathlib import Path
 __all__ = ["MatrixSpec", "VectorSpec", "Layout", "layout", "natural_key", "MissingExtraError", "require"]
 
 #: Extras of the ``lora-theory`` package that provide each optional import.
-EXTRAS = {"safetensors": "peft", "peft": "peft", "transformers": "peft", "torch": "verify",
+EXTRAS = {"safetensors": "verify", "peft": "peft", "transformers": "peft", "torch": "verify",
           "matplotlib": "verify", "tqdm": "verify"}
 
 
