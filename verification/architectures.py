@@ -128,6 +128,7 @@ class Layout:
     other: tuple = ()
     architecture: str | None = None
     config: dict | None = field(default=None, repr=False)
+    note: str | None = None
 
     def matrix(self, name: str) -> MatrixSpec:
         for m in self.matrices:
@@ -224,10 +225,19 @@ def layout(shapes: dict, dtypes: dict, *, folder=None, order=None) -> Layout:
     config = read_config(folder)
     if config is None or not config.get("architectures"):
         return _generic(shapes, dtypes, order if order else sorted(shapes, key=natural_key))
-    model, arch = _meta_model(config)
+    try:
+        model, arch = _meta_model(config)
+    except MissingExtraError:
+        raise
+    except Exception as exc:                # a config transformers cannot build
+        model, arch = None, f"{(config.get('architectures') or ['?'])[0]} ({type(exc).__name__}: {exc})"
     if model is None:
         generic = _generic(shapes, dtypes, sorted(shapes, key=natural_key))
-        return Layout(generic.matrices, generic.vectors, generic.other, None, config)
+        name = arch or (config.get("architectures") or ["?"])[0]
+        return Layout(generic.matrices, generic.vectors, generic.other, None, config,
+                      note=f"config.json names {name}, which this transformers cannot build: every 2-D weight is "
+                           "read as an nn.Linear stored (out, in); a Conv1D-style (in, out) layer would be "
+                           "transposed wrongly")
     import torch
     from transformers.pytorch_utils import Conv1D
 

@@ -62,6 +62,7 @@ class CheckpointReport:
     energy: float
     device: str
     allocation: dict | None = field(default=None)
+    layout_note: str | None = None
 
     @property
     def all_below_floor(self) -> bool:
@@ -83,6 +84,7 @@ class CheckpointReport:
             layers.append(d)
         return {
             "base": self.base, "tuned": self.tuned, "architecture": self.architecture, "device": self.device,
+            "layout_note": self.layout_note,
             "energy": self.energy, "layers": layers, "vectors": [dict(v) for v in self.vectors],
             "other": [{"name": k, "reason": r} for k, r in self.other],
             "all_below_floor": self.all_below_floor,
@@ -168,7 +170,8 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
                             "new_rows": int(v.new_rows)})
     return CheckpointReport(layers=tuple(layers), kinds=tuple(kinds), tied=tuple(tied), new_rows=tuple(new_rows),
                             vectors=tuple(vectors), other=tuple(lay.other), architecture=lay.architecture,
-                            base=str(base_path), tuned=str(tuned_path), energy=float(energy), device=str(device))
+                            base=str(base_path), tuned=str(tuned_path), energy=float(energy), device=str(device),
+                            layout_note=lay.note)
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -242,6 +245,8 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
     if report.other:
         lines.append(f"not analysed: {len(report.other)} tensors ({', '.join(k for k, _ in report.other[:4])}"
                      + (" ..." if len(report.other) > 4 else "") + ")")
+    if report.layout_note:
+        lines.append("warning: " + report.layout_note)
     above = sum(a.parameters(a.rank_above_floor) for a in report.layers)
     full = sum(a.shape[0] * a.shape[1] for a in report.layers)
     if report.all_below_floor:

@@ -460,3 +460,13 @@ def test_budget_allocation_beside_a_uniform_rank(tmp_path, capsys):
     assert al["relative_error"] == pytest.approx((num / den) ** 0.5, rel=1e-12)
     written = json.loads((ad / "lora_theory_export.json").read_text())
     assert written["requested_ranks"] == {k: v for k, v in al["ranks"].items() if v}
+
+
+def test_an_architecture_transformers_cannot_build_is_read_generically_with_a_warning(tmp_path, capsys):
+    from verification.advise import main
+
+    base, tuned, _ = build_pair("mlp", tmp_path, torch.float32, sharded=False)
+    for folder in (base, tuned):
+        (folder / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"], "model_type": "nosuch"}))
+    assert main([str(base), str(tuned), "--quiet"]) == 0
+    assert "warning: config.json names NoSuchModel" in capsys.readouterr().out
