@@ -59,7 +59,11 @@ def _factors(delta, r):
     and the relative Frobenius error ``sqrt(Σ_{k>r} σ_k²) / ||ΔW||_F`` the truncation leaves (Eckart–Young)."""
     import torch
 
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    if delta.shape[0] >= delta.shape[1]:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    else:                                   # the tall orientation is the faster one on a CPU
+        V, S, Uh = torch.linalg.svd(delta.T, full_matrices=False)
+        U, Vh = Uh.T, V.T
     root = S[:r].sqrt()
     B = (U[:, :r] * root).double().cpu().numpy()
     A = (root[:, None] * Vh[:r]).double().cpu().numpy()

@@ -242,25 +242,26 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     Returns ``{"shape", "row_max", "col_max", "entry_max", "frobenius"}`` (``max_i ||B_i,:||``,
     ``max_j ||B_:,j||``, ``max B_ij``, ``||B||_F``): the fields of :class:`lora_theory.RoundingBounds`. The
     subnormal terms are added through the triangle inequality (``+ η·sqrt(n)`` to a row norm ...), so every
-    statistic is an upper bound of the exact one. Sums run in float64 over float32 blocks (float64 blocks
-    when a stored tensor is float64 or an entry is beyond 1e30, where float32 squares would overflow).
+    statistic is an upper bound of the exact one. Sums run in float64 over float32 blocks and squares
+    (float64 blocks when a stored tensor is float64 or an entry is beyond 1e18, where float32 squares could
+    overflow).
     """
     import torch
 
     (ub, eb), (ut, et) = ROUNDOFF[str(dtypes[0])], ROUNDOFF[str(dtypes[1])]
     m, n = w0.shape
     big = max(float(w0.abs().max()), float(w1.abs().max())) if w0.numel() else 0.0
-    cd = torch.float64 if "float64" in dtypes or big > 1e30 else torch.float32
+    cd = torch.float64 if "float64" in dtypes or big > 1e18 else torch.float32
     row_max, entry_max = 0.0, 0.0
     col_sq = torch.zeros(n, dtype=torch.float64, device=w0.device)
     fro_sq = 0.0
     for start in range(0, m, block_rows):
         a = w0[start:start + block_rows].to(cd, copy=True).abs_().mul_(ub)
         a.add_(w1[start:start + block_rows].to(cd).abs_(), alpha=ut)             # (rows, n): B without η
-        sq = a.double().square_() if cd == torch.float32 else a.square()
-        rows = sq.sum(dim=1)
+        sq = a.square()                                     # float32 squares stay finite below 1e18
+        rows = sq.sum(dim=1, dtype=torch.float64)
         row_max = max(row_max, float(rows.max()))
-        col_sq += sq.sum(dim=0)
+        col_sq += sq.sum(dim=0, dtype=torch.float64)
         fro_sq += float(rows.sum())
         entry_max = max(entry_max, float(a.max()))
         del a, sq, rows
@@ -273,6 +274,14 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     return {"shape": (int(m), int(n)), "row_max": up * math.sqrt(row_max) + eta * math.sqrt(n),
             "col_max": up * math.sqrt(float(col_sq.max())) + eta * math.sqrt(m), "entry_max": up * entry_max + eta,
             "frobenius": up * math.sqrt(fro_sq) + eta * math.sqrt(m * n)}
+
+
+def svdvals_tall(matrix):
+    """``torch.linalg.svdvals`` of the tall orientation (rows >= columns): the same singular values, and on a
+    CPU 2.5 times faster for a 1024 x 32000 matrix than of that matrix as given (measured, one thread)."""
+    import torch
+
+    return torch.linalg.svdvals(matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T)
 
 
 def logical(tensor, spec, rows=None):
@@ -323,7 +332,7 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
             floor = floor_fn(w0d, logical(w1, spec).to(dev), (d0, d1)) if floor_fn is not None else None
             del w0, w1, w0d
             delta_fro = float(torch.linalg.vector_norm(delta))
-            s = torch.linalg.svdvals(delta).double().cpu().numpy()          # (min(out, in),)
+            s = svdvals_tall(delta).double().cpu().numpy()                 # (min(out, in),)
             del delta
             bias = None, None, None, None
             if spec.bias_key is not None:

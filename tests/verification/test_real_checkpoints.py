@@ -335,7 +335,7 @@ from verification.streaming import ROUNDOFF, rounding_statistics
        d1=st.sampled_from(["float32", "bfloat16", "float16", "float64"]), seed=st.integers(0, 2 ** 16))
 def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, block, d0, d1, seed):
     """The blocked, device-side statistics of B = u_b|W_b| + u_t|W_t| + eta_b + eta_t are upper bounds of the
-    exact ones (float64 on the whole matrix) and within a relative 1e-5 of them."""
+    exact ones (float64 on the whole matrix) and within a relative 1e-5 of them plus the subnormal terms."""
     g = torch.Generator().manual_seed(seed)
     w0 = (torch.randn(m, n, generator=g, dtype=torch.float64) * 3).to(getattr(torch, d0))
     w1 = (w0.double() + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64)).to(getattr(torch, d1))
@@ -345,8 +345,12 @@ def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, b
     exact = {"row_max": float(B.norm(dim=1).max()), "col_max": float(B.norm(dim=0).max()),
              "entry_max": float(B.max()), "frobenius": float(B.norm())}
     assert got["shape"] == (m, n)
+    # upper bounds; above the exact value by float32 rounding (relative 2^-20) and by the triangle inequality
+    # on the subnormal terms (eta times sqrt of the count of entries summed), no more
+    eta = eb + et
+    slack = {"row_max": eta * n ** 0.5, "col_max": eta * m ** 0.5, "entry_max": 0.0, "frobenius": eta * (m * n) ** 0.5}
     for key, value in exact.items():
-        assert value <= got[key] <= value * (1 + 1e-5), (key, value, got[key])
+        assert value <= got[key] <= value * (1 + 1e-5) + slack[key], (key, value, got[key])
 
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
