@@ -5,9 +5,16 @@ stacked model (:mod:`verification.trainer`), and the paper's synthetic experimen
 (``python -m verification`` lists them).
 """
 
-from .models import TorchFNN, TorchTFN, merge_adapter
-
 EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep", "singular_values")
 TOOLS = ("certify", "advise", "real_data", "pretraining")
 
 __all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS", "TOOLS"]
+
+
+def __getattr__(name):
+    # the torch models load on first use, so that tools without torch (``certify``) import this package
+    if name in ("TorchFNN", "TorchTFN", "merge_adapter"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'verification' has no attribute {name!r}")

@@ -1,25 +1,36 @@
 """``python -m verification.advise BASE TUNED``: the LoRA rank each layer of a fine-tuning change needs.
 
-Reads two checkpoints of one architecture safely (:mod:`verification.checkpoints`: safetensors, torch files
-with ``weights_only=True``, ``.npz``; never unpickles objects), matches their weight matrices by name and shape
-and reports, per layer, the singular values of ``ΔW``, its numeric rank at the stated tolerance (the smallest
-LoRA rank that represents it exactly), the rank keeping a share of the spectrum's energy, the error of the
-best rank-``r`` adapter against ``r`` and the bias change (:func:`lora_theory.advisor.advise_layers`).
-That per-layer answer is all the theory supports for real checkpoints (the report says so).
+BASE and TUNED are checkpoint files or model folders (Hugging Face ``save_pretrained`` output: shards read
+through ``model.safetensors.index.json``, the architecture read from ``config.json``; torch files with
+``weights_only=True`` and ``.npz`` also work; nothing is unpickled). The layers are read one at a time
+(:mod:`verification.streaming`, ``--device cpu|cuda``) and reported in model order
+(:mod:`verification.rank_report`): per layer the shape ``out x in``, the rank of ``ΔW`` above the noise floor
+its storage rounding leaves (:func:`lora_theory.noise_floor`), the floor, the energy rank over the whole
+spectrum and the bias change; the changed vectors (norms, biases) in one line. That per-layer answer is all
+the theory supports for real checkpoints (Zeng & Lee 2024, Lemma 1 with ``L = 1``; the report says so).
+
+* ``--budget PARAMS`` / ``--error REL``: ranks from :func:`lora_theory.allocate_ranks`, beside a uniform rank
+  at the same budget, both errors measured;
+* ``--extract DIR``: the PEFT adapter at the chosen ranks (:func:`verification.extract.extract_adapter`,
+  ``--dtype float32`` by default), built and saved with PEFT's own classes, checked as written, and
+  recording its base.
 
 ``--fnn`` is the depth-aware mode of Zeng & Lee 2024, Theorems 3 and 6: BASE is a plain ReLU MLP
 (``layers.{l}.weight/bias``, all ``D x D``) and TUNED a separately given *shallower* target MLP; it reports
 ``max_i ceil(rank(E_i) / |P_i|)`` for the uniform and the best partition. With ``--input-radius`` and
-``--out`` it also builds the adapters (:func:`lora_theory.fnn.lora_fnn`) and exports them for PEFT.
+``--out`` it also builds the adapters (:func:`lora_theory.fnn.lora_fnn`) and exports them for PEFT, only after
+checking them as written, in the precision written, on the ball (a one-line refusal otherwise).
 
-Output: a table on stdout; under ``--out DIR``: ``report.json``, ``spectra.png`` and
-``peft_rank_pattern.json`` (``LoraConfig`` keyword arguments under ``"lora_config"``).
+Output: a table on stdout; under ``--out DIR``: ``report.json``, ``spectra.png`` (a heatmap of the normalised
+spectra by layer) and ``peft_rank_pattern.json`` (a ``LoraConfig`` built by PEFT, under ``"lora_config"``).
+A missing optional package is named with the extra that installs it, in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -128,20 +139,63 @@ def _fnn_mode(args) -> int:
         out = claim_folder(Path(args.out), "advise")
         record = {"mode": "fnn", "advice": advice.to_dict()}
         if args.input_radius is not None:
-            from lora_theory.fnn import lora_fnn
-
-            from .peft_export import export_peft
-
-            fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
-                           input_radius=args.input_radius)
-            export_peft(fit, out / "peft_adapter", dtype=args.dtype)
-            record["export"] = {"directory": str(out / "peft_adapter"), "rank": advice.best_rank,
-                                "partition": list(advice.best_partition), "input_radius": args.input_radius,
-                                "exact": bool(fit.exact), "kappa": fit.kappa, "gamma": fit.gamma,
-                                "tolerance": fit.tolerance}
+            record["export"] = _export_fnn(args, frozen, target, advice, out)
             print(f"adapters for the ball of radius {args.input_radius} exported to {out / 'peft_adapter'}")
         (out / "report.json").write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _export_fnn(args, frozen, target, advice, out) -> dict:
+    """Build the adapters for the ball, write them, and keep them only if they hold as written.
+
+    The adapter is written into a temporary folder beside ``out / "peft_adapter"``, read back and checked
+    against the built model in the precision written (:func:`~verification.peft_export.check_fnn_adapter`);
+    only then is it renamed into place. Otherwise nothing is left and :class:`AdapterWriteError` says why.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from lora_theory.fnn import lora_fnn
+
+    from .peft_export import AdapterWriteError, check_fnn_adapter, export_peft
+
+    fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
+                   input_radius=args.input_radius)
+    final = out / "peft_adapter"
+    if final.exists():
+        raise AdapterWriteError(f"{final} exists: the adapter is written only into a new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=".peft_adapter.tmp-", dir=out))
+    try:
+        export_peft(fit, tmp, dtype=args.dtype, base_name=str(Path(args.base).resolve()))
+        check = check_fnn_adapter(fit, tmp)
+        if not fit.exact:
+            raise AdapterWriteError(
+                f"the construction at rank {advice.best_rank} is not exact on the ball of radius "
+                f"{args.input_radius}; no adapter was written")
+        if not check["holds"] and not check["tolerance"] < 1:
+            raise AdapterWriteError(
+                f"in {check['dtype']} the construction for the ball of radius {args.input_radius:g} has no useful "
+                f"error bound (relative tolerance {check['tolerance']:.3g}); no adapter was written: use a wider "
+                "--dtype or a smaller --input-radius")
+        if not check["holds"] and check.get("max_error_to_target", 0.0) > check.get("allowed_error_to_target", 0.0):
+            raise AdapterWriteError(
+                f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} misses the target by "
+                f"{check['max_error_to_target']:.3g}, above the fit's bound {check['allowed_error_to_target']:.3g}; "
+                "no adapter was written")
+        if not check["holds"]:
+            where = "" if check["at_norm"] is None else f" at |x| = {check['at_norm']:.3g}"
+            raise AdapterWriteError(
+                f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} does not hold as written: "
+                f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
+                f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"directory": str(final), "rank": advice.best_rank, "partition": list(advice.best_partition),
+            "input_radius": args.input_radius, "exact": bool(fit.exact), "kappa": fit.kappa, "gamma": fit.gamma,
+            "tolerance": fit.tolerance, "written_check": check}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,16 +208,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.json, spectra.png and peft_rank_pattern.json")
     p.add_argument("--energy", type=float, default=0.99, help="spectrum energy share for the energy rank (default 0.99)")
     p.add_argument("--tol", type=float, default=None,
-                   help="relative tolerance of the numeric rank (default max(out, in) * eps of the storage dtype)")
+                   help="count singular values above TOL * sigma_1(dW) instead of above the storage-rounding floor")
     p.add_argument("--choice", choices=("exact", "energy"), default="exact",
-                   help="which rank the PEFT proposal uses (default exact)")
+                   help="which rank the PEFT proposal and --extract use: above the noise floor (exact, default) "
+                        "or the energy rank; --budget / --error replace both")
+    p.add_argument("--budget", type=int, default=None,
+                   help="LoRA parameters to spend: ranks from lora_theory.allocate_ranks, beside a uniform rank")
+    p.add_argument("--error", type=float, default=None,
+                   help="relative Frobenius error to reach over all layers with the fewest parameters")
+    p.add_argument("--extract", default=None, metavar="DIR",
+                   help="write the PEFT adapter (truncated SVDs at the chosen ranks) into this new folder")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the SVDs run (float32; float64 for float64 checkpoints)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fnn", action="store_true", help="depth-aware mode (Theorems 3 and 6) for plain ReLU MLPs")
     p.add_argument("--no-final-relu", action="store_true", help="--fnn: the MLPs' last layer is affine")
     p.add_argument("--input-radius", type=float, default=None,
                    help="--fnn with --out: build the adapters for this input ball and export them for PEFT")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="--fnn export: dtype of the adapter tensors")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                   help="dtype of the exported adapter tensors (default float32); the adapter is checked as "
+                        "written and refused when it does not hold in that precision")
     return p
+
+
+def _checkpoint_mode(args) -> int:
+    from .rank_report import advise_stream, allocation, format_report, peft_proposal, plot_heatmap
+
+    if args.budget is not None and args.error is not None:
+        raise CheckpointError("--budget", "give --budget or --error, not both")
+    report = advise_stream(args.base, args.tuned, energy=args.energy, device=args.device, tol=args.tol,
+                           progress=not args.quiet)
+    if args.budget is not None or args.error is not None:
+        from dataclasses import replace
+
+        report = replace(report, allocation=allocation(report, budget=args.budget, error=args.error))
+    print(format_report(report))
+    choice = "allocated" if report.allocation is not None else args.choice
+    ranks = report.ranks(choice)
+    if args.out:
+        out = claim_folder(Path(args.out), "advise")
+        record = report.to_dict()
+        record["choice"] = choice
+        (out / "report.json").write_text(json.dumps(record, indent=2))
+        (out / "peft_rank_pattern.json").write_text(json.dumps(peft_proposal(report, ranks), indent=2))
+        plot_heatmap(report, out / "spectra.png")
+        print(f"wrote {out / 'report.json'}, {out / 'spectra.png'}, {out / 'peft_rank_pattern.json'}",
+              file=sys.stderr)
+    if args.extract:
+        from .extract import extract_adapter
+
+        if report.all_below_floor and not any(v["changed"] for v in report.vectors):
+            raise CheckpointError(args.extract, "nothing to extract: every change is below the storage-rounding floor")
+        written = extract_adapter(args.base, args.tuned, ranks, args.extract, dtype=args.dtype, device=args.device,
+                                  progress=not args.quiet)
+        print(f"adapter written to {args.extract} ({written['dtype']}, ranks {written['ranks']})", file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -176,19 +275,19 @@ def main(argv=None) -> int:
     try:
         if args.fnn:
             return _fnn_mode(args)
-        report = advise_checkpoints(args.base, args.tuned, tol=args.tol, energy=args.energy)
-        print(format_table(report))
-        if args.out:
-            out = claim_folder(Path(args.out), "advise")
-            (out / "report.json").write_text(report.to_json())
-            (out / "peft_rank_pattern.json").write_text(json.dumps(report.peft_proposal(args.choice), indent=2))
-            plot_spectra(report, out / "spectra.png")
-            print(f"wrote {out / 'report.json'}, {out / 'spectra.png'}, {out / 'peft_rank_pattern.json'}",
-                  file=sys.stderr)
+        return _checkpoint_mode(args)
+    except ImportError as exc:              # MissingExtraError names the extra; a bare torch import does not
+        from .architectures import MissingExtraError
+
+        if isinstance(exc, MissingExtraError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            name = getattr(exc, "name", None) or "a dependency"
+            print(f"error: {name} is not installed: pip install 'lora-theory[verify,peft]'", file=sys.stderr)
+        return 2
     except (CheckpointError, LoraTheoryError, CLIError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

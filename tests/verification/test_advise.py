@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,7 +186,8 @@ def test_cli_writes_report_plot_and_proposal(tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(base), str(tuned), "--out", str(out), "--energy", "0.9"]) == 0
     table = capsys.readouterr().out
-    assert "fc1" in table and "1/3" in table and "rank 90%" in table and "Theorems 3 and 6" in table
+    assert "fc1" in table and "1/3" in table and "energy 90%" in table and "Theorems 3 and 6" in table
+    assert "5 x 3" in table                                         # shapes as out x in
     report = json.loads((out / "report.json").read_text())
     assert [(l["name"], l["exact_rank"]) for l in report["layers"]] == [("fc1", 1), ("fc2", 0)]
     assert isinstance(report["layers"][0]["singular_values"], list)
@@ -225,3 +227,56 @@ def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
     assert "LoRA-rank needed 0" in capsys.readouterr().out
     assert main([args[1], args[0], "--fnn"]) == 2      # target deeper than frozen
     assert "target" in capsys.readouterr().err
+
+
+def _fnn_pair(tmp_path, D=6):
+    frozen = lora_theory.random_fnn(D, 4, seed=1)
+    target = lora_theory.random_fnn(D, 2, seed=2)
+    for tag, m in (("frozen", frozen), ("target", target)):
+        sd = TorchFNN.from_numpy(m).state_dict()
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / f"{tag}.safetensors"))
+    return str(tmp_path / "frozen.safetensors"), str(tmp_path / "target.safetensors")
+
+
+@pytest.mark.parametrize("radius,dtype,why", [
+    (1e300, "float32", "beyond float32's range"),      # the adapter held inf and PEFT gave NaN
+    (1e300, "float64", "no useful error bound"),       # gamma overflows: no bound at all
+    (1e6, "float32", "does not hold as written"),      # off by 8.45 relative on the unit ball
+    (2.0, "float16", "no useful error bound"),         # float16 wrote inf (or garbage) silently
+])
+def test_fnn_export_that_does_not_hold_is_refused_and_nothing_is_written(tmp_path, capsys, radius, dtype, why):
+    """Regression: ``advise --fnn --input-radius R --out`` wrote a broken adapter and exited 0."""
+    frozen, target = _fnn_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", str(radius), "--dtype", dtype]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0], err
+    assert not (out / "peft_adapter").exists()
+    assert not [p for p in out.iterdir() if "tmp" in p.name] if out.exists() else True
+
+
+@pytest.mark.parametrize("radius,dtype", [(2.0, "float32"), (2.0, "float64"), (1e6, "float64")])
+def test_fnn_export_that_holds_records_its_check_and_its_base(tmp_path, capsys, radius, dtype):
+    from verification.peft_export import AdapterBaseError, check_base
+
+    frozen, target = _fnn_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", str(radius), "--dtype", dtype]) == 0
+    record = json.loads((out / "report.json").read_text())["export"]
+    check = record["written_check"]
+    assert check["holds"] and check["dtype"] == dtype
+    assert check["max_relative_error"] <= check["tolerance"] < 1
+    assert check["max_error_to_target"] <= check["allowed_error_to_target"]
+    config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(frozen).resolve())
+    check_base(out / "peft_adapter", frozen)                        # the right base passes
+    with pytest.raises(AdapterBaseError):
+        check_base(out / "peft_adapter", _other_base(tmp_path))
+
+
+def _other_base(tmp_path):
+    other = lora_theory.random_fnn(6, 4, seed=9)                    # same shapes, other weights
+    sd = TorchFNN.from_numpy(other).state_dict()
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)

@@ -254,3 +254,15 @@ def test_bad_inputs(tmp_path):
         export_peft({"fc": a}, tmp_path, biases={"other": np.ones(3)})
     with pytest.raises(InvalidArgumentError, match="dtype"):
         export_peft([a], tmp_path, dtype="int8")
+
+
+def test_float16_overflow_is_refused_not_written_as_inf(tmp_path):
+    """Regression: float16 exports silently wrote inf."""
+    from verification.peft_export import AdapterWriteError
+
+    big = Adapter(np.full((1, 4), 1e5), np.full((3, 1), 1.0))       # A entries 1e5; float16 max 65504
+    with pytest.raises(AdapterWriteError, match="float16"):
+        export_peft([big], tmp_path / "a", dtype="float16")
+    assert not (tmp_path / "a").exists()
+    info = export_peft([big], tmp_path / "b", dtype="float32")
+    assert info.ranks == {"layers.0": 1}

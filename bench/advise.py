@@ -1,0 +1,274 @@
+"""Benchmark: the rank advisor's streaming pass against a plain lazy torch loop doing the same SVDs.
+
+    python bench/advise.py                        # four Llama-shaped bf16 pairs of growing size, CPU
+    python bench/advise.py --sizes 256x4 --json out.json
+    python bench/advise.py --project-only         # time the Llama-2-7B matrix shapes and project a 7B pair
+
+Each pair (base, tuned = base + a rank-8 change in every matrix) is generated here in Hugging Face's layout
+(``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Both
+contenders run in a fresh process that reports its wall time and its peak resident memory (``ru_maxrss``):
+
+* ``advisor``: :func:`verification.rank_report.advise_stream`, what ``python -m verification.advise`` runs
+  before it prints (layout from ``config.json``, tensors read lazily from the shards the index names,
+  ``ΔW`` in float32, its singular values, the statistics of its rounding bound and the noise floor, norms,
+  bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing ``transformers`` and
+  building the model on the meta device to read the layout);
+* ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
+  ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
+
+The 7B projection times ``torch.linalg.svdvals`` of one float32 matrix of each Llama-2-7B shape
+(4096 x 4096 attention, 11008 x 4096 MLP; 32,000 x 4096 embeddings scaled from the MLP time by
+``m·n²``) and adds them up by layer count (32 layers, untied head). Threads: ``--threads`` (default 1:
+on a shared two-core machine two OpenMP threads ran a 1024 x 1024 ``svdvals`` in 30 s against 0.65 s with
+one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA2_7B = {"hidden": 4096, "inter": 11008, "layers": 32, "vocab": 32000}
+
+
+def parse_size(text):
+    """``HIDDENxLAYERS`` (intermediate = 2.6875·hidden rounded to 8, vocabulary 32,000 from 1024 on)."""
+    hidden, layers = (int(v) for v in text.lower().split("x"))
+    inter = int(round(hidden * 2.6875 / 8)) * 8
+    vocab = 32000 if hidden >= 1024 else 8000 * max(1, hidden // 256)
+    return {"hidden": hidden, "layers": layers, "inter": inter, "vocab": vocab}
+
+
+def tensor_shapes(size):
+    """Llama tensor names and shapes in model order (MHA: as many key/value heads as query heads)."""
+    h, f = size["hidden"], size["inter"]
+    out = [("model.embed_tokens.weight", (size["vocab"], h))]
+    for i in range(size["layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
+                (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f)),
+                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (size["vocab"], h))]
+    return out
+
+
+def parameters(size) -> int:
+    n = 0
+    for _, shape in tensor_shapes(size):
+        k = 1
+        for d in shape:
+            k *= d
+        n += k
+    return n
+
+
+def write_pair(folder: Path, size, *, rank=8, shard_bytes=1 << 29, seed=0):
+    """Write ``folder/base`` and ``folder/tuned`` (bfloat16 shards, index, config.json), one tensor in memory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["inter"],
+                      num_hidden_layers=size["layers"], num_attention_heads=max(1, size["hidden"] // 128),
+                      num_key_value_heads=max(1, size["hidden"] // 128), vocab_size=size["vocab"],
+                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    shapes = tensor_shapes(size)
+    groups, cur, cur_bytes = [], [], 0
+    for name, shape in shapes:
+        nbytes = 2
+        for d in shape:
+            nbytes *= d
+        if cur and cur_bytes + nbytes > shard_bytes:
+            groups.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, shape))
+        cur_bytes += nbytes
+    groups.append(cur)
+    g = torch.Generator().manual_seed(seed)
+    for tag in ("base", "tuned"):
+        (folder / tag).mkdir(parents=True)
+        cfg.save_pretrained(folder / tag)
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        base, tuned = {}, {}
+        for name, shape in group:
+            if len(shape) == 1:
+                w = 1 + 0.01 * torch.randn(shape, generator=g)
+                dw = torch.zeros(shape)
+            else:
+                w = 0.02 * torch.randn(shape, generator=g)
+                dw = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+                dw *= 0.05 * float(w.norm()) / float(dw.norm())
+            base[name] = w.to(torch.bfloat16)
+            tuned[name] = (w + dw).to(torch.bfloat16)
+            weight_map[name] = fname
+            del w, dw
+        save_file(base, str(folder / "base" / fname), metadata={"format": "pt"})
+        save_file(tuned, str(folder / "tuned" / fname), metadata={"format": "pt"})
+        del base, tuned
+    index = {"metadata": {"total_size": 2 * parameters(size)}, "weight_map": weight_map}
+    for tag in ("base", "tuned"):
+        (folder / tag / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# ------------------------------------------------------------------------------------------ contenders
+
+
+def child_advisor(base, tuned, device):
+    from verification.rank_report import advise_stream
+    from verification.streaming import open_pair
+
+    open_pair(base, tuned)                          # imports transformers, builds the model on the meta device
+    setup = time.perf_counter()
+    report = advise_stream(base, tuned, device=device, progress=False)
+    return len(report.layers), setup
+
+
+def child_loop(base, tuned, device):
+    setup = time.perf_counter()
+    import torch
+    from safetensors import safe_open
+
+    index = json.loads((Path(base) / "model.safetensors.index.json").read_text())["weight_map"]
+    count = 0
+    for key, fname in index.items():
+        with safe_open(str(Path(base) / fname), "pt") as f0, safe_open(str(Path(tuned) / fname), "pt") as f1:
+            if len(f0.get_slice(key).get_shape()) != 2:
+                continue
+            w0 = f0.get_tensor(key).float().to(device)
+            w1 = f1.get_tensor(key).float().to(device)
+            torch.linalg.svdvals(w1 - w0).cpu()
+            count += 1
+    return count, setup
+
+
+def run_child(kind, base, tuned, device, threads):
+    cmd = [sys.executable, __file__, "--child", kind, str(base), str(tuned), "--device", device,
+           "--threads", str(threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    fn = child_advisor if args.child == "advisor" else child_loop
+    count, setup = fn(args.paths[0], args.paths[1], args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    seconds, setup = end - start, setup - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                    # KiB -> MiB
+    print(json.dumps({"seconds": seconds, "setup_s": setup, "spectra_s": seconds - setup, "peak_rss_mib": rss,
+                      "matrices": count}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ projection
+
+
+def time_svdvals(shape, device, threads, repeat=1):
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.randn(shape, device=device)
+    torch.linalg.svdvals(x[:64, :64])                               # warm-up (CUDA handles, MKL)
+    best = float("inf")
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.linalg.svdvals(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def project_7b(device, threads):
+    h, f, L, V = LLAMA2_7B["hidden"], LLAMA2_7B["inter"], LLAMA2_7B["layers"], LLAMA2_7B["vocab"]
+    t_attn = time_svdvals((h, h), device, threads)
+    t_mlp = time_svdvals((f, h), device, threads)
+    t_emb = t_mlp * V / f                                           # m n^2 with n = 4096 for both
+    layer = 4 * t_attn + 3 * t_mlp
+    total = L * layer + 2 * t_emb
+    return {"device": device, "threads": threads, "svdvals_4096x4096_s": t_attn, "svdvals_11008x4096_s": t_mlp,
+            "embedding_32000x4096_s_scaled": t_emb, "per_layer_s": layer, "total_s": total,
+            "total_h": total / 3600}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/advise.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="*", default=["256x4", "512x8", "1024x8", "2048x4"],
+                   help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each contender, interleaved (loop, advisor, loop, ...); the fastest is reported")
+    p.add_argument("--workdir", default=None, help="where the pairs are written (default: a temporary folder)")
+    p.add_argument("--project-only", action="store_true", help="only the 7B projection")
+    p.add_argument("--no-project", action="store_true", help="skip the 7B projection")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--child", choices=("advisor", "loop"), help=argparse.SUPPRESS)
+    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child_main(args)
+    results = {"pairs": [], "projection": None}
+    if not args.project_only:
+        print(f"{'pair':>8} {'params':>8} {'matrices':>8} {'advisor s':>10} {'(setup)':>8} {'loop s':>8} "
+              f"{'ratio':>6} {'advisor MiB':>11} {'loop MiB':>9}", flush=True)
+        for text in args.sizes:
+            size = parse_size(text)
+            work = Path(tempfile.mkdtemp(prefix="bench-advise-", dir=args.workdir))
+            try:
+                t0 = time.perf_counter()
+                write_pair(work, size)
+                gen = time.perf_counter() - t0
+                base, tuned = work / "base", work / "tuned"
+                runs = {"advisor": [], "loop": []}
+                for _ in range(args.repeat):
+                    for kind in ("loop", "advisor"):
+                        runs[kind].append(run_child(kind, base, tuned, args.device, args.threads))
+                ours = min(runs["advisor"], key=lambda r: r["seconds"])
+                loop = min(runs["loop"], key=lambda r: r["seconds"])
+                ours["all_seconds"] = [r["seconds"] for r in runs["advisor"]]
+                loop["all_seconds"] = [r["seconds"] for r in runs["loop"]]
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, "advisor": ours,
+                   "loop": loop, "ratio": ours["seconds"] / loop["seconds"]}
+            results["pairs"].append(row)
+            print(f"{text:>8} {row['parameters'] / 1e6:7.0f}M {ours['matrices']:>8} {ours['seconds']:10.1f} "
+                  f"{ours['setup_s']:8.1f} {loop['seconds']:8.1f} {row['ratio']:6.2f} {ours['peak_rss_mib']:11.0f} "
+                  f"{loop['peak_rss_mib']:9.0f}", flush=True)
+    if not args.no_project:
+        proj = project_7b(args.device, args.threads)
+        results["projection"] = proj
+        print(f"Llama-2-7B pair on {args.device} ({args.threads} thread(s)): svdvals 4096x4096 "
+              f"{proj['svdvals_4096x4096_s']:.2f} s, 11008x4096 {proj['svdvals_11008x4096_s']:.2f} s; "
+              f"{proj['per_layer_s']:.0f} s per layer, {proj['total_h']:.2f} h in all (projected)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
