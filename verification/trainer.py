@@ -73,16 +73,19 @@ class BatchStream:
 
 def fnn_apply(weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, activation: str = "relu",
               final_relu: bool = True) -> torch.Tensor:
-    """Stacked FNN: ``weights`` (R, L, D, D), ``biases`` (R, L, D), ``x`` (R, n, D) or (1, n, D) -> (R, n, D)."""
+    """Stacked FNN: ``weights`` (R, L, D, D), ``biases`` (R, L, D), ``x`` (R, n, D) or (1, n, D) -> (R, n, D).
+
+    One batched kernel (``baddbmm``, a shared ``x`` expanded without a copy) whatever ``R``: a run's outputs
+    are then the same numbers whichever runs it is stacked with (a broadcast ``matmul`` folds the runs into
+    one product whose summation order, and with it the last bits, depended on their number).
+    """
     L = weights.shape[1]
-    z = x
+    R = max(x.shape[0], weights.shape[0])
+    z = x.expand(R, *x.shape[1:])
     for l in range(L):
-        W = weights[:, l].transpose(1, 2)                                   # (R, D, D) = W_l^T
-        b = biases[:, l].unsqueeze(1)                                       # (R, 1, D)
-        if z.shape[0] == W.shape[0]:
-            z = torch.baddbmm(b, z, W)                                      # (R, n, D)
-        else:
-            z = torch.matmul(z, W) + b
+        W = weights[:, l].transpose(1, 2).expand(R, -1, -1)                 # (R, D, D) = W_l^T
+        b = biases[:, l].unsqueeze(1).expand(R, -1, -1)                     # (R, 1, D)
+        z = torch.baddbmm(b, z, W)                                          # (R, n, D)
         if activation == "relu" and (l < L - 1 or final_relu):
             z = torch.relu(z)
     return z
