@@ -54,3 +54,34 @@ def test_cli_on_cuda(tmp_path):
                      "--device", "cuda", "--out", str(out), "--no-figure"]) == 0
     records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
     assert all(r["device"].startswith("cuda") for r in records)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_advise_on_cuda_finds_what_the_cpu_finds(tmp_path, capsys, arch):
+    """The advisor's streaming pass with ``--device cuda``: the planted ranks, and the CPU's spectra to
+    float32 rounding; the adapter it extracts on the GPU reproduces the tuned model."""
+    import warnings
+
+    from test_real_checkpoints import build_pair, load_float32, outputs, rel
+    from verification.advise import main
+    from verification.extract import STORAGE_ROUNDOFF
+    from verification.peft_export import load_peft_adapter
+
+    base, tuned, plants = build_pair(arch, tmp_path, torch.bfloat16, sharded=True)
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"out-{device}"
+        extract = ["--extract", str(tmp_path / "adapter")] if device == "cuda" else []
+        assert main([str(base), str(tuned), "--out", str(out), "--quiet", "--device", device, *extract]) == 0
+        reports[device] = {l["name"]: l for l in json.loads((out / "report.json").read_text())["layers"]}
+    capsys.readouterr()
+    ranks = {k: l["rank_above_floor"] for k, l in reports["cuda"].items() if l["rank_above_floor"]}
+    assert ranks == plants
+    for name, layer in reports["cpu"].items():
+        s_cpu, s_gpu = np.array(layer["singular_values"]), np.array(reports["cuda"][name]["singular_values"])
+        assert relative_error(s_gpu, s_cpu) <= 1e-5, name
+    want = outputs(arch, load_float32(arch, tuned))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = outputs(arch, load_peft_adapter(load_float32(arch, base), tmp_path / "adapter"))
+    assert rel(got, want) <= 16 * STORAGE_ROUNDOFF["bfloat16"]
