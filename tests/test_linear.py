@@ -446,6 +446,17 @@ def test_singular_values_at_the_tolerance_count_as_zero():
     assert discrepancy_rank(frozen, target, tol=0) == 1
     assert linear_rank_requirement(frozen, target, tol=0) == 1
     assert discrepancy_rank(frozen, target, tol=2.0) == 0                 # σ_1 = 2 is at the tolerance
+    fit = lora_linear(frozen, target, 1, rank_tol=0)
+    assert fit.error_rank == 1 and fit.exact
+
+
+def test_product_of_no_matrices_is_refused():
+    # Π of an empty chain has no width to be an identity of: refused, naming the argument and why.
+    from lora_theory.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"^matrices: the product of no matrices needs a width") as info:
+        product([])
+    assert info.value.argument == "matrices"
 
 
 @given(seed=SEEDS, L=st.integers(1, 3))
