@@ -202,3 +202,13 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
         np.eye(target.width))                                               # rows: G e_j
     default = fnn_error_bound(frozen, plain, 0, partition=sizes)
     assert default.rms == pytest.approx(float(np.linalg.norm(G, "fro")), rel=1e-9)
+    # and per sample, for every input of a batch: ||G x|| = Σ_i K_i ε_i ||z̄_{i-1}(x)||
+    X = np.random.default_rng(0).standard_normal((4, target.width))
+    assert np.allclose(default.at(X), np.linalg.norm(X @ G, axis=1), rtol=1e-9, atol=0)
+
+
+def test_per_sample_bound_refuses_non_finite_inputs_naming_x():
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^x: contains NaN or infinite entries") as info:
+        fnn_error_bound_at(frozen, target, 1, np.array([0.0, np.nan, 1.0]))
+    assert info.value.argument == "x"
