@@ -193,6 +193,7 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
     fit = _fit(frozen, target, 0, partition=sizes, input_radius=radius)
     error = float(np.linalg.norm(fit.model(x0) - target(x0)))
     bound = fnn_error_bound(frozen, target, 0, partition=sizes, second_moment=np.outer(x0, x0))
+    assert bound.partition == sizes and bound.ranks == (0,) * frozen.depth       # what it was computed for
     assert bound.rms == pytest.approx(error, rel=1e-9)
     assert bound.mse == pytest.approx(error ** 2 / target.width, rel=1e-9)
     assert fnn_error_bound_at(frozen, target, 0, x0, partition=sizes) == pytest.approx(error, rel=1e-9)
@@ -203,3 +204,31 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
         np.eye(target.width))                                               # rows: G e_j
     default = fnn_error_bound(frozen, plain, 0, partition=sizes)
     assert default.rms == pytest.approx(float(np.linalg.norm(G, "fro")), rel=1e-9)
+    # and per sample, for every input of a batch: ||G x|| = Σ_i K_i ε_i ||z̄_{i-1}(x)||
+    X = np.random.default_rng(0).standard_normal((4, target.width))
+    assert np.allclose(default.at(X), np.linalg.norm(X @ G, axis=1), rtol=1e-9, atol=0)
+
+
+def test_per_sample_bound_refuses_non_finite_inputs_naming_x():
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^x: contains NaN or infinite entries") as info:
+        fnn_error_bound_at(frozen, target, 1, np.array([0.0, np.nan, 1.0]))
+    assert info.value.argument == "x"
+    with pytest.raises(InvalidArgumentError, match=r"^x: must have shape \(D,\) or \(n, D\) with D = 3"):
+        fnn_error_bound_at(frozen, target, 1, np.ones((2, 4)))
+
+
+def test_second_moment_symmetry_is_judged_relative_to_its_size():
+    # Σ = E[x x^T] is symmetric: an asymmetry of 1e-9 in a unit-size Σ is refused, while the rounding-size
+    # asymmetry 1e-3 of a Σ of size 1e10 is accepted (the check is relative, 1e-12 of the largest entry).
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    skew = np.zeros((3, 3))
+    skew[0, 1] = 1.0
+    with pytest.raises(InvalidArgumentError, match=r"^second_moment: must be symmetric \(it is E\[x x\^T\]\)"):
+        fnn_error_bound(frozen, target, 1, second_moment=np.eye(3) + np.ones((3, 3)) + 1e-9 * skew)
+    big = 1e10 * np.eye(3) + 1e-3 * skew
+    assert fnn_error_bound(frozen, target, 1, second_moment=big).activation_bounds[0] == pytest.approx(
+        math.sqrt(3e10), rel=1e-12)
+    with pytest.raises(InvalidArgumentError,
+                       match=r"^second_moment: must be positive semi-definite \(it is E\[x x\^T\]\)"):
+        fnn_error_bound(frozen, target, 1, second_moment=np.diag([1.0, 1.0, -1e-3]))

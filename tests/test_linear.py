@@ -446,3 +446,62 @@ def test_singular_values_at_the_tolerance_count_as_zero():
     assert discrepancy_rank(frozen, target, tol=0) == 1
     assert linear_rank_requirement(frozen, target, tol=0) == 1
     assert discrepancy_rank(frozen, target, tol=2.0) == 0                 # σ_1 = 2 is at the tolerance
+    fit = lora_linear(frozen, target, 1, rank_tol=0)
+    assert fit.error_rank == 1 and fit.exact
+
+
+def test_product_of_no_matrices_is_refused():
+    # Π of an empty chain has no width to be an identity of: refused, naming the argument and why.
+    from lora_theory.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"^matrices: the product of no matrices needs a width") as info:
+        product([])
+    assert info.value.argument == "matrices"
+
+
+@given(seed=SEEDS, L=st.integers(1, 3))
+def test_one_dimensional_chains_are_fitted_exactly(seed, L):
+    # D = 1 is a chain of nonzero scalars: rank(E) <= 1 and one direction fits it (Lemma 1 with D = 1).
+    rng = np.random.default_rng(seed)
+    frozen = [np.array([[rng.uniform(0.5, 2.0) * rng.choice([-1, 1])]]) for _ in range(L)]
+    target = np.array([[rng.uniform(-2, 2)]])
+    assert discrepancy_rank(frozen, target) == 1
+    fit = lora_linear(frozen, target, 1)
+    assert fit.exact and fit.spectral_error == 0.0
+    assert abs(fit.product[0, 0] - target[0, 0]) <= tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
+
+
+@given(D=st.integers(2, 6), L=st.integers(1, 3), r=st.integers(0, 6), exponent=st.integers(-50, 50),
+       seed=SEEDS)
+def test_rank_of_E_does_not_depend_on_the_units(D, L, r, exponent, seed):
+    # E(2^k W, 2^{kL} T) = 2^{kL} E(W, T) exactly in binary floating point: scaling the problem changes no
+    # rank, however small or large the unit (the rank tolerance is relative to the operands, never absolute).
+    rng = np.random.default_rng(seed)
+    r = min(r, D)
+    frozen = random_linear(D, L, seed=rng).weights
+    target = product(frozen) + rng.standard_normal((D, r)) @ rng.standard_normal((r, D))
+    scaled = [W * 2.0 ** exponent for W in frozen]
+    scaled_target = target * 2.0 ** (exponent * L)
+    assert discrepancy_rank(scaled, scaled_target) == discrepancy_rank(frozen, target) == r
+    assert lora_linear(scaled, scaled_target, D).error_rank == r
+
+
+@given(instances())
+def test_adapted_model_is_the_linear_map_of_the_adapted_product(instance):
+    # The adapted model of Lemma 1 is linear: x ↦ Π(W_l + Δ_l) x for every x, negative coordinates included.
+    frozen, target, ranks, _, rng = instance
+    fit = _fit(frozen, target, ranks)
+    x = rng.standard_normal((5, target.shape[0]))
+    allowed = tolerance(fit.kappa, fit.gamma) * _scale(frozen, target) * np.linalg.norm(x, axis=1)
+    assert np.all(np.linalg.norm(fit.model(x) - x @ fit.product.T, axis=1) <= allowed)
+
+
+def test_solving_with_an_ill_conditioned_matrix_warns_even_when_the_adapters_stay_small():
+    # Lemma 1 solves with Q_1 = W_2 of κ = 1e12. E = e_1 e_1^T avoids W_2's small direction, so Δ_1 and
+    # the layer terms stay of size 1 (γ ~ 1); the solve itself still loses ~12 digits, and the fit says so.
+    W2 = np.diag([1.0, 1e-12])
+    frozen = [np.eye(2), W2]
+    target = W2 + np.diag([1.0, 0.0])
+    with pytest.warns(IllConditionedWarning, match=r"^linear construction \(Lemma 1\) is ill-conditioned"):
+        fit = lora_linear(frozen, target, 1)
+    assert fit.kappa >= 1e11 and fit.gamma < 10

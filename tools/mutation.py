@@ -12,9 +12,10 @@ only the tests that call the mutated function (``-x``: the first failure kills i
 ``mutants/`` between runs; a module run again is retested in full.
 
 For each module this prints killed / survived / timeout / no tests / other, and every survivor. A
-survivor must be answered in docs/mutation.md, by the test that kills it (then it no longer survives) or
-by an argument that it is equivalent (its name in that page's table of equivalent mutants); the command
-exits 1 when a survivor of a module it ran has no answer there, 0 otherwise.
+survivor must be answered in docs/mutation.md, by the test that kills it (a row ``killed``; once mutmut
+retests it, it no longer survives) or by an argument that it is equivalent (a row ``equivalent``); the
+command exits 1 when a survivor of a module it reports has no such answer there (``open`` rows included),
+0 otherwise.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def _results(module: str) -> dict[str, str]:
 
 
 def _answered() -> set[str]:
-    """Mutant names that docs/mutation.md answers with an equivalence argument."""
+    """Mutant names that docs/mutation.md answers: a row ``| `name` | killed |`` or ``| `name` | equivalent |``."""
     page = ROOT / "docs" / "mutation.md"
     if not page.exists():
         return set()
-    return set(re.findall(r"`(lora_theory\.[\w.ǁ]+__mutmut_\d+)`", page.read_text(encoding="utf-8")))
+    rows = re.findall(r"^\| `(lora_theory\.[\w.ǁ]+__mutmut_\d+)` \| (killed|equivalent) \|",
+                      page.read_text(encoding="utf-8"), re.M)
+    return {name for name, _ in rows}
 
 
 def _run(module: str, max_children: int) -> int:
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
         print(f"{module:<14}" + "".join(f"{counts[c]:>13}" for c in COLUMNS) + f"{score:>8}")
         for name, status in sorted(results.items()):
             if status == "survived":
-                mark = "equivalent (docs/mutation.md)" if name in answered else "UNANSWERED"
+                mark = "answered in docs/mutation.md" if name in answered else "UNANSWERED"
                 print(f"    {name}: {mark}")
                 if name not in answered:
                     unanswered.append(name)
