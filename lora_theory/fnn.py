@@ -578,6 +578,8 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
             P = M[j] @ P                                                  # (D, D) P_j
             if i == 0:
                 first_block_partials.append(P)
+            if kind == "samples":
+                pre = U @ P.T                                             # (n, D) P_j u (its size: s_j below)
             if not linearise:
                 beta = 0.0
             elif kind == "ball":
@@ -586,7 +588,6 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
                 need = float(np.max(r * rows - Pu0))
                 beta = max(need, 0.0) + SAFETY * (r * np.linalg.norm(P, 2) + np.linalg.norm(Pu0))
             else:
-                pre = U @ P.T                                             # (n, D) P_j u
                 beta = margin * max(-float(pre.min()), 0.0) + SAFETY * float(np.abs(pre).max())
             b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))       # (D,)
             block_biases.append(b)

@@ -121,7 +121,7 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     k = _total_rank(rank, len(frozen), E.shape[0])
     spectral, frob = _tail(svd_values(E), k)
     if not isinstance(norm, str):
-        raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
+        raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
     if norm == "spectral":
         return spectral
     if norm == "fro":
@@ -234,7 +234,7 @@ class LinearFit(_LargestConditionNumber):
         :func:`linear_optimal_error` (it used to fall back to Frobenius silently).
         """
         if not isinstance(norm, str):
-            raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {type(norm).__name__} {norm!r}")
+            raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
         if norm == "spectral":
             return float(np.linalg.norm(self.product - self.target, 2))
         if norm == "fro":

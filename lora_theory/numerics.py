@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from ._guard import numeric_guard
+from ._guard import finite_or_raise, numeric_guard
 from ._validate import as_array, as_float_dtype, as_nonnegative, as_square, as_tolerance
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 
@@ -58,13 +58,15 @@ def tolerance(kappa: float = 1.0, gamma: float = 0.0, dtype=np.float64,
 
     ``kappa``, ``gamma``, ``c`` and ``floor`` must be finite and ``>= 0``, ``dtype`` floating
     (:class:`~lora_theory.errors.InvalidArgumentError` otherwise: a NaN ``κ`` gave the floor, as if nothing
-    had been inverted).
+    had been inverted); a tolerance that overflows float64 raises :class:`~lora_theory.errors.NumericalError`.
     """
     kappa = as_nonnegative(kappa, "kappa")
     gamma = as_nonnegative(gamma, "gamma")
     c = as_nonnegative(c, "c")
     floor = as_nonnegative(floor, "floor")
-    return max(floor, c * unit_roundoff(dtype) * (kappa + gamma))
+    value = max(floor, c * unit_roundoff(dtype) * (kappa + gamma))
+    finite_or_raise("tolerance", tolerance=value)                      # κ + γ = 2e308 overflows a Python float
+    return value
 
 
 @numeric_guard

@@ -243,6 +243,17 @@ def test_a_sequence_argument_refuses_generators_ints_arrays_and_strings(value):
         lt.partition_blocks(value if not isinstance(value, np.ndarray) else "x")
 
 
+def test_linear_fnn_on_samples_with_an_inner_layer():
+    """lora_fnn of a linear FNN (activation='linear') on a sample domain with a block of two layers raised
+    UnboundLocalError: the size of the pre-activations was computed only when ReLUs were linearised."""
+    frozen = lt.random_fnn(3, 2, seed=0, activation="linear")
+    target = lt.random_fnn(3, 1, seed=1, activation="linear")
+    X = np.random.default_rng(2).standard_normal((5, 3))
+    fit = lt.lora_fnn(frozen, target, 3, inputs=X)
+    assert fit.exact
+    assert np.max(np.linalg.norm(fit.model(X) - target(X), axis=1)) <= fit.absolute_tolerance
+
+
 def test_solve_that_overflows_in_the_transformer_raises():
     """W1 of 1e-14 against a target W1 of 1e299: LAPACK's solve returned inf without a word, and
     tfn_matched_discrepancies returned an infinite matched product."""
@@ -262,6 +273,17 @@ def test_norm_given_as_an_array_is_refused(norm):
         lt.linear_optimal_error([np.eye(2)], 2 * np.eye(2), 1, norm)
     with pytest.raises(InvalidArgumentError, match="norm"):
         lt.lora_linear([np.eye(2)], 2 * np.eye(2), 1).achieved_error(norm)
+
+
+@pytest.mark.xfail(strict=True, reason="HighPrecisionTFNFit.predict at width D = 1 returns one value per input, "
+                                       "not the (1, N) output: open")
+def test_tfn_mp_predict_at_width_one():
+    """HighPrecisionTFNFit.predict of a (1, 2) input returned one value instead of two (found by the fuzz)."""
+    frozen, target = lt.random_tfn(1, 1, 1, seed=0), lt.random_tfn(1, 1, 1, seed=1)
+    hp = _quiet(lt.lora_tfn_mp, frozen, target, 1)
+    X = np.random.default_rng(5).standard_normal((1, 2))
+    assert hp.predict(X).shape == (1, 2)
+    np.testing.assert_allclose(hp.predict(X), target(X), rtol=1e-8)
 
 
 # ------------------------------------------------------------------ recursion and precision cap
