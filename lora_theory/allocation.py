@@ -63,7 +63,10 @@ class RankAllocation:
 
 
 def _problem(spectra, shapes):
-    """Validated ``(energies, costs)``: per layer the squared singular values (non-increasing) and ``m + n``."""
+    """Validated ``(energies, costs, shift)``: per layer the squared singular values (non-increasing) of the
+    spectra scaled by ``2^-shift`` (one power of two for all layers, so the largest singular value lies in
+    ``[0.5, 1)``: no square underflows to 0 unless it is below ``2^-1074`` of the largest, none overflows),
+    and ``m + n``."""
     if isinstance(spectra, (str, bytes)) or not isinstance(spectra, (Sequence, np.ndarray)):
         raise InvalidArgumentError("spectra", f"must be a sequence of singular-value vectors, got {type(spectra).__name__}")
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, (Sequence, np.ndarray)):
@@ -74,7 +77,7 @@ def _problem(spectra, shapes):
         raise InvalidArgumentError("spectra", "holds no layers")
     from .advisor import _spectrum
 
-    energies, costs = [], []
+    values, costs = [], []
     for l, (s, shape) in enumerate(zip(spectra, shapes)):
         s = _spectrum(s, f"spectra[{l}]")
         if (not isinstance(shape, (Sequence, np.ndarray)) or len(shape) != 2
@@ -83,23 +86,31 @@ def _problem(spectra, shapes):
         if s.size > min(int(shape[0]), int(shape[1])):
             raise InvalidArgumentError(
                 f"spectra[{l}]", f"has {s.size} singular values, more than min(out, in) = {min(shape)}")
-        with np.errstate(over="ignore"):
-            e = s ** 2
-        if not np.isfinite(e).all() or (s.size and s[0] > 0 and float(np.sum(e / e[0])) * float(e[0]) > 1e300):
-            raise InvalidArgumentError(f"spectra[{l}]", "squared singular values overflow float64: rescale the spectra")
-        energies.append(e)
+        values.append(s)
         costs.append(int(shape[0]) + int(shape[1]))
-    if not math.isfinite(sum(float(np.sum(e)) for e in energies)):
+    top = max((float(s[0]) for s in values if s.size), default=0.0)
+    shift = math.frexp(top)[1] if top > 0 else 0
+    energies = [np.ldexp(s, -shift) ** 2 for s in values]
+    if not math.isfinite(_unscaled(sum(float(np.sum(e)) for e in energies), shift)):
         raise InvalidArgumentError("spectra", "the total squared singular values overflow float64: rescale the spectra")
-    return energies, costs
+    return energies, costs, shift
 
 
-def _result(ranks, energies, costs, budget, method) -> RankAllocation:
+def _unscaled(energy: float, shift: int) -> float:
+    """An energy of the scaled spectra in the units of the given ones (``2^(2 shift)`` times; may overflow)."""
+    try:
+        return math.ldexp(energy, 2 * shift)
+    except OverflowError:
+        return math.inf
+
+
+def _result(ranks, energies, costs, budget, method, shift) -> RankAllocation:
     total = float(sum(float(np.sum(e)) for e in energies))
     discarded = float(sum(float(np.sum(e[r:])) for e, r in zip(energies, ranks)))
     return RankAllocation(
         ranks=tuple(int(r) for r in ranks), parameters=int(sum(r * c for r, c in zip(ranks, costs))),
-        budget=None if budget is None else int(budget), discarded_energy=discarded, total_energy=total,
+        budget=None if budget is None else int(budget), discarded_energy=_unscaled(discarded, shift),
+        total_energy=_unscaled(total, shift),
         relative_error=math.sqrt(discarded / total) if total > 0 else 0.0, method=method)
 
 
@@ -296,30 +307,29 @@ def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
     Measured on 224 layers shaped like a 7B model's (two costs, 8192 and 15104; 512 singular values each) on a
     shared 2-core CPU: 0.5 s per budget, 12 s for an ``error`` target (bisection).
     """
-    energies, costs = _problem(spectra, shapes)
+    energies, costs, shift = _problem(spectra, shapes)
     if (budget is None) == (error is None):
         raise InvalidArgumentError("budget", "give exactly one of budget= and error=")
     if budget is not None:
         budget = _budget(budget)
-        return _result(_grouped_optimal_ranks(energies, costs, budget), energies, costs, budget, "optimal")
+        return _result(_grouped_optimal_ranks(energies, costs, budget), energies, costs, budget, "optimal", shift)
     if isinstance(error, bool) or not isinstance(error, numbers.Real) or not 0 <= error < 1:
         raise InvalidArgumentError("error", f"must be a relative error in [0, 1), got {error!r}")
-    total = float(sum(float(np.sum(e)) for e in energies))
-    allowed = float(error) ** 2 * total
+    allowed = float(error)                                              # compared as relative errors: scale-free
 
     def reaches(b):
         ranks = _grouped_optimal_ranks(energies, costs, b)
-        return _result(ranks, energies, costs, b, "optimal"), ranks
+        return _result(ranks, energies, costs, b, "optimal", shift), ranks
 
     full = sum(e.size * c for e, c in zip(energies, costs))
     best, _ = reaches(full)
-    if best.discarded_energy > allowed:                                 # rounding only: the full ranks keep all
-        allowed = best.discarded_energy
+    if best.relative_error > allowed:                                   # rounding only: the full ranks keep all
+        allowed = best.relative_error
     lo, hi = -1, full                                                   # invariant: hi reaches, lo does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         alloc, _ = reaches(mid)
-        if alloc.discarded_energy <= allowed:
+        if alloc.relative_error <= allowed:
             hi, best = mid, alloc
         else:
             lo = mid
@@ -335,10 +345,10 @@ def uniform_ranks(spectra, shapes, budget) -> RankAllocation:
     Same arguments, checks and result as :func:`allocate_ranks` with ``budget`` (``method="uniform"``), for
     comparing the two at equal budget.
     """
-    energies, costs = _problem(spectra, shapes)
+    energies, costs, shift = _problem(spectra, shapes)
     budget = _budget(budget)
     top = max(e.size for e in energies)
     r = 0
     while r < top and sum(min(r + 1, e.size) * c for e, c in zip(energies, costs)) <= budget:
         r += 1
-    return _result([min(r, e.size) for e in energies], energies, costs, budget, "uniform")
+    return _result([min(r, e.size) for e in energies], energies, costs, budget, "uniform", shift)

@@ -126,3 +126,20 @@ def test_bad_input():
         allocate_ranks([], [], budget=4)
     assert isinstance(allocate_ranks(s, shape, budget=0), RankAllocation)
     assert allocate_ranks(s, shape, budget=0).relative_error == 1.0
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e150])
+def test_allocation_does_not_depend_on_the_units_of_the_spectra(scale):
+    """Regression: spectra near 1e-160 squared to 0 (and 5.6e-295 to 0/0), so every layer looked unchanged
+    and the relative error read 0. The ranks and the relative error are the same in any units."""
+    rng = np.random.default_rng(3)
+    spectra = [np.sort(rng.uniform(0, 1, k))[::-1] for k in (3, 4, 2)]
+    shapes = [(3, 5), (4, 4), (2, 6)]
+    for kwargs in ({"budget": 20}, {"error": 0.3}):
+        unit = allocate_ranks(spectra, shapes, **kwargs)
+        scaled = allocate_ranks([s * scale for s in spectra], shapes, **kwargs)
+        assert scaled.ranks == unit.ranks and scaled.parameters == unit.parameters
+        assert scaled.relative_error == pytest.approx(unit.relative_error, rel=1e-12) and unit.relative_error > 0
+    base = uniform_ranks(spectra, shapes, 20)
+    assert uniform_ranks([s * scale for s in spectra], shapes, 20).relative_error == pytest.approx(
+        base.relative_error, rel=1e-12)
