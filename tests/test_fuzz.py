@@ -57,9 +57,9 @@ EXCLUDED = {
     **{name: "an exception or warning class, raised not called"
        for name in ("IllConditionedWarning", "InvalidArgumentError", "LoraTheoryError", "NumericalError",
                     "SingularMatrixError")},
-    **{name: "rank advice for real checkpoints (lora_theory/advisor.py): its NaN, overflow and eps handling is "
-             "being reworked in that module; to be added here with it"
-       for name in ("advise_fnn", "advise_layers", "energy_rank", "tail_curves")},
+    "FLOOR_SAFETY": "a constant (the floor's safety factor), not a function",
+    **{name: "a result record the library builds and returns (fuzzed through the function that takes or makes it)"
+       for name in ("NoiseFloor", "RankAllocation", "RoundingBounds")},
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -895,6 +895,183 @@ def check_expr(fn):
     return check
 
 
+
+# ------------------------------------------------------------------- storage rounding, ranks, allocation
+
+#: Unit roundoff and smallest subnormal of each storage dtype, written out here (IEEE 754 and bfloat16's
+#: 8-bit significand), not read from the library.
+ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+SUBNORMAL = {"float64": 2.0 ** -1074, "float32": 2.0 ** -149, "float16": 2.0 ** -24, "bfloat16": 2.0 ** -133}
+DTYPE_SPELLINGS = {"float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+                   "torch.bfloat16": "bfloat16", "torch.float32": "float32", np.float32: "float32",
+                   np.dtype("float16"): "float16"}
+
+
+def dtypes():
+    return maybe(st.sampled_from(list(DTYPE_SPELLINGS)))
+
+
+def _table_check(fn, table):
+    def check(data):
+        dtype = data.draw(dtypes())
+        value, exc = call(fn, dtype)
+        if exc is None:
+            assert value == table[DTYPE_SPELLINGS[dtype]]
+    return check
+
+
+def _reference_bound(base, tuned, nb, nt):
+    with np.errstate(all="ignore"):
+        return ROUNDOFF[nb] * np.abs(base) + ROUNDOFF[nt] * np.abs(tuned) + SUBNORMAL[nb] + SUBNORMAL[nt]
+
+
+def check_rounding_bounds(data):
+    m, n = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    base, tuned = data.draw(maybe(matrix(m, n))), data.draw(maybe(matrix(m, n)))
+    db, dt = data.draw(dtypes()), data.draw(dtypes())
+    rb, exc = call(lt.rounding_bounds, base, tuned, db, dt)
+    if exc is None:
+        B = _reference_bound(np.asarray(base, float), np.asarray(tuned, float), DTYPE_SPELLINGS[db], DTYPE_SPELLINGS[dt])
+        with np.errstate(all="ignore"):
+            want = (np.max(np.linalg.norm(B, axis=1)), np.max(np.linalg.norm(B, axis=0)), np.max(B), np.linalg.norm(B))
+        got = (rb.row_max, rb.col_max, rb.entry_max, rb.frobenius)
+        assert rb.shape == (m, n)
+        for g, w in zip(got, want):
+            assert math.isfinite(g) and g >= 0
+            if math.isfinite(w) and w > 1e-290:                       # where the plain reference is exact enough
+                assert abs(g - w) <= 1e-12 * w, (got, want)
+
+
+def check_noise_floor(data):
+    m, n = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 64))
+    entry = data.draw(maybe(st.floats(0, 1e3)))
+    row = data.draw(maybe(st.floats(0, 1e3)))
+    col = data.draw(maybe(st.floats(0, 1e3)))
+    frob = data.draw(maybe(st.floats(0, 1e4)))
+    bounds, exc = call(lt.RoundingBounds, (m, n), row, col, entry, frob)
+    if exc is not None:
+        return
+    floor, exc = call(lt.noise_floor, bounds, model=data.draw(maybe(st.sampled_from(["independent", "rigorous"]))))
+    if exc is None:
+        assert floor.rigorous == bounds.frobenius                  # ||N||_2 <= ||N||_F <= ||B||_F, always
+        assert 0 <= floor.spectral <= floor.rigorous and math.isfinite(floor.spectral)
+
+
+def check_entries_beyond_rounding(data):
+    m, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    base = data.draw(maybe(matrix(m, n)))
+    tuned = data.draw(st.one_of(st.just(base), maybe(matrix(m, n))))
+    db, dt = data.draw(dtypes()), data.draw(dtypes())
+    count, exc = call(lt.entries_beyond_rounding, base, tuned, db, dt)
+    if exc is None:
+        b, t = np.asarray(base, float), np.asarray(tuned, float)
+        B = _reference_bound(b, t, DTYPE_SPELLINGS[db], DTYPE_SPELLINGS[dt])
+        with np.errstate(all="ignore"):
+            gap = np.abs(t - b)
+            surely, maybe_ = int(np.sum(gap > B * (1 + 1e-9))), int(np.sum(gap > B * (1 - 1e-9)))
+        assert surely <= count <= maybe_, (count, surely, maybe_)
+
+
+def spectra_values(n):
+    """Sorted non-negative singular values most of the time; NaN, negative or unsorted otherwise."""
+    good = st.lists(st.floats(0, 1e3), min_size=n, max_size=n).map(lambda v: np.sort(np.array(v))[::-1].copy())
+    return maybe(good)
+
+
+def check_energy_rank(data):
+    s = data.draw(spectra_values(data.draw(st.integers(0, 5))))
+    energy = data.draw(maybe(st.floats(0.01, 1.0)))
+    r, exc = call(lt.energy_rank, s, energy)
+    if exc is None:
+        sq = np.asarray(s, float) ** 2
+        cum, total = np.cumsum(sq), float(np.sum(sq))
+        if total == 0:
+            assert r == 0
+        else:                                                      # the least r keeping the share, to rounding
+            assert 1 <= r <= len(sq) and cum[r - 1] >= energy * total * (1 - 1e-12)
+            assert r == 1 or cum[r - 2] < energy * total * (1 + 1e-12)
+
+
+def check_tail_curves(data):
+    s = data.draw(spectra_values(data.draw(st.integers(0, 5))))
+    out, exc = call(lt.tail_curves, s)
+    if exc is None:
+        spectral, frobenius = out
+        v = np.asarray(s, float)
+        for r in range(len(v) + 1):                                # Eckart–Young: what rank r leaves
+            assert spectral[r] == (v[r] if r < len(v) else 0.0)
+            assert abs(frobenius[r] - math.sqrt(float(np.sum(v[r:] ** 2)))) <= 1e-12 * max(1.0, frobenius[0])
+
+
+def check_advise_layers(data):
+    m, n = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    base = data.draw(maybe(matrix(m, n)))
+    tuned = data.draw(maybe(matrix(m, n)))
+    args = {"w": base}, {"w": tuned}
+    kwargs = {"energy": data.draw(maybe(st.floats(0.5, 1.0)))}
+    if data.draw(st.booleans()):
+        kwargs["dtypes"] = data.draw(dtypes())
+    report, exc = call(lt.advise_layers, *args, **kwargs)
+    if exc is None and report.layers:
+        layer = report.layers[0]
+        s = np.linalg.svd(np.asarray(tuned, float) - np.asarray(base, float), compute_uv=False)
+        assert np.allclose(layer.singular_values, s, rtol=1e-9, atol=1e-12 * max(1.0, s[0]))
+        threshold = layer.floor.spectral
+        low, high = int(np.sum(s > threshold * (1 + 1e-6))), int(np.sum(s > threshold * (1 - 1e-6)))
+        assert low <= layer.rank_above_floor <= high
+
+
+def check_layer_advice_from_spectrum(data):
+    k = data.draw(st.integers(0, 4))
+    s = data.draw(spectra_values(k))
+    floor = lt.noise_floor(lt.RoundingBounds((4, 4), 0.5, 0.5, 0.3, 1.0))
+    advice, exc = call(lt.layer_advice_from_spectrum, "w", "w.weight", (4, 4), s, floor,
+                       base_norm=data.draw(maybe(st.floats(0, 10))), delta_norm=1.0, storage_dtype="float32")
+    if exc is None:
+        assert advice.rank_above_floor == int(np.sum(np.asarray(s, float) > floor.spectral))
+
+
+def _allocation_case(data):
+    layers = data.draw(st.integers(1, 3))
+    shapes = [(data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))) for _ in range(layers)]
+    spectra = [data.draw(spectra_values(min(shape))) for shape in shapes]
+    return spectra, [data.draw(maybe(st.just(shape))) for shape in shapes]
+
+
+def _discarded(spectra, ranks):
+    return sum(float(np.sum(np.asarray(v, float)[r:] ** 2)) for v, r in zip(spectra, ranks))
+
+
+def check_allocate_ranks(data):
+    spectra, shapes = _allocation_case(data)
+    budget = data.draw(maybe(st.integers(0, 30)))
+    result, exc = call(lt.allocate_ranks, spectra, shapes, budget=budget)
+    if exc is None:
+        cost = [m + n for m, n in shapes]
+        assert sum(r * c for r, c in zip(result.ranks, cost)) == result.parameters <= budget
+        assert abs(result.discarded_energy - _discarded(spectra, result.ranks)) <= 1e-9 * max(1.0, result.total_energy)
+        best = min(_discarded(spectra, ranks) for ranks in np.ndindex(*[len(v) + 1 for v in spectra])
+                   if sum(r * c for r, c in zip(ranks, cost)) <= budget)
+        assert result.discarded_energy <= best + 1e-9 * max(1.0, result.total_energy)   # brute force: optimal
+
+
+def check_uniform_ranks(data):
+    spectra, shapes = _allocation_case(data)
+    budget = data.draw(maybe(st.integers(0, 30)))
+    result, exc = call(lt.uniform_ranks, spectra, shapes, budget)
+    if exc is None:
+        assert result.parameters <= budget
+        assert abs(result.discarded_energy - _discarded(spectra, result.ranks)) <= 1e-9 * max(1.0, result.total_energy)
+
+
+def check_advise_fnn(data):
+    frozen, target = data.draw(fnn_pair(max_width=3, max_depth=3))
+    advice, exc = call(lt.advise_fnn, frozen, target)
+    if exc is None:
+        assert 0 <= advice.best_rank <= advice.uniform_rank <= advice.width      # the best partition is no worse
+        req, exc2 = call(lt.fnn_rank_requirement, frozen, target, partition=advice.best_partition)
+        assert exc2 is None and req == advice.best_rank
+
 SPECS = {
     "lora_linear": check_lora_linear,
     "lora_fnn": check_lora_fnn,
@@ -951,6 +1128,18 @@ SPECS = {
     "linear_rank_threshold_expr": check_expr(lt.linear_rank_threshold_expr),
     "fnn_rank_threshold_expr": check_expr(lt.fnn_rank_threshold_expr),
     "tfn_rank_threshold_expr": check_expr(lt.tfn_rank_threshold_expr),
+    "storage_roundoff": _table_check(lt.storage_roundoff, ROUNDOFF),
+    "smallest_subnormal": _table_check(lt.smallest_subnormal, SUBNORMAL),
+    "rounding_bounds": check_rounding_bounds,
+    "noise_floor": check_noise_floor,
+    "entries_beyond_rounding": check_entries_beyond_rounding,
+    "energy_rank": check_energy_rank,
+    "tail_curves": check_tail_curves,
+    "advise_layers": check_advise_layers,
+    "layer_advice_from_spectrum": check_layer_advice_from_spectrum,
+    "allocate_ranks": check_allocate_ranks,
+    "uniform_ranks": check_uniform_ranks,
+    "advise_fnn": check_advise_fnn,
 }
 
 #: Examples per name, per 40 of the profile's ``max_examples`` (25 unless listed): the constructions get
