@@ -224,6 +224,7 @@ class TFN:
             out.append(Z)
         return out
 
+    @numeric_guard
     def __call__(self, X) -> np.ndarray:
         """``f(X) = W_out Z_L``, shaped like ``X``."""
         return self.w_out @ self.block_outputs(X)[-1]
