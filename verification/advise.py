@@ -150,7 +150,8 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
 
     The adapter is written into a temporary folder beside ``out / "peft_adapter"``, read back and checked
     against the built model in the precision written (:func:`~verification.peft_export.check_fnn_adapter`);
-    only then is it renamed into place. Otherwise nothing is left and :class:`AdapterWriteError` says why.
+    only then is it renamed into place, replacing the adapter of an earlier run into the same (advise's own)
+    folder. Otherwise nothing new is left, an earlier adapter stays, and :class:`AdapterWriteError` says why.
     """
     import os
     import shutil
@@ -162,9 +163,7 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
 
     fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
                    input_radius=args.input_radius)
-    final = out / "peft_adapter"
-    if final.exists():
-        raise AdapterWriteError(f"{final} exists: the adapter is written only into a new folder")
+    final = out / "peft_adapter"       # ``out`` is advise's own folder: an adapter there is an earlier run's
     tmp = Path(tempfile.mkdtemp(prefix=".peft_adapter.tmp-", dir=out))
     try:
         export_peft(fit, tmp, dtype=args.dtype, base_name=str(Path(args.base).resolve()))
@@ -189,7 +188,13 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
                 f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} does not hold as written: "
                 f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
                 f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius")
-        os.replace(tmp, final)
+        if final.exists():                 # the earlier adapter is replaced only once the new one holds
+            old = Path(tempfile.mkdtemp(prefix=".peft_adapter.old-", dir=out))
+            os.replace(final, old / "peft_adapter")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

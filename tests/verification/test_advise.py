@@ -281,3 +281,19 @@ def _other_base(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return str(path)
+
+
+def test_a_refused_export_into_advise_s_own_folder_keeps_the_earlier_adapter(tmp_path, capsys):
+    """A rerun into the same --out replaces the adapter only once the new one holds; a refused one leaves the
+    earlier adapter byte-identical."""
+    frozen, target = _fnn_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "1"]) == 0
+    files = {p.name: p.read_bytes() for p in (out / "peft_adapter").iterdir()}
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "2"]) == 0     # replaced
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "1e6"]) == 2   # refused
+    assert "does not hold as written" in capsys.readouterr().err
+    assert {p.name for p in (out / "peft_adapter").iterdir()} == set(files)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".peft_adapter")) == []
+    record = json.loads((out / "report.json").read_text())
+    assert record["export"]["input_radius"] == 2.0
