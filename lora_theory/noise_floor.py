@@ -176,17 +176,23 @@ class RoundingBounds:
                 f"got {self.entry_max!r}, {self.row_max!r}, {self.col_max!r}, {self.frobenius!r}")
 
 
-def _finite_matrix(value, name: str) -> np.ndarray:
+def _finite_float_array(value, name: str, what: str = "array") -> np.ndarray:
+    """``value`` as a floating-point array of finite entries (its own dtype kept: it is the storage dtype)."""
     try:
         arr = np.asarray(value)
     except Exception as exc:
         raise InvalidArgumentError(name, f"could not be read as an array ({exc})") from None
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.floating):
-        raise InvalidArgumentError(name, f"must be a floating-point matrix, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.size == 0:
-        raise InvalidArgumentError(name, f"must be a non-empty (out, in) matrix, got shape {arr.shape}")
+        raise InvalidArgumentError(name, f"must be a floating-point {what}, got dtype {arr.dtype}")
     if not np.isfinite(arr).all():
         raise InvalidArgumentError(name, "contains NaN or infinite entries")
+    return arr
+
+
+def _finite_matrix(value, name: str) -> np.ndarray:
+    arr = _finite_float_array(value, name, "matrix")
+    if arr.ndim != 2 or arr.size == 0:
+        raise InvalidArgumentError(name, f"must be a non-empty (out, in) matrix, got shape {arr.shape}")
     return arr
 
 
@@ -280,18 +286,7 @@ def entries_beyond_rounding(base, tuned, base_dtype=None, tuned_dtype=None) -> i
     InvalidArgumentError
         Non-float or non-finite arrays, different shapes, unknown dtypes.
     """
-    arrays = []
-    for name, value in (("base", base), ("tuned", tuned)):
-        try:
-            arr = np.asarray(value)
-        except Exception as exc:
-            raise InvalidArgumentError(name, f"could not be read as an array ({exc})") from None
-        if arr.dtype == object or not np.issubdtype(arr.dtype, np.floating):
-            raise InvalidArgumentError(name, f"must be a floating-point array, got dtype {arr.dtype}")
-        if not np.isfinite(arr).all():
-            raise InvalidArgumentError(name, "contains NaN or infinite entries")
-        arrays.append(arr)
-    b0, b1 = arrays
+    b0, b1 = _finite_float_array(base, "base"), _finite_float_array(tuned, "tuned")
     if b0.shape != b1.shape:
         raise InvalidArgumentError("tuned", f"has shape {b1.shape} but base has {b0.shape}")
     nb = _dtype_name(b0.dtype if base_dtype is None else base_dtype, "base_dtype")
