@@ -577,7 +577,7 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
                             or not math.isfinite(tol)):
         raise InvalidArgumentError("tol", f"must be a positive relative tolerance, got {tol!r}")
     energy = _energy_share(energy)
-    if floor not in FLOOR_MODELS:
+    if not isinstance(floor, str) or floor not in FLOOR_MODELS:
         raise InvalidArgumentError("floor", f"must be one of {FLOOR_MODELS}, got {floor!r}")
     if eps is not None and not isinstance(eps, Mapping):
         _dtype_of_eps(eps, "eps")

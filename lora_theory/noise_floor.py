@@ -367,7 +367,7 @@ def noise_floor(bounds: RoundingBounds, *, model: str = "independent", safety: f
     """
     if not isinstance(bounds, RoundingBounds):
         raise InvalidArgumentError("bounds", f"must be a RoundingBounds, got {type(bounds).__name__}")
-    if model not in FLOOR_MODELS:
+    if not isinstance(model, str) or model not in FLOOR_MODELS:
         raise InvalidArgumentError("model", f"must be one of {FLOOR_MODELS}, got {model!r}")
     if _nonnegative(safety, "safety") <= 0:
         raise InvalidArgumentError("safety", f"must be positive, got {safety!r}")

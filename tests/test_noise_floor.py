@@ -327,3 +327,15 @@ def test_layer_advice_from_spectrum_matches_advise_layers():
     with pytest.raises(InvalidArgumentError, match="compute_dtype"):
         layer_advice_from_spectrum("l", "l.weight", (48, 32), s, floor, compute_dtype="int32", **bad)
     assert isinstance(floor, NoiseFloor) and "NoiseFloor" in lora_theory.__all__
+
+
+def test_a_floor_model_that_is_not_a_name_is_refused_by_name():
+    """Regression: an array given as ``model`` (or ``floor``) raised numpy's ambiguous-truth ValueError."""
+    import lora_theory
+
+    bounds = lora_theory.RoundingBounds((2, 2), 1.0, 1.0, 0.5, 1.5)
+    for bad in (np.array(["a", "b"]), ["independent"], 3):
+        with pytest.raises(lora_theory.InvalidArgumentError, match="model"):
+            lora_theory.noise_floor(bounds, model=bad)
+        with pytest.raises(lora_theory.InvalidArgumentError, match="floor"):
+            lora_theory.advise_layers({"w": np.eye(2)}, {"w": np.eye(2)}, floor=bad)
