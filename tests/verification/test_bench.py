@@ -1,21 +1,15 @@
 """The benchmark script runs end to end with tiny settings and reports medians of its repetitions."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _bench_scripts import load_bench
 
 torch = pytest.importorskip("torch")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "trainer.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_trainer", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("trainer")
 
 
 def test_bench_reports_the_median_of_interleaved_repetitions(tmp_path, capsys, monkeypatch):

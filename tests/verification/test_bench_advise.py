@@ -1,22 +1,16 @@
 """The advisor's benchmark runs end to end on a tiny generated pair and measures both contenders."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _bench_scripts import load_bench
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "advise.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_advise", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("advise")
 
 
 def test_generated_pair_has_the_llama_layout_and_planted_changes(tmp_path):
