@@ -36,9 +36,10 @@ from ._guard import numeric_guard
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
-from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
+from .linear import _chain_gamma, _direction_blocks, _rank_scale, _search_assignment, _search_note, _SearchCut
 from .models import FNN
-from .numerics import WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number, unit_roundoff
+from .numerics import (TOLERANCE_CONSTANT, WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number,
+                       unit_roundoff, verified_exact)
 from .partition import check_partition, partition_blocks, uniform_partition
 
 __all__ = [
@@ -357,7 +358,7 @@ def _at_precision(build, float64_run, digits, what, least=16):
     if digits is not None:
         fit = build(digits, "given")
         _warn_if_too_few_digits(fit, what, stacklevel=4)
-        return fit
+        return _verify(fit, what)
     kappa, gamma = _float64_kappa_estimate(float64_run)
     digits = max(choose_digits(kappa, gamma), least)
     fit = build(digits, f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + "
@@ -365,6 +366,29 @@ def _at_precision(build, float64_run, digits, what, least=16):
     needed = choose_digits(fit.kappa, fit.gamma)                     # refuses more than MAX_DIGITS
     if needed > digits + RERUN_DIGITS:
         fit = build(needed, f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits")
+    return _verify(fit, what)
+
+
+def _working_tolerance(digits: int, kappa: float, gamma: float) -> float:
+    """``max(c·u_d·(κ + γ), 1e-300)``: :func:`lora_theory.numerics.tolerance`'s rule at ``digits`` significant
+    digits (``u_d`` their unit roundoff, ``c`` = :data:`~lora_theory.numerics.TOLERANCE_CONSTANT`), kept
+    within the float64 range (``u_d`` underflows float64 beyond about 300 digits; a relative error below
+    1e-300 is still far inside any float64 claim)."""
+    with _mp.workdps(digits):
+        u = _mp.eps / 2
+        value = _mp.mpf(TOLERANCE_CONSTANT) * u * (_mp.mpf(kappa) + _mp.mpf(gamma))
+    return max(float(value), 1e-300)
+
+
+def _verify(fit, what):
+    """Set ``fit.exact`` from its rank condition *and* its measured error, as the float64 fits do
+    (:func:`lora_theory.numerics.verified_exact` at the working precision): ``rank_sufficient``, the
+    ``measured_error`` on the fit's check inputs at most its ``tolerance``, and that tolerance (times the
+    ball's ``radius_amplification`` for an FNN) at most :data:`~lora_theory.numerics.EXACT_TOLERANCE_LIMIT`."""
+    exact = verified_exact(fit.rank_sufficient, fit.measured_error, fit.tolerance,
+                           getattr(fit, "radius_amplification", 1.0), what=what, stacklevel=5,
+                           arithmetic=f"{fit.digits}-digit")
+    object.__setattr__(fit, "exact", exact)
     return fit
 
 
@@ -410,9 +434,20 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
     optimal_error : mpmath.mpf
         Lemma 1's optimum in the same norm, ``sqrt(Σ_{j>k} σ_j^2) / ||T||_F`` (0 when exact).
     exact : bool
-        ``Σ R_l >= rank(E)``.
+        ``Σ R_l >= rank(E)`` (:attr:`rank_sufficient`) *and* the working precision kept it:
+        :attr:`measured_error` is at most :attr:`tolerance`, itself at most
+        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT` (as :attr:`lora_theory.LinearFit.exact`).
     condition_numbers : dict of str -> float
         ``κ`` of every ``Q_l``, ``P_l`` solved with (see :class:`_LU`).
+    rank_sufficient : bool
+        ``Σ R_l >= rank(E)``: the product equals ``T`` in exact arithmetic.
+    measured_error : float
+        ``||Π(W_l + Δ_l) - T||_F / ||T||_2``, the product computed at working precision (the Frobenius norm
+        bounds the spectral one from above).
+    tolerance : float
+        ``c·u_d·(κ + γ)·s / ||T||_2`` with ``s = max(||T||_2, ||Π W_l||_2)``: the float64 rule
+        (:func:`lora_theory.numerics.tolerance`) at ``digits`` digits, relative to ``||T||_2`` as
+        :attr:`measured_error` is.
     """
 
     adapters_mp: tuple
@@ -428,12 +463,13 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
     optimal_error: object
     exact: bool
     condition_numbers: dict = field(default_factory=dict)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
+    tolerance: float = float("nan")
 
     @property
     def gamma(self) -> float:
         """The size amplification of the chain, as :attr:`lora_theory.LinearFit.gamma` (from float64 roundings)."""
-        from .linear import _chain_gamma
-
         return _chain_gamma(self.frozen, tuple(_np(M) for M in self.weights_mp), self.target)
 
     @property
@@ -520,10 +556,18 @@ def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
         k = sum(ranks)
         tail = _mp.sqrt(_mp.fsum(v ** 2 for v in s[k:rank_E])) if k < rank_E else _mp.mpf(0)
         optimal = tail / norm_T
+        miss = _fro(_prod(adapted, n) - T)                              # >= the spectral norm of the miss
+    kappa = max(kappas.values(), default=1.0)
+    gamma = _chain_gamma(frozen, tuple(_np(M) for M in adapted), target)
+    scale, norm_T2 = _rank_scale(frozen, target), float(np.linalg.norm(target, 2))
+    ref = norm_T2 if norm_T2 > 0 else (scale if scale > 0 else 1.0)   # T = 0: relative to Π W, as in float64
+    sufficient = sum(ranks) >= rank_E
     return HighPrecisionLinearFit(
         adapters_mp=tuple(adapters), weights_mp=tuple(adapted), frozen=tuple(frozen), target=target, ranks=ranks, digits=digits,
         digits_reason=reason, singular_values=tuple(s), error_rank=rank_E, achieved_error=achieved,
-        optimal_error=optimal, exact=sum(ranks) >= rank_E, condition_numbers=kappas)
+        optimal_error=optimal, exact=sufficient, condition_numbers=kappas, rank_sufficient=sufficient,
+        measured_error=float(miss / ref),
+        tolerance=_working_tolerance(digits, kappa, gamma) * (scale / ref if scale > 0 else 1.0))
 
 
 # ---------------------------------------------------------------------------------------------- FNN
@@ -555,7 +599,10 @@ class HighPrecisionFNNFit:
         Largest condition number inverted and the bias amplification ``γ``
         (defined as in :class:`lora_theory.fnn.FNNFit`, from float64 roundings of the adapted weights).
     exact : bool
-        ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block.
+        ``Σ_{l ∈ P_i} R_l >= rank(E_i)`` for every block (:attr:`rank_sufficient`) *and* the working precision
+        kept it, as :attr:`lora_theory.FNNFit.exact`: :attr:`measured_error` is at most :attr:`tolerance`,
+        and that tolerance times :attr:`radius_amplification` is at most
+        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT`.
     block_errors : tuple of mpmath.mpf
         For each block, ``max(||W̃_i - T_i||_F / ||T_i||_F, ||o_i - c_i|| / ||c_i||)`` at working precision:
         how far the block's affine map (on its ball) is from the target layer's.
@@ -563,6 +610,16 @@ class HighPrecisionFNNFit:
         The linearising levels ``β_j`` of every block.
     center : ndarray (D,); radius : float
         The certified input ball.
+    rank_sufficient : bool
+        Every block's budget covers ``rank(E_i)``: ``f = f̄`` on the ball in exact arithmetic.
+    measured_error : float
+        ``max_x ||f(x) - f̄(x)||_2 / s_out`` over the check points of :func:`lora_theory.fnn.lora_fnn` (the
+        centre, the points of the ball where each first-block pre-activation is smallest, and samples),
+        both networks evaluated at working precision; ``s_out`` bounds the outputs on the ball.
+    tolerance : float
+        ``c·u_d·(κ + γ)``: :func:`lora_theory.numerics.tolerance`'s rule at ``digits`` digits.
+    radius_amplification : float
+        As :attr:`lora_theory.FNNFit.radius_amplification`, from the realised block products.
     """
 
     weights_mp: tuple
@@ -581,6 +638,10 @@ class HighPrecisionFNNFit:
     center: np.ndarray
     radius: float
     condition_numbers: dict = field(default_factory=dict)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
+    tolerance: float = float("nan")
+    radius_amplification: float = 1.0
 
     def _inputs(self, x):
         x = as_array(x, "x")
@@ -618,6 +679,24 @@ class HighPrecisionFNNFit:
             f, fbar = self._outputs(X)
             den = _fro(fbar)
             return _fro(f - fbar) / den if den > 0 else _fro(f - fbar)
+
+    def max_row_error(self, x) -> float:
+        """``max_x ||f(x) - f̄(x)||_2`` over the rows of ``x`` (``(n, D)``), both networks at working precision."""
+        _, X = self._inputs(x)
+        from_float, from_mpf, _, ctx = _object_arrays(self.digits)
+        t = self.target
+        relu_f = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+                  for l in range(len(self.weights_mp))]
+        relu_t = [t.activation == "relu" and (l < t.depth - 1 or t.final_relu) for l in range(t.depth)]
+        with ctx:
+            Xo = from_float(X)                                          # (n, D)
+            f = _fnn_forward_objects([from_mpf(np.array(_nested_objects(W), dtype=object)) for W in self.weights_mp],
+                                     [from_mpf(np.array(_nested_objects(b, vector=True), dtype=object)) for b in self.biases_mp],
+                                     Xo, relu_f)                        # (n, D)
+            fbar = _fnn_forward_objects([from_float(T) for T in t.weights], [from_float(c) for c in t.biases],
+                                        Xo, relu_t)                     # (n, D)
+            worst = max(np.sum((f - fbar) ** 2, axis=1), default=0)
+            return float(worst ** 0.5) if worst else 0.0
 
     @property
     def max_block_error(self):
@@ -683,11 +762,12 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
-    from .fnn import SAFETY
+    from .fnn import SAFETY, Domain, _check_points
 
     n = frozen.width
     linearise = frozen.activation == "relu"
     weights, biases, kappas, block_errors, all_levels = [], [], {}, [], []
+    first_partials, realised = [], []                                  # float64 P_j of block 1; W̃_i
     exact = True
     gamma = 0.0
     with _mp.workdps(digits):
@@ -720,6 +800,8 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             for j in range(m - 1):
                 P = M[j] * P                                            # (n, n) P_j
                 Pu0 = P * u0                                            # (n, 1)
+                if i == 0:
+                    first_partials.append(_np(P))
                 if linearise:
                     need = max(r * _mp.sqrt(_mp.fsum(P[k, q] ** 2 for q in range(n))) - Pu0[k] for k in range(n))
                     Pf = _np(P)
@@ -736,6 +818,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             b_last = c - M[-1] * (one * beta_prev)
             block_biases.append(b_last)
             W_tilde = _prod(M, n)
+            realised.append(_np(W_tilde))
             # the block's affine map on its ball: u -> W̃ u + o, o by propagating the biases
             o = _mp.zeros(n, 1)
             for Mj, bj in zip(M, block_biases):
@@ -759,11 +842,30 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             biases.extend(block_biases)
             u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)
     kappa = max(kappas.values(), default=1.0)
-    return HighPrecisionFNNFit(
+    fit = HighPrecisionFNNFit(
         weights_mp=tuple(weights), biases_mp=tuple(biases), frozen=frozen, target=target, ranks=ranks,
         partition=sizes, digits=digits, digits_reason=reason, kappa=kappa, gamma=gamma, exact=exact,
         block_errors=tuple(block_errors), levels=tuple(all_levels), center=center, radius=radius,
-        condition_numbers=kappas)
+        condition_numbers=kappas, rank_sufficient=exact, tolerance=_working_tolerance(digits, kappa, gamma),
+        radius_amplification=_radius_amplification(realised, target.biases, center, radius, float(r)))
+    # check the claim on the fit's own ball, at working precision
+    domain = Domain(kind="ball", center=center, radius=radius, margin=None, n_samples=None)
+    points = _check_points(domain, None, first_partials)                # (p, n)
+    s_out = float(r)
+    miss = fit.max_row_error(points)
+    object.__setattr__(fit, "measured_error", miss / s_out if s_out > 0 else miss)
+    return fit
+
+
+def _radius_amplification(realised, target_biases, center, radius, s_out) -> float:
+    """:attr:`lora_theory.FNNFit.radius_amplification` from the float64 roundings of the realised block
+    products ``W̃_i`` and the target biases: ``s_out / s_1``, ``s_1`` the output bound of the ball of radius
+    ``min(r, 1)`` about the same centre."""
+    s, u0 = min(float(radius), 1.0), np.asarray(center, dtype=np.float64)
+    for W_tilde, c in zip(realised, target_biases):
+        s = float(np.linalg.norm(W_tilde, 2) * s + np.linalg.norm(W_tilde @ u0 + c))
+        u0 = np.zeros_like(u0)
+    return max(s_out / s, 1.0) if s > 0 else 1.0
 
 
 # ------------------------------------------------------------------------------------------ transformer
@@ -795,6 +897,17 @@ def _object_arrays(digits):
 
     return (np.vectorize(gmpy2.mpfr, otypes=[object]), np.vectorize(from_mpf, otypes=[object]),
             np.vectorize(gmpy2.exp, otypes=[object]), ctx)
+
+
+def _fnn_forward_objects(weights, biases, X, relu):
+    """An FNN on object arrays: ``weights[l]`` ``(D, D)``, ``biases[l]`` ``(D,)``, ``X`` ``(n, D)``; ``relu[l]``
+    whether layer ``l`` is followed by a ReLU."""
+    Z = X                                                               # (n, D)
+    for W, b, act in zip(weights, biases, relu):
+        Z = Z @ W.T + b                                                 # (n, D)
+        if act:
+            Z = np.where(Z > 0, Z, 0)
+    return Z
 
 
 def _tfn_forward_objects(p, X, exp):
@@ -834,9 +947,18 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
     matched_ranks : tuple of int
         ``G_l`` per block at working precision; ``required_rank = max_l ceil(G_l / 2)``.
     exact : bool
-        ``rank >= required_rank``.
+        ``rank >= required_rank`` (:attr:`rank_sufficient`) *and* the working precision kept it, as
+        :attr:`lora_theory.TFNFit.exact`: :attr:`measured_error` at most :attr:`tolerance`, itself at most
+        :data:`lora_theory.numerics.EXACT_TOLERANCE_LIMIT`.
     condition_numbers : dict of str -> float
         As :attr:`lora_theory.tfn.TFNFit.condition_numbers`.
+    rank_sufficient : bool
+        ``rank >= required_rank``: the adapted network equals the target for every input in exact arithmetic.
+    measured_error : float
+        :meth:`relative_error` on the check inputs of :func:`lora_theory.lora_tfn` (``CHECK_INPUTS`` standard
+        normal sequences of ``CHECK_TOKENS`` tokens, seed 0), both networks at working precision.
+    tolerance : float
+        ``c·u_d·κ``: :func:`lora_theory.numerics.tolerance`'s rule at ``digits`` digits.
     """
 
     params_mp: dict
@@ -850,6 +972,9 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
     required_rank: int
     exact: bool
     condition_numbers: dict = field(default_factory=dict)
+    rank_sufficient: bool = False
+    measured_error: float = float("nan")
+    tolerance: float = float("nan")
 
     @property
     def gamma(self) -> float:
@@ -875,7 +1000,7 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         from .models import TFN
 
         p = self.params_mp
-        return TFN(**{k: np.array(_nested_np(v)) if k != "w_out" else _np(v) for k, v in p.items()})
+        return TFN(**{k: np.array(_nested_np(v, k in _TFN_VECTORS)) if k != "w_out" else _np(v) for k, v in p.items()})
 
     def _inputs(self, X):
         X = as_array(X, "X")
@@ -890,7 +1015,8 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         X = self._inputs(X)
         from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
         with ctx:
-            p = {k: from_mpf(np.array(_nested_objects(v), dtype=object)) for k, v in self.params_mp.items()}
+            p = {k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
+                 for k, v in self.params_mp.items()}
             Y = _tfn_forward_objects(p, from_float(X if X.ndim == 3 else X[None]), exp)   # (n, D, N)
             Y = np.vectorize(float, otypes=[np.float64])(Y)
         return Y if X.ndim == 3 else Y[0]
@@ -901,7 +1027,8 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         X3 = X if X.ndim == 3 else X[None]
         from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
         with ctx:
-            p = {k: from_mpf(np.array(_nested_objects(v), dtype=object)) for k, v in self.params_mp.items()}
+            p = {k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
+                 for k, v in self.params_mp.items()}
             t = {k: from_float(v) for k, v in self.target.parameters().items()}
             Xo = from_float(X3)
             f, fbar = _tfn_forward_objects(p, Xo, exp), _tfn_forward_objects(t, Xo, exp)
@@ -909,19 +1036,26 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
             return float((num / den) ** 0.5) if den > 0 else float(num ** 0.5)
 
 
-def _nested_objects(v):
-    """Nested lists of mpmath matrices (and matrices) as nested lists of their entries (mpf)."""
+#: The parameters of :class:`lora_theory.TFN` that are vectors (stored as ``(D, 1)`` mpmath matrices): told
+#: apart by name, since at width ``D = 1`` a ``(1, 1)`` weight has the shape of a bias.
+_TFN_VECTORS = ("b1", "b2")
+
+
+def _nested_objects(v, vector: bool = False):
+    """Nested lists of mpmath matrices as nested lists of their entries (mpf): a matrix as rows, or, with
+    ``vector``, a ``(D, 1)`` column as a flat list."""
     if isinstance(v, list):
-        return [_nested_objects(x) for x in v]
-    if v.cols == 1:
+        return [_nested_objects(x, vector) for x in v]
+    if vector:
         return [v[i, 0] for i in range(v.rows)]
     return [[v[i, j] for j in range(v.cols)] for i in range(v.rows)]
 
 
-def _nested_np(v):
+def _nested_np(v, vector: bool = False):
+    """As :func:`_nested_objects`, rounded to float64 arrays."""
     if isinstance(v, list):
-        return [_nested_np(x) for x in v]
-    return _np(v)[:, 0] if v.cols == 1 else _np(v)
+        return [_nested_np(x, vector) for x in v]
+    return _np(v)[:, 0] if vector else _np(v)
 
 
 @numeric_guard
@@ -1018,7 +1152,14 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
         kappas["W_out + Δ_out"] = lu_out.kappa
         out["b2"][L - 1] = lu_out.solve(T_out * _mpm(t["b2"][L - 1]))
         out["w_out"] = w_out
+    from .tfn import CHECK_INPUTS, CHECK_TOKENS
+
     required = max((g + 1) // 2 for g in G)
-    return HighPrecisionTFNFit(params_mp=out, adapters_mp=adapters, frozen=frozen, target=target, rank=R, digits=digits,
-                               digits_reason=reason, matched_ranks=tuple(G), required_rank=required,
-                               exact=R >= required, condition_numbers=kappas)
+    fit = HighPrecisionTFNFit(params_mp=out, adapters_mp=adapters, frozen=frozen, target=target, rank=R, digits=digits,
+                              digits_reason=reason, matched_ranks=tuple(G), required_rank=required,
+                              exact=R >= required, condition_numbers=kappas, rank_sufficient=R >= required,
+                              tolerance=_working_tolerance(digits, max(kappas.values(), default=1.0), 0.0))
+    # check the claim on the inputs the float64 construction checks, at working precision
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))   # (n, D, N)
+    object.__setattr__(fit, "measured_error", fit.relative_error(X))
+    return fit

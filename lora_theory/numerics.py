@@ -207,15 +207,17 @@ class _LargestConditionNumber:
 
 
 def verified_exact(rank_sufficient: bool, measured: float, tol: float, amplification: float = 1.0,
-                   what: str = "construction", stacklevel: int = 4) -> bool:
-    """The ``exact`` a float64 fit may report: its rank suffices *and* float64 kept the claim.
+                   what: str = "construction", stacklevel: int = 4, arithmetic: str = "float64") -> bool:
+    """The ``exact`` a fit may report: its rank suffices *and* its arithmetic kept the claim.
 
     ``measured`` is the error the construction measured on its own result, relative to the same scale as
     ``tol`` (the fit's tolerance); ``amplification`` how much larger relative errors get on the inputs the
     fit will be evaluated on (see :attr:`lora_theory.FNNFit.radius_amplification`). The fit is exact when
     ``rank_sufficient``, ``measured <= tol`` (the claim checked) and ``tol · amplification <=``
     :data:`EXACT_TOLERANCE_LIMIT` (the claim says something). When the rank suffices
-    but float64 did not keep it, :class:`IllConditionedWarning` says which and why.
+    but the arithmetic did not keep it, :class:`IllConditionedWarning` says which and why. ``arithmetic`` names
+    it in that message: ``"float64"``, or ``"N-digit"`` for the raised-precision fits of
+    :mod:`lora_theory.highprec`, whose ``tol`` is the same rule at their working precision.
     """
     if not rank_sufficient:
         return False
@@ -227,7 +229,8 @@ def verified_exact(rank_sufficient: bool, measured: float, tol: float, amplifica
     else:
         why = (f"its tolerance {tol:.3g} (times the amplification {amplification:.3g}) exceeds "
                f"{EXACT_TOLERANCE_LIMIT:g}: the bound does not even keep the outputs' order of magnitude")
-    warnings.warn(f"{what}: the rank suffices but the float64 result is not exact: {why}; reporting exact=False "
-                  "(the high-precision path or the exact path avoid this)", IllConditionedWarning,
-                  stacklevel=stacklevel)
+    remedy = ("the high-precision path or the exact path avoid this" if arithmetic == "float64"
+              else "more digits (digits=None chooses them) or the exact path avoid this")
+    warnings.warn(f"{what}: the rank suffices but the {arithmetic} result is not exact: {why}; reporting "
+                  f"exact=False ({remedy})", IllConditionedWarning, stacklevel=stacklevel)
     return False

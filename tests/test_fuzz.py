@@ -806,10 +806,17 @@ def check_suggest_precision(data):
 
 def _mp_tolerance(hp):
     """What a raised-precision fit promises: the working precision less ``log10(κ + γ)`` digits, with the
-    constant ``c`` of :func:`lora_theory.tolerance`, plus the float64 rounding of its rounded outputs. (Its
-    ``exact`` is the rank condition: with ``digits`` given and too few it warns and keeps ``exact``.)"""
+    constant ``c`` of :func:`lora_theory.tolerance`, plus the float64 rounding of its rounded outputs."""
     u = 0.5 * 10.0 ** (1 - hp.digits)
     return max(1e3 * u * (float(hp.kappa) + float(getattr(hp, "gamma", 0.0))), 0.0) + 4 * np.finfo(float).eps
+
+
+def _check_mp_exact(hp):
+    """``exact`` is checked, not the rank condition alone: it implies the rank suffices and the fit's own
+    measurement is within its own tolerance."""
+    assert hp.exact <= hp.rank_sufficient
+    if hp.exact:
+        assert hp.measured_error <= hp.tolerance <= EXACT_TOLERANCE_LIMIT, (hp.measured_error, hp.tolerance)
 
 
 def _digits():
@@ -824,6 +831,8 @@ def check_lora_linear_mp(data):
     frozen = data.draw(maybe(st.lists(matrix(D, nonfinite=False), min_size=L, max_size=L)))
     target = data.draw(maybe(matrix(D, nonfinite=False)))
     hp, exc = call(lt.lora_linear_mp, frozen, target, data.draw(ranks(D, L)), data.draw(_digits()))
+    if exc is None:
+        _check_mp_exact(hp)
     if exc is None and hp.exact:
         want = np.asarray(target)
         assert np.linalg.norm(hp.product() - want, 2) <= max(1e-10, _mp_tolerance(hp)) * max(
@@ -837,6 +846,8 @@ def check_lora_fnn_mp(data):
     radius = data.draw(maybe(st.sampled_from([1.0, 2.0])))
     hp, exc = call(lt.lora_fnn_mp, frozen, target, data.draw(ranks(D, L)), input_radius=radius,
                    digits=data.draw(_digits()))
+    if exc is None:
+        _check_mp_exact(hp)
     if exc is None and hp.exact:
         # against the target evaluated in mpmath here: a float64 forward pass of a scaled target has errors of
         # its own
@@ -847,16 +858,18 @@ def check_lora_fnn_mp(data):
 
 
 def check_lora_tfn_mp(data):
-    # width 1 is left out: HighPrecisionTFNFit.predict returns the wrong shape there (one value for a (1, 2)
-    # input), pinned by tests/test_bad_input.py::test_tfn_mp_predict_at_width_one (a strict xfail)
-    frozen, target = data.draw(tfn_pair(min_width=2))
+    frozen, target = data.draw(tfn_pair())
     D = frozen.embed_dim if isinstance(frozen, lt.TFN) else 2
     hp, exc = call(lt.lora_tfn_mp, frozen, target, data.draw(maybe(st.integers(0, D))), data.draw(_digits()))
-    # Only the exception contract is checked here. OPEN: with exact=True its predictions were found 1e-5
-    # (relative) from the target evaluated in mpmath (_mp_forward_tfn), where 1e-8 is promised, for D = 2,
-    # one block, digits=16 and chosen alike; not yet explained (the reference or the construction).
     if exc is None:
         assert 16 <= hp.digits <= MAX_DIGITS
+        _check_mp_exact(hp)
+    if exc is None and hp.exact:
+        # against the target evaluated in mpmath here, on inputs the construction did not check
+        X = np.random.default_rng(98765).standard_normal((D, 2))
+        want = _mp_forward_tfn(_params(hp.target), X)
+        assert np.linalg.norm(hp.predict(X) - want) <= max(1e-8, _mp_tolerance(hp)) * max(
+            np.linalg.norm(want), np.finfo(float).tiny)
 
 
 def _certify(fn, pair, **extra):

@@ -366,3 +366,92 @@ def test_tfn_mp_adapters_are_keyed_like_the_float64_ones_and_rebuild_its_weights
         adapted = hp.model.parameters()[name]
         adapted = adapted[l] if name == "w2" else (adapted if name == "w_out" else adapted[l, h])
         assert np.allclose(W + a.delta, adapted, rtol=0, atol=1e-12 * max(1.0, np.abs(adapted).max()))
+
+
+# ------------------------------------------------------------- `exact` is checked at working precision
+
+
+def _ill_conditioned_tfn(kappa_w1=1e13):
+    from lora_theory.models import random_tfn
+
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
+    return frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1 / kappa_w1]) @ Vt)[None]), target
+
+
+def test_tfn_mp_with_too_few_digits_is_not_called_exact():
+    """A raised-precision fit's ``exact`` was the rank condition alone: with κ(W1) = 1e13 at 16 or 20 digits the
+    rank tolerance (which grows with the solves' κ) drops directions of the matched products, and the fit
+    missed the target by more than 100% while reporting exact=True. The claim is now checked on the fit's own
+    check inputs; a fresh evaluation here confirms the miss, and chosen digits keep the claim."""
+    from lora_theory.highprec import lora_tfn_mp
+
+    frozen, target = _ill_conditioned_tfn()
+    X = np.random.default_rng(7).standard_normal((3, 4, 2))            # inputs the construction did not check
+    for digits in (16, 20):
+        with pytest.warns(IllConditionedWarning, match=f"{digits}-digit result is not exact"):
+            hp = lora_tfn_mp(frozen, target, 2, digits=digits)
+        assert hp.rank_sufficient and not hp.exact
+        assert hp.relative_error(X) > hp.tolerance                     # the miss is real, not a false alarm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        hp = lora_tfn_mp(frozen, target, 2)
+    assert hp.exact and hp.relative_error(X) <= hp.tolerance
+
+
+def test_fnn_mp_with_too_few_digits_is_not_called_exact():
+    """An 8-layer block at radius 10 and 16 digits: biases near 1e16 times the signal (γ = 5e16) leave a rounding
+    allowance far above 1, and the points of the ball where the first pre-activations are smallest miss by
+    more than it; ``exact`` says so. At chosen digits the claim holds."""
+    f0, t = random_fnn(16, 8, seed=0, scale=0.25), random_fnn(16, 1, seed=1)
+    with pytest.warns(IllConditionedWarning, match="16-digit result is not exact"):
+        hp = lora_fnn_mp(f0, t, 2, input_radius=10.0, digits=16)
+    assert hp.rank_sufficient and not hp.exact
+    assert hp.tolerance > 1 and hp.measured_error > hp.tolerance
+    hp = lora_fnn_mp(f0, t, 2, input_radius=10.0)
+    assert hp.exact and hp.measured_error <= hp.tolerance
+
+
+def test_linear_mp_whose_tolerance_says_nothing_is_not_called_exact():
+    """κ(Q_1) = 1e15 at 16 digits: the rounding allowance ``c·u·(κ + γ)`` exceeds 1, so the result keeps not even
+    the target's order of magnitude by its own account; ``exact`` is False although the rank suffices. At
+    chosen digits the product is the target."""
+    W2 = np.diag([1.0, 1e-15])
+    frozen, target = [np.eye(2), W2], np.array([[2.0, 1.0], [0.5, 3.0]])
+    with pytest.warns(IllConditionedWarning, match="16-digit result is not exact"):
+        hp = lora_linear_mp(frozen, target, 1, digits=16)
+    assert hp.rank_sufficient and hp.tolerance > 1 and not hp.exact
+    hp = lora_linear_mp(frozen, target, 1, digits=None)
+    assert hp.exact and np.linalg.norm(hp.product() - target) <= tolerance() * np.linalg.norm(target)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_raised_precision_exact_implies_the_target_on_fresh_inputs(seed):
+    """Wherever a raised-precision fit says ``exact``, an evaluation here on inputs it did not check is within
+    its tolerance (float64 rounding of the outputs added); below the threshold it never says ``exact``."""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+
+    rng = np.random.default_rng(100 + seed)
+    frozen, target = random_linear(4, 2, seed=seed).weights, rng.standard_normal((4, 4))
+    for R in range(3):
+        hp = lora_linear_mp(frozen, target, R, digits=30)
+        assert hp.exact == hp.rank_sufficient == (2 * R >= 4)
+        if hp.exact:
+            x = rng.standard_normal((5, 4))
+            want = x @ target.T
+            assert np.linalg.norm(hp.predict(x) - want) <= (hp.tolerance + 4e-16) * np.linalg.norm(want) * 4
+    f0, t = random_fnn(4, 2, seed=seed), random_fnn(4, 1, seed=seed + 50)
+    for R in (1, 2, 4):
+        hp = lora_fnn_mp(f0, t, R, input_radius=2.0, digits=30)
+        assert hp.exact <= hp.rank_sufficient
+        if hp.exact:
+            points = sample_ball(np.zeros(4), 2.0, 16, seed=seed)
+            s_out = np.max(np.linalg.norm(t(points), axis=1))
+            assert hp.max_row_error(points) <= hp.tolerance * hp.radius_amplification * max(s_out, 1.0) + 1e-300
+    frozen, target = random_tfn(4, 2, 1, seed=seed), random_tfn(4, 2, 1, seed=seed + 50)
+    for R in (1, 2):
+        hp = lora_tfn_mp(frozen, target, R, digits=30)
+        assert hp.exact == hp.rank_sufficient
+        if hp.exact:
+            assert hp.relative_error(rng.standard_normal((2, 4, 3))) <= hp.tolerance
