@@ -21,7 +21,11 @@ def numeric_guard(fn):
     :class:`NumericalError` naming the outermost guarded function, the one the caller called. Underflow (to
     zero or a subnormal) and division by zero (guarded where it matters) keep numpy's defaults. Python's own
     float ``OverflowError`` is named too; Python float sums and products that overflow to ``inf`` raise nothing,
-    so functions that compute with Python floats check their results (:func:`finite_or_raise`)."""
+    so functions that compute with Python floats check their results (:func:`finite_or_raise`).
+
+    The modules apply it after the definition (``f = numeric_guard(f)``), not as a decorator: mutmut, the
+    mutation tester of docs/mutation.md, leaves decorated functions unmutated, and these are the constructions.
+    """
     name = fn.__name__
 
     @functools.wraps(fn)

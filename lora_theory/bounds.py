@@ -101,7 +101,6 @@ def _second_moment_trace(second_moment, D) -> float:
     return float(np.trace(S))
 
 
-@numeric_guard
 def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_moment=None) -> ErrorBound:
     """The project's per-instance bound on the error of the FNN construction at any rank (THEORY.md §2.4).
 
@@ -163,7 +162,9 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
                       target=target)
 
 
-@numeric_guard
+fnn_error_bound = numeric_guard(fnn_error_bound)
+
+
 def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> np.ndarray | float:
     """The per-sample form ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of the project's bound (see :func:`fnn_error_bound`).
 
@@ -174,3 +175,6 @@ def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> 
     if x.ndim not in (1, 2) or x.shape[-1] != target.width:
         raise InvalidArgumentError("x", f"must have shape (D,) or (n, D) with D = {target.width}, got {x.shape}")
     return bound.at(x)
+
+
+fnn_error_bound_at = numeric_guard(fnn_error_bound_at)

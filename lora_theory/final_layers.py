@@ -108,7 +108,6 @@ def _none(reason, center, radius):
                    center=readonly(center), radius=radius)
 
 
-@numeric_guard
 def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=None, seed=0,
                          n_starts: int = 64, n_directions: int = 32, n_refine: int = 20) -> Witness:
     """Search a ball for the pair of Lemma 4 (Zeng & Lee 2024): equal after the frozen first layer, far apart
@@ -246,6 +245,9 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
                    coordinates=tuple(int(k) for k in support), separation=float(sep),
                    relative_separation=float(sep / ref) if ref > 0 else 0.0, rounding_ratio=float(ratio),
                    first_layer_gap=gap, lower_bound=float(sep / 2), center=readonly(c), radius=r)
+
+
+final_layers_witness = numeric_guard(final_layers_witness)
 
 
 def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu, kappa):

@@ -92,7 +92,6 @@ def _partition(partition, L, Lbar) -> tuple[int, ...]:
     return uniform_partition(L, Lbar) if partition is None else check_partition(partition, L, Lbar)
 
 
-@numeric_guard
 def block_discrepancies(frozen: FNN, target: FNN, partition=None) -> tuple[np.ndarray, ...]:
     """The block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l``, one ``(D, D)`` array per target layer.
 
@@ -104,12 +103,14 @@ def block_discrepancies(frozen: FNN, target: FNN, partition=None) -> tuple[np.nd
                  for i, b in enumerate(partition_blocks(sizes)))
 
 
+block_discrepancies = numeric_guard(block_discrepancies)
+
+
 def _block_ranks(frozen, target, sizes) -> tuple[int, ...]:
     return tuple(discrepancy_rank(frozen.weights[b.start:b.stop], target.weights[i])
                  for i, b in enumerate(partition_blocks(sizes)))
 
 
-@numeric_guard
 def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
     """``max_i ceil(rank(E_i) / |P_i|)``: the smallest uniform LoRA-rank for which the construction is exact.
 
@@ -127,7 +128,9 @@ def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
     return max(ceil_div(r, s) for r, s in zip(_block_ranks(frozen, target, sizes), sizes))
 
 
-@numeric_guard
+fnn_rank_requirement = numeric_guard(fnn_rank_requirement)
+
+
 def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
     """The consecutive partition minimising ``max_i ceil(rank(E_i) / |P_i|)``, and that rank.
 
@@ -140,7 +143,9 @@ def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
         lambda i, start, stop: discrepancy_rank(frozen.weights[start:stop], target.weights[i]), L, Lbar)
 
 
-@numeric_guard
+fnn_best_partition = numeric_guard(fnn_best_partition)
+
+
 def sample_ball(center, radius: float, n: int, seed=None) -> np.ndarray:
     """``n`` points drawn uniformly from the ball ``||x - center||_2 <= radius``, shape ``(n, D)``.
 
@@ -163,6 +168,9 @@ def sample_ball(center, radius: float, n: int, seed=None) -> np.ndarray:
     scale = radius * rng.uniform(size=(int(n), 1)) ** (1.0 / D)        # (n, 1)
     # shrink by one part in 1e12 so that rounding never puts a point outside the ball
     return center + g * scale * (1.0 - 1e-12)
+
+
+sample_ball = numeric_guard(sample_ball)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -383,12 +391,8 @@ class FNNFit:
         """
         if self.domain.kind != "ball":
             return 1.0
-        D = self.target.width
-        radius, u0 = min(float(self.domain.radius), 1.0), self.domain.center
-        for bf, c in zip(self.block_fits, self.target.biases):
-            radius = float(np.linalg.norm(bf.realised, 2) * radius + np.linalg.norm(bf.realised @ u0 + c))
-            u0 = np.zeros(D)
-        return max(self.output_radius / radius, 1.0) if radius > 0 else 1.0
+        return _radius_amplification([bf.realised for bf in self.block_fits], self.target.biases,
+                                     self.domain.center, self.domain.radius, self.output_radius)
 
     def tolerance_at(self, x) -> np.ndarray | float:
         """Per-sample relative tolerance ``tolerance · s_out / ||f̄(x)||_2`` (Zeng & Lee 2024, Theorem 3 in float64).
@@ -452,6 +456,18 @@ class FNNFit:
 # ------------------------------------------------------------------------------------------ construction
 
 
+def _radius_amplification(realised, target_biases, center, radius, s_out) -> float:
+    """``s_out / s_1`` of :attr:`FNNFit.radius_amplification` (also of the raised-precision fit): ``s_1`` is the
+    output bound of the ball of radius ``min(r, 1)`` about ``center``, propagated through the realised block
+    products ``W̃_i`` ``(D, D)`` and the target biases ``c_i`` as ``s_i = ||W̃_i||_2 s_{i-1} + ||W̃_i u_0 + c_i||``
+    (``u_0`` the centre for the first block, 0 after)."""
+    s, u0 = min(float(radius), 1.0), np.asarray(center, dtype=np.float64)
+    for W_tilde, c in zip(realised, target_biases):
+        s = float(np.linalg.norm(W_tilde, 2) * s + np.linalg.norm(W_tilde @ u0 + c))
+        u0 = np.zeros_like(u0)
+    return max(s_out / s, 1.0) if s > 0 else 1.0
+
+
 def _block_error(s: np.ndarray, k: int, rank_E: int) -> float:
     """``σ_{k+1}`` of a discrepancy, 0 once ``k`` covers its numeric rank."""
     return float(s[k]) if k < rank_E else 0.0
@@ -483,7 +499,6 @@ def _domain_args(input_radius, center, inputs, margin, D):
     return "samples", None, None, X
 
 
-@numeric_guard
 def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=None, center=None,
              inputs=None, margin: float = 2.0) -> FNNFit:
     """LoRA adapters and biases that make a frozen ReLU FNN equal a shallower target on a domain.
@@ -671,6 +686,9 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
     object.__setattr__(fit, "exact", exact)
     object.__setattr__(fit, "measured_error", measured)
     return fit
+
+
+lora_fnn = numeric_guard(lora_fnn)
 
 
 #: How many sampled points :func:`lora_fnn` checks its fit on, beside the points where ReLUs switch first.

@@ -762,7 +762,7 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
-    from .fnn import SAFETY, Domain, _check_points
+    from .fnn import SAFETY, Domain, _check_points, _radius_amplification
 
     n = frozen.width
     linearise = frozen.activation == "relu"
@@ -855,17 +855,6 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
     miss = fit.max_row_error(points)
     object.__setattr__(fit, "measured_error", miss / s_out if s_out > 0 else miss)
     return fit
-
-
-def _radius_amplification(realised, target_biases, center, radius, s_out) -> float:
-    """:attr:`lora_theory.FNNFit.radius_amplification` from the float64 roundings of the realised block
-    products ``W̃_i`` and the target biases: ``s_out / s_1``, ``s_1`` the output bound of the ball of radius
-    ``min(r, 1)`` about the same centre."""
-    s, u0 = min(float(radius), 1.0), np.asarray(center, dtype=np.float64)
-    for W_tilde, c in zip(realised, target_biases):
-        s = float(np.linalg.norm(W_tilde, 2) * s + np.linalg.norm(W_tilde @ u0 + c))
-        u0 = np.zeros_like(u0)
-    return max(s_out / s, 1.0) if s > 0 else 1.0
 
 
 # ------------------------------------------------------------------------------------------ transformer

@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 
-@numeric_guard
 def product(matrices) -> np.ndarray:
     """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix).
 
@@ -68,7 +67,9 @@ def product(matrices) -> np.ndarray:
     return out
 
 
-@numeric_guard
+product = numeric_guard(product)
+
+
 def discrepancy(frozen, target) -> np.ndarray:
     """``E = T - W_L ... W_1``, shape ``(D, D)``."""
     frozen = as_square_sequence(frozen, "frozen")
@@ -76,12 +77,14 @@ def discrepancy(frozen, target) -> np.ndarray:
     return target - product(frozen)
 
 
+discrepancy = numeric_guard(discrepancy)
+
+
 def _rank_scale(frozen, target) -> float:
     """The size of the operands ``E`` is computed from; its rounding is relative to this."""
     return max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
 
 
-@numeric_guard
 def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     """Numeric ``rank(E)``.
 
@@ -100,6 +103,9 @@ def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
     return int(np.sum(s > tol))
 
 
+discrepancy_rank = numeric_guard(discrepancy_rank)
+
+
 def _tail(s: np.ndarray, k: int) -> tuple[float, float]:
     """``(σ_{k+1}, sqrt(Σ_{j>k} σ_j^2))`` with ``σ_j = 0`` past the end."""
     spectral = float(s[k]) if k < s.size else 0.0
@@ -111,7 +117,6 @@ def _total_rank(rank, depth, width) -> int:
     return sum(as_ranks(rank, depth, width))
 
 
-@numeric_guard
 def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     """The optimum of Lemma 1: ``σ_{k+1}(E)`` (``norm="spectral"``) or ``sqrt(Σ_{j>k} σ_j(E)^2)`` (``"fro"``).
 
@@ -129,7 +134,9 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
     raise InvalidArgumentError("norm", f"must be 'spectral' or 'fro', got {norm!r}")
 
 
-@numeric_guard
+linear_optimal_error = numeric_guard(linear_optimal_error)
+
+
 def linear_gaussian_mse(frozen, target, rank) -> float:
     """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (THEORY.md §2.1)."""
     E = discrepancy(frozen, target)
@@ -137,13 +144,18 @@ def linear_gaussian_mse(frozen, target, rank) -> float:
     return _tail(svd_values(E), k)[1] ** 2 / E.shape[0]
 
 
-@numeric_guard
+linear_gaussian_mse = numeric_guard(linear_gaussian_mse)
+
+
 def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
     """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1).
 
     ``tol`` as in :func:`discrepancy_rank` (finite, ``>= 0``, or None for the default).
     """
     return ceil_div(discrepancy_rank(frozen, target, tol), len(frozen))
+
+
+linear_rank_requirement = numeric_guard(linear_rank_requirement)
 
 
 @dataclass(frozen=True, eq=False)
@@ -447,7 +459,6 @@ def _chain_checked(*args, **kwargs):
         raise
 
 
-@numeric_guard
 def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
     """Optimal LoRA adapters for a chain of frozen matrices toward a target (Zeng & Lee 2024, Lemma 1).
 
@@ -514,6 +525,9 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
         measured_error=measured)
 
 
+lora_linear = numeric_guard(lora_linear)
+
+
 @dataclass(frozen=True)
 class OptimalityGap:
     """How far some adapters are from the optimum of Lemma 1.
@@ -551,7 +565,6 @@ def _ratio(a, b):
     return 1.0 if a == 0 else float("inf")
 
 
-@numeric_guard
 def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     """Score any adapters (trained, or the user's own) against the optimum of Lemma 1.
 
@@ -599,3 +612,6 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
         achieved_spectral=float(np.linalg.norm(residual, 2)), optimal_spectral=spectral,
         achieved_frobenius=achieved_f, optimal_frobenius=frob,
         achieved_gaussian_mse=achieved_f ** 2 / D, optimal_gaussian_mse=frob ** 2 / D, total_rank=k)
+
+
+optimality_gap = numeric_guard(optimality_gap)

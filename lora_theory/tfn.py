@@ -179,7 +179,6 @@ def _matched_problems(frozen, target, kappas):
     yield "out", L - 1, None, factors, ("W2[L-1]", "W_out"), out_target, _rank_tol(factors, out_target, 0.0)
 
 
-@numeric_guard
 def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
     """The discrepancies the construction of Zeng & Lee 2024, Theorem 7 (transformers) matches,
     ``matched - second factor @ first factor``.
@@ -204,7 +203,9 @@ def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
             for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {})}
 
 
-@numeric_guard
+tfn_matched_discrepancies = numeric_guard(tfn_matched_discrepancies)
+
+
 def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     """``G_l`` for every block: the largest numeric rank of its matched discrepancies (Theorem 7).
 
@@ -221,7 +222,9 @@ def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     return tuple(ranks)
 
 
-@numeric_guard
+tfn_matched_discrepancy_ranks = numeric_guard(tfn_matched_discrepancy_ranks)
+
+
 def tfn_rank_requirement(frozen: TFN, target: TFN) -> int:
     """``max_l ceil(G_l / 2)``: the LoRA-rank at which Theorem 7's construction is exact for this instance.
 
@@ -231,7 +234,9 @@ def tfn_rank_requirement(frozen: TFN, target: TFN) -> int:
     return max(ceil_div(g, 2) for g in tfn_matched_discrepancy_ranks(frozen, target))
 
 
-@numeric_guard
+tfn_rank_requirement = numeric_guard(tfn_rank_requirement)
+
+
 def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     """LoRA adapters and biases that make a frozen TFN equal a target TFN (Zeng & Lee 2024, Theorem 7).
 
@@ -322,3 +327,6 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
                   matched_ranks=tuple(G), required_rank=required, exact=exact,
                   matched_errors=matched_errors, condition_numbers=kappas, rank_sufficient=R >= required,
                   measured_error=measured)
+
+
+lora_tfn = numeric_guard(lora_tfn)

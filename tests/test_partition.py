@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_theory.errors import InvalidArgumentError
-from lora_theory.partition import best_partition, check_partition, partition_blocks, uniform_partition
+from lora_theory.partition import MAX_DEPTH, best_partition, check_partition, partition_blocks, uniform_partition
 from lora_theory.thresholds import ceil_div, fnn_rank_threshold
 
 
@@ -139,7 +139,37 @@ def test_check_partition_accepts_numpy_sizes():
     (lambda: best_partition(None, 4, 2), r"^block_rank: must be callable"),
     (lambda: best_partition(lambda i, a, b: -1, 4, 2), r"^block_rank: must return a non-negative integer"),
     (lambda: best_partition(lambda i, a, b: 1.5, 4, 2), r"^block_rank: must return a non-negative integer"),
+    # the depth cap (a depth of 10^30 ran into numpy's OverflowError before it existed)
+    (lambda: best_partition(lambda i, a, b: 1, MAX_DEPTH + 1, 1), rf"^depth: must be at most {MAX_DEPTH}"),
+    (lambda: best_partition(lambda i, a, b: 1, 3, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
+    (lambda: check_partition((1, 1), MAX_DEPTH + 1, 2), rf"^depth: must be at most {MAX_DEPTH}"),
+    (lambda: check_partition((1, 1), 0, 2), r"^depth: must be at least 1"),
+    (lambda: check_partition((1, 1), 2, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
+    (lambda: check_partition((1, 1), 2, 0), r"^target_depth: must be at least 1"),
+    (lambda: partition_blocks(5), r"^partition: must be a sequence of block sizes, got int$"),
+    (lambda: partition_blocks("12"), r"^partition: must be a sequence of block sizes, got str$"),
+    (lambda: partition_blocks([]), r"^partition: must hold at least one block$"),
+    (lambda: partition_blocks([1, 0]), r"^partition\[1\]: must be at least 1, got 0$"),
+    (lambda: partition_blocks((1, None)), r"^partition\[1\]: must be an integer, got None$"),
 ])
 def test_partition_functions_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
+
+
+@given(st.integers(1, 7).flatmap(lambda L: st.tuples(st.just(L), st.integers(1, L))))
+def test_best_partition_asks_only_for_blocks_some_partition_can_hold(depths):
+    """``block_rank`` costs an SVD per call and need not be defined elsewhere: ``best_partition`` asks only for
+    blocks ``(i, start, stop)`` that some consecutive partition uses (target layer ``i`` starting at frozen
+    layer ``start >= i``, with ``L̄ - 1 - i`` layers left for the blocks after it), each at most once."""
+    L, Lbar = depths
+    asked = []
+
+    def block_rank(i, start, stop):
+        assert i <= start < stop <= L and L - stop >= Lbar - 1 - i, (i, start, stop)
+        assert (i == Lbar - 1) == (stop == L), (i, start, stop)
+        asked.append((i, start, stop))
+        return (start * 7 + stop * 3 + i) % 5
+
+    best_partition(block_rank, L, Lbar)
+    assert len(asked) == len(set(asked))
