@@ -362,3 +362,26 @@ def test_fit_is_frozen_and_not_comparable_by_value():
         fit.rank = 3
     assert fit != _quiet(lora_tfn, frozen, target, 2)                   # eq=False: identity comparison
     assert isinstance(fit.model, TFN)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights(seed):
+    """The numeric rank of each matched discrepancy (``_rank_tol``): a target that equals the frozen model up
+    to the float64 rounding of its stored weights (``W_K·3`` and ``W_Q/3``, ``W_V·3`` and ``W_O/3``: the same
+    products in exact arithmetic, each quotient rounded) needs rank 0 and is fitted exactly there; a real
+    rank-1 change of relative size 1e-7 in one query matrix is counted, at exactly one direction."""
+    frozen = random_tfn(4, 2, 2, seed=seed)
+    rescaled = frozen.replace(wk=frozen.wk * 3.0, wq=frozen.wq / 3.0, wv=frozen.wv * 3.0, wo=frozen.wo / 3.0)
+    assert not np.array_equal(rescaled.wq * 3.0, frozen.wq) or not np.array_equal(rescaled.wo * 3.0, frozen.wo)
+    assert tfn_matched_discrepancy_ranks(frozen, rescaled) == (0, 0)
+    assert tfn_rank_requirement(frozen, rescaled) == 0
+    fit = lora_tfn(frozen, rescaled, 0)
+    assert fit.exact
+
+    rng = np.random.default_rng(seed)
+    u, v = rng.standard_normal(4), rng.standard_normal(4)
+    wq = frozen.wq.copy()
+    wq[1, 0] += 1e-7 * np.linalg.norm(wq[1, 0], 2) * np.outer(u, v) / (np.linalg.norm(u) * np.linalg.norm(v))
+    changed = frozen.replace(wq=wq)
+    assert tfn_matched_discrepancy_ranks(frozen, changed) == (0, 1)
+    assert not lora_tfn(frozen, changed, 0).exact and lora_tfn(frozen, changed, 1).exact
