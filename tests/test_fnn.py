@@ -614,3 +614,42 @@ def test_moderate_ball_does_not_warn_and_large_ball_warns():
     assert 1 < fit.radius_amplification < 100
     with pytest.warns(IllConditionedWarning, match=r"u·\(κ \+ γ\)·a = .*certify a smaller ball"):
         lora_fnn(frozen, target, 8, input_radius=1e5)
+
+
+def test_the_certified_ball_holds_its_sphere_and_nothing_beyond():
+    """``Domain.contains``: the centre and points at distance ``r(1 - 1e-9)`` and ``r`` (within the rounding
+    allowance ``rtol``) are in the ball, points at ``r(1 + 1e-9)`` are not, a wider ``rtol`` takes them in;
+    one point gives a bool, ``n`` points an ``(n,)`` mask; a sample domain contains nothing."""
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    center = np.array([0.5, -1.0, 2.0])
+    fit = lora_fnn(frozen, target, 3, input_radius=2.0, center=center)
+    ball = fit.domain
+    direction = np.array([1.0, 2.0, -2.0]) / 3.0                        # a unit vector
+    on, inside, outside = (center + 2.0 * f * direction for f in (1.0, 1 - 1e-9, 1 + 1e-9))
+    assert ball.contains(center) is True and ball.contains(inside) is True and ball.contains(on) is True
+    assert ball.contains(outside) is False and ball.contains(outside, rtol=1e-8) is True
+    mask = ball.contains(np.stack([center, outside, inside]))
+    assert mask.shape == (3,) and mask.tolist() == [True, False, True]
+    samples = lora_fnn(frozen, target, 3, inputs=np.random.default_rng(0).standard_normal((8, 3))).domain
+    assert samples.contains(center) is False and samples.contains(np.stack([center, center])).tolist() == [False, False]
+
+
+def test_per_sample_tolerance_bounds_the_error_inside_the_ball_and_nothing_outside():
+    """``FNNFit.tolerance_at``: for an exact fit, every point of the ball has relative error at most its own
+    tolerance, which is ``absolute_tolerance / ||f̄(x)||``; outside the ball, and where ``f̄(x) = 0``, there is
+    no claim (``inf``). A single point gives a float."""
+    frozen, target = random_fnn(4, 2, seed=3), random_fnn(4, 1, seed=4)
+    fit = lora_fnn(frozen, target, 4, input_radius=1.5)
+    assert fit.exact
+    X = sample_ball(np.zeros(4), 1.5, 64, seed=5)                       # (64, 4)
+    tol = fit.tolerance_at(X)
+    ref = np.linalg.norm(target(X), axis=1)
+    assert tol.shape == (64,)
+    np.testing.assert_allclose(tol[ref > 0], fit.absolute_tolerance / ref[ref > 0], rtol=1e-12)
+    err = np.linalg.norm(fit.model(X) - target(X), axis=1)
+    assert np.all(err <= tol * ref)
+    far = np.full(4, 10.0)
+    assert fit.tolerance_at(far) == np.inf and isinstance(fit.tolerance_at(X[0]), float)
+    silent = FNN([np.zeros((4, 4))], [np.zeros(4)])                     # a target that is 0 everywhere
+    zero_fit = lora_fnn(FNN([np.eye(4)], [np.zeros(4)]), silent, 4, input_radius=1.0)
+    assert zero_fit.tolerance_at(np.full(4, 0.1)) == np.inf
