@@ -653,3 +653,31 @@ def test_per_sample_tolerance_bounds_the_error_inside_the_ball_and_nothing_outsi
     silent = FNN([np.zeros((4, 4))], [np.zeros(4)])                     # a target that is 0 everywhere
     zero_fit = lora_fnn(FNN([np.eye(4)], [np.zeros(4)]), silent, 4, input_radius=1.0)
     assert zero_fit.tolerance_at(np.full(4, 0.1)) == np.inf
+
+
+def test_check_points_hold_the_minimiser_of_every_first_block_pre_activation():
+    """The points ``lora_fnn`` checks its own result on (``_check_points``): all in the certified ball; the
+    centre; for every partial product ``P_j`` of the first block and every non-zero row ``p_k``, the point of the
+    ball where ``p_k·u`` is smallest (``u_0 - r p_k/||p_k||``, where the linearising level is tight); and more
+    samples. A sample domain is checked on its samples, at most 1024 of them spread over all."""
+    from lora_theory.fnn import Domain, _check_points
+
+    rng = np.random.default_rng(0)
+    center, r = rng.standard_normal(3), 0.7
+    partials = [rng.standard_normal((3, 3)), np.vstack([rng.standard_normal((2, 3)), np.zeros((1, 3))])]
+    ball = Domain(kind="ball", center=center, radius=r, margin=None, n_samples=None)
+    points = _check_points(ball, None, partials)                        # (n, 3)
+    assert np.all(np.linalg.norm(points - center, axis=1) <= r)
+    assert any(np.array_equal(p, center) for p in points)
+    for P in partials:
+        for p in P[np.linalg.norm(P, axis=1) > 0]:
+            lowest = center @ p - r * np.linalg.norm(p)                 # min over the ball of p·u
+            assert np.min(points @ p) <= lowest + 1e-9 * r * np.linalg.norm(p)
+    assert len(points) > 1 + sum(int(np.sum(np.linalg.norm(P, axis=1) > 0)) for P in partials) + 16
+
+    X = rng.standard_normal((3000, 3))
+    samples = Domain(kind="samples", center=None, radius=None, margin=2.0, n_samples=3000)
+    checked = _check_points(samples, X, partials)
+    assert checked.shape == (1024, 3) and np.array_equal(checked[0], X[0]) and np.array_equal(checked[-1], X[-1])
+    assert len({tuple(x) for x in checked}) == 1024
+    assert np.array_equal(_check_points(samples, X[:10], partials), X[:10])
