@@ -33,6 +33,7 @@ class Adapter:
     A: np.ndarray
     B: np.ndarray
 
+
     def __post_init__(self):
         A = as_array(self.A, "A", ndim=2)
         B = as_array(self.B, "B", ndim=2)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _display
 from ._guard import finite_or_raise, numeric_guard
 from ._validate import as_array, as_ranks, as_square
 from .errors import InvalidArgumentError
@@ -71,6 +72,8 @@ class ErrorBound:
     partition: tuple
     ranks: tuple
     target: FNN
+
+    __repr__ = _display.error_bound_repr
 
     def at(self, x) -> np.ndarray | float:
         """The per-sample bound ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` for ``x`` of shape ``(D,)`` or ``(n, D)``.

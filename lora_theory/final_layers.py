@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import as_array, as_bool, as_int, as_ranks, readonly
 from .errors import InvalidArgumentError, SingularMatrixError
@@ -97,6 +98,8 @@ class Witness:
     center: np.ndarray
     radius: float
     mechanism: str = "relu"
+
+    __repr__ = _display.witness_repr
 
     def __bool__(self) -> bool:
         return self.found

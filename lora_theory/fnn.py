@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, rng_from
 from .errors import InvalidArgumentError, SingularMatrixError
@@ -205,6 +206,8 @@ class Domain:
     n_samples: int | None
     block_input_radii: tuple = ()
 
+    __repr__ = _display.domain_repr
+
     def contains(self, x, rtol: float = 1e-12) -> np.ndarray | bool:
         """Whether ``x`` (``(D,)`` or ``(n, D)``) lies in the certified ball (always ``False`` for samples).
 
@@ -268,6 +271,8 @@ class BlockFit:
     input_radius: float
     output_radius: float
     gamma: float
+
+    __repr__ = _display.block_fit_repr
 
     @property
     def exact(self) -> bool:
@@ -355,6 +360,9 @@ class FNNFit:
     target: FNN = field(repr=False, default=None)
     rank_sufficient: bool = False
     measured_error: float = float("nan")
+
+    __repr__ = _display.fnn_fit_repr
+    _repr_markdown_ = _display.fnn_fit_markdown
 
     @property
     def output_radius(self) -> float:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import mpmath
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
@@ -467,6 +468,8 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
     measured_error: float = float("nan")
     tolerance: float = float("nan")
 
+    __repr__ = _display.high_precision_repr
+
     @property
     def gamma(self) -> float:
         """The size amplification of the chain, as :attr:`lora_theory.LinearFit.gamma` (from float64 roundings)."""
@@ -642,6 +645,8 @@ class HighPrecisionFNNFit:
     measured_error: float = float("nan")
     tolerance: float = float("nan")
     radius_amplification: float = 1.0
+
+    __repr__ = _display.high_precision_repr
 
     def _inputs(self, x):
         x = as_array(x, "x")
@@ -964,6 +969,8 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
     rank_sufficient: bool = False
     measured_error: float = float("nan")
     tolerance: float = float("nan")
+
+    __repr__ = _display.high_precision_repr
 
     @property
     def gamma(self) -> float:

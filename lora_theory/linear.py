@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
@@ -210,6 +211,9 @@ class LinearFit(_LargestConditionNumber):
     condition_numbers: dict = field(default_factory=dict)
     rank_sufficient: bool = False
     measured_error: float = float("nan")
+
+    __repr__ = _display.linear_fit_repr
+    _repr_markdown_ = _display.linear_fit_markdown
 
     @property
     def ranks_used(self) -> tuple:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import (as_array, as_bool, as_int, as_nonnegative, as_square, as_square_sequence, readonly,
                         rng_from)
@@ -58,6 +59,8 @@ class FNN:
     biases: tuple | None = None
     activation: str = "relu"
     final_relu: bool = True
+
+    __repr__ = _display.fnn_repr
 
     def __post_init__(self):
         weights = as_square_sequence(self.weights, "weights")
@@ -191,6 +194,8 @@ class TFN:
         return int(self.wq.shape[2])
 
     width = embed_dim
+
+    __repr__ = _display.tfn_repr
 
     def parameters(self) -> dict:
         """The constructor's arguments as a dict of arrays."""

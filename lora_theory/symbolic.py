@@ -52,6 +52,7 @@ import sympy
 from sympy import QQ
 from sympy.polys.matrices import DomainMatrix
 
+from . import _display
 from ._validate import as_bool, as_int, as_ranks, rng_from
 from .errors import InvalidArgumentError
 from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
@@ -170,6 +171,9 @@ class Certificate:
     domain: dict | None = None
     frozen: object = None
     target: object = None
+
+    __repr__ = _display.certificate_repr
+    _repr_markdown_ = _display.certificate_markdown
 
     @property
     def passed(self) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _display
 from ._guard import numeric_guard
 from ._validate import as_int
 from .adapter import Adapter
@@ -105,6 +106,8 @@ class TFNFit(_LargestConditionNumber):
     condition_numbers: dict = field(default_factory=dict)
     rank_sufficient: bool = False
     measured_error: float = float("nan")
+
+    __repr__ = _display.tfn_fit_repr
 
     @property
     def num_parameters(self) -> int:
