@@ -110,9 +110,42 @@ from .thresholds import fnn_rank_threshold, linear_rank_threshold, tfn_rank_thre
 
 __version__ = "0.1.0"
 
-import types as _types
-
-#: Public names: every function, class and constant above (submodules such as ``symbolic`` stay reachable
-#: as attributes but are not star-exported).
-__all__ = sorted(name for name, value in list(globals().items())
-                 if not name.startswith("_") and not isinstance(value, _types.ModuleType))
+#: Public names, grouped as the README's table of results (submodules such as ``symbolic`` stay reachable
+#: as attributes but are not star-exported). tests/test_docs.py checks that every public object is listed.
+__all__ = [
+    # Lemma 1 (linear models)
+    "lora_linear", "LinearFit", "discrepancy", "discrepancy_rank", "product", "linear_optimal_error",
+    "linear_gaussian_mse", "linear_rank_requirement", "linear_rank_threshold", "optimality_gap", "OptimalityGap",
+    # Theorems 3 and 6 (ReLU FNN, partitions)
+    "lora_fnn", "FNNFit", "BlockFit", "Domain", "block_discrepancies", "sample_ball", "fnn_rank_requirement",
+    "fnn_rank_threshold", "fnn_best_partition", "best_partition", "check_partition", "partition_blocks",
+    "uniform_partition",
+    # Theorem 5's setting: the project's error bound
+    "fnn_error_bound", "fnn_error_bound_at", "ErrorBound",
+    # Lemma 4 (final-layers tuning)
+    "final_layers_witness", "Witness", "lora_parameter_count", "final_layers_parameter_count",
+    # Theorem 7 (transformers)
+    "lora_tfn", "TFNFit", "tfn_rank_requirement", "tfn_rank_threshold", "tfn_matched_discrepancies",
+    "tfn_matched_discrepancy_ranks",
+    # Exact certificates
+    "certify_linear", "certify_fnn", "certify_tfn", "Certificate", "Check", "linear_rank_threshold_expr",
+    "fnn_rank_threshold_expr", "tfn_rank_threshold_expr", "random_rational_linear", "random_rational_fnn",
+    "random_rational_tfn",
+    # High precision
+    "lora_linear_mp", "lora_fnn_mp", "lora_tfn_mp", "HighPrecisionLinearFit", "HighPrecisionFNNFit",
+    "HighPrecisionTFNFit", "choose_digits", "suggest_precision", "PrecisionAdvice",
+    # Models and adapters
+    "FNN", "TFN", "random_linear", "random_fnn", "random_tfn", "Adapter",
+    # Rank advice for real checkpoints
+    "advise_layers", "advise_fnn", "layer_advice_from_spectrum", "energy_rank", "tail_curves", "LayerAdvice",
+    "RankReport", "FNNAdvice",
+    # Storage-rounding noise floor (the project's)
+    "noise_floor", "rounding_bounds", "storage_roundoff", "smallest_subnormal", "entries_beyond_rounding",
+    "NoiseFloor", "RoundingBounds", "FLOOR_SAFETY",
+    # Ranks under a budget (the project's)
+    "allocate_ranks", "uniform_ranks", "RankAllocation",
+    # Numerics
+    "condition_number", "numeric_rank", "relative_error", "tolerance", "unit_roundoff",
+    # Errors
+    "LoraTheoryError", "InvalidArgumentError", "NumericalError", "SingularMatrixError", "IllConditionedWarning",
+]

@@ -9,6 +9,7 @@ import numpy as np
 from ._guard import numeric_guard
 from ._validate import as_array, as_int, readonly
 from .errors import InvalidArgumentError
+from .numerics import numeric_rank
 
 __all__ = ["Adapter"]
 
@@ -57,7 +58,6 @@ class Adapter:
         ``rank`` must be an integer in ``0..min(delta.shape)`` (:class:`~lora_theory.errors.InvalidArgumentError`
         otherwise: a negative one sliced from the end, a float was truncated).
         """
-        from .numerics import numeric_rank
 
         delta = as_array(delta, "delta", ndim=2)
         r = numeric_rank(delta) if rank is None else as_int(rank, "rank", 0, min(delta.shape))

@@ -34,6 +34,10 @@ import numpy as np
 
 from .adapter import Adapter
 from .errors import InvalidArgumentError, LoraTheoryError
+from .fnn import fnn_best_partition, fnn_rank_requirement
+from .linear import discrepancy_rank
+from .partition import partition_blocks, uniform_partition
+from .thresholds import fnn_rank_threshold
 from .noise_floor import (
     FLOOR_MODELS,
     NoiseFloor,
@@ -850,10 +854,6 @@ def advise_fnn(frozen, target) -> FNNAdvice:
     InvalidArgumentError
         As :func:`lora_theory.fnn.fnn_rank_requirement`.
     """
-    from .fnn import fnn_best_partition, fnn_rank_requirement
-    from .linear import discrepancy_rank
-    from .partition import partition_blocks, uniform_partition
-    from .thresholds import fnn_rank_threshold
 
     uniform_rank = fnn_rank_requirement(frozen, target)
     L, Lbar, D = frozen.depth, target.depth, frozen.width

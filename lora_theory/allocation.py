@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .advisor import _spectrum
 from .errors import InvalidArgumentError, LoraTheoryError
 
 __all__ = ["RankAllocation", "allocate_ranks", "uniform_ranks", "MAX_FRONTIER", "MAX_CANDIDATES"]
@@ -75,7 +76,6 @@ def _problem(spectra, shapes):
         raise InvalidArgumentError("shapes", f"must have one shape per spectrum: {len(shapes)} for {len(spectra)}")
     if len(spectra) == 0:
         raise InvalidArgumentError("spectra", "holds no layers")
-    from .advisor import _spectrum
 
     values, costs = [], []
     for l, (s, shape) in enumerate(zip(spectra, shapes)):

@@ -30,6 +30,7 @@ from .errors import InvalidArgumentError, SingularMatrixError
 from .fnn import sample_ball
 from .models import FNN
 from .numerics import check_invertible, finite_solve, numeric_rank, unit_roundoff
+from .partition import MAX_DEPTH
 
 __all__ = ["Witness", "final_layers_witness", "lora_parameter_count", "final_layers_parameter_count"]
 
@@ -367,7 +368,6 @@ def lora_parameter_count(width: int, depth: int, rank) -> int:
     equal counts: ``2RDL = l·D^2``, i.e. rank ``R = l·D / (2L)`` against the last ``l`` layers, which is what
     :func:`final_layers_parameter_count` returns by default (weights only), so the two compare like for like.
     """
-    from .partition import MAX_DEPTH
 
     D = as_int(width, "width", 1)
     L = as_int(depth, "depth", 1, MAX_DEPTH)                            # one rank per layer is built

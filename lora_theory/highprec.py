@@ -37,11 +37,13 @@ from ._guard import numeric_guard
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
-from .linear import _chain_gamma, _direction_blocks, _rank_scale, _search_assignment, _search_note, _SearchCut
-from .models import FNN
+from .fnn import SAFETY, Domain, _check_models, _check_points, _radius_amplification, lora_fnn
+from .linear import lora_linear, _chain_gamma, _direction_blocks, _rank_scale, _search_assignment, _search_note, _SearchCut
+from .models import FNN, TFN
 from .numerics import (TOLERANCE_CONSTANT, WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number,
                        unit_roundoff, verified_exact)
 from .partition import check_partition, partition_blocks, uniform_partition
+from .tfn import CHECK_INPUTS, CHECK_TOKENS, TFNFit, _check_pair, lora_tfn
 
 __all__ = [
     "choose_digits",
@@ -149,7 +151,6 @@ def suggest_precision(fit) -> PrecisionAdvice:
     expected = unit_roundoff() * (kappa + gamma) * amplification
     ok = expected <= WARN_RELATIVE_ERROR
     digits = choose_digits(kappa, gamma) + int(math.ceil(math.log10(amplification)))
-    from .tfn import TFNFit
 
     if isinstance(fit, (TFNFit, HighPrecisionTFNFit)):
         fn = "lora_tfn_mp"
@@ -540,7 +541,6 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
     target = as_square(target, "target", n)
     ranks = as_ranks(rank, len(frozen), n)
     rank_tol = as_tolerance(rank_tol, "rank_tol")
-    from .linear import lora_linear
 
     return _at_precision(lambda d, reason: _linear_mp(frozen, target, ranks, d, reason, rank_tol),
                          lambda: lora_linear(frozen, target, ranks), _check_digits(digits),
@@ -750,7 +750,6 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
     IllConditionedWarning
         As :func:`lora_linear_mp`: ``digits`` given and ``u·(κ + γ) > 1e-8`` at that precision.
     """
-    from .fnn import _check_models, lora_fnn
 
     L_, Lbar_, n = _check_models(frozen, target)
     ranks = as_ranks(rank, L_, n)
@@ -767,7 +766,6 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
-    from .fnn import SAFETY, Domain, _check_points, _radius_amplification
 
     n = frozen.width
     linearise = frozen.activation == "relu"
@@ -993,7 +991,6 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
     def model(self):
         """The adapted network rounded to float64 (:class:`lora_theory.TFN`; a float64 forward pass
         through it loses digits again: evaluate with :meth:`predict`)."""
-        from .models import TFN
 
         p = self.params_mp
         return TFN(**{k: np.array(_nested_np(v, k in _TFN_VECTORS)) if k != "w_out" else _np(v) for k, v in p.items()})
@@ -1086,7 +1083,6 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
     IllConditionedWarning
         ``digits`` given and ``u·κ > 1e-8`` at that precision (as :func:`lora_linear_mp`).
     """
-    from .tfn import _check_pair, lora_tfn
 
     _check_pair(frozen, target)
     R = as_int(rank, "rank", 0, frozen.embed_dim)
@@ -1148,7 +1144,6 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
         kappas["W_out + Δ_out"] = lu_out.kappa
         out["b2"][L - 1] = lu_out.solve(T_out * _mpm(t["b2"][L - 1]))
         out["w_out"] = w_out
-    from .tfn import CHECK_INPUTS, CHECK_TOKENS
 
     required = max((g + 1) // 2 for g in G)
     fit = HighPrecisionTFNFit(params_mp=out, adapters_mp=adapters, frozen=frozen, target=target, rank=R, digits=digits,

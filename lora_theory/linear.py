@@ -35,7 +35,7 @@ from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
 from .models import FNN
-from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, svd_values, tolerance,
+from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, numeric_rank, svd_values, tolerance,
                        verified_exact, warn_if_ill_conditioned)
 from .thresholds import ceil_div
 
@@ -582,7 +582,6 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     The optimum uses ``k = Σ_l r_l`` with ``r_l`` each adapter's rank; the Gaussian MSE of the adapters is
     ``||Π(W + Δ) - T||_F^2 / D`` (exact for ``x ~ N(0, I)``).
     """
-    from .numerics import numeric_rank
 
     frozen = as_square_sequence(frozen, "frozen")
     D = frozen[0].shape[0]

@@ -22,6 +22,7 @@ from ._guard import numeric_guard
 from ._validate import (as_array, as_bool, as_int, as_nonnegative, as_square, as_square_sequence, readonly,
                         rng_from)
 from .errors import InvalidArgumentError
+from .partition import MAX_DEPTH
 
 __all__ = ["FNN", "TFN", "random_fnn", "random_linear", "random_tfn", "relu", "softmax_columns"]
 
@@ -243,7 +244,6 @@ MAX_RANDOM_WIDTH = 2 ** 15
 def _sizes(**sizes):
     """Positive integer sizes for the random generators: widths and heads up to :data:`MAX_RANDOM_WIDTH`, depths
     up to :data:`lora_theory.partition.MAX_DEPTH`."""
-    from .partition import MAX_DEPTH
 
     return [as_int(v, name, 1, MAX_DEPTH if name == "depth" else MAX_RANDOM_WIDTH) for name, v in sizes.items()]
 

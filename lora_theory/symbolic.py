@@ -55,6 +55,7 @@ from sympy.polys.matrices import DomainMatrix
 from . import _display
 from ._validate import as_bool, as_int, as_ranks, rng_from
 from .errors import InvalidArgumentError
+from .fnn import SAFETY
 from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
 from .models import FNN, MAX_RANDOM_WIDTH, TFN
 from .partition import MAX_DEPTH, check_partition, partition_blocks, uniform_partition
@@ -796,7 +797,6 @@ def _choose_level(P, pu, row_sq, r2):
     Starts from the float level of :func:`lora_theory.fnn.lora_fnn` (``max_k (r ||row_k|| - p_k)^+`` plus
     its safety term) and doubles the safety term until the exact squared comparison holds.
     """
-    from .fnn import SAFETY
 
     r = math.sqrt(float(r2))
     pf = np.array([float(p) for p in pu])

@@ -32,6 +32,19 @@ def _public_objects():
             yield name, obj
 
 
+def test_all_lists_every_public_object_once_and_nothing_else():
+    """``__all__`` is written out by hand (grouped by result); every public function, class or constant the
+    package root imports is in it exactly once, and every listed name exists."""
+    import types
+
+    listed = lora_theory.__all__
+    assert len(listed) == len(set(listed)), sorted(n for n in set(listed) if listed.count(n) > 1)
+    public = {name for name, value in vars(lora_theory).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert set(listed) == public, {"imported but not listed": public - set(listed),
+                                   "listed but not defined": set(listed) - public}
+
+
 @pytest.mark.parametrize("name", [n for n, _ in _public_objects()])
 def test_every_public_name_has_a_docstring(name):
     doc = inspect.getdoc(getattr(lora_theory, name))

@@ -1,6 +1,6 @@
 """Export adapters built by :mod:`lora_theory` (or proposed by the rank advisor) for PEFT and loralib.
 
-PEFT adapter directory (STYLE.md, "Ecosystem facts"; checked against PEFT 0.21):
+PEFT adapter directory (the format PEFT 0.21 writes and reads; checked against it):
 
 * ``adapter_config.json``: ``"peft_type": "LORA"``, ``r`` (the largest rank), ``lora_alpha = r``,
   ``rank_pattern`` and ``alpha_pattern`` with the same per-layer ranks (so PEFT's scale ``lora_alpha / r`` is

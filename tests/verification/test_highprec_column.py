@@ -9,7 +9,7 @@ from verification import depth_sweep, final_layers
 from verification.experiment import (HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate)
 
 RUN = ["--quick", "--seeds", "1", "--frozen", "random", "--iterations", "20", "--no-figure"]
-EXACT = 1e-20   # MSE relative to the target's output power, from the threshold on (issue 3's acceptance)
+EXACT = 1e-20   # MSE relative to the target's output power, from the threshold on: exact up to float64 rounding
 
 
 def _summary(out):
