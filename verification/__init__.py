@@ -6,7 +6,7 @@ stacked model (:mod:`verification.trainer`), and the paper's synthetic experimen
 """
 
 EXPERIMENTS = ("linear", "fnn", "tfn", "final_layers", "biases", "rank_schedule", "depth_sweep", "singular_values")
-TOOLS = ("certify", "advise", "real_data", "pretraining")
+TOOLS = ("certify", "advise", "real_data", "pretraining", "paper")
 
 __all__ = ["TorchFNN", "TorchTFN", "merge_adapter", "EXPERIMENTS", "TOOLS"]
 

@@ -69,6 +69,9 @@ def _tool_command(tool, out, tmp_path):
     if tool == "real_data":
         from verification import real_data
         return real_data.main, ["--quick", "--out", str(out)], (real_data, "run_experiment")
+    if tool == "paper":
+        from verification import paper
+        return paper.main, ["--quick", "--only", "linear", "--out", str(out)], (paper, "_run_step")
     if tool == "pretraining":
         from verification import pretraining
         return pretraining.main, ["--quick", "--out", str(out)], (pretraining, "spectra")
@@ -79,7 +82,7 @@ def _tool_command(tool, out, tmp_path):
     return advise.main, [base, tuned, "--fnn", "--out", str(out), "--input-radius", "1"], (advise, "advise_fnn")
 
 
-TOOLS = sorted(EXPERIMENT_ARGS) + ["real_data", "pretraining", "advise", "advise --fnn"]
+TOOLS = sorted(EXPERIMENT_ARGS) + ["real_data", "pretraining", "paper", "advise", "advise --fnn"]
 
 
 def test_the_list_covers_every_tool_that_writes():
