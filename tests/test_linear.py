@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_theory.adapter import Adapter
@@ -252,6 +252,7 @@ def test_singular_adapted_first_layer_raises_naming_P2(D, R, seed):
     with pytest.raises(SingularMatrixError, match=r"^P_2 = \(W_1 \+ Δ\) must be invertible") as info:
         _fit([W1, W2], target, (R, R))
     assert info.value.condition_number > 1e15
+    assert "layer 2 receives singular directions of E" in str(info.value)   # the error says why P_2 is needed
 
 
 @given(D=st.integers(2, 12), data=st.data())
@@ -274,7 +275,8 @@ def test_singular_frozen_layer_after_a_receiving_one_raises_naming_Q(D, L, seed)
     frozen = list(random_linear(D, L, seed=rng).weights)
     frozen[-1] = np.zeros((D, D))                                        # Q_1 = W_L ... W_2 = 0
     target = rng.standard_normal((D, D))
-    with pytest.raises(SingularMatrixError, match=r"^Q_1 = W_\d+"):
+    names = " ".join(f"W_{l}" for l in range(L, 1, -1))                # Q_1 = W_L ... W_2, in that order
+    with pytest.raises(SingularMatrixError, match=rf"^Q_1 = {names} must be invertible"):
         lora_linear(frozen, target, 1)
 
 
@@ -505,3 +507,92 @@ def test_solving_with_an_ill_conditioned_matrix_warns_even_when_the_adapters_sta
     with pytest.warns(IllConditionedWarning, match=r"^linear construction \(Lemma 1\) is ill-conditioned"):
         fit = lora_linear(frozen, target, 1)
     assert fit.kappa >= 1e11 and fit.gamma < 10
+
+
+# ------------------------------------------------------------------ what the fit reports about its own rounding
+
+def _gamma_reference(frozen, adapted, target):
+    """γ as LinearFit.gamma defines it, written out: ``max_l ||Q_l|| (||W_l|| + ||Δ_l||) ||P_l||`` over
+    ``max(||T||, ||Π W||)``, with ``Q_l = W_L ... W_{l+1}`` (frozen) and ``P_l = M_{l-1} ... M_1`` (adapted)."""
+    two = lambda A: np.linalg.norm(A, 2)                                   # noqa: E731
+    D = target.shape[0]
+    terms = []
+    for l in range(len(frozen)):
+        Q = np.eye(D)
+        for W in frozen[l + 1:]:
+            Q = W @ Q
+        P = np.eye(D)
+        for M in adapted[:l]:
+            P = M @ P
+        terms.append(two(Q) * (two(frozen[l]) + two(adapted[l] - frozen[l])) * two(P))
+    return max(terms) / max(two(target), two(product(frozen)))
+
+
+@pytest.mark.parametrize("target_scale", [1e-2, 1.0, 1e2])
+@given(D=st.integers(2, 8), seed=SEEDS)
+@settings(max_examples=10)
+def test_gamma_is_the_largest_layer_term_of_the_adapted_product(D, seed, target_scale):
+    rng = np.random.default_rng(seed)
+    frozen = [s * rng.standard_normal((D, D)) for s in (3.0, 0.5, 1.5)]   # unequal, non-commuting layers
+    target = target_scale * rng.standard_normal((D, D))
+    for R in (0, 1, D):
+        fit = lora_linear(frozen, target, R)
+        assert fit.gamma == pytest.approx(_gamma_reference(frozen, fit.weights, target), rel=1e-9)
+
+
+@pytest.mark.parametrize("target_scale", [1e-2, 1.0, 1e2])
+@given(D=st.integers(3, 8), seed=SEEDS)
+@settings(max_examples=10)
+def test_measured_error_below_the_threshold_is_the_spectral_tail_relative_to_the_scale(D, seed, target_scale):
+    """Below ``rank(E)`` the product misses the target by exactly σ_{k+1}(E) (Eckart–Young, spectral norm);
+    ``measured_error`` is that miss relative to ``max(||T||_2, ||Π W||_2)``."""
+    rng = np.random.default_rng(seed)
+    frozen = [2.0 * rng.standard_normal((D, D)), 0.5 * rng.standard_normal((D, D))]
+    target = target_scale * rng.standard_normal((D, D))
+    fit = lora_linear(frozen, target, 1)                                   # k = 2 < D = rank(E)
+    scale = max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
+    assert not fit.exact
+    assert fit.measured_error == pytest.approx(fit.singular_values[2] / scale, rel=1e-8)
+
+
+def test_exact_means_a_small_bound_relative_to_the_target_that_the_product_meets():
+    """``exact`` (LinearFit): the rank suffices, the error relative to ``max(||T||, ||Π W||)`` is within
+    ``tolerance(κ, γ)``, and that bound carried to the target's own size is at most EXACT_TOLERANCE_LIMIT.
+    A tiny target behind a huge frozen product fails the last part (its relative error is visibly
+    nonzero); a well-scaled instance passes all three."""
+    from lora_theory.numerics import EXACT_TOLERANCE_LIMIT
+
+    rng = np.random.default_rng(7)
+    D = 6
+    orthogonal = [np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(2)]
+    cases = {"huge product, tiny target": ([1e5 * Q for Q in orthogonal], 1e-3 * rng.standard_normal((D, D))),
+             "well scaled": (orthogonal, rng.standard_normal((D, D)))}
+    seen = {}
+    for name, (frozen, target) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IllConditionedWarning)
+            fit = lora_linear(frozen, target, D // 2)
+        assert fit.rank_sufficient
+        norm_T = np.linalg.norm(target, 2)
+        scale = max(norm_T, np.linalg.norm(product(frozen), 2))
+        bound = tolerance(fit.kappa, fit.gamma) * scale / norm_T        # relative to the target
+        if fit.exact:
+            assert bound <= EXACT_TOLERANCE_LIMIT, name
+            assert fit.achieved_error() <= bound * norm_T, name
+        seen[name] = fit.exact
+    assert seen == {"huge product, tiny target": False, "well scaled": True}
+
+
+@given(D=st.integers(1, 8), seed=SEEDS)
+@settings(max_examples=20)
+def test_a_zero_target_is_reached_exactly(D, seed):
+    """T = 0 is reached by one layer at R = D (Δ = -W, nothing inverted), and with a zero frozen product
+    nothing is needed (E = 0, rank 0). (Through two invertible layers it is not: a zero product needs a
+    singular layer, and the chain's solves then meet κ near 1/u.)"""
+    rng = np.random.default_rng(seed)
+    zero = np.zeros((D, D))
+    W = rng.standard_normal((D, D))
+    fit = lora_linear([W], zero, D)
+    assert fit.exact and fit.achieved_error() <= tolerance(fit.kappa, fit.gamma) * np.linalg.norm(W, 2)
+    fit = lora_linear([zero, np.eye(D)], zero, 1)
+    assert fit.exact and fit.achieved_error() == 0.0 and math.isfinite(fit.gamma)
