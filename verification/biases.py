@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import lora_theory
 
-from .experiment import CLIError, ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
+from .sweep import CLIError, ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):

@@ -13,7 +13,7 @@ import dataclasses
 
 import lora_theory
 
-from .experiment import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
+from .sweep import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
                          fnn_structure, highprec_subsample, lora_cells, parse_ranks, quick_highprec, run_cli)
 
 

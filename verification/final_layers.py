@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import lora_theory
 
-from .experiment import (Cell, CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
+from .sweep import (Cell, CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
                          fnn_structure, highprec_subsample, parse_ranks, quick_highprec, run_cli)
 
 

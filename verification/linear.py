@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lora_theory
 
-from .experiment import ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
+from .sweep import ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):
@@ -22,7 +22,7 @@ def _cells(args):
 
 
 def _validate(args):
-    from .experiment import CLIError
+    from .sweep import CLIError
     if args.depth < 1:
         raise CLIError(f"--depth must be at least 1, got {args.depth}")
 

@@ -31,9 +31,9 @@ import numpy as np
 
 import lora_theory
 
-from .experiment import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems,
-                         _atomic_write, _Parser, _save_figure, default_out, fnn_structure, writable_folder)
-from .outdir import FolderLock, check_folder, interrupts_deferred, write_error_message
+from .outdir import FolderLock, OneLineParser, atomic_write, check_folder, interrupts_deferred, write_error_message
+from .sweep import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems, default_out,
+                    fnn_structure, save_figure, writable_folder)
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -41,7 +41,7 @@ PROG = "python -m verification.pretraining"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("fnn", "linear", "tfn"), default="fnn",
                    help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn")
     p.add_argument("--width", type=int, default=None, help="D (default 16)")
@@ -254,7 +254,7 @@ def make_figure(summary, path: Path):
     fig.suptitle(f"{_describe(summary['structure'])}, {len(summary['seeds'])} seeds:\ndiscrepancy spectra, "
                  "random vs pretrained frozen model", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 TOOL = "pretraining"
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
         (out / "pretrained").mkdir(exist_ok=True)          # the cache of pretrained models
         if not own or _legacy_folder(out):
             command = list(argv if argv is not None else sys.argv[1:])
-            _atomic_write(out / "config.json", json.dumps(
+            atomic_write(out / "config.json", json.dumps(
                 {"tool": TOOL, "argv": command, "structure": list(structure), "seeds": seeds}, indent=1))
         return _run(args, out, structure, seeds)
     except CLIError as exc:
@@ -348,7 +348,7 @@ def _run(args, out: Path, structure, seeds) -> int:
 def _write(args, out: Path, summary) -> list[str]:
     """summary.json written whole (the old one replaced only then), then the figure, whose failure is a
     warning; an old figure is removed when no new one is written (it would show other results)."""
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     written = ["summary.json"]
     if not args.no_figure:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import lora_theory
 from lora_theory.partition import partition_blocks, uniform_partition
 
-from .experiment import Cell, CLIError, ExperimentSpec, apply_quick, fnn_structure, run_cli
+from .sweep import Cell, CLIError, ExperimentSpec, apply_quick, fnn_structure, run_cli
 
 
 def _add(p):

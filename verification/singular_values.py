@@ -18,7 +18,7 @@ import numpy as np
 
 import lora_theory
 
-from .experiment import (CLIError, ExperimentSpec, _rng, apply_quick, fnn_structure, lora_cells,
+from .sweep import (CLIError, ExperimentSpec, seeded_rng, apply_quick, fnn_structure, lora_cells,
                          make_random_frozen, parse_ranks, run_cli)
 
 TAG_SPECTRUM = 11
@@ -55,7 +55,7 @@ def make_target(args, structure, seed):
     """``T = W_2 W_1 + U diag(σ) V^T``: ``W`` the seed's random frozen model, ``U``, ``V`` orthogonal from the seed."""
     frozen = make_random_frozen(structure, seed)
     D = structure[1]
-    rng = _rng(seed, TAG_SPECTRUM, D)
+    rng = seeded_rng(seed, TAG_SPECTRUM, D)
     U, V = (_orthogonal(rng, D) for _ in range(2))                          # (D, D) each
     E = (U * spectrum(args)) @ V.T                                          # (D, D) = U diag(σ) V^T
     return lora_theory.FNN([frozen.linear_map() + E], activation="linear", final_relu=frozen.final_relu)

@@ -16,7 +16,7 @@ import lora_theory
 
 import dataclasses
 
-from .experiment import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
+from .sweep import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
                          highprec_subsample, lora_cells, parse_ranks, quick_highprec, run_cli)
 
 

@@ -152,7 +152,7 @@ def test_listing(capsys):
 @pytest.mark.parametrize("structure", [("fnn", 4, 2, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True),
                                        ("tfn", 4, 1, 1, 3)])
 def test_pretrained_models_are_cached_for_resume(structure, tmp_path):
-    from verification.experiment import Problems
+    from verification.sweep import Problems
     first = Problems(cache=tmp_path).frozen(structure, "pretrained", 0)
     assert list(tmp_path.glob("*.npz"))
     again = Problems(cache=tmp_path)
@@ -173,7 +173,7 @@ def test_batched_pretraining_equals_the_one_run_loop(activation):
     import numpy as np
 
     from lora_theory.numerics import relative_error
-    from verification.experiment import make_random_frozen, make_target, pretrain, pretrain_fnns
+    from verification.sweep import make_random_frozen, make_target, pretrain, pretrain_fnns
     structure = ("fnn", 6, 3, 1, activation, True)
     seeds = [0, 1, 2]
     batched = pretrain_fnns([make_random_frozen(structure, s) for s in seeds],
@@ -248,10 +248,11 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
     the interruption propagates, and --resume finishes the sweep without repeating a run."""
     import threading
 
-    from verification import experiment, linear
+    from verification import linear
+    from verification.sweep import driver, training
     from verification.trainer import TrainingStopped
 
-    real = experiment.train_stack
+    real = driver.train_stack
     lock, first_done = threading.Lock(), threading.Event()
     started, finished, stopped = [], [], []
 
@@ -274,7 +275,9 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
             first_done.set()
         return result
 
-    monkeypatch.setattr(experiment, "train_stack", interrupted_after_the_first_stack)
+    # the sweep's stacks train in the driver, the time estimate's in training
+    monkeypatch.setattr(driver, "train_stack", interrupted_after_the_first_stack)
+    monkeypatch.setattr(training, "train_stack", interrupted_after_the_first_stack)
     out = tmp_path / "lin"
     argv = ["--width", "4", "--seeds", "2", "--iterations", "1500", "--ranks", "1,2", "--lr", "1e-2,1e-3",
             "--weight-decay", "0", "--frozen", "random", "--no-figure", "--chunk", "2", "--workers", "2",
@@ -285,7 +288,8 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
     assert 0 in finished and len(records) == 2 * len(finished)       # every finished stack (2 runs) written
     assert len(started) < 4 or stopped                               # the third stack did not train on
     assert not (out / "summary.json").exists()
-    monkeypatch.setattr(experiment, "train_stack", real)
+    monkeypatch.setattr(driver, "train_stack", real)
+    monkeypatch.setattr(training, "train_stack", real)
     assert linear.main(["--resume", str(out)]) == 0
     ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 8
@@ -304,7 +308,8 @@ def test_parameter_counts_include_the_trained_biases(structure, method, ranks, l
     """Cell.params is the number of entries the stack really trains: LoRA's biases count when it trains
     them (as the final layers' do), so that the 'equal parameter count' comparison is honest."""
     import lora_theory
-    from verification.experiment import Cell, Problems, _stack_for
+    from verification.sweep import Cell, Problems
+    from verification.sweep.training import _stack_for
     cell = Cell(kind="random", structure=structure, method=method, axis=(("rank", 1),), ranks=ranks, layers=layers,
                 tune_bias=tune_bias)
     stack = _stack_for([{"cell": cell, "seed": 0}], Problems(), torch.float64, torch.device("cpu"))
@@ -321,7 +326,7 @@ def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
     """The construction re-chooses the biases: the fixed-biases rows have no construction value, and the
     figure draws one construction curve per kind, labelled 'construction (biases re-chosen)'."""
     from verification import biases, rank_schedule
-    from verification.experiment import figure_series, make_figure
+    from verification.sweep import figure_series, make_figure
     out = tmp_path / "b"
     assert biases.main(SMALL + ["--ranks", "1,4", "--iterations", "5", "--out", str(out)]) == 0
     s = _summary(out)
@@ -352,14 +357,15 @@ def test_time_estimate_is_printed_before_pretraining(tmp_path, monkeypatch, caps
     """The run count and time estimate come before the (CPU) pretraining of the frozen models."""
     import sys
 
-    from verification import experiment, fnn
-    real = experiment.pretrain_fnns
+    from verification import fnn
+    from verification.sweep import problems
+    real = problems.pretrain_fnns
 
     def spy(*args, **kwargs):
         print("PRETRAINING NOW", file=sys.stderr)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "pretrain_fnns", spy)
+    monkeypatch.setattr(problems, "pretrain_fnns", spy)
     assert fnn.main(SMALL + ["--ranks", "1", "--iterations", "5", "--frozen", "pretrained",
                              "--out", str(tmp_path / "f")]) == 0
     err = capsys.readouterr().err
@@ -371,7 +377,9 @@ def test_lora_init_shared_by_the_grid_points_is_declared(tmp_path):
     """The grid points of one (cell, seed) start from the same A (and runs of another cell or seed do not):
     summary.json declares it under protocol."""
     from verification import linear
-    from verification.experiment import Problems, _normalise, _stack_for, base_parser, make_runs
+    from verification.sweep import Problems, base_parser, make_runs
+    from verification.sweep.cli import _normalise
+    from verification.sweep.training import _stack_for
     args = base_parser(linear.SPEC).parse_args(["--width", "4", "--ranks", "1,2", "--seeds", "2", "--frozen", "random"])
     _normalise(linear.SPEC, args)
     runs = make_runs(linear.SPEC, args, linear.SPEC.cells(args))
@@ -419,12 +427,13 @@ def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_figure_failure_leaves_complete_summaries_and_a_warning(tmp_path, monkeypatch, capsys):
-    from verification import experiment, linear
+    from verification import linear
+    from verification.sweep import driver
 
     def broken(spec, summary, path):
         raise RuntimeError("no drawing today")
 
-    monkeypatch.setattr(experiment, "make_figure", broken)
+    monkeypatch.setattr(driver, "make_figure", broken)
     out = tmp_path / "lin"
     assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
                         "--frozen", "random", "--out", str(out)]) == 0
@@ -475,7 +484,7 @@ def test_pretrained_vs_random_pairs_by_seed():
     the random one's *of the same seed*, over the seeds where both are there and not NaN (an infinite MSE,
     a diverged run, counts); ties apart; its ratio is the median of the per-seed ratios, null when a random
     MSE is 0; rows are matched on their axes and label, not their order, and keep both."""
-    from verification.experiment import pretrained_vs_random
+    from verification.sweep import pretrained_vs_random
     inf, nan = float("inf"), float("nan")
 
     def row(rank, cons, grad, label=None):
@@ -520,7 +529,7 @@ def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path
     """The depth sweep's figure: one panel per frozen-model kind, one curve pair per depth, depths in numeric
     order (2 before 10), the construction labelled with its depth's threshold."""
     from verification import depth_sweep
-    from verification.experiment import figure_series, make_figure
+    from verification.sweep import figure_series, make_figure
 
     def row(depth, rank):
         return {"depth": depth, "rank": rank, "label": "lora", "construction_test_mse": 10.0 ** -rank,
@@ -537,7 +546,7 @@ def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path
 
 def test_depth_sweep_figure_with_nothing_to_draw_is_an_empty_panel(tmp_path):
     from verification import depth_sweep
-    from verification.experiment import make_figure
+    from verification.sweep import make_figure
 
     make_figure(depth_sweep.SPEC, {"rows": [], "pretrained_rows": [], "domain": None, "threshold": {}},
                 tmp_path / "figure.png")

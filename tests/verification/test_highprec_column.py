@@ -6,7 +6,7 @@ import json
 
 import lora_theory
 from verification import depth_sweep, final_layers
-from verification.experiment import (HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate)
+from verification.sweep import (HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate)
 
 RUN = ["--quick", "--seeds", "1", "--frozen", "random", "--iterations", "20", "--no-figure"]
 EXACT = 1e-20   # MSE relative to the target's output power, from the threshold on: exact up to float64 rounding
@@ -89,7 +89,7 @@ def test_resume_with_highprec_adds_the_column_to_a_sweep_trained_without_it(tmp_
     """A sweep trained with --no-highprec (e.g. on a GPU) gets its high-precision column from a later
     ``--resume DIR --highprec``, without training again; the constructions are kept in constructions.jsonl
     and a further resume reuses them instead of rebuilding."""
-    from verification import experiment
+    from verification.sweep import constructions
 
     out = tmp_path / "ds"
     args = RUN + ["--depths", "6", "--ranks", "3", "--workers", "1"]
@@ -109,7 +109,7 @@ def test_resume_with_highprec_adds_the_column_to_a_sweep_trained_without_it(tmp_
     def rebuilt(*a, **k):
         raise AssertionError("a cached high-precision construction was rebuilt")
 
-    monkeypatch.setattr(experiment, "_highprec_construction", rebuilt)
+    monkeypatch.setattr(constructions, "_highprec_construction", rebuilt)
     assert depth_sweep.main(["--resume", str(out), "--highprec", "--workers", "1"]) == 0
     (again,) = _summary(out)["rows"]
     assert again["construction_test_mse"] == row["construction_test_mse"]

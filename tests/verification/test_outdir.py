@@ -21,7 +21,8 @@ import torch
 
 import lora_theory
 import verification
-from verification import experiment, outdir
+from verification import outdir, sweep
+from verification.sweep import cli, driver, problems, training
 from verification.models import TorchFNN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +66,7 @@ def _tool_command(tool, out, tmp_path):
     function name) to replace."""
     if tool in EXPERIMENT_ARGS:
         module = importlib.import_module(f"verification.{tool}")
-        return module.main, TINY + EXPERIMENT_ARGS[tool] + ["--out", str(out)], (experiment, "execute")
+        return module.main, TINY + EXPERIMENT_ARGS[tool] + ["--out", str(out)], (cli, "execute")
     if tool == "real_data":
         from verification import real_data
         return real_data.main, ["--quick", "--out", str(out)], (real_data, "run_experiment")
@@ -260,7 +261,7 @@ def test_resume_rebuilds_damaged_files_and_reports_them(damage, finished, capsys
                if l.startswith(b'{"id"') and b"\xff" not in l and b'"x"' not in l]
     assert len({r["id"] for r in records}) == 2 * 2 * 2
     for npz in (out / "pretrained").glob("*.npz"):
-        experiment._load_model(npz, experiment.make_random_frozen(("fnn", 4, 2, 1, "relu", True), 0))
+        problems._load_model(npz, problems.make_random_frozen(("fnn", 4, 2, 1, "relu", True), 0))
 
 
 @pytest.mark.parametrize("edit", [
@@ -306,7 +307,8 @@ def test_an_interrupted_resume_keeps_the_old_summaries(finished, monkeypatch, ca
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "train_stack", interrupted)
+    monkeypatch.setattr(driver, "train_stack", interrupted)
+    monkeypatch.setattr(training, "train_stack", interrupted)
     assert fnn.main(["--resume", str(out)]) == 130
     assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
     assert {name: (out / name).read_bytes() for name in kept} == kept
@@ -445,7 +447,7 @@ def test_no_construction_worker_outlives_a_killed_parent(tmp_path):
     code = textwrap.dedent("""
         import os, time
         import numpy as np
-        from verification.experiment import construction_pool
+        from verification.sweep import construction_pool
         pool = construction_pool(2, {"test": np.zeros((1, 2))})
         for _ in range(2):
             pool.submit(time.sleep, 600)                  # both workers busy, as with constructions
@@ -476,13 +478,13 @@ def test_interrupt_while_the_summaries_are_written_leaves_them_whole(tmp_path, m
     line, and summary.csv, summary.json and figure.png whole (the interruption waits for them)."""
     from verification import linear
 
-    real = experiment.format_csv
+    real = driver.format_csv
 
     def interrupted_csv(summary):
         os.kill(os.getpid(), signal.SIGINT)
         return real(summary)
 
-    monkeypatch.setattr(experiment, "format_csv", interrupted_csv)
+    monkeypatch.setattr(driver, "format_csv", interrupted_csv)
     out = tmp_path / "lin"
     code = linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1,2",
                         "--frozen", "random", "--out", str(out)])
@@ -500,7 +502,7 @@ def test_cpu_budget_counts_the_cores_allowed_and_the_load(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     for load, free in ((0.0, 4), (1.7, 3), (3.2, 1), (9.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
-        assert experiment.cpu_budget() == {"cores": 4, "load": load, "free": free}
+        assert sweep.cpu_budget() == {"cores": 4, "load": load, "free": free}
 
 
 # ----------------------------------------------------------------------------------------------- --chunk

@@ -8,8 +8,8 @@ import pytest
 
 import lora_theory
 from verification import TOOLS, pretraining
-from verification import experiment
-from verification.experiment import Problems
+from verification import sweep
+from verification.sweep import Problems, problems
 
 
 def _run(tmp_path, argv, name="out"):
@@ -94,7 +94,7 @@ def test_capped_pretraining_is_reported(capsys):
     rand = np.ones((2, 2))
     result = {"names": ["E"], "factors": {"E": 2}, "random": {"E": rand}, "pretrained": {"E": rand / 2},
               "change": {"W_1": np.array([0.1, 0.2])}}
-    info = {"seed 0": {"steps": experiment.PRETRAIN_MAX_STEPS, "first_loss": 3.0, "last_loss": 1.5},
+    info = {"seed 0": {"steps": sweep.PRETRAIN_MAX_STEPS, "first_loss": 3.0, "last_loss": 1.5},
             "seed 1": {"steps": 12, "first_loss": 3.0, "last_loss": 0.9}}
     summary = pretraining.summarize(("fnn", 2, 2, 1, "relu", True), [0, 1], result, info)
     assert summary["capped"] == ["seed 0"]
@@ -102,9 +102,9 @@ def test_capped_pretraining_is_reported(capsys):
 
 
 def test_protocol_text_states_the_constants():
-    assert experiment.PRETRAIN_LR == 1e-3 and experiment.PRETRAIN_FACTOR == pytest.approx(1 / 3)
-    assert experiment.PRETRAIN_MAX_STEPS == 1000
-    assert experiment.PRETRAINING_PROTOCOL == ("Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 "
+    assert sweep.PRETRAIN_LR == 1e-3 and sweep.PRETRAIN_FACTOR == pytest.approx(1 / 3)
+    assert sweep.PRETRAIN_MAX_STEPS == 1000
+    assert sweep.PRETRAINING_PROTOCOL == ("Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 "
                                                "(<= 1000 steps)")
 
 
@@ -115,8 +115,8 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the pretrained models were trained again")
 
-    monkeypatch.setattr(experiment, "pretrain", no_pretraining)
-    monkeypatch.setattr(experiment, "pretrain_fnns", no_pretraining)
+    monkeypatch.setattr(problems, "pretrain", no_pretraining)
+    monkeypatch.setattr(problems, "pretrain_fnns", no_pretraining)
     _, again = _run(tmp_path, ["--model", "fnn", "--no-figure"])
     assert again["discrepancies"] == first["discrepancies"]
     assert not (out / "figure.png").exists()                 # no stale figure beside the new summary

@@ -11,7 +11,7 @@ import pytest
 
 from verification import EXPERIMENTS, TOOLS, singular_values
 from verification.__main__ import main as list_main
-from verification.experiment import evaluation_sets, make_random_frozen
+from verification.sweep import evaluation_sets, make_random_frozen
 
 RUN = ["--quick", "--seeds", "1", "--iterations", "20", "--no-figure"]
 
@@ -106,7 +106,7 @@ def test_listing_has_experiments_and_tools(capsys):
 def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
     """--decay / --spectrum change the target: they enter every run's id and the pretrained-model cache key,
     and a folder holding runs of another spectrum is refused (one line, folder unchanged) instead of mixed."""
-    from verification.experiment import make_runs
+    from verification.sweep import make_runs
 
     out = tmp_path / "x"
     base = ["--quick", "--iterations", "5", "--ranks", "1", "--seeds", "1", "--no-figure", "--out", str(out)]
@@ -139,7 +139,8 @@ def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
 
 
 def _parsed(extra):
-    from verification.experiment import _normalise, base_parser
+    from verification.sweep import base_parser
+    from verification.sweep.cli import _normalise
     args = base_parser(singular_values.SPEC).parse_args(RUN + ["--ranks", "1,2"] + extra)
     _normalise(singular_values.SPEC, args)
     return args

@@ -1,0 +1,268 @@
+"""Problem instances: targets, random and pretrained frozen models (cached), evaluation sets.
+
+Zeng & Lee 2024, §5 setting: a target ``f̄`` and a frozen model ``f₀`` per experiment seed, drawn with the
+authors' initialisation (THEORY.md §4); pretrained frozen models are cached under ``models/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import lora_theory
+
+from ..models import TorchFNN, TorchTFN
+from ..outdir import CLIError, atomic_write
+from ..trainer import BatchStream, FNNStack, gaussian_inputs
+from .protocol import (N_TEST, N_VALIDATION, PRETRAIN_FACTOR, PRETRAIN_LR, PRETRAIN_MAX_STEPS, SHIFT, TAG_FROZEN,
+                       TAG_PRETRAIN, TAG_TARGET, TEST_SEED, VALIDATION_SEED, seeded_rng, _seed_int)
+
+
+def _structure_target(structure):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        return ("fnn", D, Lbar, act, final_relu)
+    return structure
+
+
+def make_target(structure, seed):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        rng = seeded_rng(seed, TAG_TARGET, Lbar)
+        if act == "linear":
+            return lora_theory.random_linear(D, Lbar, seed=rng)
+        return lora_theory.random_fnn(D, Lbar, seed=rng, final_relu=final_relu)
+    _, D, L, H, N = structure
+    return lora_theory.random_tfn(D, L, H, seed=seeded_rng(seed, TAG_TARGET, L, H))
+
+
+def make_random_frozen(structure, seed):
+    if structure[0] == "fnn":
+        _, D, L, Lbar, act, final_relu = structure
+        rng = seeded_rng(seed, TAG_FROZEN, L)
+        if act == "linear":
+            return lora_theory.random_linear(D, L, seed=rng)
+        return lora_theory.random_fnn(D, L, seed=rng, final_relu=final_relu)
+    _, D, L, H, N = structure
+    return lora_theory.random_tfn(D, L, H, seed=seeded_rng(seed, TAG_FROZEN, L, H))
+
+
+def pretrain(frozen, target, structure, seed) -> tuple:
+    """THEORY.md §4: every frozen weight and bias trained toward the target (Adam lr 1e-3, fresh 256-batches,
+    float64 on the CPU) until the loss is below a third of the first, at most 1000 steps.
+
+    Returns ``(model, info)`` with ``info = {"steps", "first_loss", "last_loss"}``.
+    """
+    torch_model = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(frozen)
+    torch_target = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(target)
+    params = []
+    for name, p in torch_model.named_parameters():
+        trainable = not (structure[0] == "fnn" and structure[4] == "linear" and name.endswith("bias"))
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    opt = torch.optim.Adam(params, lr=PRETRAIN_LR)
+    shape = (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+    stream = BatchStream(_seed_int(seed, TAG_PRETRAIN), 256, shape)
+    first = last = None
+    steps = 0
+    for steps in range(1, PRETRAIN_MAX_STEPS + 1):
+        x = stream.next()
+        with torch.no_grad():
+            y = torch_target(x)
+        loss = ((torch_model(x) - y) ** 2).mean()
+        last = float(loss.detach())
+        if first is None:
+            first = last
+        if last < PRETRAIN_FACTOR * first:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch_model.to_numpy(), {"steps": steps, "first_loss": first, "last_loss": last}
+
+
+def pretrain_fnns(frozens, targets, structure, seeds) -> list:
+    """:func:`pretrain` for several FNN instances at once: one float64 stack on the CPU, every run with its
+    own data stream and its own stopping step (its learning rate drops to zero once its loss is below a
+    third of its first). Returns ``[(model, info)]`` in the order of ``seeds``."""
+    from ..trainer import StackedAdam
+
+    R, L, D = len(seeds), structure[2], structure[1]
+    linear = structure[4] == "linear"
+    stack = FNNStack(np.stack([np.stack(f.weights) for f in frozens]), np.stack([np.stack(f.biases) for f in frozens]),
+                     method="final_layers", tuned_layers=[L] * R, activation=structure[4], final_relu=structure[5],
+                     dtype=torch.float64, device="cpu")
+    if linear:  # the linear model has no biases to train
+        stack.masks["bias"] = torch.zeros((R, L, 1), dtype=torch.bool)
+    target = FNNStack(np.stack([np.stack(t.weights) for t in targets]), np.stack([np.stack(t.biases) for t in targets]),
+                      method="none", activation=structure[4], final_relu=structure[5], dtype=torch.float64)
+    opt = StackedAdam(stack.params, stack.masks, np.full(R, PRETRAIN_LR), np.zeros(R))
+    base_lr = opt.lr.clone()
+    run_of_entry = torch.cat([torch.arange(R).view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
+                              for p in (stack.params[k] for k in opt.names)])
+    streams = [BatchStream(_seed_int(s, TAG_PRETRAIN), 256, (D,)) for s in seeds]
+    active = np.ones(R, dtype=bool)
+    first = last = None
+    steps = np.zeros(R, dtype=int)
+    for step in range(1, PRETRAIN_MAX_STEPS + 1):
+        x = torch.stack([st.next() for st in streams])                      # (R, 256, D)
+        with torch.no_grad():
+            y = target.forward(x)
+        loss = stack.loss_and_grads(x, y).numpy().copy()
+        if first is None:
+            first, last = loss.copy(), loss.copy()
+        last[active] = loss[active]
+        steps[active] = step
+        done = active & (loss < PRETRAIN_FACTOR * first)
+        if done.any():
+            active &= ~done
+            if not active.any():
+                break
+            opt.lr = base_lr * torch.as_tensor(active, dtype=base_lr.dtype)[run_of_entry]
+        opt.step()
+    W, b = stack.weights_and_biases()
+    out = []
+    for i, f in enumerate(frozens):
+        biases = None if linear else list(b[i].detach().numpy())
+        model = f.replace(weights=list(W[i].detach().numpy()), biases=biases if biases is not None else f.biases)
+        out.append((model, {"steps": int(steps[i]), "first_loss": float(first[i]), "last_loss": float(last[i])}))
+    return out
+
+
+class Problems:
+    """Targets and frozen models per (structure, kind, seed), built once.
+
+    With ``cache`` (a folder), pretrained frozen models are saved there as ``.npz`` files and read back
+    by a resumed sweep instead of being trained again.
+    """
+
+    def __init__(self, cache: Path | None = None, make_target: Callable | None = None, key: str = ""):
+        self._targets, self._frozen, self.pretrain_info = {}, {}, {}
+        self.cache = cache
+        self.key = key        # what the targets depend on beyond the structure and seed (in the cache name)
+        self._make_target = make_target or globals()["make_target"]   # (structure, seed) -> target model
+
+    def target(self, structure, seed):
+        key = (_structure_target(structure), seed)
+        if key not in self._targets:
+            self._targets[key] = self._make_target(structure, seed)
+        return self._targets[key]
+
+    def _cache_path(self, structure, seed):
+        name = "-".join(str(v) for v in structure) + (f"-{self.key}" if self.key else "") + f"-seed{seed}.npz"
+        return self.cache / name
+
+    def _cached(self, structure, seed):
+        """The cached pretrained model of ``(structure, seed)`` (kept in memory), or ``None`` when there is none
+        or the cache entry is damaged (an empty or cut file: reported on stderr, then pretrained again)."""
+        key = (tuple(structure), "pretrained", seed)
+        if key in self._frozen:
+            return self._frozen[key]
+        path = self._cache_path(structure, seed) if self.cache is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            model, info = _load_model(path, make_random_frozen(structure, seed))
+        except ValueError as exc:
+            print(f"warning: {path}: damaged cache entry ({exc}); pretrained again", file=sys.stderr)
+            return None
+        self._frozen[key] = model
+        self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+        return model
+
+    def prepare(self, structure, seeds):
+        """Pretrain the FNN frozen models of ``seeds`` not yet built or cached, all at once."""
+        if structure[0] != "fnn":
+            return
+        todo = [s for s in seeds if self._cached(structure, s) is None]
+        if not todo:
+            return
+        frozens = [make_random_frozen(structure, s) for s in todo]
+        targets = [self.target(structure, s) for s in todo]
+        for s, (model, info) in zip(todo, pretrain_fnns(frozens, targets, structure, todo)):
+            self._frozen[(tuple(structure), "pretrained", s)] = model
+            self.pretrain_info[f"{list(structure)} seed {s}"] = info
+            if self.cache is not None:
+                _save_model(self._cache_path(structure, s), model, info)
+
+    def frozen(self, structure, kind, seed):
+        key = (tuple(structure), kind, seed)
+        if key not in self._frozen:
+            random = make_random_frozen(structure, seed)
+            if kind == "random":
+                self._frozen[key] = random
+            elif kind == "pretrained":
+                if self._cached(structure, seed) is None:
+                    model, info = pretrain(random, self.target(structure, seed), structure, seed)
+                    if self.cache is not None:
+                        _save_model(self._cache_path(structure, seed), model, info)
+                    self._frozen[key] = model
+                    self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+            else:
+                raise CLIError(f"unknown frozen-model kind {kind!r}")
+        return self._frozen[key]
+
+
+def _save_model(path: Path, model, info):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, lora_theory.FNN):
+        arrays = {"weights": np.stack(model.weights), "biases": np.stack(model.biases)}
+    else:
+        arrays = dict(model.parameters())
+    buf = io.BytesIO()
+    np.savez(buf, info=json.dumps(info), **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def _load_model(path: Path, like):
+    """A cached pretrained model shaped like ``like`` and its info; ``ValueError`` for a damaged entry (empty or
+    cut file, not an npz, a missing or misshapen array, a non-finite value, unreadable info)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            info = json.loads(str(data["info"]))
+            if isinstance(like, lora_theory.FNN):
+                arrays = {"weights": data["weights"], "biases": data["biases"]}
+                expected = {"weights": np.stack(like.weights).shape, "biases": np.stack(like.biases).shape}
+            else:
+                arrays = {k: data[k] for k in like.parameters()}
+                expected = {k: np.shape(v) for k, v in like.parameters().items()}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    for k, a in arrays.items():
+        if a.shape != expected[k] or a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise ValueError(f"array {k!r} of shape {a.shape} and dtype {a.dtype}, expected {expected[k]} finite")
+    if not isinstance(info, dict) or not {"steps", "first_loss", "last_loss"} <= set(info):
+        raise ValueError("no pretraining info")
+    if isinstance(like, lora_theory.FNN):
+        model = like.replace(weights=list(arrays["weights"]), biases=list(arrays["biases"]))
+    else:
+        model = like.replace(**arrays)
+    return model, info
+
+
+def _input_shape(structure):
+    return (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+
+
+def evaluation_sets(structure):
+    """Validation (256), test (5000) and shifted test (5 x test) inputs, float64 CPU, fixed seeds."""
+    shape = _input_shape(structure)
+    val = gaussian_inputs(VALIDATION_SEED, N_VALIDATION, shape)
+    test = gaussian_inputs(TEST_SEED, N_TEST, shape)
+    return {"val": val, "test": test, "shifted": test * SHIFT}
+
+
+def _model_outputs(model, X: np.ndarray) -> np.ndarray:
+    return np.asarray(model(X), dtype=np.float64)
+
+
+def _per_sample_errors(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    axes = tuple(range(1, pred.ndim))
+    return np.mean((pred - y) ** 2, axis=axes)
