@@ -44,6 +44,9 @@ class TensorSource:
     metadata : dict
     """
 
+    #: keep one memory-mapped handle per shard open between reads (``False``: reopen per tensor)
+    keep_open = False
+
     def __init__(self, path):
         self.path = str(path)
         self._handles, self._eager = {}, None
@@ -87,6 +90,7 @@ class TensorSource:
             self.dtypes[k] = _dtype_name(sl.get_dtype())
         self.order = list(self.files)
         self.metadata = {}
+        self._handles = {}                  # the headers are read; no map stays open between reads
 
     def _load_eager(self, p):
         from .checkpoints import read_checkpoint
@@ -122,6 +126,13 @@ class TensorSource:
             if stored in ("bfloat16", "float16", "float32") and t.dtype == torch.float64:
                 t = t.to(getattr(torch, stored))
             return t
+        if not self.keep_open:
+            # a fresh handle per tensor: its memory map (and the file pages it touched, which count in the
+            # process's resident memory) is released when the handle is dropped, instead of accumulating
+            # over every shard of both checkpoints
+            safetensors = require("safetensors")
+            with safetensors.safe_open(self.files[key], framework="pt") as handle:
+                return handle.get_tensor(key)
         return self._open(self.files[key]).get_tensor(key)
 
     def layout(self) -> Layout:
