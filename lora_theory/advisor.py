@@ -208,6 +208,19 @@ class LayerAdvice:
     entries_beyond_rounding : int or None
         How many entries of ``ΔW`` exceed their rounding bound (0: the stored change could be rounding alone);
         ``None`` when unknown (spectrum-only advice).
+    spectrum : str
+        ``"full"`` (every singular value computed) or ``"partial"`` (the leading ones, with certified bounds:
+        :class:`lora_theory.PartialSpectrum`, THEORY.md §5.5). With a partial spectrum ``singular_values``
+        holds the computed leading values only, ``spectral_tail`` ends with the certified bound on every
+        value past them, and ``frobenius_tail`` is a certified *upper* bound of the error of the best
+        rank-``r`` adapter.
+    partial : PartialSpectrum or None
+    rank_bounds : tuple (lo, hi) or None
+        With a partial spectrum, ``lo <= rank_above_floor's true value <= hi``; ``rank_above_floor`` is
+        ``hi`` (an adapter of that rank represents the change) and is proved only when ``lo == hi``.
+    spectrum_energy_rank_bounds : tuple (lo, hi) or None
+        With a partial spectrum, the interval around the energy rank over the whole spectrum;
+        ``spectrum_energy_rank`` is ``hi``, exact when ``lo == hi``.
     """
 
     name: str
@@ -236,6 +249,16 @@ class LayerAdvice:
     svd_tolerance: float = 0.0
     compute_dtype: str = "float64"
     entries_beyond_rounding: int | None = None
+    spectrum: str = "full"
+    partial: object = field(default=None, repr=False)
+    rank_bounds: tuple | None = None
+    spectrum_energy_rank_bounds: tuple | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Whether ``rank_above_floor`` is proved (always, from a full spectrum; a partial one may leave an
+        interval, ``rank_bounds``)."""
+        return self.rank_bounds is None or self.rank_bounds[0] == self.rank_bounds[1]
 
     @property
     def max_rank(self) -> int:
@@ -314,6 +337,12 @@ class LayerAdvice:
             "bias_changed": bool(self.bias_changed),
             "bias_change_norm": float(self.bias_change_norm),
             "bias_change": None if self.bias_change is None else [float(v) for v in self.bias_change],
+            "spectrum": self.spectrum,
+            "settled": self.settled,
+            "rank_bounds": None if self.rank_bounds is None else [int(v) for v in self.rank_bounds],
+            "spectrum_energy_rank_bounds": (None if self.spectrum_energy_rank_bounds is None
+                                            else [int(v) for v in self.spectrum_energy_rank_bounds]),
+            "partial": None if self.partial is None else self.partial.to_dict(),
         }
 
 
@@ -715,7 +744,7 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
 def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, *, base_norm, delta_norm,
                                storage_dtype, energy=0.99, compute_dtype="float64", tolerance=None, rtol=None,
                                entries_beyond_rounding=None, bias_key=None, bias_change=None,
-                               bias_changed=False, delta=None) -> LayerAdvice:
+                               bias_changed=False, delta=None, partial=None) -> LayerAdvice:
     """A :class:`LayerAdvice` from a change's spectrum and noise floor, without the matrix (streaming callers).
 
     Zeng & Lee 2024, Lemma 1 with ``L = 1`` (Eckart–Young): the smallest LoRA rank representing the stored
@@ -746,6 +775,10 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
         The layer's bias key, ``b_tuned - b_base`` (``(out,)``) and whether it changed beyond rounding.
     delta : array (out, in), optional
         ``ΔW`` when the caller keeps it (for :meth:`LayerAdvice.adapter`).
+    partial : PartialSpectrum, optional
+        A certified partial spectrum of ``ΔW`` (:func:`lora_theory.partial_spectrum`) in place of
+        ``singular_values`` (then ``None``): the counts come from its certified bounds, as intervals where
+        they are not settled (THEORY.md §5.5). ``svd_tolerance`` uses its computed ``σ̂_1``.
 
     Raises
     ------
@@ -758,6 +791,11 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
             or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)):
         raise InvalidArgumentError("shape", f"must be (out, in) with positive integers, got {shape!r}")
     shape = (int(shape[0]), int(shape[1]))
+    if partial is not None:
+        return _advice_from_partial(name, weight_key, shape, partial, floor, base_norm=base_norm,
+                                    delta_norm=delta_norm, storage_dtype=storage_dtype, energy=energy,
+                                    compute_dtype=compute_dtype, tolerance=tolerance, rtol=rtol,
+                                    bias_key=bias_key, bias_change=bias_change, bias_changed=bias_changed)
     s = _spectrum(singular_values)
     if s.size != min(shape):
         raise InvalidArgumentError(
@@ -797,6 +835,49 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
         rank_above_rigorous=int(np.count_nonzero(s > max(floor.rigorous, svd_tolerance))),
         spectrum_energy_rank=energy_rank(s, energy), svd_tolerance=float(svd_tolerance), compute_dtype=compute,
         entries_beyond_rounding=None if entries_beyond_rounding is None else int(entries_beyond_rounding))
+
+
+def _advice_from_partial(name, weight_key, shape, partial, floor, *, base_norm, delta_norm, storage_dtype,
+                         energy, compute_dtype, tolerance, rtol, bias_key, bias_change, bias_changed) -> LayerAdvice:
+    """:func:`layer_advice_from_spectrum` from a :class:`PartialSpectrum` (THEORY.md §5.5)."""
+    from .partial_spectrum import PartialSpectrum
+
+    if not isinstance(partial, PartialSpectrum):
+        raise InvalidArgumentError("partial", f"must be a PartialSpectrum, got {type(partial).__name__}")
+    if tuple(sorted(partial.shape)) != tuple(sorted(shape)):
+        raise InvalidArgumentError("partial", f"is for shape {partial.shape}, the layer is {shape}")
+    if not isinstance(floor, NoiseFloor) or tuple(floor.shape) != shape:
+        raise InvalidArgumentError("floor", f"must be a NoiseFloor for shape {shape}")
+    energy = _energy_share(energy)
+    compute = _dtype_name(compute_dtype, "compute_dtype")
+    s = _spectrum(partial.values, "partial.values")
+    svd_tolerance = max(shape) * 2.0 * storage_roundoff(compute) * (float(s[0]) if s.size else 0.0)
+    above_floor = max(floor.spectral, svd_tolerance)
+    threshold = above_floor if tolerance is None else float(tolerance)
+    bounds = partial.count(threshold)
+    floor_bounds = partial.count(above_floor)
+    rigorous = partial.count(max(floor.rigorous, svd_tolerance))
+    exact = bounds[1]
+    if bias_change is not None:
+        bias_change = np.asarray(bias_change, dtype=np.float64)
+        if bias_change.shape != (shape[0],) or not np.isfinite(bias_change).all():
+            raise InvalidArgumentError("bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}")
+    spectral = np.concatenate([s, [partial.residual]])                     # (b + 1,): σ̂, then the bound past them
+    fro_sq = float(delta_norm) ** 2
+    frob = np.sqrt(np.maximum(fro_sq - np.concatenate([[0.0], np.cumsum(partial.lower ** 2)]), 0.0))  # (b + 1,)
+    e_bounds = partial.energy_rank_bounds(energy)
+    return LayerAdvice(
+        name=str(name), weight_key=str(weight_key), shape=shape, singular_values=s,
+        rtol=None if rtol is None else float(rtol), tolerance=float(threshold), exact_rank=int(exact),
+        energy=energy, energy_rank=energy_rank(s[:min(exact, s.size)], energy), spectral_tail=spectral,
+        frobenius_tail=frob, base_norm=float(base_norm), delta_norm=float(delta_norm),
+        storage_dtype=str(storage_dtype), bias_key=bias_key, bias_change=bias_change,
+        bias_change_norm=0.0 if bias_change is None else float(np.linalg.norm(bias_change)),
+        bias_changed=bool(bias_changed), delta=None, floor=floor, rank_above_floor=int(floor_bounds[1]),
+        rank_above_rigorous=int(rigorous[0]), spectrum_energy_rank=int(e_bounds[1]),
+        svd_tolerance=float(svd_tolerance), compute_dtype=compute, entries_beyond_rounding=None,
+        spectrum="partial", partial=partial, rank_bounds=tuple(int(v) for v in floor_bounds),
+        spectrum_energy_rank_bounds=tuple(int(v) for v in e_bounds))
 
 
 # ------------------------------------------------------------------------------------------ depth-aware

@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the PEFT adapter (truncated SVDs at the chosen ranks) into this new folder")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the SVDs run (float32; float64 for float64 checkpoints)")
+    p.add_argument("--spectrum", choices=("auto", "full", "partial"), default="auto",
+                   help="auto (default): a certified partial spectrum per layer (the singular values above the "
+                        "floor, the count proved), the full one where the count is not settled or the layer is "
+                        "small; full: every singular value; partial: never the full one (unsettled counts as "
+                        "intervals). --budget / --error use full")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fnn", action="store_true", help="depth-aware mode (Theorems 3 and 6) for plain ReLU MLPs")
     p.add_argument("--no-final-relu", action="store_true", help="--fnn: the MLPs' last layer is affine")
@@ -241,8 +246,14 @@ def _checkpoint_mode(args) -> int:
 
     if args.budget is not None and args.error is not None:
         raise CheckpointError("--budget", "give --budget or --error, not both")
+    spectrum = args.spectrum
+    if args.budget is not None or args.error is not None:
+        if spectrum == "partial":
+            raise CheckpointError("--spectrum", "--budget and --error need every singular value: use --spectrum "
+                                  "full or auto")
+        spectrum = "full"
     report = advise_stream(args.base, args.tuned, energy=args.energy, device=args.device, tol=args.tol,
-                           progress=not args.quiet)
+                           progress=not args.quiet, spectrum=spectrum)
     if args.budget is not None or args.error is not None:
         from dataclasses import replace
 

@@ -48,6 +48,11 @@ class CheckpointReport:
     base, tuned : str
     energy : float
     device : str
+    spectrum : str
+        What was asked for: ``"full"``, ``"partial"`` or ``"auto"`` (each layer's ``spectrum`` says what was
+        used).
+    spectrum_notes : tuple of (str or None)
+        Per layer, why ``auto`` took the full spectrum.
     """
 
     layers: tuple
@@ -63,6 +68,8 @@ class CheckpointReport:
     device: str
     allocation: dict | None = field(default=None)
     layout_note: str | None = None
+    spectrum: str = "full"
+    spectrum_notes: tuple = ()
 
     @property
     def all_below_floor(self) -> bool:
@@ -81,6 +88,8 @@ class CheckpointReport:
         for a, kind, tied, new in zip(self.layers, self.kinds, self.tied, self.new_rows):
             d = a.to_dict()
             d.update(kind=kind, tied=[t for t, _ in tied], new_rows=int(new), shape_text=f"{a.shape[0]} x {a.shape[1]}")
+            if self.spectrum_notes:
+                d["spectrum_note"] = self.spectrum_notes[len(layers)]
             layers.append(d)
         return {
             "base": self.base, "tuned": self.tuned, "architecture": self.architecture, "device": self.device,
@@ -92,6 +101,7 @@ class CheckpointReport:
             "total_parameters_above_floor": int(sum(a.parameters(a.rank_above_floor) for a in self.layers)),
             "note": __import__("lora_theory.advisor", fromlist=["PER_LAYER_NOTE"]).PER_LAYER_NOTE,
             "allocation": self.allocation,
+            "spectrum": self.spectrum,
         }
 
 
@@ -103,7 +113,7 @@ def floor_summary(report) -> dict:
 
 
 def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = "cpu", tol: float | None = None,
-                  progress: bool = True) -> CheckpointReport:
+                  progress: bool = True, spectrum: str = "full") -> CheckpointReport:
     """Per-layer rank advice for two checkpoints, streamed one layer at a time (module docstring).
 
     Parameters
@@ -116,6 +126,10 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
         Count singular values above ``tol · σ_1(ΔW)`` instead of above the noise floor.
     progress : bool
         A tqdm bar over layers on stderr.
+    spectrum : "full", "partial" or "auto"
+        Every singular value, or a certified partial spectrum (THEORY.md §5.5); ``"auto"`` falls back to the
+        full spectrum of a layer whose counts the partial one does not settle
+        (:func:`verification.streaming.stream_spectra`).
 
     Raises
     ------
@@ -136,14 +150,31 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
     base, tuned, lay = open_pair(base_path, tuned_path)
     layers, kinds, tied, new_rows, vectors = [], [], [], [], []
 
+    from lora_theory import storage_roundoff
+
     def floor_fn(w0, w1, dtypes):
         return rounding_statistics(w0, w1, dtypes)
 
-    for item in stream_spectra(base, tuned, lay, device=device, floor_fn=floor_fn, progress=progress):
+    def thresholds_fn(stats, shape, compute):
+        # the thresholds of layer_advice_from_spectrum, as functions of σ_1: the count's first
+        fl = noise_floor(RoundingBounds(**stats))
+        unit = max(shape) * 2.0 * storage_roundoff(compute)
+
+        def thresholds_of(s1):
+            svd_tol = unit * s1
+            out = [max(fl.spectral, svd_tol), max(fl.rigorous, svd_tol)]
+            return ([float(tol) * s1] + out) if tol is not None else out
+        return thresholds_of
+
+    notes = []
+    for item in stream_spectra(base, tuned, lay, device=device, floor_fn=floor_fn, progress=progress,
+                               spectrum=spectrum, thresholds_fn=thresholds_fn):
         if isinstance(item, LayerSpectrum):
             spec = item.spec
             s = item.singular_values
-            if not np.isfinite(s).all():
+            if item.partial is not None:
+                s = None                                                 # the advice reads the partial spectrum
+            elif not np.isfinite(s).all():
                 raise InvalidArgumentError(f"tuned[{spec.weight_key!r}]", "the change holds NaN or infinite entries")
             bounds = RoundingBounds(**item.floor)
             floor = noise_floor(bounds)
@@ -152,13 +183,16 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
                 bias_changed = vector_changed(item.bias_base, item.bias_tuned, item.bias_dtypes)
             d0, d1 = item.dtypes
             label = d0 if d0 == d1 else f"{d0}/{d1}"
-            threshold = None if tol is None else float(tol) * (float(s[0]) if s.size else 0.0)
+            s1 = item.singular_values
+            threshold = None if tol is None else float(tol) * (float(s1[0]) if s1.size else 0.0)
             advice = layer_advice_from_spectrum(
                 spec.name, spec.weight_key, item.shape, s, floor, base_norm=item.base_fro,
                 delta_norm=item.delta_fro, storage_dtype=label, energy=energy, compute_dtype=item.compute_dtype,
                 tolerance=threshold, rtol=tol, bias_key=spec.bias_key,
-                bias_change=item.bias_change if bias_changed else None, bias_changed=bias_changed)
+                bias_change=item.bias_change if bias_changed else None, bias_changed=bias_changed,
+                partial=item.partial)
             layers.append(advice)
+            notes.append(item.spectrum_note)
             kinds.append(spec.kind)
             tied.append(spec.tied)
             new_rows.append(item.new_rows)
@@ -171,7 +205,7 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
     return CheckpointReport(layers=tuple(layers), kinds=tuple(kinds), tied=tuple(tied), new_rows=tuple(new_rows),
                             vectors=tuple(vectors), other=tuple(lay.other), architecture=lay.architecture,
                             base=str(base_path), tuned=str(tuned_path), energy=float(energy), device=str(device),
-                            layout_note=lay.note)
+                            layout_note=lay.note, spectrum=str(spectrum), spectrum_notes=tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -196,6 +230,13 @@ def allocation(report: CheckpointReport, *, budget: int | None = None, error: fl
     from lora_theory import allocate_ranks, uniform_ranks
 
     layers = report.layers
+    partial = [a.name for a in layers if a.spectrum != "full"]
+    if partial:
+        from lora_theory.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            "spectrum", f"ranks under a budget or an error need every singular value; {len(partial)} layers "
+            f"(first {partial[0]}) have a partial spectrum: use --spectrum full")
     spectra = [a.singular_values for a in layers]
     shapes = [a.shape for a in layers]
     if budget is not None:
@@ -222,15 +263,20 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
     """The table printed on stdout: model order, shapes ``out x in``, one line for the vectors."""
     pct = f"{100 * report.energy:g}%"
     header = ("layer", "kind", "shape (out x in)", "dtype", "rank > floor", f"energy {pct}", "sigma_1", "floor",
-              "|dW|/|W|", "bias")
+              "|dW|/|W|", "bias", "spectrum")
     rows = []
     for a, kind, tied, new in zip(report.layers, report.kinds, report.tied, report.new_rows):
         s1 = a.singular_values[0] if a.singular_values.size else 0.0
         bias = "-" if a.bias_key is None else (f"{a.bias_change_norm:.2e}" if a.bias_changed else "unchanged")
         name = a.name + (f" (= {', '.join(t for t, _ in tied)})" if tied else "") + (f" +{new} rows" if new else "")
-        rows.append((name, kind, f"{a.shape[0]} x {a.shape[1]}", a.storage_dtype, f"{a.rank_above_floor}/{a.max_rank}",
-                     str(a.spectrum_energy_rank), f"{s1:.3e}", f"{a.floor.spectral:.1e}", f"{a.relative_change:.2e}",
-                     bias))
+        rank = (f"{a.rank_above_floor}/{a.max_rank}" if a.settled
+                else f"{a.rank_bounds[0]}..{a.rank_bounds[1]}/{a.max_rank} (unsettled)")
+        eb = a.spectrum_energy_rank_bounds
+        erank = str(a.spectrum_energy_rank) if eb is None or eb[0] == eb[1] else f"{eb[0]}..{eb[1]}"
+        used = "full" if a.partial is None else f"partial, rest <= {a.partial.residual:.1e}"
+        rows.append((name, kind, f"{a.shape[0]} x {a.shape[1]}", a.storage_dtype, rank,
+                     erank, f"{s1:.3e}", f"{a.floor.spectral:.1e}", f"{a.relative_change:.2e}",
+                     bias, used))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header] + rows]
@@ -247,6 +293,13 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
                      + (" ..." if len(report.other) > 4 else "") + ")")
     if report.layout_note:
         lines.append("warning: " + report.layout_note)
+    if any(a.partial is not None for a in report.layers):
+        lines.append("partial: the leading singular values, every count proved from certified bounds (THEORY.md "
+                     "§5.5); 'rest <= x': every singular value past them is at most x; an energy rank 'a..b' is "
+                     "an interval (the whole spectrum was not computed)")
+    fell_back = [n for n in report.spectrum_notes if n and n.startswith("partial spectrum unsettled")]
+    if fell_back:
+        lines.append(f"full spectrum for {len(fell_back)} layers whose partial count was not settled")
     above = sum(a.parameters(a.rank_above_floor) for a in report.layers)
     full = sum(a.shape[0] * a.shape[1] for a in report.layers)
     if report.all_below_floor:

@@ -24,7 +24,8 @@ import numpy as np
 from .architectures import Layout, layout as build_layout, natural_key, require
 from .checkpoints import CheckpointError, checkpoint_format
 
-__all__ = ["TensorSource", "LayerSpectrum", "VectorChange", "stream_spectra", "open_pair", "resized_rows"]
+__all__ = ["TensorSource", "LayerSpectrum", "VectorChange", "stream_spectra", "open_pair", "resized_rows",
+           "partial_spectrum_of"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -42,6 +43,9 @@ class TensorSource:
         The keys in file order (the index's order for shards).
     metadata : dict
     """
+
+    #: keep one memory-mapped handle per shard open between reads (``False``: reopen per tensor)
+    keep_open = False
 
     def __init__(self, path):
         self.path = str(path)
@@ -86,6 +90,7 @@ class TensorSource:
             self.dtypes[k] = _dtype_name(sl.get_dtype())
         self.order = list(self.files)
         self.metadata = {}
+        self._handles = {}                  # the headers are read; no map stays open between reads
 
     def _load_eager(self, p):
         from .checkpoints import read_checkpoint
@@ -121,6 +126,13 @@ class TensorSource:
             if stored in ("bfloat16", "float16", "float32") and t.dtype == torch.float64:
                 t = t.to(getattr(torch, stored))
             return t
+        if not self.keep_open:
+            # a fresh handle per tensor: its memory map (and the file pages it touched, which count in the
+            # process's resident memory) is released when the handle is dropped, instead of accumulating
+            # over every shard of both checkpoints
+            safetensors = require("safetensors")
+            with safetensors.safe_open(self.files[key], framework="pt") as handle:
+                return handle.get_tensor(key)
         return self._open(self.files[key]).get_tensor(key)
 
     def layout(self) -> Layout:
@@ -170,8 +182,9 @@ class LayerSpectrum:
         The logical shape compared (a resized vocabulary: the common rows only).
     dtypes : tuple of str
         Storage dtypes of the base and tuned weight.
-    singular_values : ndarray (min(out, in),)
-        ``σ(ΔW)`` in float64, descending (computed in ``compute_dtype``).
+    singular_values : ndarray (min(out, in),) or (b,)
+        ``σ(ΔW)`` in float64, descending (computed in ``compute_dtype``); with a partial spectrum the ``b``
+        computed leading values (``partial``).
     compute_dtype : str
     base_fro, delta_fro : float
         ``||W_base||_F`` and ``||ΔW||_F``.
@@ -181,6 +194,12 @@ class LayerSpectrum:
         What ``floor_fn(W_base, W_tuned, dtypes)`` returned (the storage-rounding noise floor), or ``None``.
     bias_change : ndarray (out,) or None
     bias_dtypes : tuple of str or None
+    partial : PartialSpectrum or None
+        The certified partial spectrum, when one was used.
+    spectrum : str
+        ``"full"`` or ``"partial"``: which was used.
+    spectrum_note : str or None
+        Why ``--spectrum auto`` took the full spectrum.
     """
 
     spec: object
@@ -196,6 +215,9 @@ class LayerSpectrum:
     bias_base: np.ndarray | None = field(default=None, repr=False)
     bias_tuned: np.ndarray | None = field(default=None, repr=False)
     bias_dtypes: tuple | None = None
+    partial: object = field(default=None, repr=False)
+    spectrum: str = "full"
+    spectrum_note: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,6 +306,38 @@ def svdvals_tall(matrix):
     return torch.linalg.svdvals(matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T)
 
 
+#: ``--spectrum auto`` takes the full spectrum of a matrix whose short side is below this: its ``svdvals`` is
+#: cheap, and a block of 16 or more singular values would be a large share of it.
+PARTIAL_MIN_SIDE = 256
+
+SPECTRUM_CHOICES = ("auto", "full", "partial")
+
+
+def partial_spectrum_of(delta, thresholds_of, *, block: int = 16, block_rows: int = 1024, seed: int = 0):
+    """:func:`lora_theory.partial_spectrum.partial_spectrum_from_blocks` of a torch matrix (any device), in
+    its tall orientation, read in float64 row blocks of ``block_rows`` (one block in host memory at a time).
+
+    ``thresholds_of(σ̂_1)`` returns the thresholds whose counts the caller needs; the first is certified
+    (THEORY.md §5.5), the others are read from the same bounds. Returns the :class:`PartialSpectrum` and
+    whether every count is settled.
+    """
+    import torch
+
+    from lora_theory.partial_spectrum import partial_spectrum_from_blocks
+
+    a = delta if delta.shape[0] >= delta.shape[1] else delta.T            # (m, n), m >= n
+
+    def blocks():
+        for start in range(0, a.shape[0], block_rows):
+            yield a[start:start + block_rows].to(torch.float64).cpu().numpy()   # (rows, n) float64
+
+    part = partial_spectrum_from_blocks(tuple(a.shape), blocks, lambda s1: thresholds_of(s1)[0], block=block,
+                                        seed=seed)
+    s1 = float(part.values[0]) if part.values.size else 0.0
+    settled = all(lo == hi for lo, hi in (part.count(t) for t in thresholds_of(s1)))
+    return part, settled
+
+
 def logical(tensor, spec, rows=None):
     """The stored tensor as the ``(out, in)`` matrix of its module (first ``rows`` stored rows only)."""
     if rows is not None:
@@ -292,7 +346,7 @@ def logical(tensor, spec, rows=None):
 
 
 def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, device: str = "cpu",
-                   floor_fn=None, progress: bool = True):
+                   floor_fn=None, progress: bool = True, spectrum: str = "full", thresholds_fn=None):
     """Yield a :class:`LayerSpectrum` per matrix of ``lay`` in model order, then a :class:`VectorChange` per
     vector; one layer in memory at a time (module docstring).
 
@@ -304,9 +358,20 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
         storage-rounding noise floor of the layer is computed.
     progress : bool
         A tqdm bar over layers on stderr.
+    spectrum : "full", "partial" or "auto"
+        ``"full"``: every singular value (``svdvals``). ``"partial"``: a certified partial spectrum
+        (:func:`partial_spectrum_of`; its counts may be left as intervals). ``"auto"``: partial, and the full
+        spectrum where a count is not settled or the short side is below :data:`PARTIAL_MIN_SIDE`.
+    thresholds_fn : callable
+        ``thresholds_fn(floor, shape, compute_dtype) -> thresholds_of``, with ``thresholds_of(σ̂_1)`` the
+        thresholds whose counts are needed (the first certified); required unless ``spectrum="full"``.
     """
     import torch
 
+    if spectrum not in SPECTRUM_CHOICES:
+        raise CheckpointError("--spectrum", f"must be one of {', '.join(SPECTRUM_CHOICES)}, got {spectrum!r}")
+    if spectrum != "full" and thresholds_fn is None:
+        raise CheckpointError("--spectrum", "a partial spectrum needs the thresholds it must settle")
     dev = _device(device)
     items = list(lay.matrices)
     bar = None
@@ -332,7 +397,18 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
             floor = floor_fn(w0d, logical(w1, spec).to(dev), (d0, d1)) if floor_fn is not None else None
             del w0, w1, w0d
             delta_fro = float(torch.linalg.vector_norm(delta))
-            s = svdvals_tall(delta).double().cpu().numpy()                 # (min(out, in),)
+            part, used, note = None, "full", None
+            if spectrum == "partial" or (spectrum == "auto" and min(shape) >= PARTIAL_MIN_SIDE):
+                cname = str(cd).replace("torch.", "")
+                part, settled = partial_spectrum_of(delta, thresholds_fn(floor, shape, cname))
+                used = "partial"
+                if not settled and spectrum == "auto":
+                    note = (f"partial spectrum unsettled (counts {part.rank_lower}..{part.rank_upper} with block "
+                            f"{part.block}): full spectrum computed")
+                    part, used = None, "full"
+            elif spectrum == "auto":
+                note = f"short side below {PARTIAL_MIN_SIDE}: full spectrum"
+            s = part.values if part is not None else svdvals_tall(delta).double().cpu().numpy()   # (k,)
             del delta
             bias = None, None, None, None
             if spec.bias_key is not None:
@@ -342,7 +418,8 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
                         (base.dtypes[spec.bias_key], tuned.dtypes[spec.bias_key]))
             yield LayerSpectrum(spec=spec, shape=shape, dtypes=(d0, d1), singular_values=s, compute_dtype=str(cd).replace("torch.", ""),
                 base_fro=base_fro, delta_fro=delta_fro, new_rows=new_rows, floor=floor,
-                bias_change=bias[0], bias_base=bias[1], bias_tuned=bias[2], bias_dtypes=bias[3])
+                bias_change=bias[0], bias_base=bias[1], bias_tuned=bias[2], bias_dtypes=bias[3],
+                partial=part, spectrum=used, spectrum_note=note)
             if bar is not None:
                 bar.update(1)
         for v in lay.vectors:
