@@ -114,17 +114,19 @@ class StepPlan:
 
 def plan_step(step: Step, argv: list[str]) -> StepPlan:
     """Parse ``argv`` as the experiment would and count its work (nothing is run)."""
-    from . import experiment
+    from .sweep.cli import _normalise, base_parser
+    from .sweep.constructions import highprec_estimate
+    from .sweep.training import make_runs
 
     spec = importlib.import_module(f"verification.{step.module}").SPEC
-    parser = experiment.base_parser(spec)
+    parser = base_parser(spec)
     args = parser.parse_args(argv)
-    experiment._normalise(spec, args)
+    _normalise(spec, args)
     if spec.validate is not None:
         spec.validate(args)
     cells = spec.cells(args)
-    runs = experiment.make_runs(spec, args, cells)
-    count, seconds = experiment.highprec_estimate(cells, args.seeds)
+    runs = make_runs(spec, args, cells)
+    count, seconds = highprec_estimate(cells, args.seeds)
     return StepPlan(step, len(runs), args.iterations, count, seconds)
 
 
