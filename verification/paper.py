@@ -234,28 +234,37 @@ def _kinds(summary):
     return (("random", summary.get("rows", [])), ("pretrained", summary.get("pretrained_rows", [])))
 
 
-def verdict_threshold(summaries: dict) -> list[dict]:
-    """The construction is exact from each threshold on (the theorems' sufficiency) and not before (random
-    weights are generic: the discrepancy has full rank)."""
-    from_on, before, measured = [], [], []
-    used = []
-    for name in ("linear", "fnn_L2", "fnn_L4", "tfn_L1", "tfn_L2", "final_layers", "biases", "depth_sweep"):
+def _ranked_rows(summaries: dict, names) -> tuple[list, list]:
+    """``(used, rows)``: the experiments of ``names`` this run has, and every one of their rows with a rank
+    and a threshold, as ``(name, frozen kind, row, rank, threshold)``."""
+    used, rows = [], []
+    for name in names:
         summary = summaries.get(name)
         if summary is None:
             continue
         used.append(name)
-        for kind, rows in _kinds(summary):
-            for row in rows:
-                rank, exact = row.get("rank"), _exact(row)
-                if rank is None or exact is None:
-                    continue
-                thr = _threshold_of(summary, row)
-                if thr is None:
-                    continue
-                (from_on if rank >= thr else before).append(exact if rank >= thr else not exact)
-                measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
-                                 "threshold": thr, "label": row.get("label"), "exact": exact,
-                                 "relative_mse": row["construction_test_mse"] / row["target_power"]})
+        for kind, kind_rows in _kinds(summary):
+            for row in kind_rows:
+                rank, thr = row.get("rank"), _threshold_of(summary, row)
+                if rank is not None and thr is not None:
+                    rows.append((name, kind, row, rank, thr))
+    return used, rows
+
+
+def verdict_threshold(summaries: dict) -> list[dict]:
+    """The construction is exact from each threshold on (the theorems' sufficiency) and not before (random
+    weights are generic: the discrepancy has full rank)."""
+    from_on, before, measured = [], [], []
+    used, rows = _ranked_rows(summaries, ("linear", "fnn_L2", "fnn_L4", "tfn_L1", "tfn_L2", "final_layers",
+                                          "biases", "depth_sweep"))
+    for name, kind, row, rank, thr in rows:
+        exact = _exact(row)
+        if exact is None:
+            continue
+        (from_on if rank >= thr else before).append(exact if rank >= thr else not exact)
+        measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
+                         "threshold": thr, "label": row.get("label"), "exact": exact,
+                         "relative_mse": row["construction_test_mse"] / row["target_power"]})
     crit = f"exact: construction test MSE <= {EXACT_RELATIVE_MSE:g} x the target's output power (median over seeds)"
     return [
         _verdict("The construction is exact at every rank from the threshold on (Lemma 1, Theorems 3, 6, 7)",
@@ -392,27 +401,20 @@ def verdict_shift(summaries: dict) -> list[dict]:
              "sample-calibrated biases does not")
     crit = (f"from the threshold on, relative to {SHIFT_POWER:g} x the target's output power: certified x5 MSE "
             f"<= {EXACT_RELATIVE_MSE:g}, calibrated x5 MSE above it")
-    measured, results, used = [], [], []
-    for name in ("fnn_L2", "fnn_L4", "rank_schedule", "depth_sweep"):
-        summary = summaries.get(name)
-        if summary is None:
+    measured, results = [], []
+    used, rows = _ranked_rows(summaries, ("fnn_L2", "fnn_L4", "rank_schedule", "depth_sweep"))
+    for name, kind, row, rank, thr in rows:
+        if rank < thr or not _exact(row):
             continue
-        used.append(name)
-        for kind, rows in _kinds(summary):
-            for row in rows:
-                thr = _threshold_of(summary, row)
-                rank = row.get("rank")
-                if rank is None or thr is None or rank < thr or not _exact(row):
-                    continue
-                certified, calibrated = row.get("construction_shifted_mse"), row.get("calibrated_shifted_mse")
-                if certified is None or calibrated is None:
-                    continue
-                scale = SHIFT_POWER * row["target_power"]
-                ok = certified <= EXACT_RELATIVE_MSE * scale and not calibrated <= EXACT_RELATIVE_MSE * scale
-                results.append(ok)
-                measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
-                                 "certified_relative_mse": certified / scale,
-                                 "calibrated_relative_mse": calibrated / scale, "holds": ok})
+        certified, calibrated = row.get("construction_shifted_mse"), row.get("calibrated_shifted_mse")
+        if certified is None or calibrated is None:
+            continue
+        scale = SHIFT_POWER * row["target_power"]
+        ok = certified <= EXACT_RELATIVE_MSE * scale and not calibrated <= EXACT_RELATIVE_MSE * scale
+        results.append(ok)
+        measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
+                         "certified_relative_mse": certified / scale,
+                         "calibrated_relative_mse": calibrated / scale, "holds": ok})
     return [_verdict(claim, _status(results), measured, crit, used)]
 
 
@@ -508,7 +510,6 @@ def main(argv=None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     argv = list(argv if argv is not None else sys.argv[1:])
-    lock = None
     try:
         if args.resume:
             out = Path(args.resume)
