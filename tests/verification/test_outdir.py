@@ -520,7 +520,7 @@ def test_results_do_not_depend_on_chunk(name, extra, tmp_path):
     And a shared input (validation, test) went through a broadcast product whose last bits depended on
     the number of runs: the float64 test MSE of one run in six differed by one unit in the last place."""
     module = importlib.import_module(f"verification.{name}")
-    results = []
+    results, stack_sizes = [], []
     for chunk in ([], ["--chunk", "1"], ["--chunk", "3"]):
         out = tmp_path / f"c{len(results)}"
         argv = ["--quick", "--seeds", "1", "--iterations", "30", "--frozen", "random", "--no-figure",
@@ -529,7 +529,10 @@ def test_results_do_not_depend_on_chunk(name, extra, tmp_path):
         results.append({(r := json.loads(l))["id"]: (r["losses"]["test"], r["losses"]["val"], r["losses"]["shifted"],
                                                      r["losses"]["train_final"])
                         for l in (out / "runs.jsonl").read_text().splitlines()})
+        stack_sizes.append({json.loads(l)["stack_size"] for l in (out / "runs.jsonl").read_text().splitlines()})
     assert results[0] == results[1] == results[2]
+    # each record names the size of the stack it was trained in (on CUDA its rounding depends on it)
+    assert stack_sizes[1] == {1} and max(stack_sizes[2]) <= 3 and max(stack_sizes[0]) > 1
 
 
 def test_a_rank_padding_below_the_largest_rank_is_refused():

@@ -100,7 +100,7 @@ def test_listing_has_experiments_and_tools(capsys):
     assert "singular_values" in experiments
     for name in TOOLS:
         assert name in tools and name not in experiments
-    assert set(TOOLS) == {"certify", "advise", "real_data", "pretraining"} and "unavailable" not in printed
+    assert set(TOOLS) == {"certify", "advise", "real_data", "pretraining", "paper"} and "unavailable" not in printed
 
 
 def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):

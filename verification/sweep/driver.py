@@ -143,6 +143,10 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
             cons = constructions.get((r["cell"], r["seed"])) or {}
             rec = {"id": r["id"], "experiment": spec.name, "config": r["config"], "config_hash": r["id"],
                    "seed": r["seed"], "versions": vers, "device": str(device),
+                   # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
+                   # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
+                   # on how the work is split")
+                   "stack_size": len(chunk),
                    "losses": {"train_final": _num(result.final_train_loss[i]),
                               "train_curve": {"steps": result.curve_steps,
                                               "loss": [_num(v) for v in result.curve[:, i]]},
