@@ -11,7 +11,8 @@ contenders run in a fresh process that reports its wall time and its peak reside
 * ``advisor``: :func:`verification.rank_report.advise_stream`, what ``python -m verification.advise`` runs
   before it prints (layout from ``config.json``, tensors read lazily from the shards the index names,
   ``ΔW`` in float32, its singular values, the statistics of its rounding bound and the noise floor, norms,
-  bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing ``transformers`` and
+  bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing
+  ``transformers`` and
   building the model on the meta device to read the layout);
 * ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
   ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
@@ -56,11 +57,17 @@ def tensor_shapes(size):
     out = [("model.embed_tokens.weight", (size["vocab"], h))]
     for i in range(size["layers"]):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
-                (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                (p + "mlp.down_proj.weight", (h, f)),
-                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (h, h)),
+            (p + "self_attn.v_proj.weight", (h, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (f, h)),
+            (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (size["vocab"], h))]
     return out
 
@@ -81,10 +88,17 @@ def write_pair(folder: Path, size, *, rank=8, shard_bytes=1 << 29, seed=0):
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["inter"],
-                      num_hidden_layers=size["layers"], num_attention_heads=max(1, size["hidden"] // 128),
-                      num_key_value_heads=max(1, size["hidden"] // 128), vocab_size=size["vocab"],
-                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    cfg = LlamaConfig(
+        hidden_size=size["hidden"],
+        intermediate_size=size["inter"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=max(1, size["hidden"] // 128),
+        num_key_value_heads=max(1, size["hidden"] // 128),
+        vocab_size=size["vocab"],
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+    )
     shapes = tensor_shapes(size)
     groups, cur, cur_bytes = [], [], 0
     for name, shape in shapes:
@@ -132,7 +146,7 @@ def child_advisor(base, tuned, device):
     from verification.rank_report import advise_stream
     from verification.streaming import open_pair
 
-    open_pair(base, tuned)                          # imports transformers, builds the model on the meta device
+    open_pair(base, tuned)  # imports transformers, builds the model on the meta device
     setup = time.perf_counter()
     report = advise_stream(base, tuned, device=device, progress=False)
     return len(report.layers), setup
@@ -157,8 +171,18 @@ def child_loop(base, tuned, device):
 
 
 def run_child(kind, base, tuned, device, threads):
-    cmd = [sys.executable, __file__, "--child", kind, str(base), str(tuned), "--device", device,
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        str(base),
+        str(tuned),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -175,9 +199,12 @@ def child_main(args):
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds, setup = end - start, setup - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                    # KiB -> MiB
-    print(json.dumps({"seconds": seconds, "setup_s": setup, "spectra_s": seconds - setup, "peak_rss_mib": rss,
-                      "matrices": count}))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    print(
+        json.dumps(
+            {"seconds": seconds, "setup_s": setup, "spectra_s": seconds - setup, "peak_rss_mib": rss, "matrices": count}
+        )
+    )
     return 0
 
 
@@ -189,7 +216,7 @@ def time_svdvals(shape, device, threads, repeat=1):
 
     torch.set_num_threads(threads)
     x = torch.randn(shape, device=device)
-    torch.linalg.svdvals(x[:64, :64])                               # warm-up (CUDA handles, MKL)
+    torch.linalg.svdvals(x[:64, :64])  # warm-up (CUDA handles, MKL)
     best = float("inf")
     for _ in range(repeat):
         if device == "cuda":
@@ -206,22 +233,37 @@ def project_7b(device, threads):
     h, f, L, V = LLAMA2_7B["hidden"], LLAMA2_7B["inter"], LLAMA2_7B["layers"], LLAMA2_7B["vocab"]
     t_attn = time_svdvals((h, h), device, threads)
     t_mlp = time_svdvals((f, h), device, threads)
-    t_emb = t_mlp * V / f                                           # m n^2 with n = 4096 for both
+    t_emb = t_mlp * V / f  # m n^2 with n = 4096 for both
     layer = 4 * t_attn + 3 * t_mlp
     total = L * layer + 2 * t_emb
-    return {"device": device, "threads": threads, "svdvals_4096x4096_s": t_attn, "svdvals_11008x4096_s": t_mlp,
-            "embedding_32000x4096_s_scaled": t_emb, "per_layer_s": layer, "total_s": total,
-            "total_h": total / 3600}
+    return {
+        "device": device,
+        "threads": threads,
+        "svdvals_4096x4096_s": t_attn,
+        "svdvals_11008x4096_s": t_mlp,
+        "embedding_32000x4096_s_scaled": t_emb,
+        "per_layer_s": layer,
+        "total_s": total,
+        "total_h": total / 3600,
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/advise.py", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="*", default=["256x4", "512x8", "1024x8", "2048x4"],
-                   help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)")
+    p.add_argument(
+        "--sizes",
+        nargs="*",
+        default=["256x4", "512x8", "1024x8", "2048x4"],
+        help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=1,
-                   help="runs of each contender, interleaved (loop, advisor, loop, ...); the fastest is reported")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each contender, interleaved (loop, advisor, loop, ...); the fastest is reported",
+    )
     p.add_argument("--workdir", default=None, help="where the pairs are written (default: a temporary folder)")
     p.add_argument("--project-only", action="store_true", help="only the 7B projection")
     p.add_argument("--no-project", action="store_true", help="skip the 7B projection")
@@ -233,8 +275,11 @@ def main(argv=None) -> int:
         return child_main(args)
     results = {"pairs": [], "projection": None}
     if not args.project_only:
-        print(f"{'pair':>8} {'params':>8} {'matrices':>8} {'advisor s':>10} {'(setup)':>8} {'loop s':>8} "
-              f"{'ratio':>6} {'advisor MiB':>11} {'loop MiB':>9}", flush=True)
+        print(
+            f"{'pair':>8} {'params':>8} {'matrices':>8} {'advisor s':>10} {'(setup)':>8} {'loop s':>8} "
+            f"{'ratio':>6} {'advisor MiB':>11} {'loop MiB':>9}",
+            flush=True,
+        )
         for text in args.sizes:
             size = parse_size(text)
             work = Path(tempfile.mkdtemp(prefix="bench-advise-", dir=args.workdir))
@@ -253,18 +298,30 @@ def main(argv=None) -> int:
                 loop["all_seconds"] = [r["seconds"] for r in runs["loop"]]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, "advisor": ours,
-                   "loop": loop, "ratio": ours["seconds"] / loop["seconds"]}
+            row = {
+                "size": text,
+                **size,
+                "parameters": parameters(size),
+                "generate_s": gen,
+                "advisor": ours,
+                "loop": loop,
+                "ratio": ours["seconds"] / loop["seconds"],
+            }
             results["pairs"].append(row)
-            print(f"{text:>8} {row['parameters'] / 1e6:7.0f}M {ours['matrices']:>8} {ours['seconds']:10.1f} "
-                  f"{ours['setup_s']:8.1f} {loop['seconds']:8.1f} {row['ratio']:6.2f} {ours['peak_rss_mib']:11.0f} "
-                  f"{loop['peak_rss_mib']:9.0f}", flush=True)
+            print(
+                f"{text:>8} {row['parameters'] / 1e6:7.0f}M {ours['matrices']:>8} {ours['seconds']:10.1f} "
+                f"{ours['setup_s']:8.1f} {loop['seconds']:8.1f} {row['ratio']:6.2f} {ours['peak_rss_mib']:11.0f} "
+                f"{loop['peak_rss_mib']:9.0f}",
+                flush=True,
+            )
     if not args.no_project:
         proj = project_7b(args.device, args.threads)
         results["projection"] = proj
-        print(f"Llama-2-7B pair on {args.device} ({args.threads} thread(s)): svdvals 4096x4096 "
-              f"{proj['svdvals_4096x4096_s']:.2f} s, 11008x4096 {proj['svdvals_11008x4096_s']:.2f} s; "
-              f"{proj['per_layer_s']:.0f} s per layer, {proj['total_h']:.2f} h in all (projected)")
+        print(
+            f"Llama-2-7B pair on {args.device} ({args.threads} thread(s)): svdvals 4096x4096 "
+            f"{proj['svdvals_4096x4096_s']:.2f} s, 11008x4096 {proj['svdvals_11008x4096_s']:.2f} s; "
+            f"{proj['per_layer_s']:.0f} s per layer, {proj['total_h']:.2f} h in all (projected)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

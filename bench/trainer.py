@@ -77,10 +77,10 @@ def tfn_batched_flops() -> float:
     input-gradient projection instead of two), and ``W2``'s weight gradient in the last block only."""
     forward, projection, attention = _tfn_forward_flops()
     forward -= TFN_L * TFN_H * projection
-    first = TFN_H * (3 * attention + 2 * projection)           # dS, dV, dP; W_K^T W_Q's and W_O W_V's gradients
-    later = TFN_H * (4 * attention + 4 * projection)           # ... and the block input's: dP G^T, dS^T P, dV OV
-    blocks = TFN_L * 2 * projection + projection               # dH = dZ W2, dA = dH W1; W2's gradient (last block)
-    return forward + first + (TFN_L - 1) * later + blocks + 2 * projection   # the output layer's two
+    first = TFN_H * (3 * attention + 2 * projection)  # dS, dV, dP; W_K^T W_Q's and W_O W_V's gradients
+    later = TFN_H * (4 * attention + 4 * projection)  # ... and the block input's: dP G^T, dS^T P, dV OV
+    blocks = TFN_L * 2 * projection + projection  # dH = dZ W2, dA = dH W1; W2's gradient (last block)
+    return forward + first + (TFN_L - 1) * later + blocks + 2 * projection  # the output layer's two
 
 
 def matmul_ceiling(device, seconds=1.0) -> float:
@@ -95,7 +95,7 @@ def matmul_ceiling(device, seconds=1.0) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     c.sum().item()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def _sync(device):
@@ -104,6 +104,7 @@ def _sync(device):
 
 
 # --------------------------------------------------------------------------------------------- baseline
+
 
 def baseline(make, device, steps):
     """One run at a time: the same stacked model code with a single run (``R = 1``), autograd, and
@@ -114,7 +115,7 @@ def baseline(make, device, steps):
     stream = BatchStream(4, BATCH, shape)
 
     def step():
-        x = stream.next().to(device=device, dtype=torch.float32).unsqueeze(0)   # (1, n, *shape)
+        x = stream.next().to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, n, *shape)
         with torch.no_grad():
             y = tstack.forward(x)
         loss = ((stack.forward(x) - y) ** 2).mean()
@@ -138,6 +139,7 @@ def _time_steps(step, steps, device):
 
 # ---------------------------------------------------------------------------------------------- batched
 
+
 def _fnn_stack(R, device):
     frozen = [lora_theory.random_fnn(D, FNN_L, seed=i) for i in range(R)]
     target = lora_theory.random_fnn(D, FNN_LBAR, seed=1000)
@@ -153,8 +155,9 @@ def _tfn_stack(R, device):
     frozen = [lora_theory.random_tfn(D, TFN_L, TFN_H, seed=i) for i in range(R)]
     target = lora_theory.random_tfn(D, TFN_L, TFN_H, seed=1000)
     params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
-    stack = TFNStack(params, ranks=np.arange(R) % D + 1, tune_bias=np.ones(R, bool), init_seeds=np.arange(R),
-                     device=device)
+    stack = TFNStack(
+        params, ranks=np.arange(R) % D + 1, tune_bias=np.ones(R, bool), init_seeds=np.arange(R), device=device
+    )
     tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", device=device)
     return stack, tstack, (D, TFN_N)
 
@@ -165,9 +168,19 @@ def batched(make, R, steps, device, workers):
 
     def train(item, it):
         stack, tstack, shape = item
-        train_stack(stack, tstack, data_index=np.zeros(R, int), target_index=np.zeros(R, int),
-                    target_data_index=[0], data_seeds=[7], lr=np.full(R, 1e-3), weight_decay=np.full(R, 1e-4),
-                    iterations=it, batch_size=BATCH, input_shape=shape)
+        train_stack(
+            stack,
+            tstack,
+            data_index=np.zeros(R, int),
+            target_index=np.zeros(R, int),
+            target_data_index=[0],
+            data_seeds=[7],
+            lr=np.full(R, 1e-3),
+            weight_decay=np.full(R, 1e-4),
+            iterations=it,
+            batch_size=BATCH,
+            input_shape=shape,
+        )
 
     for item in stacks:
         train(item, 2)
@@ -190,9 +203,11 @@ def measure(device, args) -> dict:
     workers = 1 if device.type == "cuda" else (args.workers or cores)
     fnn_R = args.fnn_runs or (64 if device.type == "cpu" else 1920)
     tfn_R = args.tfn_runs or (8 if device.type == "cpu" else 512)
-    models = (("fnn", _fnn_stack, fnn_flops(), fnn_R, args.fnn_steps),
-              ("tfn", _tfn_stack, tfn_flops(), tfn_R, args.tfn_steps))
-    runs_flops = {"fnn": fnn_flops(), "tfn": tfn_batched_flops()}     # what the batched step itself runs
+    models = (
+        ("fnn", _fnn_stack, fnn_flops(), fnn_R, args.fnn_steps),
+        ("tfn", _tfn_stack, tfn_flops(), tfn_R, args.tfn_steps),
+    )
+    runs_flops = {"fnn": fnn_flops(), "tfn": tfn_batched_flops()}  # what the batched step itself runs
     samples = {"ceiling_batched": [], "ceiling_loop": []}
     for name, *_ in models:
         samples[f"{name}_baseline"], samples[f"{name}_batched"] = [], []
@@ -203,11 +218,11 @@ def measure(device, args) -> dict:
         if device.type == "cpu":
             torch.set_num_threads(cores)
         samples["ceiling_loop"].append(matmul_ceiling(device))
-        for name, make, flops, R, steps in models:
+        for name, make, _flops, R, steps in models:
             if device.type == "cpu":
                 torch.set_num_threads(1)
             loop = baseline(make, device, max(10, steps // 2))
-            if device.type == "cpu" and cores > 1:   # the baseline gets the better of one thread and all of them
+            if device.type == "cpu" and cores > 1:  # the baseline gets the better of one thread and all of them
                 torch.set_num_threads(cores)
                 loop = max(loop, baseline(make, device, max(10, steps // 2)))
             if device.type == "cpu":
@@ -217,21 +232,33 @@ def measure(device, args) -> dict:
     med = {k: float(np.median(v)) for k, v in samples.items()}
     if device.type == "cpu":
         torch.set_num_threads(cores)
-    out = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers, "repeat": args.repeat,
-           "matmul_gflops": med["ceiling_loop"] / 1e9, "samples": samples}
-    batched_ceiling = med["ceiling_batched"] * (workers if device.type == "cpu" else 1)   # all stacks at once
-    for name, make, flops, R, steps in models:
+    out = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "workers": workers,
+        "repeat": args.repeat,
+        "matmul_gflops": med["ceiling_loop"] / 1e9,
+        "samples": samples,
+    }
+    batched_ceiling = med["ceiling_batched"] * (workers if device.type == "cpu" else 1)  # all stacks at once
+    for name, _make, flops, R, _steps in models:
         loop, fast = med[f"{name}_baseline"], med[f"{name}_batched"]
-        out[name] = {"runs_per_stack": R, "baseline_run_steps_per_s": loop, "batched_run_steps_per_s": fast,
-                     "ratio": fast / loop, "flops_per_run_step": flops,
-                     "baseline_fraction_of_ceiling": loop * flops / med["ceiling_loop"],
-                     "batched_fraction_of_ceiling": fast * flops / batched_ceiling,
-                     "batched_flops_run": runs_flops[name],
-                     "batched_fraction_of_ceiling_run": fast * runs_flops[name] / batched_ceiling}
+        out[name] = {
+            "runs_per_stack": R,
+            "baseline_run_steps_per_s": loop,
+            "batched_run_steps_per_s": fast,
+            "ratio": fast / loop,
+            "flops_per_run_step": flops,
+            "baseline_fraction_of_ceiling": loop * flops / med["ceiling_loop"],
+            "batched_fraction_of_ceiling": fast * flops / batched_ceiling,
+            "batched_flops_run": runs_flops[name],
+            "batched_fraction_of_ceiling_run": fast * runs_flops[name] / batched_ceiling,
+        }
     fnn_rate, tfn_rate = out["fnn"]["batched_run_steps_per_s"], out["tfn"]["batched_run_steps_per_s"]
     out["fnn_depth4_default_minutes"] = 1920 * 5000 / fnn_rate / 60
-    out["paper_grid_hours"] = ((GRID_RUNS - GRID_TFN_RUNS) * GRID_STEPS / fnn_rate
-                               + GRID_TFN_RUNS * GRID_STEPS / tfn_rate) / 3600
+    out["paper_grid_hours"] = (
+        (GRID_RUNS - GRID_TFN_RUNS) * GRID_STEPS / fnn_rate + GRID_TFN_RUNS * GRID_STEPS / tfn_rate
+    ) / 3600
     return out
 
 
@@ -243,8 +270,12 @@ def main(argv=None) -> int:
     p.add_argument("--fnn-runs", type=int, default=None, help="runs per stack (default 64 CPU, 1920 CUDA)")
     p.add_argument("--tfn-runs", type=int, default=None, help="runs per stack (default 8 CPU, 512 CUDA)")
     p.add_argument("--workers", type=int, default=None, help="CPU stacks at once (default: CPU count)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="measure every rate this many times, interleaved, and report the medians (default 3)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="measure every rate this many times, interleaved, and report the medians (default 3)",
+    )
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -258,20 +289,31 @@ def main(argv=None) -> int:
     results = [measure(torch.device(d), args) for d in devices]
     cols = [r["device"] for r in results]
     print(f"{'':44}" + "".join(c.rjust(14) for c in cols))
-    rows = [("matmul ceiling (GFLOP/s, float32)", lambda r: f"{r['matmul_gflops']:.1f}"),
-            ("stacks at once x threads each", lambda r: f"{r['workers']} x {max(1, r['threads'] // r['workers']) if r['device'] == 'cpu' else '-'}")]
+    rows = [
+        ("matmul ceiling (GFLOP/s, float32)", lambda r: f"{r['matmul_gflops']:.1f}"),
+        (
+            "stacks at once x threads each",
+            lambda r: f"{r['workers']} x {max(1, r['threads'] // r['workers']) if r['device'] == 'cpu' else '-'}",
+        ),
+    ]
     for m in ("fnn", "tfn"):
         title = "FNN L̄=2 L=4" if m == "fnn" else "TFN L=2 H=2 N=10"
-        rows += [(f"{title}: runs per stack", lambda r, m=m: f"{r[m]['runs_per_stack']}"),
-                 (f"{title}: baseline run-steps/s", lambda r, m=m: f"{r[m]['baseline_run_steps_per_s']:,.0f}"),
-                 (f"{title}: batched run-steps/s", lambda r, m=m: f"{r[m]['batched_run_steps_per_s']:,.0f}"),
-                 (f"{title}: ratio batched / baseline", lambda r, m=m: f"{r[m]['ratio']:.1f}x"),
-                 (f"{title}: baseline % of ceiling", lambda r, m=m: f"{100 * r[m]['baseline_fraction_of_ceiling']:.1f}%"),
-                 (f"{title}: batched % of ceiling", lambda r, m=m: f"{100 * r[m]['batched_fraction_of_ceiling']:.1f}%")]
+        rows += [
+            (f"{title}: runs per stack", lambda r, m=m: f"{r[m]['runs_per_stack']}"),
+            (f"{title}: baseline run-steps/s", lambda r, m=m: f"{r[m]['baseline_run_steps_per_s']:,.0f}"),
+            (f"{title}: batched run-steps/s", lambda r, m=m: f"{r[m]['batched_run_steps_per_s']:,.0f}"),
+            (f"{title}: ratio batched / baseline", lambda r, m=m: f"{r[m]['ratio']:.1f}x"),
+            (f"{title}: baseline % of ceiling", lambda r, m=m: f"{100 * r[m]['baseline_fraction_of_ceiling']:.1f}%"),
+            (f"{title}: batched % of ceiling", lambda r, m=m: f"{100 * r[m]['batched_fraction_of_ceiling']:.1f}%"),
+        ]
         if m == "tfn":
-            rows.append((f"{title}: same, FLOPs it runs", lambda r: f"{100 * r['tfn']['batched_fraction_of_ceiling_run']:.1f}%"))
-    rows += [("fnn --depth 4 default (1,920 x 5000), min", lambda r: f"{r['fnn_depth4_default_minutes']:.1f}"),
-             ("the paper's whole grid, hours", lambda r: f"{r['paper_grid_hours']:.1f}")]
+            rows.append(
+                (f"{title}: same, FLOPs it runs", lambda r: f"{100 * r['tfn']['batched_fraction_of_ceiling_run']:.1f}%")
+            )
+    rows += [
+        ("fnn --depth 4 default (1,920 x 5000), min", lambda r: f"{r['fnn_depth4_default_minutes']:.1f}"),
+        ("the paper's whole grid, hours", lambda r: f"{r['paper_grid_hours']:.1f}"),
+    ]
     for label, fmt in rows:
         print(f"{label:44}" + "".join(fmt(r).rjust(14) for r in results))
     if args.json:

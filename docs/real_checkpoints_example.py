@@ -39,10 +39,19 @@ PLANTS = {
 def build(workdir: Path, dtype):
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                   max_position_embeddings=64, tie_word_embeddings=False,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(cfg).eval()
     tuned = transformers.LlamaForCausalLM(cfg).eval()
@@ -102,8 +111,10 @@ def main(argv=None) -> int:
             print(f"planted ranks found: {found == planted} ({found})")
             for a in report.layers:
                 if a.name in PLANTS:
-                    print(f"  {a.name}: floor {a.floor.spectral:.2e}, detection limit {a.floor.detection_limit:.2e},"
-                          f" sigma_r {a.singular_values[PLANTS[a.name][0] - 1]:.2e}")
+                    print(
+                        f"  {a.name}: floor {a.floor.spectral:.2e}, detection limit {a.floor.detection_limit:.2e},"
+                        f" sigma_r {a.singular_values[PLANTS[a.name][0] - 1]:.2e}"
+                    )
             try:
                 alloc = allocation(report, budget=args.budget)
             except ImportError:
@@ -115,11 +126,15 @@ def main(argv=None) -> int:
                 ad = workdir / f"adapter-{label}-{dtype}".replace("torch.", "")
                 extract_adapter(base, tuned, {k: v for k, v in ranks.items() if v}, ad, progress=False)
                 errs[label] = logits_error(base, tuned, ad)
-            print(f"budget {args.budget}: allocation {alloc['parameters']} parameters, weight error "
-                  f"{alloc['relative_error']:.3e}, logits error {errs['allocated']:.3e}; uniform rank {uni['rank']} "
-                  f"({uni['parameters']} parameters), weight error {uni['relative_error']:.3e}, logits error "
-                  f"{errs['uniform']:.3e}")
-            print("  allocated ranks: " + ", ".join(f"{k.split('.', 2)[-1]}={v}" for k, v in alloc["ranks"].items() if v))
+            print(
+                f"budget {args.budget}: allocation {alloc['parameters']} parameters, weight error "
+                f"{alloc['relative_error']:.3e}, logits error {errs['allocated']:.3e}; uniform rank {uni['rank']} "
+                f"({uni['parameters']} parameters), weight error {uni['relative_error']:.3e}, logits error "
+                f"{errs['uniform']:.3e}"
+            )
+            print(
+                "  allocated ranks: " + ", ".join(f"{k.split('.', 2)[-1]}={v}" for k, v in alloc["ranks"].items() if v)
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

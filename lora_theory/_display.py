@@ -54,8 +54,9 @@ def table(header, rows) -> str:
 
 
 def fnn_repr(m) -> str:
-    return summary("FNN", [("width", m.width), ("depth", m.depth), ("activation", m.activation),
-                           ("final_relu", m.final_relu)])
+    return summary(
+        "FNN", [("width", m.width), ("depth", m.depth), ("activation", m.activation), ("final_relu", m.final_relu)]
+    )
 
 
 def tfn_repr(m) -> str:
@@ -66,11 +67,22 @@ def tfn_repr(m) -> str:
 
 
 def linear_fit_repr(fit) -> str:
-    return summary("LinearFit", [
-        ("D", fit.target.shape[0]), ("L", len(fit.frozen)), ("ranks", fit.ranks), ("exact", fit.exact),
-        ("rank_sufficient", fit.rank_sufficient), ("error_rank", fit.error_rank),
-        ("spectral_error", fit.spectral_error), ("frobenius_error", fit.frobenius_error),
-        ("measured_error", fit.measured_error), ("kappa", fit.kappa), ("gamma", fit.gamma)])
+    return summary(
+        "LinearFit",
+        [
+            ("D", fit.target.shape[0]),
+            ("L", len(fit.frozen)),
+            ("ranks", fit.ranks),
+            ("exact", fit.exact),
+            ("rank_sufficient", fit.rank_sufficient),
+            ("error_rank", fit.error_rank),
+            ("spectral_error", fit.spectral_error),
+            ("frobenius_error", fit.frobenius_error),
+            ("measured_error", fit.measured_error),
+            ("kappa", fit.kappa),
+            ("gamma", fit.gamma),
+        ],
+    )
 
 
 def linear_fit_markdown(fit) -> str:
@@ -81,57 +93,135 @@ def linear_fit_markdown(fit) -> str:
 
 def domain_repr(d) -> str:
     if d.kind == "ball":
-        return summary("Domain", [("kind", d.kind), ("center", d.center), ("radius", d.radius),
-                                  ("block_input_radii", d.block_input_radii)])
+        return summary(
+            "Domain",
+            [("kind", d.kind), ("center", d.center), ("radius", d.radius), ("block_input_radii", d.block_input_radii)],
+        )
     return summary("Domain", [("kind", d.kind), ("n_samples", d.n_samples), ("margin", d.margin)])
 
 
 def block_fit_repr(b) -> str:
-    return summary("BlockFit", [
-        ("layers", (b.layers.start + 1, b.layers.stop)), ("discrepancy_rank", b.discrepancy_rank),
-        ("budget", b.budget), ("directions", b.directions), ("exact", b.exact), ("error", b.error),
-        ("input_radius", b.input_radius), ("output_radius", b.output_radius), ("gamma", b.gamma)])
+    return summary(
+        "BlockFit",
+        [
+            ("layers", (b.layers.start + 1, b.layers.stop)),
+            ("discrepancy_rank", b.discrepancy_rank),
+            ("budget", b.budget),
+            ("directions", b.directions),
+            ("exact", b.exact),
+            ("error", b.error),
+            ("input_radius", b.input_radius),
+            ("output_radius", b.output_radius),
+            ("gamma", b.gamma),
+        ],
+    )
 
 
 def fnn_fit_repr(fit) -> str:
-    return summary("FNNFit", [
-        ("D", fit.target.width), ("L", fit.frozen.depth), ("Lbar", fit.target.depth), ("ranks", fit.ranks),
-        ("partition", fit.partition), ("exact", fit.exact), ("rank_sufficient", fit.rank_sufficient),
-        ("measured_error", fit.measured_error), ("tolerance", fit.tolerance), ("kappa", fit.kappa),
-        ("gamma", fit.gamma), ("domain", fit.domain.kind)])
+    return summary(
+        "FNNFit",
+        [
+            ("D", fit.target.width),
+            ("L", fit.frozen.depth),
+            ("Lbar", fit.target.depth),
+            ("ranks", fit.ranks),
+            ("partition", fit.partition),
+            ("exact", fit.exact),
+            ("rank_sufficient", fit.rank_sufficient),
+            ("measured_error", fit.measured_error),
+            ("tolerance", fit.tolerance),
+            ("kappa", fit.kappa),
+            ("gamma", fit.gamma),
+            ("domain", fit.domain.kind),
+        ],
+    )
 
 
 def fnn_fit_markdown(fit) -> str:
     head = f"**{fnn_fit_repr(fit)}**\n\n"
-    rows = [(str(i + 1), f"{b.layers.start + 1}..{b.layers.stop}", b.discrepancy_rank, b.budget, b.directions,
-             b.exact, b.error, max(b.condition_numbers.values(), default=1.0), b.input_radius, b.output_radius)
-            for i, b in enumerate(fit.block_fits)]
-    return head + table(["block", "frozen layers", "rank(E_i)", "budget", "directions", "exact", "error",
-                         "κ", "input radius", "output radius"], rows)
+    rows = [
+        (
+            str(i + 1),
+            f"{b.layers.start + 1}..{b.layers.stop}",
+            b.discrepancy_rank,
+            b.budget,
+            b.directions,
+            b.exact,
+            b.error,
+            max(b.condition_numbers.values(), default=1.0),
+            b.input_radius,
+            b.output_radius,
+        )
+        for i, b in enumerate(fit.block_fits)
+    ]
+    return head + table(
+        [
+            "block",
+            "frozen layers",
+            "rank(E_i)",
+            "budget",
+            "directions",
+            "exact",
+            "error",
+            "κ",
+            "input radius",
+            "output radius",
+        ],
+        rows,
+    )
 
 
 def tfn_fit_repr(fit) -> str:
-    return summary("TFNFit", [
-        ("D", fit.frozen.embed_dim), ("L", fit.frozen.depth), ("H", fit.frozen.heads), ("rank", fit.rank),
-        ("required_rank", fit.required_rank), ("matched_ranks", fit.matched_ranks), ("exact", fit.exact),
-        ("rank_sufficient", fit.rank_sufficient), ("measured_error", fit.measured_error), ("kappa", fit.kappa)])
+    return summary(
+        "TFNFit",
+        [
+            ("D", fit.frozen.embed_dim),
+            ("L", fit.frozen.depth),
+            ("H", fit.frozen.heads),
+            ("rank", fit.rank),
+            ("required_rank", fit.required_rank),
+            ("matched_ranks", fit.matched_ranks),
+            ("exact", fit.exact),
+            ("rank_sufficient", fit.rank_sufficient),
+            ("measured_error", fit.measured_error),
+            ("kappa", fit.kappa),
+        ],
+    )
 
 
 def high_precision_repr(fit) -> str:
-    sizes = {"HighPrecisionLinearFit": lambda: [("ranks", fit.ranks)],
-             "HighPrecisionFNNFit": lambda: [("ranks", fit.ranks), ("partition", fit.partition),
-                                             ("radius", fit.radius)],
-             "HighPrecisionTFNFit": lambda: [("rank", fit.rank), ("required_rank", fit.required_rank)]}
+    sizes = {
+        "HighPrecisionLinearFit": lambda: [("ranks", fit.ranks)],
+        "HighPrecisionFNNFit": lambda: [("ranks", fit.ranks), ("partition", fit.partition), ("radius", fit.radius)],
+        "HighPrecisionTFNFit": lambda: [("rank", fit.rank), ("required_rank", fit.required_rank)],
+    }
     name = type(fit).__name__
-    return summary(name, sizes[name]() + [
-        ("digits", fit.digits), ("exact", fit.exact), ("rank_sufficient", fit.rank_sufficient),
-        ("measured_error", fit.measured_error), ("tolerance", fit.tolerance), ("kappa", fit.kappa),
-        ("gamma", fit.gamma)])
+    return summary(
+        name,
+        sizes[name]()
+        + [
+            ("digits", fit.digits),
+            ("exact", fit.exact),
+            ("rank_sufficient", fit.rank_sufficient),
+            ("measured_error", fit.measured_error),
+            ("tolerance", fit.tolerance),
+            ("kappa", fit.kappa),
+            ("gamma", fit.gamma),
+        ],
+    )
 
 
 def error_bound_repr(b) -> str:
-    return summary("ErrorBound", [("ranks", b.ranks), ("partition", b.partition), ("rms", b.rms),
-                                  ("mse", b.mse), ("block_errors", tuple(b.block_errors))])
+    return summary(
+        "ErrorBound",
+        [
+            ("ranks", b.ranks),
+            ("partition", b.partition),
+            ("rms", b.rms),
+            ("mse", b.mse),
+            ("block_errors", tuple(b.block_errors)),
+        ],
+    )
 
 
 # -------------------------------------------------------------------------------------------- certificates
@@ -139,10 +229,18 @@ def error_bound_repr(b) -> str:
 
 def certificate_repr(c) -> str:
     failed = len(c.failed_checks)
-    return summary("Certificate", [("model", c.model), ("sizes", ", ".join(f"{k}={v}" for k, v in c.sizes.items())),
-                                   ("rank", c.rank if not isinstance(c.rank, tuple) else tuple(c.rank)),
-                                   ("outcome", c.outcome), ("required_rank", c.required_rank),
-                                   ("checks", len(c.checks)), ("failed", failed)])
+    return summary(
+        "Certificate",
+        [
+            ("model", c.model),
+            ("sizes", ", ".join(f"{k}={v}" for k, v in c.sizes.items())),
+            ("rank", c.rank if not isinstance(c.rank, tuple) else tuple(c.rank)),
+            ("outcome", c.outcome),
+            ("required_rank", c.required_rank),
+            ("checks", len(c.checks)),
+            ("failed", failed),
+        ],
+    )
 
 
 def certificate_markdown(c) -> str:
@@ -152,6 +250,14 @@ def certificate_markdown(c) -> str:
 
 
 def witness_repr(w) -> str:
-    return summary("Witness", [("found", w.found), ("separation", w.separation),
-                               ("relative_separation", w.relative_separation), ("lower_bound", w.lower_bound),
-                               ("radius", w.radius), ("reason", w.reason[:80])])
+    return summary(
+        "Witness",
+        [
+            ("found", w.found),
+            ("separation", w.separation),
+            ("relative_separation", w.relative_separation),
+            ("lower_bound", w.lower_bound),
+            ("radius", w.radius),
+            ("reason", w.reason[:80]),
+        ],
+    )

@@ -12,7 +12,6 @@ import numpy as np
 
 from .errors import NumericalError
 
-
 _depth = threading.local()
 
 
@@ -43,7 +42,7 @@ def numeric_guard(fn):
             if depth:
                 raise
             raise NumericalError(name, f"LinAlgError: {exc}") from None
-        except OverflowError as exc:                                      # Python float arithmetic (x ** 2)
+        except OverflowError as exc:  # Python float arithmetic (x ** 2)
             if depth:
                 raise
             raise NumericalError(name, f"OverflowError: {exc}") from None

@@ -87,7 +87,8 @@ def as_ranks(rank, count: int, width: int, name: str = "rank") -> tuple[int, ...
         ranks = list(rank)
         if len(ranks) != count:
             raise InvalidArgumentError(
-                name, f"per-layer ranks must give one rank for each of the {count} layers, got {len(ranks)}")
+                name, f"per-layer ranks must give one rank for each of the {count} layers, got {len(ranks)}"
+            )
         return tuple(as_int(r, f"{name}[{i}]", 0, width) for i, r in enumerate(ranks))
     return (as_int(rank, name, 0, width),) * count
 
@@ -141,7 +142,8 @@ def as_seed(seed, name: str = "seed"):
         return seed
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise InvalidArgumentError(
-            name, f"must be None, an integer >= 0 or a numpy Generator, got {type(seed).__name__} {seed!r}")
+            name, f"must be None, an integer >= 0 or a numpy Generator, got {type(seed).__name__} {seed!r}"
+        )
     if seed < 0:
         raise InvalidArgumentError(name, f"must be >= 0, got {seed}")
     return int(seed)

@@ -34,24 +34,24 @@ class Adapter:
     A: np.ndarray
     B: np.ndarray
 
-
     def __post_init__(self):
         A = as_array(self.A, "A", ndim=2)
         B = as_array(self.B, "B", ndim=2)
         if A.shape[0] != B.shape[1]:
             raise InvalidArgumentError(
-                "B", f"must have as many columns as A has rows (the rank), got A {A.shape} and B {B.shape}")
+                "B", f"must have as many columns as A has rows (the rank), got A {A.shape} and B {B.shape}"
+            )
         object.__setattr__(self, "A", readonly(A))
         object.__setattr__(self, "B", readonly(B))
 
     @classmethod
-    def zeros(cls, rank: int, in_features: int, out_features: int) -> "Adapter":
+    def zeros(cls, rank: int, in_features: int, out_features: int) -> Adapter:
         """An adapter of the given rank whose factors are all zero (``Δ = 0``)."""
         return cls(np.zeros((rank, in_features)), np.zeros((out_features, rank)))
 
     @classmethod
     @numeric_guard
-    def from_delta(cls, delta, rank: int | None = None) -> "Adapter":
+    def from_delta(cls, delta, rank: int | None = None) -> Adapter:
         """Factor ``delta`` as ``B A`` through its SVD, keeping ``rank`` directions (all numeric ones by default).
 
         ``B = U_r diag(s_r)``, ``A = V_r^T``; with ``rank`` below ``rank(delta)`` this is ``LR_r(delta)``.
@@ -89,7 +89,7 @@ class Adapter:
         """``r·(in + out)``: ``2rD`` for a ``D x D`` layer."""
         return self.rank * (self.in_features + self.out_features)
 
-    def padded(self, rank: int) -> "Adapter":
+    def padded(self, rank: int) -> Adapter:
         """The same update stored at a larger rank, the extra rows of ``A`` and columns of ``B`` zero."""
         if rank < self.rank:
             raise InvalidArgumentError("rank", f"cannot pad a rank-{self.rank} adapter down to {rank}")

@@ -36,8 +36,6 @@ from .adapter import Adapter
 from .errors import InvalidArgumentError, LoraTheoryError
 from .fnn import fnn_best_partition, fnn_rank_requirement
 from .linear import discrepancy_rank
-from .partition import partition_blocks, uniform_partition
-from .thresholds import fnn_rank_threshold
 from .noise_floor import (
     FLOOR_MODELS,
     NoiseFloor,
@@ -51,6 +49,8 @@ from .noise_floor import (
     smallest_subnormal,
     storage_roundoff,
 )
+from .partition import partition_blocks, uniform_partition
+from .thresholds import fnn_rank_threshold
 
 __all__ = [
     "PER_LAYER_NOTE",
@@ -85,7 +85,7 @@ def _spectral_norm(matrix: np.ndarray) -> float:
     v = np.random.default_rng(0).standard_normal(matrix.shape[1])
     est = 0.0
     for _ in range(50):
-        w = matrix.T @ (matrix @ v)                                     # (in,)
+        w = matrix.T @ (matrix @ v)  # (in,)
         norm = float(np.linalg.norm(w))
         if norm == 0.0:
             return 0.0
@@ -100,8 +100,11 @@ def _spectrum(singular_values, name: str = "singular_values") -> np.ndarray:
         s = np.asarray(singular_values)
     except Exception as exc:
         raise InvalidArgumentError(name, f"could not be read as an array ({exc})") from None
-    if s.dtype == object or s.dtype == bool or not (np.issubdtype(s.dtype, np.integer)
-                                                    or np.issubdtype(s.dtype, np.floating)):
+    if (
+        s.dtype == object
+        or s.dtype == bool
+        or not (np.issubdtype(s.dtype, np.integer) or np.issubdtype(s.dtype, np.floating))
+    ):
         raise InvalidArgumentError(name, f"must be a vector of real numbers, got dtype {s.dtype}")
     s = s.astype(np.float64)
     if s.ndim != 1:
@@ -134,7 +137,7 @@ def energy_rank(singular_values, energy: float) -> int:
     s = _spectrum(singular_values)
     if s.size == 0 or s[0] == 0.0:
         return 0
-    sq = np.cumsum((s / s[0]) ** 2)                                     # scaled: no overflow for huge σ
+    sq = np.cumsum((s / s[0]) ** 2)  # scaled: no overflow for huge σ
     share = sq / sq[-1]
     # the last entry is exactly 1; a share equal to `energy` up to rounding counts as reaching it
     return int(np.argmax(share >= energy * (1.0 - 1e-12))) + 1
@@ -150,9 +153,9 @@ def tail_curves(singular_values) -> tuple[np.ndarray, np.ndarray]:
         As :func:`energy_rank` for ``singular_values``.
     """
     s = _spectrum(singular_values)
-    spectral = np.concatenate([s, [0.0]])                               # (k + 1,)
+    spectral = np.concatenate([s, [0.0]])  # (k + 1,)
     top = s[0] if s.size and s[0] > 0 else 1.0
-    tail_sq = np.concatenate([np.cumsum(((s / top) ** 2)[::-1])[::-1], [0.0]])   # (k + 1,), in units of top^2
+    tail_sq = np.concatenate([np.cumsum(((s / top) ** 2)[::-1])[::-1], [0.0]])  # (k + 1,), in units of top^2
     return spectral, top * np.sqrt(tail_sq)
 
 
@@ -298,7 +301,8 @@ class LayerAdvice:
         """The best rank-``rank`` adapter of ``ΔW`` (truncated SVD; default ``exact_rank``)."""
         if self.delta is None:
             raise InvalidArgumentError(
-                "rank", f"layer {self.name} was advised from its spectrum alone and holds no ΔW to factor")
+                "rank", f"layer {self.name} was advised from its spectrum alone and holds no ΔW to factor"
+            )
         r = self.exact_rank if rank is None else int(rank)
         if not 0 <= r <= self.max_rank:
             raise InvalidArgumentError("rank", f"must be in 0..{self.max_rank} for layer {self.name}, got {r}")
@@ -323,8 +327,9 @@ class LayerAdvice:
             "spectrum_energy_rank": int(self.spectrum_energy_rank),
             "svd_tolerance": float(self.svd_tolerance),
             "compute_dtype": self.compute_dtype,
-            "entries_beyond_rounding": (None if self.entries_beyond_rounding is None
-                                        else int(self.entries_beyond_rounding)),
+            "entries_beyond_rounding": (
+                None if self.entries_beyond_rounding is None else int(self.entries_beyond_rounding)
+            ),
             "floor": None if self.floor is None else self.floor.to_dict(),
             "singular_values": [float(v) for v in self.singular_values],
             "spectral_tail": [float(v) for v in self.spectral_tail],
@@ -340,8 +345,9 @@ class LayerAdvice:
             "spectrum": self.spectrum,
             "settled": self.settled,
             "rank_bounds": None if self.rank_bounds is None else [int(v) for v in self.rank_bounds],
-            "spectrum_energy_rank_bounds": (None if self.spectrum_energy_rank_bounds is None
-                                            else [int(v) for v in self.spectrum_energy_rank_bounds]),
+            "spectrum_energy_rank_bounds": (
+                None if self.spectrum_energy_rank_bounds is None else [int(v) for v in self.spectrum_energy_rank_bounds]
+            ),
             "partial": None if self.partial is None else self.partial.to_dict(),
         }
 
@@ -395,16 +401,23 @@ class RankReport:
         if not floors:
             return "no weight matrix: no noise floor"
         top = max(floors, key=lambda a: a.relative_floor)
-        what = (f"noise floor of storage rounding ({self.floor_model} model): up to {top.relative_floor:.2e} of "
-                f"||W_base||_F (layer {top.name}, {top.storage_dtype}, floor {top.floor.spectral:.2e})")
+        what = (
+            f"noise floor of storage rounding ({self.floor_model} model): up to {top.relative_floor:.2e} of "
+            f"||W_base||_F (layer {top.name}, {top.storage_dtype}, floor {top.floor.spectral:.2e})"
+        )
         if self.all_below_floor:
-            return ("every layer's change is below its " + what + ": no direction of a fine-tuning change can be "
-                    "told apart from rounding")
+            return (
+                "every layer's change is below its " + what + ": no direction of a fine-tuning change can be "
+                "told apart from rounding"
+            )
         dependent = self.assumption_dependent
         if dependent and self.floor_model == "independent":
-            return (what + f"; {len(dependent)} layer(s) have directions between the independent-rounding floor and "
-                    "the rigorous one (counted if the rounding errors look independent): " + ", ".join(dependent[:8])
-                    + (" ..." if len(dependent) > 8 else ""))
+            return (
+                what + f"; {len(dependent)} layer(s) have directions between the independent-rounding floor and "
+                "the rigorous one (counted if the rounding errors look independent): "
+                + ", ".join(dependent[:8])
+                + (" ..." if len(dependent) > 8 else "")
+            )
         return what
 
     def layer(self, name: str) -> LayerAdvice:
@@ -464,8 +477,9 @@ class RankReport:
             "use_rslora": False,
             "lora_dropout": 0.0,
         }
-        params = sum(a.parameters(ranks[a.name]) + (a.shape[0] if lora_bias else 0)
-                     for a in self.layers if a.name in ranks)
+        params = sum(
+            a.parameters(ranks[a.name]) + (a.shape[0] if lora_bias else 0) for a in self.layers if a.name in ranks
+        )
         return {
             "lora_config": config,
             "choice": choice,
@@ -474,8 +488,13 @@ class RankReport:
             "bias_only": bias_only,
             "untargeted": untargeted,
             "parameters": int(params),
-            "note": (self.note if ranks else self.floor_note + "; nothing to adapt" if self.all_below_floor
-                     else "no layer changed: nothing to adapt"),
+            "note": (
+                self.note
+                if ranks
+                else self.floor_note + "; nothing to adapt"
+                if self.all_below_floor
+                else "no layer changed: nothing to adapt"
+            ),
         }
 
     def to_dict(self) -> dict:
@@ -502,7 +521,7 @@ class RankReport:
 # ------------------------------------------------------------------------------------------ per layer
 
 
-_EPS_DTYPES = {2.0 ** -52: "float64", 2.0 ** -23: "float32", 2.0 ** -10: "float16", 2.0 ** -7: "bfloat16"}
+_EPS_DTYPES = {2.0**-52: "float64", 2.0**-23: "float32", 2.0**-10: "float16", 2.0**-7: "bfloat16"}
 
 
 def _dtype_of_eps(value, argument: str) -> str:
@@ -512,8 +531,10 @@ def _dtype_of_eps(value, argument: str) -> str:
     name = _EPS_DTYPES.get(float(value))
     if name is None:
         raise InvalidArgumentError(
-            argument, f"must be the machine epsilon of float64, float32, float16 or bfloat16 (2^-52, 2^-23, "
-            f"2^-10, 2^-7), got {value!r}; pass the storage dtypes with `dtypes` instead")
+            argument,
+            f"must be the machine epsilon of float64, float32, float16 or bfloat16 (2^-52, 2^-23, "
+            f"2^-10, 2^-7), got {value!r}; pass the storage dtypes with `dtypes` instead",
+        )
     return name
 
 
@@ -525,7 +546,9 @@ def _storage_dtypes(key, a, b, eps, dtypes) -> tuple[str, str]:
             given = tuple(given.split("/", 1))
         if isinstance(given, (tuple, list)):
             if len(given) != 2:
-                raise InvalidArgumentError(f"dtypes[{key!r}]", f"must be a dtype or a (base, tuned) pair, got {given!r}")
+                raise InvalidArgumentError(
+                    f"dtypes[{key!r}]", f"must be a dtype or a (base, tuned) pair, got {given!r}"
+                )
             return _dtype_name(given[0], f"dtypes[{key!r}]"), _dtype_name(given[1], f"dtypes[{key!r}]")
         name = _dtype_name(given, f"dtypes[{key!r}]")
         return name, name
@@ -555,8 +578,9 @@ def _is_parameter_key(key: str) -> bool:
     return key.endswith(".weight") or key.endswith(".bias") or key in ("weight", "bias")
 
 
-def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None,
-                  dtypes=None, floor: str = "independent") -> RankReport:
+def advise_layers(
+    base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None, dtypes=None, floor: str = "independent"
+) -> RankReport:
     """The LoRA rank each layer's change needs, from two checkpoints of one architecture.
 
     Zeng & Lee 2024, Lemma 1 (linear models) with ``L = 1``, i.e. Eckart–Young, layer by layer (see
@@ -603,11 +627,14 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
     """
     for side, value in (("base", base), ("tuned", tuned)):
         if not isinstance(value, Mapping):
-            raise InvalidArgumentError(side, f"must be a mapping name -> tensor (a state dict), got {type(value).__name__}")
+            raise InvalidArgumentError(
+                side, f"must be a mapping name -> tensor (a state dict), got {type(value).__name__}"
+            )
         if len(value) == 0:
             raise InvalidArgumentError(side, "holds no tensors")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0
-                            or not math.isfinite(tol)):
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0 or not math.isfinite(tol)
+    ):
         raise InvalidArgumentError("tol", f"must be a positive relative tolerance, got {tol!r}")
     energy = _energy_share(energy)
     if not isinstance(floor, str) or floor not in FLOOR_MODELS:
@@ -620,15 +647,18 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
     missing = [k for k in base if k not in tuned]
     extra = [k for k in tuned if k not in base]
     if missing or extra:
+
         def short(names):
             return repr(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
         parts = []
         if missing:
             parts.append(f"missing from tuned: {short(missing)}")
         if extra:
             parts.append(f"only in tuned: {short(extra)}")
         raise InvalidArgumentError(
-            "tuned", "the checkpoints do not have the same architecture (" + "; ".join(parts) + ")")
+            "tuned", "the checkpoints do not have the same architecture (" + "; ".join(parts) + ")"
+        )
 
     arrays, skipped = {}, []
     for key in base:
@@ -636,7 +666,8 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
         b = _as_tensor(tuned[key], "tuned", key)
         if a.shape != b.shape:
             raise InvalidArgumentError(
-                f"tuned[{key!r}]", f"has shape {b.shape} but base has {a.shape}: the architectures differ")
+                f"tuned[{key!r}]", f"has shape {b.shape} but base has {a.shape}: the architectures differ"
+            )
         floating = np.issubdtype(a.dtype, np.floating), np.issubdtype(b.dtype, np.floating)
         if not all(floating):
             if _is_parameter_key(key) or any(floating):
@@ -645,11 +676,14 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
                 raise InvalidArgumentError(
                     f"{side}[{key!r}]",
                     f"is a non-float tensor ({bad.dtype}); weights must be floating point "
-                    "(dequantise integer weights first)")
+                    "(dequantise integer weights first)",
+                )
             if not np.array_equal(a, b):
                 raise InvalidArgumentError(
-                    f"tuned[{key!r}]", f"is a non-float tensor ({b.dtype}) that differs from base; "
-                    "the rank advisor analyses floating-point weights only")
+                    f"tuned[{key!r}]",
+                    f"is a non-float tensor ({b.dtype}) that differs from base; "
+                    "the rank advisor analyses floating-point weights only",
+                )
             skipped.append({"name": key, "shape": list(a.shape), "reason": f"non-float buffer ({a.dtype}), unchanged"})
             continue
         for side, arr in (("base", a), ("tuned", b)):
@@ -675,19 +709,37 @@ def advise_layers(base, tuned, *, tol: float | None = None, energy: float = 0.99
             layers.append(_layer_advice(key, a, b, storage, tol, energy, floor, bias_of.get(key), arrays))
         elif a.ndim == 1:
             e = _power_of_two_scale(a, b)
-            a_s, b_s = np.ldexp(a.astype(np.float64), -e), np.ldexp(b.astype(np.float64), -e)   # exact rescaling
+            a_s, b_s = np.ldexp(a.astype(np.float64), -e), np.ldexp(b.astype(np.float64), -e)  # exact rescaling
             base_norm = _unscale(float(np.linalg.norm(a_s)), e, "its norm", f"base[{key!r}]")
             change = _unscale(float(np.linalg.norm(b_s - a_s)), e, "the norm of its change", f"tuned[{key!r}]")
             beyond = entries_beyond_rounding(a, b, *storage)
-            vectors.append({"name": key, "shape": list(a.shape), "change_norm": change,
-                            "relative_change": change / base_norm if base_norm > 0 else change,
-                            "changed": beyond > 0, "entries_beyond_rounding": beyond})
+            vectors.append(
+                {
+                    "name": key,
+                    "shape": list(a.shape),
+                    "change_norm": change,
+                    "relative_change": change / base_norm if base_norm > 0 else change,
+                    "changed": beyond > 0,
+                    "entries_beyond_rounding": beyond,
+                }
+            )
         else:
-            reason = ("scalar" if a.ndim == 0 else "empty" if a.size == 0 else
-                      f"{a.ndim}-D tensor (not a matrix; flatten convolution kernels to (out, -1) to advise them)")
+            reason = (
+                "scalar"
+                if a.ndim == 0
+                else "empty"
+                if a.size == 0
+                else f"{a.ndim}-D tensor (not a matrix; flatten convolution kernels to (out, -1) to advise them)"
+            )
             skipped.append({"name": key, "shape": list(a.shape), "reason": reason})
-    return RankReport(layers=tuple(layers), vectors=tuple(vectors), skipped=tuple(skipped),
-                      energy=float(energy), rtol=None if tol is None else float(tol), floor_model=floor)
+    return RankReport(
+        layers=tuple(layers),
+        vectors=tuple(vectors),
+        skipped=tuple(skipped),
+        energy=float(energy),
+        rtol=None if tol is None else float(tol),
+        floor_model=floor,
+    )
 
 
 def _storage_label(storage) -> str:
@@ -699,11 +751,11 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
     both matrices (``max |W| < 1``: no overflow or underflow in the SVD and the norms), then unscaled."""
     e = _power_of_two_scale(a, b)
     with np.errstate(under="ignore"):
-        W0 = np.ldexp(a.astype(np.float64), -e)                         # (out, in), W_base · 2^-e
-        W1 = np.ldexp(b.astype(np.float64), -e)                         # (out, in), W_tuned · 2^-e
-    delta = W1 - W0                                                     # (out, in), |entries| < 2: no overflow
+        W0 = np.ldexp(a.astype(np.float64), -e)  # (out, in), W_base · 2^-e
+        W1 = np.ldexp(b.astype(np.float64), -e)  # (out, in), W_tuned · 2^-e
+    delta = W1 - W0  # (out, in), |entries| < 2: no overflow
     try:
-        s = np.linalg.svd(delta, compute_uv=False)                      # (min(out, in),), scaled
+        s = np.linalg.svd(delta, compute_uv=False)  # (min(out, in),), scaled
     except np.linalg.LinAlgError as exc:
         raise LoraTheoryError(f"the SVD of the change of {key!r} did not converge ({exc})") from None
     u_b, u_t = storage_roundoff(storage[0]), storage_roundoff(storage[1])
@@ -720,12 +772,12 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
         rtol = float(tol)
         scale = max(_spectral_norm(W0), _spectral_norm(W1), float(s[0]) if s.size else 0.0)
         tolerance = _unscale(rtol * scale, e, "the tolerance", where)
-    full_delta = np.ldexp(delta, e)                                     # finite: its norm was
+    full_delta = np.ldexp(delta, e)  # finite: its norm was
     bias_change, bias_changed = None, False
     if bias_key is not None:
         b0, b1, bstorage = arrays[bias_key]
         with np.errstate(over="ignore"):
-            bias_change = b1.astype(np.float64) - b0.astype(np.float64)    # (out,); overflow checked below
+            bias_change = b1.astype(np.float64) - b0.astype(np.float64)  # (out,); overflow checked below
         if not np.isfinite(bias_change).all():
             raise InvalidArgumentError(f"tuned[{bias_key!r}]", "its change overflows float64: rescale the weights")
         if tol is None:
@@ -735,16 +787,47 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
             bias_changed = bool(np.linalg.norm(bias_change) > float(tol) * scale)
     name = key[: -len(".weight")] if key.endswith(".weight") else key
     return layer_advice_from_spectrum(
-        name, key, a.shape, singular_values, noise_floor(bounds, model=model), base_norm=base_norm,
-        delta_norm=delta_norm, storage_dtype=_storage_label(storage), energy=energy, compute_dtype="float64",
-        tolerance=tolerance, rtol=rtol, entries_beyond_rounding=beyond, bias_key=bias_key,
-        bias_change=bias_change, bias_changed=bias_changed, delta=full_delta)
+        name,
+        key,
+        a.shape,
+        singular_values,
+        noise_floor(bounds, model=model),
+        base_norm=base_norm,
+        delta_norm=delta_norm,
+        storage_dtype=_storage_label(storage),
+        energy=energy,
+        compute_dtype="float64",
+        tolerance=tolerance,
+        rtol=rtol,
+        entries_beyond_rounding=beyond,
+        bias_key=bias_key,
+        bias_change=bias_change,
+        bias_changed=bias_changed,
+        delta=full_delta,
+    )
 
 
-def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, *, base_norm, delta_norm,
-                               storage_dtype, energy=0.99, compute_dtype="float64", tolerance=None, rtol=None,
-                               entries_beyond_rounding=None, bias_key=None, bias_change=None,
-                               bias_changed=False, delta=None, partial=None) -> LayerAdvice:
+def layer_advice_from_spectrum(
+    name,
+    weight_key,
+    shape,
+    singular_values,
+    floor,
+    *,
+    base_norm,
+    delta_norm,
+    storage_dtype,
+    energy=0.99,
+    compute_dtype="float64",
+    tolerance=None,
+    rtol=None,
+    entries_beyond_rounding=None,
+    bias_key=None,
+    bias_change=None,
+    bias_changed=False,
+    delta=None,
+    partial=None,
+) -> LayerAdvice:
     """A :class:`LayerAdvice` from a change's spectrum and noise floor, without the matrix (streaming callers).
 
     Zeng & Lee 2024, Lemma 1 with ``L = 1`` (Eckart–Young): the smallest LoRA rank representing the stored
@@ -787,19 +870,36 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
         and sorted, a floor of another shape, negative or non-finite norms or tolerance, unknown dtypes,
         ``energy`` outside ``(0, 1]``, a bias change or ``delta`` of the wrong shape.
     """
-    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)):
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 2
+        or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)
+    ):
         raise InvalidArgumentError("shape", f"must be (out, in) with positive integers, got {shape!r}")
     shape = (int(shape[0]), int(shape[1]))
     if partial is not None:
-        return _advice_from_partial(name, weight_key, shape, partial, floor, base_norm=base_norm,
-                                    delta_norm=delta_norm, storage_dtype=storage_dtype, energy=energy,
-                                    compute_dtype=compute_dtype, tolerance=tolerance, rtol=rtol,
-                                    bias_key=bias_key, bias_change=bias_change, bias_changed=bias_changed)
+        return _advice_from_partial(
+            name,
+            weight_key,
+            shape,
+            partial,
+            floor,
+            base_norm=base_norm,
+            delta_norm=delta_norm,
+            storage_dtype=storage_dtype,
+            energy=energy,
+            compute_dtype=compute_dtype,
+            tolerance=tolerance,
+            rtol=rtol,
+            bias_key=bias_key,
+            bias_change=bias_change,
+            bias_changed=bias_changed,
+        )
     s = _spectrum(singular_values)
     if s.size != min(shape):
         raise InvalidArgumentError(
-            "singular_values", f"must hold all min(out, in) = {min(shape)} singular values, got {s.size}")
+            "singular_values", f"must hold all min(out, in) = {min(shape)} singular values, got {s.size}"
+        )
     if not isinstance(floor, NoiseFloor):
         raise InvalidArgumentError("floor", f"must be a NoiseFloor, got {type(floor).__name__}")
     if tuple(floor.shape) != shape:
@@ -808,8 +908,12 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
     for label, value in (("base_norm", base_norm), ("delta_norm", delta_norm)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise InvalidArgumentError(label, f"must be a finite number >= 0, got {value!r}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
-                                  or not math.isfinite(tolerance) or tolerance < 0):
+    if tolerance is not None and (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, numbers.Real)
+        or not math.isfinite(tolerance)
+        or tolerance < 0
+    ):
         raise InvalidArgumentError("tolerance", f"must be a finite number >= 0, got {tolerance!r}")
     compute = _dtype_name(compute_dtype, "compute_dtype")
     svd_tolerance = max(shape) * 2.0 * storage_roundoff(compute) * (float(s[0]) if s.size else 0.0)
@@ -819,26 +923,60 @@ def layer_advice_from_spectrum(name, weight_key, shape, singular_values, floor, 
     if bias_change is not None:
         bias_change = np.asarray(bias_change, dtype=np.float64)
         if bias_change.shape != (shape[0],) or not np.isfinite(bias_change).all():
-            raise InvalidArgumentError("bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}")
+            raise InvalidArgumentError(
+                "bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}"
+            )
     if delta is not None and np.shape(delta) != shape:
         raise InvalidArgumentError("delta", f"must have shape {shape}, got {np.shape(delta)}")
     spectral, frob = tail_curves(s)
     return LayerAdvice(
-        name=str(name), weight_key=str(weight_key), shape=shape, singular_values=s,
-        rtol=None if rtol is None else float(rtol), tolerance=float(threshold), exact_rank=exact, energy=energy,
-        energy_rank=energy_rank(s[:exact], energy), spectral_tail=spectral, frobenius_tail=frob,
-        base_norm=float(base_norm), delta_norm=float(delta_norm), storage_dtype=str(storage_dtype),
-        bias_key=bias_key, bias_change=bias_change,
+        name=str(name),
+        weight_key=str(weight_key),
+        shape=shape,
+        singular_values=s,
+        rtol=None if rtol is None else float(rtol),
+        tolerance=float(threshold),
+        exact_rank=exact,
+        energy=energy,
+        energy_rank=energy_rank(s[:exact], energy),
+        spectral_tail=spectral,
+        frobenius_tail=frob,
+        base_norm=float(base_norm),
+        delta_norm=float(delta_norm),
+        storage_dtype=str(storage_dtype),
+        bias_key=bias_key,
+        bias_change=bias_change,
         bias_change_norm=0.0 if bias_change is None else float(np.linalg.norm(bias_change)),
-        bias_changed=bool(bias_changed), delta=delta, floor=floor,
+        bias_changed=bool(bias_changed),
+        delta=delta,
+        floor=floor,
         rank_above_floor=int(np.count_nonzero(s > above_floor)),
         rank_above_rigorous=int(np.count_nonzero(s > max(floor.rigorous, svd_tolerance))),
-        spectrum_energy_rank=energy_rank(s, energy), svd_tolerance=float(svd_tolerance), compute_dtype=compute,
-        entries_beyond_rounding=None if entries_beyond_rounding is None else int(entries_beyond_rounding))
+        spectrum_energy_rank=energy_rank(s, energy),
+        svd_tolerance=float(svd_tolerance),
+        compute_dtype=compute,
+        entries_beyond_rounding=None if entries_beyond_rounding is None else int(entries_beyond_rounding),
+    )
 
 
-def _advice_from_partial(name, weight_key, shape, partial, floor, *, base_norm, delta_norm, storage_dtype,
-                         energy, compute_dtype, tolerance, rtol, bias_key, bias_change, bias_changed) -> LayerAdvice:
+def _advice_from_partial(
+    name,
+    weight_key,
+    shape,
+    partial,
+    floor,
+    *,
+    base_norm,
+    delta_norm,
+    storage_dtype,
+    energy,
+    compute_dtype,
+    tolerance,
+    rtol,
+    bias_key,
+    bias_change,
+    bias_changed,
+) -> LayerAdvice:
     """:func:`layer_advice_from_spectrum` from a :class:`PartialSpectrum` (THEORY.md §5.5)."""
     from .partial_spectrum import PartialSpectrum
 
@@ -861,23 +999,45 @@ def _advice_from_partial(name, weight_key, shape, partial, floor, *, base_norm, 
     if bias_change is not None:
         bias_change = np.asarray(bias_change, dtype=np.float64)
         if bias_change.shape != (shape[0],) or not np.isfinite(bias_change).all():
-            raise InvalidArgumentError("bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}")
-    spectral = np.concatenate([s, [partial.residual]])                     # (b + 1,): σ̂, then the bound past them
+            raise InvalidArgumentError(
+                "bias_change", f"must be a finite ({shape[0]},) vector, got shape {bias_change.shape}"
+            )
+    spectral = np.concatenate([s, [partial.residual]])  # (b + 1,): σ̂, then the bound past them
     fro_sq = float(delta_norm) ** 2
-    frob = np.sqrt(np.maximum(fro_sq - np.concatenate([[0.0], np.cumsum(partial.lower ** 2)]), 0.0))  # (b + 1,)
+    frob = np.sqrt(np.maximum(fro_sq - np.concatenate([[0.0], np.cumsum(partial.lower**2)]), 0.0))  # (b + 1,)
     e_bounds = partial.energy_rank_bounds(energy)
     return LayerAdvice(
-        name=str(name), weight_key=str(weight_key), shape=shape, singular_values=s,
-        rtol=None if rtol is None else float(rtol), tolerance=float(threshold), exact_rank=int(exact),
-        energy=energy, energy_rank=energy_rank(s[:min(exact, s.size)], energy), spectral_tail=spectral,
-        frobenius_tail=frob, base_norm=float(base_norm), delta_norm=float(delta_norm),
-        storage_dtype=str(storage_dtype), bias_key=bias_key, bias_change=bias_change,
+        name=str(name),
+        weight_key=str(weight_key),
+        shape=shape,
+        singular_values=s,
+        rtol=None if rtol is None else float(rtol),
+        tolerance=float(threshold),
+        exact_rank=int(exact),
+        energy=energy,
+        energy_rank=energy_rank(s[: min(exact, s.size)], energy),
+        spectral_tail=spectral,
+        frobenius_tail=frob,
+        base_norm=float(base_norm),
+        delta_norm=float(delta_norm),
+        storage_dtype=str(storage_dtype),
+        bias_key=bias_key,
+        bias_change=bias_change,
         bias_change_norm=0.0 if bias_change is None else float(np.linalg.norm(bias_change)),
-        bias_changed=bool(bias_changed), delta=None, floor=floor, rank_above_floor=int(floor_bounds[1]),
-        rank_above_rigorous=int(rigorous[0]), spectrum_energy_rank=int(e_bounds[1]),
-        svd_tolerance=float(svd_tolerance), compute_dtype=compute, entries_beyond_rounding=None,
-        spectrum="partial", partial=partial, rank_bounds=tuple(int(v) for v in floor_bounds),
-        spectrum_energy_rank_bounds=tuple(int(v) for v in e_bounds))
+        bias_changed=bool(bias_changed),
+        delta=None,
+        floor=floor,
+        rank_above_floor=int(floor_bounds[1]),
+        rank_above_rigorous=int(rigorous[0]),
+        spectrum_energy_rank=int(e_bounds[1]),
+        svd_tolerance=float(svd_tolerance),
+        compute_dtype=compute,
+        entries_beyond_rounding=None,
+        spectrum="partial",
+        partial=partial,
+        rank_bounds=tuple(int(v) for v in floor_bounds),
+        spectrum_energy_rank_bounds=tuple(int(v) for v in e_bounds),
+    )
 
 
 # ------------------------------------------------------------------------------------------ depth-aware
@@ -942,11 +1102,20 @@ def advise_fnn(frozen, target) -> FNNAdvice:
     best, best_rank = fnn_best_partition(frozen, target)
 
     def block_ranks(sizes):
-        return tuple(discrepancy_rank(frozen.weights[blk.start:blk.stop], target.weights[i])
-                     for i, blk in enumerate(partition_blocks(sizes)))
+        return tuple(
+            discrepancy_rank(frozen.weights[blk.start : blk.stop], target.weights[i])
+            for i, blk in enumerate(partition_blocks(sizes))
+        )
 
     return FNNAdvice(
-        width=D, depth=L, target_depth=Lbar, uniform_partition=tuple(uniform),
-        uniform_block_ranks=block_ranks(uniform), uniform_rank=int(uniform_rank),
-        best_partition=tuple(best), best_block_ranks=block_ranks(best), best_rank=int(best_rank),
-        generic_threshold=fnn_rank_threshold(D, L, Lbar))
+        width=D,
+        depth=L,
+        target_depth=Lbar,
+        uniform_partition=tuple(uniform),
+        uniform_block_ranks=block_ranks(uniform),
+        uniform_rank=int(uniform_rank),
+        best_partition=tuple(best),
+        best_block_ranks=block_ranks(best),
+        best_rank=int(best_rank),
+        generic_threshold=fnn_rank_threshold(D, L, Lbar),
+    )

@@ -58,9 +58,15 @@ class RankAllocation:
 
     def to_dict(self) -> dict:
         """A JSON-ready record."""
-        return {"ranks": list(self.ranks), "parameters": self.parameters, "budget": self.budget,
-                "discarded_energy": self.discarded_energy, "total_energy": self.total_energy,
-                "relative_error": self.relative_error, "method": self.method}
+        return {
+            "ranks": list(self.ranks),
+            "parameters": self.parameters,
+            "budget": self.budget,
+            "discarded_energy": self.discarded_energy,
+            "total_energy": self.total_energy,
+            "relative_error": self.relative_error,
+            "method": self.method,
+        }
 
 
 def _problem(spectra, shapes):
@@ -69,7 +75,9 @@ def _problem(spectra, shapes):
     ``[0.5, 1)``: no square underflows to 0 unless it is below ``2^-1074`` of the largest, none overflows),
     and ``m + n``."""
     if isinstance(spectra, (str, bytes)) or not isinstance(spectra, (Sequence, np.ndarray)):
-        raise InvalidArgumentError("spectra", f"must be a sequence of singular-value vectors, got {type(spectra).__name__}")
+        raise InvalidArgumentError(
+            "spectra", f"must be a sequence of singular-value vectors, got {type(spectra).__name__}"
+        )
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, (Sequence, np.ndarray)):
         raise InvalidArgumentError("shapes", f"must be a sequence of (out, in) shapes, got {type(shapes).__name__}")
     if len(spectra) != len(shapes):
@@ -80,12 +88,16 @@ def _problem(spectra, shapes):
     values, costs = [], []
     for l, (s, shape) in enumerate(zip(spectra, shapes)):
         s = _spectrum(s, f"spectra[{l}]")
-        if (not isinstance(shape, (Sequence, np.ndarray)) or len(shape) != 2
-                or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)):
+        if (
+            not isinstance(shape, (Sequence, np.ndarray))
+            or len(shape) != 2
+            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape)
+        ):
             raise InvalidArgumentError(f"shapes[{l}]", f"must be (out, in) with positive integers, got {shape!r}")
         if s.size > min(int(shape[0]), int(shape[1])):
             raise InvalidArgumentError(
-                f"spectra[{l}]", f"has {s.size} singular values, more than min(out, in) = {min(shape)}")
+                f"spectra[{l}]", f"has {s.size} singular values, more than min(out, in) = {min(shape)}"
+            )
         values.append(s)
         costs.append(int(shape[0]) + int(shape[1]))
     top = max((float(s[0]) for s in values if s.size), default=0.0)
@@ -108,10 +120,14 @@ def _result(ranks, energies, costs, budget, method, shift) -> RankAllocation:
     total = float(sum(float(np.sum(e)) for e in energies))
     discarded = float(sum(float(np.sum(e[r:])) for e, r in zip(energies, ranks)))
     return RankAllocation(
-        ranks=tuple(int(r) for r in ranks), parameters=int(sum(r * c for r, c in zip(ranks, costs))),
-        budget=None if budget is None else int(budget), discarded_energy=_unscaled(discarded, shift),
+        ranks=tuple(int(r) for r in ranks),
+        parameters=int(sum(r * c for r, c in zip(ranks, costs))),
+        budget=None if budget is None else int(budget),
+        discarded_energy=_unscaled(discarded, shift),
         total_energy=_unscaled(total, shift),
-        relative_error=math.sqrt(discarded / total) if total > 0 else 0.0, method=method)
+        relative_error=math.sqrt(discarded / total) if total > 0 else 0.0,
+        method=method,
+    )
 
 
 def _budget(value, name="budget") -> int:
@@ -136,7 +152,7 @@ def _optimal_ranks(energies, costs, budget: int) -> list[int]:
     scale = max((float(e[0]) for e in energies if e.size), default=0.0)
     if scale == 0.0 or budget == 0:
         return [0] * L
-    gains = [e / scale for e in energies]                               # in units of the largest σ^2
+    gains = [e / scale for e in energies]  # in units of the largest σ^2
     # ---- 1. greedy by ratio, prefix-closed
     items = [(-(g[k] / costs[l]), l, k) for l, g in enumerate(gains) for k in range(g.size)]
     items.sort()
@@ -154,55 +170,57 @@ def _optimal_ranks(energies, costs, budget: int) -> list[int]:
             value += gains[l][k]
         else:
             if lam is None:
-                lam = -neg_ratio                                         # critical ratio
+                lam = -neg_ratio  # critical ratio
             blocked[l] = True
-    if lam is None:                                                     # everything fits
+    if lam is None:  # everything fits
         return taken
     # ---- 2. Lagrangian upper bound, 3. reduced-cost fixing
-    reduced = [g - lam * c for g, c in zip(gains, costs)]              # per layer, non-increasing in k
+    reduced = [g - lam * c for g, c in zip(gains, costs)]  # per layer, non-increasing in k
     upper = lam * budget + sum(float(np.sum(np.maximum(r, 0.0))) for r in reduced)
     total = float(sum(float(np.sum(g)) for g in gains))
-    gap = max(upper - value, 0.0) + 1e-9 * total + 1e-300              # slack for rounding: fixes fewer items
+    gap = max(upper - value, 0.0) + 1e-9 * total + 1e-300  # slack for rounding: fixes fewer items
     fixed_in = [int(np.count_nonzero(r > gap)) for r in reduced]
-    fixed_out_from = [int(np.count_nonzero(r >= -gap)) for r in reduced]    # ranks k >= this index are out
+    fixed_out_from = [int(np.count_nonzero(r >= -gap)) for r in reduced]  # ranks k >= this index are out
     residual = budget - sum(f * c for f, c in zip(fixed_in, costs))
-    if residual < 0:                                                    # cannot happen (a fixed-in set that
-        raise LoraTheoryError("rank allocation: reduced-cost fixing exceeded the budget")   # overflows is infeasible)
+    if residual < 0:  # cannot happen (a fixed-in set that
+        raise LoraTheoryError("rank allocation: reduced-cost fixing exceeded the budget")  # overflows is infeasible)
     # ---- 4. Pareto DP over the core, the widest core last: the last layer needs no frontier, its best
     #         choice after any frontier state is the most ranks that fit (its gains are >= 0)
-    cores = [gains[l][fixed_in[l]:fixed_out_from[l]] for l in range(L)]
+    cores = [gains[l][fixed_in[l] : fixed_out_from[l]] for l in range(L)]
     order = sorted(range(L), key=lambda l: cores[l].size)
-    cost_f = np.zeros(1, dtype=np.int64)                                # frontier costs, increasing
-    gain_f = np.zeros(1)                                                # frontier gains, increasing
-    choices = []                                                        # per layer: (parent index, j) arrays
+    cost_f = np.zeros(1, dtype=np.int64)  # frontier costs, increasing
+    gain_f = np.zeros(1)  # frontier gains, increasing
+    choices = []  # per layer: (parent index, j) arrays
     for l in order[:-1]:
-        prefix = np.concatenate([[0.0], np.cumsum(cores[l])])          # (n_core + 1,)
+        prefix = np.concatenate([[0.0], np.cumsum(cores[l])])  # (n_core + 1,)
         j = np.arange(prefix.size)
         if cost_f.size * j.size > MAX_CANDIDATES:
             raise LoraTheoryError(
                 f"rank allocation: the exact search would examine {cost_f.size * j.size} states at one step "
-                f"(more than {MAX_CANDIDATES}); allocate over fewer layers or a smaller budget")
+                f"(more than {MAX_CANDIDATES}); allocate over fewer layers or a smaller budget"
+            )
         cand_cost = (cost_f[:, None] + j[None, :] * costs[l]).ravel()
         cand_gain = (gain_f[:, None] + prefix[None, :]).ravel()
         cand_parent = np.repeat(np.arange(cost_f.size), j.size)
         cand_j = np.tile(j, cost_f.size)
         ok = cand_cost <= residual
         cand_cost, cand_gain, cand_parent, cand_j = cand_cost[ok], cand_gain[ok], cand_parent[ok], cand_j[ok]
-        by_cost = np.lexsort((-cand_gain, cand_cost))                   # by cost, then larger gain first
+        by_cost = np.lexsort((-cand_gain, cand_cost))  # by cost, then larger gain first
         cand_cost, cand_gain = cand_cost[by_cost], cand_gain[by_cost]
         cand_parent, cand_j = cand_parent[by_cost], cand_j[by_cost]
         best_before = np.maximum.accumulate(np.concatenate([[-np.inf], cand_gain[:-1]]))
-        keep = cand_gain > best_before                                  # strictly better than every cheaper one
+        keep = cand_gain > best_before  # strictly better than every cheaper one
         cost_f, gain_f = cand_cost[keep], cand_gain[keep]
         choices.append((l, cand_parent[keep], cand_j[keep]))
         if cost_f.size > MAX_FRONTIER:
             raise LoraTheoryError(
                 f"rank allocation: the exact search needs more than {MAX_FRONTIER} states (layer {l}); "
-                "allocate over fewer layers or a smaller budget")
+                "allocate over fewer layers or a smaller budget"
+            )
     last = order[-1]
     prefix = np.concatenate([[0.0], np.cumsum(cores[last])])
-    j_last = np.minimum((residual - cost_f) // costs[last], cores[last].size)   # (frontier,), >= 0
-    idx = int(np.argmax(gain_f + prefix[j_last]))                       # the largest gain; cheapest on ties
+    j_last = np.minimum((residual - cost_f) // costs[last], cores[last].size)  # (frontier,), >= 0
+    idx = int(np.argmax(gain_f + prefix[j_last]))  # the largest gain; cheapest on ties
     ranks = list(fixed_in)
     ranks[last] += int(j_last[idx])
     for l, parents, js in reversed(choices):
@@ -232,7 +250,7 @@ def _grouped_optimal_ranks(energies, costs, budget: int) -> list[int]:
         gains = np.concatenate([energies[l] for l in members]) if members else np.zeros(0)
         owner = np.concatenate([np.full(energies[l].size, l) for l in members]).astype(np.int64)
         position = np.concatenate([np.arange(energies[l].size) for l in members])
-        order = np.lexsort((position, owner, -gains))                   # largest gain first; ties in layer order
+        order = np.lexsort((position, owner, -gains))  # largest gain first; ties in layer order
         merged.append(gains[order])
         owners.append(owner[order])
     group_ranks = _optimal_ranks(merged, group_costs, budget)
@@ -315,7 +333,7 @@ def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
         return _result(_grouped_optimal_ranks(energies, costs, budget), energies, costs, budget, "optimal", shift)
     if isinstance(error, bool) or not isinstance(error, numbers.Real) or not 0 <= error < 1:
         raise InvalidArgumentError("error", f"must be a relative error in [0, 1), got {error!r}")
-    allowed = float(error)                                              # compared as relative errors: scale-free
+    allowed = float(error)  # compared as relative errors: scale-free
 
     def reaches(b):
         ranks = _grouped_optimal_ranks(energies, costs, b)
@@ -323,9 +341,9 @@ def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
 
     full = sum(e.size * c for e, c in zip(energies, costs))
     best, _ = reaches(full)
-    if best.relative_error > allowed:                                   # rounding only: the full ranks keep all
+    if best.relative_error > allowed:  # rounding only: the full ranks keep all
         allowed = best.relative_error
-    lo, hi = -1, full                                                   # invariant: hi reaches, lo does not
+    lo, hi = -1, full  # invariant: hi reaches, lo does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         alloc, _ = reaches(mid)
@@ -333,9 +351,15 @@ def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
             hi, best = mid, alloc
         else:
             lo = mid
-    return RankAllocation(ranks=best.ranks, parameters=best.parameters, budget=None,
-                          discarded_energy=best.discarded_energy, total_energy=best.total_energy,
-                          relative_error=best.relative_error, method="optimal")
+    return RankAllocation(
+        ranks=best.ranks,
+        parameters=best.parameters,
+        budget=None,
+        discarded_energy=best.discarded_energy,
+        total_energy=best.total_energy,
+        relative_error=best.relative_error,
+        method="optimal",
+    )
 
 
 def uniform_ranks(spectra, shapes, budget) -> RankAllocation:

@@ -31,10 +31,10 @@ from . import _display
 from ._guard import finite_or_raise, numeric_guard
 from ._validate import as_array, as_ranks, as_square
 from .errors import InvalidArgumentError
+from .fnn import _block_error, _check_models, _partition
 from .linear import discrepancy_rank, product
 from .models import FNN
 from .numerics import svd_values
-from .fnn import _block_error, _check_models, _partition
 from .partition import partition_blocks
 
 __all__ = ["ErrorBound", "fnn_error_bound", "fnn_error_bound_at"]
@@ -81,7 +81,7 @@ class ErrorBound:
         Uses the target's actual activation norms; returns a float for one input, an array ``(n,)`` for
         a batch.
         """
-        acts = self.target.activations(x)                                # [z̄_0 .. z̄_L̄], each (n, D) or (D,)
+        acts = self.target.activations(x)  # [z̄_0 .. z̄_L̄], each (n, D) or (D,)
         total = 0.0
         for i, (K, eps) in enumerate(zip(self.growth_factors, self.block_errors)):
             if eps:
@@ -143,12 +143,12 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
     trace = _second_moment_trace(second_moment, D)
     eps, dirs = [], []
     for i, block in enumerate(partition_blocks(sizes)):
-        factors = frozen.weights[block.start:block.stop]
+        factors = frozen.weights[block.start : block.stop]
         T = target.weights[i]
-        E = T - product(factors)                                         # (D, D)
+        E = T - product(factors)  # (D, D)
         s = svd_values(E)
-        rank_E = discrepancy_rank(factors, T)                             # the construction's tolerance
-        k = min(sum(ranks[block.start:block.stop]), rank_E)
+        rank_E = discrepancy_rank(factors, T)  # the construction's tolerance
+        k = min(sum(ranks[block.start : block.stop]), rank_E)
         dirs.append(k)
         eps.append(_block_error(s, k, rank_E))
     norms = [float(np.linalg.norm(T, 2)) for T in target.weights]
@@ -160,9 +160,17 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
     finite_or_raise("fnn_error_bound", growth_factors=K, activation_bounds=a, block_errors=eps)
     rms = float(sum(K[i] * eps[i] * a[i] for i in range(Lbar)))
     finite_or_raise("fnn_error_bound", rms=rms, mse=rms * (rms / D))
-    return ErrorBound(rms=rms, mse=rms ** 2 / D, block_errors=tuple(eps), block_directions=tuple(dirs),
-                      growth_factors=tuple(K), activation_bounds=tuple(a), partition=sizes, ranks=ranks,
-                      target=target)
+    return ErrorBound(
+        rms=rms,
+        mse=rms**2 / D,
+        block_errors=tuple(eps),
+        block_directions=tuple(dirs),
+        growth_factors=tuple(K),
+        activation_bounds=tuple(a),
+        partition=sizes,
+        ranks=ranks,
+        target=target,
+    )
 
 
 fnn_error_bound = numeric_guard(fnn_error_bound)

@@ -68,9 +68,7 @@ class SingularMatrixError(LoraTheoryError, ValueError):
         self.context = context
         kappa = "inf" if not math.isfinite(self.condition_number) else f"{self.condition_number:.3g}"
         where = f" ({context})" if context else ""
-        super().__init__(
-            f"{matrix} must be invertible but is singular to working precision, κ = {kappa}{where}"
-        )
+        super().__init__(f"{matrix} must be invertible but is singular to working precision, κ = {kappa}{where}")
 
 
 class NumericalError(LoraTheoryError, ArithmeticError):
@@ -94,8 +92,10 @@ class NumericalError(LoraTheoryError, ArithmeticError):
     def __init__(self, operation: str, detail: str):
         self.operation = operation
         self.detail = " ".join(str(detail).split())
-        super().__init__(f"{operation}: float64 arithmetic failed ({self.detail}); the input's scale is beyond what "
-                         "float64 can carry through this computation")
+        super().__init__(
+            f"{operation}: float64 arithmetic failed ({self.detail}); the input's scale is beyond what "
+            "float64 can carry through this computation"
+        )
 
 
 class IllConditionedWarning(UserWarning):

@@ -107,13 +107,34 @@ class Witness:
 
 
 def _none(reason, center, radius):
-    return Witness(found=False, reason=reason, x=None, x_prime=None, d=None, coordinates=(), separation=0.0,
-                   relative_separation=0.0, rounding_ratio=0.0, first_layer_gap=0.0, lower_bound=0.0,
-                   center=readonly(center), radius=radius)
+    return Witness(
+        found=False,
+        reason=reason,
+        x=None,
+        x_prime=None,
+        d=None,
+        coordinates=(),
+        separation=0.0,
+        relative_separation=0.0,
+        rounding_ratio=0.0,
+        first_layer_gap=0.0,
+        lower_bound=0.0,
+        center=readonly(center),
+        radius=radius,
+    )
 
 
-def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=None, seed=0,
-                         n_starts: int = 64, n_directions: int = 32, n_refine: int = 20) -> Witness:
+def final_layers_witness(
+    frozen: FNN,
+    target: FNN,
+    *,
+    input_radius=None,
+    center=None,
+    seed=0,
+    n_starts: int = 64,
+    n_directions: int = 32,
+    n_refine: int = 20,
+) -> Witness:
     """Search a ball for the pair of Lemma 4 (Zeng & Lee 2024): equal after the frozen first layer, far apart
     under the target.
 
@@ -161,13 +182,22 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
     if target.width != D:
         raise InvalidArgumentError("target", f"must have the frozen model's width D = {D}, got {target.width}")
     if input_radius is None:
-        raise InvalidArgumentError("input_radius", "is required and must be positive and finite: the witness "
-                                                   "searches the ball ||x - center|| <= input_radius")
-    if isinstance(input_radius, (bool, np.bool_)) or not isinstance(input_radius, numbers.Real) \
-            or not math.isfinite(input_radius) or input_radius <= 0:
+        raise InvalidArgumentError(
+            "input_radius",
+            "is required and must be positive and finite: the witness searches the ball ||x - center|| <= input_radius",
+        )
+    if (
+        isinstance(input_radius, (bool, np.bool_))
+        or not isinstance(input_radius, numbers.Real)
+        or not math.isfinite(input_radius)
+        or input_radius <= 0
+    ):
         raise InvalidArgumentError("input_radius", f"must be positive and finite, got {input_radius!r}")
-    if not (seed is None or isinstance(seed, np.random.Generator)
-            or (isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0)):
+    if not (
+        seed is None
+        or isinstance(seed, np.random.Generator)
+        or (isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0)
+    ):
         raise InvalidArgumentError("seed", f"must be a non-negative int, None or a numpy Generator, got {seed!r}")
     r = float(input_radius)
     c = np.zeros(D) if center is None else as_array(center, "center", shape=(D,))
@@ -181,22 +211,31 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
     try:
         check_invertible(W1, "W_1", "the witness solves W_1 (x' - x) = d")
     except SingularMatrixError as exc:
-        return _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu,
-                               exc.condition_number)
+        return _kernel_witness(
+            W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu, exc.condition_number
+        )
     if not first_relu:
-        return _none("the frozen first layer has no ReLU: it is affine, injective as W_1 is invertible, "
-                     "and the final layers can undo it", c, r)
+        return _none(
+            "the frozen first layer has no ReLU: it is affine, injective as W_1 is invertible, "
+            "and the final layers can undo it",
+            c,
+            r,
+        )
 
     # the smallest value of every first-layer unit on the ball
-    rows = np.linalg.norm(W1, axis=1)                                     # (D,)
-    centre_pre = W1 @ c + b1                                              # (D,)
-    lowest = centre_pre - r * rows                                        # (D,)
+    rows = np.linalg.norm(W1, axis=1)  # (D,)
+    centre_pre = W1 @ c + b1  # (D,)
+    lowest = centre_pre - r * rows  # (D,)
     scale = float(np.linalg.norm(W1, 2) * (np.linalg.norm(c) + r) + np.linalg.norm(b1))
     eta = NEGATIVITY * scale
     if np.all(lowest >= -eta):
-        return _none(f"b_1 keeps every first-layer pre-activation positive on the ball (smallest "
-                     f"{float(lowest.min()):.3g}): the first layer is affine and injective there, so no pair "
-                     f"exists and tuning the final layers can fit", c, r)
+        return _none(
+            f"b_1 keeps every first-layer pre-activation positive on the ball (smallest "
+            f"{float(lowest.min()):.3g}): the first layer is affine and injective there, so no pair "
+            f"exists and tuning the final layers can fit",
+            c,
+            r,
+        )
 
     negative_units = np.flatnonzero(lowest < -eta)
     # starts: where each unit that can go negative is most negative, their pairwise midpoints pushed to the
@@ -208,7 +247,7 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
         mid = (extreme[i] + extreme[j]) / 2 - c
         norm = np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), np.finfo(float).tiny)
         starts.append(c + mid / norm * r * (1 - 1e-12))
-    X = np.vstack(starts)                                                 # (n, D)
+    X = np.vstack(starts)  # (n, D)
 
     best = _search(X, W1, b1, c, r, eta, target, rng, n_directions)
     step = r / 4
@@ -225,30 +264,49 @@ def final_layers_witness(frozen: FNN, target: FNN, *, input_radius=None, center=
             step /= 2
 
     if best is None:
-        return _none("the search found no point of the ball with a first-layer unit negative enough to move "
-                     "along (a heuristic search: such a point may still exist)", c, r)
+        return _none(
+            "the search found no point of the ball with a first-layer unit negative enough to move "
+            "along (a heuristic search: such a point may still exist)",
+            c,
+            r,
+        )
     sep, x, xp, d, support = best
     fx, fxp = target(x), target(xp)
     ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
     u = unit_roundoff()
     ratio = sep / (u * ref) if ref > 0 else 0.0
-    h = lambda z: np.maximum(W1 @ z + b1, 0.0)                           # noqa: E731  frozen first layer
+    h = lambda z: np.maximum(W1 @ z + b1, 0.0)  # noqa: E731  frozen first layer
     hx, hxp = h(x), h(xp)
     h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
     gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else float(np.linalg.norm(hx - hxp))
     found = ratio > MIN_ROUNDING_RATIO
     if found:
-        reason = (f"units {list(support)} of the first layer are negative at both points, so the frozen first "
-                  f"layer maps them to the same point while the target's outputs differ by {sep:.3g}: no "
-                  f"tuning of the final layers is within {sep / 2:.3g} of the target on this ball")
+        reason = (
+            f"units {list(support)} of the first layer are negative at both points, so the frozen first "
+            f"layer maps them to the same point while the target's outputs differ by {sep:.3g}: no "
+            f"tuning of the final layers is within {sep / 2:.3g} of the target on this ball"
+        )
     else:
-        reason = (f"the best pair found is separated by the target at rounding level only "
-                  f"({ratio:.3g} roundings): the heuristic search found no witness on this ball (one may still "
-                  "exist)")
-    return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d),
-                   coordinates=tuple(int(k) for k in support), separation=float(sep),
-                   relative_separation=float(sep / ref) if ref > 0 else 0.0, rounding_ratio=float(ratio),
-                   first_layer_gap=gap, lower_bound=float(sep / 2), center=readonly(c), radius=r)
+        reason = (
+            f"the best pair found is separated by the target at rounding level only "
+            f"({ratio:.3g} roundings): the heuristic search found no witness on this ball (one may still "
+            "exist)"
+        )
+    return Witness(
+        found=found,
+        reason=reason,
+        x=readonly(x),
+        x_prime=readonly(xp),
+        d=readonly(d),
+        coordinates=tuple(int(k) for k in support),
+        separation=float(sep),
+        relative_separation=float(sep / ref) if ref > 0 else 0.0,
+        rounding_ratio=float(ratio),
+        first_layer_gap=gap,
+        lower_bound=float(sep / 2),
+        center=readonly(c),
+        radius=r,
+    )
 
 
 final_layers_witness = numeric_guard(final_layers_witness)
@@ -260,8 +318,8 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     _, s, Vt = np.linalg.svd(W1)
     if not np.all(np.isfinite(s)):
         raise FloatingPointError("overflow in the singular values: the 2-norm of W_1 exceeds the float64 range")
-    K = Vt[numeric_rank(W1):].T                                           # (D, k) orthonormal kernel basis
-    X = np.vstack([c, sample_ball(c, r, n_starts, rng)])                  # (n, D) chord through each point
+    K = Vt[numeric_rank(W1) :].T  # (D, k) orthonormal kernel basis
+    X = np.vstack([c, sample_ball(c, r, n_starts, rng)])  # (n, D) chord through each point
     best = _chord_search(X, K, c, r, target, rng, n_directions)
     step = r / 4
     for _ in range(n_refine):
@@ -277,7 +335,7 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     fx, fxp = target(x), target(xp)
     ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
     ratio = sep / (unit_roundoff() * ref) if ref > 0 else 0.0
-    d = W1 @ (xp - x)                                                     # (D,) rounding level
+    d = W1 @ (xp - x)  # (D,) rounding level
     h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if first_relu else (lambda z: W1 @ z + b1)
     hx, hxp = h(x), h(xp)
     h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
@@ -285,18 +343,34 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     kappa_text = "inf" if not math.isfinite(kappa) else f"{kappa:.3g}"
     found = ratio > MIN_ROUNDING_RATIO
     if found:
-        reason = (f"W_1 is singular (κ = {kappa_text}, kernel of dimension {K.shape[1]}): x' - x lies in its "
-                  f"kernel, so W_1 x + b_1 = W_1 x' + b_1 and the frozen first layer maps both to the same point "
-                  f"while the target's outputs differ by {sep:.3g}: no tuning of the final layers is within "
-                  f"{sep / 2:.3g} of the target on this ball")
+        reason = (
+            f"W_1 is singular (κ = {kappa_text}, kernel of dimension {K.shape[1]}): x' - x lies in its "
+            f"kernel, so W_1 x + b_1 = W_1 x' + b_1 and the frozen first layer maps both to the same point "
+            f"while the target's outputs differ by {sep:.3g}: no tuning of the final layers is within "
+            f"{sep / 2:.3g} of the target on this ball"
+        )
     else:
-        reason = (f"W_1 is singular (κ = {kappa_text}) but the target separates the best pair along its kernel "
-                  f"at rounding level only ({ratio:.3g} roundings): the heuristic search found no witness on "
-                  "this ball (one may still exist)")
-    return Witness(found=found, reason=reason, x=readonly(x), x_prime=readonly(xp), d=readonly(d), coordinates=(),
-                   separation=float(sep), relative_separation=float(sep / ref) if ref > 0 else 0.0,
-                   rounding_ratio=float(ratio), first_layer_gap=gap, lower_bound=float(sep / 2),
-                   center=readonly(c), radius=r, mechanism="kernel")
+        reason = (
+            f"W_1 is singular (κ = {kappa_text}) but the target separates the best pair along its kernel "
+            f"at rounding level only ({ratio:.3g} roundings): the heuristic search found no witness on "
+            "this ball (one may still exist)"
+        )
+    return Witness(
+        found=found,
+        reason=reason,
+        x=readonly(x),
+        x_prime=readonly(xp),
+        d=readonly(d),
+        coordinates=(),
+        separation=float(sep),
+        relative_separation=float(sep / ref) if ref > 0 else 0.0,
+        rounding_ratio=float(ratio),
+        first_layer_gap=gap,
+        lower_bound=float(sep / 2),
+        center=readonly(c),
+        radius=r,
+        mechanism="kernel",
+    )
 
 
 def _chord_search(X, K, c, r, target, rng, n_directions):
@@ -307,11 +381,11 @@ def _chord_search(X, K, c, r, target, rng, n_directions):
     V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(float).tiny)
     best = (-1.0, None, None)
     for x in X:
-        b = V @ (x - c)                                                   # (m,)
+        b = V @ (x - c)  # (m,)
         q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
         root = np.sqrt(np.maximum(b * b - q, 0.0))
-        t_hi, t_lo = (-b + root) * (1 - 1e-9), (-b - root) * (1 - 1e-9)   # ends of the chord, inside the ball
-        P, Pp = x + t_lo[:, None] * V, x + t_hi[:, None] * V              # (m, D) each
+        t_hi, t_lo = (-b + root) * (1 - 1e-9), (-b - root) * (1 - 1e-9)  # ends of the chord, inside the ball
+        P, Pp = x + t_lo[:, None] * V, x + t_hi[:, None] * V  # (m, D) each
         seps = np.linalg.norm(target(Pp) - target(P), axis=1)
         j = int(np.argmax(seps))
         if seps[j] > best[0]:
@@ -327,19 +401,19 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
     ``-eta`` (``y_k + t v_k <= -eta``). Returns ``(separation, x, x', d, support)`` or ``None``.
     """
     D = X.shape[1]
-    Y = X @ W1.T + b1                                                     # (n, D) first-layer pre-activations
+    Y = X @ W1.T + b1  # (n, D) first-layer pre-activations
     best = None
     for x, y in zip(X, Y):
         support = np.flatnonzero(y < -eta)
         if support.size == 0:
             continue
-        V = np.zeros((n_directions + 2 * support.size, D))                # candidate directions of d
+        V = np.zeros((n_directions + 2 * support.size, D))  # candidate directions of d
         V[:n_directions, support] = rng.standard_normal((n_directions, support.size))
         V[n_directions + np.arange(support.size), support] = 1.0
         V[n_directions + support.size + np.arange(support.size), support] = -1.0
-        delta = finite_solve(W1, V.T, "W_1").T                           # (k, D) x' - x per unit step
+        delta = finite_solve(W1, V.T, "W_1").T  # (k, D) x' - x per unit step
         # ball: ||x - c + t δ||^2 <= r^2, largest root t of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
-        a = np.sum(delta ** 2, axis=1)
+        a = np.sum(delta**2, axis=1)
         b = delta @ (x - c)
         q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
         t_ball = (-b + np.sqrt(np.maximum(b * b - a * q, 0.0))) / np.maximum(a, np.finfo(float).tiny)
@@ -350,7 +424,7 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
         ok = t > 0
         if not ok.any():
             continue
-        Xp = x + t[ok, None] * delta[ok]                                  # (k', D)
+        Xp = x + t[ok, None] * delta[ok]  # (k', D)
         seps = np.linalg.norm(target(Xp) - target(x), axis=1)
         k = int(np.argmax(seps))
         if best is None or seps[k] > best[0]:
@@ -370,7 +444,7 @@ def lora_parameter_count(width: int, depth: int, rank) -> int:
     """
 
     D = as_int(width, "width", 1)
-    L = as_int(depth, "depth", 1, MAX_DEPTH)                            # one rank per layer is built
+    L = as_int(depth, "depth", 1, MAX_DEPTH)  # one rank per layer is built
     return 2 * D * sum(as_ranks(rank, L, D))
 
 

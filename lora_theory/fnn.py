@@ -75,17 +75,22 @@ def _check_models(frozen, target) -> tuple[int, int, int]:
         raise InvalidArgumentError("target", f"must be a lora_theory.FNN, got {type(target).__name__}")
     if target.width != frozen.width:
         raise InvalidArgumentError(
-            "target", f"must have the frozen model's width D = {frozen.width}, got {target.width}")
+            "target", f"must have the frozen model's width D = {frozen.width}, got {target.width}"
+        )
     if target.depth > frozen.depth:
         raise InvalidArgumentError(
-            "target", f"the target depth L̄ = {target.depth} exceeds the frozen depth L = {frozen.depth}")
+            "target", f"the target depth L̄ = {target.depth} exceeds the frozen depth L = {frozen.depth}"
+        )
     if target.activation != frozen.activation:
         raise InvalidArgumentError(
-            "target", f"must use the frozen model's activation {frozen.activation!r}, got {target.activation!r}")
+            "target", f"must use the frozen model's activation {frozen.activation!r}, got {target.activation!r}"
+        )
     if target.final_relu != frozen.final_relu:
         raise InvalidArgumentError(
-            "target", f"must use the frozen model's output convention final_relu={frozen.final_relu}, "
-                      f"got final_relu={target.final_relu}")
+            "target",
+            f"must use the frozen model's output convention final_relu={frozen.final_relu}, "
+            f"got final_relu={target.final_relu}",
+        )
     return frozen.depth, target.depth, frozen.width
 
 
@@ -100,16 +105,19 @@ def block_discrepancies(frozen: FNN, target: FNN, partition=None) -> tuple[np.nd
     """
     L, Lbar, _ = _check_models(frozen, target)
     sizes = _partition(partition, L, Lbar)
-    return tuple(target.weights[i] - product(frozen.weights[b.start:b.stop])
-                 for i, b in enumerate(partition_blocks(sizes)))
+    return tuple(
+        target.weights[i] - product(frozen.weights[b.start : b.stop]) for i, b in enumerate(partition_blocks(sizes))
+    )
 
 
 block_discrepancies = numeric_guard(block_discrepancies)
 
 
 def _block_ranks(frozen, target, sizes) -> tuple[int, ...]:
-    return tuple(discrepancy_rank(frozen.weights[b.start:b.stop], target.weights[i])
-                 for i, b in enumerate(partition_blocks(sizes)))
+    return tuple(
+        discrepancy_rank(frozen.weights[b.start : b.stop], target.weights[i])
+        for i, b in enumerate(partition_blocks(sizes))
+    )
 
 
 def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
@@ -141,7 +149,8 @@ def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
     """
     L, Lbar, _ = _check_models(frozen, target)
     return best_partition(
-        lambda i, start, stop: discrepancy_rank(frozen.weights[start:stop], target.weights[i]), L, Lbar)
+        lambda i, start, stop: discrepancy_rank(frozen.weights[start:stop], target.weights[i]), L, Lbar
+    )
 
 
 fnn_best_partition = numeric_guard(fnn_best_partition)
@@ -164,9 +173,9 @@ def sample_ball(center, radius: float, n: int, seed=None) -> np.ndarray:
         raise InvalidArgumentError("n", f"must be a non-negative integer, got {n!r}")
     rng = rng_from(seed)
     D = center.shape[0]
-    g = rng.standard_normal((int(n), D))                                 # (n, D)
+    g = rng.standard_normal((int(n), D))  # (n, D)
     g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(float).tiny)
-    scale = radius * rng.uniform(size=(int(n), 1)) ** (1.0 / D)        # (n, 1)
+    scale = radius * rng.uniform(size=(int(n), 1)) ** (1.0 / D)  # (n, 1)
     # shrink by one part in 1e12 so that rounding never puts a point outside the ball
     return center + g * scale * (1.0 - 1e-12)
 
@@ -399,8 +408,13 @@ class FNNFit:
         """
         if self.domain.kind != "ball":
             return 1.0
-        return _radius_amplification([bf.realised for bf in self.block_fits], self.target.biases,
-                                     self.domain.center, self.domain.radius, self.output_radius)
+        return _radius_amplification(
+            [bf.realised for bf in self.block_fits],
+            self.target.biases,
+            self.domain.center,
+            self.domain.radius,
+            self.output_radius,
+        )
 
     def tolerance_at(self, x) -> np.ndarray | float:
         """Per-sample relative tolerance ``tolerance · s_out / ||f̄(x)||_2`` (Zeng & Lee 2024, Theorem 3 in float64).
@@ -425,8 +439,9 @@ class FNNFit:
         X = np.atleast_2d(x)
         if x.ndim > 2 or X.shape[1] != self.target.width:
             raise InvalidArgumentError(
-                "x", f"must have shape (D,) or (n, D) with D = {self.target.width}, got {x.shape}")
-        ref = np.linalg.norm(self.target(X), axis=1)                      # (n,) ||f̄(x)||
+                "x", f"must have shape (D,) or (n, D) with D = {self.target.width}, got {x.shape}"
+            )
+        ref = np.linalg.norm(self.target(X), axis=1)  # (n,) ||f̄(x)||
         tol = np.full(ref.shape, np.inf)
         np.divide(self.absolute_tolerance, ref, out=tol, where=ref > 0)
         if self.domain.kind == "ball":
@@ -486,12 +501,18 @@ def _domain_args(input_radius, center, inputs, margin, D):
         raise InvalidArgumentError("center", "a centre needs input_radius (it defines a ball); samples have none")
     if input_radius is None and inputs is None:
         raise InvalidArgumentError(
-            "input_radius", "no domain given: pass input_radius (a certified ball) or inputs (samples)")
+            "input_radius", "no domain given: pass input_radius (a certified ball) or inputs (samples)"
+        )
     if input_radius is not None and inputs is not None:
         raise InvalidArgumentError(
-            "inputs", "two domains given: pass either input_radius (a ball) or inputs (samples), not both")
-    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real) \
-            or not math.isfinite(margin) or margin < 1:
+            "inputs", "two domains given: pass either input_radius (a ball) or inputs (samples), not both"
+        )
+    if (
+        isinstance(margin, (bool, np.bool_))
+        or not isinstance(margin, numbers.Real)
+        or not math.isfinite(margin)
+        or margin < 1
+    ):
         raise InvalidArgumentError("margin", f"must be a finite real number >= 1 (multiplicative), got {margin!r}")
     if input_radius is not None:
         if isinstance(input_radius, (bool, np.bool_)) or not isinstance(input_radius, numbers.Real):
@@ -507,8 +528,9 @@ def _domain_args(input_radius, center, inputs, margin, D):
     return "samples", None, None, X
 
 
-def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=None, center=None,
-             inputs=None, margin: float = 2.0) -> FNNFit:
+def lora_fnn(
+    frozen: FNN, target: FNN, rank, *, partition=None, input_radius=None, center=None, inputs=None, margin: float = 2.0
+) -> FNNFit:
     """LoRA adapters and biases that make a frozen ReLU FNN equal a shallower target on a domain.
 
     Zeng & Lee 2024, Theorem 3 (uniform partition) and Theorem 6 (general partition, per-layer ranks);
@@ -566,23 +588,26 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
     sqrtD = math.sqrt(D)
 
     adapters, weights, biases, block_fits, kappas, input_radii = [], [], [], [], {}, []
-    first_block_partials = []                                             # P_j of block 1, for the check
-    U = X                                                                 # (n, D) sampled block inputs
+    first_block_partials = []  # P_j of block 1, for the check
+    U = X  # (n, D) sampled block inputs
     for i, block in enumerate(partition_blocks(sizes)):
-        factors = frozen.weights[block.start:block.stop]
+        factors = frozen.weights[block.start : block.stop]
         T, c = target.weights[i], target.biases[i]
         names = [f"W_{l + 1}" for l in block]
         check_norm_finite(T - product(factors), f"E_{i + 1}")
         try:
             block_adapters, E, s, rank_E, block_kappas = _chain_checked(
-                factors, T, ranks[block.start:block.stop], names=names)
+                factors, T, ranks[block.start : block.stop], names=names
+            )
         except SingularMatrixError as exc:
             raise SingularMatrixError(
-                f"block {i + 1}: {exc.matrix}", exc.condition_number,
-                f"block {i + 1} holds layers {block.start + 1}..{block.stop}") from None
+                f"block {i + 1}: {exc.matrix}",
+                exc.condition_number,
+                f"block {i + 1} holds layers {block.start + 1}..{block.stop}",
+            ) from None
         for name, k in block_kappas.items():
             kappas[f"block {i + 1}: {name}"] = k
-        M = [W + a.delta for W, a in zip(factors, block_adapters)]      # adapted factors, each (D, D)
+        M = [W + a.delta for W, a in zip(factors, block_adapters)]  # adapted factors, each (D, D)
         m = len(M)
 
         # sizes on the domain: input norm bound, then one level per inner layer
@@ -593,26 +618,28 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         input_radii.append(r if kind == "ball" else in_size)
         levels, block_biases = [], []
         beta_prev, P = 0.0, np.eye(D)
-        rounding = []                                                     # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
-        added = [float(np.linalg.norm(W, 2) + np.linalg.norm(a.delta, 2))      # magnitudes summed in M_j
-                 for W, a in zip(factors, block_adapters)]
+        rounding = []  # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+        added = [
+            float(np.linalg.norm(W, 2) + np.linalg.norm(a.delta, 2))  # magnitudes summed in M_j
+            for W, a in zip(factors, block_adapters)
+        ]
         s_prev = in_size
         for j in range(m - 1):
-            P = M[j] @ P                                                  # (D, D) P_j
+            P = M[j] @ P  # (D, D) P_j
             if i == 0:
                 first_block_partials.append(P)
             if kind == "samples":
-                pre = U @ P.T                                             # (n, D) P_j u (its size: s_j below)
+                pre = U @ P.T  # (n, D) P_j u (its size: s_j below)
             if not linearise:
                 beta = 0.0
             elif kind == "ball":
-                Pu0 = P @ u0                                              # (D,)
-                rows = np.linalg.norm(P, axis=1)                          # (D,)
+                Pu0 = P @ u0  # (D,)
+                rows = np.linalg.norm(P, axis=1)  # (D,)
                 need = float(np.max(r * rows - Pu0))
                 beta = max(need, 0.0) + SAFETY * (r * np.linalg.norm(P, 2) + np.linalg.norm(Pu0))
             else:
                 beta = margin * max(-float(pre.min()), 0.0) + SAFETY * float(np.abs(pre).max())
-            b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))       # (D,)
+            b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))  # (D,)
             block_biases.append(b)
             levels.append(beta)
             rounding.append(added[j] * s_prev + np.linalg.norm(b))
@@ -622,9 +649,9 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
             else:
                 s_prev = float(np.max(np.linalg.norm(pre + beta, axis=1)))
             beta_prev = beta
-        b_last = c - M[-1] @ (beta_prev * np.ones(D))                     # (D,) calibrating bias
+        b_last = c - M[-1] @ (beta_prev * np.ones(D))  # (D,) calibrating bias
         block_biases.append(b_last)
-        W_tilde = product(M)                                              # (D, D) realised block product
+        W_tilde = product(M)  # (D, D) realised block product
 
         # the block's output on the domain: through the last bias and ReLU, as the next block sees it
         if kind == "ball":
@@ -632,26 +659,38 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         else:
             Z = U
             for j, (Mj, bj) in enumerate(zip(M, block_biases)):
-                Z = Z @ Mj.T + bj                                         # (n, D) pre-activation
+                Z = Z @ Mj.T + bj  # (n, D) pre-activation
                 if j == m - 1:
                     out_size = float(np.max(np.linalg.norm(Z, axis=1)))
                 if linearise and (block.start + j < L - 1 or frozen.final_relu):
                     Z = relu(Z)
         rounding.append(added[-1] * s_prev + np.linalg.norm(b_last))
         # each layer's rounding reaches the block output through the adapted layers after it
-        after = [float(np.linalg.norm(product(M[j + 1:]), 2)) for j in range(m - 1)] + [1.0]
+        after = [float(np.linalg.norm(product(M[j + 1 :]), 2)) for j in range(m - 1)] + [1.0]
         amplified = sum(a * t for a, t in zip(after, rounding))
         # E_i = T_i - Π W_l is a float64 difference: W̃_i inherits its rounding, relative to both terms
         amplified += float(np.linalg.norm(T, 2) + np.linalg.norm(product(factors), 2)) * in_size
         gamma_i = float(amplified / out_size) if out_size > 0 else 0.0
 
         k_i = sum(a.rank for a in block_adapters)
-        block_fits.append(BlockFit(
-            layers=block, adapters=block_adapters, discrepancy=readonly(E), singular_values=readonly(s),
-            discrepancy_rank=rank_E, budget=sum(ranks[block.start:block.stop]), directions=k_i,
-            error=_block_error(s, k_i, rank_E), realised=readonly(W_tilde), levels=tuple(levels),
-            condition_numbers=dict(block_kappas), input_radius=input_radii[-1], output_radius=out_size,
-            gamma=gamma_i))
+        block_fits.append(
+            BlockFit(
+                layers=block,
+                adapters=block_adapters,
+                discrepancy=readonly(E),
+                singular_values=readonly(s),
+                discrepancy_rank=rank_E,
+                budget=sum(ranks[block.start : block.stop]),
+                directions=k_i,
+                error=_block_error(s, k_i, rank_E),
+                realised=readonly(W_tilde),
+                levels=tuple(levels),
+                condition_numbers=dict(block_kappas),
+                input_radius=input_radii[-1],
+                output_radius=out_size,
+                gamma=gamma_i,
+            )
+        )
         adapters.extend(block_adapters)
         weights.extend(M)
         biases.extend(block_biases)
@@ -671,20 +710,38 @@ def lora_fnn(frozen: FNN, target: FNN, rank, *, partition=None, input_radius=Non
         radius=float(input_radius) if kind == "ball" else None,
         margin=float(margin) if kind == "samples" else None,
         n_samples=int(X.shape[0]) if kind == "samples" else None,
-        block_input_radii=tuple(float(v) for v in input_radii))
+        block_input_radii=tuple(float(v) for v in input_radii),
+    )
     sufficient = all(b.exact for b in block_fits)
     fit = FNNFit(
-        adapters=tuple(adapters), model=model, ranks=ranks, partition=sizes, block_fits=tuple(block_fits),
-        exact=sufficient, condition_numbers=kappas, kappa=kappa, gamma=gamma,
-        domain=domain, tolerance=tolerance(kappa, gamma), frozen=frozen, target=target,
-        rank_sufficient=sufficient)
+        adapters=tuple(adapters),
+        model=model,
+        ranks=ranks,
+        partition=sizes,
+        block_fits=tuple(block_fits),
+        exact=sufficient,
+        condition_numbers=kappas,
+        kappa=kappa,
+        gamma=gamma,
+        domain=domain,
+        tolerance=tolerance(kappa, gamma),
+        frozen=frozen,
+        target=target,
+        rank_sufficient=sufficient,
+    )
     a = fit.radius_amplification
-    reason = "" if a <= 1 else (
-        f"on inputs within distance 1 of the centre, whose outputs can be a = {a:.3g} times smaller than the "
-        f"output size {fit.output_radius:.3g} the biases for radius {domain.radius:g} are sized for; certify "
-        "a smaller ball if the inputs are smaller")
-    warn_if_ill_conditioned(kappa, gamma, what="FNN construction (Theorem 3)", amplification=a,
-                            amplification_reason=reason)
+    reason = (
+        ""
+        if a <= 1
+        else (
+            f"on inputs within distance 1 of the centre, whose outputs can be a = {a:.3g} times smaller than the "
+            f"output size {fit.output_radius:.3g} the biases for radius {domain.radius:g} are sized for; certify "
+            "a smaller ball if the inputs are smaller"
+        )
+    )
+    warn_if_ill_conditioned(
+        kappa, gamma, what="FNN construction (Theorem 3)", amplification=a, amplification_reason=reason
+    )
     # check the claim on what float64 built, on the fit's own domain
     points = _check_points(domain, X, first_block_partials)
     s_out = fit.output_radius
@@ -714,8 +771,8 @@ def _check_points(domain: Domain, X, partials) -> np.ndarray:
         return X
     u0, r = domain.center, float(domain.radius)
     points = [u0[None, :]]
-    for P in partials:                                                    # P_j of the first block, (D, D)
-        rows = np.linalg.norm(P, axis=1)                                  # (D,)
+    for P in partials:  # P_j of the first block, (D, D)
+        rows = np.linalg.norm(P, axis=1)  # (D,)
         keep = rows > 0
         # where row k of P_j u + β_j is smallest on the ball: u_0 - r p_k / ||p_k||
         points.append(u0 - r * (P[keep] / rows[keep, None]) * (1.0 - 1e-12))

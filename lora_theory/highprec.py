@@ -38,10 +38,24 @@ from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from .fnn import SAFETY, Domain, _check_models, _check_points, _radius_amplification, lora_fnn
-from .linear import lora_linear, _chain_gamma, _direction_blocks, _rank_scale, _search_assignment, _search_note, _SearchCut
+from .linear import (
+    _chain_gamma,
+    _direction_blocks,
+    _rank_scale,
+    _search_assignment,
+    _search_note,
+    _SearchCut,
+    lora_linear,
+)
 from .models import FNN, TFN
-from .numerics import (TOLERANCE_CONSTANT, WARN_RELATIVE_ERROR, _LargestConditionNumber, condition_number,
-                       unit_roundoff, verified_exact)
+from .numerics import (
+    TOLERANCE_CONSTANT,
+    WARN_RELATIVE_ERROR,
+    _LargestConditionNumber,
+    condition_number,
+    unit_roundoff,
+    verified_exact,
+)
 from .partition import check_partition, partition_blocks, uniform_partition
 from .tfn import CHECK_INPUTS, CHECK_TOKENS, TFNFit, _check_pair, lora_tfn
 
@@ -75,8 +89,9 @@ _mp = mpmath.mp
 
 
 @numeric_guard
-def choose_digits(kappa: float, gamma: float = 0.0, *, target_digits: int = TARGET_DIGITS,
-                  safety: int = SAFETY_DIGITS) -> int:
+def choose_digits(
+    kappa: float, gamma: float = 0.0, *, target_digits: int = TARGET_DIGITS, safety: int = SAFETY_DIGITS
+) -> int:
     """Decimal digits for a construction that inverts matrices of condition ``κ`` and amplifies by ``γ``.
 
     ``ceil(target_digits + log10(max(κ, 1)) + log10(max(γ, 1)) + safety)``: the construction loses about
@@ -92,12 +107,15 @@ def choose_digits(kappa: float, gamma: float = 0.0, *, target_digits: int = TARG
             raise InvalidArgumentError(name, "is infinite: the matrix is singular, no precision helps")
     target_digits = as_int(target_digits, "target_digits", 0, MAX_DIGITS)
     safety = as_int(safety, "safety", 0, MAX_DIGITS)
-    digits = int(math.ceil(target_digits + math.log10(max(float(kappa), 1.0))
-                           + math.log10(max(float(gamma), 1.0)) + safety))
+    digits = int(
+        math.ceil(target_digits + math.log10(max(float(kappa), 1.0)) + math.log10(max(float(gamma), 1.0)) + safety)
+    )
     if digits > MAX_DIGITS:
         raise InvalidArgumentError(
-            "kappa", f"κ = {float(kappa):.3g}, γ = {float(gamma):.3g} with {target_digits} digits kept and {safety} "
-                     f"safety need {digits} digits, beyond the cap MAX_DIGITS = {MAX_DIGITS}")
+            "kappa",
+            f"κ = {float(kappa):.3g}, γ = {float(gamma):.3g} with {target_digits} digits kept and {safety} "
+            f"safety need {digits} digits, beyond the cap MAX_DIGITS = {MAX_DIGITS}",
+        )
     return digits
 
 
@@ -159,21 +177,27 @@ def suggest_precision(fit) -> PrecisionAdvice:
     else:
         fn = "lora_linear_mp"
     if isinstance(fit, TFNFit) and not ok:
-        msg = (f"float64 loses about {math.log10(max(kappa, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, expected "
-               f"relative error {expected:.2g}): use the high-precision path, "
-               f"lora_theory.highprec.lora_tfn_mp(..., digits={digits}), evaluated at that precision with its "
-               "predict(); for a rational (or float64, taken exactly) instance, "
-               "lora_theory.symbolic.certify_tfn certifies the construction exactly, with no rounding")
+        msg = (
+            f"float64 loses about {math.log10(max(kappa, 1)):.1f} of its 16 digits (κ = {kappa:.3g}, expected "
+            f"relative error {expected:.2g}): use the high-precision path, "
+            f"lora_theory.highprec.lora_tfn_mp(..., digits={digits}), evaluated at that precision with its "
+            "predict(); for a rational (or float64, taken exactly) instance, "
+            "lora_theory.symbolic.certify_tfn certifies the construction exactly, with no rounding"
+        )
         return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)
     if ok:
         amp = f", radius amplification a = {amplification:.3g}" if amplification > 1 else ""
-        msg = (f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}{amp}, expected relative error "
-               f"u·(κ + γ){'·a' if amp else ''} = {expected:.2g}")
+        msg = (
+            f"float64 suffices: κ = {kappa:.3g}, γ = {gamma:.3g}{amp}, expected relative error "
+            f"u·(κ + γ){'·a' if amp else ''} = {expected:.2g}"
+        )
     else:
-        msg = (f"float64 loses about {math.log10(max((kappa + gamma) * amplification, 1)):.1f} of its 16 digits "
-               f"(κ = {kappa:.3g}, "
-               f"γ = {gamma:.3g}, expected relative error {expected:.2g}): use the high-precision path, "
-               f"lora_theory.highprec.{fn}(..., digits={digits})")
+        msg = (
+            f"float64 loses about {math.log10(max((kappa + gamma) * amplification, 1)):.1f} of its 16 digits "
+            f"(κ = {kappa:.3g}, "
+            f"γ = {gamma:.3g}, expected relative error {expected:.2g}): use the high-precision path, "
+            f"lora_theory.highprec.{fn}(..., digits={digits})"
+        )
     return PrecisionAdvice(kappa, gamma, expected, ok, digits, msg)
 
 
@@ -260,8 +284,9 @@ def _check_digits(digits):
         raise InvalidArgumentError("digits", f"must be an integer >= 16 (or None to choose), got {digits!r}")
     if digits > MAX_DIGITS:
         raise InvalidArgumentError(
-            "digits", f"must be at most MAX_DIGITS = {MAX_DIGITS} (the cost grows as digits^1.6 per operation), "
-                      f"got {digits}")
+            "digits",
+            f"must be at most MAX_DIGITS = {MAX_DIGITS} (the cost grows as digits^1.6 per operation), got {digits}",
+        )
     return int(digits)
 
 
@@ -277,40 +302,40 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
     """
     m = len(factors)
     n = target.rows
-    suffix = [None] * m                                                 # suffix[l] = Q_l, frozen after l
+    suffix = [None] * m  # suffix[l] = Q_l, frozen after l
     suffix[m - 1] = _eye(n)
     for l in range(m - 2, -1, -1):
         suffix[l] = suffix[l + 1] * factors[l + 1]
     frozen_product = suffix[0] * factors[0]
-    E = target - frozen_product                                         # (n, n)
-    U, s, V = _mp.svd_r(E)                                              # E = U diag(s) V, V's rows: V^T
+    E = target - frozen_product  # (n, n)
+    U, s, V = _mp.svd_r(E)  # E = U diag(s) V, V's rows: V^T
     s = [s[i] for i in range(n)]
     if rank_tol is None:
         scale = max(_fro(target), _fro(frozen_product), s[0])
-        rank_tol = n * _mp.eps * scale * 2 ** 10 * (1 + kappa_target)
+        rank_tol = n * _mp.eps * scale * 2**10 * (1 + kappa_target)
     rank_E = sum(1 for v in s if v > rank_tol)
     blocks = _direction_blocks(ranks, rank_E)
 
     def step(l, b, state):
-        adapted, kappas, given = state                                  # tuples: the layers before l
+        adapted, kappas, given = state  # tuples: the layers before l
         start, stop = blocks[b]
         if stop <= start:
             return adapted + (factors[l],), kappas, given
-        EV = _cols(U, start, stop) * _mp.diag(s[start:stop])            # (n, k) = E V_l
-        Vl_T = V[start:stop, :]                                         # (k, n) = V_l^T
+        EV = _cols(U, start, stop) * _mp.diag(s[start:stop])  # (n, k) = E V_l
+        Vl_T = V[start:stop, :]  # (k, n) = V_l^T
         new_kappas = []
         if l < m - 1:
-            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
             lu = _LU(suffix[l], q_name, f"it receives singular directions {start + 1}..{stop} of E")
             new_kappas.append((f"Q_{l + 1}", lu.kappa))
-            B = lu.solve(EV)                                            # (n, k) = Q^{-1} E V_l
+            B = lu.solve(EV)  # (n, k) = Q^{-1} E V_l
         else:
             B = EV
         if l > 0:
             p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
             lu = _LU(_prod(adapted, n).T, p_name, f"layer {l + 1} receives singular directions of E")
             new_kappas.append((f"P_{l + 1}", lu.kappa))
-            A = lu.solve(Vl_T.T).T                                      # (k, n) = V_l^T P^{-1}
+            A = lu.solve(Vl_T.T).T  # (k, n) = V_l^T P^{-1}
         else:
             A = Vl_T
         return adapted + (factors[l] + B * A,), kappas + tuple(new_kappas), given + ((l, (A, B)),)
@@ -320,8 +345,9 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
     except (SingularMatrixError, _SearchCut) as exc:
         cut = isinstance(exc, _SearchCut)
         first = exc.first if cut else exc
-        raise SingularMatrixError(first.matrix, first.condition_number,
-                                  "; ".join(x for x in (first.context, _search_note(m, cut)) if x)) from None
+        raise SingularMatrixError(
+            first.matrix, first.condition_number, "; ".join(x for x in (first.context, _search_note(m, cut)) if x)
+        ) from None
     adapted, kappa_pairs, given_pairs = states[-1]
     given = dict(given_pairs)
     adapters = [given.get(l, (_mp.zeros(0, n), _mp.zeros(n, 0))) for l in range(m)]
@@ -349,7 +375,10 @@ def _warn_if_too_few_digits(fit, what, stacklevel=3):
             f"{what} at digits={fit.digits} is ill-conditioned: κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g}; expect "
             f"relative errors near u·(κ + γ) = {expected:.2g} at that precision; {needed} digits are needed "
             f"(choose_digits: {TARGET_DIGITS} kept + log10 κ + log10 γ + {SAFETY_DIGITS} safety), or pass "
-            "digits=None to choose them", IllConditionedWarning, stacklevel=stacklevel)
+            "digits=None to choose them",
+            IllConditionedWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _at_precision(build, float64_run, digits, what, least=16):
@@ -363,9 +392,12 @@ def _at_precision(build, float64_run, digits, what, least=16):
         return _verify(fit, what)
     kappa, gamma = _float64_kappa_estimate(float64_run)
     digits = max(choose_digits(kappa, gamma), least)
-    fit = build(digits, f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + "
-                        f"log10 γ + {SAFETY_DIGITS} safety" + (f" (at least {least})" if least > 16 else ""))
-    needed = choose_digits(fit.kappa, fit.gamma)                     # refuses more than MAX_DIGITS
+    fit = build(
+        digits,
+        f"chosen from the float64 κ ≈ {kappa:.3g}, γ ≈ {gamma:.3g}: {TARGET_DIGITS} + log10 κ + "
+        f"log10 γ + {SAFETY_DIGITS} safety" + (f" (at least {least})" if least > 16 else ""),
+    )
+    needed = choose_digits(fit.kappa, fit.gamma)  # refuses more than MAX_DIGITS
     if needed > digits + RERUN_DIGITS:
         fit = build(needed, f"raised to {needed} for κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g} found at {digits} digits")
     return _verify(fit, what)
@@ -387,9 +419,15 @@ def _verify(fit, what):
     (:func:`lora_theory.numerics.verified_exact` at the working precision): ``rank_sufficient``, the
     ``measured_error`` on the fit's check inputs at most its ``tolerance``, and that tolerance (times the
     ball's ``radius_amplification`` for an FNN) at most :data:`~lora_theory.numerics.EXACT_TOLERANCE_LIMIT`."""
-    exact = verified_exact(fit.rank_sufficient, fit.measured_error, fit.tolerance,
-                           getattr(fit, "radius_amplification", 1.0), what=what, stacklevel=5,
-                           arithmetic=f"{fit.digits}-digit")
+    exact = verified_exact(
+        fit.rank_sufficient,
+        fit.measured_error,
+        fit.tolerance,
+        getattr(fit, "radius_amplification", 1.0),
+        what=what,
+        stacklevel=5,
+        arithmetic=f"{fit.digits}-digit",
+    )
     object.__setattr__(fit, "exact", exact)
     return fit
 
@@ -479,8 +517,10 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
     @property
     def adapters(self) -> tuple:
         """The adapters rounded to float64 (a float64 product of ``W + Δ`` loses the digits again)."""
-        return tuple(Adapter(_np(A) if A.rows else np.zeros((0, B.rows)),
-                             _np(B) if B.cols else np.zeros((B.rows, 0))) for A, B in self.adapters_mp)
+        return tuple(
+            Adapter(_np(A) if A.rows else np.zeros((0, B.rows)), _np(B) if B.cols else np.zeros((B.rows, 0)))
+            for A, B in self.adapters_mp
+        )
 
     def product(self) -> np.ndarray:
         """``Π(W_l + Δ_l)`` computed at working precision, rounded to float64, shape ``(D, D)``."""
@@ -492,10 +532,12 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
         x = as_array(x, "x")
         X = np.atleast_2d(x)
         if X.shape[1] != self.target.shape[0]:
-            raise InvalidArgumentError("x", f"must have shape (D,) or (n, D) with D = {self.target.shape[0]}, got {x.shape}")
+            raise InvalidArgumentError(
+                "x", f"must have shape (D,) or (n, D) with D = {self.target.shape[0]}, got {x.shape}"
+            )
         with _mp.workdps(self.digits):
             M = _prod(self.weights_mp, self.target.shape[0])
-            Y = _np(M * _mpm(X.T)).T                                    # (n, D)
+            Y = _np(M * _mpm(X.T)).T  # (n, D)
         return Y[0] if x.ndim == 1 else Y
 
 
@@ -542,9 +584,12 @@ def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=No
     ranks = as_ranks(rank, len(frozen), n)
     rank_tol = as_tolerance(rank_tol, "rank_tol")
 
-    return _at_precision(lambda d, reason: _linear_mp(frozen, target, ranks, d, reason, rank_tol),
-                         lambda: lora_linear(frozen, target, ranks), _check_digits(digits),
-                         "high-precision linear construction (Lemma 1)")
+    return _at_precision(
+        lambda d, reason: _linear_mp(frozen, target, ranks, d, reason, rank_tol),
+        lambda: lora_linear(frozen, target, ranks),
+        _check_digits(digits),
+        "high-precision linear construction (Lemma 1)",
+    )
 
 
 def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
@@ -557,20 +602,32 @@ def _linear_mp(frozen, target, ranks, digits, reason, rank_tol):
         norm_T = _fro(T)
         achieved = _fro(_prod(adapted, n) - T) / norm_T
         k = sum(ranks)
-        tail = _mp.sqrt(_mp.fsum(v ** 2 for v in s[k:rank_E])) if k < rank_E else _mp.mpf(0)
+        tail = _mp.sqrt(_mp.fsum(v**2 for v in s[k:rank_E])) if k < rank_E else _mp.mpf(0)
         optimal = tail / norm_T
-        miss = _fro(_prod(adapted, n) - T)                              # >= the spectral norm of the miss
+        miss = _fro(_prod(adapted, n) - T)  # >= the spectral norm of the miss
     kappa = max(kappas.values(), default=1.0)
     gamma = _chain_gamma(frozen, tuple(_np(M) for M in adapted), target)
     scale, norm_T2 = _rank_scale(frozen, target), float(np.linalg.norm(target, 2))
-    ref = norm_T2 if norm_T2 > 0 else (scale if scale > 0 else 1.0)   # T = 0: relative to Π W, as in float64
+    ref = norm_T2 if norm_T2 > 0 else (scale if scale > 0 else 1.0)  # T = 0: relative to Π W, as in float64
     sufficient = sum(ranks) >= rank_E
     return HighPrecisionLinearFit(
-        adapters_mp=tuple(adapters), weights_mp=tuple(adapted), frozen=tuple(frozen), target=target, ranks=ranks, digits=digits,
-        digits_reason=reason, singular_values=tuple(s), error_rank=rank_E, achieved_error=achieved,
-        optimal_error=optimal, exact=sufficient, condition_numbers=kappas, rank_sufficient=sufficient,
+        adapters_mp=tuple(adapters),
+        weights_mp=tuple(adapted),
+        frozen=tuple(frozen),
+        target=target,
+        ranks=ranks,
+        digits=digits,
+        digits_reason=reason,
+        singular_values=tuple(s),
+        error_rank=rank_E,
+        achieved_error=achieved,
+        optimal_error=optimal,
+        exact=sufficient,
+        condition_numbers=kappas,
+        rank_sufficient=sufficient,
         measured_error=float(miss / ref),
-        tolerance=_working_tolerance(digits, kappa, gamma) * (scale / ref if scale > 0 else 1.0))
+        tolerance=_working_tolerance(digits, kappa, gamma) * (scale / ref if scale > 0 else 1.0),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- FNN
@@ -653,15 +710,18 @@ class HighPrecisionFNNFit:
         X = np.atleast_2d(x)
         if X.ndim != 2 or X.shape[1] != self.frozen.width:
             raise InvalidArgumentError(
-                "x", f"must have shape (D,) or (n, D) with D = {self.frozen.width}, got {x.shape}")
+                "x", f"must have shape (D,) or (n, D) with D = {self.frozen.width}, got {x.shape}"
+            )
         return x, X
 
     def _outputs(self, X):
         """``(f(X), f̄(X))`` as mpmath matrices ``(D, n)`` at working precision (call inside workdps)."""
         t = self.target
-        Xm = _mpm(X.T)                                                  # (D, n)
-        relu_f = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
-                  for l in range(len(self.weights_mp))]
+        Xm = _mpm(X.T)  # (D, n)
+        relu_f = [
+            self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+            for l in range(len(self.weights_mp))
+        ]
         relu_t = [t.activation == "relu" and (l < t.depth - 1 or t.final_relu) for l in range(t.depth)]
         f = _forward(self.weights_mp, self.biases_mp, Xm, relu_f)
         fbar = _forward([_mpm(T) for T in t.weights], [_mpm(c) for c in t.biases], Xm, relu_t)
@@ -672,8 +732,10 @@ class HighPrecisionFNNFit:
         x, X = self._inputs(x)
         with _mp.workdps(self.digits):
             Xm = _mpm(X.T)
-            relu = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
-                    for l in range(len(self.weights_mp))]
+            relu = [
+                self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+                for l in range(len(self.weights_mp))
+            ]
             Y = _np(_forward(self.weights_mp, self.biases_mp, Xm, relu)).T
         return Y[0] if x.ndim == 1 else Y
 
@@ -690,18 +752,24 @@ class HighPrecisionFNNFit:
         _, X = self._inputs(x)
         from_float, from_mpf, _, ctx = _object_arrays(self.digits)
         t = self.target
-        relu_f = [self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
-                  for l in range(len(self.weights_mp))]
+        relu_f = [
+            self.frozen.activation == "relu" and (l < len(self.weights_mp) - 1 or self.frozen.final_relu)
+            for l in range(len(self.weights_mp))
+        ]
         relu_t = [t.activation == "relu" and (l < t.depth - 1 or t.final_relu) for l in range(t.depth)]
         with ctx:
-            Xo = from_float(X)                                          # (n, D)
-            f = _fnn_forward_objects([from_mpf(np.array(_nested_objects(W), dtype=object)) for W in self.weights_mp],
-                                     [from_mpf(np.array(_nested_objects(b, vector=True), dtype=object)) for b in self.biases_mp],
-                                     Xo, relu_f)                        # (n, D)
-            fbar = _fnn_forward_objects([from_float(T) for T in t.weights], [from_float(c) for c in t.biases],
-                                        Xo, relu_t)                     # (n, D)
+            Xo = from_float(X)  # (n, D)
+            f = _fnn_forward_objects(
+                [from_mpf(np.array(_nested_objects(W), dtype=object)) for W in self.weights_mp],
+                [from_mpf(np.array(_nested_objects(b, vector=True), dtype=object)) for b in self.biases_mp],
+                Xo,
+                relu_f,
+            )  # (n, D)
+            fbar = _fnn_forward_objects(
+                [from_float(T) for T in t.weights], [from_float(c) for c in t.biases], Xo, relu_t
+            )  # (n, D)
             worst = max(np.sum((f - fbar) ** 2, axis=1), default=0)
-            return float(worst ** 0.5) if worst else 0.0
+            return float(worst**0.5) if worst else 0.0
 
     @property
     def max_block_error(self):
@@ -710,8 +778,17 @@ class HighPrecisionFNNFit:
 
 
 @numeric_guard
-def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius, center=None,
-                digits: int | None = None, rank_tol=None) -> HighPrecisionFNNFit:
+def lora_fnn_mp(
+    frozen: FNN,
+    target: FNN,
+    rank,
+    *,
+    partition=None,
+    input_radius,
+    center=None,
+    digits: int | None = None,
+    rank_tol=None,
+) -> HighPrecisionFNNFit:
     """Theorem 3 (uniform partition) / Theorem 6 (general partition) of Zeng & Lee 2024 at raised precision.
 
     The construction of :func:`lora_theory.fnn.lora_fnn` on a certified ball, step for step: Lemma 1 in
@@ -754,15 +831,23 @@ def lora_fnn_mp(frozen: FNN, target: FNN, rank, *, partition=None, input_radius,
     L_, Lbar_, n = _check_models(frozen, target)
     ranks = as_ranks(rank, L_, n)
     sizes = uniform_partition(L_, Lbar_) if partition is None else check_partition(partition, L_, Lbar_)
-    if input_radius is None or isinstance(input_radius, (bool, np.bool_)) \
-            or not isinstance(input_radius, numbers.Real) or not math.isfinite(input_radius) or input_radius <= 0:
+    if (
+        input_radius is None
+        or isinstance(input_radius, (bool, np.bool_))
+        or not isinstance(input_radius, numbers.Real)
+        or not math.isfinite(input_radius)
+        or input_radius <= 0
+    ):
         raise InvalidArgumentError("input_radius", f"must be a positive finite real number, got {input_radius!r}")
     c0 = np.zeros(n) if center is None else as_array(center, "center", shape=(n,))
     rank_tol = as_tolerance(rank_tol, "rank_tol")
     r = float(input_radius)
-    return _at_precision(lambda d, reason: _fnn_mp(frozen, target, ranks, sizes, r, c0, d, reason, rank_tol),
-                         lambda: lora_fnn(frozen, target, ranks, partition=sizes, input_radius=r, center=c0),
-                         _check_digits(digits), "high-precision FNN construction (Theorem 3)")
+    return _at_precision(
+        lambda d, reason: _fnn_mp(frozen, target, ranks, sizes, r, c0, d, reason, rank_tol),
+        lambda: lora_fnn(frozen, target, ranks, partition=sizes, input_radius=r, center=c0),
+        _check_digits(digits),
+        "high-precision FNN construction (Theorem 3)",
+    )
 
 
 def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_tol):
@@ -770,12 +855,12 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
     n = frozen.width
     linearise = frozen.activation == "relu"
     weights, biases, kappas, block_errors, all_levels = [], [], {}, [], []
-    first_partials, realised = [], []                                  # float64 P_j of block 1; W̃_i
+    first_partials, realised = [], []  # float64 P_j of block 1; W̃_i
     exact = True
     gamma = 0.0
     with _mp.workdps(digits):
         tol = None if rank_tol is None else _mp.mpf(rank_tol)
-        u0 = _mpm(center)                                               # (n, 1)
+        u0 = _mpm(center)  # (n, 1)
         r = _mp.mpf(radius)
         one = _mp.matrix([[1] for _ in range(n)])
         for i, block in enumerate(partition_blocks(sizes)):
@@ -784,25 +869,30 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             c = _mpm(target.biases[i])
             names = [f"W_{l + 1}" for l in block]
             try:
-                _, M, s, rank_E, block_kappas = _chain_mp(factors, T, ranks[block.start:block.stop], names, tol)
+                _, M, s, rank_E, block_kappas = _chain_mp(factors, T, ranks[block.start : block.stop], names, tol)
             except SingularMatrixError as exc:
-                raise SingularMatrixError(f"block {i + 1}: {exc.matrix}", exc.condition_number,
-                                          f"block {i + 1} holds layers {block.start + 1}..{block.stop}") from None
+                raise SingularMatrixError(
+                    f"block {i + 1}: {exc.matrix}",
+                    exc.condition_number,
+                    f"block {i + 1} holds layers {block.start + 1}..{block.stop}",
+                ) from None
             for key, k in block_kappas.items():
                 kappas[f"block {i + 1}: {key}"] = k
-            exact = exact and sum(ranks[block.start:block.stop]) >= rank_E
+            exact = exact and sum(ranks[block.start : block.stop]) >= rank_E
             m = len(M)
             in_size = float(_mp.norm(u0)) + float(r)
-            s_prev, rounding = in_size, []                              # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+            s_prev, rounding = in_size, []  # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
             # magnitudes summed in M_j = W_j + Δ_j, as the float64 path counts them (FNNFit.gamma)
-            added = [float(np.linalg.norm(frozen.weights[l], 2)) + float(np.linalg.norm(_np(Mj) - frozen.weights[l], 2))
-                     for l, Mj in zip(block, M)]
+            added = [
+                float(np.linalg.norm(frozen.weights[l], 2)) + float(np.linalg.norm(_np(Mj) - frozen.weights[l], 2))
+                for l, Mj in zip(block, M)
+            ]
             beta_prev = _mp.mpf(0)
             P = _eye(n)
             levels, block_biases = [], []
             for j in range(m - 1):
-                P = M[j] * P                                            # (n, n) P_j
-                Pu0 = P * u0                                            # (n, 1)
+                P = M[j] * P  # (n, n) P_j
+                Pu0 = P * u0  # (n, 1)
                 if i == 0:
                     first_partials.append(_np(P))
                 if linearise:
@@ -812,7 +902,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
                     beta = max(need, _mp.mpf(0)) + safety
                 else:
                     beta = _mp.mpf(0)
-                b = one * beta - M[j] * (one * beta_prev)               # (n, 1)
+                b = one * beta - M[j] * (one * beta_prev)  # (n, 1)
                 block_biases.append(b)
                 levels.append(beta)
                 rounding.append(added[j] * s_prev + float(_mp.norm(b)))
@@ -835,25 +925,42 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             rounding.append(added[-1] * s_prev + float(_mp.norm(b_last)))
             # each layer's rounding reaches the block output through the adapted layers after it
             Mf = [_np(Mj) for Mj in M]
-            after = [float(np.linalg.norm(_float_product(Mf[j + 1:], n), 2)) for j in range(m - 1)] + [1.0]
+            after = [float(np.linalg.norm(_float_product(Mf[j + 1 :], n), 2)) for j in range(m - 1)] + [1.0]
             amplified = sum(a * t for a, t in zip(after, rounding))
             # and the rounding of E_i = T_i - Π W_l (FNNFit.gamma)
-            amplified += (float(np.linalg.norm(target.weights[i], 2))
-                          + float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2))) * in_size
+            amplified += (
+                float(np.linalg.norm(target.weights[i], 2))
+                + float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2))
+            ) * in_size
             gamma += amplified / out_size if out_size > 0 else 0.0
             weights.extend(M)
             biases.extend(block_biases)
             u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)
     kappa = max(kappas.values(), default=1.0)
     fit = HighPrecisionFNNFit(
-        weights_mp=tuple(weights), biases_mp=tuple(biases), frozen=frozen, target=target, ranks=ranks,
-        partition=sizes, digits=digits, digits_reason=reason, kappa=kappa, gamma=gamma, exact=exact,
-        block_errors=tuple(block_errors), levels=tuple(all_levels), center=center, radius=radius,
-        condition_numbers=kappas, rank_sufficient=exact, tolerance=_working_tolerance(digits, kappa, gamma),
-        radius_amplification=_radius_amplification(realised, target.biases, center, radius, float(r)))
+        weights_mp=tuple(weights),
+        biases_mp=tuple(biases),
+        frozen=frozen,
+        target=target,
+        ranks=ranks,
+        partition=sizes,
+        digits=digits,
+        digits_reason=reason,
+        kappa=kappa,
+        gamma=gamma,
+        exact=exact,
+        block_errors=tuple(block_errors),
+        levels=tuple(all_levels),
+        center=center,
+        radius=radius,
+        condition_numbers=kappas,
+        rank_sufficient=exact,
+        tolerance=_working_tolerance(digits, kappa, gamma),
+        radius_amplification=_radius_amplification(realised, target.biases, center, radius, float(r)),
+    )
     # check the claim on the fit's own ball, at working precision
     domain = Domain(kind="ball", center=center, radius=radius, margin=None, n_samples=None)
-    points = _check_points(domain, None, first_partials)                # (p, n)
+    points = _check_points(domain, None, first_partials)  # (p, n)
     s_out = float(r)
     miss = fit.max_row_error(points)
     object.__setattr__(fit, "measured_error", miss / s_out if s_out > 0 else miss)
@@ -876,9 +983,13 @@ def _object_arrays(digits):
         import gmpy2
     except ImportError:
         ctx = _mp.workprec(bits)
-        return np.vectorize(_mp.mpf, otypes=[object]), np.vectorize(lambda x: x, otypes=[object]), \
-            np.vectorize(_mp.exp, otypes=[object]), ctx
-    ctx = gmpy2.context(precision=bits)          # round to nearest, whatever the caller's context says
+        return (
+            np.vectorize(_mp.mpf, otypes=[object]),
+            np.vectorize(lambda x: x, otypes=[object]),
+            np.vectorize(_mp.exp, otypes=[object]),
+            ctx,
+        )
+    ctx = gmpy2.context(precision=bits)  # round to nearest, whatever the caller's context says
 
     def from_mpf(x):
         if not _mp.isfinite(x):
@@ -887,16 +998,20 @@ def _object_arrays(digits):
         v = gmpy2.mul_2exp(gmpy2.mpfr(int(man)), int(exp))
         return -v if sign else v
 
-    return (np.vectorize(gmpy2.mpfr, otypes=[object]), np.vectorize(from_mpf, otypes=[object]),
-            np.vectorize(gmpy2.exp, otypes=[object]), ctx)
+    return (
+        np.vectorize(gmpy2.mpfr, otypes=[object]),
+        np.vectorize(from_mpf, otypes=[object]),
+        np.vectorize(gmpy2.exp, otypes=[object]),
+        ctx,
+    )
 
 
 def _fnn_forward_objects(weights, biases, X, relu):
     """An FNN on object arrays: ``weights[l]`` ``(D, D)``, ``biases[l]`` ``(D,)``, ``X`` ``(n, D)``; ``relu[l]``
     whether layer ``l`` is followed by a ReLU."""
-    Z = X                                                               # (n, D)
+    Z = X  # (n, D)
     for W, b, act in zip(weights, biases, relu):
-        Z = Z @ W.T + b                                                 # (n, D)
+        Z = Z @ W.T + b  # (n, D)
         if act:
             Z = np.where(Z > 0, Z, 0)
     return Z
@@ -905,20 +1020,20 @@ def _fnn_forward_objects(weights, biases, X, relu):
 def _tfn_forward_objects(p, X, exp):
     """The TFN of :class:`lora_theory.TFN` on object arrays: ``p`` its parameters, ``X`` ``(n, D, N)``."""
     L, H = p["wq"].shape[:2]
-    Z = X                                                               # (n, D, N)
+    Z = X  # (n, D, N)
     for l in range(L):
         A = np.zeros_like(Z)
         for h in range(H):
-            K = p["wk"][l, h] @ Z                                       # (n, D, N)
-            Q = p["wq"][l, h] @ Z                                       # (n, D, N)
-            S = np.swapaxes(K, -1, -2) @ Q                              # (n, N, N) scores, keys on axis -2
+            K = p["wk"][l, h] @ Z  # (n, D, N)
+            Q = p["wq"][l, h] @ Z  # (n, D, N)
+            S = np.swapaxes(K, -1, -2) @ Q  # (n, N, N) scores, keys on axis -2
             S = exp(S - S.max(axis=-2, keepdims=True))
-            S = S / S.sum(axis=-2, keepdims=True)                       # columns sum to 1
-            A = A + p["wo"][l, h] @ (p["wv"][l, h] @ Z) @ S             # (n, D, N)
-        H1 = p["w1"][l] @ A + p["b1"][l][:, None]                       # (n, D, N)
+            S = S / S.sum(axis=-2, keepdims=True)  # columns sum to 1
+            A = A + p["wo"][l, h] @ (p["wv"][l, h] @ Z) @ S  # (n, D, N)
+        H1 = p["w1"][l] @ A + p["b1"][l][:, None]  # (n, D, N)
         H1 = np.where(H1 > 0, H1, 0)
-        Z = p["w2"][l] @ H1 + p["b2"][l][:, None]                       # (n, D, N)
-    return p["w_out"] @ Z                                               # (n, D, N)
+        Z = p["w2"][l] @ H1 + p["b2"][l][:, None]  # (n, D, N)
+    return p["w_out"] @ Z  # (n, D, N)
 
 
 @dataclass(frozen=True, eq=False)
@@ -979,8 +1094,10 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
     def adapters(self) -> dict:
         """The adapters rounded to float64, keyed as :attr:`lora_theory.tfn.TFNFit.adapters`."""
         D = self.frozen.embed_dim
-        return {k: Adapter(_np(A) if A.rows else np.zeros((0, D)), _np(B) if B.cols else np.zeros((D, 0)))
-                for k, (A, B) in self.adapters_mp.items()}
+        return {
+            k: Adapter(_np(A) if A.rows else np.zeros((0, D)), _np(B) if B.cols else np.zeros((D, 0)))
+            for k, (A, B) in self.adapters_mp.items()
+        }
 
     @property
     def num_parameters(self) -> int:
@@ -1008,9 +1125,11 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         X = self._inputs(X)
         from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
         with ctx:
-            p = {k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
-                 for k, v in self.params_mp.items()}
-            Y = _tfn_forward_objects(p, from_float(X if X.ndim == 3 else X[None]), exp)   # (n, D, N)
+            p = {
+                k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
+                for k, v in self.params_mp.items()
+            }
+            Y = _tfn_forward_objects(p, from_float(X if X.ndim == 3 else X[None]), exp)  # (n, D, N)
             Y = np.vectorize(float, otypes=[np.float64])(Y)
         return Y if X.ndim == 3 else Y[0]
 
@@ -1020,13 +1139,15 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         X3 = X if X.ndim == 3 else X[None]
         from_float, from_mpf, exp, ctx = _object_arrays(self.digits)
         with ctx:
-            p = {k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
-                 for k, v in self.params_mp.items()}
+            p = {
+                k: from_mpf(np.array(_nested_objects(v, k in _TFN_VECTORS), dtype=object))
+                for k, v in self.params_mp.items()
+            }
             t = {k: from_float(v) for k, v in self.target.parameters().items()}
             Xo = from_float(X3)
             f, fbar = _tfn_forward_objects(p, Xo, exp), _tfn_forward_objects(t, Xo, exp)
-            num, den = np.sum((f - fbar) ** 2), np.sum(fbar ** 2)
-            return float((num / den) ** 0.5) if den > 0 else float(num ** 0.5)
+            num, den = np.sum((f - fbar) ** 2), np.sum(fbar**2)
+            return float((num / den) ** 0.5) if den > 0 else float(num**0.5)
 
 
 #: The parameters of :class:`lora_theory.TFN` that are vectors (stored as ``(D, 1)`` mpmath matrices): told
@@ -1086,9 +1207,13 @@ def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisio
 
     _check_pair(frozen, target)
     R = as_int(rank, "rank", 0, frozen.embed_dim)
-    return _at_precision(lambda d, reason: _tfn_mp(frozen, target, R, d, reason), lambda: lora_tfn(frozen, target, R),
-                         _check_digits(digits), "high-precision transformer construction (Theorem 7)",
-                         least=MIN_TFN_DIGITS)
+    return _at_precision(
+        lambda d, reason: _tfn_mp(frozen, target, R, d, reason),
+        lambda: lora_tfn(frozen, target, R),
+        _check_digits(digits),
+        "high-precision transformer construction (Theorem 7)",
+        least=MIN_TFN_DIGITS,
+    )
 
 
 #: The least precision :func:`lora_tfn_mp` chooses by itself.
@@ -1103,22 +1228,38 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
     with _mp.workdps(digits):
         f, t = frozen.parameters(), target.parameters()
         out = {name: [[None] * H for _ in range(L)] for name in ("wq", "wk", "wv", "wo")}
-        out.update(w1=[_mpm(f["w1"][l]) for l in range(L)], b1=[_mpm(t["b1"][l]) for l in range(L)],
-                   w2=[_mpm(f["w2"][l]) for l in range(L)], b2=[None] * L)
-        C, kappa_C = _eye(D), 0.0                                       # (D, D) C_{l-1}, κ solved to form it
+        out.update(
+            w1=[_mpm(f["w1"][l]) for l in range(L)],
+            b1=[_mpm(t["b1"][l]) for l in range(L)],
+            w2=[_mpm(f["w2"][l]) for l in range(L)],
+            b2=[None] * L,
+        )
+        C, kappa_C = _eye(D), 0.0  # (D, D) C_{l-1}, κ solved to form it
         for l in range(L):
-            lu_w1 = _LU(_mpm(f["w1"][l]), f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C")
+            lu_w1 = _LU(
+                _mpm(f["w1"][l]), f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C"
+            )
             kappas[f"W1[{l}]"] = lu_w1.kappa
             for h in range(H):
                 TQ, TK, TV, TO = (_mpm(t[k][l, h]) for k in ("wq", "wk", "wv", "wo"))
-                qk_target = C.T * TK.T * TQ * C                         # (D, D) C^T T_K^T T_Q C
+                qk_target = C.T * TK.T * TQ * C  # (D, D) C^T T_K^T T_Q C
                 (aq, akT), (wq, wkT), _, rank_qk, kq = _chain_mp(
-                    [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T], qk_target, (R, R),
-                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], None, kappa_C)
+                    [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T],
+                    qk_target,
+                    (R, R),
+                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"],
+                    None,
+                    kappa_C,
+                )
                 ov_target = lu_w1.solve(_mpm(t["w1"][l]) * TO * TV * C)  # (D, D) W1^-1 T1 T_O T_V C
                 (av, ao), (wv, wo), _, rank_ov, kv = _chain_mp(
-                    [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])], ov_target, (R, R),
-                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], None, kappa_C + lu_w1.kappa)
+                    [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])],
+                    ov_target,
+                    (R, R),
+                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"],
+                    None,
+                    kappa_C + lu_w1.kappa,
+                )
                 out["wq"][l][h], out["wk"][l][h], out["wv"][l][h], out["wo"][l][h] = wq, wkT.T, wv, wo
                 # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is (A = B2^T, B = A2^T)
                 adapters[("wq", l, h)], adapters[("wk", l, h)] = aq, (akT[1].T, akT[0].T)
@@ -1131,11 +1272,12 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
                 lu_w2t = _LU(W2.T, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block")
                 lu_t2 = _LU(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
                 kappas[f"W2[{l}]"], kappas[f"T2[{l}]"] = lu_w2t.kappa, lu_t2.kappa
-                C, kappa_C = lu_w2t.solve(T2.T).T, lu_w2t.kappa         # (D, D) T2 W2^-1
-                out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))       # (D, 1) W2 T2^-1 c2
+                C, kappa_C = lu_w2t.solve(T2.T).T, lu_w2t.kappa  # (D, D) T2 W2^-1
+                out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))  # (D, 1) W2 T2^-1 c2
         T_out = _mpm(t["w_out"])
         (a2, aout), (w2_last, w_out), _, rank_out, ko = _chain_mp(
-            [_mpm(f["w2"][L - 1]), _mpm(f["w_out"])], T_out * _mpm(t["w2"][L - 1]), (R, R), ["W2[L-1]", "W_out"], None)
+            [_mpm(f["w2"][L - 1]), _mpm(f["w_out"])], T_out * _mpm(t["w2"][L - 1]), (R, R), ["W2[L-1]", "W_out"], None
+        )
         G[L - 1] = max(G[L - 1], rank_out)
         adapters[("w2", L - 1, None)], adapters[("w_out", L - 1, None)] = a2, aout
         kappas.update({f"out {k}": v for k, v in ko.items()})
@@ -1146,11 +1288,22 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
         out["w_out"] = w_out
 
     required = max((g + 1) // 2 for g in G)
-    fit = HighPrecisionTFNFit(params_mp=out, adapters_mp=adapters, frozen=frozen, target=target, rank=R, digits=digits,
-                              digits_reason=reason, matched_ranks=tuple(G), required_rank=required,
-                              exact=R >= required, condition_numbers=kappas, rank_sufficient=R >= required,
-                              tolerance=_working_tolerance(digits, max(kappas.values(), default=1.0), 0.0))
+    fit = HighPrecisionTFNFit(
+        params_mp=out,
+        adapters_mp=adapters,
+        frozen=frozen,
+        target=target,
+        rank=R,
+        digits=digits,
+        digits_reason=reason,
+        matched_ranks=tuple(G),
+        required_rank=required,
+        exact=R >= required,
+        condition_numbers=kappas,
+        rank_sufficient=R >= required,
+        tolerance=_working_tolerance(digits, max(kappas.values(), default=1.0), 0.0),
+    )
     # check the claim on the inputs the float64 construction checks, at working precision
-    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))   # (n, D, N)
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))  # (n, D, N)
     object.__setattr__(fit, "measured_error", fit.relative_error(X))
     return fit

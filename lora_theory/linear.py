@@ -35,8 +35,16 @@ from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
 from .models import FNN
-from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, numeric_rank, svd_values, tolerance,
-                       verified_exact, warn_if_ill_conditioned)
+from .numerics import (
+    _LargestConditionNumber,
+    check_invertible,
+    check_norm_finite,
+    numeric_rank,
+    svd_values,
+    tolerance,
+    verified_exact,
+    warn_if_ill_conditioned,
+)
 from .thresholds import ceil_div
 
 __all__ = [
@@ -225,7 +233,8 @@ class LinearFit(_LargestConditionNumber):
 
         Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product, and ``W_l + Δ_l`` is a float64 sum
         that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen
-        entry of 1e12 cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large (solves with
+        entry of 1e12 cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large
+        (solves with
         ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far
         exceed either ``κ``), the rounding of the adapted product grows with this size, not with ``κ``
         alone. The achieved product is within ``c·u·(κ + γ)`` (relative to the same scale) of
@@ -259,13 +268,14 @@ class LinearFit(_LargestConditionNumber):
 
 
 def _chain_gamma(frozen, adapted, target) -> float:
-    """``max_l ||Q_l|| (||W_l|| + ||M_l - W_l||) ||P_l|| / max(||T||, ||Π W||)`` (2-norms; see :attr:`LinearFit.gamma`)."""
+    """``max_l ||Q_l|| (||W_l|| + ||M_l - W_l||) ||P_l|| / max(||T||, ||Π W||)`` (2-norms; see
+    :attr:`LinearFit.gamma`)."""
     L = len(frozen)
     scale = _rank_scale(frozen, target)
     gamma, P = 0.0, np.eye(frozen[0].shape[0])
     for l in range(L):
-        Q = product(frozen[l + 1:]) if l < L - 1 else np.eye(frozen[0].shape[0])
-        added = np.linalg.norm(frozen[l], 2) + np.linalg.norm(adapted[l] - frozen[l], 2)   # magnitudes summed
+        Q = product(frozen[l + 1 :]) if l < L - 1 else np.eye(frozen[0].shape[0])
+        added = np.linalg.norm(frozen[l], 2) + np.linalg.norm(adapted[l] - frozen[l], 2)  # magnitudes summed
         size = np.linalg.norm(Q, 2) * added * np.linalg.norm(P, 2)
         gamma = max(gamma, size / scale if scale > 0 else size)
         P = adapted[l] @ P
@@ -308,7 +318,8 @@ def _search_assignment(blocks, ranks, step, state, singular):
     identity ``Q_{l-1} P_l = Π W + Σ_{b used before l} E_b`` (``E_b`` the block's part of ``E``), whether
     the rest of the chain can be built depends only on ``l`` and the *set* of blocks used before it, so a
     (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and once the fixed
-    order has failed the search stops after :data:`MAX_ASSIGNMENT_STEPS` steps in all. Within that budget the search is exhaustive: it fails only
+    order has failed the search stops after :data:`MAX_ASSIGNMENT_STEPS` steps in all. Within that budget the search is
+    exhaustive: it fails only
     when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank splits of
     ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched,
     so a failure is a failure of this construction, not a proof that the optimum is out of reach.
@@ -354,7 +365,7 @@ def _search_assignment(blocks, ranks, step, state, singular):
             if b in used or size > ranks[l] or (size == 0 and tried_empty):
                 continue
             tried_empty = tried_empty or size == 0
-            if first and steps[0] >= MAX_ASSIGNMENT_STEPS:                # the fixed order always runs
+            if first and steps[0] >= MAX_ASSIGNMENT_STEPS:  # the fixed order always runs
                 cut = _SearchCut()
                 cut.first = first[0]
                 raise cut
@@ -380,13 +391,16 @@ def _search_assignment(blocks, ranks, step, state, singular):
 def _search_note(L, cut, what="singular directions") -> str:
     """What the search of :func:`_search_assignment` tried, for the message of a failure."""
     if cut:
-        return (f"the fixed order of the blocks of {what} fails here, and the search over their "
-                f"{math.factorial(L)} assignments to layers stopped after {MAX_ASSIGNMENT_STEPS} steps "
-                "without finding one that works (one may exist)")
+        return (
+            f"the fixed order of the blocks of {what} fails here, and the search over their "
+            f"{math.factorial(L)} assignments to layers stopped after {MAX_ASSIGNMENT_STEPS} steps "
+            "without finding one that works (one may exist)"
+        )
     if L == 1:
         return ""
-    return (f"no assignment of the {L} blocks of {what} to the {L} layers avoids a singular "
-            "Q_l or P_l: all were searched")
+    return (
+        f"no assignment of the {L} blocks of {what} to the {L} layers avoids a singular Q_l or P_l: all were searched"
+    )
 
 
 def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
@@ -403,7 +417,7 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     D = frozen[0].shape[0]
     names = names or [f"W_{l + 1}" for l in range(L)]
     rank_tol = as_tolerance(rank_tol, "rank_tol")
-    E = target - product(frozen)                                        # (D, D)
+    E = target - product(frozen)  # (D, D)
     U, s, Vt = np.linalg.svd(E)
     if rank_tol is None:
         rank_tol = D * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
@@ -411,27 +425,29 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     blocks = _direction_blocks(ranks, rank_E)
 
     def step(l, b, state):
-        adapted, kappas, given = state                                  # tuples: the layers before l
+        adapted, kappas, given = state  # tuples: the layers before l
         start, stop = blocks[b]
         if stop == start:
             return adapted + (frozen[l],), kappas, given
-        V_l = Vt[start:stop].T                                          # (D, k)
-        EV = U[:, start:stop] * s[start:stop]                           # (D, k) = E V_l
+        V_l = Vt[start:stop].T  # (D, k)
+        EV = U[:, start:stop] * s[start:stop]  # (D, k) = E V_l
         new_kappas = []
         if l < L - 1:
-            Q = product(frozen[l + 1:])                                 # (D, D) frozen layers after l
-            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
-            new_kappas.append((f"Q_{l + 1}", check_invertible(
-                Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")))
-            B = np.linalg.solve(Q, EV)                                  # (D, k)
+            Q = product(frozen[l + 1 :])  # (D, D) frozen layers after l
+            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
+            new_kappas.append(
+                (f"Q_{l + 1}", check_invertible(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E"))
+            )
+            B = np.linalg.solve(Q, EV)  # (D, k)
         else:
             B = EV
         if l > 0:
-            P = product(adapted)                                        # (D, D) adapted layers before l
+            P = product(adapted)  # (D, D) adapted layers before l
             p_name = f"P_{l + 1} = " + " ".join(f"({n} + Δ)" for n in reversed(names[:l]))
-            new_kappas.append((f"P_{l + 1}", check_invertible(
-                P, p_name, f"layer {l + 1} receives singular directions of E")))
-            A = np.linalg.solve(P.T, V_l).T                             # (k, D) = V_l^T P^{-1}
+            new_kappas.append(
+                (f"P_{l + 1}", check_invertible(P, p_name, f"layer {l + 1} receives singular directions of E"))
+            )
+            A = np.linalg.solve(P.T, V_l).T  # (k, D) = V_l^T P^{-1}
         else:
             A = V_l.T
         adapter = Adapter(A, B)
@@ -443,8 +459,9 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
         cut = isinstance(exc, _SearchCut)
         first = exc.first if cut else exc
         note = _search_note(L, cut)
-        raise SingularMatrixError(first.matrix, first.condition_number,
-                                  "; ".join(x for x in (first.context, note) if x)) from None
+        raise SingularMatrixError(
+            first.matrix, first.condition_number, "; ".join(x for x in (first.context, note) if x)
+        ) from None
     _, kappa_pairs, given_pairs = states[-1]
     kappas, given = dict(kappa_pairs), dict(given_pairs)
     adapters = tuple(given.get(l, Adapter.zeros(0, D, D)) for l in range(L))
@@ -520,13 +537,26 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     measured = miss / scale if scale > 0 else miss
     norm_T = float(np.linalg.norm(target, 2))
     amplification = scale / norm_T if norm_T > 0 else 1.0
-    exact = verified_exact(k >= rank_E, measured, tolerance(kappa, gamma), amplification,
-                           what="linear construction (Lemma 1)")
+    exact = verified_exact(
+        k >= rank_E, measured, tolerance(kappa, gamma), amplification, what="linear construction (Lemma 1)"
+    )
     return LinearFit(
-        adapters=adapters, ranks=ranks, model=model, frozen=frozen, target=target, discrepancy=E,
-        singular_values=s, error_rank=rank_E, spectral_error=spectral, frobenius_error=frob,
-        gaussian_mse=frob ** 2 / D, exact=exact, condition_numbers=kappas, rank_sufficient=k >= rank_E,
-        measured_error=measured)
+        adapters=adapters,
+        ranks=ranks,
+        model=model,
+        frozen=frozen,
+        target=target,
+        discrepancy=E,
+        singular_values=s,
+        error_rank=rank_E,
+        spectral_error=spectral,
+        frobenius_error=frob,
+        gaussian_mse=frob**2 / D,
+        exact=exact,
+        condition_numbers=kappas,
+        rank_sufficient=k >= rank_E,
+        measured_error=measured,
+    )
 
 
 lora_linear = numeric_guard(lora_linear)
@@ -587,9 +617,13 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     D = frozen[0].shape[0]
     target = as_square(target, "target", D)
     if isinstance(adapters, (str, bytes, Adapter)) or not isinstance(adapters, (Sequence, np.ndarray)):
-        raise InvalidArgumentError("adapters", f"must be a sequence with one adapter per frozen layer, got {type(adapters).__name__}")
+        raise InvalidArgumentError(
+            "adapters", f"must be a sequence with one adapter per frozen layer, got {type(adapters).__name__}"
+        )
     if len(adapters) != len(frozen):
-        raise InvalidArgumentError("adapters", f"must give one adapter per frozen layer ({len(frozen)}), got {len(adapters)}")
+        raise InvalidArgumentError(
+            "adapters", f"must give one adapter per frozen layer ({len(frozen)}), got {len(adapters)}"
+        )
     deltas, ranks = [], []
     for i, a in enumerate(adapters):
         if isinstance(a, Adapter):
@@ -612,9 +646,14 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     spectral, frob = _tail(s, k)
     achieved_f = float(np.linalg.norm(residual, "fro"))
     return OptimalityGap(
-        achieved_spectral=float(np.linalg.norm(residual, 2)), optimal_spectral=spectral,
-        achieved_frobenius=achieved_f, optimal_frobenius=frob,
-        achieved_gaussian_mse=achieved_f ** 2 / D, optimal_gaussian_mse=frob ** 2 / D, total_rank=k)
+        achieved_spectral=float(np.linalg.norm(residual, 2)),
+        optimal_spectral=spectral,
+        achieved_frobenius=achieved_f,
+        optimal_frobenius=frob,
+        achieved_gaussian_mse=achieved_f**2 / D,
+        optimal_gaussian_mse=frob**2 / D,
+        total_rank=k,
+    )
 
 
 optimality_gap = numeric_guard(optimality_gap)

@@ -12,15 +12,14 @@ Random generators follow the authors' initialisation (THEORY.md §4) and take a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
-from ._validate import (as_array, as_bool, as_int, as_nonnegative, as_square, as_square_sequence, readonly,
-                        rng_from)
+from ._validate import as_array, as_bool, as_int, as_nonnegative, as_square_sequence, readonly, rng_from
 from .errors import InvalidArgumentError
 from .partition import MAX_DEPTH
 
@@ -73,10 +72,12 @@ class FNN:
                 raise InvalidArgumentError("biases", "must be a sequence of vectors (one per layer)")
             if isinstance(self.biases, (str, bytes)) or not isinstance(self.biases, (Sequence, np.ndarray)):
                 raise InvalidArgumentError(
-                    "biases", f"must be a sequence of vectors (one per layer) or None, got {type(self.biases).__name__}")
+                    "biases", f"must be a sequence of vectors (one per layer) or None, got {type(self.biases).__name__}"
+                )
             if len(self.biases) != len(weights):
                 raise InvalidArgumentError(
-                    "biases", f"must give one bias per layer ({len(weights)}), got {len(self.biases)}")
+                    "biases", f"must give one bias per layer ({len(weights)}), got {len(self.biases)}"
+                )
             biases = tuple(as_array(b, f"biases[{i}]", shape=(D,)) for i, b in enumerate(self.biases))
         if not isinstance(self.activation, str) or self.activation not in ("relu", "linear"):
             raise InvalidArgumentError("activation", f"must be 'relu' or 'linear', got {self.activation!r}")
@@ -126,14 +127,17 @@ class FNN:
             out = W @ out
         return out
 
-    def replace(self, weights=None, biases=None) -> "FNN":
+    def replace(self, weights=None, biases=None) -> FNN:
         """A copy with other weights and/or biases, same activation convention."""
-        return FNN(self.weights if weights is None else weights,
-                   self.biases if biases is None else biases,
-                   activation=self.activation, final_relu=self.final_relu)
+        return FNN(
+            self.weights if weights is None else weights,
+            self.biases if biases is None else biases,
+            activation=self.activation,
+            final_relu=self.final_relu,
+        )
 
     def num_parameters(self) -> int:
-        return self.depth * (self.width ** 2 + self.width)
+        return self.depth * (self.width**2 + self.width)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +206,7 @@ class TFN:
         """The constructor's arguments as a dict of arrays."""
         return {n: getattr(self, n) for n in ("wq", "wk", "wv", "wo", "w1", "b1", "w2", "b2", "w_out")}
 
-    def replace(self, **changes) -> "TFN":
+    def replace(self, **changes) -> TFN:
         """A copy with some parameters replaced."""
         params = self.parameters()
         params.update(changes)
@@ -214,19 +218,22 @@ class TFN:
         Z = as_array(X, "X")
         if Z.ndim not in (2, 3) or Z.shape[-2] != self.embed_dim:
             raise InvalidArgumentError(
-                "X", f"must have shape (D, N) or (n, D, N) with D = {self.embed_dim}, got {Z.shape}")
+                "X", f"must have shape (D, N) or (n, D, N) with D = {self.embed_dim}, got {Z.shape}"
+            )
         if Z.shape[-1] == 0:
-            raise InvalidArgumentError("X", "must hold at least one token (N >= 1): attention over no keys is undefined")
+            raise InvalidArgumentError(
+                "X", "must hold at least one token (N >= 1): attention over no keys is undefined"
+            )
         out = [Z]
         for l in range(self.depth):
             A = np.zeros_like(Z)
             for h in range(self.heads):
-                K = self.wk[l, h] @ Z                                   # (..., D, N)
-                Q = self.wq[l, h] @ Z                                   # (..., D, N)
-                S = softmax_columns(np.swapaxes(K, -1, -2) @ Q)         # (..., N, N), columns sum to 1
-                A = A + self.wo[l, h] @ (self.wv[l, h] @ Z) @ S         # (..., D, N)
-            H1 = relu(self.w1[l] @ A + self.b1[l][:, None])             # (..., D, N)
-            Z = self.w2[l] @ H1 + self.b2[l][:, None]                   # (..., D, N)
+                K = self.wk[l, h] @ Z  # (..., D, N)
+                Q = self.wq[l, h] @ Z  # (..., D, N)
+                S = softmax_columns(np.swapaxes(K, -1, -2) @ Q)  # (..., N, N), columns sum to 1
+                A = A + self.wo[l, h] @ (self.wv[l, h] @ Z) @ S  # (..., D, N)
+            H1 = relu(self.w1[l] @ A + self.b1[l][:, None])  # (..., D, N)
+            Z = self.w2[l] @ H1 + self.b2[l][:, None]  # (..., D, N)
             out.append(Z)
         return out
 
@@ -238,7 +245,7 @@ class TFN:
 
 #: The largest width (and number of heads) the random generators draw: a float64 matrix of side 32768 takes
 #: 8 GiB, and a width of 10^30 failed inside numpy. Larger sizes raise :class:`InvalidArgumentError`.
-MAX_RANDOM_WIDTH = 2 ** 15
+MAX_RANDOM_WIDTH = 2**15
 
 
 def _sizes(**sizes):
@@ -252,8 +259,16 @@ def _rng(seed):
     return rng_from(seed, "seed")
 
 
-def random_fnn(width: int, depth: int, *, seed=None, activation: str = "relu", final_relu: bool = True,
-               bias: bool = True, scale: float | None = None) -> FNN:
+def random_fnn(
+    width: int,
+    depth: int,
+    *,
+    seed=None,
+    activation: str = "relu",
+    final_relu: bool = True,
+    bias: bool = True,
+    scale: float | None = None,
+) -> FNN:
     """A random FNN with the authors' initialisation (``torch.nn.Linear``'s default).
 
     Weights and biases ``U(-s, s)`` with ``s = 1/sqrt(D)`` unless ``scale`` is given (D=16 gives the
@@ -287,7 +302,11 @@ def random_tfn(embed_dim: int, depth: int, heads: int, *, seed=None) -> TFN:
     rng = _rng(seed)
     s = 1.0 / np.sqrt(D)
     att = [rng.standard_normal((L, H, D, D)) for _ in range(4)]
-    return TFN(*att,
-               w1=rng.uniform(-s, s, (L, D, D)), b1=rng.uniform(-s, s, (L, D)),
-               w2=rng.uniform(-s, s, (L, D, D)), b2=rng.uniform(-s, s, (L, D)),
-               w_out=rng.uniform(-s, s, (D, D)))
+    return TFN(
+        *att,
+        w1=rng.uniform(-s, s, (L, D, D)),
+        b1=rng.uniform(-s, s, (L, D)),
+        w2=rng.uniform(-s, s, (L, D, D)),
+        b2=rng.uniform(-s, s, (L, D)),
+        w_out=rng.uniform(-s, s, (D, D)),
+    )

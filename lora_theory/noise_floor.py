@@ -59,14 +59,15 @@ FLOOR_SAFETY = 2.0
 #: and ``"rigorous"`` (``||B||_F``, no assumption).
 FLOOR_MODELS = ("independent", "rigorous")
 
-_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-_SUBNORMAL = {"float64": 2.0 ** -1074, "float32": 2.0 ** -149, "float16": 2.0 ** -24, "bfloat16": 2.0 ** -133}
+_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+_SUBNORMAL = {"float64": 2.0**-1074, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
 
 _ASSUMPTIONS = {
     "independent": (
         "rounding errors of distinct entries behave as independent centred variables bounded by "
         "u_b|W_base| + u_t|W_tuned| (weights spread over many rounding spacings); constant or repeated weights "
-        "break it, and then only the rigorous floor ||B||_F holds"),
+        "break it, and then only the rigorous floor ||B||_F holds"
+    ),
     "rigorous": "none: ||N||_2 <= ||N||_F <= ||B||_F holds for every rounding pattern",
 }
 
@@ -74,10 +75,10 @@ _ASSUMPTIONS = {
 def _dtype_name(dtype, argument: str) -> str:
     """The storage dtype's name (``"bfloat16"``...) from a string, a numpy dtype or type, or a torch dtype."""
     if dtype is None or isinstance(dtype, bool):
-        name = ""                                                       # np.dtype(None) would be float64
+        name = ""  # np.dtype(None) would be float64
     elif isinstance(dtype, str):
         name = dtype.strip()
-    elif type(dtype).__module__ == "torch":                             # torch.dtype, read without importing torch
+    elif type(dtype).__module__ == "torch":  # torch.dtype, read without importing torch
         name = str(dtype)
     else:
         try:
@@ -87,10 +88,11 @@ def _dtype_name(dtype, argument: str) -> str:
                 argument, f"must be a floating storage dtype (float64, float32, float16, bfloat16), got {dtype!r}"
             ) from None
     if name.startswith("torch."):
-        name = name[len("torch."):]
+        name = name[len("torch.") :]
     if name not in _ROUNDOFF:
         raise InvalidArgumentError(
-            argument, f"must be a floating storage dtype (float64, float32, float16, bfloat16), got {dtype!r}")
+            argument, f"must be a floating storage dtype (float64, float32, float16, bfloat16), got {dtype!r}"
+        )
     return name
 
 
@@ -162,18 +164,25 @@ class RoundingBounds:
 
     def __post_init__(self):
         shape = self.shape
-        if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-                or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape)):
+        if (
+            not isinstance(shape, (tuple, list))
+            or len(shape) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape)
+        ):
             raise InvalidArgumentError("shape", f"must be (out, in) with positive integers, got {shape!r}")
         object.__setattr__(self, "shape", (int(shape[0]), int(shape[1])))
         for name in ("row_max", "col_max", "entry_max", "frobenius"):
             object.__setattr__(self, name, _nonnegative(getattr(self, name), name))
-        slack = 1 + 1e-6                                                # float32 sums on a device round
-        if not (self.entry_max <= max(self.row_max, self.col_max) * slack
-                and max(self.row_max, self.col_max) <= self.frobenius * slack):
+        slack = 1 + 1e-6  # float32 sums on a device round
+        if not (
+            self.entry_max <= max(self.row_max, self.col_max) * slack
+            and max(self.row_max, self.col_max) <= self.frobenius * slack
+        ):
             raise InvalidArgumentError(
-                "frobenius", "the statistics are inconsistent: need entry_max <= row_max, col_max <= frobenius, "
-                f"got {self.entry_max!r}, {self.row_max!r}, {self.col_max!r}, {self.frobenius!r}")
+                "frobenius",
+                "the statistics are inconsistent: need entry_max <= row_max, col_max <= frobenius, "
+                f"got {self.entry_max!r}, {self.row_max!r}, {self.col_max!r}, {self.frobenius!r}",
+            )
 
 
 def _finite_float_array(value, name: str, what: str = "array") -> np.ndarray:
@@ -205,8 +214,8 @@ def _power_of_two_scale(*arrays) -> int:
 def _scaled_bound(base, tuned, u_b, u_t, eta, e) -> np.ndarray:
     """``B · 2^-e`` in float64 (``(out, in)``), from stored arrays ``base``, ``tuned``."""
     with np.errstate(under="ignore"):
-        Wb = np.ldexp(np.asarray(base, dtype=np.float64), -e)          # (out, in), exact unless subnormal
-        Wt = np.ldexp(np.asarray(tuned, dtype=np.float64), -e)         # (out, in)
+        Wb = np.ldexp(np.asarray(base, dtype=np.float64), -e)  # (out, in), exact unless subnormal
+        Wt = np.ldexp(np.asarray(tuned, dtype=np.float64), -e)  # (out, in)
         return u_b * np.abs(Wb) + u_t * np.abs(Wt) + math.ldexp(eta, -e)
 
 
@@ -216,7 +225,9 @@ def _unscale(value: float, e: int, name: str, argument: str) -> float:
     except OverflowError:
         out = math.inf
     if not math.isfinite(out):
-        raise InvalidArgumentError(argument, f"{name} overflows float64 (the entries are too large): rescale the weights")
+        raise InvalidArgumentError(
+            argument, f"{name} overflows float64 (the entries are too large): rescale the weights"
+        )
     return out
 
 
@@ -248,15 +259,15 @@ def rounding_bounds(base, tuned, base_dtype=None, tuned_dtype=None) -> RoundingB
     nb = _dtype_name(Wb.dtype if base_dtype is None else base_dtype, "base_dtype")
     nt = _dtype_name(Wt.dtype if tuned_dtype is None else tuned_dtype, "tuned_dtype")
     e = _power_of_two_scale(Wb, Wt)
-    B = _scaled_bound(Wb, Wt, _ROUNDOFF[nb], _ROUNDOFF[nt], _SUBNORMAL[nb] + _SUBNORMAL[nt], e)   # (out, in)
+    B = _scaled_bound(Wb, Wt, _ROUNDOFF[nb], _ROUNDOFF[nt], _SUBNORMAL[nb] + _SUBNORMAL[nt], e)  # (out, in)
     return _bounds_of_scaled(B, e, "base")
 
 
 def _bounds_of_scaled(B: np.ndarray, e: int, argument: str) -> RoundingBounds:
     """:class:`RoundingBounds` of ``B = B_scaled · 2^e`` (norms taken on the scaled matrix, then unscaled)."""
     top = float(np.max(B))
-    if top > 0:                                                         # largest entry in [0.5, 1): norms
-        shift = math.frexp(top)[1]                                      # neither underflow nor overflow
+    if top > 0:  # largest entry in [0.5, 1): norms
+        shift = math.frexp(top)[1]  # neither underflow nor overflow
         B = np.ldexp(B, -shift)
         e += shift
     return RoundingBounds(
@@ -264,7 +275,8 @@ def _bounds_of_scaled(B: np.ndarray, e: int, argument: str) -> RoundingBounds:
         row_max=_unscale(float(np.max(np.linalg.norm(B, axis=1))), e, "the rounding bound's row norm", argument),
         col_max=_unscale(float(np.max(np.linalg.norm(B, axis=0))), e, "the rounding bound's column norm", argument),
         entry_max=_unscale(float(np.max(B)), e, "the rounding bound", argument),
-        frobenius=_unscale(float(np.linalg.norm(B)), e, "the rounding bound's Frobenius norm", argument))
+        frobenius=_unscale(float(np.linalg.norm(B)), e, "the rounding bound's Frobenius norm", argument),
+    )
 
 
 def entries_beyond_rounding(base, tuned, base_dtype=None, tuned_dtype=None) -> int:
@@ -338,11 +350,17 @@ class NoiseFloor:
     def to_dict(self) -> dict:
         """A JSON-ready record."""
         b = self.bounds
-        return {"model": self.model, "spectral": self.spectral, "independent": self.independent,
-                "rigorous": self.rigorous, "detection_limit": self.detection_limit, "safety": self.safety,
-                "assumption": self.assumption, "shape": list(self.shape),
-                "bounds": {"row_max": b.row_max, "col_max": b.col_max, "entry_max": b.entry_max,
-                           "frobenius": b.frobenius}}
+        return {
+            "model": self.model,
+            "spectral": self.spectral,
+            "independent": self.independent,
+            "rigorous": self.rigorous,
+            "detection_limit": self.detection_limit,
+            "safety": self.safety,
+            "assumption": self.assumption,
+            "shape": list(self.shape),
+            "bounds": {"row_max": b.row_max, "col_max": b.col_max, "entry_max": b.entry_max, "frobenius": b.frobenius},
+        }
 
 
 def noise_floor(bounds: RoundingBounds, *, model: str = "independent", safety: float = FLOOR_SAFETY) -> NoiseFloor:
@@ -376,6 +394,14 @@ def noise_floor(bounds: RoundingBounds, *, model: str = "independent", safety: f
     sharp = float(safety) * (bounds.row_max + bounds.col_max + bounds.entry_max * math.sqrt(2.0 * math.log(m + n)))
     independent = min(rigorous, sharp)
     spectral = independent if model == "independent" else rigorous
-    return NoiseFloor(shape=bounds.shape, spectral=spectral, independent=independent, rigorous=rigorous,
-                      detection_limit=2.0 * spectral, model=model, safety=float(safety),
-                      assumption=_ASSUMPTIONS[model], bounds=bounds)
+    return NoiseFloor(
+        shape=bounds.shape,
+        spectral=spectral,
+        independent=independent,
+        rigorous=rigorous,
+        detection_limit=2.0 * spectral,
+        model=model,
+        safety=float(safety),
+        assumption=_ASSUMPTIONS[model],
+        bounds=bounds,
+    )

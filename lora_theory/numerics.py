@@ -52,8 +52,9 @@ def unit_roundoff(dtype=np.float64) -> float:
 
 
 @numeric_guard
-def tolerance(kappa: float = 1.0, gamma: float = 0.0, dtype=np.float64,
-              c: float = TOLERANCE_CONSTANT, floor: float = 1e-10) -> float:
+def tolerance(
+    kappa: float = 1.0, gamma: float = 0.0, dtype=np.float64, c: float = TOLERANCE_CONSTANT, floor: float = 1e-10
+) -> float:
     """Relative tolerance ``max(floor, c·u·(κ + γ))`` for a construction computed in ``dtype``.
 
     ``kappa``, ``gamma``, ``c`` and ``floor`` must be finite and ``>= 0``, ``dtype`` floating
@@ -65,7 +66,7 @@ def tolerance(kappa: float = 1.0, gamma: float = 0.0, dtype=np.float64,
     c = as_nonnegative(c, "c")
     floor = as_nonnegative(floor, "floor")
     value = max(floor, c * unit_roundoff(dtype) * (kappa + gamma))
-    finite_or_raise("tolerance", tolerance=value)                      # κ + γ = 2e308 overflows a Python float
+    finite_or_raise("tolerance", tolerance=value)  # κ + γ = 2e308 overflows a Python float
     return value
 
 
@@ -145,8 +146,14 @@ def check_invertible(matrix, name: str, context: str = "") -> float:
     return kappa
 
 
-def warn_if_ill_conditioned(kappa: float, gamma: float = 0.0, what: str = "construction",
-                            stacklevel: int = 4, amplification: float = 1.0, amplification_reason: str = "") -> None:
+def warn_if_ill_conditioned(
+    kappa: float,
+    gamma: float = 0.0,
+    what: str = "construction",
+    stacklevel: int = 4,
+    amplification: float = 1.0,
+    amplification_reason: str = "",
+) -> None:
     """Warn with :class:`IllConditionedWarning` when ``u·(κ + γ)·amplification`` exceeds 1e-8.
 
     ``amplification`` (default 1) is how much larger the outputs the rounding is relative to are than the
@@ -157,14 +164,18 @@ def warn_if_ill_conditioned(kappa: float, gamma: float = 0.0, what: str = "const
     expected = base * amplification
     if expected > WARN_RELATIVE_ERROR:
         if amplification > 1:
-            detail = (f"expect relative errors near u·(κ + γ)·a = {base:.2g} · {amplification:.3g} = {expected:.2g} "
-                      f"in float64 ({amplification_reason})")
+            detail = (
+                f"expect relative errors near u·(κ + γ)·a = {base:.2g} · {amplification:.3g} = {expected:.2g} "
+                f"in float64 ({amplification_reason})"
+            )
         else:
             detail = f"expect relative errors near u·(κ + γ) = {expected:.2g} in float64"
         warnings.warn(
             f"{what} is ill-conditioned: κ = {kappa:.3g}, γ = {gamma:.3g}; {detail} "
             "(the high-precision path avoids this)",
-            IllConditionedWarning, stacklevel=stacklevel)
+            IllConditionedWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def svd_values(matrix) -> np.ndarray:
@@ -206,8 +217,15 @@ class _LargestConditionNumber:
         return max(self.condition_numbers.values(), default=1.0)
 
 
-def verified_exact(rank_sufficient: bool, measured: float, tol: float, amplification: float = 1.0,
-                   what: str = "construction", stacklevel: int = 4, arithmetic: str = "float64") -> bool:
+def verified_exact(
+    rank_sufficient: bool,
+    measured: float,
+    tol: float,
+    amplification: float = 1.0,
+    what: str = "construction",
+    stacklevel: int = 4,
+    arithmetic: str = "float64",
+) -> bool:
     """The ``exact`` a fit may report: its rank suffices *and* its arithmetic kept the claim.
 
     ``measured`` is the error the construction measured on its own result, relative to the same scale as
@@ -227,10 +245,18 @@ def verified_exact(rank_sufficient: bool, measured: float, tol: float, amplifica
     if measured > tol:
         why = f"the measured error {measured:.3g} exceeds the tolerance {tol:.3g} the fit claims"
     else:
-        why = (f"its tolerance {tol:.3g} (times the amplification {amplification:.3g}) exceeds "
-               f"{EXACT_TOLERANCE_LIMIT:g}: the bound does not even keep the outputs' order of magnitude")
-    remedy = ("the high-precision path or the exact path avoid this" if arithmetic == "float64"
-              else "more digits (digits=None chooses them) or the exact path avoid this")
-    warnings.warn(f"{what}: the rank suffices but the {arithmetic} result is not exact: {why}; reporting "
-                  f"exact=False ({remedy})", IllConditionedWarning, stacklevel=stacklevel)
+        why = (
+            f"its tolerance {tol:.3g} (times the amplification {amplification:.3g}) exceeds "
+            f"{EXACT_TOLERANCE_LIMIT:g}: the bound does not even keep the outputs' order of magnitude"
+        )
+    remedy = (
+        "the high-precision path or the exact path avoid this"
+        if arithmetic == "float64"
+        else "more digits (digits=None chooses them) or the exact path avoid this"
+    )
+    warnings.warn(
+        f"{what}: the rank suffices but the {arithmetic} result is not exact: {why}; reporting exact=False ({remedy})",
+        IllConditionedWarning,
+        stacklevel=stacklevel,
+    )
     return False

@@ -13,7 +13,8 @@ computed singular values ``σ̂_i`` and the residual ``R = A - Q̂Ĉ``:
 * upper bounds (Weyl on ``AᵀA = ĈᵀĈ + RᵀR + E``): ``σ_i(A)² <= (σ̂_i + e_svd)² + ‖R‖_2² + ‖E‖_2``, with
   ``σ̂_i = 0`` for ``i > b``;
 * ``‖R‖_2`` bounded by ``‖R‖_F`` (computed from ``R`` itself, not as the difference ``‖A‖_F² - ‖Ĉ‖_F²``,
-  which cancels), else by ``‖RᵀR‖_F^{1/2}`` (the Schatten-4 norm), else, sharper, by a Cholesky test: if floating-point Cholesky of
+  which cancels), else by ``‖RᵀR‖_F^{1/2}`` (the Schatten-4 norm), else, sharper, by a Cholesky test: if floating-point
+  Cholesky of
   ``μI - fl(RᵀR)`` runs to completion then ``λ_max(RᵀR) <= μ`` plus the factorisation's backward error
   (Higham, *Accuracy and Stability of Numerical Algorithms*, Theorem 10.3).
 
@@ -44,7 +45,7 @@ from .errors import InvalidArgumentError
 
 __all__ = ["PartialSpectrum", "partial_spectrum", "partial_spectrum_from_blocks"]
 
-U64 = 2.0 ** -53                    # unit roundoff of float64, round to nearest
+U64 = 2.0**-53  # unit roundoff of float64, round to nearest
 
 
 def _gamma(k) -> float:
@@ -122,38 +123,59 @@ class PartialSpectrum:
         if self.frobenius == 0.0:
             return 0, 0
         k = min(self.shape)
-        target = float(energy) * self.frobenius ** 2 * (1.0 - 1e-12)    # the advisor's own rounding allowance
-        lo_sums = np.cumsum(self.lower ** 2)
+        target = float(energy) * self.frobenius**2 * (1.0 - 1e-12)  # the advisor's own rounding allowance
+        lo_sums = np.cumsum(self.lower**2)
         hit = np.nonzero(lo_sums >= target)[0]
         hi = int(hit[0]) + 1 if hit.size else k
-        up_sums = np.cumsum(self.upper ** 2)
+        up_sums = np.cumsum(self.upper**2)
         hit = np.nonzero(up_sums >= target)[0]
         if hit.size:
             lo = int(hit[0]) + 1
         else:
-            extra = self.residual ** 2
+            extra = self.residual**2
             deficit = target - (float(up_sums[-1]) if up_sums.size else 0.0)
             lo = k if extra == 0.0 else min(k, self.values.size + max(1, math.ceil(deficit / extra)))
         return min(lo, hi), hi
 
     def to_dict(self) -> dict:
-        return {"shape": [int(v) for v in self.shape], "threshold": float(self.threshold),
-                "values": [float(v) for v in self.values], "lower": [float(v) for v in self.lower],
-                "upper": [float(v) for v in self.upper], "residual": float(self.residual),
-                "residual_method": self.residual_method, "frobenius": float(self.frobenius),
-                "rank_lower": int(self.rank_lower), "rank_upper": int(self.rank_upper),
-                "settled": self.settled, "block": int(self.block), "passes": int(self.passes)}
+        return {
+            "shape": [int(v) for v in self.shape],
+            "threshold": float(self.threshold),
+            "values": [float(v) for v in self.values],
+            "lower": [float(v) for v in self.lower],
+            "upper": [float(v) for v in self.upper],
+            "residual": float(self.residual),
+            "residual_method": self.residual_method,
+            "frobenius": float(self.frobenius),
+            "rank_lower": int(self.rank_lower),
+            "rank_upper": int(self.rank_upper),
+            "settled": self.settled,
+            "block": int(self.block),
+            "passes": int(self.passes),
+        }
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
-            or threshold < 0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(threshold)
+        or threshold < 0
+    ):
         raise InvalidArgumentError("threshold", f"must be a finite number >= 0, got {threshold!r}")
     return float(threshold)
 
 
-def partial_spectrum(matrix, threshold, *, block: int = 16, max_block: int | None = None,
-                     power_iterations: int = 2, seed: int = 0, block_rows: int = 1024) -> PartialSpectrum:
+def partial_spectrum(
+    matrix,
+    threshold,
+    *,
+    block: int = 16,
+    max_block: int | None = None,
+    power_iterations: int = 2,
+    seed: int = 0,
+    block_rows: int = 1024,
+) -> PartialSpectrum:
     """The certified count ``#{i : σ_i(matrix) > threshold}`` and the leading singular values (module docstring).
 
     Parameters
@@ -189,18 +211,20 @@ def partial_spectrum(matrix, threshold, *, block: int = 16, max_block: int | Non
     if not np.isfinite(a).all():
         raise InvalidArgumentError("matrix", "contains NaN or infinite entries")
     if a.shape[0] < a.shape[1]:
-        a = a.T                                                          # (m, n) tall: Gram is n x n
+        a = a.T  # (m, n) tall: Gram is n x n
 
     def blocks():
         for start in range(0, a.shape[0], block_rows):
-            yield a[start:start + block_rows]
+            yield a[start : start + block_rows]
 
-    return partial_spectrum_from_blocks(a.shape, blocks, threshold, block=block, max_block=max_block,
-                                        power_iterations=power_iterations, seed=seed)
+    return partial_spectrum_from_blocks(
+        a.shape, blocks, threshold, block=block, max_block=max_block, power_iterations=power_iterations, seed=seed
+    )
 
 
-def partial_spectrum_from_blocks(shape, blocks, threshold, *, block: int = 16, max_block: int | None = None,
-                                 power_iterations: int = 2, seed: int = 0) -> PartialSpectrum:
+def partial_spectrum_from_blocks(
+    shape, blocks, threshold, *, block: int = 16, max_block: int | None = None, power_iterations: int = 2, seed: int = 0
+) -> PartialSpectrum:
     """:func:`partial_spectrum` of a matrix given as row blocks (streaming callers; one block in memory).
 
     Parameters
@@ -226,33 +250,34 @@ def partial_spectrum_from_blocks(shape, blocks, threshold, *, block: int = 16, m
     # pass: ‖A‖_F² and the first sketch Y = AΩ
     fro_sq = 0.0
     while True:
-        omega = rng.standard_normal((n, b))                             # (n, b)
+        omega = rng.standard_normal((n, b))  # (n, b)
         ys, fro_sq = [], 0.0
         for blk in blocks():
             fro_sq += float(np.einsum("ij,ij->", blk, blk))
-            ys.append(blk @ omega)                                      # (rows, b)
+            ys.append(blk @ omega)  # (rows, b)
         passes += 1
-        q = np.linalg.qr(np.concatenate(ys))[0]                        # (m, b)
+        q = np.linalg.qr(np.concatenate(ys))[0]  # (m, b)
         for _ in range(power_iterations):
-            z = _left(blocks, q, n)                                     # (n, b) = Aᵀ Q
+            z = _left(blocks, q, n)  # (n, b) = Aᵀ Q
             p = np.linalg.qr(z)[0]
-            q = np.linalg.qr(np.concatenate([blk @ p for blk in blocks()]))[0]   # (m, b)
+            q = np.linalg.qr(np.concatenate([blk @ p for blk in blocks()]))[0]  # (m, b)
             passes += 2
-        c = _left(blocks, q, n).T                                       # (b, n) = Q̂ᵀA
+        c = _left(blocks, q, n).T  # (b, n) = Q̂ᵀA
         passes += 1
-        fro = math.sqrt(fro_sq * (1.0 + _gamma(m * n + 1)))             # upper bound on ‖A‖_F
+        fro = math.sqrt(fro_sq * (1.0 + _gamma(m * n + 1)))  # upper bound on ‖A‖_F
         cert = _certify(q, c, fro, m, n)
-        if tau_of is not None:                                          # τ from the computed σ̂_1
+        if tau_of is not None:  # τ from the computed σ̂_1
             tau = _check_threshold(tau_of(float(cert["values"][0]) if cert["values"].size else 0.0))
         lower, values, err = cert["lower"], cert["values"], cert
         lo = int(np.count_nonzero(lower > tau))
-        grow = lo > b - max(2, b // 4) and b < k_all                    # the rank may reach past the block
+        grow = lo > b - max(2, b // 4) and b < k_all  # the rank may reach past the block
         if grow and 2 * b <= top:
             b *= 2
             continue
-        if grow:                                                        # past the largest block: unsettled
-            return _result((m, n), tau, values, lower, np.full_like(values, fro), fro, "none", fro_sq, lo,
-                           k_all, b, passes)
+        if grow:  # past the largest block: unsettled
+            return _result(
+                (m, n), tau, values, lower, np.full_like(values, fro), fro, "none", fro_sq, lo, k_all, b, passes
+            )
         result = _residual(blocks, q, c, err, (m, n), tau, fro, fro_sq, b, passes)
         if result.settled or 2 * b > top or b >= k_all:
             return result
@@ -265,7 +290,7 @@ def _left(blocks, q, n):
     start = 0
     for blk in blocks():
         rows = blk.shape[0]
-        out += blk.T @ q[start:start + rows]                            # (n, b)
+        out += blk.T @ q[start : start + rows]  # (n, b)
         start += rows
     return out
 
@@ -273,35 +298,52 @@ def _left(blocks, q, n):
 def _certify(q, c, fro, m, n) -> dict:
     """The lower bounds and the error terms of THEORY.md §5.5 for ``Q̂`` (``m x b``) and ``Ĉ`` (``b x n``)."""
     b = q.shape[1]
-    gram_q = q.T @ q                                                    # (b, b)
+    gram_q = q.T @ q  # (b, b)
     # δ_Q >= ‖Q̂ᵀQ̂ - I‖_2: the computed defect plus the product's error γ_m·‖Q̂‖_F² (‖Q̂‖_F² <= b(1 + defect))
     defect = float(np.linalg.norm(gram_q - np.eye(b)))
     delta_q = defect * (1 + 4 * U64) + _gamma(m) * b * (1.0 + defect) * 1.01
-    q_norm = math.sqrt(1.0 + delta_q)                                   # ‖Q̂‖_2
-    q_fro = math.sqrt(b * (1.0 + delta_q))                              # ‖Q̂‖_F
-    e_c = _gamma(m) * q_fro * fro                                       # ‖Ĉ - Q̂ᵀA‖_F (|fl - exact| <= γ_m|Q̂ᵀ||A|)
-    values = np.linalg.svd(c, compute_uv=False)                         # (b,)
-    e_svd = 4.0 * max(b, n) * U64 * (float(values[0]) if values.size else 0.0)   # LAPACK backward error (model)
+    q_norm = math.sqrt(1.0 + delta_q)  # ‖Q̂‖_2
+    q_fro = math.sqrt(b * (1.0 + delta_q))  # ‖Q̂‖_F
+    e_c = _gamma(m) * q_fro * fro  # ‖Ĉ - Q̂ᵀA‖_F (|fl - exact| <= γ_m|Q̂ᵀ||A|)
+    values = np.linalg.svd(c, compute_uv=False)  # (b,)
+    e_svd = 4.0 * max(b, n) * U64 * (float(values[0]) if values.size else 0.0)  # LAPACK backward error (model)
     lower = np.maximum(values - e_svd - e_c, 0.0) / q_norm * (1.0 - 2 * U64)
     c_norm = (float(values[0]) if values.size else 0.0) + e_svd
     # ‖Q̂ᵀR‖_2 <= ‖Q̂ᵀA - Ĉ‖ + ‖(I - Q̂ᵀQ̂)Ĉ‖, so ‖E‖ <= δ_Q‖Ĉ‖² + 2‖Ĉ‖·(e_C + δ_Q‖Ĉ‖) (THEORY.md §5.5)
-    e_cross = delta_q * c_norm ** 2 + 2.0 * c_norm * (e_c + delta_q * c_norm)
-    return {"values": values, "lower": lower, "e_svd": e_svd, "e_c": e_c, "e_cross": e_cross, "q_fro": q_fro,
-            "c_fro": float(np.linalg.norm(c)) * (1 + 4 * U64) + 1e-300}
+    e_cross = delta_q * c_norm**2 + 2.0 * c_norm * (e_c + delta_q * c_norm)
+    return {
+        "values": values,
+        "lower": lower,
+        "e_svd": e_svd,
+        "e_c": e_c,
+        "e_cross": e_cross,
+        "q_fro": q_fro,
+        "c_fro": float(np.linalg.norm(c)) * (1 + 4 * U64) + 1e-300,
+    }
 
 
 def _uppers(values, e_svd, e_cross, eps):
     """``sqrt((σ̂_i + e_svd)² + ε² + ‖E‖)`` per value and ``sqrt(ε² + ‖E‖)`` past the block (slightly widened)."""
     widen = 1.0 + 8 * U64
-    upper = np.sqrt((values + e_svd) ** 2 + eps ** 2 + e_cross) * widen
-    return upper, math.sqrt(eps ** 2 + e_cross) * widen
+    upper = np.sqrt((values + e_svd) ** 2 + eps**2 + e_cross) * widen
+    return upper, math.sqrt(eps**2 + e_cross) * widen
 
 
 def _result(shape, tau, values, lower, upper, residual, method, fro_sq, lo, hi, b, passes):
-    return PartialSpectrum(shape=tuple(shape), threshold=tau, values=np.asarray(values, dtype=np.float64),
-                           lower=np.asarray(lower, dtype=np.float64), upper=np.asarray(upper, dtype=np.float64),
-                           residual=float(residual), residual_method=method, frobenius=math.sqrt(fro_sq),
-                           rank_lower=int(lo), rank_upper=int(max(lo, hi)), block=int(b), passes=int(passes))
+    return PartialSpectrum(
+        shape=tuple(shape),
+        threshold=tau,
+        values=np.asarray(values, dtype=np.float64),
+        lower=np.asarray(lower, dtype=np.float64),
+        upper=np.asarray(upper, dtype=np.float64),
+        residual=float(residual),
+        residual_method=method,
+        frobenius=math.sqrt(fro_sq),
+        rank_lower=int(lo),
+        rank_upper=int(max(lo, hi)),
+        block=int(b),
+        passes=int(passes),
+    )
 
 
 def _counts(lower, upper, tail, tau, k_all):
@@ -323,29 +365,29 @@ def _residual(blocks, q, c, cert, shape, tau, fro, fro_sq, b, passes) -> Partial
     # what ε must not exceed for the count to settle: the largest value not certified above τ, and the tail
     below = values[lower <= tau]
     s_star = float(below[0]) + e_svd if below.size else 0.0
-    room = tau ** 2 - s_star ** 2 - e_cross
+    room = tau**2 - s_star**2 - e_cross
     gram = np.zeros((n, n)) if room > 0 else None
     r_sq = 0.0
     start = 0
     for blk in blocks():
         rows = blk.shape[0]
-        r = blk - q[start:start + rows] @ c                             # (rows, n)
+        r = blk - q[start : start + rows] @ c  # (rows, n)
         r_sq += float(np.einsum("ij,ij->", r, r))
         if gram is not None:
-            gram += r.T @ r                                             # (n, n)
+            gram += r.T @ r  # (n, n)
         start += rows
     passes += 1
-    r_fro = math.sqrt(r_sq * (1.0 + _gamma(m * n + 1)))                 # upper bound on ‖R̂‖_F
+    r_fro = math.sqrt(r_sq * (1.0 + _gamma(m * n + 1)))  # upper bound on ‖R̂‖_F
     eps = r_fro + e_r
     upper, tail = _uppers(values, e_svd, e_cross, eps)
     lo, hi = _counts(lower, upper, tail, tau, k_all)
     if lo == hi or gram is None:
         return _result(shape, tau, values, lower, upper, tail, "frobenius", fro_sq, lo, hi, b, passes)
-    e_gram = _gamma(m) * r_fro ** 2                                     # ‖fl(R̂ᵀR̂) - R̂ᵀR̂‖_F <= γ_m‖R̂‖_F²
+    e_gram = _gamma(m) * r_fro**2  # ‖fl(R̂ᵀR̂) - R̂ᵀR̂‖_F <= γ_m‖R̂‖_F²
     # Schatten-4: ‖R̂‖_2² = ‖R̂ᵀR̂‖_2 <= ‖R̂ᵀR̂‖_F <= ‖Ĝ‖_F + e_gram (O(n²), tried before the O(n³) test)
     lam = float(np.linalg.norm(gram)) * (1.0 + _gamma(n * n + 1)) + e_gram
     eps4 = math.sqrt(lam) * (1 + 2 * U64) + e_r
-    if eps4 < eps:                                                      # the tighter of the two bounds stands
+    if eps4 < eps:  # the tighter of the two bounds stands
         eps, method = eps4, "schatten4"
         upper, tail = _uppers(values, e_svd, e_cross, eps)
         lo, hi = _counts(lower, upper, tail, tau, k_all)
@@ -355,11 +397,11 @@ def _residual(blocks, q, c, cert, shape, tau, fro, fro_sq, b, passes) -> Partial
         return _result(shape, tau, values, lower, upper, tail, method, fro_sq, lo, hi, b, passes)
     # Cholesky test: μ chosen so that the certified ε just settles the count
     eps_need = math.sqrt(room) - e_r
-    slack = 1.0 + 2.0 * _gamma(n + 1) * n * 1.01 + 4 * U64              # backward error of Cholesky, relative
-    mu = (eps_need ** 2 - e_gram) / slack * (1.0 - 1e-9)
+    slack = 1.0 + 2.0 * _gamma(n + 1) * n * 1.01 + 4 * U64  # backward error of Cholesky, relative
+    mu = (eps_need**2 - e_gram) / slack * (1.0 - 1e-9)
     if mu <= 0:
         return _result(shape, tau, values, lower, upper, tail, method, fro_sq, lo, hi, b, passes)
-    h = np.negative(gram, out=gram)                                     # (n, n), in place: μI - Ĝ
+    h = np.negative(gram, out=gram)  # (n, n), in place: μI - Ĝ
     h[np.diag_indices(n)] += mu
     diag_max = float(np.max(np.abs(np.diag(h))))
     trace_h = float(np.trace(h))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -22,7 +22,7 @@ __all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_par
 #: The largest depth ``L`` (and target depth ``L̄``) accepted: a partition is a tuple of ``L̄`` sizes, and a
 #: depth of 10^30 raised OverflowError (10^9 would exhaust memory). Larger depths raise
 #: :class:`~lora_theory.errors.InvalidArgumentError`.
-MAX_DEPTH = 10 ** 6
+MAX_DEPTH = 10**6
 
 
 def uniform_partition(depth: int, target_depth: int) -> tuple[int, ...]:
@@ -44,12 +44,16 @@ def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]
     sizes = tuple(as_int(s, f"partition[{i}]") for i, s in enumerate(partition))
     if len(sizes) != target_depth:
         raise InvalidArgumentError(
-            "partition", f"must have one block per target layer (L̄ = {target_depth}), got {len(sizes)} blocks")
+            "partition", f"must have one block per target layer (L̄ = {target_depth}), got {len(sizes)} blocks"
+        )
     if any(s <= 0 for s in sizes):
-        raise InvalidArgumentError("partition", f"every block must hold at least one layer (no empty block), got {sizes}")
+        raise InvalidArgumentError(
+            "partition", f"every block must hold at least one layer (no empty block), got {sizes}"
+        )
     if sum(sizes) != depth:
         raise InvalidArgumentError(
-            "partition", f"block sizes must cover the L = {depth} frozen layers exactly, got {sizes} (sum {sum(sizes)})")
+            "partition", f"block sizes must cover the L = {depth} frozen layers exactly, got {sizes} (sum {sum(sizes)})"
+        )
     return sizes
 
 
@@ -100,12 +104,13 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     if not callable(block_rank):
         raise InvalidArgumentError("block_rank", f"must be callable as block_rank(i, start, stop), got {block_rank!r}")
 
-    @lru_cache(maxsize=None)
+    @cache
     def rank_of(i, start, stop):
         value = block_rank(i, start, stop)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
             raise InvalidArgumentError(
-                "block_rank", f"must return a non-negative integer rank, got {value!r} for block ({i}, {start}, {stop})")
+                "block_rank", f"must return a non-negative integer rank, got {value!r} for block ({i}, {start}, {stop})"
+            )
         return int(value)
 
     def here(i, start, size):
@@ -121,8 +126,9 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
         remaining = Lbar - i
         nxt = cost[i + 1]
         for start in range(i, L - remaining + 1):
-            cost[i][start] = min(max(here(i, start, size), nxt[start + size])
-                                 for size in range(1, L - start - remaining + 2))
+            cost[i][start] = min(
+                max(here(i, start, size), nxt[start + size]) for size in range(1, L - start - remaining + 2)
+            )
 
     value = cost[0][0]
     # the lexicographically smallest optimal partition: at each block the smallest size that keeps the
@@ -130,8 +136,11 @@ def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int
     # may reach a value below the global optimum with a lexicographically larger partition)
     sizes, start = [], 0
     for i in range(Lbar - 1):
-        size = next(size for size in range(1, L - start - (Lbar - i) + 2)
-                    if here(i, start, size) <= value and cost[i + 1][start + size] <= value)
+        size = next(
+            size
+            for size in range(1, L - start - (Lbar - i) + 2)
+            if here(i, start, size) <= value and cost[i + 1][start + size] <= value
+        )
         sizes.append(size)
         start += size
     sizes.append(L - start)

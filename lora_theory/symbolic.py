@@ -62,7 +62,9 @@ from .partition import MAX_DEPTH, check_partition, partition_blocks, uniform_par
 from .thresholds import ceil_div
 
 __all__ = [
-    "D", "L", "Lbar",
+    "D",
+    "L",
+    "Lbar",
     "linear_rank_threshold_expr",
     "fnn_rank_threshold_expr",
     "tfn_rank_threshold_expr",
@@ -192,8 +194,10 @@ class Certificate:
         if self.required_rank is not None:
             lines.append(f"  instance threshold: R >= {self.required_rank}")
         if self.domain is not None:
-            lines.append(f"  input ball: ||x - x0||^2 <= {_short(self.domain['radius_squared'])}, "
-                         f"x0 = {_short_vec(self.domain['center'])}")
+            lines.append(
+                f"  input ball: ||x - x0||^2 <= {_short(self.domain['radius_squared'])}, "
+                f"x0 = {_short_vec(self.domain['center'])}"
+            )
         lines.extend("  " + str(c) for c in self.checks)
         lines.append(f"Outcome: {self.outcome} — {self.reason}")
         return "\n".join(lines)
@@ -211,7 +215,7 @@ class _Recorder:
     def __init__(self, frozen, target):
         self.checks: list[Check] = []
         self.adapters: dict = {}
-        self.frozen, self.target = frozen, target                       # the instance, exact
+        self.frozen, self.target = frozen, target  # the instance, exact
 
     def check(self, name, passed, detail=""):
         self.checks.append(Check(name, bool(passed), detail))
@@ -227,7 +231,7 @@ class _Recorder:
             raise _Stop(NOT_MET, f"{name} is singular{also}" + (f" ({why})" if why else ""), M)
 
     def equal(self, name, X: DomainMatrix, Y: DomainMatrix):
-        X, Y = X.to_dense(), Y.to_dense()                               # == also compares the storage format
+        X, Y = X.to_dense(), Y.to_dense()  # == also compares the storage format
         ok = X.shape == Y.shape and X.to_list() == Y.to_list()
         detail = "holds exactly" if ok else f"differs in {_count_nonzero(X - Y)} entries"
         self.check(name, ok, detail)
@@ -248,19 +252,20 @@ def _q(value, name):
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             raise InvalidArgumentError(name, f"contains NaN or infinite entries ({value!r})")
-        f = Fraction(float(value))                                      # the float's exact binary value
+        f = Fraction(float(value))  # the float's exact binary value
         return QQ(f.numerator, f.denominator)
     if isinstance(value, sympy.Basic):
         if value.is_Rational:
             return QQ(int(value.p), int(value.q))
         if isinstance(value, sympy.Float):
-            f = Fraction(*sympy.Rational(value).as_numer_denom())       # exact value of the binary float
+            f = Fraction(*sympy.Rational(value).as_numer_denom())  # exact value of the binary float
             return QQ(f.numerator, f.denominator)
         raise InvalidArgumentError(name, f"entries must be rational numbers, got {value} (not rational)")
     if type(value).__name__ in ("PythonMPQ", "mpq"):
         return value
     raise InvalidArgumentError(
-        name, f"entries must be rational (int, float, Fraction or sympy Rational), got {type(value).__name__}")
+        name, f"entries must be rational (int, float, Fraction or sympy Rational), got {type(value).__name__}"
+    )
 
 
 def _dm(value, name, shape=None) -> DomainMatrix:
@@ -347,8 +352,9 @@ def _short_vec(v) -> str:
     vals = [v[i, 0] for i in range(v.shape[0])] if hasattr(v, "shape") else list(v)
     if all(x == 0 for x in vals):
         return "0"
-    return "(" + ", ".join(_short(QQ.convert(sympy.Rational(x)) if isinstance(x, sympy.Basic) else x)
-                           for x in vals) + ")"
+    return (
+        "(" + ", ".join(_short(QQ.convert(sympy.Rational(x)) if isinstance(x, sympy.Basic) else x) for x in vals) + ")"
+    )
 
 
 def _count_nonzero(M: DomainMatrix) -> int:
@@ -384,37 +390,38 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
     m = len(factors)
     n = target.shape[0]
     frozen_product = _prod(factors, n)
-    E = target - frozen_product                                         # (n, n)
+    E = target - frozen_product  # (n, n)
     rank_E = E.rank()
     k = sum(ranks)
     ok = rec.check(f"{label}rank(E) <= Σ R_l", rank_E <= k, f"rank(E) = {rank_E} (exact), Σ R_l = {k}")
     if not ok:
         raise _Stop(budget_outcome, budget_reason(rank_E, k))
-    C, F, _ = _rank_decomposition(E)                                    # (n, r), (r, n)
+    C, F, _ = _rank_decomposition(E)  # (n, r), (r, n)
     blocks = _direction_blocks(ranks, rank_E)
 
     def step(l, b, state):
-        adapted, given, checks = state                                  # tuples: the layers before l
+        adapted, given, checks = state  # tuples: the layers before l
         start, stop = blocks[b]
         if stop <= start:
             return adapted + (factors[l],), given, checks
         local = _Recorder(None, None)
         try:
             cols = list(range(start, stop))
-            C_l = C.extract(list(range(n)), cols)                       # (n, k_l)
-            F_l = F.extract(cols, list(range(n)))                       # (k_l, n)
+            C_l = C.extract(list(range(n)), cols)  # (n, k_l)
+            F_l = F.extract(cols, list(range(n)))  # (k_l, n)
             if l < m - 1:
-                Q = _prod(factors[l + 1:], n)                           # (n, n) frozen factors after l
-                q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1:]))
+                Q = _prod(factors[l + 1 :], n)  # (n, n) frozen factors after l
+                q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
                 local.invertible(Q, q_name, f"it receives directions {start + 1}..{stop} of E = C F")
-                B = Q.lu_solve(C_l)                                     # (n, k_l) = Q^{-1} C_l
+                B = Q.lu_solve(C_l)  # (n, k_l) = Q^{-1} C_l
             else:
                 B = C_l
             if l > 0:
-                P = _prod(adapted, n)                                   # (n, n) adapted factors before l
+                P = _prod(adapted, n)  # (n, n) adapted factors before l
                 p_name = f"{label}P_{l + 1} = " + " ".join(
-                    f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l]))))
-                Q_prev = _prod(factors[l:], n)                          # Q_{l-1} (1-based: frozen after l-1)
+                    f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l])))
+                )
+                Q_prev = _prod(factors[l:], n)  # Q_{l-1} (1-based: frozen after l-1)
                 sums = " + ".join(f"C_{given[j][1] + 1} F_{given[j][1] + 1}" for j in range(len(given)))
                 equivalent = (f"Π W + {sums}" if sums else "Π W") if Q_prev.det() != 0 else ""
                 local.invertible(P, p_name, f"layer {l + 1} receives directions {start + 1}..{stop}", equivalent)
@@ -424,10 +431,13 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
         except _Stop as stop_:
             stop_.checks = checks + tuple(local.checks)
             raise
-        delta = B * A                                                   # (n, n)
+        delta = B * A  # (n, n)
         r_delta = delta.rank()
-        local.check(f"{label}rank(Δ_{l + 1}) <= R_{l + 1}", r_delta <= ranks[l],
-                    f"rank = {r_delta} (exact), R_{l + 1} = {ranks[l]}")
+        local.check(
+            f"{label}rank(Δ_{l + 1}) <= R_{l + 1}",
+            r_delta <= ranks[l],
+            f"rank = {r_delta} (exact), R_{l + 1} = {ranks[l]}",
+        )
         return adapted + (factors[l] + delta,), given + ((l, b, (A, B)),), checks + tuple(local.checks)
 
     try:
@@ -449,16 +459,54 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
 def _finish(rec, model, sizes, rank, required, adapted=None, domain=None, stop=None, theorem=""):
     if stop is not None:
         singular = _sym(stop.singular) if stop.singular is not None else None
-        return Certificate(model, sizes, rank, tuple(rec.checks), stop.outcome, stop.reason, required,
-                           singular, dict(rec.adapters), None, domain, rec.frozen, rec.target)
+        return Certificate(
+            model,
+            sizes,
+            rank,
+            tuple(rec.checks),
+            stop.outcome,
+            stop.reason,
+            required,
+            singular,
+            dict(rec.adapters),
+            None,
+            domain,
+            rec.frozen,
+            rec.target,
+        )
     failed = [c for c in rec.checks if not c.passed]
     if failed:  # a completed construction whose exact check fails would be an error in this module
-        return Certificate(model, sizes, rank, tuple(rec.checks), NOT_MET,
-                           f"the construction completed but the exact check '{failed[0].name}' failed "
-                           "(an error in the construction; please report it)", required, None,
-                           dict(rec.adapters), None, domain, rec.frozen, rec.target)
-    return Certificate(model, sizes, rank, tuple(rec.checks), EXACT, theorem, required, None,
-                       dict(rec.adapters), adapted, domain, rec.frozen, rec.target)
+        return Certificate(
+            model,
+            sizes,
+            rank,
+            tuple(rec.checks),
+            NOT_MET,
+            f"the construction completed but the exact check '{failed[0].name}' failed "
+            "(an error in the construction; please report it)",
+            required,
+            None,
+            dict(rec.adapters),
+            None,
+            domain,
+            rec.frozen,
+            rec.target,
+        )
+    return Certificate(
+        model,
+        sizes,
+        rank,
+        tuple(rec.checks),
+        EXACT,
+        theorem,
+        required,
+        None,
+        dict(rec.adapters),
+        adapted,
+        domain,
+        rec.frozen,
+        rec.target,
+    )
 
 
 def _store(rec, key, A, B):
@@ -471,8 +519,11 @@ def _store(rec, key, A, B):
 def _square_list(values, name):
     if isinstance(values, FNN):
         values = values.weights
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) \
-            or isinstance(values, sympy.MatrixBase):
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, (Sequence, np.ndarray))
+        or isinstance(values, sympy.MatrixBase)
+    ):
         raise InvalidArgumentError(name, f"must be a sequence of matrices, got {type(values).__name__}")
     if isinstance(values, np.ndarray) and values.ndim == 2:
         raise InvalidArgumentError(name, "must be a sequence of matrices (one per layer), got one matrix")
@@ -526,8 +577,10 @@ def certify_linear(frozen, target, rank) -> Certificate:
     required = ceil_div((T - _prod(W, n)).rank(), len(W))
 
     def impossible(rank_E, k):
-        return (f"rank(E) = {rank_E} exceeds Σ R_l = {k}: rank(Π(W_l + Δ_l) - Π W_l) <= Σ R_l for any "
-                f"adapters (telescoping), so no adapters of these ranks give T (Zeng & Lee 2024, Lemma 1)")
+        return (
+            f"rank(E) = {rank_E} exceeds Σ R_l = {k}: rank(Π(W_l + Δ_l) - Π W_l) <= Σ R_l for any "
+            f"adapters (telescoping), so no adapters of these ranks give T (Zeng & Lee 2024, Lemma 1)"
+        )
 
     try:
         adapters, adapted, _ = _exact_chain(rec, W, T, ranks, names, "", IMPOSSIBLE, impossible)
@@ -535,8 +588,15 @@ def certify_linear(frozen, target, rank) -> Certificate:
         return _finish(rec, "linear", sizes, rank_out, required, stop=stop)
     for l, (A, B) in enumerate(adapters):
         _store(rec, f"W_{l + 1}", A, B)
-    return _finish(rec, "linear", sizes, rank_out, required, adapted=tuple(_sym(M) for M in adapted),
-                   theorem="Π(W_l + Δ_l) = T exactly with rank(Δ_l) <= R_l (Zeng & Lee 2024, Lemma 1)")
+    return _finish(
+        rec,
+        "linear",
+        sizes,
+        rank_out,
+        required,
+        adapted=tuple(_sym(M) for M in adapted),
+        theorem="Π(W_l + Δ_l) = T exactly with rank(Δ_l) <= R_l (Zeng & Lee 2024, Lemma 1)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- FNN
@@ -564,8 +624,11 @@ class RationalFNN:
     def __post_init__(self):
         W = _square_list(self.weights, "weights")
         n = W[0].shape[0]
-        if isinstance(self.biases, (str, bytes)) or not isinstance(self.biases, (Sequence, np.ndarray)) \
-                or len(self.biases) != len(W):
+        if (
+            isinstance(self.biases, (str, bytes))
+            or not isinstance(self.biases, (Sequence, np.ndarray))
+            or len(self.biases) != len(W)
+        ):
             raise InvalidArgumentError("biases", f"must give one bias vector per layer ({len(W)})")
         b = [_vec(v, f"biases[{i}]", n) for i, v in enumerate(self.biases)]
         if not isinstance(self.activation, str) or self.activation not in ("relu", "linear"):
@@ -585,15 +648,18 @@ class RationalFNN:
         return len(self.weights)
 
     @classmethod
-    def from_fnn(cls, model: FNN) -> "RationalFNN":
+    def from_fnn(cls, model: FNN) -> RationalFNN:
         """The exact rational values of a float64 :class:`~lora_theory.FNN`."""
         return cls(model.weights, model.biases, model.activation, model.final_relu)
 
     def to_float(self) -> FNN:
         """The nearest float64 :class:`~lora_theory.FNN`."""
-        return FNN([np.array(W.tolist(), dtype=float) for W in self.weights],
-                   [np.array(b.tolist(), dtype=float).reshape(-1) for b in self.biases],
-                   activation=self.activation, final_relu=self.final_relu)
+        return FNN(
+            [np.array(W.tolist(), dtype=float) for W in self.weights],
+            [np.array(b.tolist(), dtype=float).reshape(-1) for b in self.biases],
+            activation=self.activation,
+            final_relu=self.final_relu,
+        )
 
 
 def _as_rational_fnn(model, name) -> RationalFNN:
@@ -630,7 +696,7 @@ def _positive_definite(S: DomainMatrix) -> bool:
 
 def _spectral_sq_upper(M: DomainMatrix):
     """A rational ``ρ >= ||M||_2^2``, certified: ``ρ I - M^T M`` positive definite (else ``||M||_F^2``)."""
-    G = M.transpose() * M                                               # (n, n) symmetric
+    G = M.transpose() * M  # (n, n) symmetric
     n = G.shape[0]
     frob = sum((G.to_list()[i][i] for i in range(n)), QQ(0))
     Mf = np.array([[float(v) for v in row] for row in M.to_list()])
@@ -703,8 +769,10 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
         raise InvalidArgumentError("target", f"the target depth L̄ = {Lbar_} exceeds the frozen depth L = {L_}")
     if fbar.activation != f0.activation or fbar.final_relu != f0.final_relu:
         raise InvalidArgumentError(
-            "target", f"must use the frozen model's activation and final_relu ({f0.activation!r}, "
-                      f"final_relu={f0.final_relu}), got ({fbar.activation!r}, final_relu={fbar.final_relu})")
+            "target",
+            f"must use the frozen model's activation and final_relu ({f0.activation!r}, "
+            f"final_relu={f0.final_relu}), got ({fbar.activation!r}, final_relu={fbar.final_relu})",
+        )
     ranks = as_ranks(rank, L_, n)
     rank_out = rank if isinstance(rank, numbers.Integral) else ranks
     sizes_part = uniform_partition(L_, Lbar_) if partition is None else check_partition(partition, L_, Lbar_)
@@ -721,11 +789,14 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
     cs = [_dm(c, "target") for c in fbar.biases]
     blocks = partition_blocks(sizes_part)
     sizes = {"D": n, "L": L_, "Lbar": Lbar_, "partition": sizes_part}
-    block_ranks = [(Tt[i] - _prod(Wf[b.start:b.stop], n)).rank() for i, b in enumerate(blocks)]
+    block_ranks = [(Tt[i] - _prod(Wf[b.start : b.stop], n)).rank() for i, b in enumerate(blocks)]
     required = max(ceil_div(rk, len(b)) for rk, b in zip(block_ranks, blocks))
     rec = _Recorder(f0, fbar)
-    domain = {"center": _sym(u0), "radius_squared": sympy.Rational(int(r2.numerator), int(r2.denominator)),
-              "blocks": []}
+    domain = {
+        "center": _sym(u0),
+        "radius_squared": sympy.Rational(int(r2.numerator), int(r2.denominator)),
+        "blocks": [],
+    }
     weights, biases = [], []
     try:
         for i, block in enumerate(blocks):
@@ -734,23 +805,33 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
             layer_names = [f"W_{l + 1}" for l in block]
 
             def not_met(rank_E, k, i=i, block=block):
-                return (f"matched rank rank(E_{i + 1}) = {rank_E} exceeds the budget Σ R_l = {k} of block "
-                        f"{i + 1} (layers {block.start + 1}..{block.stop}); Theorem 3 needs no more, but this "
-                        "does not prove impossibility")
+                return (
+                    f"matched rank rank(E_{i + 1}) = {rank_E} exceeds the budget Σ R_l = {k} of block "
+                    f"{i + 1} (layers {block.start + 1}..{block.stop}); Theorem 3 needs no more, but this "
+                    "does not prove impossibility"
+                )
 
-            adapters, M, _ = _exact_chain(rec, Wf[block.start:block.stop], Tt[i],
-                                          ranks[block.start:block.stop], layer_names, label, NOT_MET, not_met)
+            adapters, M, _ = _exact_chain(
+                rec,
+                Wf[block.start : block.stop],
+                Tt[i],
+                ranks[block.start : block.stop],
+                layer_names,
+                label,
+                NOT_MET,
+                not_met,
+            )
             for l, (A, B) in zip(block, adapters):
                 _store(rec, f"W_{l + 1}", A, B)
             m = len(M)
             one = _ones(n)
             beta_prev = QQ(0)
             P = _eye(n)
-            offset = _zeros(n, 1)                                       # o_j: pre-activation = P_j u + o_j
+            offset = _zeros(n, 1)  # o_j: pre-activation = P_j u + o_j
             block_biases = []
             for j in range(m - 1):
-                P = M[j] * P                                            # (n, n) P_j
-                Pu0 = P * u0                                            # (n, 1)
+                P = M[j] * P  # (n, n) P_j
+                Pu0 = P * u0  # (n, 1)
                 row_sq = [sum((x * x for x in row), QQ(0)) for row in P.to_list()]
                 pu = [row[0] for row in Pu0.to_list()]
                 beta = QQ(0)
@@ -759,13 +840,19 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
                 b = one.scalarmul(beta) - M[j] * one.scalarmul(beta_prev)
                 block_biases.append(b)
                 offset = M[j] * offset + b
-                rec.equal(f"{label}layer {block.start + j + 1} pre-activation offset == β_{j + 1}·1",
-                          offset, one.scalarmul(beta))
+                rec.equal(
+                    f"{label}layer {block.start + j + 1} pre-activation offset == β_{j + 1}·1",
+                    offset,
+                    one.scalarmul(beta),
+                )
                 if linearise:
                     active = all(beta + p > 0 and (beta + p) ** 2 > r2 * s for p, s in zip(pu, row_sq))
-                    rec.check(f"{label}layer {block.start + j + 1} ReLUs active on the ball", active,
-                              f"β_{j + 1} = {_short(beta)}, r^2 = {_short(r2)}; "
-                              "(β + (P_j u0)_k)^2 > r^2 ||row_k(P_j)||^2 and β + (P_j u0)_k > 0 for all k")
+                    rec.check(
+                        f"{label}layer {block.start + j + 1} ReLUs active on the ball",
+                        active,
+                        f"β_{j + 1} = {_short(beta)}, r^2 = {_short(r2)}; "
+                        "(β + (P_j u0)_k)^2 > r^2 ||row_k(P_j)||^2 and β + (P_j u0)_k > 0 for all k",
+                    )
                     if not active:  # cannot happen: _choose_level verifies it; kept as a guard
                         raise _Stop(NOT_MET, f"{label}no linearising level found for layer {block.start + j + 1}")
                 beta_prev = beta
@@ -783,12 +870,19 @@ def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=No
             r2 = r2 * _spectral_sq_upper(Tt[i])
     except _Stop as stop:
         return _finish(rec, "fnn", sizes, rank_out, required, domain=domain, stop=stop)
-    adapted = RationalFNN(tuple(_sym(W) for W in weights), tuple(_sym(b) for b in biases),
-                          f0.activation, f0.final_relu)
-    return _finish(rec, "fnn", sizes, rank_out, required, adapted=adapted, domain=domain,
-                   theorem="every block's affine map equals its target layer's and every linearising ReLU "
-                           "is active on its ball, so f(x) = f̄(x) for ||x - x0|| <= r "
-                           "(Zeng & Lee 2024, Theorem 3 / Theorem 6)")
+    adapted = RationalFNN(tuple(_sym(W) for W in weights), tuple(_sym(b) for b in biases), f0.activation, f0.final_relu)
+    return _finish(
+        rec,
+        "fnn",
+        sizes,
+        rank_out,
+        required,
+        adapted=adapted,
+        domain=domain,
+        theorem="every block's affine map equals its target layer's and every linearising ReLU "
+        "is active on its ball, so f(x) = f̄(x) for ||x - x0|| <= r "
+        "(Zeng & Lee 2024, Theorem 3 / Theorem 6)",
+    )
 
 
 def _choose_level(P, pu, row_sq, r2):
@@ -844,8 +938,11 @@ class RationalTFN:
 
     def __post_init__(self):
         def seq(v, name):
-            if isinstance(v, (str, bytes, sympy.MatrixBase)) or not isinstance(v, (Sequence, np.ndarray)) \
-                    or len(v) == 0:
+            if (
+                isinstance(v, (str, bytes, sympy.MatrixBase))
+                or not isinstance(v, (Sequence, np.ndarray))
+                or len(v) == 0
+            ):
                 raise InvalidArgumentError(name, "must be a non-empty sequence (one entry per block)")
             return list(v)
 
@@ -858,9 +955,12 @@ class RationalTFN:
             stack = seq(getattr(self, name), name)
             if len(stack) != Lb:
                 raise InvalidArgumentError(name, f"must have L = {Lb} blocks, got {len(stack)}")
-            vals[name] = tuple(tuple(_sym(_dm(M, f"{name}[{l}][{h}]", (n, n)))
-                                     for h, M in enumerate(_heads(stack[l], H, f"{name}[{l}]")))
-                               for l in range(Lb))
+            vals[name] = tuple(
+                tuple(
+                    _sym(_dm(M, f"{name}[{l}][{h}]", (n, n))) for h, M in enumerate(_heads(stack[l], H, f"{name}[{l}]"))
+                )
+                for l in range(Lb)
+            )
         for name in ("w1", "w2"):
             stack = seq(getattr(self, name), name)
             if len(stack) != Lb:
@@ -893,26 +993,40 @@ class RationalTFN:
     width = embed_dim
 
     @classmethod
-    def from_tfn(cls, model: TFN) -> "RationalTFN":
+    def from_tfn(cls, model: TFN) -> RationalTFN:
         """The exact rational values of a float64 :class:`~lora_theory.TFN`."""
-        return cls(*(list(getattr(model, n)) for n in _HEAD),
-                   w1=list(model.w1), b1=list(model.b1), w2=list(model.w2), b2=list(model.b2),
-                   w_out=model.w_out)
+        return cls(
+            *(list(getattr(model, n)) for n in _HEAD),
+            w1=list(model.w1),
+            b1=list(model.b1),
+            w2=list(model.w2),
+            b2=list(model.b2),
+            w_out=model.w_out,
+        )
 
     def to_float(self) -> TFN:
         """The nearest float64 :class:`~lora_theory.TFN`."""
+
         def f(M):
             return np.array(M.tolist(), dtype=float)
 
         heads = {n: np.array([[f(M) for M in row] for row in getattr(self, n)]) for n in _HEAD}
-        return TFN(**heads, w1=np.array([f(M) for M in self.w1]), b1=np.array([f(v).reshape(-1) for v in self.b1]),
-                   w2=np.array([f(M) for M in self.w2]), b2=np.array([f(v).reshape(-1) for v in self.b2]),
-                   w_out=f(self.w_out))
+        return TFN(
+            **heads,
+            w1=np.array([f(M) for M in self.w1]),
+            b1=np.array([f(v).reshape(-1) for v in self.b1]),
+            w2=np.array([f(M) for M in self.w2]),
+            b2=np.array([f(v).reshape(-1) for v in self.b2]),
+            w_out=f(self.w_out),
+        )
 
 
 def _heads(value, H, name):
-    if isinstance(value, (str, bytes, sympy.MatrixBase)) or not isinstance(value, (Sequence, np.ndarray)) \
-            or len(value) != H:
+    if (
+        isinstance(value, (str, bytes, sympy.MatrixBase))
+        or not isinstance(value, (Sequence, np.ndarray))
+        or len(value) != H
+    ):
         raise InvalidArgumentError(name, f"must hold H = {H} head matrices")
     return list(value)
 
@@ -957,8 +1071,10 @@ def certify_tfn(frozen, target, rank) -> Certificate:
     Lb, H, n = f0.depth, f0.heads, f0.embed_dim
     if (fbar.depth, fbar.heads, fbar.embed_dim) != (Lb, H, n):
         raise InvalidArgumentError(
-            "target", f"must have the frozen network's depth, heads and embedding size (L, H, D) = "
-                      f"{(Lb, H, n)}, got {(fbar.depth, fbar.heads, fbar.embed_dim)}")
+            "target",
+            f"must have the frozen network's depth, heads and embedding size (L, H, D) = "
+            f"{(Lb, H, n)}, got {(fbar.depth, fbar.heads, fbar.embed_dim)}",
+        )
     R = as_int(rank, "rank", 0, n)
     sizes = {"D": n, "L": Lb, "H": H}
     rec = _Recorder(f0, fbar)
@@ -968,19 +1084,26 @@ def certify_tfn(frozen, target, rank) -> Certificate:
         return _dm(M, "model")
 
     def budget(kind, l, h):
-        what = {"qk": "scores (W_K + Δ_K)^T (W_Q + Δ_Q)", "ov": "values (W_O + Δ_O)(W_V + Δ_V)",
-                "out": "output (W_out + Δ_out)(W2_L + Δ_2)"}[kind]
+        what = {
+            "qk": "scores (W_K + Δ_K)^T (W_Q + Δ_Q)",
+            "ov": "values (W_O + Δ_O)(W_V + Δ_V)",
+            "out": "output (W_out + Δ_out)(W2_L + Δ_2)",
+        }[kind]
         where = f"block {l}, head {h}" if h is not None else f"block {l}"
 
         def reason(rank_E, k):
-            return (f"matched rank G = {rank_E} exceeds 2R = {k} ({what}, {where}); Theorem 7 needs no more, "
-                    "but this does not prove impossibility")
+            return (
+                f"matched rank G = {rank_E} exceeds 2R = {k} ({what}, {where}); Theorem 7 needs no more, "
+                "but this does not prove impossibility"
+            )
+
         return reason
 
     def chain(kind, l, h, factors, names, matched):
         label = f"{kind}[{l},{h}]: " if h is not None else f"{kind}: "
-        adapters, adapted, rank_E = _exact_chain(rec, factors, matched, (R, R), names, label, NOT_MET,
-                                                 budget(kind, l, h))
+        adapters, adapted, rank_E = _exact_chain(
+            rec, factors, matched, (R, R), names, label, NOT_MET, budget(kind, l, h)
+        )
         G[l] = max(G[l], rank_E)
         return adapters, adapted
 
@@ -995,15 +1118,14 @@ def certify_tfn(frozen, target, rank) -> Certificate:
             for h in range(H):
                 WQ, WK, WV, WO = (g(getattr(f0, nm)[l][h]) for nm in _HEAD)
                 TQ, TK, TV, TO = (g(getattr(fbar, nm)[l][h]) for nm in _HEAD)
-                qk = C.transpose() * TK.transpose() * TQ * C            # (n, n) C^T T_K^T T_Q C
-                (aq, ak), (mq, mkt) = chain("qk", l, h, [WQ, WK.transpose()],
-                                            [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], qk)
+                qk = C.transpose() * TK.transpose() * TQ * C  # (n, n) C^T T_K^T T_Q C
+                (aq, ak), (mq, mkt) = chain("qk", l, h, [WQ, WK.transpose()], [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], qk)
                 _store(rec, ("wq", l, h), *aq)
                 # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is A_K = B2^T, B_K = A2^T
                 _store(rec, ("wk", l, h), ak[1].transpose(), ak[0].transpose())
                 new["wq"][l][h], new["wk"][l][h] = mq, mkt.transpose()
-                ov_hidden = T1 * TO * TV * C                            # (n, n) T1 T_O T_V C
-                ov = W1.lu_solve(ov_hidden)                             # (n, n) W1^-1 T1 T_O T_V C
+                ov_hidden = T1 * TO * TV * C  # (n, n) T1 T_O T_V C
+                ov = W1.lu_solve(ov_hidden)  # (n, n) W1^-1 T1 T_O T_V C
                 (av, ao), (mv, mo) = chain("ov", l, h, [WV, WO], [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], ov)
                 _store(rec, ("wv", l, h), *av)
                 _store(rec, ("wo", l, h), *ao)
@@ -1014,30 +1136,40 @@ def certify_tfn(frozen, target, rank) -> Certificate:
                 rec.invertible(W2, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target onward")
                 rec.invertible(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
                 C = W2.transpose().lu_solve(T2.transpose()).transpose()  # (n, n) C_l = T2 W2^-1
-                b2[l] = W2 * T2.lu_solve(g(fbar.b2[l]))                 # (n, 1) W2 T2^-1 c2
+                b2[l] = W2 * T2.lu_solve(g(fbar.b2[l]))  # (n, 1) W2 T2^-1 c2
                 rec.equal(f"block {l}: C_{l + 1} W2 == T2", C * W2, T2)
-                rec.equal(f"block {l}: C_{l + 1} b2 == c2 (block output = C^-1 × target's)", C * b2[l],
-                          g(fbar.b2[l]))
+                rec.equal(f"block {l}: C_{l + 1} b2 == c2 (block output = C^-1 × target's)", C * b2[l], g(fbar.b2[l]))
         last = Lb - 1
-        out_target = g(fbar.w_out) * g(fbar.w2[last])                  # (n, n) T_out T2_L
-        (a2, aout), (w2_last, w_out) = chain("out", last, None, [g(f0.w2[last]), g(f0.w_out)],
-                                             ["W2[L-1]", "W_out"], out_target)
+        out_target = g(fbar.w_out) * g(fbar.w2[last])  # (n, n) T_out T2_L
+        (a2, aout), (w2_last, w_out) = chain(
+            "out", last, None, [g(f0.w2[last]), g(f0.w_out)], ["W2[L-1]", "W_out"], out_target
+        )
         _store(rec, ("w2", last, None), *a2)
         _store(rec, ("w_out", last, None), *aout)
         rec.invertible(w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
-        rhs = g(fbar.w_out) * g(fbar.b2[last])                         # (n, 1) T_out c2_L
+        rhs = g(fbar.w_out) * g(fbar.b2[last])  # (n, 1) T_out c2_L
         b2[last] = w_out.lu_solve(rhs)
         rec.equal("out: (W_out + Δ_out) b2_L == T_out c2_L", w_out * b2[last], rhs)
     except _Stop as stop:  # the instance threshold needs every matched rank: unknown after a stop
         return _finish(rec, "tfn", sizes, R, None, stop=stop)
     adapted = RationalTFN(
         *([[_sym(M) for M in row] for row in new[nm]] for nm in _HEAD),
-        w1=list(f0.w1), b1=list(fbar.b1),
+        w1=list(f0.w1),
+        b1=list(fbar.b1),
         w2=[f0.w2[l] for l in range(Lb - 1)] + [_sym(w2_last)],
-        b2=[_sym(v) for v in b2], w_out=_sym(w_out))
-    return _finish(rec, "tfn", sizes, R, max(ceil_div(x, 2) for x in G), adapted=adapted,
-                   theorem="every matched product and bias equals its target, so f(X) = f̄(X) for every input X "
-                           "(Zeng & Lee 2024, Theorem 7)")
+        b2=[_sym(v) for v in b2],
+        w_out=_sym(w_out),
+    )
+    return _finish(
+        rec,
+        "tfn",
+        sizes,
+        R,
+        max(ceil_div(x, 2) for x in G),
+        adapted=adapted,
+        theorem="every matched product and bias equals its target, so f(X) = f̄(X) for every input X "
+        "(Zeng & Lee 2024, Theorem 7)",
+    )
 
 
 # ---------------------------------------------------------------------------------- random instances
@@ -1050,8 +1182,7 @@ def _rng(seed):
 def _rand(rng, shape, bound, denominator):
     """Entries ``k / denominator`` with integer ``k`` uniform in ``[-bound, bound]``, as a sympy matrix."""
     k = rng.integers(-bound, bound + 1, size=shape)
-    return sympy.ImmutableMatrix(shape[0], shape[1],
-                                 [sympy.Rational(int(v), denominator) for v in k.reshape(-1)])
+    return sympy.ImmutableMatrix(shape[0], shape[1], [sympy.Rational(int(v), denominator) for v in k.reshape(-1)])
 
 
 def _instance_args(denominator, bound):
@@ -1060,8 +1191,9 @@ def _instance_args(denominator, bound):
     return den, b
 
 
-def random_rational_linear(width: int, depth: int, *, seed=None, error_rank: int | None = None,
-                           denominator: int = 4, bound: int = 4):
+def random_rational_linear(
+    width: int, depth: int, *, seed=None, error_rank: int | None = None, denominator: int = 4, bound: int = 4
+):
     """A random rational linear instance ``(frozen, target)`` for :func:`certify_linear`.
 
     Entries ``k / denominator`` with ``k`` uniform in ``-bound..bound`` (default multiples of 1/4 in
@@ -1090,8 +1222,16 @@ def random_rational_linear(width: int, depth: int, *, seed=None, error_rank: int
     return frozen, target
 
 
-def random_rational_fnn(width: int, depth: int, target_depth: int, *, seed=None, final_relu: bool = True,
-                        denominator: int = 4, bound: int = 4):
+def random_rational_fnn(
+    width: int,
+    depth: int,
+    target_depth: int,
+    *,
+    seed=None,
+    final_relu: bool = True,
+    denominator: int = 4,
+    bound: int = 4,
+):
     """A random rational ReLU FNN pair ``(frozen, target)`` (:class:`RationalFNN`) for :func:`certify_fnn`.
 
     Weights and biases ``k / denominator``, ``k`` uniform in ``-bound..bound``.
@@ -1100,13 +1240,19 @@ def random_rational_fnn(width: int, depth: int, target_depth: int, *, seed=None,
     depth_ = as_int(depth, "depth", 1, MAX_DEPTH)
     tdepth = as_int(target_depth, "target_depth", 1, MAX_DEPTH)
     if tdepth > depth_:
-        raise InvalidArgumentError("target_depth", f"the target depth L̄ = {tdepth} exceeds the frozen depth L = {depth_}")
+        raise InvalidArgumentError(
+            "target_depth", f"the target depth L̄ = {tdepth} exceeds the frozen depth L = {depth_}"
+        )
     den, b = _instance_args(denominator, bound)
     rng = _rng(seed)
 
     def model(m):
-        return RationalFNN(tuple(_rand(rng, (n, n), b, den) for _ in range(m)),
-                           tuple(_rand(rng, (n, 1), b, den) for _ in range(m)), "relu", final_relu)
+        return RationalFNN(
+            tuple(_rand(rng, (n, n), b, den) for _ in range(m)),
+            tuple(_rand(rng, (n, 1), b, den) for _ in range(m)),
+            "relu",
+            final_relu,
+        )
 
     return model(depth_), model(tdepth)
 
@@ -1119,8 +1265,16 @@ def _rand_nonsingular(rng, n, bound, denominator):
             return M
 
 
-def random_rational_tfn(embed_dim: int, depth: int, heads: int, *, seed=None, denominator: int = 4,
-                        bound: int = 4, nonsingular: bool = False):
+def random_rational_tfn(
+    embed_dim: int,
+    depth: int,
+    heads: int,
+    *,
+    seed=None,
+    denominator: int = 4,
+    bound: int = 4,
+    nonsingular: bool = False,
+):
     """A random rational transformer pair ``(frozen, target)`` (:class:`RationalTFN`) for :func:`certify_tfn`.
 
     Every parameter ``k / denominator``, ``k`` uniform in ``-bound..bound``. Small entries make singular
@@ -1142,11 +1296,13 @@ def random_rational_tfn(embed_dim: int, depth: int, heads: int, *, seed=None, de
 
     def model():
         att = [[[square() for _ in range(H)] for _ in range(depth_)] for _ in range(4)]
-        return RationalTFN(*att,
-                           w1=[square() for _ in range(depth_)],
-                           b1=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
-                           w2=[square() for _ in range(depth_)],
-                           b2=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
-                           w_out=square())
+        return RationalTFN(
+            *att,
+            w1=[square() for _ in range(depth_)],
+            b1=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
+            w2=[square() for _ in range(depth_)],
+            b2=[_rand(rng, (n, 1), b, den) for _ in range(depth_)],
+            w_out=square(),
+        )
 
     return model(), model()

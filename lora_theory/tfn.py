@@ -36,9 +36,17 @@ from .adapter import Adapter
 from .errors import InvalidArgumentError
 from .linear import _chain_checked
 from .models import TFN
-from .numerics import (_LargestConditionNumber, check_invertible, check_norm_finite, finite_solve, relative_error,
-                       svd_values,
-                       tolerance, verified_exact, warn_if_ill_conditioned)
+from .numerics import (
+    _LargestConditionNumber,
+    check_invertible,
+    check_norm_finite,
+    finite_solve,
+    relative_error,
+    svd_values,
+    tolerance,
+    verified_exact,
+    warn_if_ill_conditioned,
+)
 from .thresholds import ceil_div
 
 __all__ = ["TFNFit", "lora_tfn", "tfn_rank_requirement", "tfn_matched_discrepancies", "tfn_matched_discrepancy_ranks"]
@@ -124,8 +132,8 @@ def _check_pair(frozen, target):
     got = (target.depth, target.heads, target.embed_dim)
     if want != got:
         raise InvalidArgumentError(
-            "target", f"must have the frozen network's depth, heads and embedding size (L, H, D) = {want}, "
-                      f"got {got}")
+            "target", f"must have the frozen network's depth, heads and embedding size (L, H, D) = {want}, got {got}"
+        )
 
 
 def _solve_right(M, X):
@@ -154,30 +162,32 @@ def _matched_problems(frozen, target, kappas):
     ``l < L``, raising :class:`SingularMatrixError` naming the matrix.
     """
     L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
-    C = np.eye(D)                                                       # (D, D) C_0 = I
-    kappa_C = 0.0                                                       # κ solved to form C_{l-1}
+    C = np.eye(D)  # (D, D) C_0 = I
+    kappa_C = 0.0  # κ solved to form C_{l-1}
     for l in range(L):
         kappas[f"W1[{l}]"] = check_invertible(
-            frozen.w1[l], f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C")
+            frozen.w1[l], f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C"
+        )
         for h in range(H):
             qk_target = C.T @ target.wk[l, h].T @ target.wq[l, h] @ C  # (D, D) C^T T_K^T T_Q C
             factors = (frozen.wq[l, h], frozen.wk[l, h].T)
             names = (f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T")
             yield "qk", l, h, factors, names, qk_target, _rank_tol(factors, qk_target, kappa_C)
-            ov = target.w1[l] @ target.wo[l, h] @ target.wv[l, h] @ C   # (D, D) T1 T_O T_V C
-            ov_target = finite_solve(frozen.w1[l], ov, f"W1[{l}]")      # (D, D) W1^-1 T1 T_O T_V C
+            ov = target.w1[l] @ target.wo[l, h] @ target.wv[l, h] @ C  # (D, D) T1 T_O T_V C
+            ov_target = finite_solve(frozen.w1[l], ov, f"W1[{l}]")  # (D, D) W1^-1 T1 T_O T_V C
             factors = (frozen.wv[l, h], frozen.wo[l, h])
             names = (f"W_V[{l},{h}]", f"W_O[{l},{h}]")
-            yield "ov", l, h, factors, names, ov_target, _rank_tol(factors, ov_target,
-                                                                    kappa_C + kappas[f"W1[{l}]"])
+            yield "ov", l, h, factors, names, ov_target, _rank_tol(factors, ov_target, kappa_C + kappas[f"W1[{l}]"])
         if l < L - 1:
             kappas[f"W2[{l}]"] = check_invertible(
-                frozen.w2[l], f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block")
+                frozen.w2[l], f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block"
+            )
             kappas[f"T2[{l}]"] = check_invertible(
-                target.w2[l], f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
-            C = _solve_right(frozen.w2[l], target.w2[l])                # (D, D) C_l = T2_l W2_l^-1
+                target.w2[l], f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2"
+            )
+            C = _solve_right(frozen.w2[l], target.w2[l])  # (D, D) C_l = T2_l W2_l^-1
             kappa_C = kappas[f"W2[{l}]"]
-    out_target = target.w_out @ target.w2[L - 1]                        # (D, D) T_out T2_L
+    out_target = target.w_out @ target.w2[L - 1]  # (D, D) T_out T2_L
     factors = (frozen.w2[L - 1], frozen.w_out)
     yield "out", L - 1, None, factors, ("W2[L-1]", "W_out"), out_target, _rank_tol(factors, out_target, 0.0)
 
@@ -202,8 +212,10 @@ def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
         ``W1_l``, or ``W2_l`` or ``T2_l`` for ``l < L``, singular (named, with ``κ``).
     """
     _check_pair(frozen, target)
-    return {(kind, l, h): matched - factors[1] @ factors[0]
-            for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {})}
+    return {
+        (kind, l, h): matched - factors[1] @ factors[0]
+        for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {})
+    }
 
 
 tfn_matched_discrepancies = numeric_guard(tfn_matched_discrepancies)
@@ -218,7 +230,7 @@ def tfn_matched_discrepancy_ranks(frozen: TFN, target: TFN) -> tuple:
     """
     _check_pair(frozen, target)
     ranks = [0] * frozen.depth
-    for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, {}):
+    for _kind, l, _h, factors, _names, matched, tol in _matched_problems(frozen, target, {}):
         E = matched - factors[1] @ factors[0]
         s = svd_values(E)
         ranks[l] = max(ranks[l], int(np.sum(s > tol)))
@@ -284,7 +296,8 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
     for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, kappas):
         check_norm_finite(matched - factors[1] @ factors[0], f"the {kind} discrepancy of block {l}")
         (first, second), E, s, rank_E, chain_kappas = _chain_checked(
-            factors, matched, (R, R), names=list(names), rank_tol=tol)
+            factors, matched, (R, R), names=list(names), rank_tol=tol
+        )
         label = f"{kind}[{l},{h}]" if h is not None else kind
         for key, kappa in chain_kappas.items():
             kappas[f"{label} {key}"] = kappa
@@ -302,34 +315,54 @@ def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
             adapters[("w_out", l, None)] = second
 
     def adapted(name, stack):
-        out = np.array(stack)                                          # (L, H, D, D)
+        out = np.array(stack)  # (L, H, D, D)
         for l in range(L):
             for h in range(H):
                 out[l, h] += adapters[(name, l, h)].delta
         return out
 
-    w2 = np.array(frozen.w2)                                            # (L, D, D)
+    w2 = np.array(frozen.w2)  # (L, D, D)
     w2[L - 1] += adapters[("w2", L - 1, None)].delta
-    w_out = frozen.w_out + adapters[("w_out", L - 1, None)].delta       # (D, D)
+    w_out = frozen.w_out + adapters[("w_out", L - 1, None)].delta  # (D, D)
     b2 = np.empty((L, D))
     for l in range(L - 1):
         b2[l] = frozen.w2[l] @ finite_solve(target.w2[l], target.b2[l], f"T2[{l}]")  # W2 T2^-1 c2
     kappas["W_out + Δ_out"] = check_invertible(
-        w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
+        w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2"
+    )
     b2[L - 1] = finite_solve(w_out, target.w_out @ target.b2[L - 1], "W_out + Δ_out")
-    model = TFN(adapted("wq", frozen.wq), adapted("wk", frozen.wk), adapted("wv", frozen.wv),
-                adapted("wo", frozen.wo), w1=frozen.w1, b1=target.b1, w2=w2, b2=b2, w_out=w_out)
+    model = TFN(
+        adapted("wq", frozen.wq),
+        adapted("wk", frozen.wk),
+        adapted("wv", frozen.wv),
+        adapted("wo", frozen.wo),
+        w1=frozen.w1,
+        b1=target.b1,
+        w2=w2,
+        b2=b2,
+        w_out=w_out,
+    )
     kappa = max(kappas.values())
     warn_if_ill_conditioned(kappa, what="transformer construction (Theorem 7)")
     required = max(ceil_div(g, 2) for g in G)
     # check the claim on what float64 built
-    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))   # (n, D, N)
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))  # (n, D, N)
     measured = relative_error(model(X), target(X))
     exact = verified_exact(R >= required, measured, tolerance(kappa), what="transformer construction (Theorem 7)")
-    return TFNFit(adapters=adapters, model=model, frozen=frozen, target=target, rank=R,
-                  matched_ranks=tuple(G), required_rank=required, exact=exact,
-                  matched_errors=matched_errors, condition_numbers=kappas, rank_sufficient=R >= required,
-                  measured_error=measured)
+    return TFNFit(
+        adapters=adapters,
+        model=model,
+        frozen=frozen,
+        target=target,
+        rank=R,
+        matched_ranks=tuple(G),
+        required_rank=required,
+        exact=exact,
+        matched_errors=matched_errors,
+        condition_numbers=kappas,
+        rank_sufficient=R >= required,
+        measured_error=measured,
+    )
 
 
 lora_tfn = numeric_guard(lora_tfn)

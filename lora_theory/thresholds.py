@@ -44,8 +44,7 @@ def fnn_rank_threshold(width: int, depth: int, target_depth: int) -> int:
     L = as_int(depth, "depth", 1)
     Lbar = as_int(target_depth, "target_depth", 1)
     if Lbar > L:
-        raise InvalidArgumentError(
-            "target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
+        raise InvalidArgumentError("target_depth", f"the target depth L̄ = {Lbar} exceeds the frozen depth L = {L}")
     return ceil_div(D, L // Lbar)
 
 

@@ -17,9 +17,14 @@ def float_layers(model):
     """``[(W, b, relu)]`` per layer of an :class:`~lora_theory.FNN` or a ``RationalFNN``, in float64."""
     L = model.depth
     relu = [model.activation == "relu" and (l < L - 1 or model.final_relu) for l in range(L)]
-    return [(np.array(np.asarray(W).tolist(), dtype=float),
-             np.array(np.asarray(b).tolist(), dtype=float).reshape(-1), relu[l])
-            for l, (W, b) in enumerate(zip(model.weights, model.biases))]
+    return [
+        (
+            np.array(np.asarray(W).tolist(), dtype=float),
+            np.array(np.asarray(b).tolist(), dtype=float).reshape(-1),
+            relu[l],
+        )
+        for l, (W, b) in enumerate(zip(model.weights, model.biases))
+    ]
 
 
 def inner_layers(partition) -> list:

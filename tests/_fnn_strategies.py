@@ -22,8 +22,8 @@ class Instance:
     frozen: FNN
     target: FNN
     partition: tuple
-    block_ranks: tuple          # ρ_i = rank(E_i) by construction
-    ranks: tuple                # per-layer LoRA budgets R_l
+    block_ranks: tuple  # ρ_i = rank(E_i) by construction
+    ranks: tuple  # per-layer LoRA budgets R_l
     seed: int
 
     @property
@@ -31,7 +31,7 @@ class Instance:
         return self.frozen.width
 
     def budgets(self):
-        return tuple(sum(self.ranks[b.start:b.stop]) for b in partition_blocks(self.partition))
+        return tuple(sum(self.ranks[b.start : b.stop]) for b in partition_blocks(self.partition))
 
 
 def low_rank(rng, D, rho, scale):
@@ -46,8 +46,10 @@ def make_target(frozen, partition, block_ranks, seed, final_relu=True, bias_scal
     rng = np.random.default_rng(seed)
     D = frozen.width
     s = 1.0 / np.sqrt(D)
-    weights = [product(frozen.weights[b.start:b.stop]) + low_rank(rng, D, rho, s)
-               for b, rho in zip(partition_blocks(partition), block_ranks)]
+    weights = [
+        product(frozen.weights[b.start : b.stop]) + low_rank(rng, D, rho, s)
+        for b, rho in zip(partition_blocks(partition), block_ranks)
+    ]
     bs = s if bias_scale is None else bias_scale
     biases = [rng.uniform(-bs, bs, size=D) for _ in weights]
     return FNN(weights, biases, final_relu=final_relu)
@@ -56,8 +58,7 @@ def make_target(frozen, partition, block_ranks, seed, final_relu=True, bias_scal
 @st.composite
 def compositions(draw, total, parts):
     """A consecutive partition of ``total`` layers into ``parts`` non-empty blocks."""
-    cuts = sorted(draw(st.sets(st.integers(1, total - 1), min_size=parts - 1, max_size=parts - 1))) \
-        if parts > 1 else []
+    cuts = sorted(draw(st.sets(st.integers(1, total - 1), min_size=parts - 1, max_size=parts - 1))) if parts > 1 else []
     bounds = [0, *cuts, total]
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
@@ -71,7 +72,7 @@ def fnn_instances(draw, max_width=16, max_depth=4, final_relu=None):
     partition = draw(compositions(L, Lbar))
     block_ranks = tuple(draw(st.integers(0, D)) for _ in partition)
     ranks = tuple(draw(st.integers(0, D)) for _ in range(L))
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     fr = draw(st.booleans()) if final_relu is None else final_relu
     frozen = random_fnn(D, L, seed=seed, final_relu=fr)
     target = make_target(frozen, partition, block_ranks, seed + 1, final_relu=fr)

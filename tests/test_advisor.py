@@ -27,7 +27,7 @@ def known_rank_change(rng, out, inp, rank, low=0.5, high=2.0):
 @st.composite
 def layer_pairs(draw):
     """1 to 4 layers of random (possibly rectangular) shapes, each with a change of known rank (0 allowed)."""
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     n = draw(st.integers(1, 4))
     base, tuned, ranks, spectra = {}, {}, {}, {}
@@ -41,8 +41,13 @@ def layer_pairs(draw):
         ranks[f"block{l}.fc"] = rank
         spectra[f"block{l}.fc"] = s
     dtype = draw(st.sampled_from([np.float64, np.float32]))
-    return ({k: v.astype(dtype) for k, v in base.items()}, {k: v.astype(dtype) for k, v in tuned.items()},
-            ranks, spectra, dtype)
+    return (
+        {k: v.astype(dtype) for k, v in base.items()},
+        {k: v.astype(dtype) for k, v in tuned.items()},
+        ranks,
+        spectra,
+        dtype,
+    )
 
 
 @given(layer_pairs())
@@ -60,7 +65,7 @@ def test_exact_rank_is_the_rank_of_the_change(case):
         assert a.parameters(a.exact_rank) == a.exact_rank * sum(a.shape)
 
 
-@given(st.integers(0, 2 ** 32 - 1), st.integers(1, 9), st.integers(1, 9))
+@given(st.integers(0, 2**32 - 1), st.integers(1, 9), st.integers(1, 9))
 def test_tail_curves_are_the_errors_of_truncated_svd(seed, out, inp):
     """Eckart–Young, literally: the best rank-r approximation's error is σ_{r+1} / the Frobenius tail."""
     rng = np.random.default_rng(seed)
@@ -90,14 +95,14 @@ def test_spectral_norm_of_large_matrices():
 
 def test_energy_rank_literal():
     s = np.array([3.0, 2.0, 1.0, 0.5])
-    total = np.sum(s ** 2)
+    total = np.sum(s**2)
     for energy in (0.1, 0.5, 0.9, 0.99, 1.0):
         literal = next(r for r in range(1, 5) if np.sum(s[:r] ** 2) >= energy * total - 1e-12 * total)
         assert energy_rank(s, energy) == literal
     assert energy_rank(np.zeros(3), 0.9) == 0 and energy_rank(np.array([]), 0.9) == 0
     spectral, frob = tail_curves(s)
     np.testing.assert_allclose(spectral, [3, 2, 1, 0.5, 0])
-    np.testing.assert_allclose(frob ** 2, [total, total - 9, 1.25, 0.25, 0])
+    np.testing.assert_allclose(frob**2, [total, total - 9, 1.25, 0.25, 0])
 
 
 def test_energy_rank_counts_only_numeric_directions():
@@ -110,10 +115,17 @@ def test_energy_rank_counts_only_numeric_directions():
 
 def test_biases_vectors_and_skipped():
     rng = np.random.default_rng(1)
-    base = {"a.weight": rng.standard_normal((5, 3)), "a.bias": rng.standard_normal(5),
-            "b.weight": rng.standard_normal((4, 5)), "b.bias": rng.standard_normal(4),
-            "norm.weight": np.ones(4), "steps": np.array(7), "pos_ids": np.arange(6).reshape(1, 6),
-            "conv.weight": rng.standard_normal((2, 3, 3, 3)), "scale": np.array(1.5)}
+    base = {
+        "a.weight": rng.standard_normal((5, 3)),
+        "a.bias": rng.standard_normal(5),
+        "b.weight": rng.standard_normal((4, 5)),
+        "b.bias": rng.standard_normal(4),
+        "norm.weight": np.ones(4),
+        "steps": np.array(7),
+        "pos_ids": np.arange(6).reshape(1, 6),
+        "conv.weight": rng.standard_normal((2, 3, 3, 3)),
+        "scale": np.array(1.5),
+    }
     tuned = {k: np.array(v, copy=True) for k, v in base.items()}
     tuned["a.bias"] = tuned["a.bias"] + 0.1
     tuned["norm.weight"] = tuned["norm.weight"] * 2
@@ -140,7 +152,7 @@ def test_storage_precision_sets_the_tolerance():
     delta, _ = known_rank_change(rng, 10, 10, 2)
     tuned = (W.astype(np.float64) + delta).astype(np.float32)
     as64 = {"w": W.astype(np.float64)}, {"w": tuned.astype(np.float64)}
-    assert advise_layers(*as64).layer("w").exact_rank > 2               # storage precision unknown
+    assert advise_layers(*as64).layer("w").exact_rank > 2  # storage precision unknown
     assert advise_layers(*as64, eps={"w": np.finfo(np.float32).eps}).layer("w").exact_rank == 2
     assert advise_layers({"w": W}, {"w": tuned}).layer("w").exact_rank == 2
     report = advise_layers({"w": W}, {"w": tuned}, tol=1e-3)
@@ -151,8 +163,10 @@ def test_json_report_and_proposal():
     rng = np.random.default_rng(3)
     W = rng.standard_normal((6, 4))
     delta, s = known_rank_change(rng, 6, 4, 2)
-    report = advise_layers({"enc.weight": W, "enc.bias": np.zeros(6), "dec.weight": W.T},
-                           {"enc.weight": W + delta, "enc.bias": np.zeros(6), "dec.weight": W.T.copy()})
+    report = advise_layers(
+        {"enc.weight": W, "enc.bias": np.zeros(6), "dec.weight": W.T},
+        {"enc.weight": W + delta, "enc.bias": np.zeros(6), "dec.weight": W.T.copy()},
+    )
     data = json.loads(report.to_json())
     assert data["note"] == PER_LAYER_NOTE and "Theorems 3 and 6" in data["note"]
     layer = data["layers"][0]
@@ -218,7 +232,7 @@ def test_advise_fnn_known_block_ranks(block_ranks, depth):
     weights = []
     for rho, blk in zip(block_ranks, partition_blocks(sizes)):
         change, _ = known_rank_change(rng, D, D, rho)
-        weights.append(product(frozen.weights[blk.start:blk.stop]) + change)
+        weights.append(product(frozen.weights[blk.start : blk.stop]) + change)
     target = lora_theory.FNN(weights, [rng.uniform(-0.2, 0.2, D) for _ in weights])
     advice = advise_fnn(frozen, target)
     assert advice.uniform_block_ranks == block_ranks
@@ -252,12 +266,14 @@ def test_huge_weights_are_rescaled_not_nan():
     with pytest.raises(InvalidArgumentError, match="overflows float64"):
         advise_layers({"w": W * 1e8}, {"w": W * 0.5e8})
     with pytest.raises(InvalidArgumentError, match=r"tuned\['l.bias'\]: its change overflows"):
-        advise_layers({"l.weight": np.eye(3), "l.bias": np.full(3, 1.7e308)},
-                      {"l.weight": np.eye(3), "l.bias": np.full(3, -1.7e308)})
-    Ws, Ts = W * 1e-300 * 1e-310, (W + delta * 1e299) * 1e-300 * 1e-310   # entries near 1e-310, subnormal
+        advise_layers(
+            {"l.weight": np.eye(3), "l.bias": np.full(3, 1.7e308)},
+            {"l.weight": np.eye(3), "l.bias": np.full(3, -1.7e308)},
+        )
+    Ws, Ts = W * 1e-300 * 1e-310, (W + delta * 1e299) * 1e-300 * 1e-310  # entries near 1e-310, subnormal
     assert 0 < np.abs(Ws).max() < np.finfo(np.float64).tiny
     tiny = advise_layers({"w": Ws}, {"w": Ts}).layer("w")
-    assert tiny.exact_rank == 2                                         # subnormal-scale weights: same answer
+    assert tiny.exact_rank == 2  # subnormal-scale weights: same answer
 
 
 @pytest.mark.parametrize("eps", [float("nan"), -1.0, 0.0, 1e-3, float("inf"), True, "2e-7"])
@@ -280,7 +296,7 @@ def test_energy_rank_refuses_what_it_cannot_rank():
             energy_rank(bad, 0.9)
         with pytest.raises(InvalidArgumentError, match="singular_values"):
             tail_curves(bad)
-    assert energy_rank([1e200, 1e199], 0.99) == 1                     # squares would overflow: scaled first
+    assert energy_rank([1e200, 1e199], 0.99) == 1  # squares would overflow: scaled first
     _, frob = tail_curves([1e200, 1e199])
     assert frob[0] == pytest.approx(math.hypot(1e200, 1e199), rel=1e-12)
 
@@ -297,4 +313,4 @@ def test_dtypes_and_floor_arguments():
         advise_layers({"w": W}, {"w": W}, floor="gaussian")
     r = advise_layers({"w": W}, {"w": W}, dtypes={"w": "torch.float32/bfloat16"})
     assert r.layer("w").storage_dtype == "float32/bfloat16"
-    assert r.layer("w").floor.bounds.entry_max == pytest.approx(2.0 ** -24 + 2.0 ** -8, rel=1e-6)
+    assert r.layer("w").floor.bounds.entry_max == pytest.approx(2.0**-24 + 2.0**-8, rel=1e-6)

@@ -69,11 +69,11 @@ def test_greedy_by_ratio_is_not_optimal_with_unequal_costs():
 def test_error_target_gives_the_smallest_budget(problem, error):
     spectra, shapes, _ = problem
     alloc = allocate_ranks(spectra, shapes, error=error)
-    total = sum(float(np.sum(s ** 2)) for s in spectra)
+    total = sum(float(np.sum(s**2)) for s in spectra)
     assert alloc.relative_error <= error + 1e-12 and alloc.budget is None
-    if alloc.parameters > 0:                                            # one parameter fewer cannot reach it
+    if alloc.parameters > 0:  # one parameter fewer cannot reach it
         below = brute_force(spectra, shapes, alloc.parameters - 1)[0]
-        assert below > error ** 2 * total * (1 + 1e-12)
+        assert below > error**2 * total * (1 + 1e-12)
 
 
 def test_larger_instances_agree_with_a_dense_dp():
@@ -85,7 +85,7 @@ def test_larger_instances_agree_with_a_dense_dp():
     dp = np.full(budget + 1, -np.inf)
     dp[0] = 0.0
     for s, (m, n) in zip(spectra, shapes):
-        gains = np.concatenate([[0.0], np.cumsum(s ** 2)])
+        gains = np.concatenate([[0.0], np.cumsum(s**2)])
         new = np.full(budget + 1, -np.inf)
         for r, g in enumerate(gains):
             c = r * (m + n)
@@ -93,7 +93,7 @@ def test_larger_instances_agree_with_a_dense_dp():
                 break
             new[c:] = np.maximum(new[c:], dp[: budget + 1 - c] + g)
         dp = new
-    total = sum(float(np.sum(s ** 2)) for s in spectra)
+    total = sum(float(np.sum(s**2)) for s in spectra)
     alloc = allocate_ranks(spectra, shapes, budget=budget)
     assert total - alloc.discarded_energy == pytest.approx(dp.max(), rel=1e-12)
 
@@ -142,4 +142,5 @@ def test_allocation_does_not_depend_on_the_units_of_the_spectra(scale):
         assert scaled.relative_error == pytest.approx(unit.relative_error, rel=1e-12) and unit.relative_error > 0
     base = uniform_ranks(spectra, shapes, 20)
     assert uniform_ranks([s * scale for s in spectra], shapes, 20).relative_error == pytest.approx(
-        base.relative_error, rel=1e-12)
+        base.relative_error, rel=1e-12
+    )

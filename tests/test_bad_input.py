@@ -55,7 +55,7 @@ def test_near_singular_frozen_fnn_is_not_called_exact():
     with pytest.warns(IllConditionedWarning, match="not exact"):
         fit = lt.lora_fnn(lt.FNN(W, frozen.biases), target, 4, input_radius=1.0)
     assert fit.rank_sufficient and not fit.exact
-    assert fit.tolerance > EXACT_TOLERANCE_LIMIT                       # κ ≈ 1e14: the bound exceeds 100%
+    assert fit.tolerance > EXACT_TOLERANCE_LIMIT  # κ ≈ 1e14: the bound exceeds 100%
     # the measured error is what it is, and within the (large) tolerance the fit reports
     assert _ball_error(fit) <= fit.absolute_tolerance
 
@@ -74,7 +74,7 @@ def test_large_frozen_entry_against_a_small_target(big):
     if big >= 1e15:
         assert not fit.exact
     err = _ball_error(fit)
-    assert err <= fit.absolute_tolerance                               # the tolerance covers what happens
+    assert err <= fit.absolute_tolerance  # the tolerance covers what happens
     assert fit.tolerance >= big * np.finfo(float).eps / fit.output_radius  # and it grew with the entry
 
 
@@ -168,8 +168,9 @@ def test_condition_number_of_a_non_square_or_empty_matrix_raises(matrix):
         lt.condition_number(matrix)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kappa=math.nan), dict(gamma=math.inf), dict(kappa=-1.0),
-                                    dict(c=math.nan), dict(floor=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(kappa=math.nan), dict(gamma=math.inf), dict(kappa=-1.0), dict(c=math.nan), dict(floor=-1.0)]
+)
 def test_tolerance_refuses_non_finite_arguments(kwargs):
     """tolerance(kappa=nan) returned 1e-10, as if nothing had been inverted."""
     with pytest.raises(InvalidArgumentError, match=next(iter(kwargs))):
@@ -213,9 +214,15 @@ def test_random_fnn_refuses_a_bad_scale(scale):
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "7", True, [1, 2]])
-@pytest.mark.parametrize("fn", [lambda s: lt.random_fnn(2, 1, seed=s), lambda s: lt.random_tfn(2, 1, 1, seed=s),
-                                lambda s: lt.sample_ball(np.zeros(2), 1.0, 2, seed=s),
-                                lambda s: lt.random_rational_linear(2, 1, seed=s)])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda s: lt.random_fnn(2, 1, seed=s),
+        lambda s: lt.random_tfn(2, 1, 1, seed=s),
+        lambda s: lt.sample_ball(np.zeros(2), 1.0, 2, seed=s),
+        lambda s: lt.random_rational_linear(2, 1, seed=s),
+    ],
+)
 def test_bad_seeds_are_refused_by_name(fn, seed):
     """Negative, float and string seeds raised numpy's ValueError or TypeError."""
     with pytest.raises(InvalidArgumentError, match="seed"):
@@ -258,8 +265,17 @@ def test_solve_that_overflows_in_the_transformer_raises():
     """W1 of 1e-14 against a target W1 of 1e299: LAPACK's solve returned inf without a word, and
     tfn_matched_discrepancies returned an infinite matched product."""
     one = np.array([[[[0.27]]]])
-    frozen = lt.TFN(one, one, one, one, w1=np.array([[[2.7e-14]]]), b1=np.array([[0.27]]), w2=np.array([[[0.27]]]),
-                    b2=np.array([[0.27]]), w_out=np.array([[0.27]]))
+    frozen = lt.TFN(
+        one,
+        one,
+        one,
+        one,
+        w1=np.array([[[2.7e-14]]]),
+        b1=np.array([[0.27]]),
+        w2=np.array([[[0.27]]]),
+        b2=np.array([[0.27]]),
+        w_out=np.array([[0.27]]),
+    )
     target = frozen.replace(w1=np.array([[[2.7e299]]]))
     for fn in (lt.tfn_matched_discrepancies, lambda f, t: lt.lora_tfn(f, t, 1)):
         with pytest.raises(NumericalError, match="W1"):
@@ -294,16 +310,19 @@ def test_best_partition_at_depth_3000():
     assert sizes == (1,) * 3000 and value == 1
 
 
-@pytest.mark.parametrize("call", [
-    lambda d: lt.lora_linear_mp([np.eye(2)], 2 * np.eye(2), 1, digits=d),
-    lambda d: lt.lora_fnn_mp(*_pair(D=2), 1, input_radius=1.0, digits=d),
-    lambda d: lt.lora_tfn_mp(lt.random_tfn(2, 1, 1, seed=0), lt.random_tfn(2, 1, 1, seed=1), 1, digits=d),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: lt.lora_linear_mp([np.eye(2)], 2 * np.eye(2), 1, digits=d),
+        lambda d: lt.lora_fnn_mp(*_pair(D=2), 1, input_radius=1.0, digits=d),
+        lambda d: lt.lora_tfn_mp(lt.random_tfn(2, 1, 1, seed=0), lt.random_tfn(2, 1, 1, seed=1), 1, digits=d),
+    ],
+)
 def test_precision_beyond_the_cap_is_refused_at_once(call):
     """lora_linear_mp(..., digits=10**7) did not return (killed after 20 s)."""
     start = time.monotonic()
     with pytest.raises(InvalidArgumentError, match="MAX_DIGITS"):
-        call(10 ** 7)
+        call(10**7)
     with pytest.raises(InvalidArgumentError, match="MAX_DIGITS"):
         call(MAX_DIGITS + 1)
     assert time.monotonic() - start < 5
@@ -312,7 +331,7 @@ def test_precision_beyond_the_cap_is_refused_at_once(call):
 def test_choose_digits_refuses_beyond_the_cap():
     """choose_digits could ask for any precision (target_digits=10**7): refused, as is a result above the cap."""
     with pytest.raises(InvalidArgumentError, match="target_digits"):
-        lt.choose_digits(1.0, target_digits=10 ** 7)
+        lt.choose_digits(1.0, target_digits=10**7)
     with pytest.raises(InvalidArgumentError, match="MAX_DIGITS"):
         lt.choose_digits(1e300, 1e300, safety=MAX_DIGITS - 600)
-    assert lt.choose_digits(1.7e308, 1.7e308) <= MAX_DIGITS            # every float64 κ, γ fits under the cap
+    assert lt.choose_digits(1.7e308, 1.7e308) <= MAX_DIGITS  # every float64 κ, γ fits under the cap

@@ -8,10 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
+from _fnn_strategies import fnn_instances
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _fnn_strategies import fnn_instances
 from lora_theory.bounds import fnn_error_bound, fnn_error_bound_at
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError
 from lora_theory.fnn import fnn_rank_requirement, lora_fnn
@@ -26,33 +26,34 @@ def _fit(*args, **kwargs):
 
 
 def _rms(diff):
-    return math.sqrt(np.mean(np.sum(diff ** 2, axis=1)))
+    return math.sqrt(np.mean(np.sum(diff**2, axis=1)))
 
 
-@given(fnn_instances(max_width=12, max_depth=4), st.integers(0, 10 ** 6))
+@given(fnn_instances(max_width=12, max_depth=4), st.integers(0, 10**6))
 def test_error_within_bound_per_sample_and_in_rms(inst, seed):
     """Per sample: ||f(x) - f̄(x)|| <= Σ_i K_i ε_i ||z̄_{i-1}(x)||; RMS with the samples' own second moment."""
     rng = np.random.default_rng(seed)
     D = inst.width
-    x = rng.standard_normal((400, D))                                    # (n, D)
+    x = rng.standard_normal((400, D))  # (n, D)
     radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)
     fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
     diff = fit.model(x) - inst.target(x)
     scale = _rms(inst.target(x))
-    bound = fnn_error_bound(inst.frozen, inst.target, inst.ranks, partition=inst.partition,
-                            second_moment=x.T @ x / len(x))
+    bound = fnn_error_bound(
+        inst.frozen, inst.target, inst.ranks, partition=inst.partition, second_moment=x.T @ x / len(x)
+    )
     assert _rms(diff) <= bound.rms + fit.tolerance * scale
     per = fnn_error_bound_at(inst.frozen, inst.target, inst.ranks, x, partition=inst.partition)
     assert np.all(np.linalg.norm(diff, axis=1) <= per * (1 + 1e-9) + fit.tolerance * scale)
     assert np.allclose(per, bound.at(x))
 
 
-@given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10 ** 6))
+@given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10**6))
 def test_bound_is_zero_exactly_when_the_construction_is_exact(inst, seed):
     bound = fnn_error_bound(inst.frozen, inst.target, inst.ranks, partition=inst.partition)
     exact = all(b >= rho for b, rho in zip(inst.budgets(), inst.block_ranks))
     assert (bound.rms == 0) == exact
-    assert bound.mse == pytest.approx(bound.rms ** 2 / inst.width)
+    assert bound.mse == pytest.approx(bound.rms**2 / inst.width)
     assert bound.block_directions == tuple(min(b, rho) for b, rho in zip(inst.budgets(), inst.block_ranks))
 
 
@@ -66,8 +67,8 @@ def test_gaussian_rms_below_bound_with_default_second_moment():
         bound = fnn_error_bound(frozen, target, R)
         measured = _rms(fit.model(x) - target(x))
         assert 0 < measured <= bound.rms
-        assert bound.mse == pytest.approx(bound.rms ** 2 / 16)
-        assert measured ** 2 / 16 <= bound.mse                             # the per-coordinate MSE form
+        assert bound.mse == pytest.approx(bound.rms**2 / 16)
+        assert measured**2 / 16 <= bound.mse  # the per-coordinate MSE form
 
 
 def test_bound_formula_by_hand():
@@ -77,8 +78,8 @@ def test_bound_formula_by_hand():
     bound = fnn_error_bound(frozen, target, [1, 0, 2, 1], partition=(3, 1), second_moment=Sigma)
     E1 = target.weights[0] - product(frozen.weights[:3])
     E2 = target.weights[1] - frozen.weights[3]
-    eps1 = np.linalg.svd(E1, compute_uv=False)[3]                          # k_1 = R_1 + R_2 + R_3 = 3
-    eps2 = np.linalg.svd(E2, compute_uv=False)[1]                          # k_2 = R_4 = 1
+    eps1 = np.linalg.svd(E1, compute_uv=False)[3]  # k_1 = R_1 + R_2 + R_3 = 3
+    eps2 = np.linalg.svd(E2, compute_uv=False)[1]  # k_2 = R_4 = 1
     n1, n2 = np.linalg.norm(target.weights[0], 2), np.linalg.norm(target.weights[1], 2)
     a0 = math.sqrt(21.0)
     a1 = n1 * a0 + np.linalg.norm(target.biases[0])
@@ -113,13 +114,16 @@ def test_at_single_input_and_above_threshold():
 # -------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("second_moment, message", [
-    (np.eye(4), "5 x 5"),
-    (np.ones((5, 2)), "square"),
-    (np.array([[1.0, 2.0, 0, 0, 0]] + [[0.0] * 5] * 4), "symmetric"),
-    (-np.eye(5), "positive semi-definite"),
-    (np.full((5, 5), np.nan), "NaN"),
-])
+@pytest.mark.parametrize(
+    "second_moment, message",
+    [
+        (np.eye(4), "5 x 5"),
+        (np.ones((5, 2)), "square"),
+        (np.array([[1.0, 2.0, 0, 0, 0]] + [[0.0] * 5] * 4), "symmetric"),
+        (-np.eye(5), "positive semi-definite"),
+        (np.full((5, 5), np.nan), "NaN"),
+    ],
+)
 def test_bad_second_moment(second_moment, message):
     frozen, target = random_fnn(5, 2, seed=0), random_fnn(5, 1, seed=1)
     with pytest.raises(InvalidArgumentError, match=message) as info:
@@ -146,6 +150,7 @@ def test_bad_rank_partition_models_and_x():
 
 # --- claims pinned by mutation testing (docs/mutation.md) ---
 
+
 def _orthogonal(rng, D):
     Q, R = np.linalg.qr(rng.standard_normal((D, D)))
     return Q * np.sign(np.diag(R))
@@ -165,7 +170,7 @@ def aligned_instances(draw):
     D = draw(st.integers(1, 5), label="D")
     Lbar = draw(st.integers(1, 3), label="Lbar")
     sizes = tuple(draw(st.lists(st.integers(1, 3), min_size=Lbar, max_size=Lbar), label="partition"))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
     x0 = rng.standard_normal(D)
     frozen_w, target_w, target_b, z = [], [], [], x0
     for m in sizes:
@@ -193,15 +198,16 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
     fit = _fit(frozen, target, 0, partition=sizes, input_radius=radius)
     error = float(np.linalg.norm(fit.model(x0) - target(x0)))
     bound = fnn_error_bound(frozen, target, 0, partition=sizes, second_moment=np.outer(x0, x0))
-    assert bound.partition == sizes and bound.ranks == (0,) * frozen.depth       # what it was computed for
+    assert bound.partition == sizes and bound.ranks == (0,) * frozen.depth  # what it was computed for
     assert bound.rms == pytest.approx(error, rel=1e-9)
-    assert bound.mse == pytest.approx(error ** 2 / target.width, rel=1e-9)
+    assert bound.mse == pytest.approx(error**2 / target.width, rel=1e-9)
     assert fnn_error_bound_at(frozen, target, 0, x0, partition=sizes) == pytest.approx(error, rel=1e-9)
     # Σ = I: the error map is linear, x ↦ G x with G a multiple of an orthogonal matrix when every c_i = 0,
     # and the RMS error over N(0, I) is ||G||_F = ||G||_2 sqrt(D), the bound with a_0 = sqrt(D).
     plain = FNN(target.weights, [np.zeros(target.width)] * target.depth, activation="linear")
     G = _fit(frozen, plain, 0, partition=sizes, input_radius=radius).model(np.eye(target.width)) - plain(
-        np.eye(target.width))                                               # rows: G e_j
+        np.eye(target.width)
+    )  # rows: G e_j
     default = fnn_error_bound(frozen, plain, 0, partition=sizes)
     assert default.rms == pytest.approx(float(np.linalg.norm(G, "fro")), rel=1e-9)
     # and per sample, for every input of a batch: ||G x|| = Σ_i K_i ε_i ||z̄_{i-1}(x)||
@@ -228,7 +234,9 @@ def test_second_moment_symmetry_is_judged_relative_to_its_size():
         fnn_error_bound(frozen, target, 1, second_moment=np.eye(3) + np.ones((3, 3)) + 1e-9 * skew)
     big = 1e10 * np.eye(3) + 1e-3 * skew
     assert fnn_error_bound(frozen, target, 1, second_moment=big).activation_bounds[0] == pytest.approx(
-        math.sqrt(3e10), rel=1e-12)
-    with pytest.raises(InvalidArgumentError,
-                       match=r"^second_moment: must be positive semi-definite \(it is E\[x x\^T\]\)"):
+        math.sqrt(3e10), rel=1e-12
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"^second_moment: must be positive semi-definite \(it is E\[x x\^T\]\)"
+    ):
         fnn_error_bound(frozen, target, 1, second_moment=np.diag([1.0, 1.0, -1e-3]))

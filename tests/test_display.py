@@ -17,17 +17,28 @@ def _records():
     tfn_pair = lt.random_tfn(8, 2, 2, seed=0), lt.random_tfn(8, 2, 2, seed=1)
     rat = lt.random_rational_fnn(3, 2, 1, seed=0)
     return {
-        "FNN": fr, "TFN": tfn_pair[0], "FNNFit": fnn_fit, "BlockFit": fnn_fit.block_fits[0], "Domain": fnn_fit.domain,
+        "FNN": fr,
+        "TFN": tfn_pair[0],
+        "FNNFit": fnn_fit,
+        "BlockFit": fnn_fit.block_fits[0],
+        "Domain": fnn_fit.domain,
         "LinearFit": lt.lora_linear(linear.weights, np.eye(16), 4),
         "TFNFit": lt.lora_tfn(*tfn_pair, 4),
         "ErrorBound": lt.fnn_error_bound(fr, tg, 1),
         "HighPrecisionLinearFit": lt.lora_linear_mp(linear.weights[:1], np.eye(16), 16, digits=20),
-        "HighPrecisionFNNFit": lt.lora_fnn_mp(lt.random_fnn(3, 2, seed=0), lt.random_fnn(3, 1, seed=1), 3,
-                                              input_radius=1.0),
+        "HighPrecisionFNNFit": lt.lora_fnn_mp(
+            lt.random_fnn(3, 2, seed=0), lt.random_fnn(3, 1, seed=1), 3, input_radius=1.0
+        ),
         "HighPrecisionTFNFit": lt.lora_tfn_mp(lt.random_tfn(2, 1, 1, seed=0), lt.random_tfn(2, 1, 1, seed=1), 1),
         "Certificate": lt.certify_fnn(*rat, 3, input_radius=1),
-        "Witness": lt.final_layers_witness(lt.random_fnn(3, 2, seed=0), lt.random_fnn(3, 2, seed=1),
-                                           input_radius=1.0, n_starts=4, n_directions=4, n_refine=2),
+        "Witness": lt.final_layers_witness(
+            lt.random_fnn(3, 2, seed=0),
+            lt.random_fnn(3, 2, seed=1),
+            input_radius=1.0,
+            n_starts=4,
+            n_directions=4,
+            n_refine=2,
+        ),
     }
 
 
@@ -36,17 +47,42 @@ def records():
     return _records()
 
 
-@pytest.mark.parametrize("name", [
-    "FNN", "TFN", "FNNFit", "BlockFit", "Domain", "LinearFit", "TFNFit", "ErrorBound", "HighPrecisionLinearFit",
-    "HighPrecisionFNNFit", "HighPrecisionTFNFit", "Certificate", "Witness"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FNN",
+        "TFN",
+        "FNNFit",
+        "BlockFit",
+        "Domain",
+        "LinearFit",
+        "TFNFit",
+        "ErrorBound",
+        "HighPrecisionLinearFit",
+        "HighPrecisionFNNFit",
+        "HighPrecisionTFNFit",
+        "Certificate",
+        "Witness",
+    ],
+)
 def test_summary_is_one_short_line_naming_the_record(records, name):
     text = repr(records[name])
     assert text.startswith(f"{name}(") and "\n" not in text and len(text) <= SHORT, text
-    assert "array([" not in text                                        # no array printed in full
+    assert "array([" not in text  # no array printed in full
 
 
-@pytest.mark.parametrize("name", ["FNNFit", "LinearFit", "TFNFit", "HighPrecisionLinearFit", "HighPrecisionFNNFit",
-                                  "HighPrecisionTFNFit", "BlockFit"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FNNFit",
+        "LinearFit",
+        "TFNFit",
+        "HighPrecisionLinearFit",
+        "HighPrecisionFNNFit",
+        "HighPrecisionTFNFit",
+        "BlockFit",
+    ],
+)
 def test_summary_says_whether_the_claim_holds(records, name):
     """The verdict a reader looks for first is the record's own: ``exact=`` as the attribute says."""
     fit = records[name]
@@ -59,7 +95,9 @@ def test_summaries_carry_the_numbers_a_reader_needs(records):
     assert f"ranks={fit.ranks}" in text and f"partition={fit.partition}" in text
     assert f"kappa={fit.kappa:.4g}" in text and f"measured_error={fit.measured_error:.4g}" in text
     linear = records["LinearFit"]
-    assert f"error_rank={linear.error_rank}" in repr(linear) and f"spectral_error={linear.spectral_error:.4g}" in repr(linear)
+    assert f"error_rank={linear.error_rank}" in repr(linear) and f"spectral_error={linear.spectral_error:.4g}" in repr(
+        linear
+    )
     tfn = records["TFNFit"]
     assert f"required_rank={tfn.required_rank}" in repr(tfn)
     cert = records["Certificate"]
@@ -67,7 +105,7 @@ def test_summaries_carry_the_numbers_a_reader_needs(records):
 
 
 def test_markdown_tables_have_a_row_per_block_layer_and_check(records):
-    def rows(md):                                                       # the table's lines but its header
+    def rows(md):  # the table's lines but its header
         return [line for line in md.splitlines() if line.startswith("| ")][1:]
 
     fit = records["FNNFit"]

@@ -39,10 +39,15 @@ def test_all_lists_every_public_object_once_and_nothing_else():
 
     listed = lora_theory.__all__
     assert len(listed) == len(set(listed)), sorted(n for n in set(listed) if listed.count(n) > 1)
-    public = {name for name, value in vars(lora_theory).items()
-              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
-    assert set(listed) == public, {"imported but not listed": public - set(listed),
-                                   "listed but not defined": set(listed) - public}
+    public = {
+        name
+        for name, value in vars(lora_theory).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert set(listed) == public, {
+        "imported but not listed": public - set(listed),
+        "listed but not defined": set(listed) - public,
+    }
 
 
 @pytest.mark.parametrize("name", [n for n, _ in _public_objects()])
@@ -87,7 +92,7 @@ def _short_commands() -> list[tuple[str, str]]:
                 cmd = line.split("#")[0].strip()
                 if not cmd.startswith("python -m verification"):
                     continue
-                if re.search(r"\b[A-Z]{3,}\b", cmd):      # placeholders such as BASE TUNED DIR
+                if re.search(r"\b[A-Z]{3,}\b", cmd):  # placeholders such as BASE TUNED DIR
                     continue
                 short = "--quick" in cmd or ".certify" in cmd or cmd == "python -m verification"
                 if short:
@@ -111,9 +116,14 @@ def test_docs_show_short_commands():
 def test_documented_command_runs_as_written(page, command, tmp_path):
     argv = shlex.split(command)
     argv[0] = sys.executable
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        MPLBACKEND="Agg",
+        OMP_NUM_THREADS="1",
+    )
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     expected = 1 if re.search(r"--rank 2\b", command) and "--model tfn --width 6" in command else 0
     assert done.returncode == expected, (
-        f"`{command}` from {page} exited {done.returncode}, expected {expected}\n{done.stderr[-2000:]}")
+        f"`{command}` from {page} exited {done.returncode}, expected {expected}\n{done.stderr[-2000:]}"
+    )

@@ -32,7 +32,7 @@ def _measured(frozen, target, rank, x):
     radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)
     fit = lora_fnn(frozen, target, rank, input_radius=radius)
     diff = fit.model(x) - target(x)
-    return math.sqrt(np.mean(np.sum(diff ** 2, axis=1))), fit
+    return math.sqrt(np.mean(np.sum(diff**2, axis=1))), fit
 
 
 def _samples(seed=0, n=4000):
@@ -51,9 +51,9 @@ def test_error_bound_is_attained_by_one_block_with_orthogonal_discrepancy():
     bound = fnn_error_bound(frozen, target, 0, second_moment=x.T @ x / len(x))
     assert bound.rms == pytest.approx(0.1 * math.sqrt(np.trace(x.T @ x / len(x))), rel=1e-12)
     assert rms <= bound.rms * (1 + 1e-12)
-    assert rms >= bound.rms * (1 - 1e-9)                                # attained
+    assert rms >= bound.rms * (1 - 1e-9)  # attained
     per_sample = np.linalg.norm(fit.model(x) - target(x), axis=1)
-    np.testing.assert_allclose(per_sample, bound.at(x), rtol=1e-9)      # attained at every sample
+    np.testing.assert_allclose(per_sample, bound.at(x), rtol=1e-9)  # attained at every sample
 
 
 def test_error_bound_is_attained_through_a_later_block_growth_factor():
@@ -68,7 +68,7 @@ def test_error_bound_is_attained_through_a_later_block_growth_factor():
     bound = fnn_error_bound(frozen, target, 0, second_moment=x.T @ x / len(x))
     assert bound.growth_factors[0] == pytest.approx(5.0, rel=1e-12)
     assert rms <= bound.rms * (1 + 1e-12)
-    assert rms >= bound.rms * (1 - 1e-9)                                # attained
+    assert rms >= bound.rms * (1 - 1e-9)  # attained
 
 
 def test_error_bound_is_nearly_attained_through_a_large_hidden_bias():

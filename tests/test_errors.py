@@ -26,7 +26,7 @@ from lora_theory.partition import check_partition
 from lora_theory.thresholds import fnn_rank_threshold
 
 D = 3
-GOOD = [2 * np.eye(D), np.eye(D) + 0.1]                                 # L = 2, D = 3
+GOOD = [2 * np.eye(D), np.eye(D) + 0.1]  # L = 2, D = 3
 TARGET = np.arange(9.0).reshape(3, 3) / 10 + np.eye(3)
 
 # every function that takes (frozen, target, ...) validates both the same way
@@ -35,8 +35,12 @@ WITH_RANK = [
     lambda f, t: linear_optimal_error(f, t, 1),
     lambda f, t: linear_gaussian_mse(f, t, 1),
 ]
-WITHOUT_RANK = [discrepancy, discrepancy_rank, linear_rank_requirement,
-                lambda f, t: optimality_gap(f, t, [np.zeros((D, D))] * 2)]
+WITHOUT_RANK = [
+    discrepancy,
+    discrepancy_rank,
+    linear_rank_requirement,
+    lambda f, t: optimality_gap(f, t, [np.zeros((D, D))] * 2),
+]
 ALL = WITH_RANK + WITHOUT_RANK
 
 
@@ -127,7 +131,7 @@ def test_valid_ranks_include_zero_and_D(rank):
     fit = lora_linear(GOOD, TARGET, rank)
     expected = tuple(int(r) for r in np.broadcast_to(np.asarray(rank), (2,)))
     assert fit.ranks == expected and all(type(r) is int for r in fit.ranks)
-    if sum(expected) == 0:                                               # rank 0: no adapter at all
+    if sum(expected) == 0:  # rank 0: no adapter at all
         assert all(a.rank == 0 for a in fit.adapters)
 
 
@@ -152,7 +156,9 @@ def test_singular_matrix_error_names_the_matrix_and_gives_kappa():
 
 def test_singular_matrix_in_the_construction_names_Q():
     # W_2 = 0: layer 1 receives directions and must solve with Q_1 = W_2
-    with pytest.raises(SingularMatrixError, match=r"^Q_1 = W_2 must be invertible .*κ = inf.*singular directions 1\.\.1 of E"):
+    with pytest.raises(
+        SingularMatrixError, match=r"^Q_1 = W_2 must be invertible .*κ = inf.*singular directions 1\.\.1 of E"
+    ):
         lora_linear([np.eye(3), np.zeros((3, 3))], TARGET, 1)
 
 
@@ -171,48 +177,64 @@ def test_achieved_error_nuclear_is_refused_not_frobenius(norm):
     assert fit.achieved_error() == pytest.approx(fit.spectral_error, rel=1e-9, abs=1e-12)
 
 
-@pytest.mark.parametrize("adapters, match", [
-    ([np.zeros((D, D))], r"^adapters: must give one adapter per frozen layer \(2\), got 1"),
-    (5, r"^adapters: must be a sequence with one adapter per frozen layer, got int"),
-    (Adapter.zeros(1, D, D), r"^adapters: must be a sequence"),
-    ([Adapter.zeros(1, 2, 2), Adapter.zeros(1, D, D)], r"^adapters\[0\]: must act on 3 x 3 layers"),
-    ([(np.ones((1, D)), np.ones((D, 2))), np.zeros((D, D))], r"^B: must have as many columns as A has rows"),
-    ([np.zeros((D, D)), np.ones((D, 2))], r"^adapters\[1\]: must be a square matrix"),
-    ([np.zeros((D, D)), np.full((D, D), np.nan)], r"^adapters\[1\]: contains NaN"),
-])
+@pytest.mark.parametrize(
+    "adapters, match",
+    [
+        ([np.zeros((D, D))], r"^adapters: must give one adapter per frozen layer \(2\), got 1"),
+        (5, r"^adapters: must be a sequence with one adapter per frozen layer, got int"),
+        (Adapter.zeros(1, D, D), r"^adapters: must be a sequence"),
+        ([Adapter.zeros(1, 2, 2), Adapter.zeros(1, D, D)], r"^adapters\[0\]: must act on 3 x 3 layers"),
+        ([(np.ones((1, D)), np.ones((D, 2))), np.zeros((D, D))], r"^B: must have as many columns as A has rows"),
+        ([np.zeros((D, D)), np.ones((D, 2))], r"^adapters\[1\]: must be a square matrix"),
+        ([np.zeros((D, D)), np.full((D, D), np.nan)], r"^adapters\[1\]: contains NaN"),
+    ],
+)
 def test_optimality_gap_bad_adapters(adapters, match):
     with pytest.raises(InvalidArgumentError, match=match):
         optimality_gap(GOOD, TARGET, adapters)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: Adapter(np.ones((2, 3)), np.ones((3, 1))), r"^B: must have as many columns as A has rows \(the rank\)"),
-    (lambda: Adapter(np.ones(3), np.ones((3, 1))), r"^A: must have 2 dimensions"),
-    (lambda: Adapter(np.ones((1, 3)), np.full((3, 1), np.inf)), r"^B: contains NaN or infinite"),
-    (lambda: Adapter(np.ones((2, 3)), np.ones((3, 2))).padded(1), r"^rank: cannot pad a rank-2 adapter down to 1"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: Adapter(np.ones((2, 3)), np.ones((3, 1))),
+            r"^B: must have as many columns as A has rows \(the rank\)",
+        ),
+        (lambda: Adapter(np.ones(3), np.ones((3, 1))), r"^A: must have 2 dimensions"),
+        (lambda: Adapter(np.ones((1, 3)), np.full((3, 1), np.inf)), r"^B: contains NaN or infinite"),
+        (lambda: Adapter(np.ones((2, 3)), np.ones((3, 2))).padded(1), r"^rank: cannot pad a rank-2 adapter down to 1"),
+    ],
+)
 def test_adapter_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
 
 
 def test_target_depth_above_depth_and_bad_partitions():
-    with pytest.raises(InvalidArgumentError, match=r"^target_depth: the target depth L̄ = 5 exceeds the frozen depth L = 4"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"^target_depth: the target depth L̄ = 5 exceeds the frozen depth L = 4"
+    ):
         fnn_rank_threshold(16, 4, 5)
     with pytest.raises(InvalidArgumentError, match=r"^partition: every block must hold at least one layer"):
         check_partition((4, 0), 4, 2)
-    with pytest.raises(InvalidArgumentError, match=r"^partition: block sizes must cover the L = 4 frozen layers exactly"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"^partition: block sizes must cover the L = 4 frozen layers exactly"
+    ):
         check_partition((1, 2), 4, 2)
 
 
-@pytest.mark.parametrize("value, match", [
-    (0, r"^radius: must be positive and finite, got 0.0"),
-    (-1.5, r"^radius: must be positive and finite, got -1.5"),
-    (math.inf, r"^radius: must be positive and finite, got inf"),
-    (math.nan, r"^radius: must be positive and finite, got nan"),
-    (True, r"^radius: must be a real number, got True"),
-    ("1", r"^radius: must be a real number"),
-])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (0, r"^radius: must be positive and finite, got 0.0"),
+        (-1.5, r"^radius: must be positive and finite, got -1.5"),
+        (math.inf, r"^radius: must be positive and finite, got inf"),
+        (math.nan, r"^radius: must be positive and finite, got nan"),
+        (True, r"^radius: must be a real number, got True"),
+        ("1", r"^radius: must be a real number"),
+    ],
+)
 def test_non_positive_numbers(value, match):
     with pytest.raises(InvalidArgumentError, match=match):
         as_positive(value, "radius")
@@ -270,12 +292,15 @@ def test_valid_rank_tolerances_still_work():
 
 
 # Adapter.from_delta(np.eye(3), -1) sliced a rank-2 adapter from the end and 1.7 truncated to 1.
-@pytest.mark.parametrize("rank, match", [
-    (-1, r"^rank: must be at least 0, got -1"),
-    (1.7, r"^rank: must be an integer, got 1.7"),
-    (4, r"^rank: must be at most 3, got 4"),
-    (True, r"^rank: must be an integer, got True"),
-])
+@pytest.mark.parametrize(
+    "rank, match",
+    [
+        (-1, r"^rank: must be at least 0, got -1"),
+        (1.7, r"^rank: must be an integer, got 1.7"),
+        (4, r"^rank: must be at most 3, got 4"),
+        (True, r"^rank: must be an integer, got True"),
+    ],
+)
 def test_adapter_from_delta_rejects_negative_or_fractional_rank(rank, match):
     with pytest.raises(InvalidArgumentError, match=match):
         Adapter.from_delta(np.eye(3), rank)
@@ -284,5 +309,5 @@ def test_adapter_from_delta_rejects_negative_or_fractional_rank(rank, match):
 def test_adapter_from_delta_valid_ranks():
     assert Adapter.from_delta(np.eye(3), 0).rank == 0
     assert Adapter.from_delta(np.eye(3), np.int64(2)).rank == 2
-    assert Adapter.from_delta(np.ones((3, 2)), 2).rank == 2          # up to min(delta.shape)
-    assert Adapter.from_delta(np.ones((3, 2))).rank == 1             # default: the numeric rank
+    assert Adapter.from_delta(np.ones((3, 2)), 2).rank == 2  # up to min(delta.shape)
+    assert Adapter.from_delta(np.ones((3, 2))).rank == 1  # default: the numeric rank

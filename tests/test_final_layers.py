@@ -18,7 +18,7 @@ from lora_theory.fnn import fnn_rank_requirement, lora_fnn
 from lora_theory.models import FNN, random_fnn
 from lora_theory.numerics import relative_error
 
-SEEDS = st.integers(0, 2 ** 32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 def _check_witness(w, frozen, target):
@@ -52,11 +52,11 @@ def test_witness_found_for_generic_affine_targets(D, L, seed):
     radius = 5.0
     w = final_layers_witness(frozen, target, input_radius=radius, seed=seed, n_starts=16, n_refine=3)
     W1, b1 = frozen.weights[0], frozen.biases[0]
-    lowest = b1 - radius * np.linalg.norm(W1, axis=1)                     # smallest value of each unit
+    lowest = b1 - radius * np.linalg.norm(W1, axis=1)  # smallest value of each unit
     assert w.found == bool((lowest < 0).any())
     if w.found:
         _check_witness(w, frozen, target)
-        assert w.relative_separation > 1e-6                               # far above rounding
+        assert w.relative_separation > 1e-6  # far above rounding
 
 
 @given(st.integers(2, 10), st.integers(1, 2), SEEDS, st.sampled_from([1.0, 3.0]))
@@ -64,8 +64,7 @@ def test_any_reported_witness_is_valid(D, Lbar, seed, radius):
     rng = np.random.default_rng(seed)
     frozen, target = random_fnn(D, 3, seed=rng), random_fnn(D, Lbar, seed=rng)
     center = rng.uniform(-0.5, 0.5, D)
-    w = final_layers_witness(frozen, target, input_radius=radius, center=center, seed=seed, n_starts=16,
-                             n_refine=3)
+    w = final_layers_witness(frozen, target, input_radius=radius, center=center, seed=seed, n_starts=16, n_refine=3)
     assert np.array_equal(w.center, center) and w.radius == radius
     if w.found:
         _check_witness(w, frozen, target)
@@ -83,9 +82,8 @@ def test_final_layers_cannot_separate_what_lora_fits():
     _check_witness(w, frozen, target)
     assert w.relative_separation > 1e-3
     rng = np.random.default_rng(2)
-    for _ in range(5):                                                    # arbitrary tunings of the last layer
-        tuned = FNN([frozen.weights[0], rng.standard_normal((16, 16))],
-                    [frozen.biases[0], rng.standard_normal(16)])
+    for _ in range(5):  # arbitrary tunings of the last layer
+        tuned = FNN([frozen.weights[0], rng.standard_normal((16, 16))], [frozen.biases[0], rng.standard_normal(16)])
         assert relative_error(tuned(w.x_prime), tuned(w.x)) <= 1e-12
     R = fnn_rank_requirement(frozen, target)
     fit = lora_fnn(frozen, target, R, input_radius=2.0)
@@ -98,7 +96,7 @@ def test_final_layers_cannot_separate_what_lora_fits():
 def test_none_when_b1_keeps_the_first_layer_active(D):
     frozen, target = random_fnn(D, 2, seed=3), random_fnn(D, 1, seed=4)
     radius = 1.0
-    shift = radius * np.linalg.norm(frozen.weights[0], axis=1) + 0.1      # every unit positive on the ball
+    shift = radius * np.linalg.norm(frozen.weights[0], axis=1) + 0.1  # every unit positive on the ball
     active = frozen.replace(biases=[shift, frozen.biases[1]])
     w = final_layers_witness(active, target, input_radius=radius)
     assert not w.found and not w
@@ -151,7 +149,7 @@ def test_singular_first_layer_gives_a_kernel_witness():
     Lemma 4 exists trivially. It used to raise SingularMatrixError; it is now reported as a witness."""
     frozen = random_fnn(4, 2, seed=0)
     W1 = frozen.weights[0].copy()
-    W1[1] = 2 * W1[0]                                                     # rank 3: a one-dimensional kernel
+    W1[1] = 2 * W1[0]  # rank 3: a one-dimensional kernel
     target = random_fnn(4, 1, seed=1, final_relu=False)
     for activation in ("relu", "linear"):
         broken = FNN([W1, frozen.weights[1]], frozen.biases, activation=activation)
@@ -169,16 +167,17 @@ def test_singular_first_layer_gives_a_kernel_witness():
         v = np.linalg.svd(W1)[2][-1]
         assert sep >= 0.99 * 2 * np.linalg.norm(target.weights[0] @ v)
     # the same rounding-ratio rule: a target blind to the kernel separates nothing
-    blind = FNN([np.outer(np.ones(4), W1[0])], [np.zeros(4)], final_relu=False)     # T v = 0
-    w = final_layers_witness(frozen.replace(weights=[W1, frozen.weights[1]]), blind, input_radius=1.0,
-                             n_starts=8, n_refine=2)
+    blind = FNN([np.outer(np.ones(4), W1[0])], [np.zeros(4)], final_relu=False)  # T v = 0
+    w = final_layers_witness(
+        frozen.replace(weights=[W1, frozen.weights[1]]), blind, input_radius=1.0, n_starts=8, n_refine=2
+    )
     assert not w.found and w.mechanism == "kernel" and "rounding level" in w.reason
 
 
 def test_missing_radius_and_bad_seed_are_project_errors():
     frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
     with pytest.raises(InvalidArgumentError, match=r"^input_radius: is required") as info:
-        final_layers_witness(frozen, target)                              # was a TypeError
+        final_layers_witness(frozen, target)  # was a TypeError
     assert info.value.argument == "input_radius"
     for seed in (-1, 1.5, "0", True):
         with pytest.raises(InvalidArgumentError, match=r"^seed: must be a non-negative int, None or a numpy Generator"):
@@ -187,16 +186,19 @@ def test_missing_radius_and_bad_seed_are_project_errors():
         final_layers_witness(frozen, target, input_radius=1.0, seed=seed, n_starts=2, n_refine=0)
 
 
-@pytest.mark.parametrize("kwargs, argument, message", [
-    ({"input_radius": 0.0}, "input_radius", "positive"),
-    ({"input_radius": -2.0}, "input_radius", "positive"),
-    ({"input_radius": float("nan")}, "input_radius", "positive"),
-    ({"input_radius": None}, "input_radius", "positive"),
-    ({"input_radius": 1.0, "center": np.zeros(3)}, "center", "shape"),
-    ({"input_radius": 1.0, "center": np.full(4, np.inf)}, "center", "NaN or infinite"),
-    ({"input_radius": 1.0, "n_starts": 0}, "n_starts", "at least 1"),
-    ({"input_radius": 1.0, "n_directions": 2.5}, "n_directions", "integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument, message",
+    [
+        ({"input_radius": 0.0}, "input_radius", "positive"),
+        ({"input_radius": -2.0}, "input_radius", "positive"),
+        ({"input_radius": float("nan")}, "input_radius", "positive"),
+        ({"input_radius": None}, "input_radius", "positive"),
+        ({"input_radius": 1.0, "center": np.zeros(3)}, "center", "shape"),
+        ({"input_radius": 1.0, "center": np.full(4, np.inf)}, "center", "NaN or infinite"),
+        ({"input_radius": 1.0, "n_starts": 0}, "n_starts", "at least 1"),
+        ({"input_radius": 1.0, "n_directions": 2.5}, "n_directions", "integer"),
+    ],
+)
 def test_bad_witness_arguments(kwargs, argument, message):
     frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
     with pytest.raises(InvalidArgumentError, match=message) as info:
@@ -214,15 +216,18 @@ def test_bad_witness_models():
     assert info.value.argument == "frozen"
 
 
-@pytest.mark.parametrize("call, argument, message", [
-    (lambda: lora_parameter_count(0, 2, 1), "width", "at least 1"),
-    (lambda: lora_parameter_count(4, 0, 1), "depth", "at least 1"),
-    (lambda: lora_parameter_count(4, 2, 5), "rank", "at most 4"),
-    (lambda: lora_parameter_count(4, 2, [1, 2, 3]), "rank", "one rank for each of the 2 layers"),
-    (lambda: lora_parameter_count(4, 2, 1.0), "rank", "integer"),
-    (lambda: final_layers_parameter_count(4, -1), "layers", "at least 0"),
-    (lambda: final_layers_parameter_count(4.0, 1), "width", "integer"),
-])
+@pytest.mark.parametrize(
+    "call, argument, message",
+    [
+        (lambda: lora_parameter_count(0, 2, 1), "width", "at least 1"),
+        (lambda: lora_parameter_count(4, 0, 1), "depth", "at least 1"),
+        (lambda: lora_parameter_count(4, 2, 5), "rank", "at most 4"),
+        (lambda: lora_parameter_count(4, 2, [1, 2, 3]), "rank", "one rank for each of the 2 layers"),
+        (lambda: lora_parameter_count(4, 2, 1.0), "rank", "integer"),
+        (lambda: final_layers_parameter_count(4, -1), "layers", "at least 0"),
+        (lambda: final_layers_parameter_count(4.0, 1), "width", "integer"),
+    ],
+)
 def test_bad_parameter_count_arguments(call, argument, message):
     with pytest.raises(InvalidArgumentError, match=message) as info:
         call()

@@ -12,10 +12,10 @@ import warnings
 
 import numpy as np
 import pytest
+from _fnn_strategies import fnn_instances, make_target
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _fnn_strategies import fnn_instances, make_target
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from lora_theory.fnn import (
     SAFETY,
@@ -31,7 +31,7 @@ from lora_theory.numerics import relative_error, tolerance
 from lora_theory.partition import partition_blocks, uniform_partition
 from lora_theory.thresholds import ceil_div, fnn_rank_threshold
 
-SEEDS = st.integers(0, 2 ** 32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 def _fit(*args, **kwargs):
@@ -44,8 +44,9 @@ def _fit(*args, **kwargs):
 # --------------------------------------------------------------------------- literal reference transcription
 
 
-def reference_fnn(frozen, target, ranks, partition, *, ball=None, samples=None, margin=2.0,
-                  compensating=True, through_last_bias=True):
+def reference_fnn(
+    frozen, target, ranks, partition, *, ball=None, samples=None, margin=2.0, compensating=True, through_last_bias=True
+):
     """A slow, literal transcription of THEORY.md §2.3, one coordinate at a time.
 
     ``compensating=False`` uses plain levels ``b_j = β_j·1`` (each ``β_j`` must then cover the constant the
@@ -60,15 +61,16 @@ def reference_fnn(frozen, target, ranks, partition, *, ball=None, samples=None, 
         u0, r = np.array(ball[0], dtype=float), float(ball[1])
     U = None if samples is None else np.array(samples, dtype=float)
     for i, block in enumerate(partition_blocks(partition)):
-        lin = lora_linear(frozen.weights[block.start:block.stop], target.weights[i],
-                          list(ranks[block.start:block.stop]))
+        lin = lora_linear(
+            frozen.weights[block.start : block.stop], target.weights[i], list(ranks[block.start : block.stop])
+        )
         M = list(lin.model.weights)
         m = len(M)
-        carried = np.zeros(D)                       # the constant in the pre-activation: P_j u + carried
+        carried = np.zeros(D)  # the constant in the pre-activation: P_j u + carried
         levels = []
         for j in range(m - 1):
-            P = product(M[:j + 1])
-            carried_next = M[j] @ carried           # what the earlier levels contribute before b_j
+            P = product(M[: j + 1])
+            carried_next = M[j] @ carried  # what the earlier levels contribute before b_j
             level = 0.0
             for k in range(D):
                 if ball is not None:
@@ -103,7 +105,7 @@ def reference_fnn(frozen, target, ranks, partition, *, ball=None, samples=None, 
                 Z = Z @ M[j].T + biases[len(biases) - m + j]
                 last = j == m - 1
                 if last and not through_last_bias:
-                    Z = Z - biases[-1]              # the bug: the last bias (and ReLU) never applied
+                    Z = Z - biases[-1]  # the bug: the last bias (and ReLU) never applied
                 elif block.start + j < L - 1 or frozen.final_relu:
                     Z = np.maximum(Z, 0.0)
             U = Z
@@ -123,11 +125,10 @@ def test_exact_iff_block_budgets_cover_discrepancy_ranks(inst, seed, radius):
     rng = np.random.default_rng(seed)
     D = inst.width
     center = rng.uniform(-1, 1, size=D)
-    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius,
-               center=center)
+    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius, center=center)
     assert fit.block_discrepancy_ranks == inst.block_ranks
     assert fit.exact == all(b >= rho for b, rho in zip(inst.budgets(), inst.block_ranks))
-    assert all(a.rank <= R for a, R in zip(fit.adapters, fit.ranks))          # no adapter exceeds its budget
+    assert all(a.rank <= R for a, R in zip(fit.adapters, fit.ranks))  # no adapter exceeds its budget
     assert all(np.linalg.matrix_rank(a.delta) <= R for a, R in zip(fit.adapters, fit.ranks))
     x = sample_ball(center, radius, 200, rng)
     assert fit.domain.contains(x).all()
@@ -135,11 +136,14 @@ def test_exact_iff_block_budgets_cover_discrepancy_ranks(inst, seed, radius):
     if fit.exact:
         assert err <= fit.tolerance
         # the worst points of the ball for the first block: where each linearised unit is smallest
-        extreme = [center - radius * (1 - 1e-12) * row / np.linalg.norm(row)
-                   for j in range(inst.partition[0] - 1)
-                   for row in product(fit.model.weights[:j + 1]) if np.linalg.norm(row) > 0]
+        extreme = [
+            center - radius * (1 - 1e-12) * row / np.linalg.norm(row)
+            for j in range(inst.partition[0] - 1)
+            for row in product(fit.model.weights[: j + 1])
+            if np.linalg.norm(row) > 0
+        ]
         if extreme:
-            extreme = np.array(extreme)                                   # (k, D)
+            extreme = np.array(extreme)  # (k, D)
             assert relative_error(fit.model(extreme), inst.target(extreme)) <= fit.tolerance
         if max(inst.partition) <= 2 and fit.kappa <= 1e6:
             # flat 1e-8 for blocks of at most 2 layers (THEORY.md §2.3), for frozen products that are not
@@ -175,8 +179,7 @@ def test_matches_the_literal_transcription(inst, seed):
     """The fast construction equals the coordinate-by-coordinate transcription of THEORY.md §2.3."""
     center = np.random.default_rng(seed).uniform(-1, 1, inst.width)
     fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=2.0, center=center)
-    weights, biases, levels = reference_fnn(inst.frozen, inst.target, inst.ranks, inst.partition,
-                                            ball=(center, 2.0))
+    weights, biases, levels = reference_fnn(inst.frozen, inst.target, inst.ranks, inst.partition, ball=(center, 2.0))
     for mine, ref in zip(fit.model.weights, weights):
         assert relative_error(mine, ref) <= 1e-12
     scale = max(np.linalg.norm(b) for b in biases) + 1
@@ -186,30 +189,31 @@ def test_matches_the_literal_transcription(inst, seed):
         assert np.allclose(bf.levels, ref, rtol=1e-10, atol=1e-12)
 
 
-@given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10 ** 6))
+@given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10**6))
 def test_below_threshold_rms_error_within_the_per_instance_bound(inst, seed):
-    """The project's bound (THEORY.md §2.4): the measured RMS error on Gaussian inputs is at most Σ_i K_i ε_i a_{i-1}."""
+    """The project's bound (THEORY.md §2.4): the measured RMS error on Gaussian inputs is at most Σ_i K_i ε_i
+    a_{i-1}."""
     from lora_theory.bounds import fnn_error_bound
 
     rng = np.random.default_rng(seed)
     D = inst.width
-    x = rng.standard_normal((500, D))                                    # (n, D)
-    radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)         # a certified ball covering them
+    x = rng.standard_normal((500, D))  # (n, D)
+    radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)  # a certified ball covering them
     fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
     diff = fit.model(x) - inst.target(x)
-    rms = math.sqrt(np.mean(np.sum(diff ** 2, axis=1)))
-    bound = fnn_error_bound(inst.frozen, inst.target, inst.ranks, partition=inst.partition,
-                            second_moment=x.T @ x / len(x))
+    rms = math.sqrt(np.mean(np.sum(diff**2, axis=1)))
+    bound = fnn_error_bound(
+        inst.frozen, inst.target, inst.ranks, partition=inst.partition, second_moment=x.T @ x / len(x)
+    )
     assert bound.block_errors == pytest.approx(fit.block_errors, rel=1e-9, abs=1e-12)
-    slack = fit.tolerance * math.sqrt(np.mean(np.sum(inst.target(x) ** 2, axis=1)))   # rounding at the threshold
+    slack = fit.tolerance * math.sqrt(np.mean(np.sum(inst.target(x) ** 2, axis=1)))  # rounding at the threshold
     assert rms <= bound.rms + slack
-    assert bound.mse == pytest.approx(bound.rms ** 2 / D)
+    assert bound.mse == pytest.approx(bound.rms**2 / D)
     per_sample = np.linalg.norm(diff, axis=1)
     assert np.all(per_sample <= bound.at(x) * (1 + 1e-9) + slack)
 
 
-@given(st.integers(1, 4).flatmap(lambda L: st.tuples(st.just(L), st.integers(1, L))), SEEDS,
-       st.integers(2, 8))
+@given(st.integers(1, 4).flatmap(lambda L: st.tuples(st.just(L), st.integers(1, L))), SEEDS, st.integers(2, 8))
 def test_best_partition_equals_brute_force_and_beats_uniform(depths, seed, D):
     """Theorem 6: the dynamic programme finds min over all consecutive partitions of max ceil(rank(E_i)/|P_i|)."""
     L, Lbar = depths
@@ -224,7 +228,7 @@ def test_best_partition_equals_brute_force_and_beats_uniform(depths, seed, D):
     assert R_best == fnn_rank_requirement(frozen, target, best)
     brute = min(fnn_rank_requirement(frozen, target, p) for p in _all_partitions(L, Lbar))
     assert R_best == brute
-    assert R_best <= fnn_rank_requirement(frozen, target)                 # never worse than uniform
+    assert R_best <= fnn_rank_requirement(frozen, target)  # never worse than uniform
     assert R_best <= fnn_rank_requirement(frozen, target, planted)
 
 
@@ -244,12 +248,12 @@ def test_paper_thresholds_at_width_16(L, Lbar, expected):
     for seed in range(3):
         frozen, target = random_fnn(16, L, seed=seed), random_fnn(16, Lbar, seed=100 + seed)
         assert fnn_rank_requirement(frozen, target) == expected
-        if L <= 4:                                                        # 8-layer blocks: not float64 material
+        if L <= 4:  # 8-layer blocks: not float64 material
             fit = _fit(frozen, target, expected, input_radius=10.0)
             assert fit.exact and not _fit(frozen, target, expected - 1, input_radius=10.0).exact
             x = sample_ball(np.zeros(16), 10.0, 500, seed)
             err = relative_error(fit.model(x), target(x))
-            assert err <= fit.tolerance and err <= 1e-8                  # blocks of 2 layers: flat 1e-8
+            assert err <= fit.tolerance and err <= 1e-8  # blocks of 2 layers: flat 1e-8
 
 
 def test_not_exact_one_rank_below_on_generic_weights():
@@ -289,7 +293,7 @@ def test_final_relu_false_output_layer_is_affine():
     assert fit.model.final_relu is False and fit.exact
     x = sample_ball(np.full(8, 0.5), 4.0, 400, 1)
     assert relative_error(fit.model(x), target(x)) <= fit.tolerance
-    assert (target(x) < 0).any()                                          # the output really is affine
+    assert (target(x) < 0).any()  # the output really is affine
 
 
 def test_records_ball_domain_and_condition_numbers():
@@ -303,11 +307,12 @@ def test_records_ball_domain_and_condition_numbers():
     # the second block's ball: radius ||W̃_1||_2 r + ||W̃_1 u_0 + c_1||, centre 0
     W1 = fit.block_fits[0].realised
     assert d.block_input_radii[1] == pytest.approx(
-        np.linalg.norm(W1, 2) * 2.5 + np.linalg.norm(W1 @ center + target.biases[0]))
+        np.linalg.norm(W1, 2) * 2.5 + np.linalg.norm(W1 @ center + target.biases[0])
+    )
     assert set(fit.condition_numbers) == {"block 1: Q_1", "block 1: P_2", "block 2: Q_1", "block 2: P_2"}
     assert fit.kappa == max(fit.condition_numbers.values())
     assert fit.tolerance == tolerance(fit.kappa, fit.gamma)
-    assert fit.gamma >= len(fit.block_fits)                              # at least one per layer's output
+    assert fit.gamma >= len(fit.block_fits)  # at least one per layer's output
     assert fit.partition == uniform_partition(4, 2) and fit.ranks == (4,) * 4
 
 
@@ -351,16 +356,17 @@ def test_compensating_biases_stay_small_unlike_plain_levels():
     compound; compensating biases size each level for its own pre-activation P_j u only."""
     frozen, target = random_fnn(16, 4, seed=2), random_fnn(16, 1, seed=3)
     radius = 10.0
-    fit = _fit(frozen, target, 4, input_radius=radius)                    # a 4-layer block: it may warn
+    fit = _fit(frozen, target, 4, input_radius=radius)  # a 4-layer block: it may warn
     M = fit.model.weights
     for j, beta in enumerate(fit.block_fits[0].levels):
-        P = product(M[:j + 1])
-        own = radius * np.linalg.norm(P, axis=1).max()                    # the pre-activation's own reach
+        P = product(M[: j + 1])
+        own = radius * np.linalg.norm(P, axis=1).max()  # the pre-activation's own reach
         assert beta <= own * (1 + 2 * SAFETY) + SAFETY * radius * np.linalg.norm(P, 2)
-    _, plain_biases, plain_levels = reference_fnn(frozen, target, fit.ranks, fit.partition,
-                                                  ball=(np.zeros(16), radius), compensating=False)
+    _, plain_biases, plain_levels = reference_fnn(
+        frozen, target, fit.ranks, fit.partition, ball=(np.zeros(16), radius), compensating=False
+    )
     levels = fit.block_fits[0].levels
-    assert plain_levels[0][-1] > 10 * levels[-1]                         # the last level compounds
+    assert plain_levels[0][-1] > 10 * levels[-1]  # the last level compounds
     assert max(np.abs(b).max() for b in plain_biases) > 10 * max(np.abs(b).max() for b in fit.model.biases)
     x = sample_ball(np.zeros(16), radius, 1000, 0)
     assert relative_error(fit.model(x), target(x)) <= fit.tolerance
@@ -387,8 +393,8 @@ def test_block_discrepancies_and_requirement():
     E = block_discrepancies(frozen, target, (2, 1))
     assert np.allclose(E[0], target.weights[0] - frozen.weights[1] @ frozen.weights[0])
     assert np.allclose(E[1], target.weights[1] - frozen.weights[2])
-    assert fnn_rank_requirement(frozen, target, (2, 1)) == 5               # max(ceil(5/2), ceil(5/1))
-    assert fnn_best_partition(frozen, target) == ((1, 2), 5)             # ties: lexicographically smallest
+    assert fnn_rank_requirement(frozen, target, (2, 1)) == 5  # max(ceil(5/2), ceil(5/1))
+    assert fnn_best_partition(frozen, target) == ((1, 2), 5)  # ties: lexicographically smallest
 
 
 def test_singular_first_layer_is_fine_when_adapted_one_is_invertible():
@@ -396,7 +402,7 @@ def test_singular_first_layer_is_fine_when_adapted_one_is_invertible():
     rng = np.random.default_rng(4)
     frozen = random_fnn(6, 2, seed=4)
     W1 = frozen.weights[0].copy()
-    W1[-1] = W1[0]                                                        # rank D - 1
+    W1[-1] = W1[0]  # rank D - 1
     frozen = frozen.replace(weights=[W1, frozen.weights[1]])
     target = random_fnn(6, 1, seed=rng)
     fit = lora_fnn(frozen, target, 3, input_radius=1.0)
@@ -408,7 +414,7 @@ def test_sample_ball_stays_inside():
     x = sample_ball(np.ones(5), 2.0, 1000, 3)
     assert x.shape == (1000, 5)
     assert (np.linalg.norm(x - 1, axis=1) <= 2.0).all()
-    assert np.linalg.norm(x - 1, axis=1).max() > 1.8                      # reaches near the sphere
+    assert np.linalg.norm(x - 1, axis=1).max() > 1.8  # reaches near the sphere
 
 
 # -------------------------------------------------------------------------------------------- bad input
@@ -418,25 +424,28 @@ def _pair(D=4, L=2, Lbar=1):
     return random_fnn(D, L, seed=0), random_fnn(D, Lbar, seed=1)
 
 
-@pytest.mark.parametrize("kwargs, argument, message", [
-    ({}, "input_radius", "no domain"),
-    ({"input_radius": 1.0, "inputs": np.zeros((3, 4))}, "inputs", "two domains"),
-    ({"input_radius": 0.0}, "input_radius", "positive"),
-    ({"input_radius": -1.0}, "input_radius", "positive"),
-    ({"input_radius": float("nan")}, "input_radius", "positive"),
-    ({"input_radius": float("inf")}, "input_radius", "positive"),
-    ({"input_radius": "1"}, "input_radius", "real number"),
-    ({"center": np.zeros(4)}, "center", "needs input_radius"),
-    ({"center": np.zeros(4), "inputs": np.zeros((2, 4))}, "center", "needs input_radius"),
-    ({"input_radius": 1.0, "center": np.zeros(3)}, "center", "shape"),
-    ({"input_radius": 1.0, "center": np.array([0, np.nan, 0, 0])}, "center", "NaN"),
-    ({"inputs": np.zeros((3, 5))}, "inputs", "shape"),
-    ({"inputs": np.zeros(4)}, "inputs", "dimensions"),
-    ({"inputs": np.zeros((0, 4))}, "inputs", "at least one"),
-    ({"inputs": np.full((2, 4), np.inf)}, "inputs", "NaN or infinite"),
-    ({"inputs": np.zeros((2, 4)), "margin": 0.5}, "margin", ">= 1"),
-    ({"inputs": np.zeros((2, 4)), "margin": float("nan")}, "margin", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument, message",
+    [
+        ({}, "input_radius", "no domain"),
+        ({"input_radius": 1.0, "inputs": np.zeros((3, 4))}, "inputs", "two domains"),
+        ({"input_radius": 0.0}, "input_radius", "positive"),
+        ({"input_radius": -1.0}, "input_radius", "positive"),
+        ({"input_radius": float("nan")}, "input_radius", "positive"),
+        ({"input_radius": float("inf")}, "input_radius", "positive"),
+        ({"input_radius": "1"}, "input_radius", "real number"),
+        ({"center": np.zeros(4)}, "center", "needs input_radius"),
+        ({"center": np.zeros(4), "inputs": np.zeros((2, 4))}, "center", "needs input_radius"),
+        ({"input_radius": 1.0, "center": np.zeros(3)}, "center", "shape"),
+        ({"input_radius": 1.0, "center": np.array([0, np.nan, 0, 0])}, "center", "NaN"),
+        ({"inputs": np.zeros((3, 5))}, "inputs", "shape"),
+        ({"inputs": np.zeros(4)}, "inputs", "dimensions"),
+        ({"inputs": np.zeros((0, 4))}, "inputs", "at least one"),
+        ({"inputs": np.full((2, 4), np.inf)}, "inputs", "NaN or infinite"),
+        ({"inputs": np.zeros((2, 4)), "margin": 0.5}, "margin", ">= 1"),
+        ({"inputs": np.zeros((2, 4)), "margin": float("nan")}, "margin", ">= 1"),
+    ],
+)
 def test_bad_domain(kwargs, argument, message):
     frozen, target = _pair()
     with pytest.raises(InvalidArgumentError, match=message) as info:
@@ -444,17 +453,20 @@ def test_bad_domain(kwargs, argument, message):
     assert info.value.argument == argument
 
 
-@pytest.mark.parametrize("rank, argument, message", [
-    (1.5, "rank", "integer"),
-    ("2", "rank", "integer"),
-    (True, "rank", "integer"),
-    (-1, "rank", "at least 0"),
-    (5, "rank", "at most 4"),
-    ([1, 2, 3], "rank", "one rank for each of the 2 layers"),
-    ([1], "rank", "one rank for each of the 2 layers"),
-    ([1, -2], r"rank[1]", "at least 0"),
-    ([1, 2.0], r"rank[1]", "integer"),
-])
+@pytest.mark.parametrize(
+    "rank, argument, message",
+    [
+        (1.5, "rank", "integer"),
+        ("2", "rank", "integer"),
+        (True, "rank", "integer"),
+        (-1, "rank", "at least 0"),
+        (5, "rank", "at most 4"),
+        ([1, 2, 3], "rank", "one rank for each of the 2 layers"),
+        ([1], "rank", "one rank for each of the 2 layers"),
+        ([1, -2], r"rank[1]", "at least 0"),
+        ([1, 2.0], r"rank[1]", "integer"),
+    ],
+)
 def test_bad_rank(rank, argument, message):
     frozen, target = _pair()
     with pytest.raises(InvalidArgumentError, match=message) as info:
@@ -462,14 +474,17 @@ def test_bad_rank(rank, argument, message):
     assert info.value.argument == argument
 
 
-@pytest.mark.parametrize("partition, message", [
-    ((3, 0), "empty block"),
-    ((1, 1), "cover the L = 3"),
-    ((3,), "one block per target layer"),
-    ((1, 1, 1), "one block per target layer"),
-    ("21", "sequence of block sizes"),
-    ((1.5, 1.5), "integer"),
-])
+@pytest.mark.parametrize(
+    "partition, message",
+    [
+        ((3, 0), "empty block"),
+        ((1, 1), "cover the L = 3"),
+        ((3,), "one block per target layer"),
+        ((1, 1, 1), "one block per target layer"),
+        ("21", "sequence of block sizes"),
+        ((1.5, 1.5), "integer"),
+    ],
+)
 def test_bad_partition(partition, message):
     frozen, target = _pair(L=3, Lbar=2)
     with pytest.raises(InvalidArgumentError, match=message):
@@ -505,7 +520,7 @@ def test_bad_models():
 def test_singular_matrix_named_with_its_block_and_kappa():
     frozen, target = _pair(D=4, L=3, Lbar=2)
     W = list(frozen.weights)
-    W[2] = np.zeros((4, 4))                                               # block 2 = layers 2, 3: Q_1 = W_3
+    W[2] = np.zeros((4, 4))  # block 2 = layers 2, 3: Q_1 = W_3
     frozen = frozen.replace(weights=W)
     with pytest.raises(SingularMatrixError, match=r"block 2: Q_1 = W_3") as info:
         lora_fnn(frozen, target, 2, partition=(1, 2), input_radius=1.0)
@@ -522,7 +537,7 @@ def test_ill_conditioning_warns_with_kappa_and_gamma():
     frozen, target = random_fnn(6, 2, seed=0), random_fnn(6, 1, seed=1)
     W2 = frozen.weights[1].copy()
     u, s, vt = np.linalg.svd(W2)
-    s[-1] = s[0] * 1e-10                                                  # κ(W_2) = 1e10: Q_1 costs digits
+    s[-1] = s[0] * 1e-10  # κ(W_2) = 1e10: Q_1 costs digits
     frozen = frozen.replace(weights=[frozen.weights[0], (u * s) @ vt])
     with pytest.warns(IllConditionedWarning, match=r"κ = .*γ = "):
         fit = lora_fnn(frozen, target, 3, input_radius=1.0)
@@ -540,14 +555,17 @@ def test_linear_activation_needs_no_linearising_levels():
     assert relative_error(fit.model(x), target(x)) <= fit.tolerance
 
 
-@pytest.mark.parametrize("args, argument, message", [
-    ((np.zeros(3), 0.0, 5), "radius", "positive"),
-    ((np.zeros(3), -1.0, 5), "radius", "positive"),
-    ((np.zeros(3), 1.0, -1), "n", "non-negative integer"),
-    ((np.zeros(3), 1.0, 2.5), "n", "non-negative integer"),
-    ((np.zeros((3, 3)), 1.0, 5), "center", "dimensions"),
-    ((np.array([np.nan, 0.0]), 1.0, 5), "center", "NaN"),
-])
+@pytest.mark.parametrize(
+    "args, argument, message",
+    [
+        ((np.zeros(3), 0.0, 5), "radius", "positive"),
+        ((np.zeros(3), -1.0, 5), "radius", "positive"),
+        ((np.zeros(3), 1.0, -1), "n", "non-negative integer"),
+        ((np.zeros(3), 1.0, 2.5), "n", "non-negative integer"),
+        ((np.zeros((3, 3)), 1.0, 5), "center", "dimensions"),
+        ((np.array([np.nan, 0.0]), 1.0, 5), "center", "NaN"),
+    ],
+)
 def test_bad_sample_ball(args, argument, message):
     with pytest.raises(InvalidArgumentError, match=message) as info:
         sample_ball(*args)
@@ -574,26 +592,26 @@ def test_relative_tolerance_does_not_cover_inputs_far_inside_a_large_ball(D, r):
     with pytest.warns(IllConditionedWarning, match=r"radius amplification|a = .* times smaller"):
         fit = lora_fnn(frozen, target, R, input_radius=r)
     assert fit.exact
-    x = np.random.default_rng(2).standard_normal((1000, D))               # ||x|| ~ sqrt(D) << r
+    x = np.random.default_rng(2).standard_normal((1000, D))  # ||x|| ~ sqrt(D) << r
     y, y_bar = fit.model(x), target(x)
-    err = np.linalg.norm(y - y_bar, axis=1)                               # (n,)
+    err = np.linalg.norm(y - y_bar, axis=1)  # (n,)
     assert np.all(err <= fit.absolute_tolerance)
     assert fit.absolute_tolerance == pytest.approx(fit.tolerance * fit.output_radius)
-    tol_at = fit.tolerance_at(x)                                          # (n,)
+    tol_at = fit.tolerance_at(x)  # (n,)
     nonzero = np.linalg.norm(y_bar, axis=1) > 0
     assert np.all(err[nonzero] / np.linalg.norm(y_bar[nonzero], axis=1) <= tol_at[nonzero])
     assert np.all(np.isinf(tol_at[~nonzero]))
-    assert np.all(tol_at[nonzero] >= fit.tolerance)                     # outputs on the ball are <= s_out
+    assert np.all(tol_at[nonzero] >= fit.tolerance)  # outputs on the ball are <= s_out
     assert fit.tolerance_at(x[0]) == pytest.approx(tol_at[0])
     # the warning's amplification is the ratio of the ball's output size to a unit ball's around the centre
     assert fit.radius_amplification > 1e3
-    assert fit.tolerance_at(np.full(D, 2 * r)) == math.inf             # outside the ball: no guarantee
+    assert fit.tolerance_at(np.full(D, 2 * r)) == math.inf  # outside the ball: no guarantee
 
 
 def test_tolerance_at_on_the_sphere_and_small_balls():
     frozen, target = random_fnn(6, 2, seed=3), random_fnn(6, 1, seed=4)
     fit = lora_fnn(frozen, target, 3, input_radius=1.0)
-    assert fit.radius_amplification == 1.0                                # radius <= 1: nothing to dilute
+    assert fit.radius_amplification == 1.0  # radius <= 1: nothing to dilute
     x = sample_ball(np.zeros(6), 1.0, 200, 5)
     err = np.linalg.norm(fit.model(x) - target(x), axis=1)
     assert np.all(err <= fit.absolute_tolerance)
@@ -610,7 +628,7 @@ def test_moderate_ball_does_not_warn_and_large_ball_warns():
     frozen, target = random_fnn(16, 2, seed=0), random_fnn(16, 1, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
-        fit = lora_fnn(frozen, target, 8, input_radius=10.0)            # u·(κ + γ)·a ~ 2e-12
+        fit = lora_fnn(frozen, target, 8, input_radius=10.0)  # u·(κ + γ)·a ~ 2e-12
     assert 1 < fit.radius_amplification < 100
     with pytest.warns(IllConditionedWarning, match=r"u·\(κ \+ γ\)·a = .*certify a smaller ball"):
         lora_fnn(frozen, target, 8, input_radius=1e5)
@@ -624,7 +642,7 @@ def test_the_certified_ball_holds_its_sphere_and_nothing_beyond():
     center = np.array([0.5, -1.0, 2.0])
     fit = lora_fnn(frozen, target, 3, input_radius=2.0, center=center)
     ball = fit.domain
-    direction = np.array([1.0, 2.0, -2.0]) / 3.0                        # a unit vector
+    direction = np.array([1.0, 2.0, -2.0]) / 3.0  # a unit vector
     on, inside, outside = (center + 2.0 * f * direction for f in (1.0, 1 - 1e-9, 1 + 1e-9))
     assert ball.contains(center) is True and ball.contains(inside) is True and ball.contains(on) is True
     assert ball.contains(outside) is False and ball.contains(outside, rtol=1e-8) is True
@@ -641,7 +659,7 @@ def test_per_sample_tolerance_bounds_the_error_inside_the_ball_and_nothing_outsi
     frozen, target = random_fnn(4, 2, seed=3), random_fnn(4, 1, seed=4)
     fit = lora_fnn(frozen, target, 4, input_radius=1.5)
     assert fit.exact
-    X = sample_ball(np.zeros(4), 1.5, 64, seed=5)                       # (64, 4)
+    X = sample_ball(np.zeros(4), 1.5, 64, seed=5)  # (64, 4)
     tol = fit.tolerance_at(X)
     ref = np.linalg.norm(target(X), axis=1)
     assert tol.shape == (64,)
@@ -650,7 +668,7 @@ def test_per_sample_tolerance_bounds_the_error_inside_the_ball_and_nothing_outsi
     assert np.all(err <= tol * ref)
     far = np.full(4, 10.0)
     assert fit.tolerance_at(far) == np.inf and isinstance(fit.tolerance_at(X[0]), float)
-    silent = FNN([np.zeros((4, 4))], [np.zeros(4)])                     # a target that is 0 everywhere
+    silent = FNN([np.zeros((4, 4))], [np.zeros(4)])  # a target that is 0 everywhere
     zero_fit = lora_fnn(FNN([np.eye(4)], [np.zeros(4)]), silent, 4, input_radius=1.0)
     assert zero_fit.tolerance_at(np.full(4, 0.1)) == np.inf
 
@@ -666,12 +684,12 @@ def test_check_points_hold_the_minimiser_of_every_first_block_pre_activation():
     center, r = rng.standard_normal(3), 0.7
     partials = [rng.standard_normal((3, 3)), np.vstack([rng.standard_normal((2, 3)), np.zeros((1, 3))])]
     ball = Domain(kind="ball", center=center, radius=r, margin=None, n_samples=None)
-    points = _check_points(ball, None, partials)                        # (n, 3)
+    points = _check_points(ball, None, partials)  # (n, 3)
     assert np.all(np.linalg.norm(points - center, axis=1) <= r)
     assert any(np.array_equal(p, center) for p in points)
     for P in partials:
         for p in P[np.linalg.norm(P, axis=1) > 0]:
-            lowest = center @ p - r * np.linalg.norm(p)                 # min over the ball of p·u
+            lowest = center @ p - r * np.linalg.norm(p)  # min over the ball of p·u
             assert np.min(points @ p) <= lowest + 1e-9 * r * np.linalg.norm(p)
     assert len(points) > 1 + sum(int(np.sum(np.linalg.norm(P, axis=1) > 0)) for P in partials) + 16
 

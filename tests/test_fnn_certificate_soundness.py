@@ -23,8 +23,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import sympy
-
 from _adversarial import adversarial_directions, float_layers, inner_layers
+
 from lora_theory.symbolic import EXACT, RationalFNN, certify_fnn, random_rational_fnn
 
 # (width, frozen depth, target depth, partition): several depths, first blocks of 1 to 3 layers, and second
@@ -53,8 +53,10 @@ def _exact_net(model):
     """``[(W, b, relu)]`` per layer, in Fractions."""
     L = model.depth
     relu = [model.activation == "relu" and (l < L - 1 or model.final_relu) for l in range(L)]
-    return [(_fractions(W), [row[0] for row in _fractions(b)], relu[l])
-            for l, (W, b) in enumerate(zip(model.weights, model.biases))]
+    return [
+        (_fractions(W), [row[0] for row in _fractions(b)], relu[l])
+        for l, (W, b) in enumerate(zip(model.weights, model.biases))
+    ]
 
 
 def _exact_forward(net, x) -> list:
@@ -66,12 +68,12 @@ def _exact_forward(net, x) -> list:
     return z
 
 
-def _rational_unit(d, denominator=2 ** 20) -> list:
+def _rational_unit(d, denominator=2**20) -> list:
     """A rational vector of norm exactly 1 near the unit vector ``d``: its stereographic projection from the
     pole ``e_p`` (``p`` the smallest coordinate, so ``1 - d_p >= 1``) rounded to rationals, mapped back."""
     d = np.asarray(d, dtype=float)
     d = d / np.linalg.norm(d)
-    p = int(np.argmin(d))                                             # pole e_p: 1 - d_p >= 1
+    p = int(np.argmin(d))  # pole e_p: 1 - d_p >= 1
     others = [i for i in range(d.size) if i != p]
     t = [Fraction(d[i] / (1 - d[p])).limit_denominator(denominator) for i in others]
     s = sum(v * v for v in t)
@@ -109,25 +111,26 @@ def _balls(n, rng):
 
 @pytest.mark.parametrize("final_relu", [True, False])
 @pytest.mark.parametrize("n, depth, target_depth, partition", CASES)
-def test_exact_fnn_certificate_holds_at_adversarial_rational_points(n, depth, target_depth, partition,
-                                                                     final_relu):
+def test_exact_fnn_certificate_holds_at_adversarial_rational_points(n, depth, target_depth, partition, final_relu):
     certified = 0
     for seed in range(12):
         frozen, target = random_rational_fnn(n, depth, target_depth, seed=seed, final_relu=final_relu)
         # large target biases put ReLU(T u_0 + c) far from T u_0 + c: the next ball's centre matters
         bias_scale = (1, 4, 8)[seed % 3]
-        target = RationalFNN(target.weights, tuple(c * bias_scale for c in target.biases),
-                             target.activation, target.final_relu)
+        target = RationalFNN(
+            target.weights, tuple(c * bias_scale for c in target.biases), target.activation, target.final_relu
+        )
         rng = np.random.default_rng(seed)
         f_target = _exact_net(target)
         x0, r = _balls(n, rng)[(seed // 3) % 3]
         cert = certify_fnn(frozen, target, n, partition=partition, input_radius=r, center=x0)
         if cert.outcome != EXACT:
-            continue                                             # a singular draw: nothing claimed
+            continue  # a singular draw: nothing claimed
         certified += 1
         f_adapted = _exact_net(cert.adapted)
         for x in _certified_points(cert, x0, r, rng):
             assert sum((a - c) ** 2 for a, c in zip(x, x0)) <= r * r
             assert _exact_forward(f_adapted, x) == _exact_forward(f_target, x), (
-                f"certificate 'exact' (seed {seed}, centre {x0}, radius {r}) but f(x) != f̄(x) at x = {x}")
-    assert certified >= 6                                            # the case is not vacuous
+                f"certificate 'exact' (seed {seed}, centre {x0}, radius {r}) but f(x) != f̄(x) at x = {x}"
+            )
+    assert certified >= 6  # the case is not vacuous

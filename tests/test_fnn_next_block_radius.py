@@ -13,8 +13,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from _adversarial import adversarial_directions, float_layers, inner_layers
+
 from lora_theory.errors import IllConditionedWarning
 from lora_theory.fnn import lora_fnn
 from lora_theory.models import FNN, random_fnn

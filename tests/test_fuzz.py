@@ -36,8 +36,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_theory as lt
-from lora_theory.errors import (IllConditionedWarning, InvalidArgumentError, LoraTheoryError, NumericalError,
-                                SingularMatrixError)
+from lora_theory.errors import (
+    IllConditionedWarning,
+    InvalidArgumentError,
+    NumericalError,
+    SingularMatrixError,
+)
 from lora_theory.highprec import MAX_DIGITS
 from lora_theory.numerics import EXACT_TOLERANCE_LIMIT
 
@@ -48,18 +52,46 @@ DOCUMENTED = (InvalidArgumentError, SingularMatrixError, NumericalError)
 PER_CALL_SECONDS = 20
 
 #: Public names that are not fuzzed, each with the reason.
-RESULT_RECORDS = ("BlockFit", "Certificate", "Check", "Domain", "ErrorBound", "FNNFit", "HighPrecisionFNNFit",
-                  "HighPrecisionLinearFit", "HighPrecisionTFNFit", "LinearFit", "OptimalityGap", "PrecisionAdvice",
-                  "TFNFit", "Witness", "FNNAdvice", "LayerAdvice", "RankReport")
+RESULT_RECORDS = (
+    "BlockFit",
+    "Certificate",
+    "Check",
+    "Domain",
+    "ErrorBound",
+    "FNNFit",
+    "HighPrecisionFNNFit",
+    "HighPrecisionLinearFit",
+    "HighPrecisionTFNFit",
+    "LinearFit",
+    "OptimalityGap",
+    "PrecisionAdvice",
+    "TFNFit",
+    "Witness",
+    "FNNAdvice",
+    "LayerAdvice",
+    "RankReport",
+)
 EXCLUDED = {
-    **{name: "a result record the library builds and returns; callers read it, it is not an input boundary "
-             "(its fields are checked where the function that returns it is fuzzed)" for name in RESULT_RECORDS},
-    **{name: "an exception or warning class, raised not called"
-       for name in ("IllConditionedWarning", "InvalidArgumentError", "LoraTheoryError", "NumericalError",
-                    "SingularMatrixError")},
+    **{
+        name: "a result record the library builds and returns; callers read it, it is not an input boundary "
+        "(its fields are checked where the function that returns it is fuzzed)"
+        for name in RESULT_RECORDS
+    },
+    **{
+        name: "an exception or warning class, raised not called"
+        for name in (
+            "IllConditionedWarning",
+            "InvalidArgumentError",
+            "LoraTheoryError",
+            "NumericalError",
+            "SingularMatrixError",
+        )
+    },
     "FLOOR_SAFETY": "a constant (the floor's safety factor), not a function",
-    **{name: "a result record the library builds and returns (fuzzed through the function that takes or makes it)"
-       for name in ("NoiseFloor", "RankAllocation", "RoundingBounds")},
+    **{
+        name: "a result record the library builds and returns (fuzzed through the function that takes or makes it)"
+        for name in ("NoiseFloor", "RankAllocation", "RoundingBounds")
+    },
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -123,7 +155,7 @@ def call(fn, *args, **kwargs):
             if isinstance(exc, InvalidArgumentError):
                 assert isinstance(exc.argument, str) and exc.argument
             if isinstance(exc, SingularMatrixError):
-                assert exc.condition_number >= 1, exc.condition_number     # a real κ, or inf; never NaN
+                assert exc.condition_number >= 1, exc.condition_number  # a real κ, or inf; never NaN
             return None, exc
         except Hang as exc:
             pytest.fail(f"{getattr(fn, '__name__', fn)} {exc}")
@@ -140,7 +172,7 @@ def hostile():
     """A value no public function should accept where it expects a matrix, a model, a number or a sequence."""
     return st.one_of(
         st.sampled_from(BAD_FLOATS),
-        st.sampled_from([None, "abc", "", b"x", True, False, -1, 0, 10 ** 30, 2.5, -3.5, {"a": 1}, object()]),
+        st.sampled_from([None, "abc", "", b"x", True, False, -1, 0, 10**30, 2.5, -3.5, {"a": 1}, object()]),
         st.builds(_generator),
         st.builds(lambda: iter([1, 2])),
         st.builds(np.zeros, st.sampled_from([(0,), (0, 0), (2, 3), (2, 2, 2), (1,), (3, 0)])),
@@ -164,7 +196,7 @@ def matrix(draw, n, m=None, nonfinite=True, scale=None):
     given), sometimes with one entry of 1e12 or 1e15, a singular value of 1e-13, a rank deficit, or
     (``nonfinite``) a NaN/inf entry."""
     m = n if m is None else m
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     M = rng.uniform(-1, 1, size=(n, m)) * (draw(st.sampled_from(SCALES)) if scale is None else scale)
     kind = draw(st.integers(0, 9 if nonfinite else 3))
     if kind == 1 and M.size:
@@ -177,7 +209,7 @@ def matrix(draw, n, m=None, nonfinite=True, scale=None):
         if np.all(np.isfinite(near_singular)):
             M = near_singular
     elif kind == 3 and n == m and n > 1:
-        M[:, -1] = M[:, 0]                                                # rank deficit
+        M[:, -1] = M[:, 0]  # rank deficit
     elif kind == 4 and M.size:
         M[-1, -1] = draw(st.sampled_from([NAN, INF, -INF, 1e308]))
     return M
@@ -203,7 +235,7 @@ def fnn_pair(draw, max_width=4, max_depth=3):
     activation = draw(st.sampled_from(["relu", "relu", "linear"]))
     final_relu = draw(st.booleans())
     bad = not draw(models_ok())
-    scale = 1.0 if draw(st.integers(0, 3)) > 0 else None               # as tfn_pair: a shared scale 3 times in 4
+    scale = 1.0 if draw(st.integers(0, 3)) > 0 else None  # as tfn_pair: a shared scale 3 times in 4
 
     def model(depth):
         weights = [draw(matrix(D, nonfinite=bad, scale=scale)) for _ in range(depth)]
@@ -234,9 +266,13 @@ def tfn_pair(draw, min_width=1):
 
     def model():
         att = [np.stack([np.stack([draw(mat) for _ in range(H)]) for _ in range(L)]) for _ in range(4)]
-        ff = dict(w1=np.stack([draw(mat) for _ in range(L)]), b1=np.stack([draw(vec) for _ in range(L)]),
-                  w2=np.stack([draw(mat) for _ in range(L)]), b2=np.stack([draw(vec) for _ in range(L)]),
-                  w_out=draw(mat))
+        ff = dict(
+            w1=np.stack([draw(mat) for _ in range(L)]),
+            b1=np.stack([draw(vec) for _ in range(L)]),
+            w2=np.stack([draw(mat) for _ in range(L)]),
+            b2=np.stack([draw(vec) for _ in range(L)]),
+            w_out=draw(mat),
+        )
         return _built(lt.TFN, *att, **ff)
 
     return model(), model()
@@ -246,13 +282,16 @@ def ranks(D, L):
     """A rank argument: one rank or per-layer ranks in ``0..D`` seven times in eight, else out of range or not
     an integer."""
     good = st.one_of(st.integers(0, D), st.integers(0, D), st.lists(st.integers(0, D), min_size=L, max_size=L))
-    bad = st.one_of(st.integers(-2, D + 2), st.sampled_from([1.5, "2", None, True, np.array([1, 2])]),
-                    st.lists(st.integers(0, D), min_size=L + 1, max_size=L + 1))
+    bad = st.one_of(
+        st.integers(-2, D + 2),
+        st.sampled_from([1.5, "2", None, True, np.array([1, 2])]),
+        st.lists(st.integers(0, D), min_size=L + 1, max_size=L + 1),
+    )
     return st.integers(0, 7).flatmap(lambda k: bad if k == 0 else good)
 
 
 def seeds():
-    return st.one_of(st.integers(0, 2 ** 31), st.sampled_from([None, -1, 1.5, "7", True, [1, 2]]))
+    return st.one_of(st.integers(0, 2**31), st.sampled_from([None, -1, 1.5, "7", True, [1, 2]]))
 
 
 # ------------------------------------------------------------------------------ independent references
@@ -284,13 +323,13 @@ def _tfn_forward(p, X):
 def _mp_forward_tfn(p, X, dps=60):
     """The TFN on one input ``X`` (D, N) in mpmath at ``dps`` digits, from the float64 parameters taken exactly."""
     with mpmath.workdps(dps):
-        M = lambda a: mpmath.matrix(np.asarray(a, dtype=float).tolist())          # noqa: E731
+        M = lambda a: mpmath.matrix(np.asarray(a, dtype=float).tolist())  # noqa: E731
         Z = M(X)
         L, H = p["wq"].shape[:2]
         for l in range(L):
             A = mpmath.zeros(Z.rows, Z.cols)
             for h in range(H):
-                S = (M(p["wk"][l, h]) * Z).T * (M(p["wq"][l, h]) * Z)             # (N, N), softmax over rows
+                S = (M(p["wk"][l, h]) * Z).T * (M(p["wq"][l, h]) * Z)  # (N, N), softmax over rows
                 for j in range(S.cols):
                     top = max(S[i, j] for i in range(S.rows))
                     e = [mpmath.exp(S[i, j] - top) for i in range(S.rows)]
@@ -314,8 +353,10 @@ def _mp_forward_fnn(model, x, dps=60):
     with mpmath.workdps(dps):
         z = [mpmath.mpf(float(v)) for v in x]
         for l, (W, b) in enumerate(zip(model.weights, model.biases)):
-            z = [mpmath.fsum(mpmath.mpf(float(W[i, k])) * z[k] for k in range(len(z))) + float(b[i])
-                 for i in range(W.shape[0])]
+            z = [
+                mpmath.fsum(mpmath.mpf(float(W[i, k])) * z[k] for k in range(len(z))) + float(b[i])
+                for i in range(W.shape[0])
+            ]
             if model.activation == "relu" and (l < model.depth - 1 or model.final_relu):
                 z = [max(v, 0) for v in z]
         return np.array([float(v) for v in z])
@@ -367,8 +408,10 @@ def check_lora_linear(data):
         miss = np.linalg.norm(_product(fit.weights, D) - np.asarray(target), 2)
         tol = lt.tolerance(fit.kappa, fit.gamma)
         assert miss <= tol * scale, (miss, tol, scale)
-        assert tol * scale / max(np.linalg.norm(target, 2), np.finfo(float).tiny) <= EXACT_TOLERANCE_LIMIT or \
-            np.linalg.norm(target, 2) == 0
+        assert (
+            tol * scale / max(np.linalg.norm(target, 2), np.finfo(float).tiny) <= EXACT_TOLERANCE_LIMIT
+            or np.linalg.norm(target, 2) == 0
+        )
 
 
 def check_lora_fnn(data):
@@ -446,8 +489,13 @@ def check_condition_number(data):
 def check_relative_error(data):
     shape = data.draw(st.sampled_from([(3,), (2, 2), (0,)]))
     a = data.draw(maybe(matrix(1, int(np.prod(shape))).map(lambda v: v.reshape(shape))))
-    b = data.draw(maybe(st.one_of(matrix(1, int(np.prod(shape))).map(lambda v: v.reshape(shape)),
-                                  matrix(1, 2).map(lambda v: v.reshape(2)))))
+    b = data.draw(
+        maybe(
+            st.one_of(
+                matrix(1, int(np.prod(shape))).map(lambda v: v.reshape(shape)), matrix(1, 2).map(lambda v: v.reshape(2))
+            )
+        )
+    )
     e, exc = call(lt.relative_error, a, b)
     if exc is None:
         a, b = np.asarray(a, float), np.asarray(b, float)
@@ -539,8 +587,9 @@ def check_linear_gaussian_mse(data):
 
 def check_optimality_gap(data):
     D, L, frozen, target = _linear_args(data)
-    adapters = data.draw(maybe(st.lists(st.one_of(matrix(D), st.tuples(matrix(1, D), matrix(D, 1))),
-                                        min_size=L, max_size=L)))
+    adapters = data.draw(
+        maybe(st.lists(st.one_of(matrix(D), st.tuples(matrix(1, D), matrix(D, 1))), min_size=L, max_size=L))
+    )
     g, exc = call(lt.optimality_gap, frozen, target, adapters)
     if exc is None:
         assert _finite(g.achieved_spectral, g.optimal_spectral, g.achieved_frobenius, g.optimal_frobenius)
@@ -555,7 +604,7 @@ def check_fnn_error_bound(data):
     b, exc = call(lt.fnn_error_bound, frozen, target, data.draw(ranks(D, L)), second_moment=sm)
     if exc is None:
         assert _finite(b.rms, b.mse, b.block_errors, b.growth_factors, b.activation_bounds)
-        assert b.rms >= 0 and math.isclose(b.mse, b.rms ** 2 / D, rel_tol=1e-12, abs_tol=0)
+        assert b.rms >= 0 and math.isclose(b.mse, b.rms**2 / D, rel_tol=1e-12, abs_tol=0)
         # zero exactly when every block receives all its directions
         assert (b.rms == 0) == all(e == 0 for e in b.block_errors) or not all(np.isfinite(b.growth_factors))
 
@@ -577,7 +626,7 @@ def check_block_discrepancies(data):
         sizes = lt.uniform_partition(frozen.depth, target.depth)
         start = 0
         for Ei, Ti, size in zip(E, target.weights, sizes):
-            assert np.array_equal(Ei, Ti - _product(frozen.weights[start:start + size], frozen.width))
+            assert np.array_equal(Ei, Ti - _product(frozen.weights[start : start + size], frozen.width))
             start += size
 
 
@@ -693,6 +742,7 @@ def _threshold(fn, formula, n_args):
         v, exc = call(fn, *args)
         if exc is None:
             assert v == formula(*args)
+
     return check
 
 
@@ -722,9 +772,13 @@ def check_partition_blocks(data):
 def check_best_partition(data):
     L = data.draw(st.integers(1, 6))
     Lbar = data.draw(st.integers(1, 6))
-    table = data.draw(st.dictionaries(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(1, 6)),
-                                      st.one_of(st.integers(0, 8), st.sampled_from([-1, 1.5, None, "2"])),
-                                      max_size=20))
+    table = data.draw(
+        st.dictionaries(
+            st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(1, 6)),
+            st.one_of(st.integers(0, 8), st.sampled_from([-1, 1.5, None, "2"])),
+            max_size=20,
+        )
+    )
     fallback = data.draw(st.integers(0, 8))
 
     def block_rank(i, start, stop):
@@ -765,8 +819,16 @@ def check_tfn_rank_requirement(data):
 def check_final_layers_witness(data):
     frozen, target = data.draw(fnn_pair(max_width=3))
     radius = data.draw(maybe(st.sampled_from([1.0, 3.0, 1e300])))
-    w, exc = call(lt.final_layers_witness, frozen, target, input_radius=radius, seed=data.draw(seeds()),
-                  n_starts=4, n_directions=4, n_refine=2)
+    w, exc = call(
+        lt.final_layers_witness,
+        frozen,
+        target,
+        input_radius=radius,
+        seed=data.draw(seeds()),
+        n_starts=4,
+        n_directions=4,
+        n_refine=2,
+    )
     if exc is None and w.found:
         assert _finite(w.x, w.x_prime, w.separation) and w.separation > 0
         with np.errstate(all="ignore"):
@@ -803,9 +865,15 @@ def check_choose_digits(data):
 
 
 def check_suggest_precision(data):
-    fit = data.draw(maybe(st.builds(
-        lambda k, g: type("Fit", (), {"kappa": k, "gamma": g})(), st.sampled_from([1.0, 1e8, 1e300, NAN, INF, -1.0]),
-        st.sampled_from([0.0, 1e10, NAN]))))
+    fit = data.draw(
+        maybe(
+            st.builds(
+                lambda k, g: type("Fit", (), {"kappa": k, "gamma": g})(),
+                st.sampled_from([1.0, 1e8, 1e300, NAN, INF, -1.0]),
+                st.sampled_from([0.0, 1e10, NAN]),
+            )
+        )
+    )
     a, exc = call(lt.suggest_precision, fit)
     if exc is None:
         assert 16 <= a.digits <= MAX_DIGITS and a.float64_sufficient == (a.expected_error <= 1e-8)
@@ -828,7 +896,7 @@ def _check_mp_exact(hp):
 
 def _digits():
     good = st.one_of(st.none(), st.integers(16, 40))
-    bad = st.sampled_from([10 ** 7, MAX_DIGITS + 1, 15, -1, 20.5, "30"])
+    bad = st.sampled_from([10**7, MAX_DIGITS + 1, 15, -1, 20.5, "30"])
     return st.integers(0, 5).flatmap(lambda k: bad if k == 0 else good)
 
 
@@ -843,7 +911,8 @@ def check_lora_linear_mp(data):
     if exc is None and hp.exact:
         want = np.asarray(target)
         assert np.linalg.norm(hp.product() - want, 2) <= max(1e-10, _mp_tolerance(hp)) * max(
-            np.linalg.norm(want, 2), np.linalg.norm(_product(frozen, D), 2))
+            np.linalg.norm(want, 2), np.linalg.norm(_product(frozen, D), 2)
+        )
 
 
 def check_lora_fnn_mp(data):
@@ -851,8 +920,9 @@ def check_lora_fnn_mp(data):
     D = frozen.width if isinstance(frozen, lt.FNN) else 2
     L = frozen.depth if isinstance(frozen, lt.FNN) else 2
     radius = data.draw(maybe(st.sampled_from([1.0, 2.0])))
-    hp, exc = call(lt.lora_fnn_mp, frozen, target, data.draw(ranks(D, L)), input_radius=radius,
-                   digits=data.draw(_digits()))
+    hp, exc = call(
+        lt.lora_fnn_mp, frozen, target, data.draw(ranks(D, L)), input_radius=radius, digits=data.draw(_digits())
+    )
     if exc is None:
         _check_mp_exact(hp)
     if exc is None and hp.exact:
@@ -861,7 +931,8 @@ def check_lora_fnn_mp(data):
         for x in _ball_points(np.zeros(hp.target.width), radius, 2, seed=3):
             want = _mp_forward_fnn(hp.target, x)
             assert np.linalg.norm(hp.predict(x) - want) <= max(1e-8, _mp_tolerance(hp)) * max(
-                np.linalg.norm(want), np.finfo(float).tiny)
+                np.linalg.norm(want), np.finfo(float).tiny
+            )
 
 
 def check_lora_tfn_mp(data):
@@ -876,7 +947,8 @@ def check_lora_tfn_mp(data):
         X = np.random.default_rng(98765).standard_normal((D, 2))
         want = _mp_forward_tfn(_params(hp.target), X)
         assert np.linalg.norm(hp.predict(X) - want) <= max(1e-8, _mp_tolerance(hp)) * max(
-            np.linalg.norm(want), np.finfo(float).tiny)
+            np.linalg.norm(want), np.finfo(float).tiny
+        )
 
 
 def _certify(fn, pair, **extra):
@@ -888,6 +960,7 @@ def _certify(fn, pair, **extra):
         if exc is None:
             assert c.outcome in ("exact", "not met", "impossible") or isinstance(c.outcome, str)
             assert c.passed == (c.outcome == "exact") and (not c.passed or not c.failed_checks)
+
     return check
 
 
@@ -905,6 +978,7 @@ def _random_rational(fn, n_dims, **extra):
         out, exc = call(fn, *dims, seed=data.draw(seeds()), **kwargs)
         if exc is None:
             assert len(out) == 2
+
     return check
 
 
@@ -912,19 +986,26 @@ def check_expr(fn):
     def check(data):
         e, exc = call(fn)
         assert exc is None and e.free_symbols
-    return check
 
+    return check
 
 
 # ------------------------------------------------------------------- storage rounding, ranks, allocation
 
 #: Unit roundoff and smallest subnormal of each storage dtype, written out here (IEEE 754 and bfloat16's
 #: 8-bit significand), not read from the library.
-ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-SUBNORMAL = {"float64": 2.0 ** -1074, "float32": 2.0 ** -149, "float16": 2.0 ** -24, "bfloat16": 2.0 ** -133}
-DTYPE_SPELLINGS = {"float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-                   "torch.bfloat16": "bfloat16", "torch.float32": "float32", np.float32: "float32",
-                   np.dtype("float16"): "float16"}
+ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+SUBNORMAL = {"float64": 2.0**-1074, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
+DTYPE_SPELLINGS = {
+    "float64": "float64",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "torch.bfloat16": "bfloat16",
+    "torch.float32": "float32",
+    np.float32: "float32",
+    np.dtype("float16"): "float16",
+}
 
 
 def dtypes():
@@ -937,6 +1018,7 @@ def _table_check(fn, table):
         value, exc = call(fn, dtype)
         if exc is None:
             assert value == table[DTYPE_SPELLINGS[dtype]]
+
     return check
 
 
@@ -951,14 +1033,16 @@ def check_rounding_bounds(data):
     db, dt = data.draw(dtypes()), data.draw(dtypes())
     rb, exc = call(lt.rounding_bounds, base, tuned, db, dt)
     if exc is None:
-        B = _reference_bound(np.asarray(base, float), np.asarray(tuned, float), DTYPE_SPELLINGS[db], DTYPE_SPELLINGS[dt])
+        B = _reference_bound(
+            np.asarray(base, float), np.asarray(tuned, float), DTYPE_SPELLINGS[db], DTYPE_SPELLINGS[dt]
+        )
         with np.errstate(all="ignore"):
             want = (np.max(np.linalg.norm(B, axis=1)), np.max(np.linalg.norm(B, axis=0)), np.max(B), np.linalg.norm(B))
         got = (rb.row_max, rb.col_max, rb.entry_max, rb.frobenius)
         assert rb.shape == (m, n)
         for g, w in zip(got, want):
             assert math.isfinite(g) and g >= 0
-            if math.isfinite(w) and w > 1e-290:                       # where the plain reference is exact enough
+            if math.isfinite(w) and w > 1e-290:  # where the plain reference is exact enough
                 assert abs(g - w) <= 1e-12 * w, (got, want)
 
 
@@ -973,7 +1057,7 @@ def check_noise_floor(data):
         return
     floor, exc = call(lt.noise_floor, bounds, model=data.draw(maybe(st.sampled_from(["independent", "rigorous"]))))
     if exc is None:
-        assert floor.rigorous == bounds.frobenius                  # ||N||_2 <= ||N||_F <= ||B||_F, always
+        assert floor.rigorous == bounds.frobenius  # ||N||_2 <= ||N||_F <= ||B||_F, always
         assert 0 <= floor.spectral <= floor.rigorous and math.isfinite(floor.spectral)
 
 
@@ -1007,7 +1091,7 @@ def check_energy_rank(data):
         cum, total = np.cumsum(sq), float(np.sum(sq))
         if total == 0:
             assert r == 0
-        else:                                                      # the least r keeping the share, to rounding
+        else:  # the least r keeping the share, to rounding
             assert 1 <= r <= len(sq) and cum[r - 1] >= energy * total * (1 - 1e-12)
             assert r == 1 or cum[r - 2] < energy * total * (1 + 1e-12)
 
@@ -1018,7 +1102,7 @@ def check_tail_curves(data):
     if exc is None:
         spectral, frobenius = out
         v = np.asarray(s, float)
-        for r in range(len(v) + 1):                                # Eckart–Young: what rank r leaves
+        for r in range(len(v) + 1):  # Eckart–Young: what rank r leaves
             assert spectral[r] == (v[r] if r < len(v) else 0.0)
             assert abs(frobenius[r] - math.sqrt(float(np.sum(v[r:] ** 2)))) <= 1e-12 * max(1.0, frobenius[0])
 
@@ -1045,8 +1129,17 @@ def check_layer_advice_from_spectrum(data):
     k = data.draw(st.integers(0, 4))
     s = data.draw(spectra_values(k))
     floor = lt.noise_floor(lt.RoundingBounds((4, 4), 0.5, 0.5, 0.3, 1.0))
-    advice, exc = call(lt.layer_advice_from_spectrum, "w", "w.weight", (4, 4), s, floor,
-                       base_norm=data.draw(maybe(st.floats(0, 10))), delta_norm=1.0, storage_dtype="float32")
+    advice, exc = call(
+        lt.layer_advice_from_spectrum,
+        "w",
+        "w.weight",
+        (4, 4),
+        s,
+        floor,
+        base_norm=data.draw(maybe(st.floats(0, 10))),
+        delta_norm=1.0,
+        storage_dtype="float32",
+    )
     if exc is None:
         assert advice.rank_above_floor == int(np.sum(np.asarray(s, float) > floor.spectral))
 
@@ -1070,9 +1163,12 @@ def check_allocate_ranks(data):
         cost = [m + n for m, n in shapes]
         assert sum(r * c for r, c in zip(result.ranks, cost)) == result.parameters <= budget
         assert abs(result.discarded_energy - _discarded(spectra, result.ranks)) <= 1e-9 * max(1.0, result.total_energy)
-        best = min(_discarded(spectra, ranks) for ranks in np.ndindex(*[len(v) + 1 for v in spectra])
-                   if sum(r * c for r, c in zip(ranks, cost)) <= budget)
-        assert result.discarded_energy <= best + 1e-9 * max(1.0, result.total_energy)   # brute force: optimal
+        best = min(
+            _discarded(spectra, ranks)
+            for ranks in np.ndindex(*[len(v) + 1 for v in spectra])
+            if sum(r * c for r, c in zip(ranks, cost)) <= budget
+        )
+        assert result.discarded_energy <= best + 1e-9 * max(1.0, result.total_energy)  # brute force: optimal
 
 
 def check_uniform_ranks(data):
@@ -1088,9 +1184,10 @@ def check_advise_fnn(data):
     frozen, target = data.draw(fnn_pair(max_width=3, max_depth=3))
     advice, exc = call(lt.advise_fnn, frozen, target)
     if exc is None:
-        assert 0 <= advice.best_rank <= advice.uniform_rank <= advice.width      # the best partition is no worse
+        assert 0 <= advice.best_rank <= advice.uniform_rank <= advice.width  # the best partition is no worse
         req, exc2 = call(lt.fnn_rank_requirement, frozen, target, partition=advice.best_partition)
         assert exc2 is None and req == advice.best_rank
+
 
 SPECS = {
     "lora_linear": check_lora_linear,
@@ -1139,8 +1236,9 @@ SPECS = {
     "lora_fnn_mp": check_lora_fnn_mp,
     "lora_tfn_mp": check_lora_tfn_mp,
     "certify_linear": _certify(lt.certify_linear, rational_linear()),
-    "certify_fnn": _certify(lt.certify_fnn, fnn_pair(max_width=2, max_depth=2),
-                            input_radius=maybe(st.sampled_from([1, 0.5, 2]))),
+    "certify_fnn": _certify(
+        lt.certify_fnn, fnn_pair(max_width=2, max_depth=2), input_radius=maybe(st.sampled_from([1, 0.5, 2]))
+    ),
     "certify_tfn": _certify(lt.certify_tfn, tfn_pair()),
     "random_rational_linear": _random_rational(lt.random_rational_linear, 2, error_rank=st.integers(0, 2)),
     "random_rational_fnn": _random_rational(lt.random_rational_fnn, 3, final_relu=st.booleans()),
@@ -1164,16 +1262,31 @@ SPECS = {
 
 #: Examples per name, per 40 of the profile's ``max_examples`` (25 unless listed): the constructions get
 #: more, slow names (raised precision, exact rationals) fewer, so the file stays near a minute in CI.
-FEW = {"lora_linear_mp": 5, "lora_fnn_mp": 3, "lora_tfn_mp": 3, "certify_linear": 5, "certify_fnn": 3,
-       "certify_tfn": 3, "random_rational_tfn": 5, "final_layers_witness": 6, "lora_fnn": 80, "lora_linear": 60,
-       "lora_tfn": 40, "TFN": 12, "tfn_matched_discrepancies": 10, "tfn_matched_discrepancy_ranks": 10,
-       "tfn_rank_requirement": 10}
+FEW = {
+    "lora_linear_mp": 5,
+    "lora_fnn_mp": 3,
+    "lora_tfn_mp": 3,
+    "certify_linear": 5,
+    "certify_fnn": 3,
+    "certify_tfn": 3,
+    "random_rational_tfn": 5,
+    "final_layers_witness": 6,
+    "lora_fnn": 80,
+    "lora_linear": 60,
+    "lora_tfn": 40,
+    "TFN": 12,
+    "tfn_matched_discrepancies": 10,
+    "tfn_matched_discrepancy_ranks": 10,
+    "tfn_rank_requirement": 10,
+}
 
 
 def test_every_public_name_is_fuzzed_or_excluded():
     """A new public name cannot escape the fuzz: it is fuzzed here, or excluded with a reason."""
     names = set(lt.__all__)
-    assert not names - set(SPECS) - set(EXCLUDED), f"not fuzzed and not excluded: {sorted(names - set(SPECS) - set(EXCLUDED))}"
+    assert not names - set(SPECS) - set(EXCLUDED), (
+        f"not fuzzed and not excluded: {sorted(names - set(SPECS) - set(EXCLUDED))}"
+    )
     assert not set(SPECS) & set(EXCLUDED)
     assert not (set(SPECS) | set(EXCLUDED)) - names, "specs for names that are no longer public"
     for name in RESULT_RECORDS:
@@ -1184,11 +1297,15 @@ def test_every_public_name_is_fuzzed_or_excluded():
 def test_hostile_input(name):
     """Every call returns a result that the check accepts, or raises a documented error, within the time limit."""
     spec = SPECS[name]
-    base = settings.default.max_examples                                 # 40 in the ci and dev profiles
+    base = settings.default.max_examples  # 40 in the ci and dev profiles
     examples = max(1, base * FEW.get(name, 25) // 40)
 
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    )
     @given(st.data())
     def run(data):
         spec(data)

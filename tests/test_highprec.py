@@ -42,14 +42,14 @@ def test_eight_layer_linear_block_float64_warns_and_50_digits_reach_1e30(seed):
     frozen, target = _deep_linear(seed)
     with pytest.warns(IllConditionedWarning, match="high-precision path"):
         fit = lora_linear(frozen, target, 2)
-    assert unit_roundoff() * (fit.kappa + fit.gamma) > 1e-8           # float64 keeps fewer than 8 digits
+    assert unit_roundoff() * (fit.kappa + fit.gamma) > 1e-8  # float64 keeps fewer than 8 digits
     advice = suggest_precision(fit)
     assert isinstance(advice, PrecisionAdvice) and not advice.float64_sufficient
     assert "lora_linear_mp" in advice.message and advice.digits == choose_digits(fit.kappa, fit.gamma)
 
     hp = lora_linear_mp(frozen, target, 2, digits=50)
     assert hp.digits == 50 and hp.exact and hp.error_rank == 16
-    assert hp.achieved_error <= 1e-30                                  # relative, Frobenius, at 50 digits
+    assert hp.achieved_error <= 1e-30  # relative, Frobenius, at 50 digits
     # rounded once at the end, the product is the target to float64 rounding
     assert np.linalg.norm(hp.product() - target) <= tolerance() * np.linalg.norm(target)
     x = np.random.default_rng(seed).standard_normal((4, 16))
@@ -62,7 +62,7 @@ def test_automatic_precision_is_reported_and_sufficient():
     hp = lora_linear_mp(frozen, target, 2, digits=None)
     assert hp.digits >= choose_digits(hp.kappa, hp.gamma) - 2
     assert "log10 κ" in hp.digits_reason
-    assert hp.achieved_error <= 1e-16                                  # the 16 target digits survive
+    assert hp.achieved_error <= 1e-16  # the 16 target digits survive
 
 
 def test_below_threshold_reaches_lemma1_optimum():
@@ -72,8 +72,9 @@ def test_below_threshold_reaches_lemma1_optimum():
     assert not hp.exact and hp.optimal_error > 0
     assert abs(hp.achieved_error - hp.optimal_error) <= 1e-25 * hp.optimal_error
     float_fit = lora_linear(frozen, target, 2)
-    assert np.linalg.norm(hp.product() - float_fit.product) <= \
-        tolerance(float_fit.kappa, float_fit.gamma) * np.linalg.norm(target)
+    assert np.linalg.norm(hp.product() - float_fit.product) <= tolerance(
+        float_fit.kappa, float_fit.gamma
+    ) * np.linalg.norm(target)
 
 
 def test_per_layer_ranks_and_well_conditioned_agreement():
@@ -123,7 +124,7 @@ def test_eight_layer_relu_block_needs_more_digits_for_its_biases():
     assert "γ" in hp.digits_reason
     assert hp.max_block_error <= 1e-20
     x = sample_ball(np.zeros(16), 10.0, 12, seed=1)
-    assert hp.relative_error(x) <= 1e-20                               # on the ball, at working precision
+    assert hp.relative_error(x) <= 1e-20  # on the ball, at working precision
     want = target(x)
     assert np.linalg.norm(hp.predict(x) - want) <= tolerance() * np.linalg.norm(want)
     with warnings.catch_warnings():
@@ -159,7 +160,7 @@ def test_suggest_precision_on_an_ill_conditioned_tfn_points_to_lora_tfn_mp_and_t
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
     w1 = np.array(frozen.w1)
-    w1[0] = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt                     # κ(W1) = 1e10: u·κ ≈ 1e-6
+    w1[0] = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt  # κ(W1) = 1e10: u·κ ≈ 1e-6
     frozen = frozen.replace(w1=w1)
     with pytest.warns(IllConditionedWarning):
         fit = lora_tfn(frozen, target, 2)
@@ -183,12 +184,12 @@ def test_explicit_digits_too_few_warn_with_the_digits_needed():
         hp = lora_linear_mp(frozen, target, 2, digits=16)
     needed = choose_digits(hp.kappa, hp.gamma)
     assert any(f"; {needed} digits are needed" in str(w.message) for w in record)
-    assert 10.0 ** -16 * (hp.kappa + hp.gamma) > 1e-8
+    assert 10.0**-16 * (hp.kappa + hp.gamma) > 1e-8
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
         lora_linear_mp(frozen, target, 2, digits=needed)
         small = random_linear(3, 2, seed=0).weights
-        lora_linear_mp(small, np.eye(3), 1, digits=16)                  # well conditioned: 16 digits are plenty
+        lora_linear_mp(small, np.eye(3), 1, digits=16)  # well conditioned: 16 digits are plenty
     f0, t = random_fnn(16, 8, seed=0, scale=0.25), random_fnn(16, 1, seed=1)
     with pytest.warns(IllConditionedWarning, match=r"high-precision FNN construction \(Theorem 3\) at digits=16"):
         lora_fnn_mp(f0, t, 2, input_radius=10.0, digits=16)
@@ -211,17 +212,18 @@ def test_tfn_mp_equals_the_target_to_working_precision_from_the_threshold(seed):
     from lora_theory.tfn import lora_tfn
 
     frozen, target = _tfn_pair(seed)
-    X = np.random.default_rng(seed).standard_normal((3, 6, 5))          # (n, D, N)
+    X = np.random.default_rng(seed).standard_normal((3, 6, 5))  # (n, D, N)
     fit = lora_tfn_mp(frozen, target, 3, digits=40)
     assert fit.exact and fit.required_rank == 3 and fit.matched_ranks == (6, 6)
-    assert fit.relative_error(X) <= 10.0 ** -40 * fit.kappa * 1e6
+    assert fit.relative_error(X) <= 10.0**-40 * fit.kappa * 1e6
     f64 = lora_tfn(frozen, target, 3)
     # the float64 construction is the same one: its adapted weights agree to float64 rounding (relative κ·u)
     for name, W in f64.model.parameters().items():
-        assert np.allclose(fit.model.parameters()[name], W, rtol=0, atol=1e3 * f64.kappa * unit_roundoff()
-                           * max(1.0, np.abs(W).max()))
+        assert np.allclose(
+            fit.model.parameters()[name], W, rtol=0, atol=1e3 * f64.kappa * unit_roundoff() * max(1.0, np.abs(W).max())
+        )
     y = target(X)
-    assert np.max(np.abs(fit.predict(X) - y)) <= 1e-13 * np.max(np.abs(y))   # float64 rounding of the outputs
+    assert np.max(np.abs(fit.predict(X) - y)) <= 1e-13 * np.max(np.abs(y))  # float64 rounding of the outputs
 
 
 def test_tfn_mp_below_the_threshold_is_not_exact():
@@ -254,7 +256,7 @@ def test_tfn_mp_names_a_singular_matrix():
 
     frozen, target = _tfn_pair(4)
     w2 = np.array(frozen.w2)
-    w2[0][:, 0] = 0.0                                                   # W2 of the first block singular
+    w2[0][:, 0] = 0.0  # W2 of the first block singular
     with pytest.raises(SingularMatrixError, match=r"W2\[0\]"):
         lora_tfn_mp(frozen.replace(w2=w2), target, 3, digits=30)
 
@@ -269,7 +271,7 @@ def test_tfn_mp_evaluates_the_same_without_gmpy2(monkeypatch):
     X = np.random.default_rng(5).standard_normal((2, 4, 3))
     fit = lora_tfn_mp(frozen, target, 2, digits=30)
     fast = fit.predict(X)
-    monkeypatch.setitem(sys.modules, "gmpy2", None)                     # import gmpy2 now raises ImportError
+    monkeypatch.setitem(sys.modules, "gmpy2", None)  # import gmpy2 now raises ImportError
     assert np.array_equal(fit.predict(X), fast)
     assert fit.relative_error(X) < 1e-20
 
@@ -285,20 +287,21 @@ def test_two_block_float64_construction_sits_at_the_rounding_floor_of_its_weight
 
     rng = np.random.default_rng(seed)
     frozen, target = random_tfn(16, 2, 2, seed=rng), random_tfn(16, 2, 2, seed=rng)
-    X = rng.standard_normal((16, 16, 10))                               # (n, D, N)
+    X = rng.standard_normal((16, 16, 10))  # (n, D, N)
     y = target(X)
-    power = np.mean(y ** 2)
+    power = np.mean(y**2)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IllConditionedWarning)          # κ reaches 1e8 on some seeds: the point
+        warnings.simplefilter("ignore", IllConditionedWarning)  # κ reaches 1e8 on some seeds: the point
         fit = lora_tfn(frozen, target, 8)
     err = np.mean((fit.model(X) - y) ** 2) / power
     u = unit_roundoff()
-    perturbed = fit.model.replace(**{k: v * (1 + u * rng.choice([-1.0, 1.0], size=np.shape(v)))
-                                     for k, v in fit.model.parameters().items()})
+    perturbed = fit.model.replace(
+        **{k: v * (1 + u * rng.choice([-1.0, 1.0], size=np.shape(v))) for k, v in fit.model.parameters().items()}
+    )
     floor = np.mean((perturbed(X) - fit.model(X)) ** 2) / power
-    assert err <= 30 * floor                                            # at the floor (measured 0.2 to 2.3x)
+    assert err <= 30 * floor  # at the floor (measured 0.2 to 2.3x)
     hp = lora_tfn_mp(frozen, target, 8)
-    assert np.mean((hp.predict(X) - y) ** 2) / power <= 1e-24           # the float64 rounding of y itself
+    assert np.mean((hp.predict(X) - y) ** 2) / power <= 1e-24  # the float64 rounding of y itself
     assert hp.relative_error(X[:2]) <= 10.0 ** (-hp.digits) * hp.kappa * 1e6
 
 
@@ -315,7 +318,7 @@ def test_tfn_mp_rank_tolerance_counts_the_solves_behind_the_matched_products():
     frozen = random_tfn(4, 1, 1, seed=rng)
     U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
     frozen = frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1e-8]) @ Vt)[None])
-    wv = np.round(np.array(frozen.wv) * 1024) / 1024                    # multiples of 2^-10
+    wv = np.round(np.array(frozen.wv) * 1024) / 1024  # multiples of 2^-10
     frozen = frozen.replace(wv=wv.copy())
     wv[0, 0] += np.outer([1.0, -0.5, 0.25, 0.0], [0.5, 1.0, 0.0, -1.0])  # exact in float64: rank exactly 1
     target = frozen.replace(wv=wv)
@@ -333,12 +336,12 @@ def test_tfn_mp_too_few_digits_warn_and_chosen_digits_suffice():
 
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     U, _, Vt = np.linalg.svd(np.random.default_rng(11).standard_normal((4, 4)))
-    frozen = frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1e-13]) @ Vt)[None])    # κ(W1) = 1e13
+    frozen = frozen.replace(w1=(U @ np.diag([1.0, 1.0, 1.0, 1e-13]) @ Vt)[None])  # κ(W1) = 1e13
     with pytest.warns(IllConditionedWarning, match="digits are needed"):
         lora_tfn_mp(frozen, target, 2, digits=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
-        fit = lora_tfn_mp(frozen, target, 2)                             # digits chosen: no warning
+        fit = lora_tfn_mp(frozen, target, 2)  # digits chosen: no warning
     assert fit.digits >= choose_digits(fit.kappa) - 2
     assert fit.relative_error(np.random.default_rng(2).standard_normal((2, 4, 3))) < 1e-20
 
@@ -362,7 +365,11 @@ def test_tfn_mp_adapters_are_keyed_like_the_float64_ones_and_rebuild_its_weights
     assert set(hp.adapters) == set(f64.adapters) and hp.num_parameters == f64.num_parameters
     for (name, l, h), a in hp.adapters.items():
         assert a.rank <= 2
-        W = getattr(frozen, name)[l] if name in ("w2",) else (frozen.w_out if name == "w_out" else getattr(frozen, name)[l, h])
+        W = (
+            getattr(frozen, name)[l]
+            if name in ("w2",)
+            else (frozen.w_out if name == "w_out" else getattr(frozen, name)[l, h])
+        )
         adapted = hp.model.parameters()[name]
         adapted = adapted[l] if name == "w2" else (adapted if name == "w_out" else adapted[l, h])
         assert np.allclose(W + a.delta, adapted, rtol=0, atol=1e-12 * max(1.0, np.abs(adapted).max()))
@@ -387,12 +394,12 @@ def test_tfn_mp_with_too_few_digits_is_not_called_exact():
     from lora_theory.highprec import lora_tfn_mp
 
     frozen, target = _ill_conditioned_tfn()
-    X = np.random.default_rng(7).standard_normal((3, 4, 2))            # inputs the construction did not check
+    X = np.random.default_rng(7).standard_normal((3, 4, 2))  # inputs the construction did not check
     for digits in (16, 20):
         with pytest.warns(IllConditionedWarning, match=f"{digits}-digit result is not exact"):
             hp = lora_tfn_mp(frozen, target, 2, digits=digits)
         assert hp.rank_sufficient and not hp.exact
-        assert hp.relative_error(X) > hp.tolerance                     # the miss is real, not a false alarm
+        assert hp.relative_error(X) > hp.tolerance  # the miss is real, not a false alarm
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
         hp = lora_tfn_mp(frozen, target, 2)

@@ -35,13 +35,15 @@ def test_lemma1_singular_first_direction_goes_to_the_second_layer():
     np.testing.assert_allclose(fit.product, T, rtol=0, atol=tolerance(fit.kappa, fit.gamma) * 2)
     assert fit.achieved_error() <= tolerance(fit.kappa, fit.gamma) * 2
     assert all(np.linalg.matrix_rank(a.delta) <= 1 for a in fit.adapters)
-    np.testing.assert_allclose(fit.weights[0], np.eye(2), atol=1e-15)       # layer 1 received e_1
+    np.testing.assert_allclose(fit.weights[0], np.eye(2), atol=1e-15)  # layer 1 received e_1
 
 
 def test_lemma1_assignment_agrees_in_three_arithmetics():
     cert = certify_linear([W1, W2], T, 1)
     assert cert.outcome == EXACT and cert.passed
-    assert [sympy.Matrix(M) for M in cert.adapted][-1] * sympy.Matrix(cert.adapted[0]) == sympy.Matrix([[1, 0], [0, -2]])
+    assert [sympy.Matrix(M) for M in cert.adapted][-1] * sympy.Matrix(cert.adapted[0]) == sympy.Matrix(
+        [[1, 0], [0, -2]]
+    )
     mp_fit = lora_linear_mp([W1, W2], T, 1, digits=30)
     assert mp_fit.exact and float(mp_fit.achieved_error) == 0.0
     # the exact chain's fixed order fails on the mirror instance, whose rank decomposition puts e_1 first
@@ -77,7 +79,7 @@ def test_assignment_search_is_exhaustive_within_its_step_budget():
         assignment, _ = _search_assignment(blocks, (1,) * L, step, (), SingularMatrixError)
         assert assignment == wanted
         assert len(calls) <= L * 2 ** (L - 1)
-    assert 9 * 2 ** 8 <= MAX_ASSIGNMENT_STEPS
+    assert 9 * 2**8 <= MAX_ASSIGNMENT_STEPS
 
 
 # ------------------------------------------------------------------------- property: literal brute force
@@ -88,8 +90,9 @@ def _float_brute_force(frozen, target, ranks):
     L, D = len(frozen), target.shape[0]
     E = target - product(frozen)
     U, s, Vt = np.linalg.svd(E)
-    rank_E = int(np.sum(s > D * np.finfo(float).eps * max(np.linalg.norm(target, 2),
-                                                          np.linalg.norm(product(frozen), 2), s[0])))
+    rank_E = int(
+        np.sum(s > D * np.finfo(float).eps * max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2), s[0]))
+    )
     blocks = _direction_blocks(ranks, rank_E)
     for perm in itertools.permutations(range(L)):
         if any(blocks[b][1] - blocks[b][0] > ranks[l] for l, b in enumerate(perm)):
@@ -100,7 +103,7 @@ def _float_brute_force(frozen, target, ranks):
                 start, stop = blocks[b]
                 M = frozen[l]
                 if stop > start:
-                    Q = product(frozen[l + 1:]) if l < L - 1 else np.eye(D)
+                    Q = product(frozen[l + 1 :]) if l < L - 1 else np.eye(D)
                     check_invertible(Q, "Q")
                     check_invertible(P, "P")
                     V = Vt[start:stop].T
@@ -117,7 +120,7 @@ def singular_chains(draw):
     """Chains of 2..3 layers of width 2..4 whose layers are often singular (rank 0..D)."""
     D = draw(st.integers(2, 4), label="D")
     L = draw(st.integers(2, 3), label="L")
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
     frozen = []
     for _ in range(L):
         r = draw(st.integers(0, D), label="rank(W_l)")
@@ -143,7 +146,7 @@ def test_lemma1_succeeds_and_is_optimal_whenever_some_assignment_works(instance)
     scale = max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
     assert abs(fit.achieved_error() - optimum) <= tolerance(fit.kappa, fit.gamma) * scale
     assert all(a.rank <= R for a, R in zip(fit.adapters, ranks))
-    if fit.exact:                                                    # at or above the threshold: T itself
+    if fit.exact:  # at or above the threshold: T itself
         assert fit.achieved_error() <= tolerance(fit.kappa, fit.gamma) * scale
 
 
@@ -155,7 +158,7 @@ def _exact_brute_force(frozen, target, ranks):
         Wp = W * Wp
     E = target - Wp
     R_, pivots = E.rref()
-    C, F = E[:, list(pivots)], R_[:len(pivots), :]
+    C, F = E[:, list(pivots)], R_[: len(pivots), :]
     blocks = _direction_blocks(ranks, len(pivots))
     for perm in itertools.permutations(range(L)):
         if any(blocks[b][1] - blocks[b][0] > ranks[l] for l, b in enumerate(perm)):
@@ -166,7 +169,7 @@ def _exact_brute_force(frozen, target, ranks):
             M = frozen[l]
             if stop > start:
                 Q = sympy.eye(D)
-                for W in frozen[l + 1:]:
+                for W in frozen[l + 1 :]:
                     Q = W * Q
                 if Q.det() == 0 or P.det() == 0:
                     ok = False
@@ -174,7 +177,7 @@ def _exact_brute_force(frozen, target, ranks):
                 M = M + Q.inv() * C[:, start:stop] * F[start:stop, :] * P.inv()
             P = M * P
         if ok:
-            assert P == target                                       # the transcription itself is right
+            assert P == target  # the transcription itself is right
             return perm
     return None
 
@@ -189,7 +192,7 @@ def test_exact_lemma1_certifies_whenever_some_assignment_works(instance):
     for W in Ws:
         Wp = W * Wp
     if (Ts - Wp).rank() > sum(ranks):
-        return                                                       # "impossible": not this property
+        return  # "impossible": not this property
     works = _exact_brute_force(Ws, Ts, ranks)
     cert = certify_linear(Ws, Ts, ranks)
     if works is None:
@@ -202,6 +205,6 @@ def test_assignment_search_that_runs_out_of_steps_says_one_may_exist(monkeypatch
     """A search cut short must not claim that no assignment works."""
     import lora_theory.linear as linear
 
-    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 1)           # the fixed order's first step only
+    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 1)  # the fixed order's first step only
     with pytest.raises(SingularMatrixError, match=r"stopped after 1 steps .*\(one may exist\)"):
         lora_linear([W1, W2], T, 1)

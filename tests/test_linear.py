@@ -31,7 +31,7 @@ from lora_theory.linear import (
 from lora_theory.models import random_linear
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
 
-SEEDS = st.integers(0, 2 ** 32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 @st.composite
@@ -51,7 +51,7 @@ def instances(draw, low_rank=None, per_layer=None):
         r = draw(st.integers(0, D), label="rank_E")
         C = rng.standard_normal((D, r))
         F = rng.standard_normal((r, D))
-        target = product(frozen) + C @ F / math.sqrt(D)                # rank(E) = r with probability 1
+        target = product(frozen) + C @ F / math.sqrt(D)  # rank(E) = r with probability 1
     else:
         r = None
         target = rng.uniform(-1, 1, (D, D))
@@ -86,11 +86,11 @@ def test_construction_attains_the_optimum(instance):
     frozen, target, ranks, _, _ = instance
     fit = _fit(frozen, target, ranks)
     k = sum(ranks)
-    s = np.linalg.svd(target - product(frozen), compute_uv=False)     # σ(E), computed independently
+    s = np.linalg.svd(target - product(frozen), compute_uv=False)  # σ(E), computed independently
     spectral, frobenius = _tail(s, k)
     assert fit.spectral_error == pytest.approx(spectral, rel=1e-12, abs=0)
     assert fit.frobenius_error == pytest.approx(frobenius, rel=1e-12, abs=0)
-    assert fit.gaussian_mse == pytest.approx(frobenius ** 2 / len(s), rel=1e-12, abs=0)
+    assert fit.gaussian_mse == pytest.approx(frobenius**2 / len(s), rel=1e-12, abs=0)
     assert linear_optimal_error(frozen, target, ranks) == pytest.approx(spectral, rel=1e-12, abs=0)
     assert linear_optimal_error(frozen, target, ranks, norm="fro") == pytest.approx(frobenius, rel=1e-12, abs=0)
     assert linear_gaussian_mse(frozen, target, ranks) == pytest.approx(fit.gaussian_mse, rel=1e-12, abs=0)
@@ -150,14 +150,21 @@ def test_no_adapter_beats_the_lower_bound(instance, kind, size):
         adapters = []
         for adapter, r in zip(fit.adapters, ranks):
             adapter = adapter.padded(r)
-            adapters.append(Adapter(adapter.A + size * rng.standard_normal(adapter.A.shape),
-                                    adapter.B + size * rng.standard_normal(adapter.B.shape)))
+            adapters.append(
+                Adapter(
+                    adapter.A + size * rng.standard_normal(adapter.A.shape),
+                    adapter.B + size * rng.standard_normal(adapter.B.shape),
+                )
+            )
     residual = product([W + a.delta for W, a in zip(frozen, adapters)]) - target
     s = np.linalg.svd(target - product(frozen), compute_uv=False)
     spectral, frobenius = _tail(s, sum(ranks))
     # the residual is computed in floating point: it may undercut the bound by rounding of its operands
-    rounding = 1e3 * np.finfo(float).eps * max(
-        _scale(frozen, target), np.prod([np.linalg.norm(W + a.delta, 2) for W, a in zip(frozen, adapters)]))
+    rounding = (
+        1e3
+        * np.finfo(float).eps
+        * max(_scale(frozen, target), np.prod([np.linalg.norm(W + a.delta, 2) for W, a in zip(frozen, adapters)]))
+    )
     assert np.linalg.norm(residual, 2) >= spectral - rounding
     assert np.linalg.norm(residual, "fro") >= frobenius - rounding * math.sqrt(D)
     gap = optimality_gap(frozen, target, adapters)
@@ -178,7 +185,7 @@ def test_optimality_gap_of_the_construction_is_one(instance):
     assert gap.total_rank == min(sum(ranks), target.shape[0])
     bound = tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
     assert gap.achieved_spectral == pytest.approx(fit.achieved_error("spectral"), rel=1e-12, abs=0)
-    assert gap.achieved_gaussian_mse == pytest.approx(gap.achieved_frobenius ** 2 / target.shape[0], rel=1e-12)
+    assert gap.achieved_gaussian_mse == pytest.approx(gap.achieved_frobenius**2 / target.shape[0], rel=1e-12)
     if gap.total_rank < target.shape[0]:
         # below the threshold the optimum σ_{k+1}(E) > 0 and the ratio is 1 up to rounding
         assert gap.spectral_ratio == pytest.approx(1.0, abs=bound / gap.optimal_spectral)
@@ -214,15 +221,15 @@ def test_gaussian_mse_matches_monte_carlo(seed):
     frozen = random_linear(D, L, seed=rng).weights
     target = rng.uniform(-1, 1, (D, D))
     fit = lora_linear(frozen, target, R)
-    residual = fit.product - target                                     # (D, D)
+    residual = fit.product - target  # (D, D)
     n = 40_000
-    x = rng.standard_normal((n, D))                                     # (n, D): rows are inputs
-    y = np.sum((x @ residual.T) ** 2, axis=1) / D                       # (n,)
-    standard_error = math.sqrt(2 * np.linalg.norm(residual.T @ residual, "fro") ** 2 / D ** 2 / n)
+    x = rng.standard_normal((n, D))  # (n, D): rows are inputs
+    y = np.sum((x @ residual.T) ** 2, axis=1) / D  # (n,)
+    standard_error = math.sqrt(2 * np.linalg.norm(residual.T @ residual, "fro") ** 2 / D**2 / n)
     assert abs(y.mean() - fit.gaussian_mse) <= 5 * standard_error
     # and the prediction is the exact optimum formula Σ_{j>RL} σ_j(E)^2 / D
     s = fit.singular_values
-    assert fit.gaussian_mse == pytest.approx(np.sum(s[R * L:] ** 2) / D, rel=1e-12)
+    assert fit.gaussian_mse == pytest.approx(np.sum(s[R * L :] ** 2) / D, rel=1e-12)
 
 
 @given(D=st.integers(2, 12), R=st.integers(1, 11), seed=SEEDS)
@@ -246,13 +253,13 @@ def test_singular_adapted_first_layer_raises_naming_P2(D, R, seed):
     R = min(R, D - 1)
     rng = np.random.default_rng(seed)
     r1 = D - R - 1
-    W1 = rng.standard_normal((D, r1)) @ rng.standard_normal((r1, D))      # rank D - R - 1 (0 allowed)
+    W1 = rng.standard_normal((D, r1)) @ rng.standard_normal((r1, D))  # rank D - R - 1 (0 allowed)
     W2 = rng.standard_normal((D, D))
     target = rng.standard_normal((D, D))
     with pytest.raises(SingularMatrixError, match=r"^P_2 = \(W_1 \+ Δ\) must be invertible") as info:
         _fit([W1, W2], target, (R, R))
     assert info.value.condition_number > 1e15
-    assert "layer 2 receives singular directions of E" in str(info.value)   # the error says why P_2 is needed
+    assert "layer 2 receives singular directions of E" in str(info.value)  # the error says why P_2 is needed
 
 
 @given(D=st.integers(2, 12), data=st.data())
@@ -260,7 +267,7 @@ def test_one_layer_inverts_nothing(D, data):
     rng = np.random.default_rng(data.draw(SEEDS))
     r = data.draw(st.integers(0, D), label="rank(W)")
     R = data.draw(st.integers(0, D), label="R")
-    W = rng.standard_normal((D, r)) @ rng.standard_normal((r, D))       # may be singular, even zero
+    W = rng.standard_normal((D, r)) @ rng.standard_normal((r, D))  # may be singular, even zero
     target = rng.standard_normal((D, D))
     fit = lora_linear([W], target, R)
     assert fit.condition_numbers == {} and fit.kappa == 1.0
@@ -273,9 +280,9 @@ def test_one_layer_inverts_nothing(D, data):
 def test_singular_frozen_layer_after_a_receiving_one_raises_naming_Q(D, L, seed):
     rng = np.random.default_rng(seed)
     frozen = list(random_linear(D, L, seed=rng).weights)
-    frozen[-1] = np.zeros((D, D))                                        # Q_1 = W_L ... W_2 = 0
+    frozen[-1] = np.zeros((D, D))  # Q_1 = W_L ... W_2 = 0
     target = rng.standard_normal((D, D))
-    names = " ".join(f"W_{l}" for l in range(L, 1, -1))                # Q_1 = W_L ... W_2, in that order
+    names = " ".join(f"W_{l}" for l in range(L, 1, -1))  # Q_1 = W_L ... W_2, in that order
     with pytest.raises(SingularMatrixError, match=rf"^Q_1 = {names} must be invertible"):
         lora_linear(frozen, target, 1)
 
@@ -300,15 +307,16 @@ def test_target_equal_to_frozen_needs_rank_zero():
 
 # --- a literal, slow transcription of the construction (THEORY.md §2.1), the reference for lora_linear ---
 
+
 def _textbook_delta(frozen, E, V_l, l, earlier_deltas):
     """``Δ_l = Q_l^{-1} E V_l V_l^T P_l^{-1}`` exactly as written, with explicit inverses."""
     D = E.shape[0]
     Q_l = np.eye(D)
-    for W in frozen[l + 1:]:
-        Q_l = W @ Q_l                                                    # frozen layers after l
+    for W in frozen[l + 1 :]:
+        Q_l = W @ Q_l  # frozen layers after l
     P_l = np.eye(D)
     for W, Delta in zip(frozen[:l], earlier_deltas):
-        P_l = (W + Delta) @ P_l                                          # adapted layers before l
+        P_l = (W + Delta) @ P_l  # adapted layers before l
     return np.linalg.inv(Q_l) @ E @ V_l @ V_l.T @ np.linalg.inv(P_l)
 
 
@@ -322,7 +330,7 @@ def _textbook_blocks(frozen, target, ranks):
     V = np.linalg.svd(E)[2].T
     blocks, start = [], 0
     for R_l in ranks:
-        blocks.append(V[:, start:min(start + R_l, D)])
+        blocks.append(V[:, start : min(start + R_l, D)])
         start += R_l
     return E, blocks
 
@@ -356,6 +364,7 @@ def test_fast_product_matches_the_textbook_construction(instance):
 
 # --- claims pinned by mutation testing (docs/mutation.md) ---
 
+
 @given(D=st.integers(2, 8), L=st.integers(1, 3), excess=st.integers(1, 3), seed=SEEDS)
 def test_optimum_refuses_a_rank_above_the_width(D, L, excess, seed):
     # A LoRA-rank is at most D (Lemma 1's R in 0..D): an optimum quoted for R > D would describe adapters
@@ -365,10 +374,12 @@ def test_optimum_refuses_a_rank_above_the_width(D, L, excess, seed):
     rng = np.random.default_rng(seed)
     frozen = random_linear(D, L, seed=rng).weights
     target = rng.uniform(-1, 1, (D, D))
-    for call in (lambda: linear_optimal_error(frozen, target, D + excess),
-                 lambda: linear_optimal_error(frozen, target, D + excess, norm="fro"),
-                 lambda: linear_gaussian_mse(frozen, target, D + excess),
-                 lambda: lora_linear(frozen, target, D + excess)):
+    for call in (
+        lambda: linear_optimal_error(frozen, target, D + excess),
+        lambda: linear_optimal_error(frozen, target, D + excess, norm="fro"),
+        lambda: linear_gaussian_mse(frozen, target, D + excess),
+        lambda: lora_linear(frozen, target, D + excess),
+    ):
         with pytest.raises(InvalidArgumentError, match=r"^rank: must be at most"):
             call()
 
@@ -418,18 +429,21 @@ def test_gap_reads_a_two_by_two_update_matrix_as_a_matrix_not_a_pair():
     # At D = 2 an update matrix has two rows, like an (A, B) pair has two members: only a tuple is a pair.
     rng = np.random.default_rng(5)
     frozen, target = random_linear(2, 2, seed=rng).weights, rng.uniform(-1, 1, (2, 2))
-    deltas = [np.outer(rng.standard_normal(2), rng.standard_normal(2)) for _ in frozen]   # rank 1 each
+    deltas = [np.outer(rng.standard_normal(2), rng.standard_normal(2)) for _ in frozen]  # rank 1 each
     as_matrices = optimality_gap(frozen, target, deltas)
     as_adapters = optimality_gap(frozen, target, [Adapter(d[:1] / d[0, 0], d[:, :1]) for d in deltas])
     assert as_matrices.total_rank == as_adapters.total_rank == 2
     assert as_matrices.achieved_spectral == pytest.approx(as_adapters.achieved_spectral, rel=1e-12)
 
 
-@pytest.mark.parametrize("bad, argument", [
-    (lambda D: [np.zeros((D + 1, D + 1)), np.zeros((D, D))], "adapters[0]"),
-    (lambda D: [np.zeros((D, D)), Adapter(np.zeros((1, D + 1)), np.zeros((D, 1)))], "adapters[1]"),
-    (lambda D: [Adapter(np.zeros((1, D)), np.zeros((D + 1, 1))), np.zeros((D, D))], "adapters[0]"),
-])
+@pytest.mark.parametrize(
+    "bad, argument",
+    [
+        (lambda D: [np.zeros((D + 1, D + 1)), np.zeros((D, D))], "adapters[0]"),
+        (lambda D: [np.zeros((D, D)), Adapter(np.zeros((1, D + 1)), np.zeros((D, 1)))], "adapters[1]"),
+        (lambda D: [Adapter(np.zeros((1, D)), np.zeros((D + 1, 1))), np.zeros((D, D))], "adapters[0]"),
+    ],
+)
 def test_gap_refuses_adapters_of_another_width(bad, argument):
     # An adapter for a layer of another shape does not adapt this chain: scoring it is refused, naming it.
     from lora_theory.errors import InvalidArgumentError
@@ -447,7 +461,7 @@ def test_singular_values_at_the_tolerance_count_as_zero():
     frozen, target = [np.zeros((3, 3))], np.diag([2.0, 0.0, 0.0])
     assert discrepancy_rank(frozen, target, tol=0) == 1
     assert linear_rank_requirement(frozen, target, tol=0) == 1
-    assert discrepancy_rank(frozen, target, tol=2.0) == 0                 # σ_1 = 2 is at the tolerance
+    assert discrepancy_rank(frozen, target, tol=2.0) == 0  # σ_1 = 2 is at the tolerance
     fit = lora_linear(frozen, target, 1, rank_tol=0)
     assert fit.error_rank == 1 and fit.exact
 
@@ -473,8 +487,7 @@ def test_one_dimensional_chains_are_fitted_exactly(seed, L):
     assert abs(fit.product[0, 0] - target[0, 0]) <= tolerance(fit.kappa, fit.gamma) * _scale(frozen, target)
 
 
-@given(D=st.integers(2, 6), L=st.integers(1, 3), r=st.integers(0, 6), exponent=st.integers(-50, 50),
-       seed=SEEDS)
+@given(D=st.integers(2, 6), L=st.integers(1, 3), r=st.integers(0, 6), exponent=st.integers(-50, 50), seed=SEEDS)
 def test_rank_of_E_does_not_depend_on_the_units(D, L, r, exponent, seed):
     # E(2^k W, 2^{kL} T) = 2^{kL} E(W, T) exactly in binary floating point: scaling the problem changes no
     # rank, however small or large the unit (the rank tolerance is relative to the operands, never absolute).
@@ -482,7 +495,7 @@ def test_rank_of_E_does_not_depend_on_the_units(D, L, r, exponent, seed):
     r = min(r, D)
     frozen = random_linear(D, L, seed=rng).weights
     target = product(frozen) + rng.standard_normal((D, r)) @ rng.standard_normal((r, D))
-    scaled = [W * 2.0 ** exponent for W in frozen]
+    scaled = [W * 2.0**exponent for W in frozen]
     scaled_target = target * 2.0 ** (exponent * L)
     assert discrepancy_rank(scaled, scaled_target) == discrepancy_rank(frozen, target) == r
     assert lora_linear(scaled, scaled_target, D).error_rank == r
@@ -511,15 +524,16 @@ def test_solving_with_an_ill_conditioned_matrix_warns_even_when_the_adapters_sta
 
 # ------------------------------------------------------------------ what the fit reports about its own rounding
 
+
 def _gamma_reference(frozen, adapted, target):
     """γ as LinearFit.gamma defines it, written out: ``max_l ||Q_l|| (||W_l|| + ||Δ_l||) ||P_l||`` over
     ``max(||T||, ||Π W||)``, with ``Q_l = W_L ... W_{l+1}`` (frozen) and ``P_l = M_{l-1} ... M_1`` (adapted)."""
-    two = lambda A: np.linalg.norm(A, 2)                                   # noqa: E731
+    two = lambda A: np.linalg.norm(A, 2)  # noqa: E731
     D = target.shape[0]
     terms = []
     for l in range(len(frozen)):
         Q = np.eye(D)
-        for W in frozen[l + 1:]:
+        for W in frozen[l + 1 :]:
             Q = W @ Q
         P = np.eye(D)
         for M in adapted[:l]:
@@ -533,7 +547,7 @@ def _gamma_reference(frozen, adapted, target):
 @settings(max_examples=10)
 def test_gamma_is_the_largest_layer_term_of_the_adapted_product(D, seed, target_scale):
     rng = np.random.default_rng(seed)
-    frozen = [s * rng.standard_normal((D, D)) for s in (3.0, 0.5, 1.5)]   # unequal, non-commuting layers
+    frozen = [s * rng.standard_normal((D, D)) for s in (3.0, 0.5, 1.5)]  # unequal, non-commuting layers
     target = target_scale * rng.standard_normal((D, D))
     for R in (0, 1, D):
         fit = lora_linear(frozen, target, R)
@@ -549,7 +563,7 @@ def test_measured_error_below_the_threshold_is_the_spectral_tail_relative_to_the
     rng = np.random.default_rng(seed)
     frozen = [2.0 * rng.standard_normal((D, D)), 0.5 * rng.standard_normal((D, D))]
     target = target_scale * rng.standard_normal((D, D))
-    fit = lora_linear(frozen, target, 1)                                   # k = 2 < D = rank(E)
+    fit = lora_linear(frozen, target, 1)  # k = 2 < D = rank(E)
     scale = max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
     assert not fit.exact
     assert fit.measured_error == pytest.approx(fit.singular_values[2] / scale, rel=1e-8)
@@ -565,8 +579,10 @@ def test_exact_means_a_small_bound_relative_to_the_target_that_the_product_meets
     rng = np.random.default_rng(7)
     D = 6
     orthogonal = [np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(2)]
-    cases = {"huge product, tiny target": ([1e5 * Q for Q in orthogonal], 1e-3 * rng.standard_normal((D, D))),
-             "well scaled": (orthogonal, rng.standard_normal((D, D)))}
+    cases = {
+        "huge product, tiny target": ([1e5 * Q for Q in orthogonal], 1e-3 * rng.standard_normal((D, D))),
+        "well scaled": (orthogonal, rng.standard_normal((D, D))),
+    }
     seen = {}
     for name, (frozen, target) in cases.items():
         with warnings.catch_warnings():
@@ -575,7 +591,7 @@ def test_exact_means_a_small_bound_relative_to_the_target_that_the_product_meets
         assert fit.rank_sufficient
         norm_T = np.linalg.norm(target, 2)
         scale = max(norm_T, np.linalg.norm(product(frozen), 2))
-        bound = tolerance(fit.kappa, fit.gamma) * scale / norm_T        # relative to the target
+        bound = tolerance(fit.kappa, fit.gamma) * scale / norm_T  # relative to the target
         if fit.exact:
             assert bound <= EXACT_TOLERANCE_LIMIT, name
             assert fit.achieved_error() <= bound * norm_T, name

@@ -8,16 +8,17 @@ from hypothesis import strategies as st
 from lora_theory.errors import InvalidArgumentError
 from lora_theory.models import FNN, TFN, random_fnn, random_linear, random_tfn, relu, softmax_columns
 
-SEEDS = st.integers(0, 2 ** 32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 # --- FNN ---------------------------------------------------------------------------------------------
+
 
 @given(D=st.integers(1, 16), L=st.integers(1, 4), final_relu=st.booleans(), seed=SEEDS)
 def test_fnn_batched_equals_single(D, L, final_relu, seed):
     rng = np.random.default_rng(seed)
     model = random_fnn(D, L, seed=rng, final_relu=final_relu)
-    x = rng.standard_normal((5, D))                                     # (n, D): batches are rows
+    x = rng.standard_normal((5, D))  # (n, D): batches are rows
     batched = model(x)
     assert batched.shape == (5, D)
     for i in range(5):
@@ -58,7 +59,7 @@ def test_linear_activation_is_the_matrix_product(D, L, seed):
     rng = np.random.default_rng(seed)
     model = random_linear(D, L, seed=rng)
     assert model.activation == "linear"
-    assert all(not b.any() for b in model.biases)                       # no biases
+    assert all(not b.any() for b in model.biases)  # no biases
     x = rng.standard_normal((3, D))
     np.testing.assert_allclose(model(x), x @ model.linear_map().T, rtol=1e-12, atol=1e-14)
     # W_1 applied first: the map is W_L ... W_1
@@ -72,7 +73,7 @@ def test_fnn_arrays_are_read_only_copies():
     W = np.eye(3)
     b = np.ones(3)
     model = FNN([W], [b])
-    W[0, 0] = 5.0                                                       # the caller's array is copied
+    W[0, 0] = 5.0  # the caller's array is copied
     b[0] = 5.0
     assert model.weights[0][0, 0] == 1.0 and model.biases[0][0] == 1.0
     for array in (model.weights[0], model.biases[0]):
@@ -86,7 +87,7 @@ def test_fnn_arrays_are_read_only_copies():
 def test_fnn_equality_is_identity():
     a = FNN([np.eye(2)])
     b = FNN([np.eye(2)])
-    assert a != b and a == a                                             # eq=False: no elementwise ==
+    assert a != b and a == a  # eq=False: no elementwise ==
 
 
 def test_fnn_missing_biases_are_zero_and_replace_keeps_the_convention():
@@ -99,11 +100,12 @@ def test_fnn_missing_biases_are_zero_and_replace_keeps_the_convention():
 
 # --- TFN ---------------------------------------------------------------------------------------------
 
+
 @given(D=st.integers(1, 6), L=st.integers(1, 3), H=st.integers(1, 3), N=st.integers(1, 5), seed=SEEDS)
 def test_tfn_batched_equals_single(D, L, H, N, seed):
     rng = np.random.default_rng(seed)
     model = random_tfn(D, L, H, seed=rng)
-    X = rng.standard_normal((4, D, N))                                  # (n, D, N): tokens are columns
+    X = rng.standard_normal((4, D, N))  # (n, D, N): tokens are columns
     batched = model(X)
     assert batched.shape == (4, D, N)
     for i in range(4):
@@ -120,7 +122,7 @@ def test_tfn_is_the_papers_formula():
     for l in range(2):
         A = np.zeros_like(Z)
         for h in range(2):
-            S = (model.wk[l, h] @ Z).T @ (model.wq[l, h] @ Z)           # (N, N): scores[key, query]
+            S = (model.wk[l, h] @ Z).T @ (model.wq[l, h] @ Z)  # (N, N): scores[key, query]
             P = np.exp(S) / np.exp(S).sum(axis=0, keepdims=True)
             A += model.wo[l, h] @ model.wv[l, h] @ Z @ P
         Z = model.w2[l] @ np.maximum(model.w1[l] @ A + model.b1[l][:, None], 0) + model.b2[l][:, None]
@@ -138,7 +140,7 @@ def test_softmax_columns_sum_to_one(n, N, scale, seed):
 
 
 def test_softmax_is_shift_invariant_per_column_and_stable():
-    scores = np.array([[1000.0, -1000.0], [999.0, -1001.0]])           # would overflow exp without the shift
+    scores = np.array([[1000.0, -1000.0], [999.0, -1001.0]])  # would overflow exp without the shift
     P = softmax_columns(scores)
     e = np.exp(np.array([1.0, 0.0]))
     np.testing.assert_allclose(P[:, 0], e / e.sum(), rtol=1e-14)
@@ -148,8 +150,17 @@ def test_softmax_is_shift_invariant_per_column_and_stable():
 def test_tfn_arrays_read_only_shapes_and_identity_equality():
     model = random_tfn(4, 2, 3, seed=0)
     assert (model.depth, model.heads, model.embed_dim, model.width) == (2, 3, 4, 4)
-    shapes = {"wq": (2, 3, 4, 4), "wk": (2, 3, 4, 4), "wv": (2, 3, 4, 4), "wo": (2, 3, 4, 4),
-              "w1": (2, 4, 4), "b1": (2, 4), "w2": (2, 4, 4), "b2": (2, 4), "w_out": (4, 4)}
+    shapes = {
+        "wq": (2, 3, 4, 4),
+        "wk": (2, 3, 4, 4),
+        "wv": (2, 3, 4, 4),
+        "wo": (2, 3, 4, 4),
+        "w1": (2, 4, 4),
+        "b1": (2, 4),
+        "w2": (2, 4, 4),
+        "b2": (2, 4),
+        "w_out": (4, 4),
+    }
     params = model.parameters()
     assert set(params) == set(shapes)
     for name, shape in shapes.items():
@@ -165,7 +176,8 @@ def test_tfn_arrays_read_only_shapes_and_identity_equality():
 
 # --- generators (THEORY.md §4) ----------------------------------------------------------------------
 
-@given(D=st.integers(1, 16), L=st.integers(1, 4), seed=st.integers(0, 2 ** 32 - 1))
+
+@given(D=st.integers(1, 16), L=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
 def test_generators_reproducible_by_seed(D, L, seed):
     a, b = random_fnn(D, L, seed=seed), random_fnn(D, L, seed=seed)
     for x, y in zip(a.weights + a.biases, b.weights + b.biases):
@@ -187,11 +199,11 @@ def test_fnn_generator_uses_the_nn_linear_default():
     values = np.concatenate([np.ravel(w) for w in model.weights] + [np.ravel(b) for b in model.biases])
     s = 1 / np.sqrt(D)
     assert values.min() >= -s and values.max() <= s
-    assert values.min() < -0.99 * s and values.max() > 0.99 * s        # the whole range is used
+    assert values.min() < -0.99 * s and values.max() > 0.99 * s  # the whole range is used
     # uniform: mean 0, variance s^2 / 3 (n = 54400 draws; 6 standard errors)
     n = values.size
     assert abs(values.mean()) <= 6 * s / np.sqrt(3 * n)
-    assert abs(values.var() - s ** 2 / 3) <= 6 * s ** 2 * np.sqrt(4 / 45 / n)
+    assert abs(values.var() - s**2 / 3) <= 6 * s**2 * np.sqrt(4 / 45 / n)
     assert not any(b.any() for b in random_fnn(4, 2, seed=0, bias=False).biases)
     scaled = random_fnn(4, 50, seed=0, scale=0.1)
     assert max(np.abs(w).max() for w in scaled.weights) <= 0.1
@@ -202,33 +214,36 @@ def test_tfn_generator_uses_the_authors_initialisation():
     D = 16
     model = random_tfn(D, 4, 4, seed=1)
     attention = np.concatenate([np.ravel(getattr(model, n)) for n in ("wq", "wk", "wv", "wo")])
-    n = attention.size                                                   # 16384 draws
+    n = attention.size  # 16384 draws
     assert abs(attention.mean()) <= 6 / np.sqrt(n)
     assert abs(attention.var() - 1.0) <= 6 * np.sqrt(2 / n)
-    assert np.abs(attention).max() > 3                                  # not a bounded distribution
+    assert np.abs(attention).max() > 3  # not a bounded distribution
     s = 1 / np.sqrt(D)
     for name in ("w1", "b1", "w2", "b2", "w_out"):
         values = getattr(model, name)
         assert values.min() >= -s and values.max() <= s, name
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: FNN([np.eye(2)], activation="tanh"), r"^activation: must be 'relu' or 'linear'"),
-    (lambda: FNN([np.eye(2)], biases=[np.zeros(2), np.zeros(2)]), r"^biases: must give one bias per layer"),
-    (lambda: FNN([np.eye(2)], biases=np.zeros(2)), r"^biases: must be a sequence of vectors"),
-    (lambda: FNN([np.eye(2)], biases=[np.zeros(3)]), r"^biases\[0\]: must have shape \(2\)"),
-    (lambda: FNN([np.eye(2)], biases=[[np.nan, 0.0]]), r"^biases\[0\]: contains NaN"),
-    (lambda: FNN([np.eye(2)])(np.zeros(3)), r"^x: must have shape \(D,\) or \(n, D\) with D = 2"),
-    (lambda: FNN([np.eye(2)])(np.zeros((1, 1, 2))), r"^x: must have shape"),
-    (lambda: FNN([np.eye(2)])(np.array([np.inf, 0.0])), r"^x: contains NaN or infinite"),
-    (lambda: random_tfn(2, 1, 1, seed=0)(np.zeros((3, 4))), r"^X: must have shape \(D, N\) or \(n, D, N\)"),
-    (lambda: random_tfn(2, 1, 1, seed=0)(np.full((2, 4), np.nan)), r"^X: contains NaN"),
-    (lambda: random_fnn(0, 1), r"^width: must be at least 1"),
-    (lambda: random_fnn(2, 0), r"^depth: must be at least 1"),
-    (lambda: random_fnn(2.0, 1), r"^width: must be an integer"),
-    (lambda: random_tfn(2, 1, 0), r"^heads: must be at least 1"),
-    (lambda: random_tfn(True, 1, 1), r"^embed_dim: must be an integer"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: FNN([np.eye(2)], activation="tanh"), r"^activation: must be 'relu' or 'linear'"),
+        (lambda: FNN([np.eye(2)], biases=[np.zeros(2), np.zeros(2)]), r"^biases: must give one bias per layer"),
+        (lambda: FNN([np.eye(2)], biases=np.zeros(2)), r"^biases: must be a sequence of vectors"),
+        (lambda: FNN([np.eye(2)], biases=[np.zeros(3)]), r"^biases\[0\]: must have shape \(2\)"),
+        (lambda: FNN([np.eye(2)], biases=[[np.nan, 0.0]]), r"^biases\[0\]: contains NaN"),
+        (lambda: FNN([np.eye(2)])(np.zeros(3)), r"^x: must have shape \(D,\) or \(n, D\) with D = 2"),
+        (lambda: FNN([np.eye(2)])(np.zeros((1, 1, 2))), r"^x: must have shape"),
+        (lambda: FNN([np.eye(2)])(np.array([np.inf, 0.0])), r"^x: contains NaN or infinite"),
+        (lambda: random_tfn(2, 1, 1, seed=0)(np.zeros((3, 4))), r"^X: must have shape \(D, N\) or \(n, D, N\)"),
+        (lambda: random_tfn(2, 1, 1, seed=0)(np.full((2, 4), np.nan)), r"^X: contains NaN"),
+        (lambda: random_fnn(0, 1), r"^width: must be at least 1"),
+        (lambda: random_fnn(2, 0), r"^depth: must be at least 1"),
+        (lambda: random_fnn(2.0, 1), r"^width: must be an integer"),
+        (lambda: random_tfn(2, 1, 0), r"^heads: must be at least 1"),
+        (lambda: random_tfn(True, 1, 1), r"^embed_dim: must be an integer"),
+    ],
+)
 def test_model_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()

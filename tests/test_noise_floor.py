@@ -40,7 +40,7 @@ def stored(x, dtype: str) -> np.ndarray:
     """``fl_dtype(x)`` as float64 (the value a checkpoint in ``dtype`` holds)."""
     x = np.asarray(x, dtype=np.float64)
     if dtype == "bfloat16":
-        return to_bfloat16(x.astype(np.float32)).astype(np.float64)   # float64 -> float32 -> bf16: see below
+        return to_bfloat16(x.astype(np.float32)).astype(np.float64)  # float64 -> float32 -> bf16: see below
     return x.astype(dtype).astype(np.float64)
 
 
@@ -71,26 +71,28 @@ def test_bfloat16_simulation_matches_torch():
 
 
 def test_storage_roundoff_values_and_spellings():
-    assert storage_roundoff("bfloat16") == 2.0 ** -8
-    assert storage_roundoff("float16") == storage_roundoff(np.float16) == 2.0 ** -11
-    assert storage_roundoff("torch.float32") == storage_roundoff(np.dtype("float32")) == 2.0 ** -24
+    assert storage_roundoff("bfloat16") == 2.0**-8
+    assert storage_roundoff("float16") == storage_roundoff(np.float16) == 2.0**-11
+    assert storage_roundoff("torch.float32") == storage_roundoff(np.dtype("float32")) == 2.0**-24
     assert storage_roundoff("float64") == np.finfo(np.float64).eps / 2
     assert smallest_subnormal("float16") == float(np.finfo(np.float16).smallest_subnormal)
     assert smallest_subnormal("float32") == float(np.finfo(np.float32).smallest_subnormal)
     torch = pytest.importorskip("torch")
-    assert storage_roundoff(torch.bfloat16) == storage_roundoff(str(torch.bfloat16)) == 2.0 ** -8
+    assert storage_roundoff(torch.bfloat16) == storage_roundoff(str(torch.bfloat16)) == 2.0**-8
     for dt in (torch.float16, torch.float32, torch.float64):
         assert storage_roundoff(dt) == torch.finfo(dt).eps / 2
 
 
-@pytest.mark.parametrize("bad", ["int8", np.int32, "torch.int64", "float8_e4m3fn", "half", "", None, 3, np.bool_,
-                                 np.complex64, "torch.complex64"])
+@pytest.mark.parametrize(
+    "bad",
+    ["int8", np.int32, "torch.int64", "float8_e4m3fn", "half", "", None, 3, np.bool_, np.complex64, "torch.complex64"],
+)
 def test_storage_roundoff_refuses_non_float_dtypes(bad):
     with pytest.raises(InvalidArgumentError, match="dtype"):
         storage_roundoff(bad)
 
 
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(DTYPES), st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
 def test_rounding_model_holds_for_the_stored_values(seed, dtype, scale):
     """|fl(x) - x| <= u |fl(x)| + η for round-to-nearest, subnormals included (the model of §5.1)."""
     rng = np.random.default_rng(seed)
@@ -105,12 +107,22 @@ def test_rounding_model_holds_for_the_stored_values(seed, dtype, scale):
 
 
 def literal_bound(Wb, Wt, db, dt):
-    return (storage_roundoff(db) * np.abs(Wb) + storage_roundoff(dt) * np.abs(Wt)
-            + smallest_subnormal(db) + smallest_subnormal(dt))
+    return (
+        storage_roundoff(db) * np.abs(Wb)
+        + storage_roundoff(dt) * np.abs(Wt)
+        + smallest_subnormal(db)
+        + smallest_subnormal(dt)
+    )
 
 
-@given(st.integers(0, 2 ** 32 - 1), st.integers(1, 9), st.integers(1, 9), st.sampled_from(DTYPES),
-       st.sampled_from(DTYPES), st.sampled_from([1e-300, 1e-3, 1.0, 1e250]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.sampled_from(DTYPES),
+    st.sampled_from(DTYPES),
+    st.sampled_from([1e-300, 1e-3, 1.0, 1e250]),
+)
 def test_rounding_bounds_are_the_statistics_of_B(seed, m, n, db, dt, scale):
     rng = np.random.default_rng(seed)
     Wb = rng.standard_normal((m, n)) * scale
@@ -118,7 +130,7 @@ def test_rounding_bounds_are_the_statistics_of_B(seed, m, n, db, dt, scale):
     b = rounding_bounds(Wb, Wt, db, dt)
     B = literal_bound(Wb, Wt, db, dt)
     top = B.max()
-    Bn = B / top                                                        # literal norms, safe from under/overflow
+    Bn = B / top  # literal norms, safe from under/overflow
     assert b.shape == (m, n)
     assert b.row_max == pytest.approx(np.linalg.norm(Bn, axis=1).max() * top, rel=1e-12)
     assert b.col_max == pytest.approx(np.linalg.norm(Bn, axis=0).max() * top, rel=1e-12)
@@ -126,8 +138,7 @@ def test_rounding_bounds_are_the_statistics_of_B(seed, m, n, db, dt, scale):
     assert b.frobenius == pytest.approx(np.linalg.norm(Bn) * top, rel=1e-12)
 
 
-@given(st.integers(0, 2 ** 32 - 1), st.integers(1, 40), st.integers(1, 40), st.sampled_from(DTYPES),
-       st.booleans())
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40), st.sampled_from(DTYPES), st.booleans())
 def test_rigorous_floor_bounds_any_rounding_pattern(seed, m, n, dtype, constant):
     """||N||_2 <= ||B||_F for a re-saved model, random or constant weights (identical rounding errors)."""
     rng = np.random.default_rng(seed)
@@ -142,16 +153,23 @@ def test_rigorous_floor_bounds_any_rounding_pattern(seed, m, n, dtype, constant)
 
 
 @settings(max_examples=12)
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from([(64, 64), (256, 96), (64, 1024), (512, 512)]),
-       st.sampled_from(["gauss", "uniform", "student", "rows"]), st.sampled_from(["float16", "bfloat16"]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([(64, 64), (256, 96), (64, 1024), (512, 512)]),
+    st.sampled_from(["gauss", "uniform", "student", "rows"]),
+    st.sampled_from(["float16", "bfloat16"]),
+)
 def test_independent_floor_covers_the_rounding_of_spread_weights(seed, shape, law, dtype):
     """The sharp floor's claim: for weights spread over many rounding spacings ||N||_2 <= floor, with margin
     (measured ||N||_2 / floor of 0.08 to 0.37 over these laws)."""
     rng = np.random.default_rng(seed)
     m, n = shape
-    W = {"gauss": lambda: rng.standard_normal(shape), "uniform": lambda: rng.uniform(-1, 1, shape),
-         "student": lambda: rng.standard_t(2, shape),
-         "rows": lambda: rng.standard_normal(shape) * np.exp(2 * rng.standard_normal((m, 1)))}[law]() / math.sqrt(n)
+    W = {
+        "gauss": lambda: rng.standard_normal(shape),
+        "uniform": lambda: rng.uniform(-1, 1, shape),
+        "student": lambda: rng.standard_t(2, shape),
+        "rows": lambda: rng.standard_normal(shape) * np.exp(2 * rng.standard_normal((m, 1))),
+    }[law]() / math.sqrt(n)
     Wb = W.astype(np.float32).astype(np.float64)
     Wt = stored_exactly(Wb, dtype)
     floor = noise_floor(rounding_bounds(Wb, Wt, "float32", dtype))
@@ -172,8 +190,14 @@ def test_rounding_bounds_validation():
         rounding_bounds(W, W, "float32", "int8")
     with pytest.raises(InvalidArgumentError, match="overflows"):
         rounding_bounds(np.full((400, 400), 1.7e308), np.full((400, 400), -1.7e308), "bfloat16", "bfloat16")
-    for kwargs in ({"shape": (0, 3)}, {"shape": (2,)}, {"row_max": -1.0}, {"frobenius": math.inf},
-                   {"entry_max": float("nan")}, {"frobenius": 0.5}):
+    for kwargs in (
+        {"shape": (0, 3)},
+        {"shape": (2,)},
+        {"row_max": -1.0},
+        {"frobenius": math.inf},
+        {"entry_max": float("nan")},
+        {"frobenius": 0.5},
+    ):
         args = {"shape": (2, 3), "row_max": 1.0, "col_max": 1.0, "entry_max": 0.6, "frobenius": 1.2, **kwargs}
         with pytest.raises(InvalidArgumentError):
             RoundingBounds(**args)
@@ -193,8 +217,10 @@ def test_rounding_bounds_validation():
 def test_entries_beyond_rounding():
     b = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     assert entries_beyond_rounding(b, b.copy()) == 0
-    assert entries_beyond_rounding(b.astype(np.float64), stored_exactly(b * (1 + 1e-3), "bfloat16"),
-                                   "float32", "bfloat16") == 0           # 1e-3 < half a bf16 spacing: rounded away
+    assert (
+        entries_beyond_rounding(b.astype(np.float64), stored_exactly(b * (1 + 1e-3), "bfloat16"), "float32", "bfloat16")
+        == 0
+    )  # 1e-3 < half a bf16 spacing: rounded away
     assert entries_beyond_rounding(b, b * np.float32(1.01)) == 3
     assert entries_beyond_rounding(b, np.array([1.0, 2.0, 3.01], dtype=np.float32)) == 1
     with pytest.raises(InvalidArgumentError, match="tuned: has shape"):
@@ -211,12 +237,12 @@ def planted_pair(seed, m, n, rank, dtype, margin=1.25):
     whose smallest singular value is ``margin`` times the detection limit of the floor of the stored pair
     (found by fixed-point iteration: the floor grows with the change only through ``|W_tuned|``)."""
     rng = np.random.default_rng(seed)
-    W = rng.standard_normal((m, n)) / math.sqrt(n)                      # (m, n)
+    W = rng.standard_normal((m, n)) / math.sqrt(n)  # (m, n)
     U, _ = np.linalg.qr(rng.standard_normal((m, rank)))
     V, _ = np.linalg.qr(rng.standard_normal((n, rank)))
     shape_s = np.sort(rng.uniform(1.0, 2.0, rank))[::-1]
-    shape_s /= shape_s[-1]                                              # σ_r = 1
-    unit = (U * shape_s) @ V.T                                          # (m, n), rank `rank`, σ_r = 1
+    shape_s /= shape_s[-1]  # σ_r = 1
+    unit = (U * shape_s) @ V.T  # (m, n), rank `rank`, σ_r = 1
     Wb = stored(W, dtype)
     c = 0.0
     for _ in range(6):
@@ -240,8 +266,14 @@ def check_planted(seed, m, n, rank, dtype):
 
 
 @settings(max_examples=20)
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(WIDTHS), st.sampled_from((64, 128, 256)), st.booleans(),
-       st.integers(1, 64), st.sampled_from(DTYPES))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(WIDTHS),
+    st.sampled_from((64, 128, 256)),
+    st.booleans(),
+    st.integers(1, 64),
+    st.sampled_from(DTYPES),
+)
 def test_planted_rank_above_the_detection_limit_is_found_exactly(seed, wide, narrow, tall, rank, dtype):
     """Zeng & Lee 2024, Lemma 1 with L = 1 on stored weights: a rank-r change whose σ_r exceeds the detection
     limit 2·floor comes out at exactly r in float32, float16 and bfloat16 (Weyl: ||N||_2 <= floor).
@@ -257,13 +289,24 @@ def test_planted_rank_at_width_4096():
 
 
 @settings(max_examples=20)
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(WIDTHS), st.sampled_from(WIDTHS),
-       st.sampled_from([("float32", "bfloat16"), ("float32", "float16"), ("float64", "float32"),
-                        ("float16", "bfloat16"), ("bfloat16", "float16")]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(WIDTHS),
+    st.sampled_from(WIDTHS),
+    st.sampled_from(
+        [
+            ("float32", "bfloat16"),
+            ("float32", "float16"),
+            ("float64", "float32"),
+            ("float16", "bfloat16"),
+            ("bfloat16", "float16"),
+        ]
+    ),
+)
 def test_unchanged_model_resaved_in_another_precision_has_rank_zero(seed, m, n, dtypes):
     """The stored change is pure rounding: rank 0 everywhere, and the report says every layer is below the floor."""
-    if m * n > 2 ** 18:
-        m = min(m, 64)                                                  # keep the SVDs small
+    if m * n > 2**18:
+        m = min(m, 64)  # keep the SVDs small
     rng = np.random.default_rng(seed)
     W = stored(rng.standard_normal((m, n)) / math.sqrt(n), dtypes[0])
     base = {"a.weight": W, "a.bias": stored(rng.standard_normal(m), dtypes[0])}
@@ -301,8 +344,16 @@ def test_layer_advice_from_spectrum_matches_advise_layers():
     floor = noise_floor(rounding_bounds(Wb, Wt, "bfloat16", "bfloat16"))
     s = np.linalg.svd(Wt - Wb, compute_uv=False)
     streamed = layer_advice_from_spectrum(
-        "l", "l.weight", (48, 32), s, floor, base_norm=float(np.linalg.norm(Wb)),
-        delta_norm=float(np.linalg.norm(Wt - Wb)), storage_dtype="bfloat16", energy=0.99)
+        "l",
+        "l.weight",
+        (48, 32),
+        s,
+        floor,
+        base_norm=float(np.linalg.norm(Wb)),
+        delta_norm=float(np.linalg.norm(Wt - Wb)),
+        storage_dtype="bfloat16",
+        energy=0.99,
+    )
     assert streamed.exact_rank == whole.exact_rank == 3
     for field in ("rank_above_floor", "rank_above_rigorous", "energy_rank", "spectrum_energy_rank"):
         assert getattr(streamed, field) == getattr(whole, field)
@@ -312,9 +363,18 @@ def test_layer_advice_from_spectrum_matches_advise_layers():
     with pytest.raises(InvalidArgumentError, match="holds no ΔW"):
         streamed.adapter(1)
     # a float32 SVD's own rounding enters the threshold
-    s32 = layer_advice_from_spectrum("l", "l.weight", (48, 32), s, floor, base_norm=1.0, delta_norm=1.0,
-                                     storage_dtype="bfloat16", compute_dtype="torch.float32")
-    assert s32.svd_tolerance == pytest.approx(48 * 2.0 ** -23 * s[0])
+    s32 = layer_advice_from_spectrum(
+        "l",
+        "l.weight",
+        (48, 32),
+        s,
+        floor,
+        base_norm=1.0,
+        delta_norm=1.0,
+        storage_dtype="bfloat16",
+        compute_dtype="torch.float32",
+    )
+    assert s32.svd_tolerance == pytest.approx(48 * 2.0**-23 * s[0])
     bad = dict(base_norm=1.0, delta_norm=1.0, storage_dtype="bfloat16")
     with pytest.raises(InvalidArgumentError, match="all min"):
         layer_advice_from_spectrum("l", "l.weight", (48, 32), s[:5], floor, **bad)

@@ -2,7 +2,8 @@
 never claims a value."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_theory.partial_spectrum import partial_spectrum
 
@@ -16,11 +17,16 @@ def _planted(seed, m, n, rank, noise, gap):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), m=st.integers(40, 160), n=st.integers(40, 160), rank=st.integers(0, 8),
-       dtype=st.sampled_from([np.float32, np.float64]))
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.integers(40, 160),
+    n=st.integers(40, 160),
+    rank=st.integers(0, 8),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
 def test_a_settled_count_equals_the_full_svd_count_on_planted_changes(seed, m, n, rank, dtype):
     a = _planted(seed, m, n, rank, noise=1e-3, gap=1.0).astype(dtype)
-    tau = 0.05                                    # far from both the planted values (>= 1) and the noise (~2e-3)
+    tau = 0.05  # far from both the planted values (>= 1) and the noise (~2e-3)
     p = partial_spectrum(a, tau)
     full = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     assert p.rank_lower <= int(np.count_nonzero(full > tau)) <= p.rank_upper
@@ -48,11 +54,11 @@ def test_a_cluster_at_the_threshold_is_never_claimed(seed, offset):
     if p.settled:
         assert p.rank == true
     if abs(offset) < 1e-8:
-        assert not p.settled                      # a cluster within the certificate's width cannot be proved
+        assert not p.settled  # a cluster within the certificate's width cannot be proved
 
 
 def test_a_full_rank_change_above_the_floor_is_left_unsettled():
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((200, 120))           # every singular value ~ 4..25, threshold 1: rank 120
+    a = rng.standard_normal((200, 120))  # every singular value ~ 4..25, threshold 1: rank 120
     p = partial_spectrum(a, 1.0)
     assert p.rank is None and p.rank_upper == 120

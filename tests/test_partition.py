@@ -29,9 +29,18 @@ def _required(sizes, block_rank):
     return out
 
 
-@pytest.mark.parametrize("L, Lbar, expected", [
-    (2, 1, (2,)), (4, 2, (2, 2)), (8, 1, (8,)), (5, 2, (2, 3)), (7, 3, (2, 2, 3)), (4, 4, (1, 1, 1, 1)),
-    (3, 2, (1, 2))])
+@pytest.mark.parametrize(
+    "L, Lbar, expected",
+    [
+        (2, 1, (2,)),
+        (4, 2, (2, 2)),
+        (8, 1, (8,)),
+        (5, 2, (2, 3)),
+        (7, 3, (2, 2, 3)),
+        (4, 4, (1, 1, 1, 1)),
+        (3, 2, (1, 2)),
+    ],
+)
 def test_uniform_partition(L, Lbar, expected):
     # M = floor(L / L̄) layers per block, the last block takes the remainder
     assert uniform_partition(L, Lbar) == expected
@@ -62,10 +71,14 @@ def rank_tables(draw):
     L = draw(st.integers(1, 7), label="L")
     Lbar = draw(st.integers(1, L), label="Lbar")
     D = draw(st.integers(1, 16), label="D")
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
     # few distinct values so that ties between partitions are common
-    table = {(i, a, b): int(rng.choice([0, D // 3, D // 2, D]))
-             for i in range(Lbar) for a in range(L) for b in range(a + 1, L + 1)}
+    table = {
+        (i, a, b): int(rng.choice([0, D // 3, D // 2, D]))
+        for i in range(Lbar)
+        for a in range(L)
+        for b in range(a + 1, L + 1)
+    }
     return L, Lbar, D, table
 
 
@@ -89,7 +102,7 @@ def test_best_partition_equals_brute_force(instance):
     assert sizes == min(c for c, v in zip(candidates, values) if v == best)
     # never worse than the uniform partition (Theorem 6 generalises Theorem 3)
     assert value <= _required(uniform_partition(L, Lbar), lambda i, a, b: table[(i, a, b)])
-    assert len(set(calls)) == len(calls)                                 # each block's rank computed once
+    assert len(set(calls)) == len(calls)  # each block's rank computed once
 
 
 def test_best_partition_prefers_the_block_with_low_rank():
@@ -103,19 +116,22 @@ def test_best_partition_prefers_the_block_with_low_rank():
     assert _required(uniform_partition(4, 2), block_rank) == 8
 
 
-@pytest.mark.parametrize("partition, match", [
-    ((2, 0, 2), r"^partition: every block must hold at least one layer \(no empty block\)"),
-    ((3, -1, 2), r"^partition: every block must hold at least one layer"),
-    ((2, 1, 2), r"^partition: block sizes must cover the L = 4 frozen layers exactly, got \(2, 1, 2\) \(sum 5\)"),
-    ((1, 1, 1), r"^partition: block sizes must cover the L = 4 frozen layers exactly"),
-    ((2, 2), r"^partition: must have one block per target layer \(L̄ = 3\), got 2 blocks"),
-    ((), r"^partition: must have one block per target layer"),
-    ((2.0, 1, 1), r"^partition\[0\]: must be an integer, got 2.0"),
-    ((True, 2, 1), r"^partition\[0\]: must be an integer, got True"),
-    ("211", r"^partition: must be a sequence of block sizes"),
-    (4, r"^partition: must be a sequence of block sizes"),
-    (None, r"^partition: must be a sequence of block sizes"),
-])
+@pytest.mark.parametrize(
+    "partition, match",
+    [
+        ((2, 0, 2), r"^partition: every block must hold at least one layer \(no empty block\)"),
+        ((3, -1, 2), r"^partition: every block must hold at least one layer"),
+        ((2, 1, 2), r"^partition: block sizes must cover the L = 4 frozen layers exactly, got \(2, 1, 2\) \(sum 5\)"),
+        ((1, 1, 1), r"^partition: block sizes must cover the L = 4 frozen layers exactly"),
+        ((2, 2), r"^partition: must have one block per target layer \(L̄ = 3\), got 2 blocks"),
+        ((), r"^partition: must have one block per target layer"),
+        ((2.0, 1, 1), r"^partition\[0\]: must be an integer, got 2.0"),
+        ((True, 2, 1), r"^partition\[0\]: must be an integer, got True"),
+        ("211", r"^partition: must be a sequence of block sizes"),
+        (4, r"^partition: must be a sequence of block sizes"),
+        (None, r"^partition: must be a sequence of block sizes"),
+    ],
+)
 def test_check_partition_bad_input(partition, match):
     with pytest.raises(InvalidArgumentError, match=match):
         check_partition(partition, 4, 3)
@@ -126,32 +142,35 @@ def test_check_partition_accepts_numpy_sizes():
     assert all(type(s) is int for s in check_partition(np.array([3, 1]), 4, 2))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: uniform_partition(2, 3), r"^target_depth: the target depth L̄ = 3 exceeds the frozen depth L = 2"),
-    (lambda: uniform_partition(0, 1), r"^depth: must be at least 1"),
-    (lambda: uniform_partition(4, 0), r"^target_depth: must be at least 1"),
-    (lambda: uniform_partition(4.0, 2), r"^depth: must be an integer"),
-    (lambda: best_partition(lambda i, a, b: 1, 2, 3), r"^target_depth: the target depth L̄ = 3 exceeds"),
-    (lambda: best_partition(lambda i, a, b: 1, 0, 1), r"^depth: must be at least 1"),
-    (lambda: best_partition(lambda i, a, b: 1, 4, 0), r"^target_depth: must be at least 1"),
-    (lambda: best_partition(lambda i, a, b: 1, 4.5, 2), r"^depth: must be an integer"),
-    (lambda: best_partition(lambda i, a, b: 1, 4, True), r"^target_depth: must be an integer"),
-    (lambda: best_partition(None, 4, 2), r"^block_rank: must be callable"),
-    (lambda: best_partition(lambda i, a, b: -1, 4, 2), r"^block_rank: must return a non-negative integer"),
-    (lambda: best_partition(lambda i, a, b: 1.5, 4, 2), r"^block_rank: must return a non-negative integer"),
-    # the depth cap (a depth of 10^30 ran into numpy's OverflowError before it existed)
-    (lambda: best_partition(lambda i, a, b: 1, MAX_DEPTH + 1, 1), rf"^depth: must be at most {MAX_DEPTH}"),
-    (lambda: best_partition(lambda i, a, b: 1, 3, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
-    (lambda: check_partition((1, 1), MAX_DEPTH + 1, 2), rf"^depth: must be at most {MAX_DEPTH}"),
-    (lambda: check_partition((1, 1), 0, 2), r"^depth: must be at least 1"),
-    (lambda: check_partition((1, 1), 2, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
-    (lambda: check_partition((1, 1), 2, 0), r"^target_depth: must be at least 1"),
-    (lambda: partition_blocks(5), r"^partition: must be a sequence of block sizes, got int$"),
-    (lambda: partition_blocks("12"), r"^partition: must be a sequence of block sizes, got str$"),
-    (lambda: partition_blocks([]), r"^partition: must hold at least one block$"),
-    (lambda: partition_blocks([1, 0]), r"^partition\[1\]: must be at least 1, got 0$"),
-    (lambda: partition_blocks((1, None)), r"^partition\[1\]: must be an integer, got None$"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: uniform_partition(2, 3), r"^target_depth: the target depth L̄ = 3 exceeds the frozen depth L = 2"),
+        (lambda: uniform_partition(0, 1), r"^depth: must be at least 1"),
+        (lambda: uniform_partition(4, 0), r"^target_depth: must be at least 1"),
+        (lambda: uniform_partition(4.0, 2), r"^depth: must be an integer"),
+        (lambda: best_partition(lambda i, a, b: 1, 2, 3), r"^target_depth: the target depth L̄ = 3 exceeds"),
+        (lambda: best_partition(lambda i, a, b: 1, 0, 1), r"^depth: must be at least 1"),
+        (lambda: best_partition(lambda i, a, b: 1, 4, 0), r"^target_depth: must be at least 1"),
+        (lambda: best_partition(lambda i, a, b: 1, 4.5, 2), r"^depth: must be an integer"),
+        (lambda: best_partition(lambda i, a, b: 1, 4, True), r"^target_depth: must be an integer"),
+        (lambda: best_partition(None, 4, 2), r"^block_rank: must be callable"),
+        (lambda: best_partition(lambda i, a, b: -1, 4, 2), r"^block_rank: must return a non-negative integer"),
+        (lambda: best_partition(lambda i, a, b: 1.5, 4, 2), r"^block_rank: must return a non-negative integer"),
+        # the depth cap (a depth of 10^30 ran into numpy's OverflowError before it existed)
+        (lambda: best_partition(lambda i, a, b: 1, MAX_DEPTH + 1, 1), rf"^depth: must be at most {MAX_DEPTH}"),
+        (lambda: best_partition(lambda i, a, b: 1, 3, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
+        (lambda: check_partition((1, 1), MAX_DEPTH + 1, 2), rf"^depth: must be at most {MAX_DEPTH}"),
+        (lambda: check_partition((1, 1), 0, 2), r"^depth: must be at least 1"),
+        (lambda: check_partition((1, 1), 2, MAX_DEPTH + 1), rf"^target_depth: must be at most {MAX_DEPTH}"),
+        (lambda: check_partition((1, 1), 2, 0), r"^target_depth: must be at least 1"),
+        (lambda: partition_blocks(5), r"^partition: must be a sequence of block sizes, got int$"),
+        (lambda: partition_blocks("12"), r"^partition: must be a sequence of block sizes, got str$"),
+        (lambda: partition_blocks([]), r"^partition: must hold at least one block$"),
+        (lambda: partition_blocks([1, 0]), r"^partition\[1\]: must be at least 1, got 0$"),
+        (lambda: partition_blocks((1, None)), r"^partition\[1\]: must be an integer, got None$"),
+    ],
+)
 def test_partition_functions_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()

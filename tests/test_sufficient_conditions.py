@@ -36,7 +36,7 @@ def test_degenerate_instance_is_exact_below_the_generic_threshold():
     """D = 4, L = 2, L̄ = 1: the generic threshold is 2; with rank(E_1) = 2 rank 1 is exact."""
     rng = np.random.default_rng(0)
     W = [rng.integers(-3, 4, (4, 4)) / 4 for _ in range(2)]
-    E = rng.integers(-3, 4, (4, 2)) @ rng.integers(-3, 4, (2, 4)) / 4         # rank 2
+    E = rng.integers(-3, 4, (4, 2)) @ rng.integers(-3, 4, (2, 4)) / 4  # rank 2
     T = product(W) + E
     c = rng.integers(-3, 4, 4) / 4
     frozen, target = FNN(W, [np.zeros(4), np.zeros(4)]), FNN([T], [c])
@@ -47,9 +47,10 @@ def test_degenerate_instance_is_exact_below_the_generic_threshold():
     x = rng.uniform(-1, 1, (200, 4))
     x *= 3.0 * (1 - 1e-12) / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 3.0)  # inside the ball
     assert np.max(np.linalg.norm(fit.model(x) - target(x), axis=1)) <= fit.absolute_tolerance
-    cert = certify_fnn(RationalFNN.from_fnn(frozen), RationalFNN.from_fnn(target), generic - 1,
-                       input_radius=sympy.Integer(3))
-    assert cert.outcome == EXACT                                       # exact, with no tolerance
+    cert = certify_fnn(
+        RationalFNN.from_fnn(frozen), RationalFNN.from_fnn(target), generic - 1, input_radius=sympy.Integer(3)
+    )
+    assert cert.outcome == EXACT  # exact, with no tolerance
 
 
 def test_project_requirement_is_below_theorem3_formula_when_the_long_last_block_has_the_largest_rank():
@@ -58,8 +59,8 @@ def test_project_requirement_is_below_theorem3_formula_when_the_long_last_block_
     rng = np.random.default_rng(1)
     frozen = random_fnn(4, 3, seed=2, scale=0.5)
     u, v = rng.standard_normal((4, 1)), rng.standard_normal((1, 4))
-    T1 = frozen.weights[0] + u @ v                                      # rank(E_1) = 1
-    T2 = rng.uniform(-0.5, 0.5, (4, 4))                                  # rank(E_2) = 4
+    T1 = frozen.weights[0] + u @ v  # rank(E_1) = 1
+    T2 = rng.uniform(-0.5, 0.5, (4, 4))  # rank(E_2) = 4
     target = FNN([T1, T2], [rng.uniform(-0.5, 0.5, 4) for _ in range(2)])
     ranks = [numeric_rank(E) for E in block_discrepancies(frozen, target)]
     assert ranks == [1, 4]
@@ -74,14 +75,16 @@ def test_project_requirement_is_below_theorem3_formula_when_the_long_last_block_
 @given(D=st.integers(2, 6), L=st.integers(1, 5), data=st.data())
 def test_project_requirement_never_exceeds_theorem3_formula(D, L, data):
     Lbar = data.draw(st.integers(1, L), label="Lbar")
-    seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
     frozen = random_fnn(D, L, seed=rng)
     sizes = uniform_partition(L, Lbar)
     weights = []
-    for b in partition_blocks(sizes):                                    # block ranks 0..D
+    for b in partition_blocks(sizes):  # block ranks 0..D
         r = int(rng.integers(0, D + 1))
-        weights.append(product(frozen.weights[b.start:b.stop]) + rng.standard_normal((D, r)) @ rng.standard_normal((r, D)))
+        weights.append(
+            product(frozen.weights[b.start : b.stop]) + rng.standard_normal((D, r)) @ rng.standard_normal((r, D))
+        )
     target = FNN(weights, [np.zeros(D)] * Lbar)
     ranks = [numeric_rank(E) for E in block_discrepancies(frozen, target)]
     assert fnn_rank_requirement(frozen, target) <= math.ceil(max(ranks) / (L // Lbar))

@@ -75,7 +75,7 @@ def test_symbolic_thresholds_exact_substitution_and_symbols():
 
 def test_floats_are_converted_exactly():
     M = rational_matrix([[0.1, 2], [Fraction(1, 3), sympy.Rational(-5, 7)]])
-    assert M[0, 0] == sympy.Rational(3602879701896397, 36028797018963968)     # not 1/10
+    assert M[0, 0] == sympy.Rational(3602879701896397, 36028797018963968)  # not 1/10
     assert M[1, 0] == sympy.Rational(1, 3) and M[0, 1] == 2
 
 
@@ -83,7 +83,7 @@ def test_float_models_round_trip_exactly():
     frozen, _ = random_rational_fnn(3, 2, 1, seed=0)
     f = frozen.to_float()
     back = RationalFNN.from_fnn(f)
-    assert back.weights == frozen.weights and back.biases == frozen.biases   # k/4 is a binary fraction
+    assert back.weights == frozen.weights and back.biases == frozen.biases  # k/4 is a binary fraction
     tf, _ = random_rational_tfn(2, 1, 1, seed=0)
     assert RationalTFN.from_tfn(tf.to_float()).wq == tf.wq
 
@@ -112,8 +112,12 @@ def _invertibility_checks_pass(cert):
     return all(c.passed for c in cert.checks if c.name.endswith("invertible"))
 
 
-@given(n=st.integers(2, 5), depth=st.integers(1, 3), seed=st.integers(0, 10_000),
-       error_rank=st.one_of(st.none(), st.integers(0, 5)))
+@given(
+    n=st.integers(2, 5),
+    depth=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    error_rank=st.one_of(st.none(), st.integers(0, 5)),
+)
 def test_linear_certificate_at_threshold_and_below(n, depth, seed, error_rank):
     if error_rank is not None:
         error_rank = min(error_rank, n)
@@ -191,15 +195,15 @@ def _fnn_agrees_in_float(cert, frozen, target, center, radius, seed):
     acts = f.activations(x)
     # absolute rounding of the forward pass: Σ_j (||W_j|| ||z_{j-1}|| + ||b_j||), amplified by later layers
     norms = [np.linalg.norm(W, 2) for W in f.weights]
-    scale = sum(n * np.linalg.norm(z, axis=1) + np.linalg.norm(b)
-                for n, z, b in zip(norms, acts[:-1], f.biases))
+    scale = sum(n * np.linalg.norm(z, axis=1) + np.linalg.norm(b) for n, z, b in zip(norms, acts[:-1], f.biases))
     growth = np.prod([max(1.0, n) for n in norms])
     err = np.linalg.norm(acts[-1] - fbar(x), axis=1)
     assert np.all(err <= TOLERANCE_CONSTANT * unit_roundoff() * growth * scale)
 
 
-@given(n=st.integers(2, 4), depth=st.integers(1, 3), data=st.data(), seed=st.integers(0, 10_000),
-       final_relu=st.booleans())
+@given(
+    n=st.integers(2, 4), depth=st.integers(1, 3), data=st.data(), seed=st.integers(0, 10_000), final_relu=st.booleans()
+)
 def test_fnn_certificate_at_threshold_and_below(n, depth, data, seed, final_relu):
     target_depth = data.draw(st.integers(1, depth))
     frozen, target = random_rational_fnn(n, depth, target_depth, seed=seed, final_relu=final_relu)
@@ -217,7 +221,7 @@ def test_fnn_certificate_at_threshold_and_below(n, depth, data, seed, final_relu
     assert (cert.outcome == EXACT) == _invertibility_checks_pass(cert)
     if R >= 1:
         below = certify_fnn(frozen, target, R - 1, input_radius=radius, center=center)
-        assert below.outcome == NOT_MET                              # never "impossible" for FNNs
+        assert below.outcome == NOT_MET  # never "impossible" for FNNs
         assert "exceeds the budget" in below.reason or "is singular" in below.reason
 
 
@@ -263,33 +267,36 @@ def _tfn_at_digits(net, X, digits=50):
     from lora_theory.highprec import _tfn_forward_objects
 
     with mpmath.workdps(digits):
-        mpf = np.vectorize(lambda q: mpmath.mpf(int(q.p)) / int(q.q), otypes=[object])   # sympy Rational
+        mpf = np.vectorize(lambda q: mpmath.mpf(int(q.p)) / int(q.q), otypes=[object])  # sympy Rational
 
         def entries(M):
             return np.array(M.tolist(), dtype=object)
 
-        p = {name: mpf(np.array([[entries(M) for M in row] for row in getattr(net, name)]))
-             for name in ("wq", "wk", "wv", "wo")}
+        p = {
+            name: mpf(np.array([[entries(M) for M in row] for row in getattr(net, name)]))
+            for name in ("wq", "wk", "wv", "wo")
+        }
         p.update({name: mpf(np.array([entries(M) for M in getattr(net, name)])) for name in ("w1", "w2")})
         p.update({name: mpf(np.array([entries(v).reshape(-1) for v in getattr(net, name)])) for name in ("b1", "b2")})
         p["w_out"] = mpf(entries(net.w_out))
-        return _tfn_forward_objects(p, np.vectorize(mpmath.mpf, otypes=[object])(X),
-                                    np.vectorize(mpmath.exp, otypes=[object]))
+        return _tfn_forward_objects(
+            p, np.vectorize(mpmath.mpf, otypes=[object])(X), np.vectorize(mpmath.exp, otypes=[object])
+        )
 
 
 @given(n=st.integers(2, 4), depth=st.integers(1, 2), heads=st.integers(1, 2), seed=st.integers(0, 10_000))
-@example(n=4, depth=2, heads=2, seed=110)          # float64-rounded weights were 4e-8 off the target here
+@example(n=4, depth=2, heads=2, seed=110)  # float64-rounded weights were 4e-8 off the target here
 def test_tfn_certificate_at_threshold_and_below(n, depth, heads, seed):
     # nonsingular=True: every matrix Theorem 7 inverts as given is invertible (with the default small
     # entries about a third of the draws had a singular W_K^T, W_O, W1, W2, T2 or W_out and skipped the rest)
     frozen, target = random_rational_tfn(n, depth, heads, seed=seed, nonsingular=True)
     probe = certify_tfn(frozen, target, n)
-    assert probe.outcome == EXACT                  # at R = D no chain solves with a matrix it built itself
+    assert probe.outcome == EXACT  # at R = D no chain solves with a matrix it built itself
     R = probe.required_rank
     cert = certify_tfn(frozen, target, R)
     if cert.outcome != EXACT:  # rare (2 draws in 100): below D the chains also invert P_2 = W_Q + Δ_Q, ...
         _check_named_singular(cert)
-        assert "P_2" in cert.reason or cert.reason.startswith("W_out + Δ_out")   # built by the construction
+        assert "P_2" in cert.reason or cert.reason.startswith("W_out + Δ_out")  # built by the construction
         return
     assert all(c.passed for c in cert.checks)
     # the exact adapted network and the target, evaluated from their rational parameters at 50 digits (exp is
@@ -299,20 +306,24 @@ def test_tfn_certificate_at_threshold_and_below(n, depth, heads, seed):
     X = np.random.default_rng(seed).standard_normal((3, n, 5))
     got, want = _tfn_at_digits(cert.adapted, X), _tfn_at_digits(target, X)
     with mpmath.workdps(50):
-        assert mpmath.sqrt(np.sum((got - want) ** 2)) <= mpmath.mpf("1e-40") * mpmath.sqrt(np.sum(want ** 2))
+        assert mpmath.sqrt(np.sum((got - want) ** 2)) <= mpmath.mpf("1e-40") * mpmath.sqrt(np.sum(want**2))
     if R >= 1:
         below = certify_tfn(frozen, target, R - 1)
-        assert below.outcome == NOT_MET                              # never "impossible" for TFNs
-        assert ("matched rank G" in below.reason and f"exceeds 2R = {2 * (R - 1)}" in below.reason) \
-            or "is singular" in below.reason
+        assert below.outcome == NOT_MET  # never "impossible" for TFNs
+        assert (
+            "matched rank G" in below.reason and f"exceeds 2R = {2 * (R - 1)}" in below.reason
+        ) or "is singular" in below.reason
 
 
-@pytest.mark.parametrize("seed, named", [
-    (95, "qk[0,0]: Q_1 = W_K[0,0]^T is singular"),
-    (310, "out: Q_1 = W_out is singular"),
-    (8, "W1[0] is singular"),
-    (457, "ov[0,0]: Q_1 = W_O[0,0] is singular"),
-])
+@pytest.mark.parametrize(
+    "seed, named",
+    [
+        (95, "qk[0,0]: Q_1 = W_K[0,0]^T is singular"),
+        (310, "out: Q_1 = W_out is singular"),
+        (8, "W1[0] is singular"),
+        (457, "ov[0,0]: Q_1 = W_O[0,0] is singular"),
+    ],
+)
 def test_tfn_singular_draws_are_named(seed, named):
     """The singular branch, explicitly: default draws (small entries) whose given matrices are singular
     in every assignment of the directions to the two factors (a singular second factor, and a first
@@ -333,7 +344,7 @@ def test_tfn_singular_second_factor_no_longer_stops_the_certificate(seed, singul
     frozen, target = random_rational_tfn(2, 1, 1, seed=seed)
     name, kind = singular
     matrix = frozen.w_out if name == "w_out" else getattr(frozen, name)[0][0]
-    assert matrix.det() == 0                                          # the draw is the singular case
+    assert matrix.det() == 0  # the draw is the singular case
     cert = certify_tfn(frozen, target, 2)
     assert cert.outcome == EXACT and cert.passed
     assert not any(c.name.startswith(f"{kind}") and "Q_1" in c.name for c in cert.checks)
@@ -358,8 +369,17 @@ def test_tfn_acceptance_instance():
 
 def test_tfn_singular_W1_is_named():
     frozen, target = random_rational_tfn(3, 1, 1, seed=0)
-    broken = RationalTFN(frozen.wq, frozen.wk, frozen.wv, frozen.wo, w1=[sympy.zeros(3, 3)], b1=frozen.b1,
-                         w2=frozen.w2, b2=frozen.b2, w_out=frozen.w_out)
+    broken = RationalTFN(
+        frozen.wq,
+        frozen.wk,
+        frozen.wv,
+        frozen.wo,
+        w1=[sympy.zeros(3, 3)],
+        b1=frozen.b1,
+        w2=frozen.w2,
+        b2=frozen.b2,
+        w_out=frozen.w_out,
+    )
     cert = certify_tfn(broken, target, 2)
     _check_named_singular(cert)
     assert cert.reason.startswith("W1[0] is singular")
@@ -440,7 +460,7 @@ def test_certificate_records_the_instance():
     for cert in (exact, below):
         assert cert.frozen == tuple(sympy.ImmutableMatrix(M) for M in W) and cert.target == T
     floats = certify_linear([np.eye(2) * 0.1, np.eye(2)], np.eye(2), 1)
-    assert floats.frozen[0][0, 0] == sympy.Rational(3602879701896397, 36028797018963968)   # the exact float
+    assert floats.frozen[0][0, 0] == sympy.Rational(3602879701896397, 36028797018963968)  # the exact float
     broken = RationalFNN((sympy.eye(3), sympy.zeros(3, 3)), (sympy.zeros(3, 1),) * 2)
     f_frozen, f_target = random_rational_fnn(3, 2, 1, seed=3)
     for fr in (f_frozen, broken):

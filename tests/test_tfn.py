@@ -14,11 +14,10 @@ from hypothesis import strategies as st
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
 from lora_theory.models import TFN, random_tfn, relu, softmax_columns
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
+from lora_theory.tfn import lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks, tfn_rank_requirement
 from lora_theory.thresholds import tfn_rank_threshold
-from lora_theory.tfn import (lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks,
-                             tfn_rank_requirement)
 
-SEEDS = st.integers(0, 2 ** 32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 def _pair(D, L, H, seed):
@@ -27,7 +26,7 @@ def _pair(D, L, H, seed):
 
 
 def _inputs(rng, D, n=6, N=5):
-    return rng.standard_normal((n, D, N))                              # (n, D, N): tokens are columns
+    return rng.standard_normal((n, D, N))  # (n, D, N): tokens are columns
 
 
 def _quiet(fn, *args):
@@ -42,9 +41,10 @@ def _last_hidden(tfn, X):
     """The last block's hidden activations ``ReLU(W1_L A_L + b1_L)`` on ``X``."""
     Z = tfn.block_outputs(X)[-2]
     l = tfn.depth - 1
-    A = sum(tfn.wo[l, h] @ tfn.wv[l, h] @ Z
-            @ softmax_columns(np.swapaxes(tfn.wk[l, h] @ Z, -1, -2) @ (tfn.wq[l, h] @ Z))
-            for h in range(tfn.heads))
+    A = sum(
+        tfn.wo[l, h] @ tfn.wv[l, h] @ Z @ softmax_columns(np.swapaxes(tfn.wk[l, h] @ Z, -1, -2) @ (tfn.wq[l, h] @ Z))
+        for h in range(tfn.heads)
+    )
     return relu(tfn.w1[l] @ A + tfn.b1[l][:, None])
 
 
@@ -80,8 +80,7 @@ def test_adapters_keyed_within_budget_and_applied(D, L, H, seed):
     model = fit.model
     for (name, l, h), adapter in fit.adapters.items():
         if name in ("wq", "wk", "wv", "wo"):
-            np.testing.assert_array_equal(getattr(model, name)[l, h],
-                                          getattr(frozen, name)[l, h] + adapter.delta)
+            np.testing.assert_array_equal(getattr(model, name)[l, h], getattr(frozen, name)[l, h] + adapter.delta)
     np.testing.assert_array_equal(model.w2[L - 1], frozen.w2[L - 1] + fit.adapters[("w2", L - 1, None)].delta)
     np.testing.assert_array_equal(model.w_out, frozen.w_out + fit.adapters[("w_out", L - 1, None)].delta)
     # untouched: W1 of every block, W2 before the last block; b1 is the target's
@@ -183,7 +182,6 @@ def test_instance_requirement_follows_matched_ranks(D, L, H, data):
         assert relative_error(fit.model(scale * X), target(scale * X)) <= tolerance(fit.kappa)
 
 
-
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 2), R=st.integers(0, 4), seed=SEEDS)
 def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
     """The discrepancies the construction matches: their defining identities where no ``C_l`` or solve
@@ -192,18 +190,19 @@ def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
     frozen, target, rng = _pair(D, L, H, seed)
     R = min(R, D)
     E = tfn_matched_discrepancies(frozen, target)
-    assert set(E) == ({(k, l, h) for k in ("qk", "ov") for l in range(L) for h in range(H)}
-                      | {("out", L - 1, None)})
+    assert set(E) == ({(k, l, h) for k in ("qk", "ov") for l in range(L) for h in range(H)} | {("out", L - 1, None)})
     assert all(e.shape == (D, D) for e in E.values())
     for h in range(H):
         np.testing.assert_array_equal(
-            E[("qk", 0, h)], target.wk[0, h].T @ target.wq[0, h] - frozen.wk[0, h].T @ frozen.wq[0, h])
+            E[("qk", 0, h)], target.wk[0, h].T @ target.wq[0, h] - frozen.wk[0, h].T @ frozen.wq[0, h]
+        )
     np.testing.assert_array_equal(
-        E[("out", L - 1, None)], target.w_out @ target.w2[L - 1] - frozen.w_out @ frozen.w2[L - 1])
+        E[("out", L - 1, None)], target.w_out @ target.w2[L - 1] - frozen.w_out @ frozen.w2[L - 1]
+    )
     fit = _quiet(lora_tfn, frozen, target, R)
     m = fit.model
 
-    def chain(model, kind, l, h):                       # the product each chain forms, as the model stores it
+    def chain(model, kind, l, h):  # the product each chain forms, as the model stores it
         if kind == "qk":
             return model.wk[l, h].T @ model.wq[l, h]
         if kind == "ov":
@@ -214,7 +213,7 @@ def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
         s = np.linalg.svd(e, compute_uv=False)
         sigma = s[2 * R] if 2 * R < D else 0.0
         frozen_product = chain(frozen, kind, l, h)
-        matched = e + frozen_product                    # what the chain must form
+        matched = e + frozen_product  # what the chain must form
         miss = np.linalg.norm(chain(m, kind, l, h) - matched, 2)
         scale = max(np.linalg.norm(matched, 2), np.linalg.norm(frozen_product, 2))
         assert abs(miss - sigma) <= tolerance(fit.kappa) * scale, (kind, l, h)
@@ -243,17 +242,20 @@ def _with(tfn, name, index, matrix):
 
 def _singular(D, rng):
     M = rng.standard_normal((D, D))
-    M[-1] = M[0]                                                        # two equal rows: rank D-1
+    M[-1] = M[0]  # two equal rows: rank D-1
     return M
 
 
 @pytest.mark.parametrize("rank", [0, 2])
 @pytest.mark.parametrize(
     "name, index, where, match",
-    [("w1", 0, "frozen", r"W1\[0\]"),
-     ("w1", 1, "frozen", r"W1\[1\]"),
-     ("w2", 0, "frozen", r"W2\[0\]"),
-     ("w2", 0, "target", r"T2\[0\] \(target\)")])
+    [
+        ("w1", 0, "frozen", r"W1\[0\]"),
+        ("w1", 1, "frozen", r"W1\[1\]"),
+        ("w2", 0, "frozen", r"W2\[0\]"),
+        ("w2", 0, "target", r"T2\[0\] \(target\)"),
+    ],
+)
 def test_singular_inverted_matrices_raise(rank, name, index, where, match):
     rng = np.random.default_rng(7)
     frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
@@ -303,7 +305,7 @@ def test_ill_conditioned_w1_warns_with_kappa():
     rng = np.random.default_rng(11)
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
-    w1 = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt                      # κ = 1e10: u·κ ≈ 1e-6 > 1e-8
+    w1 = U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt  # κ = 1e10: u·κ ≈ 1e-6 > 1e-8
     frozen = _with(frozen, "w1", 0, w1)
     with pytest.warns(IllConditionedWarning, match="κ = 1e\\+10"):
         fit = lora_tfn(frozen, target, 2)
@@ -315,7 +317,7 @@ def test_condition_numbers_name_what_was_solved():
     fit = _quiet(lora_tfn, frozen, target, 2)
     names = set(fit.condition_numbers)
     assert {"W1[0]", "W1[1]", "W2[0]", "T2[0]", "W_out + Δ_out"} <= names
-    assert "W2[1]" not in names and "T2[1]" not in names              # the last block inverts neither
+    assert "W2[1]" not in names and "T2[1]" not in names  # the last block inverts neither
     assert {"qk[0,0] Q_1", "qk[0,0] P_2", "ov[1,1] Q_1", "ov[1,1] P_2", "out Q_1", "out P_2"} <= names
     assert fit.kappa == max(fit.condition_numbers.values())
 
@@ -339,9 +341,17 @@ def test_not_a_tfn_is_rejected():
         lora_tfn(frozen, frozen.parameters(), 1)
 
 
-@pytest.mark.parametrize("rank, match", [
-    (2.0, "must be an integer"), (True, "must be an integer"), (-1, "must be at least 0"), (5, "must be at most 4"),
-    ("2", "must be an integer"), (None, "must be an integer")])
+@pytest.mark.parametrize(
+    "rank, match",
+    [
+        (2.0, "must be an integer"),
+        (True, "must be an integer"),
+        (-1, "must be at least 0"),
+        (5, "must be at most 4"),
+        ("2", "must be an integer"),
+        (None, "must be an integer"),
+    ],
+)
 def test_bad_rank_is_rejected(rank, match):
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     with pytest.raises(InvalidArgumentError, match=rf"^rank: {match}"):
@@ -360,7 +370,7 @@ def test_fit_is_frozen_and_not_comparable_by_value():
     fit = _quiet(lora_tfn, frozen, target, 2)
     with pytest.raises(AttributeError):
         fit.rank = 3
-    assert fit != _quiet(lora_tfn, frozen, target, 2)                   # eq=False: identity comparison
+    assert fit != _quiet(lora_tfn, frozen, target, 2)  # eq=False: identity comparison
     assert isinstance(fit.model, TFN)
 
 

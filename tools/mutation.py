@@ -39,19 +39,47 @@ MODULES = {
     "fnn": ["lora_theory.fnn.*"],
     "tfn": ["lora_theory.tfn.*"],
     "bounds": ["lora_theory.bounds.*"],
-    "symbolic": [f"lora_theory.symbolic.{name}__mutmut_*" for name in (
-        "x_certify_linear", "x_certify_fnn", "x_certify_tfn", "x__exact_chain", "x__finish", "x__store",
-        "x__rank_decomposition", "x__prod", "x__positive_definite", "x__spectral_sq_upper", "x__relu_vec",
-        "x__choose_level", "x__fraction_upper", "x__square_list",
-        "xǁ_Recorderǁcheck", "xǁ_Recorderǁinvertible", "xǁ_Recorderǁequal")],
+    "symbolic": [
+        f"lora_theory.symbolic.{name}__mutmut_*"
+        for name in (
+            "x_certify_linear",
+            "x_certify_fnn",
+            "x_certify_tfn",
+            "x__exact_chain",
+            "x__finish",
+            "x__store",
+            "x__rank_decomposition",
+            "x__prod",
+            "x__positive_definite",
+            "x__spectral_sq_upper",
+            "x__relu_vec",
+            "x__choose_level",
+            "x__fraction_upper",
+            "x__square_list",
+            "xǁ_Recorderǁcheck",
+            "xǁ_Recorderǁinvertible",
+            "xǁ_Recorderǁequal",
+        )
+    ],
     "partition": ["lora_theory.partition.*"],
     "thresholds": ["lora_theory.thresholds.*"],
     "final_layers": ["lora_theory.final_layers.*"],
 }
 QUICK = ["thresholds", "partition"]
 
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
-          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+}
 COLUMNS = ["killed", "survived", "timeout", "no tests", "other", "not checked"]
 
 
@@ -73,8 +101,9 @@ def _answered() -> set[str]:
     page = ROOT / "docs" / "mutation.md"
     if not page.exists():
         return set()
-    rows = re.findall(r"^\| `(lora_theory\.[\w.ǁ]+__mutmut_\d+)` \| (killed|equivalent) \|",
-                      page.read_text(encoding="utf-8"), re.M)
+    rows = re.findall(
+        r"^\| `(lora_theory\.[\w.ǁ]+__mutmut_\d+)` \| (killed|equivalent) \|", page.read_text(encoding="utf-8"), re.M
+    )
     return {name for name, _ in rows}
 
 
@@ -86,8 +115,9 @@ def _run(module: str, max_children: int) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", metavar="MODULE",
-                        help=f"modules to mutate (default: all of {', '.join(MODULES)})")
+    parser.add_argument(
+        "modules", nargs="*", metavar="MODULE", help=f"modules to mutate (default: all of {', '.join(MODULES)})"
+    )
     parser.add_argument("--quick", action="store_true", help=f"only {' and '.join(QUICK)}")
     parser.add_argument("--report", action="store_true", help="run nothing; report what mutants/ holds")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
@@ -122,8 +152,10 @@ def main(argv=None) -> int:
                 if name not in answered:
                     unanswered.append(name)
     if unanswered:
-        print(f"{len(unanswered)} survivors have no answer in docs/mutation.md; `python -m mutmut show NAME` "
-              "prints one", file=sys.stderr)
+        print(
+            f"{len(unanswered)} survivors have no answer in docs/mutation.md; `python -m mutmut show NAME` prints one",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

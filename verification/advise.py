@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -58,8 +57,12 @@ def advise_checkpoints(base_path, tuned_path, *, tol: float | None = None, energ
     base = read_checkpoint(base_path)
     tuned = read_checkpoint(tuned_path)
     eps = {k: max(base.eps.get(k, 0.0), tuned.eps.get(k, 0.0)) for k in base.tensors if k in base.eps}
-    dtypes = {k: base.dtypes[k] if base.dtypes[k] == tuned.dtypes.get(k, base.dtypes[k])
-              else f"{base.dtypes[k]}/{tuned.dtypes[k]}" for k in base.tensors}
+    dtypes = {
+        k: base.dtypes[k]
+        if base.dtypes[k] == tuned.dtypes.get(k, base.dtypes[k])
+        else f"{base.dtypes[k]}/{tuned.dtypes[k]}"
+        for k in base.tensors
+    }
     return advise_layers(base.tensors, tuned.tensors, tol=tol, energy=energy, eps=eps, dtypes=dtypes)
 
 
@@ -71,15 +74,29 @@ def format_table(report: RankReport) -> str:
     for a in report.layers:
         s1 = a.singular_values[0] if a.singular_values.size else 0.0
         bias = "-" if a.bias_key is None else (f"{a.bias_change_norm:.2e}" if a.bias_changed else "unchanged")
-        rows.append((a.name, f"{a.shape[0]}x{a.shape[1]}", f"{a.exact_rank}/{a.max_rank}", str(a.energy_rank),
-                     f"{s1:.3e}", f"{a.tolerance:.1e}", f"{a.relative_change:.2e}", bias))
+        rows.append(
+            (
+                a.name,
+                f"{a.shape[0]}x{a.shape[1]}",
+                f"{a.exact_rank}/{a.max_rank}",
+                str(a.energy_rank),
+                f"{s1:.3e}",
+                f"{a.tolerance:.1e}",
+                f"{a.relative_change:.2e}",
+                bias,
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header] + rows]
+    lines = [
+        "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for v in report.vectors:
-        lines.append(f"vector {v['name']} {tuple(v['shape'])}: |change| = {v['change_norm']:.2e} (not a matrix; "
-                     "LoRA does not adapt it)")
+        lines.append(
+            f"vector {v['name']} {tuple(v['shape'])}: |change| = {v['change_norm']:.2e} (not a matrix; "
+            "LoRA does not adapt it)"
+        )
     for s in report.skipped:
         lines.append(f"skipped {s['name']} {tuple(s['shape'])}: {s['reason']}")
     exact = sum(a.parameters(a.exact_rank) for a in report.layers)
@@ -104,11 +121,12 @@ def plot_spectra(report: RankReport, path) -> None:
         if s.size == 0 or s[0] == 0:
             continue
         idx = np.arange(1, s.size + 1)
-        line, = ax1.semilogy(idx, np.maximum(s / s[0], 1e-18), lw=1, label=None if many else a.name)
+        (line,) = ax1.semilogy(idx, np.maximum(s / s[0], 1e-18), lw=1, label=None if many else a.name)
         ax1.axhline(a.tolerance / s[0], color=line.get_color(), ls=":", lw=0.8)
         ranks = np.arange(a.frobenius_tail.size)
-        ax2.plot(ranks, a.frobenius_tail / a.frobenius_tail[0], lw=1, color=line.get_color(),
-                 label=None if many else a.name)
+        ax2.plot(
+            ranks, a.frobenius_tail / a.frobenius_tail[0], lw=1, color=line.get_color(), label=None if many else a.name
+        )
     ax1.set_xlabel("index j")
     ax1.set_ylabel("sigma_j(dW) / sigma_1(dW)")
     ax1.set_title("spectra of the weight changes (dotted: tolerance)")
@@ -130,10 +148,14 @@ def _fnn_mode(args) -> int:
     target = fnn_from_state_dict(tuned, final_relu=not args.no_final_relu)
     advice = advise_fnn(frozen, target)
     print(f"frozen MLP: D = {advice.width}, L = {advice.depth}; target MLP: L̄ = {advice.target_depth}")
-    print(f"uniform partition {advice.uniform_partition}: block discrepancy ranks {advice.uniform_block_ranks}, "
-          f"LoRA-rank needed {advice.uniform_rank} (Theorem 3)")
-    print(f"best partition {advice.best_partition}: block discrepancy ranks {advice.best_block_ranks}, "
-          f"LoRA-rank needed {advice.best_rank} (Theorem 6)")
+    print(
+        f"uniform partition {advice.uniform_partition}: block discrepancy ranks {advice.uniform_block_ranks}, "
+        f"LoRA-rank needed {advice.uniform_rank} (Theorem 3)"
+    )
+    print(
+        f"best partition {advice.best_partition}: block discrepancy ranks {advice.best_block_ranks}, "
+        f"LoRA-rank needed {advice.best_rank} (Theorem 6)"
+    )
     print(f"generic weights would need ceil(D / floor(L / L̄)) = {advice.generic_threshold}")
     if args.out:
         out = claim_folder(Path(args.out), "advise")
@@ -161,9 +183,8 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
 
     from .peft_export import AdapterWriteError, check_fnn_adapter, export_peft
 
-    fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition,
-                   input_radius=args.input_radius)
-    final = out / "peft_adapter"       # ``out`` is advise's own folder: an adapter there is an earlier run's
+    fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition, input_radius=args.input_radius)
+    final = out / "peft_adapter"  # ``out`` is advise's own folder: an adapter there is an earlier run's
     tmp = Path(tempfile.mkdtemp(prefix=".peft_adapter.tmp-", dir=out))
     try:
         export_peft(fit, tmp, dtype=args.dtype, base_name=str(Path(args.base).resolve()))
@@ -171,24 +192,28 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
         if not fit.exact:
             raise AdapterWriteError(
                 f"the construction at rank {advice.best_rank} is not exact on the ball of radius "
-                f"{args.input_radius}; no adapter was written")
+                f"{args.input_radius}; no adapter was written"
+            )
         if not check["holds"] and not check["tolerance"] < 1:
             raise AdapterWriteError(
                 f"in {check['dtype']} the construction for the ball of radius {args.input_radius:g} has no useful "
                 f"error bound (relative tolerance {check['tolerance']:.3g}); no adapter was written: use a wider "
-                "--dtype or a smaller --input-radius")
+                "--dtype or a smaller --input-radius"
+            )
         if not check["holds"] and check.get("max_error_to_target", 0.0) > check.get("allowed_error_to_target", 0.0):
             raise AdapterWriteError(
                 f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} misses the target by "
                 f"{check['max_error_to_target']:.3g}, above the fit's bound {check['allowed_error_to_target']:.3g}; "
-                "no adapter was written")
+                "no adapter was written"
+            )
         if not check["holds"]:
             where = "" if check["at_norm"] is None else f" at |x| = {check['at_norm']:.3g}"
             raise AdapterWriteError(
                 f"the {check['dtype']} adapter for the ball of radius {args.input_radius:g} does not hold as written: "
                 f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
-                f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius")
-        if final.exists():                 # the earlier adapter is replaced only once the new one holds
+                f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius"
+            )
+        if final.exists():  # the earlier adapter is replaced only once the new one holds
             old = Path(tempfile.mkdtemp(prefix=".peft_adapter.old-", dir=out))
             os.replace(final, old / "peft_adapter")
             os.replace(tmp, final)
@@ -198,46 +223,93 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"directory": str(final), "rank": advice.best_rank, "partition": list(advice.best_partition),
-            "input_radius": args.input_radius, "exact": bool(fit.exact), "kappa": fit.kappa, "gamma": fit.gamma,
-            "tolerance": fit.tolerance, "written_check": check}
+    return {
+        "directory": str(final),
+        "rank": advice.best_rank,
+        "partition": list(advice.best_partition),
+        "input_radius": args.input_radius,
+        "exact": bool(fit.exact),
+        "kappa": fit.kappa,
+        "gamma": fit.gamma,
+        "tolerance": fit.tolerance,
+        "written_check": check,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m verification.advise",
         description="LoRA rank per layer of the change between two checkpoints (or, with --fnn, the "
-                    "depth-aware requirement for a ReLU MLP and a shallower target MLP).")
+        "depth-aware requirement for a ReLU MLP and a shallower target MLP).",
+    )
     p.add_argument("base", help="the frozen / pre-trained checkpoint (safetensors, torch file, .npz or a directory)")
     p.add_argument("tuned", help="the fine-tuned checkpoint (with --fnn: the shallower target MLP)")
     p.add_argument("--out", help="directory for report.json, spectra.png and peft_rank_pattern.json")
-    p.add_argument("--energy", type=float, default=0.99, help="spectrum energy share for the energy rank (default 0.99)")
-    p.add_argument("--tol", type=float, default=None,
-                   help="count singular values above TOL * sigma_1(dW) instead of above the storage-rounding floor")
-    p.add_argument("--choice", choices=("exact", "energy"), default="exact",
-                   help="which rank the PEFT proposal and --extract use: above the noise floor (exact, default) "
-                        "or the energy rank; --budget / --error replace both")
-    p.add_argument("--budget", type=int, default=None,
-                   help="LoRA parameters to spend: ranks from lora_theory.allocate_ranks, beside a uniform rank")
-    p.add_argument("--error", type=float, default=None,
-                   help="relative Frobenius error to reach over all layers with the fewest parameters")
-    p.add_argument("--extract", default=None, metavar="DIR",
-                   help="write the PEFT adapter (truncated SVDs at the chosen ranks) into this new folder")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where the SVDs run (float32; float64 for float64 checkpoints)")
-    p.add_argument("--spectrum", choices=("auto", "full", "partial"), default="auto",
-                   help="auto (default): a certified partial spectrum per layer (the singular values above the "
-                        "floor, the count proved), the full one where the count is not settled or the layer is "
-                        "small; full: every singular value; partial: never the full one (unsettled counts as "
-                        "intervals). --budget / --error use full")
+    p.add_argument(
+        "--energy", type=float, default=0.99, help="spectrum energy share for the energy rank (default 0.99)"
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="count singular values above TOL * sigma_1(dW) instead of above the storage-rounding floor",
+    )
+    p.add_argument(
+        "--choice",
+        choices=("exact", "energy"),
+        default="exact",
+        help="which rank the PEFT proposal and --extract use: above the noise floor (exact, default) "
+        "or the energy rank; --budget / --error replace both",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="LoRA parameters to spend: ranks from lora_theory.allocate_ranks, beside a uniform rank",
+    )
+    p.add_argument(
+        "--error",
+        type=float,
+        default=None,
+        help="relative Frobenius error to reach over all layers with the fewest parameters",
+    )
+    p.add_argument(
+        "--extract",
+        default=None,
+        metavar="DIR",
+        help="write the PEFT adapter (truncated SVDs at the chosen ranks) into this new folder",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where the SVDs run (float32; float64 for float64 checkpoints)",
+    )
+    p.add_argument(
+        "--spectrum",
+        choices=("auto", "full", "partial"),
+        default="auto",
+        help="auto (default): a certified partial spectrum per layer (the singular values above the "
+        "floor, the count proved), the full one where the count is not settled or the layer is "
+        "small; full: every singular value; partial: never the full one (unsettled counts as "
+        "intervals). --budget / --error use full",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fnn", action="store_true", help="depth-aware mode (Theorems 3 and 6) for plain ReLU MLPs")
     p.add_argument("--no-final-relu", action="store_true", help="--fnn: the MLPs' last layer is affine")
-    p.add_argument("--input-radius", type=float, default=None,
-                   help="--fnn with --out: build the adapters for this input ball and export them for PEFT")
-    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
-                   help="dtype of the exported adapter tensors (default float32); the adapter is checked as "
-                        "written and refused when it does not hold in that precision")
+    p.add_argument(
+        "--input-radius",
+        type=float,
+        default=None,
+        help="--fnn with --out: build the adapters for this input ball and export them for PEFT",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "float16", "bfloat16"),
+        default="float32",
+        help="dtype of the exported adapter tensors (default float32); the adapter is checked as "
+        "written and refused when it does not hold in that precision",
+    )
     return p
 
 
@@ -249,11 +321,19 @@ def _checkpoint_mode(args) -> int:
     spectrum = args.spectrum
     if args.budget is not None or args.error is not None:
         if spectrum == "partial":
-            raise CheckpointError("--spectrum", "--budget and --error need every singular value: use --spectrum "
-                                  "full or auto")
+            raise CheckpointError(
+                "--spectrum", "--budget and --error need every singular value: use --spectrum full or auto"
+            )
         spectrum = "full"
-    report = advise_stream(args.base, args.tuned, energy=args.energy, device=args.device, tol=args.tol,
-                           progress=not args.quiet, spectrum=spectrum)
+    report = advise_stream(
+        args.base,
+        args.tuned,
+        energy=args.energy,
+        device=args.device,
+        tol=args.tol,
+        progress=not args.quiet,
+        spectrum=spectrum,
+    )
     if args.budget is not None or args.error is not None:
         from dataclasses import replace
 
@@ -268,15 +348,15 @@ def _checkpoint_mode(args) -> int:
         (out / "report.json").write_text(json.dumps(record, indent=2))
         (out / "peft_rank_pattern.json").write_text(json.dumps(peft_proposal(report, ranks), indent=2))
         plot_heatmap(report, out / "spectra.png")
-        print(f"wrote {out / 'report.json'}, {out / 'spectra.png'}, {out / 'peft_rank_pattern.json'}",
-              file=sys.stderr)
+        print(f"wrote {out / 'report.json'}, {out / 'spectra.png'}, {out / 'peft_rank_pattern.json'}", file=sys.stderr)
     if args.extract:
         from .extract import extract_adapter
 
         if report.all_below_floor and not any(v["changed"] for v in report.vectors):
             raise CheckpointError(args.extract, "nothing to extract: every change is below the storage-rounding floor")
-        written = extract_adapter(args.base, args.tuned, ranks, args.extract, dtype=args.dtype, device=args.device,
-                                  progress=not args.quiet)
+        written = extract_adapter(
+            args.base, args.tuned, ranks, args.extract, dtype=args.dtype, device=args.device, progress=not args.quiet
+        )
         print(f"adapter written to {args.extract} ({written['dtype']}, ranks {written['ranks']})", file=sys.stderr)
     return 0
 
@@ -292,7 +372,7 @@ def main(argv=None) -> int:
         if args.fnn:
             return _fnn_mode(args)
         return _checkpoint_mode(args)
-    except ImportError as exc:              # MissingExtraError names the extra; a bare torch import does not
+    except ImportError as exc:  # MissingExtraError names the extra; a bare torch import does not
         from .architectures import MissingExtraError
 
         if isinstance(exc, MissingExtraError):

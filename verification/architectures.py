@@ -32,8 +32,14 @@ from pathlib import Path
 __all__ = ["MatrixSpec", "VectorSpec", "Layout", "layout", "natural_key", "MissingExtraError", "require"]
 
 #: Extras of the ``lora-theory`` package that provide each optional import.
-EXTRAS = {"safetensors": "verify", "peft": "peft", "transformers": "peft", "torch": "verify",
-          "matplotlib": "verify", "tqdm": "verify"}
+EXTRAS = {
+    "safetensors": "verify",
+    "peft": "peft",
+    "transformers": "peft",
+    "torch": "verify",
+    "matplotlib": "verify",
+    "tqdm": "verify",
+}
 
 
 class MissingExtraError(ImportError):
@@ -162,8 +168,18 @@ def _generic(shapes: dict, dtypes: dict, order) -> Layout:
         if len(shape) == 1:
             vectors.append(VectorSpec(key, _module_of(key), shape))
         elif not (len(shape) == 2 and key.endswith(".weight") and min(shape) > 0):
-            other.append((key, "scalar" if not shape else "empty" if 0 in shape else
-                          f"{len(shape)}-D tensor" if len(shape) != 2 else "2-D tensor that is not a module weight"))
+            other.append(
+                (
+                    key,
+                    "scalar"
+                    if not shape
+                    else "empty"
+                    if 0 in shape
+                    else f"{len(shape)}-D tensor"
+                    if len(shape) != 2
+                    else "2-D tensor that is not a module weight",
+                )
+            )
     return Layout(tuple(matrices), tuple(vectors), tuple(other))
 
 
@@ -205,8 +221,15 @@ def _kind(mod) -> str:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    return ("conv1d" if isinstance(mod, Conv1D) else "embedding" if isinstance(mod, torch.nn.Embedding)
-            else "linear" if isinstance(mod, torch.nn.Linear) else type(mod).__name__)
+    return (
+        "conv1d"
+        if isinstance(mod, Conv1D)
+        else "embedding"
+        if isinstance(mod, torch.nn.Embedding)
+        else "linear"
+        if isinstance(mod, torch.nn.Linear)
+        else type(mod).__name__
+    )
 
 
 def layout(shapes: dict, dtypes: dict, *, folder=None, order=None) -> Layout:
@@ -229,15 +252,21 @@ def layout(shapes: dict, dtypes: dict, *, folder=None, order=None) -> Layout:
         model, arch = _meta_model(config)
     except MissingExtraError:
         raise
-    except Exception as exc:                # a config transformers cannot build
+    except Exception as exc:  # a config transformers cannot build
         model, arch = None, f"{(config.get('architectures') or ['?'])[0]} ({type(exc).__name__}: {exc})"
     if model is None:
         generic = _generic(shapes, dtypes, sorted(shapes, key=natural_key))
         name = arch or (config.get("architectures") or ["?"])[0]
-        return Layout(generic.matrices, generic.vectors, generic.other, None, config,
-                      note=f"config.json names {name}, which this transformers cannot build: every 2-D weight is "
-                           "read as an nn.Linear stored (out, in); a Conv1D-style (in, out) layer would be "
-                           "transposed wrongly")
+        return Layout(
+            generic.matrices,
+            generic.vectors,
+            generic.other,
+            None,
+            config,
+            note=f"config.json names {name}, which this transformers cannot build: every 2-D weight is "
+            "read as an nn.Linear stored (out, in); a Conv1D-style (in, out) layer would be "
+            "transposed wrongly",
+        )
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -249,7 +278,7 @@ def layout(shapes: dict, dtypes: dict, *, folder=None, order=None) -> Layout:
         params.append((pname, id(p)))
     matrices, vectors, other, used = [], [], [], set()
     done_ids = set()
-    for pname, pid in params:
+    for _pname, pid in params:
         if pid in done_ids:
             continue
         done_ids.add(pid)
@@ -276,8 +305,16 @@ def layout(shapes: dict, dtypes: dict, *, folder=None, order=None) -> Layout:
                 continue
             vectors.append(VectorSpec(key, module, shape))
         else:
-            other.append((key, "scalar" if not shape else f"{len(shape)}-D tensor" if len(shape) != 2
-                          else f"2-D parameter of a {type(mod).__name__} (not a Linear, Conv1D or Embedding)"))
+            other.append(
+                (
+                    key,
+                    "scalar"
+                    if not shape
+                    else f"{len(shape)}-D tensor"
+                    if len(shape) != 2
+                    else f"2-D parameter of a {type(mod).__name__} (not a Linear, Conv1D or Embedding)",
+                )
+            )
     bias_keys = {m.bias_key for m in matrices if m.bias_key}
     vectors = [v for v in vectors if v.key not in bias_keys]
     for key in sorted(set(shapes) - used - bias_keys, key=natural_key):

@@ -26,13 +26,21 @@ def _validate(args):
 def _cells(args):
     structure = fnn_structure(args, args.depth, 1)
     ranks = parse_ranks(args.ranks or f"1-{args.width}", args.width)
-    return (lora_cells(args, structure, ranks, label="fixed_biases", tune_bias=False)
-            + lora_cells(args, structure, ranks, label="trained_biases", tune_bias=True))
+    return lora_cells(args, structure, ranks, label="fixed_biases", tune_bias=False) + lora_cells(
+        args, structure, ranks, label="trained_biases", tune_bias=True
+    )
 
 
 SPEC = ExperimentSpec(
-    name="biases", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1), quick=apply_quick, validate=_validate)
+    name="biases",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1),
+    quick=apply_quick,
+    validate=_validate,
+)
 
 
 def main(argv=None) -> int:

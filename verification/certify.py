@@ -52,6 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_at_least(low: int, words: str):
     """An argparse type: an integer ``>= low``; ``words`` says the bound in the error message."""
+
     def parse(text):
         try:
             value = int(text)
@@ -60,6 +61,7 @@ def _int_at_least(low: int, words: str):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
         return value
+
     return parse
 
 
@@ -80,21 +82,30 @@ def _positive_rational(text):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=("linear", "fnn", "tfn"),
-                   help="linear (Lemma 1), fnn (Theorem 3/6) or tfn (Theorem 7)")
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=("linear", "fnn", "tfn"),
+        help="linear (Lemma 1), fnn (Theorem 3/6) or tfn (Theorem 7)",
+    )
     p.add_argument("--width", type=_positive_int, required=True, help="D, the width / embedding size")
     p.add_argument("--depth", type=_positive_int, required=True, help="L, the frozen depth (blocks for tfn)")
-    p.add_argument("--target-depth", type=_positive_int, default=None,
-                   help="L̄ <= L, the target depth (fnn only; default 1)")
+    p.add_argument(
+        "--target-depth", type=_positive_int, default=None, help="L̄ <= L, the target depth (fnn only; default 1)"
+    )
     p.add_argument("--heads", type=_positive_int, default=None, help="H, attention heads (tfn only; default 1)")
     p.add_argument("--rank", type=_nonnegative_int, required=True, help="R, the LoRA-rank of every adapter")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the random instance (default 0)")
-    p.add_argument("--input-radius", type=_positive_rational, default=None,
-                   help="radius of the certified input ball, centre 0 (fnn only; default 1)")
-    p.add_argument("--denominator", type=_positive_int, default=4,
-                   help="entries are k / DENOMINATOR with |k| <= BOUND (default 4)")
+    p.add_argument(
+        "--input-radius",
+        type=_positive_rational,
+        default=None,
+        help="radius of the certified input ball, centre 0 (fnn only; default 1)",
+    )
+    p.add_argument(
+        "--denominator", type=_positive_int, default=4, help="entries are k / DENOMINATOR with |k| <= BOUND (default 4)"
+    )
     p.add_argument("--bound", type=_positive_int, default=4, help="see --denominator (default 4)")
     p.add_argument("--quiet", action="store_true", help="print the outcome line only")
     return p

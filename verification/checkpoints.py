@@ -121,7 +121,8 @@ def checkpoint_format(path) -> str:
     if head[:1] == b"\x80":
         return "torch-legacy"
     raise CheckpointError(
-        path, "is not a checkpoint: expected safetensors, a torch.save file (zip or legacy) or an .npz archive")
+        path, "is not a checkpoint: expected safetensors, a torch.save file (zip or legacy) or an .npz archive"
+    )
 
 
 def _convert(path, name, value, tensors, dtypes, eps):
@@ -173,14 +174,16 @@ def _refusal_reason(exc) -> str:
 def _torch_load(path):
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # protocol notes from the restricted unpickler
+            warnings.simplefilter("ignore")  # protocol notes from the restricted unpickler
             # a file object, not the name: torch.load dispatches on a ".safetensors" suffix by itself
             with open(path, "rb") as fh:
                 return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            path, "refused: the pickle references objects other than tensors and plain containers, so "
-            f"loading it could run code; it was not executed ({_refusal_reason(exc)})") from None
+            path,
+            "refused: the pickle references objects other than tensors and plain containers, so "
+            f"loading it could run code; it was not executed ({_refusal_reason(exc)})",
+        ) from None
     except Exception as exc:  # damaged archives, unknown storage types
         raise CheckpointError(path, f"could not be read as a torch checkpoint ({type(exc).__name__}: {exc})") from None
 
@@ -198,7 +201,8 @@ def _state_dict(path, obj):
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             return inner, key
     raise CheckpointError(
-        path, f"holds no tensors at its top level nor under {list(STATE_DICT_KEYS)} (keys: {list(obj)[:10]})")
+        path, f"holds no tensors at its top level nor under {list(STATE_DICT_KEYS)} (keys: {list(obj)[:10]})"
+    )
 
 
 def _read_file(path, fmt):
@@ -246,7 +250,8 @@ def read_checkpoint(path) -> Checkpoint:
     fmt = checkpoint_format(path)
     if fmt == "directory":
         files = sorted(path.glob("*.safetensors")) or sorted(
-            p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+            p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext)
+        )
         if not files:
             raise CheckpointError(path, "is a directory without *.safetensors, *.bin, *.pt or *.pth files")
         parts = [(f, checkpoint_format(f)) for f in files]
@@ -265,12 +270,21 @@ def read_checkpoint(path) -> Checkpoint:
                 ignored.append(name)
     if not tensors:
         raise CheckpointError(path, "holds no tensors")
-    return Checkpoint(path=str(path), format=fmt, tensors=tensors, dtypes=dtypes, eps=eps,
-                      source_key=source, ignored=tuple(ignored), metadata=metadata)
+    return Checkpoint(
+        path=str(path),
+        format=fmt,
+        tensors=tensors,
+        dtypes=dtypes,
+        eps=eps,
+        source_key=source,
+        ignored=tuple(ignored),
+        metadata=metadata,
+    )
 
 
-def fnn_from_state_dict(tensors, *, activation: str = "relu", final_relu: bool = True,
-                        path: str = "state dict") -> lora_theory.FNN:
+def fnn_from_state_dict(
+    tensors, *, activation: str = "relu", final_relu: bool = True, path: str = "state dict"
+) -> lora_theory.FNN:
     """A :class:`lora_theory.FNN` from ``layers.{l}.weight`` / ``layers.{l}.bias`` tensors (a TorchFNN's state dict).
 
     Raises
@@ -290,8 +304,10 @@ def fnn_from_state_dict(tensors, *, activation: str = "relu", final_relu: bool =
     if unknown:
         raise CheckpointError(path, f"is not a plain MLP: unexpected tensors {unknown[:8]}")
     weights = [np.asarray(tensors[f"layers.{l}.weight"], dtype=np.float64) for l in range(depth)]
-    biases = [np.asarray(tensors.get(f"layers.{l}.bias", np.zeros(weights[l].shape[0])), dtype=np.float64)
-              for l in range(depth)]
+    biases = [
+        np.asarray(tensors.get(f"layers.{l}.bias", np.zeros(weights[l].shape[0])), dtype=np.float64)
+        for l in range(depth)
+    ]
     try:
         return lora_theory.FNN(weights, biases, activation=activation, final_relu=final_relu)
     except ValueError as exc:

@@ -13,8 +13,19 @@ import dataclasses
 
 import lora_theory
 
-from .sweep import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
-                         fnn_structure, highprec_subsample, lora_cells, parse_ranks, quick_highprec, run_cli)
+from .sweep import (
+    CLIError,
+    ExperimentSpec,
+    add_highprec_arguments,
+    apply_quick,
+    check_highprec_arguments,
+    fnn_structure,
+    highprec_subsample,
+    lora_cells,
+    parse_ranks,
+    quick_highprec,
+    run_cli,
+)
 
 
 def _add(p):
@@ -52,9 +63,16 @@ def _quick(args):
 
 
 SPEC = ExperimentSpec(
-    name="depth_sweep", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=_threshold, axis_names=("depth", "rank"), quick=_quick,
-    validate=lambda a: check_highprec_arguments(a, _cells(a)))
+    name="depth_sweep",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=_threshold,
+    axis_names=("depth", "rank"),
+    quick=_quick,
+    validate=lambda a: check_highprec_arguments(a, _cells(a)),
+)
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ from .streaming import logical, open_pair, resized_rows
 __all__ = ["extract_adapter", "vector_changed", "STORAGE_ROUNDOFF"]
 
 #: Unit roundoff of each storage dtype (round to nearest; :func:`lora_theory.storage_roundoff`).
-STORAGE_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+STORAGE_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def vector_changed(base, tuned, dtypes) -> bool:
@@ -61,20 +61,30 @@ def _factors(delta, r):
 
     if delta.shape[0] >= delta.shape[1]:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    else:                                   # the tall orientation is the faster one on a CPU
+    else:  # the tall orientation is the faster one on a CPU
         V, S, Uh = torch.linalg.svd(delta.T, full_matrices=False)
         U, Vh = Uh.T, V.T
     root = S[:r].sqrt()
     B = (U[:, :r] * root).double().cpu().numpy()
     A = (root[:, None] * Vh[:r]).double().cpu().numpy()
     s = S.double().cpu().numpy()
-    total = float(np.sqrt(np.sum(s ** 2)))
+    total = float(np.sqrt(np.sum(s**2)))
     discarded = float(np.sqrt(np.sum(s[r:] ** 2))) / total if total > 0 else 0.0
     return B, A, discarded
 
 
-def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32", device="cpu",
-                    base_name=None, vectors=True, progress=True) -> dict:
+def extract_adapter(
+    base_path,
+    tuned_path,
+    ranks,
+    directory,
+    *,
+    dtype="float32",
+    device="cpu",
+    base_name=None,
+    vectors=True,
+    progress=True,
+) -> dict:
     """Write the PEFT adapter of rank ``ranks[name]`` per layer for the change from ``base_path`` to
     ``tuned_path`` (module docstring).
 
@@ -118,8 +128,7 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
     if unknown:
         raise AdapterWriteError(f"ranks name layers the checkpoint does not have: {unknown[:6]}")
     entries, notes, left_out, fp_keys, truncation = [], {}, {}, [], {}
-    bar = require("tqdm").tqdm(total=len(lay.matrices), desc="extract", unit="layer", leave=False,
-                               disable=not progress)
+    bar = require("tqdm").tqdm(total=len(lay.matrices), desc="extract", unit="layer", leave=False, disable=not progress)
     for spec in lay.matrices:
         r = int(ranks.get(spec.name, 0))
         bar.update(1)
@@ -139,15 +148,18 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
         if not 0 <= r <= min(spec.shape):
             raise AdapterWriteError(f"rank {r} for layer {spec.name} is beyond its rank {min(spec.shape)}")
         if r > 0:
-            cd = torch.float64 if "float64" in (dtype, base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key]) \
+            cd = (
+                torch.float64
+                if "float64" in (dtype, base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key])
                 else torch.float32
+            )
             a = logical(base.get(spec.weight_key), spec).to(dev, cd)
             b = logical(tuned.get(spec.weight_key), spec).to(dev, cd)
             delta = b - a
             del a, b
             B, A, truncation[spec.name] = _factors(delta, r)
             del delta
-        else:                                   # bias only: PEFT refuses r = 0; zero factors carry lora_B.bias
+        else:  # bias only: PEFT refuses r = 0; zero factors carry lora_B.bias
             B, A = np.zeros((spec.shape[0], 1)), np.zeros((1, spec.shape[1]))
             notes[spec.name] = "bias only: a rank-1 adapter with zero factors carries the bias change"
         entries.append((spec, LoraEntry(spec.name, spec.kind, A, B, bias_change)))
@@ -158,12 +170,13 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
     final = []
     for spec, e in entries:
         if e.kind == "embedding" and lora_bias:
-            left_out[spec.name] = ("embedding left out: a bias change needs lora_bias, which PEFT refuses on "
-                                   "embedding layers")
+            left_out[spec.name] = (
+                "embedding left out: a bias change needs lora_bias, which PEFT refuses on embedding layers"
+            )
             fp_keys.remove(spec.weight_key)
             continue
         final.append(e)
-        for other, other_kind in spec.tied:     # a head tied to this weight: the same change, its own adapter
+        for other, other_kind in spec.tied:  # a head tied to this weight: the same change, its own adapter
             if other_kind not in ("linear", "conv1d", "embedding"):
                 left_out[other] = f"tied to {spec.name} but a {other_kind}, which PEFT's LoRA does not adapt"
                 continue
@@ -181,8 +194,11 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
             if not vector_changed(x0, x1, (base.dtypes[v.key], tuned.dtypes[v.key])):
                 continue
             if not v.module or x1.shape != x0.shape:
-                left_out[v.key] = ("a top-level tensor: PEFT saves whole modules" if not v.module
-                                   else f"resized: {x1.shape[0] - x0.shape[0]} new entries")
+                left_out[v.key] = (
+                    "a top-level tensor: PEFT saves whole modules"
+                    if not v.module
+                    else f"resized: {x1.shape[0] - x0.shape[0]} new entries"
+                )
                 continue
             to_save.setdefault(v.module, {})
     # every parameter of a saved module: PEFT copies the whole module
@@ -202,11 +218,23 @@ def extract_adapter(base_path, tuned_path, ranks, directory, *, dtype="float32",
             mods[module] = ("holder", {leaf: tuple(arr.shape) for leaf, arr in leaves.items()}, False)
         skeleton = _skeleton(mods)
     fingerprint = base_fingerprint(base.get, fp_keys, base.dtypes)
-    record = {"base": str(base_path), "tuned": str(tuned_path), "architecture": lay.architecture,
-              "requested_ranks": {k: int(v) for k, v in ranks.items() if int(v) > 0},
-              "left_out": left_out, "notes": notes,
-              "truncation": truncation,
-              "truncation_note": "per layer ||dW - B A||_F / ||dW||_F of the stored change (Eckart-Young tail)"}
-    return write_peft_adapter(final, Path(directory), skeleton=skeleton, dtype=dtype, modules_to_save=saved,
-                              base_name=str(base_path) if base_name is None else base_name,
-                              fingerprint=fingerprint, record=record)
+    record = {
+        "base": str(base_path),
+        "tuned": str(tuned_path),
+        "architecture": lay.architecture,
+        "requested_ranks": {k: int(v) for k, v in ranks.items() if int(v) > 0},
+        "left_out": left_out,
+        "notes": notes,
+        "truncation": truncation,
+        "truncation_note": "per layer ||dW - B A||_F / ||dW||_F of the stored change (Eckart-Young tail)",
+    }
+    return write_peft_adapter(
+        final,
+        Path(directory),
+        skeleton=skeleton,
+        dtype=dtype,
+        modules_to_save=saved,
+        base_name=str(base_path) if base_name is None else base_name,
+        fingerprint=fingerprint,
+        record=record,
+    )

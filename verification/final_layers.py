@@ -2,7 +2,8 @@
 
 ``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` adapter
 parameters plus the ``L·D`` biases (``--tune-bias``, the default); tuning the last ``l`` layers trains
-their weights and biases, ``l(D² + D)``; the ``params`` column counts both that way. The float64 construction of an 8-layer block is not
+their weights and biases, ``l(D² + D)``; the ``params`` column counts both that way. The float64 construction of an
+8-layer block is not
 computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
 high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
 the full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
@@ -12,8 +13,19 @@ from __future__ import annotations
 
 import lora_theory
 
-from .sweep import (Cell, CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
-                         fnn_structure, highprec_subsample, parse_ranks, quick_highprec, run_cli)
+from .sweep import (
+    Cell,
+    CLIError,
+    ExperimentSpec,
+    add_highprec_arguments,
+    apply_quick,
+    check_highprec_arguments,
+    fnn_structure,
+    highprec_subsample,
+    parse_ranks,
+    quick_highprec,
+    run_cli,
+)
 
 
 def _add(p):
@@ -31,7 +43,7 @@ def _validate(args):
 def _cells(args):
     structure = fnn_structure(args, args.depth, 1)
     D, L = args.width, args.depth
-    ranks = parse_ranks(args.ranks or f"1-{min(D, L)}", D)   # 2RDL + LD: rank R ~ R layers of D² + D, plus LD
+    ranks = parse_ranks(args.ranks or f"1-{min(D, L)}", D)  # 2RDL + LD: rank R ~ R layers of D² + D, plus LD
     try:
         layers = parse_ranks(args.layers or f"1-{L - 1}", L - 1)
     except CLIError as exc:
@@ -39,12 +51,30 @@ def _cells(args):
     out = []
     for kind in args.kinds:
         for R in ranks:
-            out.append(Cell(kind=kind, structure=structure, method="lora", axis=(("layers", None), ("rank", R)),
-                            label="lora", ranks=(R,) * L, tune_bias=args.tune_bias,
-                            highprec_subsample=highprec_subsample(args)))
+            out.append(
+                Cell(
+                    kind=kind,
+                    structure=structure,
+                    method="lora",
+                    axis=(("layers", None), ("rank", R)),
+                    label="lora",
+                    ranks=(R,) * L,
+                    tune_bias=args.tune_bias,
+                    highprec_subsample=highprec_subsample(args),
+                )
+            )
         for l in layers:
-            out.append(Cell(kind=kind, structure=structure, method="final_layers",
-                            axis=(("layers", l), ("rank", None)), label="final_layers", layers=l, tune_bias=True))
+            out.append(
+                Cell(
+                    kind=kind,
+                    structure=structure,
+                    method="final_layers",
+                    axis=(("layers", l), ("rank", None)),
+                    label="final_layers",
+                    layers=l,
+                    tune_bias=True,
+                )
+            )
     return out
 
 
@@ -56,9 +86,16 @@ def _quick(args):
 
 
 SPEC = ExperimentSpec(
-    name="final_layers", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1), axis_names=("params",),
-    quick=_quick, validate=_validate)
+    name="final_layers",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1),
+    axis_names=("params",),
+    quick=_quick,
+    validate=_validate,
+)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""ReLU FNNs (Zeng & Lee 2024, Theorem 3; error below the threshold): frozen depth ``L``, target depth ``L̄`` (default ``max(1, L // 2)``).
+"""ReLU FNNs (Zeng & Lee 2024, Theorem 3; error below the threshold): frozen depth ``L``, target depth ``L̄`` (default
+``max(1, L // 2)``).
 
 ``python -m verification.fnn --depth 4``: the construction (certified ball covering the test and the x5
 inputs) is exact from ``ceil(D / floor(L / L̄))`` on; the "predicted" column is the project's per-instance
-error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated" column sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on
+error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated"
+column sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on
 the shifted inputs.
 """
 
@@ -36,9 +38,15 @@ def _cells(args):
 
 
 SPEC = ExperimentSpec(
-    name="fnn", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, _target_depth(a)), quick=apply_quick,
-    validate=_validate)
+    name="fnn",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, _target_depth(a)),
+    quick=apply_quick,
+    validate=_validate,
+)
 
 
 def main(argv=None) -> int:

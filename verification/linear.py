@@ -23,13 +23,21 @@ def _cells(args):
 
 def _validate(args):
     from .sweep import CLIError
+
     if args.depth < 1:
         raise CLIError(f"--depth must be at least 1, got {args.depth}")
 
 
 SPEC = ExperimentSpec(
-    name="linear", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.linear_rank_threshold(a.width, a.depth), quick=apply_quick, validate=_validate)
+    name="linear",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.linear_rank_threshold(a.width, a.depth),
+    quick=apply_quick,
+    validate=_validate,
+)
 
 
 def main(argv=None) -> int:

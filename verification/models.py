@@ -47,8 +47,15 @@ class TorchFNN(nn.Module):
         Of the parameters (float64 by default).
     """
 
-    def __init__(self, width: int, depth: int, activation: str = "relu", final_relu: bool = True,
-                 dtype=torch.float64, device=None):
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        activation: str = "relu",
+        final_relu: bool = True,
+        dtype=torch.float64,
+        device=None,
+    ):
         super().__init__()
         if activation not in ("relu", "linear"):
             raise InvalidArgumentError("activation", f"must be 'relu' or 'linear', got {activation!r}")
@@ -59,10 +66,11 @@ class TorchFNN(nn.Module):
         self.activation = activation
         self.final_relu = bool(final_relu)
         self.layers = nn.ModuleList(
-            nn.Linear(self.width, self.width, bias=True, dtype=dtype, device=device) for _ in range(self.depth))
+            nn.Linear(self.width, self.width, bias=True, dtype=dtype, device=device) for _ in range(self.depth)
+        )
 
     @classmethod
-    def from_numpy(cls, fnn: lora_theory.FNN, dtype=torch.float64, device=None) -> "TorchFNN":
+    def from_numpy(cls, fnn: lora_theory.FNN, dtype=torch.float64, device=None) -> TorchFNN:
         """The torch copy of a :class:`lora_theory.FNN` (same weights, biases, activation convention)."""
         model = cls(fnn.width, fnn.depth, fnn.activation, fnn.final_relu, dtype=dtype, device=device)
         with torch.no_grad():
@@ -73,14 +81,18 @@ class TorchFNN(nn.Module):
 
     def to_numpy(self) -> lora_theory.FNN:
         """The :class:`lora_theory.FNN` with these weights (float64)."""
-        return lora_theory.FNN([_numpy(l.weight) for l in self.layers], [_numpy(l.bias) for l in self.layers],
-                               activation=self.activation, final_relu=self.final_relu)
+        return lora_theory.FNN(
+            [_numpy(l.weight) for l in self.layers],
+            [_numpy(l.bias) for l in self.layers],
+            activation=self.activation,
+            final_relu=self.final_relu,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` for ``x`` of shape ``(n, D)`` (or ``(D,)``)."""
         z = x
         for l, layer in enumerate(self.layers):
-            z = layer(z)                                            # (n, D)
+            z = layer(z)  # (n, D)
             if self.activation == "relu" and (l < self.depth - 1 or self.final_relu):
                 z = torch.relu(z)
         return z
@@ -118,14 +130,15 @@ class TorchTFN(nn.Module):
     def __init__(self, embed_dim: int, depth: int, heads: int, dtype=torch.float64, device=None):
         super().__init__()
         if min(int(embed_dim), int(depth), int(heads)) < 1:
-            raise InvalidArgumentError("embed_dim", f"embed_dim, depth and heads must be at least 1, got "
-                                                    f"{embed_dim}, {depth}, {heads}")
+            raise InvalidArgumentError(
+                "embed_dim", f"embed_dim, depth and heads must be at least 1, got {embed_dim}, {depth}, {heads}"
+            )
         self.embed_dim, self.depth, self.heads = int(embed_dim), int(depth), int(heads)
         self.blocks = nn.ModuleList(_Block(self.embed_dim, self.heads, dtype, device) for _ in range(self.depth))
         self.output = nn.Linear(self.embed_dim, self.embed_dim, bias=False, dtype=dtype, device=device)
 
     @classmethod
-    def from_numpy(cls, tfn: lora_theory.TFN, dtype=torch.float64, device=None) -> "TorchTFN":
+    def from_numpy(cls, tfn: lora_theory.TFN, dtype=torch.float64, device=None) -> TorchTFN:
         """The torch copy of a :class:`lora_theory.TFN`."""
         model = cls(tfn.embed_dim, tfn.depth, tfn.heads, dtype=dtype, device=device)
         t = lambda a: _tensor(a, dtype, device)  # noqa: E731
@@ -145,26 +158,32 @@ class TorchTFN(nn.Module):
 
     def to_numpy(self) -> lora_theory.TFN:
         """The :class:`lora_theory.TFN` with these weights (float64)."""
-        att = {k: np.stack([np.stack([_numpy(getattr(head, name).weight) for head in block.heads])
-                            for block in self.blocks])
-               for k, name in (("wq", "query"), ("wk", "key"), ("wv", "value"), ("wo", "output"))}
+        att = {
+            k: np.stack(
+                [np.stack([_numpy(getattr(head, name).weight) for head in block.heads]) for block in self.blocks]
+            )
+            for k, name in (("wq", "query"), ("wk", "key"), ("wv", "value"), ("wo", "output"))
+        }
         return lora_theory.TFN(
             **att,
-            w1=np.stack([_numpy(b.ff1.weight) for b in self.blocks]), b1=np.stack([_numpy(b.ff1.bias) for b in self.blocks]),
-            w2=np.stack([_numpy(b.ff2.weight) for b in self.blocks]), b2=np.stack([_numpy(b.ff2.bias) for b in self.blocks]),
-            w_out=_numpy(self.output.weight))
+            w1=np.stack([_numpy(b.ff1.weight) for b in self.blocks]),
+            b1=np.stack([_numpy(b.ff1.bias) for b in self.blocks]),
+            w2=np.stack([_numpy(b.ff2.weight) for b in self.blocks]),
+            b2=np.stack([_numpy(b.ff2.bias) for b in self.blocks]),
+            w_out=_numpy(self.output.weight),
+        )
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """``f(X)`` for ``X`` of shape ``(n, D, N)`` (tokens are columns); returns ``(n, D, N)``."""
-        Z = X.transpose(-1, -2)                                     # (n, N, D): tokens as rows
+        Z = X.transpose(-1, -2)  # (n, N, D): tokens as rows
         for block in self.blocks:
             A = 0
             for head in block.heads:
                 scores = head.key(Z) @ head.query(Z).transpose(-1, -2)  # (n, N, N): [i, j] = k_i . q_j
-                S = torch.softmax(scores, dim=-2)                   # over keys i: columns sum to 1
+                S = torch.softmax(scores, dim=-2)  # over keys i: columns sum to 1
                 A = A + S.transpose(-1, -2) @ head.output(head.value(Z))  # (n, N, D)
-            Z = block.ff2(torch.relu(block.ff1(A)))                 # (n, N, D)
-        return self.output(Z).transpose(-1, -2)                     # (n, D, N)
+            Z = block.ff2(torch.relu(block.ff1(A)))  # (n, N, D)
+        return self.output(Z).transpose(-1, -2)  # (n, D, N)
 
 
 def merge_adapter(layer: nn.Linear, A, B) -> None:
@@ -174,5 +193,7 @@ def merge_adapter(layer: nn.Linear, A, B) -> None:
     with torch.no_grad():
         delta = (B.to(torch.float64) @ A.to(torch.float64)).to(layer.weight.dtype).to(layer.weight.device)
         if delta.shape != layer.weight.shape:
-            raise InvalidArgumentError("A", f"B @ A has shape {tuple(delta.shape)}, the layer {tuple(layer.weight.shape)}")
+            raise InvalidArgumentError(
+                "A", f"B @ A has shape {tuple(delta.shape)}, the layer {tuple(layer.weight.shape)}"
+            )
         layer.weight.add_(delta)

@@ -34,9 +34,22 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["CLIError", "OneLineParser", "SETTINGS_FILE", "LOCK_FILE", "folder_owner", "check_folder",
-           "claim_folder", "FolderLock", "atomic_write", "open_log", "append_lines", "figure_bytes",
-           "write_error_message", "interrupts_deferred"]
+__all__ = [
+    "CLIError",
+    "OneLineParser",
+    "SETTINGS_FILE",
+    "LOCK_FILE",
+    "folder_owner",
+    "check_folder",
+    "claim_folder",
+    "FolderLock",
+    "atomic_write",
+    "open_log",
+    "append_lines",
+    "figure_bytes",
+    "write_error_message",
+    "interrupts_deferred",
+]
 
 #: the file that names the tool owning a folder (and holds its settings)
 SETTINGS_FILE = "config.json"
@@ -56,6 +69,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------- ownership
+
 
 def folder_owner(folder: Path) -> str | None:
     """The tool or experiment named by ``folder/config.json`` (``"tool"`` or ``"experiment"``), else ``None``
@@ -107,10 +121,13 @@ def check_folder(folder: Path, tool: str, flag: str = "--out") -> bool:
     if owner == tool:
         return True
     if owner is None:
-        raise CLIError(f"{flag} {folder}: not empty and not a {tool} folder (no {SETTINGS_FILE} naming {tool}): "
-                       f"{tool} writes only into a new or empty folder or one of its own; nothing was changed")
-    raise CLIError(f"{flag} {folder}: holds the files of {owner!r}, not of {tool!r}: use another folder; nothing "
-                   f"was changed")
+        raise CLIError(
+            f"{flag} {folder}: not empty and not a {tool} folder (no {SETTINGS_FILE} naming {tool}): "
+            f"{tool} writes only into a new or empty folder or one of its own; nothing was changed"
+        )
+    raise CLIError(
+        f"{flag} {folder}: holds the files of {owner!r}, not of {tool!r}: use another folder; nothing was changed"
+    )
 
 
 def claim_folder(folder: Path, tool: str, settings: dict | None = None, flag: str = "--out") -> Path:
@@ -124,15 +141,20 @@ def claim_folder(folder: Path, tool: str, settings: dict | None = None, flag: st
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not own:
-            atomic_write(folder / SETTINGS_FILE, json.dumps(
-                {"tool": tool, **(settings or {}), "created": _dt.datetime.now().isoformat(timespec="seconds")},
-                indent=1))
+            atomic_write(
+                folder / SETTINGS_FILE,
+                json.dumps(
+                    {"tool": tool, **(settings or {}), "created": _dt.datetime.now().isoformat(timespec="seconds")},
+                    indent=1,
+                ),
+            )
     except OSError as exc:
         raise CLIError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
     return folder
 
 
 # ------------------------------------------------------------------------------------------------- lock
+
 
 class FolderLock:
     """An exclusive ``flock`` on ``folder/.lock`` while a run writes into ``folder`` (a context manager).
@@ -148,7 +170,7 @@ class FolderLock:
         self.folder, self.what, self.flag = Path(folder), what, flag
         self._file = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         import fcntl
 
         try:
@@ -162,19 +184,30 @@ class FolderLock:
             f.seek(0)
             holder = _describe_holder(f.read())
             f.close()
-            raise CLIError(f"{self.flag} {self.folder}: another run is writing there ({holder}): one run per "
-                           f"folder; wait for it to end, or use another folder") from None
+            raise CLIError(
+                f"{self.flag} {self.folder}: another run is writing there ({holder}): one run per "
+                f"folder; wait for it to end, or use another folder"
+            ) from None
         except OSError as exc:
             f.close()
             raise CLIError(f"{self.flag} {self.folder}: cannot lock it ({exc.strerror or exc})") from None
         try:
             f.seek(0)
             f.truncate()
-            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-                                "started": _dt.datetime.now().isoformat(timespec="seconds")}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "what": self.what,
+                        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                    }
+                )
+                + "\n"
+            )
             f.flush()
         except OSError:
-            pass        # the holder's description is a courtesy; the lock itself is held
+            pass  # the holder's description is a courtesy; the lock itself is held
         self._file = f
         return self
 
@@ -205,6 +238,7 @@ def _describe_holder(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writes
+
 
 def _write_all(f, data: bytes) -> None:
     """Write every byte of ``data`` to the unbuffered binary file ``f`` (a raw write may take only a part).
@@ -266,7 +300,7 @@ def append_lines(log, lines: list[str]) -> None:
         _write_all(log, payload)
     except BaseException:
         try:
-            os.ftruncate(log.fileno(), start)          # no half record left behind
+            os.ftruncate(log.fileno(), start)  # no half record left behind
         except OSError:
             pass
         raise
@@ -291,6 +325,7 @@ def write_error_message(prog: str, folder, exc: OSError, resume: str | None = No
 
 
 # ------------------------------------------------------------------------------------------ interruption
+
 
 class interrupts_deferred:
     """Hold back SIGINT (Ctrl-C) while a block writes its files; raise :class:`KeyboardInterrupt` after it.

@@ -60,7 +60,7 @@ class Step:
     argv: tuple
     result: str
     title: str
-    family: str            # "fnn" or "tfn": which trainer measures its speed
+    family: str  # "fnn" or "tfn": which trainer measures its speed
 
 
 STEPS = (
@@ -77,12 +77,20 @@ STEPS = (
 STEP_NAMES = tuple(s.name for s in STEPS)
 
 # flags handed to every experiment unchanged (dest, flag, takes a value)
-_PASSED = (("quick", "--quick", False), ("device", "--device", True), ("seeds", "--seeds", True),
-           ("iterations", "--iterations", True), ("workers", "--workers", True), ("chunk", "--chunk", True),
-           ("frozen", "--frozen", True), ("no_figure", "--no-figure", False))
+_PASSED = (
+    ("quick", "--quick", False),
+    ("device", "--device", True),
+    ("seeds", "--seeds", True),
+    ("iterations", "--iterations", True),
+    ("workers", "--workers", True),
+    ("chunk", "--chunk", True),
+    ("frozen", "--frozen", True),
+    ("no_figure", "--no-figure", False),
+)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
+
 
 def step_argv(step: Step, args) -> list[str]:
     """The experiment's command line for this run's settings."""
@@ -133,8 +141,9 @@ def plan_step(step: Step, argv: list[str]) -> StepPlan:
 def measure_rates(device: str, steps: int = 20) -> dict[str, float]:
     """Run-steps per second of one stack of each trainer on ``device`` (64 FNN runs, ``L = 4``; 8 transformer
     runs, two blocks; ``D = 16``, batch 256): the speed the plan's estimate divides by."""
-    import lora_theory
     import torch
+
+    import lora_theory
 
     from .trainer import FNNStack, TFNStack
 
@@ -143,8 +152,14 @@ def measure_rates(device: str, steps: int = 20) -> dict[str, float]:
     rates = {}
     fnns = [lora_theory.random_fnn(D, 4, seed=i) for i in range(64)]
     target = lora_theory.random_fnn(D, 2, seed=999)
-    stack = FNNStack(np.stack([np.stack(f.weights) for f in fnns]), np.stack([np.stack(f.biases) for f in fnns]),
-                     ranks=np.full((64, 4), 8), tune_bias=np.ones(64, bool), init_seeds=np.arange(64), device=dev)
+    stack = FNNStack(
+        np.stack([np.stack(f.weights) for f in fnns]),
+        np.stack([np.stack(f.biases) for f in fnns]),
+        ranks=np.full((64, 4), 8),
+        tune_bias=np.ones(64, bool),
+        init_seeds=np.arange(64),
+        device=dev,
+    )
     tstack = FNNStack(np.stack(target.weights)[None], np.stack(target.biases)[None], method="none", device=dev)
     rates["fnn"] = _rate(stack, tstack, 64, (D,), steps, dev)
     tfns = [lora_theory.random_tfn(D, 2, 2, seed=i) for i in range(8)]
@@ -162,9 +177,19 @@ def _rate(stack, tstack, R, shape, steps, dev) -> float:
     from .trainer import train_stack
 
     def train(iterations):
-        train_stack(stack, tstack, data_index=np.zeros(R, int), target_index=np.zeros(R, int),
-                    target_data_index=[0], data_seeds=[7], lr=np.full(R, 1e-3), weight_decay=np.full(R, 1e-4),
-                    iterations=iterations, batch_size=256, input_shape=shape)
+        train_stack(
+            stack,
+            tstack,
+            data_index=np.zeros(R, int),
+            target_index=np.zeros(R, int),
+            target_data_index=[0],
+            data_seeds=[7],
+            lr=np.full(R, 1e-3),
+            weight_decay=np.full(R, 1e-4),
+            iterations=iterations,
+            batch_size=256,
+            input_shape=shape,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -183,13 +208,17 @@ def format_plan(plans: list[StepPlan], rates: dict[str, float] | None, done: set
             continue
         seconds = p.highprec_seconds + (p.run_steps / rates[p.step.family] if rates else 0.0)
         total += seconds
-        lines.append(f"  {p.step.name:<14}{p.runs:>8}{p.iterations:>8}{p.run_steps:>13,}{p.highprec:>12}  "
-                     + (_duration(seconds) if rates else "-"))
+        lines.append(
+            f"  {p.step.name:<14}{p.runs:>8}{p.iterations:>8}{p.run_steps:>13,}{p.highprec:>12}  "
+            + (_duration(seconds) if rates else "-")
+        )
     if rates:
-        lines.append(f"  whole: about {_duration(total)} (one stack at a time at "
-                     + ", ".join(f"{k} {v:,.0f} run-steps/s" for k, v in rates.items())
-                     + " measured here, plus the high-precision constructions on one core; the experiments "
-                       "train several stacks at once where cores are free, so it can be less)")
+        lines.append(
+            f"  whole: about {_duration(total)} (one stack at a time at "
+            + ", ".join(f"{k} {v:,.0f} run-steps/s" for k, v in rates.items())
+            + " measured here, plus the high-precision constructions on one core; the experiments "
+            "train several stacks at once where cores are free, so it can be less)"
+        )
     return "\n".join(lines)
 
 
@@ -202,6 +231,7 @@ def _duration(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
+
 
 def _exact(row) -> bool | None:
     mse, power = row.get("construction_test_mse"), row.get("target_power")
@@ -218,8 +248,7 @@ def _threshold_of(summary, row):
 
 
 def _verdict(claim, status, measured, criterion, experiments):
-    return {"claim": claim, "status": status, "measured": measured, "criterion": criterion,
-            "experiments": experiments}
+    return {"claim": claim, "status": status, "measured": measured, "criterion": criterion, "experiments": experiments}
 
 
 def _status(results: list[bool]) -> str:
@@ -255,22 +284,42 @@ def verdict_threshold(summaries: dict) -> list[dict]:
     """The construction is exact from each threshold on (the theorems' sufficiency) and not before (random
     weights are generic: the discrepancy has full rank)."""
     from_on, before, measured = [], [], []
-    used, rows = _ranked_rows(summaries, ("linear", "fnn_L2", "fnn_L4", "tfn_L1", "tfn_L2", "final_layers",
-                                          "biases", "depth_sweep"))
+    used, rows = _ranked_rows(
+        summaries, ("linear", "fnn_L2", "fnn_L4", "tfn_L1", "tfn_L2", "final_layers", "biases", "depth_sweep")
+    )
     for name, kind, row, rank, thr in rows:
         exact = _exact(row)
         if exact is None:
             continue
         (from_on if rank >= thr else before).append(exact if rank >= thr else not exact)
-        measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
-                         "threshold": thr, "label": row.get("label"), "exact": exact,
-                         "relative_mse": row["construction_test_mse"] / row["target_power"]})
+        measured.append(
+            {
+                "experiment": name,
+                "frozen": kind,
+                "depth": row.get("depth"),
+                "rank": rank,
+                "threshold": thr,
+                "label": row.get("label"),
+                "exact": exact,
+                "relative_mse": row["construction_test_mse"] / row["target_power"],
+            }
+        )
     crit = f"exact: construction test MSE <= {EXACT_RELATIVE_MSE:g} x the target's output power (median over seeds)"
     return [
-        _verdict("The construction is exact at every rank from the threshold on (Lemma 1, Theorems 3, 6, 7)",
-                 _status(from_on), [m for m in measured if m["rank"] >= m["threshold"]], crit, used),
-        _verdict("Below the threshold the construction is not exact (random frozen models are generic)",
-                 _status(before), [m for m in measured if m["rank"] < m["threshold"]], crit, used),
+        _verdict(
+            "The construction is exact at every rank from the threshold on (Lemma 1, Theorems 3, 6, 7)",
+            _status(from_on),
+            [m for m in measured if m["rank"] >= m["threshold"]],
+            crit,
+            used,
+        ),
+        _verdict(
+            "Below the threshold the construction is not exact (random frozen models are generic)",
+            _status(before),
+            [m for m in measured if m["rank"] < m["threshold"]],
+            crit,
+            used,
+        ),
     ]
 
 
@@ -290,10 +339,17 @@ def verdict_depth(summaries: dict) -> list[dict]:
                 smallest[d] = min(smallest.get(d, math.inf), row["rank"])
         depths = sorted(smallest)
         if len(depths) >= 2:
-            results.append(all(smallest[a] >= smallest[b] for a, b in zip(depths, depths[1:]))
-                           and smallest[depths[0]] > smallest[depths[-1]])
-        measured.append({"frozen": kind, "smallest_exact_rank": {str(d): smallest[d] for d in depths},
-                         "threshold": summary["threshold"]})
+            results.append(
+                all(smallest[a] >= smallest[b] for a, b in zip(depths, depths[1:]))
+                and smallest[depths[0]] > smallest[depths[-1]]
+            )
+        measured.append(
+            {
+                "frozen": kind,
+                "smallest_exact_rank": {str(d): smallest[d] for d in depths},
+                "threshold": summary["threshold"],
+            }
+        )
     return [_verdict(claim, _status(results), measured, crit, ["depth_sweep"])]
 
 
@@ -301,29 +357,47 @@ def verdict_final_layers(summaries: dict) -> list[dict]:
     """Gradient-trained LoRA beats tuning the final layers at equal (or fewer) trained parameters."""
     summary = summaries.get("final_layers")
     claim = "LoRA beats final-layers tuning at equal trained parameters (Lemma 4)"
-    crit = ("each final-layers row against the LoRA row with the most trained parameters not above its own: "
-            "LoRA's gradient-trained test MSE is lower")
+    crit = (
+        "each final-layers row against the LoRA row with the most trained parameters not above its own: "
+        "LoRA's gradient-trained test MSE is lower"
+    )
     if summary is None:
         return [_verdict(claim, "not measured", [], crit, [])]
     measured, results = [], []
     for kind, rows in _kinds(summary):
-        lora = sorted((r for r in rows if r.get("method") == "lora" and r.get("gradient_test_mse") is not None),
-                      key=lambda r: r["params"])
+        lora = sorted(
+            (r for r in rows if r.get("method") == "lora" and r.get("gradient_test_mse") is not None),
+            key=lambda r: r["params"],
+        )
         for row in rows:
             if row.get("method") != "final_layers" or row.get("gradient_test_mse") is None:
                 continue
             cheaper = [r for r in lora if r["params"] <= row["params"]]
             if not cheaper:
-                measured.append({"frozen": kind, "layers": row.get("layers"), "params": row["params"],
-                                 "note": "no LoRA row with at most as many trained parameters"})
+                measured.append(
+                    {
+                        "frozen": kind,
+                        "layers": row.get("layers"),
+                        "params": row["params"],
+                        "note": "no LoRA row with at most as many trained parameters",
+                    }
+                )
                 continue
             best = cheaper[-1]
             wins = best["gradient_test_mse"] < row["gradient_test_mse"]
             results.append(wins)
-            measured.append({"frozen": kind, "layers": row.get("layers"), "params": row["params"],
-                             "final_layers_mse": row["gradient_test_mse"], "lora_rank": best.get("rank"),
-                             "lora_params": best["params"], "lora_mse": best["gradient_test_mse"],
-                             "lora_lower": wins})
+            measured.append(
+                {
+                    "frozen": kind,
+                    "layers": row.get("layers"),
+                    "params": row["params"],
+                    "final_layers_mse": row["gradient_test_mse"],
+                    "lora_rank": best.get("rank"),
+                    "lora_params": best["params"],
+                    "lora_mse": best["gradient_test_mse"],
+                    "lora_lower": wins,
+                }
+            )
     return [_verdict(claim, _status(results), measured, crit, ["final_layers"])]
 
 
@@ -343,8 +417,9 @@ def verdict_schedule(summaries: dict) -> list[dict]:
             if pred is None or exact is None:
                 continue
             results.append(exact == pred["predicted_exact"])
-            measured.append({"frozen": kind, "ranks": pred["ranks"], "predicted_exact": pred["predicted_exact"],
-                             "exact": exact})
+            measured.append(
+                {"frozen": kind, "ranks": pred["ranks"], "predicted_exact": pred["predicted_exact"], "exact": exact}
+            )
     return [_verdict(claim, _status(results), measured, crit, ["rank_schedule"])]
 
 
@@ -367,9 +442,16 @@ def verdict_pretrained(summaries: dict) -> list[dict]:
                 continue
             lower = c["pretrained_lower"] > c["seeds"] / 2
             results.append(lower)
-            measured.append({"experiment": name, "rank": entry["rank"], "seeds": c["seeds"],
-                             "pretrained_lower": c["pretrained_lower"], "median_ratio": c["median_ratio"],
-                             "holds": lower})
+            measured.append(
+                {
+                    "experiment": name,
+                    "rank": entry["rank"],
+                    "seeds": c["seeds"],
+                    "pretrained_lower": c["pretrained_lower"],
+                    "median_ratio": c["median_ratio"],
+                    "holds": lower,
+                }
+            )
     return [_verdict(claim, _status(results), measured, crit, used)]
 
 
@@ -377,8 +459,10 @@ def verdict_tfn_gradient(summaries: dict) -> list[dict]:
     """Gradient training of the two-block transformer fails where the construction is exact."""
     summary = summaries.get("tfn_L2")
     claim = "Gradient training of the two-block transformer fails where the construction is exact"
-    crit = (f"at every rank from the threshold on: the selected gradient run's test MSE above "
-            f"{GRADIENT_FAILS_RELATIVE_MSE:g} x the target's output power while the construction is exact")
+    crit = (
+        f"at every rank from the threshold on: the selected gradient run's test MSE above "
+        f"{GRADIENT_FAILS_RELATIVE_MSE:g} x the target's output power while the construction is exact"
+    )
     if summary is None:
         return [_verdict(claim, "not measured", [], crit, [])]
     measured, results = [], []
@@ -390,17 +474,27 @@ def verdict_tfn_gradient(summaries: dict) -> list[dict]:
                 continue
             rel = row["gradient_test_mse"] / row["target_power"]
             results.append(rel > GRADIENT_FAILS_RELATIVE_MSE)
-            measured.append({"frozen": kind, "rank": row["rank"], "gradient_relative_mse": rel,
-                             "construction_relative_mse": row["construction_test_mse"] / row["target_power"]})
+            measured.append(
+                {
+                    "frozen": kind,
+                    "rank": row["rank"],
+                    "gradient_relative_mse": rel,
+                    "construction_relative_mse": row["construction_test_mse"] / row["target_power"],
+                }
+            )
     return [_verdict(claim, _status(results), measured, crit, ["tfn_L2"])]
 
 
 def verdict_shift(summaries: dict) -> list[dict]:
     """The construction's certified biases survive inputs scaled by 5; the sample-calibrated biases do not."""
-    claim = ("The construction with certified biases stays exact on inputs scaled by 5; the one with "
-             "sample-calibrated biases does not")
-    crit = (f"from the threshold on, relative to {SHIFT_POWER:g} x the target's output power: certified x5 MSE "
-            f"<= {EXACT_RELATIVE_MSE:g}, calibrated x5 MSE above it")
+    claim = (
+        "The construction with certified biases stays exact on inputs scaled by 5; the one with "
+        "sample-calibrated biases does not"
+    )
+    crit = (
+        f"from the threshold on, relative to {SHIFT_POWER:g} x the target's output power: certified x5 MSE "
+        f"<= {EXACT_RELATIVE_MSE:g}, calibrated x5 MSE above it"
+    )
     measured, results = [], []
     used, rows = _ranked_rows(summaries, ("fnn_L2", "fnn_L4", "rank_schedule", "depth_sweep"))
     for name, kind, row, rank, thr in rows:
@@ -412,14 +506,29 @@ def verdict_shift(summaries: dict) -> list[dict]:
         scale = SHIFT_POWER * row["target_power"]
         ok = certified <= EXACT_RELATIVE_MSE * scale and not calibrated <= EXACT_RELATIVE_MSE * scale
         results.append(ok)
-        measured.append({"experiment": name, "frozen": kind, "depth": row.get("depth"), "rank": rank,
-                         "certified_relative_mse": certified / scale,
-                         "calibrated_relative_mse": calibrated / scale, "holds": ok})
+        measured.append(
+            {
+                "experiment": name,
+                "frozen": kind,
+                "depth": row.get("depth"),
+                "rank": rank,
+                "certified_relative_mse": certified / scale,
+                "calibrated_relative_mse": calibrated / scale,
+                "holds": ok,
+            }
+        )
     return [_verdict(claim, _status(results), measured, crit, used)]
 
 
-VERDICTS = (verdict_threshold, verdict_depth, verdict_final_layers, verdict_schedule, verdict_pretrained,
-            verdict_tfn_gradient, verdict_shift)
+VERDICTS = (
+    verdict_threshold,
+    verdict_depth,
+    verdict_final_layers,
+    verdict_schedule,
+    verdict_pretrained,
+    verdict_tfn_gradient,
+    verdict_shift,
+)
 
 
 def verdicts(summaries: dict) -> list[dict]:
@@ -429,15 +538,24 @@ def verdicts(summaries: dict) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------- report
 
+
 def format_report(out: Path, steps, found: list[dict], settings: dict) -> str:
-    lines = ["# The paper's synthetic experiments", "",
-             f"Zeng & Lee (2024), *The Expressive Power of Low-Rank Adaptation*, reproduced by "
-             f"`python -m verification.paper {' '.join(settings['argv'])}` on {settings['created']}.", ""]
+    lines = [
+        "# The paper's synthetic experiments",
+        "",
+        f"Zeng & Lee (2024), *The Expressive Power of Low-Rank Adaptation*, reproduced by "
+        f"`python -m verification.paper {' '.join(settings['argv'])}` on {settings['created']}.",
+        "",
+    ]
     for step in steps:
         folder = out / step.name
-        lines += [f"## {step.title} ({step.result})", "",
-                  f"`python -m verification.{step.module} {' '.join(settings['step_argv'][step.name])}`; "
-                  f"files in `{step.name}/`.", ""]
+        lines += [
+            f"## {step.title} ({step.result})",
+            "",
+            f"`python -m verification.{step.module} {' '.join(settings['step_argv'][step.name])}`; "
+            f"files in `{step.name}/`.",
+            "",
+        ]
         table = folder / "table.txt"
         if table.is_file():
             lines += ["```", table.read_text(encoding="utf-8").rstrip(), "```", ""]
@@ -453,6 +571,7 @@ def format_report(out: Path, steps, found: list[dict], settings: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m verification.paper", description=__doc__.splitlines()[0])
@@ -517,14 +636,16 @@ def main(argv=None) -> int:
                 raise CLIError(f"--resume {out}: not a folder of python -m verification.paper")
             saved = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
             resumed = parser.parse_args(saved["argv"])
-            if "--device" in argv:            # where it runs: from this command line
+            if "--device" in argv:  # where it runs: from this command line
                 resumed.device = args.device
             args = resumed
         else:
             out = Path(args.out) if args.out else Path("results") / f"paper-{_dt.datetime.now():%Y%m%d-%H%M%S}"
             if check_folder(out, "paper", "--out"):
-                raise CLIError(f"--out {out}: holds an earlier run of this command: finish it with --resume {out}, "
-                               f"or use another folder")
+                raise CLIError(
+                    f"--out {out}: holds an earlier run of this command: finish it with --resume {out}, "
+                    f"or use another folder"
+                )
             saved = None
         for dest in ("seeds", "iterations", "workers", "chunk"):
             value = getattr(args, dest)
@@ -532,17 +653,20 @@ def main(argv=None) -> int:
                 raise CLIError(f"--{dest}: must be at least 1, got {value}")
         steps = _selected(args)
         step_argvs = {s.name: step_argv(s, args) for s in steps}
-        plans = [plan_step(s, step_argvs[s.name]) for s in steps]   # every experiment's flags checked first
-    except SystemExit:        # an experiment's parser refused a flag (its one-line message is printed)
+        plans = [plan_step(s, step_argvs[s.name]) for s in steps]  # every experiment's flags checked first
+    except SystemExit:  # an experiment's parser refused a flag (its one-line message is printed)
         return 2
     except Exception as exc:  # noqa: BLE001 - CLIError, LoraTheoryError and the experiments' own refusals
-        if type(exc).__name__ not in ("CLIError", "LoraTheoryError", "InvalidArgumentError") and \
-                not isinstance(exc, ValueError):
+        if type(exc).__name__ not in ("CLIError", "LoraTheoryError", "InvalidArgumentError") and not isinstance(
+            exc, ValueError
+        ):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
-    done = {s.name for s in steps if (out / s.name / "summary.json").is_file() and (out / s.name / "table.txt").is_file()}
+    done = {
+        s.name for s in steps if (out / s.name / "summary.json").is_file() and (out / s.name / "table.txt").is_file()
+    }
     rates = measure_rates(args.device)
     print(f"paper: {len(steps)} experiments into {out}\n" + format_plan(plans, rates, done), file=sys.stderr)
     if args.plan:
@@ -560,22 +684,35 @@ def main(argv=None) -> int:
         for i, step in enumerate(steps, 1):
             if step.name in done:
                 continue
-            print(f"paper: [{i}/{len(steps)}] {step.title}: python -m verification.{step.module} "
-                  f"{' '.join(step_argvs[step.name])}", file=sys.stderr)
+            print(
+                f"paper: [{i}/{len(steps)}] {step.title}: python -m verification.{step.module} "
+                f"{' '.join(step_argvs[step.name])}",
+                file=sys.stderr,
+            )
             try:
                 code = _run_step(step, step_argvs[step.name], out / step.name)
             except KeyboardInterrupt:
                 code = 130
             if code != 0:
-                print(f"{prog}: {step.name} stopped (exit status {code}); finish with --resume {out}",
-                      file=sys.stderr)
+                print(f"{prog}: {step.name} stopped (exit status {code}); finish with --resume {out}", file=sys.stderr)
                 return code
         summaries = {s.name: _read_summary(out / s.name) for s in steps}
         summaries = {k: v for k, v in summaries.items() if v is not None}
         found = verdicts(summaries)
-        atomic_write(out / "verdicts.json", json.dumps({"verdicts": found, "criteria": {
-            "exact_relative_mse": EXACT_RELATIVE_MSE, "gradient_fails_relative_mse": GRADIENT_FAILS_RELATIVE_MSE,
-            "shift_power": SHIFT_POWER}}, indent=1))
+        atomic_write(
+            out / "verdicts.json",
+            json.dumps(
+                {
+                    "verdicts": found,
+                    "criteria": {
+                        "exact_relative_mse": EXACT_RELATIVE_MSE,
+                        "gradient_fails_relative_mse": GRADIENT_FAILS_RELATIVE_MSE,
+                        "shift_power": SHIFT_POWER,
+                    },
+                },
+                indent=1,
+            ),
+        )
         atomic_write(out / "report.md", format_report(out, steps, found, saved))
     finally:
         lock.release()

@@ -102,14 +102,18 @@ def adapter_layers(fit_or_adapters, *, names=None, biases=None, choice: str = "e
         frozen = getattr(fit, "frozen", None)
         model = getattr(fit, "model", None)
         if hasattr(frozen, "biases") and hasattr(model, "biases"):
-            auto_biases = {f"layers.{l}": np.asarray(b1) - np.asarray(b0)
-                           for l, (b0, b1) in enumerate(zip(frozen.biases, model.biases))}
+            auto_biases = {
+                f"layers.{l}": np.asarray(b1) - np.asarray(b0)
+                for l, (b0, b1) in enumerate(zip(frozen.biases, model.biases))
+            }
     elif isinstance(fit_or_adapters, Sequence) and not isinstance(fit_or_adapters, (str, bytes)):
         items = [(f"layers.{l}", a) for l, a in enumerate(fit_or_adapters)]
     else:
         raise InvalidArgumentError(
-            "fit_or_adapters", "must be a fit (LinearFit, FNNFit), a RankReport, a sequence of Adapter or a "
-            f"mapping name -> Adapter, got {type(fit_or_adapters).__name__}")
+            "fit_or_adapters",
+            "must be a fit (LinearFit, FNNFit), a RankReport, a sequence of Adapter or a "
+            f"mapping name -> Adapter, got {type(fit_or_adapters).__name__}",
+        )
     if not items:
         raise InvalidArgumentError("fit_or_adapters", "holds no adapters")
     for i, (_, a) in enumerate(items):
@@ -118,7 +122,9 @@ def adapter_layers(fit_or_adapters, *, names=None, biases=None, choice: str = "e
     if names is not None:
         names = list(names)
         if len(names) != len(items):
-            raise InvalidArgumentError("names", f"must give one module name per adapter ({len(items)}), got {len(names)}")
+            raise InvalidArgumentError(
+                "names", f"must give one module name per adapter ({len(items)}), got {len(names)}"
+            )
         items = [(n, a) for n, (_, a) in zip(names, items)]
     if len({n for n, _ in items}) != len(items):
         raise InvalidArgumentError("names", "module names must be distinct")
@@ -134,10 +140,14 @@ def adapter_layers(fit_or_adapters, *, names=None, biases=None, choice: str = "e
             raise InvalidArgumentError("biases", f"names modules without an adapter: {sorted(unknown)}")
     elif isinstance(biases, Sequence) and not isinstance(biases, (str, bytes)):
         if len(biases) != len(items):
-            raise InvalidArgumentError("biases", f"must give one bias change (or None) per layer ({len(items)}), got {len(biases)}")
+            raise InvalidArgumentError(
+                "biases", f"must give one bias change (or None) per layer ({len(items)}), got {len(biases)}"
+            )
         bias_map = {n: b for (n, _), b in zip(items, biases)}
     else:
-        raise InvalidArgumentError("biases", f"must be None, False, a sequence or a mapping, got {type(biases).__name__}")
+        raise InvalidArgumentError(
+            "biases", f"must be None, False, a sequence or a mapping, got {type(biases).__name__}"
+        )
 
     out = []
     for name, a in items:
@@ -158,7 +168,7 @@ def _clip(adapter: Adapter, rank_tol):
     """The adapter at the numeric rank of ``B A`` (re-factored through its SVD when that is lower)."""
     if adapter.rank == 0:
         return adapter, 0
-    delta = adapter.delta                                               # (out, in)
+    delta = adapter.delta  # (out, in)
     scale = float(np.linalg.norm(adapter.B, 2) * np.linalg.norm(adapter.A, 2))
     k = numeric_rank(delta, tol=rank_tol, scale=scale)
     if k == adapter.rank:
@@ -166,9 +176,20 @@ def _clip(adapter: Adapter, rank_tol):
     return Adapter.from_delta(delta, k), k
 
 
-def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_model_prefix: str = "base_model.model",
-                dtype="float32", rank_tol: float | None = None, target_regex: bool = False,
-                choice: str = "exact", base_name=None, base_weights=None) -> PeftExport:
+def export_peft(
+    fit_or_adapters,
+    directory,
+    *,
+    names=None,
+    biases=None,
+    base_model_prefix: str = "base_model.model",
+    dtype="float32",
+    rank_tol: float | None = None,
+    target_regex: bool = False,
+    choice: str = "exact",
+    base_name=None,
+    base_weights=None,
+) -> PeftExport:
     """Write a PEFT LoRA adapter directory that ``peft.PeftModel.from_pretrained`` loads (module docstring).
 
     Parameters
@@ -211,8 +232,14 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
     exported, notes = [], {}
     for name, adapter, bias in layers:
         clipped, k = _clip(adapter, rank_tol)
-        note = {"stored_rank": adapter.rank, "numeric_rank": k, "bias_changed": bias is not None,
-                "clipped": k < adapter.rank, "bias_only": False, "targeted": True}
+        note = {
+            "stored_rank": adapter.rank,
+            "numeric_rank": k,
+            "bias_changed": bias is not None,
+            "clipped": k < adapter.rank,
+            "bias_only": False,
+            "targeted": True,
+        }
         if k == 0:
             if bias is None:
                 note.update(targeted=False, exported_rank=0, reason="no weight or bias change")
@@ -223,11 +250,14 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
         note["exported_rank"] = clipped.rank
         notes[name] = note
         exported.append((name, clipped, bias))
-    if not exported:                                   # nothing changes: a zero adapter on the first layer
+    if not exported:  # nothing changes: a zero adapter on the first layer
         name, adapter, _ = layers[0]
         exported.append((name, Adapter.zeros(1, adapter.in_features, adapter.out_features), None))
-        notes[name].update(targeted=True, exported_rank=1, reason="no layer changes: one zero adapter so that "
-                           "PEFT has something to load")
+        notes[name].update(
+            targeted=True,
+            exported_rank=1,
+            reason="no layer changes: one zero adapter so that PEFT has something to load",
+        )
     lora_bias = any(b is not None for _, _, b in exported)
     for name, a, b in exported:
         for part, arr in (("A", a.A), ("B", a.B)) + ((("bias", b),) if b is not None else ()):
@@ -237,11 +267,12 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
             if not np.isfinite(arr).all() or not np.isfinite(rounded).all():
                 raise AdapterWriteError(
                     f"layer {name}: {part} holds values beyond {np_dtype.name}'s range (largest |entry| "
-                    f"{float(np.nanmax(np.abs(arr))):.3g}); nothing was written")
+                    f"{float(np.nanmax(np.abs(arr))):.3g}); nothing was written"
+                )
     tensors = {}
     for name, a, b in exported:
-        tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a.A, dtype=np_dtype)    # (r, in)
-        tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(a.B, dtype=np_dtype)    # (out, r)
+        tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a.A, dtype=np_dtype)  # (r, in)
+        tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(a.B, dtype=np_dtype)  # (out, r)
         if lora_bias:
             bias = np.zeros(a.out_features) if b is None else b
             tensors[f"{prefix}{name}.lora_B.bias"] = np.ascontiguousarray(bias, dtype=np_dtype)  # (out,)
@@ -285,20 +316,33 @@ def export_peft(fit_or_adapters, directory, *, names=None, biases=None, base_mod
         import torch
 
         weights = {k: torch.as_tensor(np.asarray(v)) for k, v in base_weights.items()}
-        record["base_fingerprint"] = base_fingerprint(weights.__getitem__, list(weights),
-                                                      {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()})
+        record["base_fingerprint"] = base_fingerprint(
+            weights.__getitem__, list(weights), {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()}
+        )
     record["base_model_name_or_path"] = config["base_model_name_or_path"]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (directory / "lora_theory_export.json").write_text(json.dumps(record, indent=2))
-    save_file(tensors, str(directory / "adapter_model.safetensors"),
-              metadata={"format": "pt", "lora_theory": json.dumps(record)})
+    save_file(
+        tensors,
+        str(directory / "adapter_model.safetensors"),
+        metadata={"format": "pt", "lora_theory": json.dumps(record)},
+    )
     return PeftExport(directory=str(directory), config=config, ranks=ranks, notes=notes, keys=tuple(tensors))
 
 
-def export_loralib_state_dict(fit_or_adapters, path=None, *, names=None, biases=None, adapted_biases=None,
-                              pad_to: int | None = None, dtype="float32", choice: str = "exact") -> dict:
+def export_loralib_state_dict(
+    fit_or_adapters,
+    path=None,
+    *,
+    names=None,
+    biases=None,
+    adapted_biases=None,
+    pad_to: int | None = None,
+    dtype="float32",
+    choice: str = "exact",
+) -> dict:
     """The adapters as a loralib state dict: ``<module>.lora_A`` (``r x in``), ``<module>.lora_B`` (``out x r``).
 
     loralib has no bias on its adapters; it trains the layer's own bias (``mark_only_lora_as_trainable(model,
@@ -341,8 +385,10 @@ def export_loralib_state_dict(fit_or_adapters, path=None, *, names=None, biases=
         if change is not None:
             if adapted_biases is None or name not in adapted_biases:
                 raise InvalidArgumentError(
-                    "adapted_biases", f"layer {name} changes its bias: loralib stores the adapted bias itself, "
-                    "so pass adapted_biases (or a fit)")
+                    "adapted_biases",
+                    f"layer {name} changes its bias: loralib stores the adapted bias itself, "
+                    "so pass adapted_biases (or a fit)",
+                )
             out[f"{name}.bias"] = np.ascontiguousarray(adapted_biases[name], dtype=np_dtype)
     if path is not None:
         path = Path(path)
@@ -413,15 +459,14 @@ class LoraEntry:
 def _torch_dtype(name):
     import torch
 
-    table = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "bfloat16": torch.bfloat16}
+    table = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if str(name) not in table:
         raise InvalidArgumentError("dtype", f"must be one of {sorted(table)}, got {name!r}")
     return table[str(name)]
 
 
 def _unit_roundoff(name) -> float:
-    return {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[str(name)]
+    return {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}[str(name)]
 
 
 def _skeleton(modules: dict):
@@ -479,9 +524,12 @@ def base_fingerprint(get, keys, dtypes) -> dict:
         t = get(key)
         flat = t.reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel())).round().long()
-        tensors[key] = {"shape": list(t.shape), "dtype": str(dtypes[key]),
-                        "sum": float(flat.double().sum()),
-                        "samples": [float(v) for v in flat[idx].double()]}
+        tensors[key] = {
+            "shape": list(t.shape),
+            "dtype": str(dtypes[key]),
+            "sum": float(flat.double().sum()),
+            "samples": [float(v) for v in flat[idx].double()],
+        }
     digest = hashlib.sha256(json.dumps(tensors, sort_keys=True).encode()).hexdigest()
     return {"digest": digest, "tensors": tensors}
 
@@ -529,16 +577,19 @@ def check_base(directory, base) -> dict:
         get, have = src.get, src.shapes
     for key, rec in fp["tensors"].items():
         if key not in have:
-            raise AdapterBaseError(f"the base has no tensor {key!r}; the adapter in {directory} was built for another model")
+            raise AdapterBaseError(
+                f"the base has no tensor {key!r}; the adapter in {directory} was built for another model"
+            )
         t = torch.as_tensor(get(key)).detach().cpu()
         if list(t.shape) != rec["shape"]:
             raise AdapterBaseError(
                 f"base tensor {key!r} has shape {tuple(t.shape)}, the adapter in {directory} was built for "
-                f"{tuple(rec['shape'])}")
+                f"{tuple(rec['shape'])}"
+            )
         stored = _torch_dtype(rec["dtype"]) if rec["dtype"] in ("float32", "float64", "float16", "bfloat16") else None
         flat = t.reshape(-1)
         if stored is not None:
-            flat = flat.to(stored)                                  # the base as it was stored
+            flat = flat.to(stored)  # the base as it was stored
         idx = torch.linspace(0, flat.numel() - 1, len(rec["samples"])).round().long()
         got = flat[idx].double().numpy()
         want = np.asarray(rec["samples"])
@@ -548,7 +599,8 @@ def check_base(directory, base) -> dict:
         if not np.array_equal(got, want) or abs(total - rec["sum"]) > 4 * u * scale + 1e-300:
             raise AdapterBaseError(
                 f"base tensor {key!r} differs from the one the adapter in {directory} was built for "
-                f"(fingerprint {fp['digest'][:12]}): loading it there would apply the change to other weights")
+                f"(fingerprint {fp['digest'][:12]}): loading it there would apply the change to other weights"
+            )
     return fp
 
 
@@ -562,8 +614,18 @@ def load_peft_adapter(model, directory):
     return peft.PeftModel.from_pretrained(model, str(directory))
 
 
-def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules_to_save=None,
-                       base_name=None, fingerprint=None, record=None, fan_in_fan_out=None):
+def write_peft_adapter(
+    entries,
+    directory,
+    *,
+    skeleton,
+    dtype="float32",
+    modules_to_save=None,
+    base_name=None,
+    fingerprint=None,
+    record=None,
+    fan_in_fan_out=None,
+):
     """Write ``entries`` as a PEFT LoRA adapter with PEFT's own classes, after checking what will be written.
 
     PEFT builds the adapter: ``LoraConfig`` (``target_modules``, ``r = lora_alpha``, ``rank_pattern =
@@ -612,7 +674,9 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
     u = _unit_roundoff(dtype)
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise AdapterWriteError(f"{directory} exists and is not an empty folder: the adapter is written only into a new one")
+        raise AdapterWriteError(
+            f"{directory} exists and is not an empty folder: the adapter is written only into a new one"
+        )
     entries = list(entries)
     modules_to_save = dict(modules_to_save or {})
     if not entries and not modules_to_save:
@@ -631,7 +695,8 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
             if big > finfo.max:
                 raise AdapterWriteError(
                     f"layer {e.name}: an entry of {part} is {big:.3g}, beyond {dtype}'s largest value {finfo.max:.3g}; "
-                    "write it in a wider dtype (float32 or float64)")
+                    "write it in a wider dtype (float32 or float64)"
+                )
         A_w = torch.from_numpy(A64).to(tdtype)
         B_w = torch.from_numpy(B64).to(tdtype)
         err = float(np.linalg.norm(B_w.double().numpy() @ A_w.double().numpy() - B64 @ A64))
@@ -640,14 +705,17 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
         if not err <= bound:
             raise AdapterWriteError(
                 f"layer {e.name}: in {dtype} the product B A is off by {err:.3g}, above the rounding bound "
-                f"{bound:.3g} (entries underflow); write it in a wider dtype")
+                f"{bound:.3g} (entries underflow); write it in a wider dtype"
+            )
         if e.bias is not None:
             b_w = torch.from_numpy(np.asarray(e.bias, np.float64)).to(tdtype)
             berr = float(np.linalg.norm(b_w.double().numpy() - e.bias))
             bbound = u * float(np.linalg.norm(e.bias))
             check.update(bias_error=berr, bias_bound=bbound)
             if not berr <= bbound:
-                raise AdapterWriteError(f"layer {e.name}: the bias change underflows in {dtype}; write it in a wider dtype")
+                raise AdapterWriteError(
+                    f"layer {e.name}: the bias change underflows in {dtype}; write it in a wider dtype"
+                )
         checks[e.name] = check
         tensors[e.name] = (A_w, B_w, None if e.bias is None else b_w)
     saved = {}
@@ -665,19 +733,30 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
     kinds = {e.kind for e in entries}
     lora_bias = any(e.bias is not None for e in entries)
     if lora_bias and "embedding" in kinds:
-        raise AdapterWriteError("lora_bias is needed for a bias change but PEFT refuses it on an embedding "
-                                "layer that is also adapted")
+        raise AdapterWriteError(
+            "lora_bias is needed for a bias change but PEFT refuses it on an embedding layer that is also adapted"
+        )
     config_fan_in_fan_out = ("conv1d" in kinds) if fan_in_fan_out is None else bool(fan_in_fan_out)
     config = peft.LoraConfig(
-        r=top, lora_alpha=top, target_modules=list(ranks) or None, rank_pattern=dict(ranks),
-        alpha_pattern=dict(ranks), lora_dropout=0.0, bias="none", lora_bias=lora_bias,
+        r=top,
+        lora_alpha=top,
+        target_modules=list(ranks) or None,
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(ranks),
+        lora_dropout=0.0,
+        bias="none",
+        lora_bias=lora_bias,
         fan_in_fan_out=config_fan_in_fan_out,
-        modules_to_save=list(saved) or None, init_lora_weights=False, use_rslora=False, use_dora=False,
-        inference_mode=True)
-    if not ranks:   # modules_to_save only: PEFT needs one target; a zero adapter on no module is not possible
+        modules_to_save=list(saved) or None,
+        init_lora_weights=False,
+        use_rslora=False,
+        use_dora=False,
+        inference_mode=True,
+    )
+    if not ranks:  # modules_to_save only: PEFT needs one target; a zero adapter on no module is not possible
         raise AdapterWriteError("only vectors changed: PEFT's LoRA needs at least one adapted layer")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # fan_in_fan_out set per module; tied embeddings
+        warnings.simplefilter("ignore")  # fan_in_fan_out set per module; tied embeddings
         model = peft.get_peft_model(skeleton, config)
     state, pre = {}, "base_model.model."
     for e in entries:
@@ -696,10 +775,12 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
             state[f"{pre}{module}.modules_to_save.default.{leaf}"] = t.contiguous()
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise AdapterWriteError(f"PEFT's model has no parameters {result.unexpected_keys[:4]}: the module paths "
-                                "do not match the architecture")
+        raise AdapterWriteError(
+            f"PEFT's model has no parameters {result.unexpected_keys[:4]}: the module paths "
+            "do not match the architecture"
+        )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # PEFT takes a 1-D lora_B.bias for an unsharded ZeRO-3 tensor
+        warnings.simplefilter("ignore")  # PEFT takes a 1-D lora_B.bias for an unsharded ZeRO-3 tensor
         adapter_state = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     meta = [k for k, v in adapter_state.items() if v.is_meta]
     if meta:
@@ -710,11 +791,17 @@ def write_peft_adapter(entries, directory, *, skeleton, dtype="float32", modules
     model.peft_config["default"].fan_in_fan_out = config_fan_in_fan_out
 
     record = dict(record or {})
-    record.update(producer="lora_theory", dtype=str(dtype), ranks=dict(ranks), lora_bias=lora_bias,
-                  modules_to_save=sorted(saved), checks=checks,
-                  scale="lora_alpha = r and alpha_pattern = rank_pattern: PEFT's scale lora_alpha / r is 1 on every layer",
-                  base_model_name_or_path=None if base_name is None else str(base_name),
-                  base_fingerprint=fingerprint)
+    record.update(
+        producer="lora_theory",
+        dtype=str(dtype),
+        ranks=dict(ranks),
+        lora_bias=lora_bias,
+        modules_to_save=sorted(saved),
+        checks=checks,
+        scale="lora_alpha = r and alpha_pattern = rank_pattern: PEFT's scale lora_alpha / r is 1 on every layer",
+        base_model_name_or_path=None if base_name is None else str(base_name),
+        base_fingerprint=fingerprint,
+    )
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
@@ -790,7 +877,9 @@ def check_fnn_adapter(fit, directory, *, samples_per_shell: int = 64, seed: int 
         b = np.asarray(b, np.float64).copy()
         if pre + "lora_A.weight" in tensors:
             with np.errstate(over="ignore", invalid="ignore"):
-                W = W + tensors[pre + "lora_B.weight"].astype(np.float64) @ tensors[pre + "lora_A.weight"].astype(np.float64)
+                W = W + tensors[pre + "lora_B.weight"].astype(np.float64) @ tensors[pre + "lora_A.weight"].astype(
+                    np.float64
+                )
         if pre + "lora_B.bias" in tensors:
             b = b + tensors[pre + "lora_B.bias"].astype(np.float64)
         weights.append(W)
@@ -808,7 +897,7 @@ def check_fnn_adapter(fit, directory, *, samples_per_shell: int = 64, seed: int 
     for r in radii:
         d = rng.standard_normal((samples_per_shell, D))
         pts.append(center + r * d / np.linalg.norm(d, axis=1, keepdims=True))
-    X = np.concatenate(pts)                                             # (n, D)
+    X = np.concatenate(pts)  # (n, D)
     written = lora_forward(weights, biases, built, X)
     reference = lora_forward(built.weights, built.biases, built, X)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -825,9 +914,13 @@ def check_fnn_adapter(fit, directory, *, samples_per_shell: int = 64, seed: int 
         allowed = float(tol * fit.output_radius)
     # a relative tolerance of 1 or more bounds nothing: such a precision cannot hold the construction
     holds = bool(tol < 1 and rel[worst] <= tol and math.isfinite(allowed) and absolute <= allowed)
-    return result | {"holds": holds, "max_relative_error": float(rel[worst]),
-                     "at_norm": float(np.linalg.norm(X[worst] - center)),
-                     "max_error_to_target": absolute, "allowed_error_to_target": allowed}
+    return result | {
+        "holds": holds,
+        "max_relative_error": float(rel[worst]),
+        "at_norm": float(np.linalg.norm(X[worst] - center)),
+        "max_error_to_target": absolute,
+        "allowed_error_to_target": allowed,
+    }
 
 
 def lora_forward(weights, biases, like, X):

@@ -3,11 +3,13 @@
 ``python -m verification.pretraining --model fnn --depth 4 --seeds 100`` (or ``--model linear``,
 ``--model tfn``): for seeds ``0..N-1`` the random frozen model and the target of the experiments
 (``python -m verification.fnn``, ``verification.linear``, ``verification.tfn`` with the same sizes draw the
-same ones), the pretrained frozen model made from the random one (THEORY.md §4: all its weights and biases trained toward the target until the loss is a third of
+same ones), the pretrained frozen model made from the random one (THEORY.md §4: all its weights and biases trained
+toward the target until the loss is a third of
 the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of every discrepancy the construction
 matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3, uniform partition,
 :func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose tail
-gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and output discrepancies (Theorem 7,
+gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and output
+discrepancies (Theorem 7,
 :func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the error below it are set
 by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a TFN chain),
 so a frozen model closer to the target helps exactly as far as pretraining lowers them.
@@ -32,8 +34,17 @@ import numpy as np
 import lora_theory
 
 from .outdir import FolderLock, OneLineParser, atomic_write, check_folder, interrupts_deferred, write_error_message
-from .sweep import (PRETRAIN_FACTOR, PRETRAIN_MAX_STEPS, PRETRAINING_PROTOCOL, CLIError, Problems, default_out,
-                    fnn_structure, save_figure, writable_folder)
+from .sweep import (
+    PRETRAIN_FACTOR,
+    PRETRAIN_MAX_STEPS,
+    PRETRAINING_PROTOCOL,
+    CLIError,
+    Problems,
+    default_out,
+    fnn_structure,
+    save_figure,
+    writable_folder,
+)
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -42,18 +53,26 @@ PROG = "python -m verification.pretraining"
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("fnn", "linear", "tfn"), default="fnn",
-                   help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn")
+    p.add_argument(
+        "--model",
+        choices=("fnn", "linear", "tfn"),
+        default="fnn",
+        help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn",
+    )
     p.add_argument("--width", type=int, default=None, help="D (default 16)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)")
+    p.add_argument(
+        "--depth", type=int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)"
+    )
     p.add_argument("--target-depth", type=int, default=None, help="L̄, fnn only (default max(1, L // 2))")
     p.add_argument("--heads", type=int, default=None, help="H, tfn only (default 2)")
     p.add_argument("--seq-len", type=int, default=None, help="N, tokens per pretraining input, tfn only (default 10)")
     p.add_argument("--seeds", type=int, default=None, help="how many seeds (0..N-1; default 20)")
     p.add_argument("--out", default=None, help="output folder (default results/pretraining-<model>-<time>)")
-    p.add_argument("--quick", action="store_true",
-                   help="a small smoke run: D = 4 and 3 seeds unless --width, --seeds say otherwise")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small smoke run: D = 4 and 3 seeds unless --width, --seeds say otherwise",
+    )
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
     return p
 
@@ -73,10 +92,15 @@ def _structure(args) -> tuple:
     args.heads = 2 if args.heads is None else args.heads
     args.seq_len = 10 if args.seq_len is None else args.seq_len
     L = args.depth if args.depth is not None else (4 if args.model == "fnn" else 2)
-    if args.model == "linear":                        # verification.linear's models: one target layer
+    if args.model == "linear":  # verification.linear's models: one target layer
         args.target_depth = 1
-    for flag, value in (("--width", args.width), ("--depth", L), ("--seeds", args.seeds),
-                        ("--heads", args.heads), ("--seq-len", args.seq_len)):
+    for flag, value in (
+        ("--width", args.width),
+        ("--depth", L),
+        ("--seeds", args.seeds),
+        ("--heads", args.heads),
+        ("--seq-len", args.seq_len),
+    ):
         if value < 1:
             raise CLIError(f"{flag}: must be at least 1, got {value}")
     if args.model == "tfn":
@@ -92,8 +116,10 @@ def _discrepancies(structure, frozen, target) -> dict:
     if structure[0] == "fnn":
         sizes = lora_theory.uniform_partition(structure[2], structure[3])
         blocks = lora_theory.partition_blocks(sizes)
-        return {f"E_{i + 1} (layers {b.start + 1}-{b.stop})": (E, len(b))
-                for i, (b, E) in enumerate(zip(blocks, lora_theory.block_discrepancies(frozen, target)))}
+        return {
+            f"E_{i + 1} (layers {b.start + 1}-{b.stop})": (E, len(b))
+            for i, (b, E) in enumerate(zip(blocks, lora_theory.block_discrepancies(frozen, target)))
+        }
     out = {}
     for (kind, l, h), E in lora_theory.tfn_matched_discrepancies(frozen, target).items():
         out[f"{kind}[{l},{h}]" if h is not None else kind] = (E, 2)
@@ -102,8 +128,10 @@ def _discrepancies(structure, frozen, target) -> dict:
 
 def _parameters(structure, model) -> dict:
     if structure[0] == "fnn":
-        return {**{f"W_{l + 1}": w for l, w in enumerate(model.weights)},
-                **{f"b_{l + 1}": b for l, b in enumerate(model.biases)}}
+        return {
+            **{f"W_{l + 1}": w for l, w in enumerate(model.weights)},
+            **{f"b_{l + 1}": b for l, b in enumerate(model.biases)},
+        }
     return dict(model.parameters())
 
 
@@ -115,7 +143,7 @@ def spectra(structure, seeds, problems: Problems, progress=None) -> dict:
     number of frozen factors in that discrepancy's chain; ``change[param]`` the per-seed relative Frobenius
     change ``||P_pretrained - P_random|| / ||P_random||`` (``len(seeds)``,).
     """
-    problems.prepare(structure, list(seeds))          # all FNN seeds in one batched pretraining
+    problems.prepare(structure, list(seeds))  # all FNN seeds in one batched pretraining
     out = {"random": {}, "pretrained": {}, "change": {}, "factors": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lora_theory.IllConditionedWarning)
@@ -124,26 +152,26 @@ def spectra(structure, seeds, problems: Problems, progress=None) -> dict:
             models = {kind: problems.frozen(structure, kind, seed) for kind in ("random", "pretrained")}
             for kind, model in models.items():
                 for name, (E, M) in _discrepancies(structure, model, target).items():
-                    out[kind].setdefault(name, []).append(np.linalg.svd(E, compute_uv=False))   # (D,)
+                    out[kind].setdefault(name, []).append(np.linalg.svd(E, compute_uv=False))  # (D,)
                     out["factors"][name] = M
             before, after = (_parameters(structure, models[k]) for k in ("random", "pretrained"))
             for name, value in before.items():
                 if not np.any(value) and not np.any(after[name]):
-                    continue                                      # a linear model's zero biases
+                    continue  # a linear model's zero biases
                 change = np.linalg.norm(np.asarray(after[name]) - value) / np.linalg.norm(value)
                 out["change"].setdefault(name, []).append(float(change))
             if progress is not None:
                 progress.update(1)
     out["names"] = list(out["random"])
     for kind in ("random", "pretrained"):
-        out[kind] = {name: np.array(v) for name, v in out[kind].items()}             # (seeds, D)
+        out[kind] = {name: np.array(v) for name, v in out[kind].items()}  # (seeds, D)
     out["change"] = {name: np.array(v) for name, v in out["change"].items()}
     return out
 
 
 def _zero_rounding(s: np.ndarray) -> np.ndarray:
     """Singular values (seeds, D) with those at rounding level, ``<= D·eps·σ_1`` of their matrix, set to 0."""
-    tol = s.shape[1] * np.finfo(np.float64).eps * s[:, :1]                                # (seeds, 1)
+    tol = s.shape[1] * np.finfo(np.float64).eps * s[:, :1]  # (seeds, 1)
     return np.where(s > tol, s, 0.0)
 
 
@@ -159,29 +187,49 @@ def summarize(structure, seeds, result, pretrain_info) -> dict:
     for name in result["names"]:
         rand, pre = (_zero_rounding(result[kind][name]) for kind in ("random", "pretrained"))  # (seeds, D)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = pre / rand                      # 0/0 (both at rounding level): NaN, left out; x/0: inf
+            ratio = pre / rand  # 0/0 (both at rounding level): NaN, left out; x/0: inf
         M = result["factors"][name]
         D = rand.shape[1]
-        rows.append({
-            "name": name, "factors": M,
-            "rank_leaving": [(k - 1) // M if (k - 1) % M == 0 else None for k in range(1, D + 1)],
-            "median_random": np.median(rand, 0).tolist(), "median_pretrained": np.median(pre, 0).tolist(),
-            "q25_random": np.quantile(rand, 0.25, 0).tolist(), "q75_random": np.quantile(rand, 0.75, 0).tolist(),
-            "q25_pretrained": np.quantile(pre, 0.25, 0).tolist(),
-            "q75_pretrained": np.quantile(pre, 0.75, 0).tolist(),
-            "pretrained_lower": (pre < rand).sum(0).tolist(),
-            "median_ratio": [float(np.median(r[~np.isnan(r)])) if (~np.isnan(r)).any() else None
-                             for r in ratio.T],
-            "ratio_seeds": (~np.isnan(ratio)).sum(0).tolist(),
-            "random": rand.tolist(), "pretrained": pre.tolist()})
-    capped = sorted(label for label, info in pretrain_info.items()
-                    if info["steps"] >= PRETRAIN_MAX_STEPS and info["last_loss"] >= PRETRAIN_FACTOR * info["first_loss"])
-    return {"tool": "pretraining", "structure": list(structure), "seeds": list(seeds),
-            "pretraining": PRETRAINING_PROTOCOL, "pretrain_info": pretrain_info, "capped": capped,
-            "discrepancies": rows,
-            "parameter_change": {name: {"median": float(np.median(v)), "q25": float(np.quantile(v, 0.25)),
-                                        "q75": float(np.quantile(v, 0.75))}
-                                 for name, v in result["change"].items()}}
+        rows.append(
+            {
+                "name": name,
+                "factors": M,
+                "rank_leaving": [(k - 1) // M if (k - 1) % M == 0 else None for k in range(1, D + 1)],
+                "median_random": np.median(rand, 0).tolist(),
+                "median_pretrained": np.median(pre, 0).tolist(),
+                "q25_random": np.quantile(rand, 0.25, 0).tolist(),
+                "q75_random": np.quantile(rand, 0.75, 0).tolist(),
+                "q25_pretrained": np.quantile(pre, 0.25, 0).tolist(),
+                "q75_pretrained": np.quantile(pre, 0.75, 0).tolist(),
+                "pretrained_lower": (pre < rand).sum(0).tolist(),
+                "median_ratio": [float(np.median(r[~np.isnan(r)])) if (~np.isnan(r)).any() else None for r in ratio.T],
+                "ratio_seeds": (~np.isnan(ratio)).sum(0).tolist(),
+                "random": rand.tolist(),
+                "pretrained": pre.tolist(),
+            }
+        )
+    capped = sorted(
+        label
+        for label, info in pretrain_info.items()
+        if info["steps"] >= PRETRAIN_MAX_STEPS and info["last_loss"] >= PRETRAIN_FACTOR * info["first_loss"]
+    )
+    return {
+        "tool": "pretraining",
+        "structure": list(structure),
+        "seeds": list(seeds),
+        "pretraining": PRETRAINING_PROTOCOL,
+        "pretrain_info": pretrain_info,
+        "capped": capped,
+        "discrepancies": rows,
+        "parameter_change": {
+            name: {
+                "median": float(np.median(v)),
+                "q25": float(np.quantile(v, 0.25)),
+                "q75": float(np.quantile(v, 0.75)),
+            }
+            for name, v in result["change"].items()
+        },
+    }
 
 
 def _describe(structure) -> str:
@@ -194,33 +242,42 @@ def _describe(structure) -> str:
 
 def format_table(summary) -> str:
     n = len(summary["seeds"])
-    lines = [f"{_describe(summary['structure'])}, {n} seeds: singular values σ_k of the discrepancies the "
-             f"construction matches, pretrained against random, paired by seed",
-             "(k/n: the pretrained σ_k is lower in k of n seeds; ratio: median of pretrained / random; rank R "
-             "leaves σ_k: the rank whose error that σ_k is)"]
+    lines = [
+        f"{_describe(summary['structure'])}, {n} seeds: singular values σ_k of the discrepancies the "
+        f"construction matches, pretrained against random, paired by seed",
+        "(k/n: the pretrained σ_k is lower in k of n seeds; ratio: median of pretrained / random; rank R "
+        "leaves σ_k: the rank whose error that σ_k is)",
+    ]
     for row in summary["discrepancies"]:
         D = len(row["median_random"])
         lines.append("")
         lines.append(f"{row['name']:<20}{'k':>18}" + "".join(f"{k:>8}" for k in range(1, D + 1)))
-        lines.append(f"{'':<20}{'rank R leaves σ_k':>18}"
-                     + "".join(f"{'' if r is None else r:>8}" for r in row["rank_leaving"]))
+        lines.append(
+            f"{'':<20}{'rank R leaves σ_k':>18}" + "".join(f"{'' if r is None else r:>8}" for r in row["rank_leaving"])
+        )
         lines.append(f"{'':<20}{'median random':>18}" + "".join(f"{v:>8.3g}" for v in row["median_random"]))
         lines.append(f"{'':<20}{'pretrained':>18}" + "".join(f"{v:>8.3g}" for v in row["median_pretrained"]))
-        lines.append(f"{'':<20}{'lower in':>18}" + "".join(f"{c:>8}" for c in row["pretrained_lower"])
-                     + f"   (of {n})")
-        lines.append(f"{'':<20}{'median ratio':>18}"
-                     + "".join(f"{'-' if v is None else format(v, '.3f'):>8}" for v in row["median_ratio"]))
+        lines.append(f"{'':<20}{'lower in':>18}" + "".join(f"{c:>8}" for c in row["pretrained_lower"]) + f"   (of {n})")
+        lines.append(
+            f"{'':<20}{'median ratio':>18}"
+            + "".join(f"{'-' if v is None else format(v, '.3f'):>8}" for v in row["median_ratio"])
+        )
     if any(c < n for row in summary["discrepancies"] for c in row["ratio_seeds"]):
         lines.append("")
-        lines.append("(some ratios are medians over fewer seeds: both singular values at rounding level, see "
-                     "ratio_seeds in summary.json)")
+        lines.append(
+            "(some ratios are medians over fewer seeds: both singular values at rounding level, see "
+            "ratio_seeds in summary.json)"
+        )
     if summary["capped"]:
         lines.append("")
-        lines.append(f"pretraining reached the step limit ({PRETRAIN_MAX_STEPS}) before a third of its first loss "
-                     f"in {len(summary['capped'])} of {n} seeds")
+        lines.append(
+            f"pretraining reached the step limit ({PRETRAIN_MAX_STEPS}) before a third of its first loss "
+            f"in {len(summary['capped'])} of {n} seeds"
+        )
     lines.append("")
-    lines.append("relative change of the frozen parameters, ||pretrained - random|| / ||random|| (median "
-                 "[q25, q75] over seeds):")
+    lines.append(
+        "relative change of the frozen parameters, ||pretrained - random|| / ||random|| (median [q25, q75] over seeds):"
+    )
     for name, c in summary["parameter_change"].items():
         lines.append(f"  {name:<8} {c['median']:.4f}  [{c['q25']:.4f}, {c['q75']:.4f}]")
     return "\n".join(lines)
@@ -241,8 +298,9 @@ def make_figure(summary, path: Path):
         for kind in ("random", "pretrained"):
             positive = lambda v: np.where(np.asarray(v) > 0, v, np.nan)  # noqa: E731  (zeros: not drawn on a log scale)
             ax.plot(k, positive(row[f"median_{kind}"]), marker="o", ms=2.5, color=colours[kind], label=kind)
-            ax.fill_between(k, positive(row[f"q25_{kind}"]), positive(row[f"q75_{kind}"]), color=colours[kind],
-                            alpha=0.2)
+            ax.fill_between(
+                k, positive(row[f"q25_{kind}"]), positive(row[f"q75_{kind}"]), color=colours[kind], alpha=0.2
+            )
         ax.set_yscale("log")
         ax.set_title(row["name"], fontsize=8)
         ax.set_xlabel("k", fontsize=7)
@@ -251,8 +309,11 @@ def make_figure(summary, path: Path):
             ax.set_ylabel("σ_k (median, IQR)", fontsize=7)
         if i == 0:
             ax.legend(fontsize=6)
-    fig.suptitle(f"{_describe(summary['structure'])}, {len(summary['seeds'])} seeds:\ndiscrepancy spectra, "
-                 "random vs pretrained frozen model", fontsize=9)
+    fig.suptitle(
+        f"{_describe(summary['structure'])}, {len(summary['seeds'])} seeds:\ndiscrepancy spectra, "
+        "random vs pretrained frozen model",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -285,8 +346,10 @@ def _check_out(out: Path, structure, seeds) -> bool:
     else:
         return False
     if saved.get("structure") != list(structure) or saved.get("seeds") != list(seeds):
-        raise CLIError(f"--out {out}: holds a pretraining run for {saved.get('structure')} with "
-                       f"{len(saved.get('seeds') or [])} seeds; use another folder")
+        raise CLIError(
+            f"--out {out}: holds a pretraining run for {saved.get('structure')} with "
+            f"{len(saved.get('seeds') or [])} seeds; use another folder"
+        )
     return True
 
 
@@ -303,19 +366,21 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else default_out(f"pretraining-{args.model}")
         _check_out(out, structure, seeds)
         lock = FolderLock(out, PROG).acquire()
-        own = _check_out(out, structure, seeds)           # again under the lock
+        own = _check_out(out, structure, seeds)  # again under the lock
         writable_folder(out)
-        (out / "pretrained").mkdir(exist_ok=True)          # the cache of pretrained models
+        (out / "pretrained").mkdir(exist_ok=True)  # the cache of pretrained models
         if not own or _legacy_folder(out):
             command = list(argv if argv is not None else sys.argv[1:])
-            atomic_write(out / "config.json", json.dumps(
-                {"tool": TOOL, "argv": command, "structure": list(structure), "seeds": seeds}, indent=1))
+            atomic_write(
+                out / "config.json",
+                json.dumps({"tool": TOOL, "argv": command, "structure": list(structure), "seeds": seeds}, indent=1),
+            )
         return _run(args, out, structure, seeds)
     except CLIError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+        if out is None or isinstance(exc, BrokenPipeError):  # not the folder's fault
             raise
         print(write_error_message(PROG, out, exc, "the same command"), file=sys.stderr)
         return 1
@@ -328,18 +393,24 @@ def _run(args, out: Path, structure, seeds) -> int:
     from tqdm import tqdm
 
     problems = Problems(cache=out / "pretrained")
-    print(f"pretraining: {_describe(structure)}, {len(seeds)} seeds (the pretrained models are kept in "
-          f"{out / 'pretrained'})", file=sys.stderr)
+    print(
+        f"pretraining: {_describe(structure)}, {len(seeds)} seeds (the pretrained models are kept in "
+        f"{out / 'pretrained'})",
+        file=sys.stderr,
+    )
     try:
         with tqdm(total=len(seeds), desc="pretraining and spectra", unit="seed", file=sys.stderr) as bar:
             result = spectra(structure, seeds, problems, progress=bar)
         summary = summarize(structure, seeds, result, problems.pretrain_info)
-        with interrupts_deferred():      # Ctrl-C now waits until the files are written whole
-            written = _write(args, out, summary)       # first: a closed stdout cannot lose them
+        with interrupts_deferred():  # Ctrl-C now waits until the files are written whole
+            written = _write(args, out, summary)  # first: a closed stdout cannot lose them
             print(format_table(summary))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted: the pretrained models so far are kept; run the same command with --out {out} "
-              "to go on", file=sys.stderr)
+        print(
+            f"{PROG}: interrupted: the pretrained models so far are kept; run the same command with --out {out} "
+            "to go on",
+            file=sys.stderr,
+        )
         return 130
     print(f"wrote {out}/{', '.join(written)}", file=sys.stderr)
     return 0
@@ -357,8 +428,10 @@ def _write(args, out: Path, summary) -> list[str]:
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - the summary is written; the drawing is an extra
-            print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); summary.json is complete",
-                  file=sys.stderr)
+            print(
+                f"warning: figure.png not written ({type(exc).__name__}: {exc}); summary.json is complete",
+                file=sys.stderr,
+            )
     if "figure.png" not in written:
         (out / "figure.png").unlink(missing_ok=True)
     return written

@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CheckpointReport", "advise_stream", "format_report", "plot_heatmap", "relative_error_of_ranks",
-           "allocation", "peft_proposal"]
+__all__ = [
+    "CheckpointReport",
+    "advise_stream",
+    "format_report",
+    "plot_heatmap",
+    "relative_error_of_ranks",
+    "allocation",
+    "peft_proposal",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,9 +99,14 @@ class CheckpointReport:
                 d["spectrum_note"] = self.spectrum_notes[len(layers)]
             layers.append(d)
         return {
-            "base": self.base, "tuned": self.tuned, "architecture": self.architecture, "device": self.device,
+            "base": self.base,
+            "tuned": self.tuned,
+            "architecture": self.architecture,
+            "device": self.device,
             "layout_note": self.layout_note,
-            "energy": self.energy, "layers": layers, "vectors": [dict(v) for v in self.vectors],
+            "energy": self.energy,
+            "layers": layers,
+            "vectors": [dict(v) for v in self.vectors],
             "other": [{"name": k, "reason": r} for k, r in self.other],
             "all_below_floor": self.all_below_floor,
             "floor_summary": floor_summary(self),
@@ -112,8 +124,16 @@ def floor_summary(report) -> dict:
     return {"min": min(floors), "max": max(floors), "layers": len(floors)}
 
 
-def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = "cpu", tol: float | None = None,
-                  progress: bool = True, spectrum: str = "full") -> CheckpointReport:
+def advise_stream(
+    base_path,
+    tuned_path,
+    *,
+    energy: float = 0.99,
+    device: str = "cpu",
+    tol: float | None = None,
+    progress: bool = True,
+    spectrum: str = "full",
+) -> CheckpointReport:
     """Per-layer rank advice for two checkpoints, streamed one layer at a time (module docstring).
 
     Parameters
@@ -164,16 +184,25 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
             svd_tol = unit * s1
             out = [max(fl.spectral, svd_tol), max(fl.rigorous, svd_tol)]
             return ([float(tol) * s1] + out) if tol is not None else out
+
         return thresholds_of
 
     notes = []
-    for item in stream_spectra(base, tuned, lay, device=device, floor_fn=floor_fn, progress=progress,
-                               spectrum=spectrum, thresholds_fn=thresholds_fn):
+    for item in stream_spectra(
+        base,
+        tuned,
+        lay,
+        device=device,
+        floor_fn=floor_fn,
+        progress=progress,
+        spectrum=spectrum,
+        thresholds_fn=thresholds_fn,
+    ):
         if isinstance(item, LayerSpectrum):
             spec = item.spec
             s = item.singular_values
             if item.partial is not None:
-                s = None                                                 # the advice reads the partial spectrum
+                s = None  # the advice reads the partial spectrum
             elif not np.isfinite(s).all():
                 raise InvalidArgumentError(f"tuned[{spec.weight_key!r}]", "the change holds NaN or infinite entries")
             bounds = RoundingBounds(**item.floor)
@@ -186,11 +215,23 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
             s1 = item.singular_values
             threshold = None if tol is None else float(tol) * (float(s1[0]) if s1.size else 0.0)
             advice = layer_advice_from_spectrum(
-                spec.name, spec.weight_key, item.shape, s, floor, base_norm=item.base_fro,
-                delta_norm=item.delta_fro, storage_dtype=label, energy=energy, compute_dtype=item.compute_dtype,
-                tolerance=threshold, rtol=tol, bias_key=spec.bias_key,
-                bias_change=item.bias_change if bias_changed else None, bias_changed=bias_changed,
-                partial=item.partial)
+                spec.name,
+                spec.weight_key,
+                item.shape,
+                s,
+                floor,
+                base_norm=item.base_fro,
+                delta_norm=item.delta_fro,
+                storage_dtype=label,
+                energy=energy,
+                compute_dtype=item.compute_dtype,
+                tolerance=threshold,
+                rtol=tol,
+                bias_key=spec.bias_key,
+                bias_change=item.bias_change if bias_changed else None,
+                bias_changed=bias_changed,
+                partial=item.partial,
+            )
             layers.append(advice)
             notes.append(item.spectrum_note)
             kinds.append(spec.kind)
@@ -199,13 +240,32 @@ def advise_stream(base_path, tuned_path, *, energy: float = 0.99, device: str = 
         else:
             v = item
             changed = v.new_rows > 0 or vector_changed(v.base, v.tuned, v.dtypes)
-            vectors.append({"name": v.spec.key, "module": v.spec.module, "shape": list(v.spec.stored_shape),
-                            "changed": bool(changed), "change_norm": float(np.linalg.norm(v.change)),
-                            "new_rows": int(v.new_rows)})
-    return CheckpointReport(layers=tuple(layers), kinds=tuple(kinds), tied=tuple(tied), new_rows=tuple(new_rows),
-                            vectors=tuple(vectors), other=tuple(lay.other), architecture=lay.architecture,
-                            base=str(base_path), tuned=str(tuned_path), energy=float(energy), device=str(device),
-                            layout_note=lay.note, spectrum=str(spectrum), spectrum_notes=tuple(notes))
+            vectors.append(
+                {
+                    "name": v.spec.key,
+                    "module": v.spec.module,
+                    "shape": list(v.spec.stored_shape),
+                    "changed": bool(changed),
+                    "change_norm": float(np.linalg.norm(v.change)),
+                    "new_rows": int(v.new_rows),
+                }
+            )
+    return CheckpointReport(
+        layers=tuple(layers),
+        kinds=tuple(kinds),
+        tied=tuple(tied),
+        new_rows=tuple(new_rows),
+        vectors=tuple(vectors),
+        other=tuple(lay.other),
+        architecture=lay.architecture,
+        base=str(base_path),
+        tuned=str(tuned_path),
+        energy=float(energy),
+        device=str(device),
+        layout_note=lay.note,
+        spectrum=str(spectrum),
+        spectrum_notes=tuple(notes),
+    )
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -235,8 +295,10 @@ def allocation(report: CheckpointReport, *, budget: int | None = None, error: fl
         from lora_theory.errors import InvalidArgumentError
 
         raise InvalidArgumentError(
-            "spectrum", f"ranks under a budget or an error need every singular value; {len(partial)} layers "
-            f"(first {partial[0]}) have a partial spectrum: use --spectrum full")
+            "spectrum",
+            f"ranks under a budget or an error need every singular value; {len(partial)} layers "
+            f"(first {partial[0]}) have a partial spectrum: use --spectrum full",
+        )
     spectra = [a.singular_values for a in layers]
     shapes = [a.shape for a in layers]
     if budget is not None:
@@ -247,13 +309,22 @@ def allocation(report: CheckpointReport, *, budget: int | None = None, error: fl
     spent = int(budget) if budget is not None else int(result.parameters)
     base = uniform_ranks(spectra, shapes, spent)
     uniform = {a.name: int(r) for a, r in zip(layers, base.ranks)}
-    return {"budget": None if budget is None else int(budget), "error_target": None if error is None else float(error),
-            "method": result.method, "ranks": ranks, "parameters": int(result.parameters),
-            "relative_error": relative_error_of_ranks(layers, ranks),
-            "uniform": {"rank": max(base.ranks, default=0), "ranks": uniform, "parameters": int(base.parameters),
-                        "relative_error": relative_error_of_ranks(layers, uniform)},
-            "note": "relative_error = sqrt(sum of discarded sigma^2) / sqrt(sum of all sigma^2) over all layers "
-                    "(truncated SVD per layer, Eckart-Young); uniform: one rank for every layer at the same budget"}
+    return {
+        "budget": None if budget is None else int(budget),
+        "error_target": None if error is None else float(error),
+        "method": result.method,
+        "ranks": ranks,
+        "parameters": int(result.parameters),
+        "relative_error": relative_error_of_ranks(layers, ranks),
+        "uniform": {
+            "rank": max(base.ranks, default=0),
+            "ranks": uniform,
+            "parameters": int(base.parameters),
+            "relative_error": relative_error_of_ranks(layers, uniform),
+        },
+        "note": "relative_error = sqrt(sum of discarded sigma^2) / sqrt(sum of all sigma^2) over all layers "
+        "(truncated SVD per layer, Eckart-Young); uniform: one rank for every layer at the same budget",
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -262,41 +333,76 @@ def allocation(report: CheckpointReport, *, budget: int | None = None, error: fl
 def format_report(report: CheckpointReport, choice: str = "exact") -> str:
     """The table printed on stdout: model order, shapes ``out x in``, one line for the vectors."""
     pct = f"{100 * report.energy:g}%"
-    header = ("layer", "kind", "shape (out x in)", "dtype", "rank > floor", f"energy {pct}", "sigma_1", "floor",
-              "|dW|/|W|", "bias", "spectrum")
+    header = (
+        "layer",
+        "kind",
+        "shape (out x in)",
+        "dtype",
+        "rank > floor",
+        f"energy {pct}",
+        "sigma_1",
+        "floor",
+        "|dW|/|W|",
+        "bias",
+        "spectrum",
+    )
     rows = []
     for a, kind, tied, new in zip(report.layers, report.kinds, report.tied, report.new_rows):
         s1 = a.singular_values[0] if a.singular_values.size else 0.0
         bias = "-" if a.bias_key is None else (f"{a.bias_change_norm:.2e}" if a.bias_changed else "unchanged")
         name = a.name + (f" (= {', '.join(t for t, _ in tied)})" if tied else "") + (f" +{new} rows" if new else "")
-        rank = (f"{a.rank_above_floor}/{a.max_rank}" if a.settled
-                else f"{a.rank_bounds[0]}..{a.rank_bounds[1]}/{a.max_rank} (unsettled)")
+        rank = (
+            f"{a.rank_above_floor}/{a.max_rank}"
+            if a.settled
+            else f"{a.rank_bounds[0]}..{a.rank_bounds[1]}/{a.max_rank} (unsettled)"
+        )
         eb = a.spectrum_energy_rank_bounds
         erank = str(a.spectrum_energy_rank) if eb is None or eb[0] == eb[1] else f"{eb[0]}..{eb[1]}"
         used = "full" if a.partial is None else f"partial, rest <= {a.partial.residual:.1e}"
-        rows.append((name, kind, f"{a.shape[0]} x {a.shape[1]}", a.storage_dtype, rank,
-                     erank, f"{s1:.3e}", f"{a.floor.spectral:.1e}", f"{a.relative_change:.2e}",
-                     bias, used))
+        rows.append(
+            (
+                name,
+                kind,
+                f"{a.shape[0]} x {a.shape[1]}",
+                a.storage_dtype,
+                rank,
+                erank,
+                f"{s1:.3e}",
+                f"{a.floor.spectral:.1e}",
+                f"{a.relative_change:.2e}",
+                bias,
+                used,
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header] + rows]
+    lines = [
+        "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     changed = [v for v in report.vectors if v["changed"]]
     names = ", ".join(v["name"] for v in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-    lines.append(f"vectors: {len(changed)} of {len(report.vectors)} changed beyond rounding"
-                 + (f" ({names}; PEFT: modules_to_save)" if changed else ""))
+    lines.append(
+        f"vectors: {len(changed)} of {len(report.vectors)} changed beyond rounding"
+        + (f" ({names}; PEFT: modules_to_save)" if changed else "")
+    )
     resized = [(a.name, n) for a, n in zip(report.layers, report.new_rows) if n]
     for name, n in resized:
         lines.append(f"resized: {name} gained {n} rows (new vocabulary entries); the common rows are compared")
     if report.other:
-        lines.append(f"not analysed: {len(report.other)} tensors ({', '.join(k for k, _ in report.other[:4])}"
-                     + (" ..." if len(report.other) > 4 else "") + ")")
+        lines.append(
+            f"not analysed: {len(report.other)} tensors ({', '.join(k for k, _ in report.other[:4])}"
+            + (" ..." if len(report.other) > 4 else "")
+            + ")"
+        )
     if report.layout_note:
         lines.append("warning: " + report.layout_note)
     if any(a.partial is not None for a in report.layers):
-        lines.append("partial: the leading singular values, every count proved from certified bounds (THEORY.md "
-                     "§5.5); 'rest <= x': every singular value past them is at most x; an energy rank 'a..b' is "
-                     "an interval (the whole spectrum was not computed)")
+        lines.append(
+            "partial: the leading singular values, every count proved from certified bounds (THEORY.md "
+            "§5.5); 'rest <= x': every singular value past them is at most x; an energy rank 'a..b' is "
+            "an interval (the whole spectrum was not computed)"
+        )
     fell_back = [n for n in report.spectrum_notes if n and n.startswith("partial spectrum unsettled")]
     if fell_back:
         lines.append(f"full spectrum for {len(fell_back)} layers whose partial count was not settled")
@@ -304,8 +410,10 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
     full = sum(a.shape[0] * a.shape[1] for a in report.layers)
     if report.all_below_floor:
         fs = floor_summary(report)
-        lines.append(f"every layer's change is below its storage-rounding floor (floors {fs['min']:.2e} to "
-                     f"{fs['max']:.2e}): nothing to adapt that rounding could not explain")
+        lines.append(
+            f"every layer's change is below its storage-rounding floor (floors {fs['min']:.2e} to "
+            f"{fs['max']:.2e}): nothing to adapt that rounding could not explain"
+        )
     else:
         lines.append(f"LoRA parameters at the ranks above the floor: {above} (the matrices hold {full})")
     from lora_theory.advisor import PER_LAYER_NOTE
@@ -313,9 +421,11 @@ def format_report(report: CheckpointReport, choice: str = "exact") -> str:
     lines.append("note: " + PER_LAYER_NOTE)
     if report.allocation is not None:
         al, un = report.allocation, report.allocation["uniform"]
-        lines.append(f"allocation ({al['parameters']} parameters): relative error {al['relative_error']:.3e}; "
-                     f"uniform rank {un['rank']} at the same budget ({un['parameters']} parameters): "
-                     f"{un['relative_error']:.3e}")
+        lines.append(
+            f"allocation ({al['parameters']} parameters): relative error {al['relative_error']:.3e}; "
+            f"uniform rank {un['rank']} at the same budget ({un['parameters']} parameters): "
+            f"{un['relative_error']:.3e}"
+        )
     return "\n".join(lines)
 
 
@@ -340,8 +450,15 @@ def plot_heatmap(report: CheckpointReport, path) -> None:
                 grid[i, : s.size] = np.log10(np.maximum(s / s[0], 1e-12))
     height = min(16.0, max(4.0, 0.09 * L + 1.5))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, height), gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=-12, vmax=0,
-                   extent=(0.5, kmax + 0.5, L - 0.5, -0.5))
+    im = ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        vmin=-12,
+        vmax=0,
+        extent=(0.5, kmax + 0.5, L - 0.5, -0.5),
+    )
     ranks = np.array([a.rank_above_floor for a in report.layers])
     ax.plot(ranks + 0.5, np.arange(L), "r|", ms=4, label="rank above the floor")
     step = max(1, math.ceil(L / 40))
@@ -353,8 +470,13 @@ def plot_heatmap(report: CheckpointReport, path) -> None:
     ax.set_title("log10(sigma_k / sigma_1) of each layer's change (red: rank above the floor)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     ax2.barh(np.arange(L), ranks, height=0.8, color="tab:red", label="above floor")
-    ax2.plot([a.spectrum_energy_rank for a in report.layers], np.arange(L), "k.", ms=3,
-             label=f"energy {100 * report.energy:g}%")
+    ax2.plot(
+        [a.spectrum_energy_rank for a in report.layers],
+        np.arange(L),
+        "k.",
+        ms=3,
+        label=f"energy {100 * report.energy:g}%",
+    )
     ax2.set_xlabel("rank")
     ax2.set_xscale("symlog")
     ax2.legend(fontsize=7, loc="lower right")
@@ -394,19 +516,42 @@ def peft_proposal(report: CheckpointReport, ranks: dict) -> dict:
             targets[t] = targets[a.name]
     saved = sorted({v["module"] for v in report.vectors if v["changed"] and v["module"]})
     if not targets:
-        return {"lora_config": None, "ranks": {}, "bias_only": [], "untargeted": untargeted, "left_out": left_out,
-                "modules_to_save": saved, "parameters": 0,
-                "note": "no layer changed above its storage-rounding floor: nothing to adapt"}
+        return {
+            "lora_config": None,
+            "ranks": {},
+            "bias_only": [],
+            "untargeted": untargeted,
+            "left_out": left_out,
+            "modules_to_save": saved,
+            "parameters": 0,
+            "note": "no layer changed above its storage-rounding floor: nothing to adapt",
+        }
     top = max(targets.values())
-    config = peft.LoraConfig(r=top, lora_alpha=top, target_modules=list(targets), rank_pattern=dict(targets),
-                             alpha_pattern=dict(targets), lora_dropout=0.0, bias="none", lora_bias=lora_bias,
-                             fan_in_fan_out="conv1d" in report.kinds, modules_to_save=saved or None,
-                             use_rslora=False)
+    config = peft.LoraConfig(
+        r=top,
+        lora_alpha=top,
+        target_modules=list(targets),
+        rank_pattern=dict(targets),
+        alpha_pattern=dict(targets),
+        lora_dropout=0.0,
+        bias="none",
+        lora_bias=lora_bias,
+        fan_in_fan_out="conv1d" in report.kinds,
+        modules_to_save=saved or None,
+        use_rslora=False,
+    )
     cfg = config.to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     cfg["peft_type"] = "LORA"
     shape = {a.name: a.shape for a in report.layers}
     params = sum(r * (shape[n][0] + shape[n][1]) for n, r in targets.items() if n in shape)
-    return {"lora_config": cfg, "ranks": dict(targets), "bias_only": bias_only, "untargeted": untargeted,
-            "left_out": left_out, "modules_to_save": saved, "parameters": int(params),
-            "note": "python -m verification.advise BASE TUNED --extract DIR writes this adapter with its factors"}
+    return {
+        "lora_config": cfg,
+        "ranks": dict(targets),
+        "bias_only": bias_only,
+        "untargeted": untargeted,
+        "left_out": left_out,
+        "modules_to_save": saved,
+        "parameters": int(params),
+        "note": "python -m verification.advise BASE TUNED --extract DIR writes this adapter with its factors",
+    }

@@ -64,15 +64,27 @@ def _cells(args):
         for s in _steps(args):
             ranks = schedule(args, s)
             tag = "sufficient" if predicted_exact(args, ranks) else "not sufficient"
-            out.append(Cell(kind=kind, structure=structure, method="lora", axis=(("step", s),),
-                            label=f"{'-'.join(map(str, ranks))} {tag}", ranks=ranks, tune_bias=args.tune_bias))
+            out.append(
+                Cell(
+                    kind=kind,
+                    structure=structure,
+                    method="lora",
+                    axis=(("step", s),),
+                    label=f"{'-'.join(map(str, ranks))} {tag}",
+                    ranks=ranks,
+                    tune_bias=args.tune_bias,
+                )
+            )
     return out
 
 
 def _extra(args, rows):
-    return {"predictions": {str(s): {"ranks": list(schedule(args, s)),
-                                     "predicted_exact": predicted_exact(args, schedule(args, s))}
-                            for s in _steps(args)}}
+    return {
+        "predictions": {
+            str(s): {"ranks": list(schedule(args, s)), "predicted_exact": predicted_exact(args, schedule(args, s))}
+            for s in _steps(args)
+        }
+    }
 
 
 def _quick(args):
@@ -80,9 +92,17 @@ def _quick(args):
 
 
 SPEC = ExperimentSpec(
-    name="rank_schedule", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, a.target_depth), axis_names=("step",),
-    quick=_quick, validate=_validate, extra_summary=_extra)
+    name="rank_schedule",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, a.target_depth),
+    axis_names=("step",),
+    quick=_quick,
+    validate=_validate,
+    extra_summary=_extra,
+)
 
 
 def main(argv=None) -> int:

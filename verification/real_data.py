@@ -62,10 +62,10 @@ class Task:
     """One task: inputs ``(n, D)`` and targets, split into train / validation / test."""
 
     name: str
-    kind: str                     # "classification" (targets: class indices) or "regression" (targets (n, K))
-    outputs: int                  # K: number of model outputs used (logits or regression targets)
-    x: dict                       # split -> tensor (n, D)
-    y: dict                       # split -> tensor (n,) long or (n, K)
+    kind: str  # "classification" (targets: class indices) or "regression" (targets (n, K))
+    outputs: int  # K: number of model outputs used (logits or regression targets)
+    x: dict  # split -> tensor (n, D)
+    y: dict  # split -> tensor (n,) long or (n, K)
 
     def metric_name(self) -> str:
         return "accuracy" if self.kind == "classification" else "R2"
@@ -85,7 +85,7 @@ def load_tasks(dataset: str, split_seed: int = 0, dtype=torch.float32) -> tuple[
     rng = np.random.default_rng(split_seed)
     if dataset == "digits":
         data = datasets.load_digits()
-        X = data.data.astype(np.float64) / 16.0                                   # (1797, 64)
+        X = data.data.astype(np.float64) / 16.0  # (1797, 64)
         y = data.target
         groups = [(y <= 4), (y >= 5)]
         labels = [y[groups[0]], y[groups[1]] - 5]
@@ -93,8 +93,8 @@ def load_tasks(dataset: str, split_seed: int = 0, dtype=torch.float32) -> tuple[
         kinds, outputs = ("classification", "classification"), (5, 5)
     elif dataset == "breast_cancer":
         data = datasets.load_breast_cancer()
-        X = data.data[:, :20].astype(np.float64)                                  # mean + standard error
-        worst = data.data[:, 20:].astype(np.float64)                              # (569, 10)
+        X = data.data[:, :20].astype(np.float64)  # mean + standard error
+        worst = data.data[:, 20:].astype(np.float64)  # (569, 10)
         inputs = [X, X]
         labels = [data.target, worst]
         kinds, outputs = ("classification", "regression"), (2, 10)
@@ -126,7 +126,7 @@ def _forward(W, b, x):
     L = W.shape[1]
     z = x.unsqueeze(0).expand(W.shape[0], -1, -1)
     for l in range(L):
-        z = torch.baddbmm(b[:, l].unsqueeze(1), z, W[:, l].transpose(1, 2))       # (R, n, D)
+        z = torch.baddbmm(b[:, l].unsqueeze(1), z, W[:, l].transpose(1, 2))  # (R, n, D)
         if l < L - 1:
             z = torch.relu(z)
     return z
@@ -134,7 +134,7 @@ def _forward(W, b, x):
 
 def _losses(out, task: Task, split: str):
     """Per-run loss ``(R,)`` on ``split``: mean cross-entropy or mean squared error over the used outputs."""
-    pred = out[..., : task.outputs]                                                # (R, n, K)
+    pred = out[..., : task.outputs]  # (R, n, K)
     y = task.y[split]
     if task.kind == "classification":
         R, n, K = pred.shape
@@ -148,8 +148,8 @@ def _metric(out, task: Task, split: str):
     y = task.y[split]
     if task.kind == "classification":
         return (pred.argmax(-1) == y.unsqueeze(0)).float().mean(1)
-    var = ((y - y.mean(0)) ** 2).mean(0)                                           # (K,)
-    mse = ((pred - y.unsqueeze(0)) ** 2).mean(1)                                   # (R, K)
+    var = ((y - y.mean(0)) ** 2).mean(0)  # (K,)
+    mse = ((pred - y.unsqueeze(0)) ** 2).mean(1)  # (R, K)
     return (1 - mse / var).mean(1)
 
 
@@ -161,8 +161,8 @@ def _adam(params, grads, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
         m, v = state.setdefault(name, (torch.zeros_like(p), torch.zeros_like(p)))
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        mhat = m / (1 - b1 ** step)
-        vhat = v / (1 - b2 ** step)
+        mhat = m / (1 - b1**step)
+        vhat = v / (1 - b2**step)
         shape = (-1,) + (1,) * (p.dim() - 1)
         with torch.no_grad():
             p.sub_(lr.view(shape) * mhat / (vhat.sqrt() + eps))
@@ -206,7 +206,7 @@ class Config:
         return (self.method, self.layers, self.rank, self.bias)
 
 
-def _init_generator(seed: int, config: "Config") -> torch.Generator:
+def _init_generator(seed: int, config: Config) -> torch.Generator:
     """A run's own generator for its ``A`` (same for every learning rate, whatever else is stacked)."""
     tag = f"{seed}/{config.method}/{config.layers}/{config.rank}/{config.bias}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha1(tag).digest()[:6], "little"))
@@ -217,12 +217,12 @@ def adapt(frozen: dict, task: Task, configs, steps: int, seed: int, return_weigh
 
     Run ``i`` draws its ``A`` from its own generator (:func:`_init_generator`), so its result does not depend
     on the other runs of the stack."""
-    W0, b0 = frozen["W"], frozen["b"]                                              # (L, D, D), (L, D)
+    W0, b0 = frozen["W"], frozen["b"]  # (L, D, D), (L, D)
     L, D = W0.shape[0], W0.shape[1]
     R = len(configs)
     rmax = max([c.rank for c in configs if c.method == "lora"] + [1])
     lora_mask = torch.zeros(R, L, 1, 1)
-    rank_mask = torch.zeros(R, 1, rmax)                                           # active rank columns
+    rank_mask = torch.zeros(R, 1, rmax)  # active rank columns
     full_mask = torch.zeros(R, L, 1, 1)
     bias_mask = torch.zeros(R, L, 1)
     for i, c in enumerate(configs):
@@ -235,12 +235,12 @@ def adapt(frozen: dict, task: Task, configs, steps: int, seed: int, return_weigh
         else:
             full_mask[i, adapted] = 1
             bias_mask[i, adapted] = 1
-    A_mask = lora_mask * rank_mask.view(R, 1, rmax, 1)                             # (R, L, rmax, 1)
-    B_mask = lora_mask * rank_mask.view(R, 1, 1, rmax)                             # (R, L, 1, rmax)
+    A_mask = lora_mask * rank_mask.view(R, 1, rmax, 1)  # (R, L, rmax, 1)
+    B_mask = lora_mask * rank_mask.view(R, 1, 1, rmax)  # (R, L, 1, rmax)
     A = torch.zeros(R, L, rmax, D)
     for i, c in enumerate(configs):
         if c.method == "lora" and c.rank > 0:
-            A[i, :, : c.rank] = torch.randn(L, c.rank, D, generator=_init_generator(seed, c)) / D ** 0.5
+            A[i, :, : c.rank] = torch.randn(L, c.rank, D, generator=_init_generator(seed, c)) / D**0.5
     A = (A * A_mask).requires_grad_(True)
     B = torch.zeros(R, L, D, rmax, requires_grad=True)
     dW = torch.zeros(R, L, D, D, requires_grad=True)
@@ -251,7 +251,7 @@ def adapt(frozen: dict, task: Task, configs, steps: int, seed: int, return_weigh
     state = {}
 
     def weights():
-        return W0 + dW + B @ A, b0 + db                                            # (R, L, D, D), (R, L, D)
+        return W0 + dW + B @ A, b0 + db  # (R, L, D, D), (R, L, D)
 
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -268,7 +268,7 @@ def adapt(frozen: dict, task: Task, configs, steps: int, seed: int, return_weigh
             res[f"{split}_metric"] = _metric(out, task, split).tolist()
         res["train_loss"] = _losses(_forward(W, b, task.x["train"]), task, "train").tolist()
         if return_weights:
-            res["weights"], res["biases"] = W.clone(), b.clone()                   # (R, L, D, D), (R, L, D)
+            res["weights"], res["biases"] = W.clone(), b.clone()  # (R, L, D, D), (R, L, D)
     res["wall_s"] = time.perf_counter() - start
     return res
 
@@ -281,10 +281,10 @@ class Settings:
     depth: int = 4
     seeds: int = 3
     pretrain_steps: int = 300
-    steps: int | None = None      # None: DEFAULT_STEPS of the data set
+    steps: int | None = None  # None: DEFAULT_STEPS of the data set
     ranks: tuple = (0, 1, 2, 4, 8, 16)
     lrs: tuple = (3e-3, 1e-2, 3e-2)
-    tolerance: float = 0.02       # findings 1: "within 2 points of accuracy / R² of the best"
+    tolerance: float = 0.02  # findings 1: "within 2 points of accuracy / R² of the best"
 
 
 #: Adam steps on task 2 by data set: the regression task needs more (at 200 steps every method, full
@@ -308,10 +308,12 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
         L = settings.depth
         frozen = pretrain(task1, D, L, 0, settings.pretrain_steps)
         configs = [Config("final", L, 0, True, 1e-2), Config("lora", L, rank, True, 1e-2)]
-        res = adapt(frozen, task2, configs, settings.steps or DEFAULT_STEPS[dataset], seed=1000,
-                    return_weights=True)
-        models = {"frozen": (frozen["W"], frozen["b"]), "final_layers": (res["weights"][0], res["biases"][0]),
-                  f"lora_r{rank}": (res["weights"][1], res["biases"][1])}
+        res = adapt(frozen, task2, configs, settings.steps or DEFAULT_STEPS[dataset], seed=1000, return_weights=True)
+        models = {
+            "frozen": (frozen["W"], frozen["b"]),
+            "final_layers": (res["weights"][0], res["biases"][0]),
+            f"lora_r{rank}": (res["weights"][1], res["biases"][1]),
+        }
         for tag, (W, b) in models.items():
             state = {}
             for l in range(L):
@@ -332,7 +334,7 @@ def configurations(settings: Settings, width: int) -> list[Config]:
                     continue
                 for bias in (True, False):
                     if r == 0 and not bias:
-                        continue                      # the untouched frozen model: nothing to train
+                        continue  # the untouched frozen model: nothing to train
                     out.append(Config("lora", k, r, bias, lr))
             out.append(Config("final", k, 0, True, lr))
     return out
@@ -341,8 +343,12 @@ def configurations(settings: Settings, width: int) -> list[Config]:
 def _versions() -> dict:
     import sklearn
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "sklearn": sklearn.__version__,
+    }
 
 
 def run_experiment(datasets=DATASETS, settings: Settings = Settings(), *, progress=True) -> list[dict]:
@@ -358,22 +364,33 @@ def run_experiment(datasets=DATASETS, settings: Settings = Settings(), *, progre
             steps = settings.steps or DEFAULT_STEPS[dataset]
             res = adapt(frozen, task2, configs, steps, seed=1000 + seed)
             if progress:
-                print(f"[{dataset} seed {seed}] task-1 test {task1.metric_name()} {frozen['test_metric']:.3f}; "
-                      f"{len(configs)} task-2 runs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+                print(
+                    f"[{dataset} seed {seed}] task-1 test {task1.metric_name()} {frozen['test_metric']:.3f}; "
+                    f"{len(configs)} task-2 runs in {time.perf_counter() - t0:.1f} s",
+                    file=sys.stderr,
+                )
             for i, c in enumerate(configs):
-                cfg = {"dataset": dataset, "width": D, "depth": settings.depth, **asdict(c),
-                       "steps": steps, "pretrain_steps": settings.pretrain_steps}
-                records.append({
-                    "config": cfg,
-                    "config_hash": hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12],
-                    "seed": seed,
-                    "parameters": c.parameters(D),
-                    "metric": task2.metric_name(),
-                    "pretrain_test_metric": frozen["test_metric"],
-                    **{k: res[k][i] for k in ("train_loss", "val_loss", "test_loss", "val_metric", "test_metric")},
-                    "wall_s_stack": res["wall_s"],
-                    "versions": versions,
-                })
+                cfg = {
+                    "dataset": dataset,
+                    "width": D,
+                    "depth": settings.depth,
+                    **asdict(c),
+                    "steps": steps,
+                    "pretrain_steps": settings.pretrain_steps,
+                }
+                records.append(
+                    {
+                        "config": cfg,
+                        "config_hash": hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12],
+                        "seed": seed,
+                        "parameters": c.parameters(D),
+                        "metric": task2.metric_name(),
+                        "pretrain_test_metric": frozen["test_metric"],
+                        **{k: res[k][i] for k in ("train_loss", "val_loss", "test_loss", "val_metric", "test_metric")},
+                        "wall_s_stack": res["wall_s"],
+                        "versions": versions,
+                    }
+                )
     return records
 
 
@@ -387,16 +404,26 @@ def select(records) -> list[dict]:
         if key not in best or r["val_loss"] < best[key]["val_loss"]:
             best[key] = r
     rows = {}
-    for (ds, method, layers, rank, bias, seed), r in best.items():
+    for (ds, method, layers, rank, bias, _seed), r in best.items():
         rows.setdefault((ds, method, layers, rank, bias), []).append(r)
     out = []
     for (ds, method, layers, rank, bias), rs in sorted(rows.items()):
-        out.append({"dataset": ds, "method": method, "layers": layers, "rank": rank, "bias": bias,
-                    "parameters": rs[0]["parameters"], "metric": rs[0]["metric"],
-                    "test_metric": float(np.median([r["test_metric"] for r in rs])),
-                    "val_loss": float(np.median([r["val_loss"] for r in rs])),
-                    "test_loss": float(np.median([r["test_loss"] for r in rs])),
-                    "lrs": sorted({r["config"]["lr"] for r in rs}), "seeds": len(rs)})
+        out.append(
+            {
+                "dataset": ds,
+                "method": method,
+                "layers": layers,
+                "rank": rank,
+                "bias": bias,
+                "parameters": rs[0]["parameters"],
+                "metric": rs[0]["metric"],
+                "test_metric": float(np.median([r["test_metric"] for r in rs])),
+                "val_loss": float(np.median([r["val_loss"] for r in rs])),
+                "test_loss": float(np.median([r["test_loss"] for r in rs])),
+                "lrs": sorted({r["config"]["lr"] for r in rs}),
+                "seeds": len(rs),
+            }
+        )
     return out
 
 
@@ -412,7 +439,7 @@ def findings(rows, tolerance: float = 0.02) -> dict:
         ranks = sorted({r for _, r, _ in lora if r > 0})
         inf = float("inf")
 
-        def rank_needed(tol):
+        def rank_needed(tol, lora=lora, depths=depths, ranks=ranks, best=best, inf=inf):
             needed = {}
             for k in depths:
                 ok = [r for r in ranks if lora[(k, r, True)]["test_metric"] >= best - tol]
@@ -426,15 +453,15 @@ def findings(rows, tolerance: float = 0.02) -> dict:
         by_level = {}
         for tol in sorted({tolerance, 0.05, 0.1, 0.2}):
             n, h = rank_needed(tol)
-            by_level[f"{tol:g}"] = {"level": best - tol, "rank_needed": {str(k): v for k, v in n.items()},
-                                    "holds": h}
+            by_level[f"{tol:g}"] = {"level": best - tol, "rank_needed": {str(k): v for k, v in n.items()}, "holds": h}
         at_rank = {r: [lora[(k, r, True)]["test_metric"] for k in depths] for r in ranks}
         # equal total rank k·r (equal parameters): is it better spread over more layers?
         by_total = {}
         for k in depths:
             for r in ranks:
-                by_total.setdefault(k * r, []).append({"layers": k, "rank": r,
-                                                       "metric": lora[(k, r, True)]["test_metric"]})
+                by_total.setdefault(k * r, []).append(
+                    {"layers": k, "rank": r, "metric": lora[(k, r, True)]["test_metric"]}
+                )
         by_total = {str(t): sorted(v, key=lambda e: e["layers"]) for t, v in sorted(by_total.items()) if len(v) > 1}
         spread = [v[-1]["metric"] >= v[0]["metric"] for v in by_total.values()]
         monotone = {r: all(b >= a - 1e-9 for a, b in zip(v, v[1:])) for r, v in at_rank.items()}
@@ -446,12 +473,25 @@ def findings(rows, tolerance: float = 0.02) -> dict:
                 continue
             # chosen by validation loss, as a practitioner would, not by the test metric it is judged on
             top = min(cands, key=lambda r: r["val_loss"])
-            versus.append({"final_layers": l, "final_parameters": budget, "final_metric": fr["test_metric"],
-                           "lora_layers": top["layers"], "lora_rank": top["rank"], "lora_bias": top["bias"],
-                           "lora_parameters": top["parameters"], "lora_metric": top["test_metric"],
-                           "lora_better": top["test_metric"] > fr["test_metric"]})
-        diffs = [lora[(k, r, True)]["test_metric"] - lora[(k, r, False)]["test_metric"]
-                 for k in depths for r in ranks if (k, r, False) in lora]
+            versus.append(
+                {
+                    "final_layers": l,
+                    "final_parameters": budget,
+                    "final_metric": fr["test_metric"],
+                    "lora_layers": top["layers"],
+                    "lora_rank": top["rank"],
+                    "lora_bias": top["bias"],
+                    "lora_parameters": top["parameters"],
+                    "lora_metric": top["test_metric"],
+                    "lora_better": top["test_metric"] > fr["test_metric"],
+                }
+            )
+        diffs = [
+            lora[(k, r, True)]["test_metric"] - lora[(k, r, False)]["test_metric"]
+            for k in depths
+            for r in ranks
+            if (k, r, False) in lora
+        ]
         out[ds] = {
             "metric": sub[0]["metric"],
             "best_metric": best,
@@ -466,14 +506,18 @@ def findings(rows, tolerance: float = 0.02) -> dict:
                 "metric_by_rank_and_layers": {str(r): v for r, v in at_rank.items()},
                 "metric_nondecreasing_in_layers": {str(r): v for r, v in monotone.items()},
             },
-            "lora_vs_final_layers": {"comparisons": versus,
-                                     "lora_better_count": sum(v["lora_better"] for v in versus),
-                                     "total": len(versus)},
-            "bias_tuning": {"median_gain": float(np.median(diffs)) if diffs else None,
-                            "helps_count": int(sum(d > 0 for d in diffs)),
-                            "hurts_count": int(sum(d < 0 for d in diffs)), "total": len(diffs),
-                            "bias_only": {str(k): lora[(k, 0, True)]["test_metric"] for k in depths
-                                          if (k, 0, True) in lora}},
+            "lora_vs_final_layers": {
+                "comparisons": versus,
+                "lora_better_count": sum(v["lora_better"] for v in versus),
+                "total": len(versus),
+            },
+            "bias_tuning": {
+                "median_gain": float(np.median(diffs)) if diffs else None,
+                "helps_count": int(sum(d > 0 for d in diffs)),
+                "hurts_count": int(sum(d < 0 for d in diffs)),
+                "total": len(diffs),
+                "bias_only": {str(k): lora[(k, 0, True)]["test_metric"] for k in depths if (k, 0, True) in lora},
+            },
         }
     return out
 
@@ -491,12 +535,18 @@ def format_table(rows) -> str:
         lines.append(head)
         for k in depths:
             for bias in (True, False):
-                cells = [f"{lora[(k, r, bias)]['test_metric']:9.3f}" if (k, r, bias) in lora else f"{'-':>9s}"
-                         for r in ranks]
+                cells = [
+                    f"{lora[(k, r, bias)]['test_metric']:9.3f}" if (k, r, bias) in lora else f"{'-':>9s}" for r in ranks
+                ]
                 lines.append(f"{k}  {'on ' if bias else 'off'}  " + "".join(cells))
-        lines.append("final-layers tuning: " + ", ".join(
-            f"l={r['layers']}: {r['test_metric']:.3f} ({r['parameters']} params)"
-            for r in sub if r["method"] == "final"))
+        lines.append(
+            "final-layers tuning: "
+            + ", ".join(
+                f"l={r['layers']}: {r['test_metric']:.3f} ({r['parameters']} params)"
+                for r in sub
+                if r["method"] == "final"
+            )
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -517,22 +567,33 @@ def plot(rows, path) -> None:
         ax, bx = axes[0, j], axes[1, j]
         for k in depths:
             for bias, ls in ((True, "-"), (False, "--")):
-                pts = sorted((r["rank"], r["test_metric"], r["parameters"]) for r in lora
-                             if r["layers"] == k and r["bias"] == bias)
+                pts = sorted(
+                    (r["rank"], r["test_metric"], r["parameters"])
+                    for r in lora
+                    if r["layers"] == k and r["bias"] == bias
+                )
                 if not pts:
                     continue
                 color = f"C{k - 1}"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, color=color,
-                        label=f"k={k}, bias {'on' if bias else 'off'}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    ls,
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    label=f"k={k}, bias {'on' if bias else 'off'}",
+                )
                 if bias:
                     nz = [p for p in pts if p[0] > 0]
-                    bx.plot([p[2] for p in nz], [p[1] for p in nz], "-", marker="o", ms=3, color=color,
-                            label=f"LoRA, k={k}")
+                    bx.plot(
+                        [p[2] for p in nz], [p[1] for p in nz], "-", marker="o", ms=3, color=color, label=f"LoRA, k={k}"
+                    )
         final = sorted((r["parameters"], r["test_metric"], r["layers"]) for r in sub if r["method"] == "final")
         bx.plot([f[0] for f in final], [f[1] for f in final], "k-s", label="final-layers tuning")
         for p, m, l in final:
             bx.annotate(f"l={l}", (p, m), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        if metric == "R2":                  # bias-only tuning of a regression head lies far below 0
+        if metric == "R2":  # bias-only tuning of a regression head lies far below 0
             values = [r["test_metric"] for r in sub]
             low = min(values)
             if low < -0.3:
@@ -553,7 +614,7 @@ def plot(rows, path) -> None:
     from .outdir import atomic_write, figure_bytes
 
     try:
-        atomic_write(path, figure_bytes(fig, dpi=110))          # the old figure or the new one, never a part
+        atomic_write(path, figure_bytes(fig, dpi=110))  # the old figure or the new one, never a part
     finally:
         plt.close(fig)
 
@@ -570,15 +631,21 @@ def _parser():
     p.add_argument("--quick", action="store_true", help="tiny sweep (one seed, few steps): a smoke test")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps on task 2 (default: 200 digits, 1000 breast_cancer)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="Adam steps on task 2 (default: 200 digits, 1000 breast_cancer)"
+    )
     p.add_argument("--depth", type=int, default=None, help="L, layers of the MLP (default 4)")
     p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")
-    p.add_argument("--from-runs", help="recompute the table, summary and figure from an existing runs.jsonl "
-                                       "instead of training")
+    p.add_argument(
+        "--from-runs", help="recompute the table, summary and figure from an existing runs.jsonl instead of training"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--checkpoints", help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
-                                         "(safetensors) for python -m verification.advise")
+    p.add_argument(
+        "--checkpoints",
+        help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
+        "(safetensors) for python -m verification.advise",
+    )
     return p
 
 
@@ -598,12 +665,15 @@ def _settings(args, datasets):
         try:
             ranks = tuple(int(r) for r in args.ranks.split(","))
         except ValueError:
-            raise CLIError(f"--ranks: cannot read {args.ranks!r} as comma-separated integers (0 = biases only)") \
-                from None
+            raise CLIError(
+                f"--ranks: cannot read {args.ranks!r} as comma-separated integers (0 = biases only)"
+            ) from None
         width = min(WIDTHS[d] for d in datasets)
         if any(r < 0 or r > width for r in ranks) or len(set(ranks)) != len(ranks):
-            raise CLIError(f"--ranks: distinct ranks in 0..{width} (the smallest width D of {', '.join(datasets)}), "
-                           f"got {args.ranks!r}")
+            raise CLIError(
+                f"--ranks: distinct ranks in 0..{width} (the smallest width D of {', '.join(datasets)}), "
+                f"got {args.ranks!r}"
+            )
         changes["ranks"] = ranks
     return Settings(**{**asdict(settings), **changes}) if changes else settings
 
@@ -657,7 +727,7 @@ def main(argv=None) -> int:
             out = Path(args.out)
             check_folder(out, "real_data")
             lock = FolderLock(out, PROG).acquire()
-            check_folder(out, "real_data")                      # again under the lock
+            check_folder(out, "real_data")  # again under the lock
             _claim(out, {"argv": command, "settings": asdict(settings), "datasets": list(datasets)})
         if args.checkpoints:
             _claim(Path(args.checkpoints), {"argv": command, "contents": "checkpoints"}, "--checkpoints")
@@ -669,11 +739,10 @@ def main(argv=None) -> int:
     try:
         return _run(args, datasets, settings, records, out, interrupts_deferred)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted" + (f"; nothing new written in {out}" if out is not None else ""),
-              file=sys.stderr)
+        print(f"{PROG}: interrupted" + (f"; nothing new written in {out}" if out is not None else ""), file=sys.stderr)
         return 130
     except OSError as exc:
-        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+        if out is None or isinstance(exc, BrokenPipeError):  # not the folder's fault
             raise
         print(write_error_message(PROG, out, exc), file=sys.stderr)
         return 1
@@ -702,11 +771,16 @@ def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
     if records is None:
         records = run_experiment(datasets, settings)
     rows = select(records)
-    summary = {"settings": asdict(settings), "findings": findings(rows, settings.tolerance), "rows": rows,
-               "wall_s": time.perf_counter() - start, "versions": _versions()}
+    summary = {
+        "settings": asdict(settings),
+        "findings": findings(rows, settings.tolerance),
+        "rows": rows,
+        "wall_s": time.perf_counter() - start,
+        "versions": _versions(),
+    }
     table = format_table(rows)
-    with interrupts_deferred():           # Ctrl-C now waits until the files are written whole
-        if out is not None:         # first, each file whole (the old one stays until its replacement is complete)
+    with interrupts_deferred():  # Ctrl-C now waits until the files are written whole
+        if out is not None:  # first, each file whole (the old one stays until its replacement is complete)
             if not args.from_runs or Path(args.from_runs).resolve() != (out / "runs.jsonl").resolve():
                 atomic_write(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             atomic_write(out / "table.txt", table)
@@ -717,10 +791,12 @@ def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
             d, v, b = f["depth_vs_rank"], f["lora_vs_final_layers"], f["bias_tuning"]
             verdict = {True: "holds", False: "does not hold", None: "undecided (no k comes close)"}[d["holds"]]
             gain = "n/a" if b["median_gain"] is None else f"{b['median_gain']:+.3f}"
-            print(f"{ds}: rank LoRA needs to come within {f['tolerance']} of its best {f['metric']} "
-                  f"({f['best_metric']:.3f}), by adapted layers k: {d['rank_needed']} -> {verdict}; LoRA beats "
-                  f"final-layers tuning at equal parameters in {v['lora_better_count']}/{v['total']}; biases help "
-                  f"in {b['helps_count']}/{b['total']} (median gain {gain})")
+            print(
+                f"{ds}: rank LoRA needs to come within {f['tolerance']} of its best {f['metric']} "
+                f"({f['best_metric']:.3f}), by adapted layers k: {d['rank_needed']} -> {verdict}; LoRA beats "
+                f"final-layers tuning at equal parameters in {v['lora_better_count']}/{v['total']}; biases help "
+                f"in {b['helps_count']}/{b['total']} (median gain {gain})"
+            )
     if args.checkpoints:
         for path in save_checkpoints(args.checkpoints, datasets, settings):
             print(f"wrote {path}", file=sys.stderr)

@@ -18,16 +18,29 @@ import numpy as np
 
 import lora_theory
 
-from .sweep import (CLIError, ExperimentSpec, seeded_rng, apply_quick, fnn_structure, lora_cells,
-                         make_random_frozen, parse_ranks, run_cli)
+from .sweep import (
+    CLIError,
+    ExperimentSpec,
+    apply_quick,
+    fnn_structure,
+    lora_cells,
+    make_random_frozen,
+    parse_ranks,
+    run_cli,
+    seeded_rng,
+)
 
 TAG_SPECTRUM = 11
 DEFAULT_DECAY = 0.7
 
 
 def _add(p):
-    p.add_argument("--decay", type=float, default=None,
-                   help=f"geometric spectrum σ_k = decay^(k-1), 0 < decay <= 1 (default {DEFAULT_DECAY})")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help=f"geometric spectrum σ_k = decay^(k-1), 0 < decay <= 1 (default {DEFAULT_DECAY})",
+    )
     p.add_argument("--spectrum", default=None, help="the singular values of E, comma-separated (padded with 0)")
     p.set_defaults(frozen="random")
 
@@ -56,19 +69,19 @@ def make_target(args, structure, seed):
     frozen = make_random_frozen(structure, seed)
     D = structure[1]
     rng = seeded_rng(seed, TAG_SPECTRUM, D)
-    U, V = (_orthogonal(rng, D) for _ in range(2))                          # (D, D) each
-    E = (U * spectrum(args)) @ V.T                                          # (D, D) = U diag(σ) V^T
+    U, V = (_orthogonal(rng, D) for _ in range(2))  # (D, D) each
+    E = (U * spectrum(args)) @ V.T  # (D, D) = U diag(σ) V^T
     return lora_theory.FNN([frozen.linear_map() + E], activation="linear", final_relu=frozen.final_relu)
 
 
 def _orthogonal(rng, D):
     Q, R = np.linalg.qr(rng.standard_normal((D, D)))
-    return Q * np.sign(np.diag(R))                                          # Haar-distributed
+    return Q * np.sign(np.diag(R))  # Haar-distributed
 
 
 def prescribed_prediction(sigma: np.ndarray, rank: int, depth: int = 2) -> float:
     """``Σ_{k > L·R} σ_k² / D``: the optimal per-coordinate MSE on ``N(0, I)`` inputs (THEORY.md §2.1)."""
-    return float(np.sum(sigma[depth * rank:] ** 2) / sigma.size)
+    return float(np.sum(sigma[depth * rank :] ** 2) / sigma.size)
 
 
 def _structure(args):
@@ -76,8 +89,7 @@ def _structure(args):
 
 
 def _cells(args):
-    return lora_cells(args, _structure(args), parse_ranks(args.ranks or f"1-{args.width}", args.width),
-                      tune_bias=False)
+    return lora_cells(args, _structure(args), parse_ranks(args.ranks or f"1-{args.width}", args.width), tune_bias=False)
 
 
 def _validate(args):
@@ -91,14 +103,17 @@ def _threshold(args):
 
 def _extra(args, rows):
     sigma = spectrum(args)
-    n_random = sum(1 for c in _cells(args) if c.kind == "random")      # rows: the random ones first
+    n_random = sum(1 for c in _cells(args) if c.kind == "random")  # rows: the random ones first
     for i, row in enumerate(rows):
         row["prescribed_prediction"] = prescribed_prediction(sigma, row["rank"]) if i < n_random else None
-    return {"spectrum": sigma.tolist(),
-            "spectrum_source": "given" if args.spectrum is not None else
-            f"geometric, decay {DEFAULT_DECAY if args.decay is None else args.decay}",
-            "target": "T = W_2 W_1 + U diag(spectrum) V^T, U and V Haar-orthogonal from the seed; the spectrum "
-                      "is E's for the random frozen model"}
+    return {
+        "spectrum": sigma.tolist(),
+        "spectrum_source": "given"
+        if args.spectrum is not None
+        else f"geometric, decay {DEFAULT_DECAY if args.decay is None else args.decay}",
+        "target": "T = W_2 W_1 + U diag(spectrum) V^T, U and V Haar-orthogonal from the seed; the spectrum "
+        "is E's for the random frozen model",
+    }
 
 
 def _config_extra(args):
@@ -107,9 +122,18 @@ def _config_extra(args):
 
 
 SPEC = ExperimentSpec(
-    name="singular_values", description=__doc__.splitlines()[0], family="fnn", add_arguments=_add, cells=_cells,
-    threshold=_threshold, quick=apply_quick, validate=_validate, extra_summary=_extra, make_target=make_target,
-    config_extra=_config_extra)
+    name="singular_values",
+    description=__doc__.splitlines()[0],
+    family="fnn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=_threshold,
+    quick=apply_quick,
+    validate=_validate,
+    extra_summary=_extra,
+    make_target=make_target,
+    config_extra=_config_extra,
+)
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ shards) reads each tensor from the file the index names, so a folder that also h
 ``consolidated.safetensors`` (the same weights in one file) is read once; a folder with one
 ``*.safetensors`` file, or several without an index, reads them all (a tensor in two files is refused). A
 safetensors tensor is read from its file when asked for (``safe_open``: memory-mapped, nothing else loaded).
-torch and ``.npz`` files cannot be read in parts: they are loaded whole (:func:`~verification.checkpoints.read_checkpoint`).
+torch and ``.npz`` files cannot be read in parts: they are loaded whole
+(:func:`~verification.checkpoints.read_checkpoint`).
 
 :func:`stream_spectra` walks the :class:`~verification.architectures.Layout` in model order: for each matrix
 it reads the base and tuned tensors, forms ``ΔW`` in float32 on the chosen device (float64 when a stored
@@ -21,11 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .architectures import Layout, layout as build_layout, natural_key, require
+from .architectures import Layout, natural_key, require
+from .architectures import layout as build_layout
 from .checkpoints import CheckpointError, checkpoint_format
 
-__all__ = ["TensorSource", "LayerSpectrum", "VectorChange", "stream_spectra", "open_pair", "resized_rows",
-           "partial_spectrum_of"]
+__all__ = [
+    "TensorSource",
+    "LayerSpectrum",
+    "VectorChange",
+    "stream_spectra",
+    "open_pair",
+    "resized_rows",
+    "partial_spectrum_of",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -74,8 +83,10 @@ class TensorSource:
                     for k in self._open(str(f)).keys():
                         if k in files:
                             raise CheckpointError(
-                                p, f"tensor {k!r} is in {Path(files[k]).name} and {f.name}, and the folder has no "
-                                f"{INDEX_NAME} saying which to read")
+                                p,
+                                f"tensor {k!r} is in {Path(files[k]).name} and {f.name}, and the folder has no "
+                                f"{INDEX_NAME} saying which to read",
+                            )
                         files[k] = str(f)
             self.files = files
         elif fmt == "safetensors":
@@ -90,7 +101,7 @@ class TensorSource:
             self.dtypes[k] = _dtype_name(sl.get_dtype())
         self.order = list(self.files)
         self.metadata = {}
-        self._handles = {}                  # the headers are read; no map stays open between reads
+        self._handles = {}  # the headers are read; no map stays open between reads
 
     def _load_eager(self, p):
         from .checkpoints import read_checkpoint
@@ -140,9 +151,20 @@ class TensorSource:
 
 
 def _dtype_name(code: str) -> str:
-    return {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.get(code, code.lower())
+    return {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+    }.get(code, code.lower())
 
 
 def open_pair(base_path, tuned_path):
@@ -156,13 +178,19 @@ def open_pair(base_path, tuned_path):
     extra = [k for k in tuned.shapes if k not in base.shapes]
     if missing or extra:
         parts = ([f"missing from tuned: {missing[:6]}"] if missing else []) + (
-            [f"only in tuned: {extra[:6]}"] if extra else [])
+            [f"only in tuned: {extra[:6]}"] if extra else []
+        )
         raise CheckpointError(tuned_path, "does not have the base's architecture (" + "; ".join(parts) + ")")
     for k, s in base.shapes.items():
         t = tuned.shapes[k]
-        if s != t and not (len(s) == len(t) == 2 and s[1] == t[1] and t[0] > s[0]) and not (
-                len(s) == len(t) == 1 and t[0] > s[0]):
-            raise CheckpointError(tuned_path, f"tensor {k!r} has shape {t} but the base has {s}: the architectures differ")
+        if (
+            s != t
+            and not (len(s) == len(t) == 2 and s[1] == t[1] and t[0] > s[0])
+            and not (len(s) == len(t) == 1 and t[0] > s[0])
+        ):
+            raise CheckpointError(
+                tuned_path, f"tensor {k!r} has shape {t} but the base has {s}: the architectures differ"
+            )
     return base, tuned, base.layout()
 
 
@@ -253,8 +281,12 @@ def _compute_dtype(*dtypes):
 
 
 #: Unit roundoff ``u`` and smallest subnormal ``η`` of each storage dtype (round to nearest).
-ROUNDOFF = {"float64": (2.0 ** -53, 2.0 ** -1074), "float32": (2.0 ** -24, 2.0 ** -149),
-            "float16": (2.0 ** -11, 2.0 ** -24), "bfloat16": (2.0 ** -8, 2.0 ** -133)}
+ROUNDOFF = {
+    "float64": (2.0**-53, 2.0**-1074),
+    "float32": (2.0**-24, 2.0**-149),
+    "float16": (2.0**-11, 2.0**-24),
+    "bfloat16": (2.0**-8, 2.0**-133),
+}
 
 
 def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
@@ -278,9 +310,9 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     col_sq = torch.zeros(n, dtype=torch.float64, device=w0.device)
     fro_sq = 0.0
     for start in range(0, m, block_rows):
-        a = w0[start:start + block_rows].to(cd, copy=True).abs_().mul_(ub)
-        a.add_(w1[start:start + block_rows].to(cd).abs_(), alpha=ut)             # (rows, n): B without η
-        sq = a.square()                                     # float32 squares stay finite below 1e18
+        a = w0[start : start + block_rows].to(cd, copy=True).abs_().mul_(ub)
+        a.add_(w1[start : start + block_rows].to(cd).abs_(), alpha=ut)  # (rows, n): B without η
+        sq = a.square()  # float32 squares stay finite below 1e18
         rows = sq.sum(dim=1, dtype=torch.float64)
         row_max = max(row_max, float(rows.max()))
         col_sq += sq.sum(dim=0, dtype=torch.float64)
@@ -292,10 +324,14 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
 
     # float32 blocks round each entry of B by a relative 2^-24 at most (two products and a sum): widen by
     # 2^-20 so that every statistic stays an upper bound
-    up = 1.0 + (2.0 ** -20 if cd == torch.float32 else 2.0 ** -48)
-    return {"shape": (int(m), int(n)), "row_max": up * math.sqrt(row_max) + eta * math.sqrt(n),
-            "col_max": up * math.sqrt(float(col_sq.max())) + eta * math.sqrt(m), "entry_max": up * entry_max + eta,
-            "frobenius": up * math.sqrt(fro_sq) + eta * math.sqrt(m * n)}
+    up = 1.0 + (2.0**-20 if cd == torch.float32 else 2.0**-48)
+    return {
+        "shape": (int(m), int(n)),
+        "row_max": up * math.sqrt(row_max) + eta * math.sqrt(n),
+        "col_max": up * math.sqrt(float(col_sq.max())) + eta * math.sqrt(m),
+        "entry_max": up * entry_max + eta,
+        "frobenius": up * math.sqrt(fro_sq) + eta * math.sqrt(m * n),
+    }
 
 
 def svdvals_tall(matrix):
@@ -325,14 +361,13 @@ def partial_spectrum_of(delta, thresholds_of, *, block: int = 16, block_rows: in
 
     from lora_theory.partial_spectrum import partial_spectrum_from_blocks
 
-    a = delta if delta.shape[0] >= delta.shape[1] else delta.T            # (m, n), m >= n
+    a = delta if delta.shape[0] >= delta.shape[1] else delta.T  # (m, n), m >= n
 
     def blocks():
         for start in range(0, a.shape[0], block_rows):
-            yield a[start:start + block_rows].to(torch.float64).cpu().numpy()   # (rows, n) float64
+            yield a[start : start + block_rows].to(torch.float64).cpu().numpy()  # (rows, n) float64
 
-    part = partial_spectrum_from_blocks(tuple(a.shape), blocks, lambda s1: thresholds_of(s1)[0], block=block,
-                                        seed=seed)
+    part = partial_spectrum_from_blocks(tuple(a.shape), blocks, lambda s1: thresholds_of(s1)[0], block=block, seed=seed)
     s1 = float(part.values[0]) if part.values.size else 0.0
     settled = all(lo == hi for lo, hi in (part.count(t) for t in thresholds_of(s1)))
     return part, settled
@@ -345,8 +380,17 @@ def logical(tensor, spec, rows=None):
     return tensor.T if spec.transposed else tensor
 
 
-def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, device: str = "cpu",
-                   floor_fn=None, progress: bool = True, spectrum: str = "full", thresholds_fn=None):
+def stream_spectra(
+    base: TensorSource,
+    tuned: TensorSource,
+    lay: Layout,
+    *,
+    device: str = "cpu",
+    floor_fn=None,
+    progress: bool = True,
+    spectrum: str = "full",
+    thresholds_fn=None,
+):
     """Yield a :class:`LayerSpectrum` per matrix of ``lay`` in model order, then a :class:`VectorChange` per
     vector; one layer in memory at a time (module docstring).
 
@@ -389,7 +433,7 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
                 w1 = w1[:rows]
             cd = _compute_dtype(d0, d1)
             # ΔW in one buffer: the tuned tensor converted, the base subtracted in place (no third copy)
-            delta = logical(w1, spec).to(dev, cd, copy=True)                # (out, in)
+            delta = logical(w1, spec).to(dev, cd, copy=True)  # (out, in)
             w0d = logical(w0, spec).to(dev)
             delta.sub_(w0d)
             shape = tuple(delta.shape)
@@ -403,32 +447,57 @@ def stream_spectra(base: TensorSource, tuned: TensorSource, lay: Layout, *, devi
                 part, settled = partial_spectrum_of(delta, thresholds_fn(floor, shape, cname))
                 used = "partial"
                 if not settled and spectrum == "auto":
-                    note = (f"partial spectrum unsettled (counts {part.rank_lower}..{part.rank_upper} with block "
-                            f"{part.block}): full spectrum computed")
+                    note = (
+                        f"partial spectrum unsettled (counts {part.rank_lower}..{part.rank_upper} with block "
+                        f"{part.block}): full spectrum computed"
+                    )
                     part, used = None, "full"
             elif spectrum == "auto":
                 note = f"short side below {PARTIAL_MIN_SIDE}: full spectrum"
-            s = part.values if part is not None else svdvals_tall(delta).double().cpu().numpy()   # (k,)
+            s = part.values if part is not None else svdvals_tall(delta).double().cpu().numpy()  # (k,)
             del delta
             bias = None, None, None, None
             if spec.bias_key is not None:
                 b0 = base.get(spec.bias_key).double()
                 b1 = tuned.get(spec.bias_key).double()[: b0.shape[0]]
-                bias = ((b1 - b0).numpy(), b0.numpy(), b1.numpy(),
-                        (base.dtypes[spec.bias_key], tuned.dtypes[spec.bias_key]))
-            yield LayerSpectrum(spec=spec, shape=shape, dtypes=(d0, d1), singular_values=s, compute_dtype=str(cd).replace("torch.", ""),
-                base_fro=base_fro, delta_fro=delta_fro, new_rows=new_rows, floor=floor,
-                bias_change=bias[0], bias_base=bias[1], bias_tuned=bias[2], bias_dtypes=bias[3],
-                partial=part, spectrum=used, spectrum_note=note)
+                bias = (
+                    (b1 - b0).numpy(),
+                    b0.numpy(),
+                    b1.numpy(),
+                    (base.dtypes[spec.bias_key], tuned.dtypes[spec.bias_key]),
+                )
+            yield LayerSpectrum(
+                spec=spec,
+                shape=shape,
+                dtypes=(d0, d1),
+                singular_values=s,
+                compute_dtype=str(cd).replace("torch.", ""),
+                base_fro=base_fro,
+                delta_fro=delta_fro,
+                new_rows=new_rows,
+                floor=floor,
+                bias_change=bias[0],
+                bias_base=bias[1],
+                bias_tuned=bias[2],
+                bias_dtypes=bias[3],
+                partial=part,
+                spectrum=used,
+                spectrum_note=note,
+            )
             if bar is not None:
                 bar.update(1)
         for v in lay.vectors:
             x0 = base.get(v.key).double()
             x1 = tuned.get(v.key).double()
             n = x0.shape[0]
-            yield VectorChange(spec=v, dtypes=(base.dtypes[v.key], tuned.dtypes[v.key]),
-                               change=(x1[:n] - x0).numpy(), base=x0.numpy(), tuned=x1.numpy(),
-                               new_rows=int(x1.shape[0] - n))
+            yield VectorChange(
+                spec=v,
+                dtypes=(base.dtypes[v.key], tuned.dtypes[v.key]),
+                change=(x1[:n] - x0).numpy(),
+                base=x0.numpy(),
+                tuned=x1.numpy(),
+                new_rows=int(x1.shape[0] - n),
+            )
             if bar is not None:
                 bar.update(1)
     finally:

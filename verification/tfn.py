@@ -4,7 +4,8 @@
 (no bounded domain; the calibrated column does not apply), up to the rounding its float64 weights carry:
 a relative output error, measured per input with two blocks at ``D = 16``, ``H = 2``, ``N = 10``, ``R = 8``
 (20 seed pairs, 1280 inputs): median 6e-13, up to 2e-7 (the second block reads the first one's output
-through ``C_1 = T2 W2^{-1}``); with one block median 1e-13, up to 6e-11. ``--highprec`` builds the column at raised precision instead
+through ``C_1 = T2 W2^{-1}``); with one block median 1e-13, up to 6e-11. ``--highprec`` builds the column at raised
+precision instead
 (:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s per
 construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training
 is hours of CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
@@ -12,12 +13,22 @@ is hours of CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construct
 
 from __future__ import annotations
 
-import lora_theory
-
 import dataclasses
 
-from .sweep import (CLIError, ExperimentSpec, add_highprec_arguments, apply_quick, check_highprec_arguments,
-                         highprec_subsample, lora_cells, parse_ranks, quick_highprec, run_cli)
+import lora_theory
+
+from .sweep import (
+    CLIError,
+    ExperimentSpec,
+    add_highprec_arguments,
+    apply_quick,
+    check_highprec_arguments,
+    highprec_subsample,
+    lora_cells,
+    parse_ranks,
+    quick_highprec,
+    run_cli,
+)
 
 
 def _add(p):
@@ -46,8 +57,15 @@ def _quick(args):
 
 
 SPEC = ExperimentSpec(
-    name="tfn", description=__doc__.splitlines()[0], family="tfn", add_arguments=_add, cells=_cells,
-    threshold=lambda a: lora_theory.tfn_rank_threshold(a.width), quick=_quick, validate=_validate)
+    name="tfn",
+    description=__doc__.splitlines()[0],
+    family="tfn",
+    add_arguments=_add,
+    cells=_cells,
+    threshold=lambda a: lora_theory.tfn_rank_threshold(a.width),
+    quick=_quick,
+    validate=_validate,
+)
 
 
 def main(argv=None) -> int:

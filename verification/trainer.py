@@ -22,15 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "DRAW_CHUNK", "LORA_INIT_STD", "BatchStream", "FNNStack", "TFNStack", "StackedAdam", "TrainResult",
-    "TrainingStopped", "train_stack", "fnn_apply", "tfn_apply", "gaussian_inputs", "lora_init_A",
+    "DRAW_CHUNK",
+    "LORA_INIT_STD",
+    "BatchStream",
+    "FNNStack",
+    "TFNStack",
+    "StackedAdam",
+    "TrainResult",
+    "TrainingStopped",
+    "train_stack",
+    "fnn_apply",
+    "tfn_apply",
+    "gaussian_inputs",
+    "lora_init_A",
 ]
 
 #: Steps of training inputs drawn at once from a data seed's generator (part of the data definition).
@@ -61,8 +72,9 @@ class BatchStream:
 
     def next(self) -> torch.Tensor:
         if self._pos == DRAW_CHUNK:
-            self._buffer = torch.randn((DRAW_CHUNK, self.batch_size, *self.shape), generator=self.generator,
-                                       dtype=torch.float64)
+            self._buffer = torch.randn(
+                (DRAW_CHUNK, self.batch_size, *self.shape), generator=self.generator, dtype=torch.float64
+            )
             self._pos = 0
         out = self._buffer[self._pos]
         self._pos += 1
@@ -71,8 +83,10 @@ class BatchStream:
 
 # ------------------------------------------------------------------------------------------- forward maps
 
-def fnn_apply(weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, activation: str = "relu",
-              final_relu: bool = True) -> torch.Tensor:
+
+def fnn_apply(
+    weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, activation: str = "relu", final_relu: bool = True
+) -> torch.Tensor:
     """Stacked FNN: ``weights`` (R, L, D, D), ``biases`` (R, L, D), ``x`` (R, n, D) or (1, n, D) -> (R, n, D).
 
     One batched kernel (``baddbmm``, a shared ``x`` expanded without a copy) whatever ``R``: a run's outputs
@@ -83,9 +97,9 @@ def fnn_apply(weights: torch.Tensor, biases: torch.Tensor, x: torch.Tensor, acti
     R = max(x.shape[0], weights.shape[0])
     z = x.expand(R, *x.shape[1:])
     for l in range(L):
-        W = weights[:, l].transpose(1, 2).expand(R, -1, -1)                 # (R, D, D) = W_l^T
-        b = biases[:, l].unsqueeze(1).expand(R, -1, -1)                     # (R, 1, D)
-        z = torch.baddbmm(b, z, W)                                          # (R, n, D)
+        W = weights[:, l].transpose(1, 2).expand(R, -1, -1)  # (R, D, D) = W_l^T
+        b = biases[:, l].unsqueeze(1).expand(R, -1, -1)  # (R, 1, D)
+        z = torch.baddbmm(b, z, W)  # (R, n, D)
         if activation == "relu" and (l < L - 1 or final_relu):
             z = torch.relu(z)
     return z
@@ -102,22 +116,22 @@ def tfn_apply(p: dict, X: torch.Tensor) -> torch.Tensor:
     """
     R, L, H, D, _ = p["wq"].shape
     n, N = X.shape[1], X.shape[-1]
-    Z = X.transpose(-1, -2).expand(R, n, N, D).reshape(R, n * N, D)          # (R, nN, D) tokens as rows
+    Z = X.transpose(-1, -2).expand(R, n, N, D).reshape(R, n * N, D)  # (R, nN, D) tokens as rows
     for l in range(L):
         A = None
         for h in range(H):
-            K = torch.bmm(Z, p["wk"][:, l, h].transpose(-1, -2)).view(R * n, N, D)   # rows k_i = W_K z_i
-            Q = torch.bmm(Z, p["wq"][:, l, h].transpose(-1, -2)).view(R * n, N, D)   # rows q_j = W_Q z_j
-            OV = torch.bmm(p["wo"][:, l, h], p["wv"][:, l, h])                        # (R, D, D) = W_O W_V
-            V = torch.bmm(Z, OV.transpose(-1, -2)).view(R * n, N, D)                 # rows W_O W_V z_i
-            S = torch.softmax(torch.bmm(K, Q.transpose(-1, -2)), dim=-2)             # (Rn, N, N) over keys i
-            head = torch.bmm(S.transpose(-1, -2), V)                                 # (Rn, N, D)
+            K = torch.bmm(Z, p["wk"][:, l, h].transpose(-1, -2)).view(R * n, N, D)  # rows k_i = W_K z_i
+            Q = torch.bmm(Z, p["wq"][:, l, h].transpose(-1, -2)).view(R * n, N, D)  # rows q_j = W_Q z_j
+            OV = torch.bmm(p["wo"][:, l, h], p["wv"][:, l, h])  # (R, D, D) = W_O W_V
+            V = torch.bmm(Z, OV.transpose(-1, -2)).view(R * n, N, D)  # rows W_O W_V z_i
+            S = torch.softmax(torch.bmm(K, Q.transpose(-1, -2)), dim=-2)  # (Rn, N, N) over keys i
+            head = torch.bmm(S.transpose(-1, -2), V)  # (Rn, N, D)
             A = head if A is None else A + head
-        A = A.view(R, n * N, D)                                                      # (R, nN, D)
+        A = A.view(R, n * N, D)  # (R, nN, D)
         H1 = torch.relu(torch.baddbmm(p["b1"][:, l].unsqueeze(1), A, p["w1"][:, l].transpose(-1, -2)))
         Z = torch.baddbmm(p["b2"][:, l].unsqueeze(1), H1, p["w2"][:, l].transpose(-1, -2))  # (R, nN, D)
-    out = torch.bmm(Z, p["w_out"].transpose(-1, -2))                        # (R, nN, D)
-    return out.view(R, n, N, D).transpose(-1, -2)                           # (R, n, D, N)
+    out = torch.bmm(Z, p["w_out"].transpose(-1, -2))  # (R, nN, D)
+    return out.view(R, n, N, D).transpose(-1, -2)  # (R, n, D, N)
 
 
 def lora_init_A(seed: int, ranks: Sequence[int], width: int) -> list[torch.Tensor]:
@@ -142,8 +156,14 @@ def _lora_init(init_seeds, ranks, rmax, width, dtype, device):
 def _grad_buffers(params: dict) -> dict:
     """Where a hand-written backward writes each parameter's gradient: its ``grad`` when already set with the
     right shape and dtype (e.g. :attr:`StackedAdam.grads`, overwritten in place), else a new tensor."""
-    return {k: (t.grad if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
-                else torch.empty_like(t)) for k, t in params.items()}
+    return {
+        k: (
+            t.grad
+            if t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+            else torch.empty_like(t)
+        )
+        for k, t in params.items()
+    }
 
 
 def _padded_rank(ranks: torch.Tensor, rank_padding: int | None) -> int:
@@ -183,9 +203,22 @@ class FNNStack:
         another inner dimension, and float32 training carries such rounding differences into the results.
     """
 
-    def __init__(self, weights, biases, *, activation="relu", final_relu=True, method="lora", ranks=None,
-                 tuned_layers=None, tune_bias=None, init_seeds=None, dtype=torch.float32, device="cpu",
-                 rank_padding=None):
+    def __init__(
+        self,
+        weights,
+        biases,
+        *,
+        activation="relu",
+        final_relu=True,
+        method="lora",
+        ranks=None,
+        tuned_layers=None,
+        tune_bias=None,
+        init_seeds=None,
+        dtype=torch.float32,
+        device="cpu",
+        rank_padding=None,
+    ):
         W = torch.tensor(np.array(weights, dtype=np.float64))
         b = torch.tensor(np.array(biases, dtype=np.float64))
         R, L, D, _ = W.shape
@@ -201,11 +234,11 @@ class FNNStack:
             ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R, L)
             self.ranks = ranks
             self.rmax = _padded_rank(ranks, rank_padding)
-            mask = _rank_mask(ranks, self.rmax)                             # (R, L, rmax)
+            mask = _rank_mask(ranks, self.rmax)  # (R, L, rmax)
             self.params["A"] = _lora_init(init_seeds, ranks, self.rmax, D, dtype, device)  # (R, L, rmax, D)
             self.params["B"] = torch.zeros((R, L, D, self.rmax), dtype=dtype, device=device)
-            self.masks["A"] = mask.unsqueeze(-1).to(device)                 # (R, L, rmax, 1)
-            self.masks["B"] = mask.unsqueeze(-2).to(device)                 # (R, L, 1, rmax)
+            self.masks["A"] = mask.unsqueeze(-1).to(device)  # (R, L, rmax, 1)
+            self.masks["B"] = mask.unsqueeze(-2).to(device)  # (R, L, 1, rmax)
             if tune_bias.any():
                 self.params["bias"] = self.frozen_biases.clone()
                 self.masks["bias"] = torch.as_tensor(tune_bias).view(R, 1, 1).expand(R, L, 1).to(device)
@@ -224,13 +257,13 @@ class FNNStack:
     def weights_and_biases(self, params=None, dtype=None):
         """Effective ``(weights (R, L, D, D), biases (R, L, D))``; in ``dtype`` (e.g. float64 for evaluation)."""
         p = self.params if params is None else params
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))   # noqa: E731
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         if "weight" in p:
             W = cast(p["weight"])
         else:
             W = cast(self.frozen_weights)
             if "A" in p:
-                W = W + cast(p["B"]) @ cast(p["A"])                         # (R, L, D, D)
+                W = W + cast(p["B"]) @ cast(p["A"])  # (R, L, D, D)
         b = cast(p["bias"]) if "bias" in p else cast(self.frozen_biases)
         return W, b
 
@@ -250,16 +283,16 @@ class FNNStack:
         """
         with torch.no_grad():
             p = self.params
-            R, L, D = self.R, self.L, self.D
+            L = self.L
             n = x.shape[1]
             ws = self._workspace(n, x.dtype, x.device)
             if "weight" in p:
                 W = p["weight"]
-            elif "A" in p:                                                  # W0 + B A, written into a buffer
+            elif "A" in p:  # W0 + B A, written into a buffer
                 W = torch.matmul(p["B"], p["A"], out=ws["W"]).add_(self.frozen_weights)
             else:
-                W = self.frozen_weights                                     # (R, L, D, D)
-            b = p["bias"] if "bias" in p else self.frozen_biases            # (R, L, D)
+                W = self.frozen_weights  # (R, L, D, D)
+            b = p["bias"] if "bias" in p else self.frozen_biases  # (R, L, D)
             relu = [self.activation == "relu" and (l < L - 1 or self.final_relu) for l in range(L)]
             zs = [x]
             z = x
@@ -269,25 +302,25 @@ class FNNStack:
                     z.clamp_(min=0)
                 zs.append(z)
             g, g_next = ws["g"]
-            diff = torch.sub(z, y, out=g)                                   # (R, n, D)
+            diff = torch.sub(z, y, out=g)  # (R, n, D)
             n_el = diff.shape[1] * diff.shape[2]
             per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
             g = diff.mul_(2.0 / n_el)
             grads = _grad_buffers(p)
             need_w = "weight" in p or "A" in p
-            gW = ws["gW"]                                                   # (L, R, D, D), layer-major
-            gb = grads.get("bias")                                          # (R, L, D)
+            gW = ws["gW"]  # (L, R, D, D), layer-major
+            gb = grads.get("bias")  # (R, L, D)
             for l in reversed(range(L)):
-                if relu[l]:                                                 # ReLU' = 1[z > 0], in place on g
+                if relu[l]:  # ReLU' = 1[z > 0], in place on g
                     g = torch.ops.aten.threshold_backward.grad_input(g, zs[l + 1], 0, grad_input=g)
                 if need_w:
-                    torch.bmm(g.transpose(1, 2), zs[l], out=gW[l])          # (R, D, D) = g^T z_{l-1}
+                    torch.bmm(g.transpose(1, 2), zs[l], out=gW[l])  # (R, D, D) = g^T z_{l-1}
                 if gb is not None:
-                    torch.sum(g, dim=1, out=gb[:, l])                       # (R, D)
+                    torch.sum(g, dim=1, out=gb[:, l])  # (R, D)
                 if l > 0:
-                    g, g_next = torch.bmm(g, W[:, l], out=g_next), g        # (R, n, D) = g W_l
+                    g, g_next = torch.bmm(g, W[:, l], out=g_next), g  # (R, n, D) = g W_l
             if need_w:
-                gW = ws["gW_runs"].copy_(gW.transpose(0, 1))                # (R, L, D, D)
+                gW = ws["gW_runs"].copy_(gW.transpose(0, 1))  # (R, L, D, D)
             if "weight" in p:
                 grads["weight"].copy_(gW)
             if "A" in p:
@@ -304,8 +337,13 @@ class FNNStack:
         if getattr(self, "_ws_key", None) != key:
             R, L, D = self.R, self.L, self.D
             new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
-            self._ws = {"z": [new(R, n, D) for _ in range(L)], "g": [new(R, n, D), new(R, n, D)],
-                        "W": new(R, L, D, D), "gW": new(L, R, D, D), "gW_runs": new(R, L, D, D)}
+            self._ws = {
+                "z": [new(R, n, D) for _ in range(L)],
+                "g": [new(R, n, D), new(R, n, D)],
+                "W": new(R, L, D, D),
+                "gW": new(L, R, D, D),
+                "gW_runs": new(R, L, D, D),
+            }
             self._ws_key = key
         return self._ws
 
@@ -332,10 +370,21 @@ class TFNStack:
     :class:`lora_theory.TFN` parameter names to arrays with a leading run dimension.
     """
 
-    def __init__(self, frozen: dict, *, method="lora", ranks=None, tune_bias=None, init_seeds=None,
-                 dtype=torch.float32, device="cpu", rank_padding=None):
-        self.frozen = {k: torch.tensor(np.array(frozen[k], dtype=np.float64)).to(dtype=dtype, device=device)
-                       for k in _TFN_KEYS}
+    def __init__(
+        self,
+        frozen: dict,
+        *,
+        method="lora",
+        ranks=None,
+        tune_bias=None,
+        init_seeds=None,
+        dtype=torch.float32,
+        device="cpu",
+        rank_padding=None,
+    ):
+        self.frozen = {
+            k: torch.tensor(np.array(frozen[k], dtype=np.float64)).to(dtype=dtype, device=device) for k in _TFN_KEYS
+        }
         R, L, H, D, _ = self.frozen["wq"].shape
         self.R, self.L, self.H, self.D = R, L, H, D
         self.method, self.dtype, self.device = method, dtype, device
@@ -344,20 +393,20 @@ class TFNStack:
         if method == "lora":
             ranks = torch.as_tensor(np.asarray(ranks, dtype=np.int64)).reshape(R)
             self.ranks = ranks
-            self.rmax = _padded_rank(ranks, rank_padding)                   # see FNNStack
-            mask = _rank_mask(ranks, self.rmax)                             # (R, rmax)
+            self.rmax = _padded_rank(ranks, rank_padding)  # see FNNStack
+            mask = _rank_mask(ranks, self.rmax)  # (R, rmax)
             # adapters of a run in a fixed order: wq, wk, wv, wo of every (block, head), then w2 (last block), w_out
             K = 4 * L * H + 2
             A_all = _lora_init(init_seeds, ranks.view(R, 1).expand(R, K), self.rmax, D, dtype, device)
             att = A_all[:, : 4 * L * H].reshape(R, L, H, 4, self.rmax, D)
             m = mask.view(R, 1, 1, self.rmax).expand(R, L, H, self.rmax)
             for i, k in enumerate(_TFN_ATT):
-                self.params[f"A_{k}"] = att[:, :, :, i].contiguous()           # (R, L, H, rmax, D)
+                self.params[f"A_{k}"] = att[:, :, :, i].contiguous()  # (R, L, H, rmax, D)
                 self.params[f"B_{k}"] = torch.zeros((R, L, H, D, self.rmax), dtype=dtype, device=device)
                 self.masks[f"A_{k}"] = m.unsqueeze(-1).to(device)
                 self.masks[f"B_{k}"] = m.unsqueeze(-2).to(device)
             for i, k in enumerate(("w2", "w_out")):
-                self.params[f"A_{k}"] = A_all[:, 4 * L * H + i].contiguous()    # (R, rmax, D)
+                self.params[f"A_{k}"] = A_all[:, 4 * L * H + i].contiguous()  # (R, rmax, D)
                 self.params[f"B_{k}"] = torch.zeros((R, D, self.rmax), dtype=dtype, device=device)
                 self.masks[f"A_{k}"] = mask.unsqueeze(-1).to(device)
                 self.masks[f"B_{k}"] = mask.unsqueeze(-2).to(device)
@@ -373,13 +422,13 @@ class TFNStack:
 
     def effective(self, params=None, dtype=None) -> dict:
         p = self.params if params is None else params
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))   # noqa: E731
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         out = {k: cast(v) for k, v in self.frozen.items()}
         for k in _TFN_ATT + ("w_out",):
             if f"A_{k}" in p:
                 out[k] = out[k] + cast(p[f"B_{k}"]) @ cast(p[f"A_{k}"])
         if "A_w2" in p:
-            delta = cast(p["B_w2"]) @ cast(p["A_w2"])                        # (R, D, D)
+            delta = cast(p["B_w2"]) @ cast(p["A_w2"])  # (R, D, D)
             last = torch.zeros_like(out["w2"])
             last[:, -1] = delta
             out["w2"] = out["w2"] + last
@@ -415,19 +464,19 @@ class TFNStack:
             n, N = X.shape[1], X.shape[-1]
             nN, Rn = n * N, R * n
             ws = self._workspace(n, N, X.dtype, X.device)
-            T = lambda t: t.transpose(-1, -2)                                 # noqa: E731
-            lh = lambda t: t.permute(1, 2, 0, 3, 4)                           # noqa: E731  (R, L, H, ..) -> (L, H, R, ..)
+            T = lambda t: t.transpose(-1, -2)  # noqa: E731
+            lh = lambda t: t.permute(1, 2, 0, 3, 4)  # noqa: E731  (R, L, H, ..) -> (L, H, R, ..)
             # effective weights W0 + B A, block- and head-major so that every (l, h) slice is contiguous
             eff = {}
             for k in _TFN_ATT:
                 W = torch.matmul(p[f"B_{k}"], p[f"A_{k}"], out=ws[f"BA_{k}"]).add_(self.frozen[k])  # (R, L, H, D, D)
-                eff[k] = ws[f"W_{k}"].copy_(lh(W))                             # (L, H, R, D, D)
-            W2 = ws["W2"].copy_(self.frozen["w2"].transpose(0, 1))            # (L, R, D, D)
+                eff[k] = ws[f"W_{k}"].copy_(lh(W))  # (L, H, R, D, D)
+            W2 = ws["W2"].copy_(self.frozen["w2"].transpose(0, 1))  # (L, R, D, D)
             W2[-1].baddbmm_(p["B_w2"], p["A_w2"])
             Wout = torch.baddbmm(self.frozen["w_out"], p["B_w_out"], p["A_w_out"], out=ws["Wout"])  # (R, D, D)
-            W1 = ws["W1"].copy_(self.frozen["w1"].transpose(0, 1))            # (L, R, D, D)
-            OV = torch.matmul(eff["wo"], eff["wv"], out=ws["OV"])             # (L, H, R, D, D) = W_O W_V
-            KQ = torch.matmul(T(eff["wk"]), eff["wq"], out=ws["KQ"])         # (L, H, R, D, D) = W_K^T W_Q
+            W1 = ws["W1"].copy_(self.frozen["w1"].transpose(0, 1))  # (L, R, D, D)
+            OV = torch.matmul(eff["wo"], eff["wv"], out=ws["OV"])  # (L, H, R, D, D) = W_O W_V
+            KQ = torch.matmul(T(eff["wk"]), eff["wq"], out=ws["KQ"])  # (L, H, R, D, D) = W_K^T W_Q
             OVT = ws["OVT"].copy_(T(OV))
             W1T, W2T = ws["W1T"].copy_(T(W1)), ws["W2T"].copy_(T(W2))
             b1 = (p["b1"] if "b1" in p else self.frozen["b1"]).transpose(0, 1).unsqueeze(2)  # (L, R, 1, D)
@@ -436,75 +485,75 @@ class TFNStack:
             # forward, keeping what the backward reads; every block input per run (the scores read each
             # run's sequences), one shared input batch (R or 1 leading, or stride 0) broadcast by the copy
             Z = ws["Z"][0]
-            Z.view(R, n, N, D).copy_(T(X))                                    # (R, nN, D) tokens as rows
+            Z.view(R, n, N, D).copy_(T(X))  # (R, nN, D) tokens as rows
             for l in range(L):
-                A = ws["A"][l]                                                # (R, nN, D) sum of the heads
+                A = ws["A"][l]  # (R, nN, D) sum of the heads
                 for h in range(H):
                     P = torch.bmm(Z, KQ[l, h], out=ws["P"][l][h]).view(Rn, N, D)  # rows W_Q^T W_K z_i
                     V = torch.bmm(Z, OVT[l, h], out=ws["V"][l][h]).view(Rn, N, D)  # rows W_O W_V z_i
                     S_raw = torch.bmm(P, T(Z.view(Rn, N, D)), out=ws["S_raw"])  # (Rn, N, N) k_i . q_j
                     S = torch.ops.aten._softmax.out(S_raw, -2, False, out=ws["S"][l][h])  # over keys i
                     if h == 0:
-                        torch.bmm(T(S), V, out=A.view(Rn, N, D))              # (Rn, N, D) head_j = sum_i S_ij v_i
+                        torch.bmm(T(S), V, out=A.view(Rn, N, D))  # (Rn, N, D) head_j = sum_i S_ij v_i
                     else:
                         A.view(Rn, N, D).baddbmm_(T(S), V)
                 H1 = torch.baddbmm(b1[l], A, W1T[l], out=ws["H1"][l]).clamp_(min=0)  # (R, nN, D)
-                Z = torch.baddbmm(b2[l], H1, W2T[l], out=ws["Z"][l + 1])      # (R, nN, D)
-            diff = torch.bmm(Z, T(Wout), out=ws["G"])                         # (R, nN, D) output tokens
+                Z = torch.baddbmm(b2[l], H1, W2T[l], out=ws["Z"][l + 1])  # (R, nN, D)
+            diff = torch.bmm(Z, T(Wout), out=ws["G"])  # (R, nN, D) output tokens
             diff.sub_(T(Y).reshape(Y.shape[0], nN, D))
             n_el = nN * D
             per_run = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2 / n_el  # (R,)
-            G = diff.mul_(2.0 / n_el)                                         # d(sum of losses)/d out
+            G = diff.mul_(2.0 / n_el)  # d(sum of losses)/d out
 
             # backward: gradients of the effective weights, block- and head-major
-            gW = {k: ws[f"g{k}"] for k in _TFN_ATT}                           # (L, H, R, D, D)
-            gW2, gb1, gb2 = ws["gW2"], ws["gb1"], ws["gb2"]                   # (R, D, D), (L, R, D) x 2
-            gWout = torch.bmm(T(G), Z, out=ws["gWout"])                       # (R, D, D)
-            dZ = torch.bmm(G, Wout, out=ws["dZ"])                             # (R, nN, D)
+            gW = {k: ws[f"g{k}"] for k in _TFN_ATT}  # (L, H, R, D, D)
+            gW2, gb1, gb2 = ws["gW2"], ws["gb1"], ws["gb2"]  # (R, D, D), (L, R, D) x 2
+            gWout = torch.bmm(T(G), Z, out=ws["gWout"])  # (R, D, D)
+            dZ = torch.bmm(G, Wout, out=ws["dZ"])  # (R, nN, D)
             for l in reversed(range(L)):
                 H1, A, Z_in = ws["H1"][l], ws["A"][l], ws["Z"][l]
-                if l == L - 1:                                                # W2 is adapted in the last block only
+                if l == L - 1:  # W2 is adapted in the last block only
                     torch.bmm(T(dZ), H1, out=gW2)
                 torch.sum(dZ, dim=1, out=gb2[l])
-                dH = torch.bmm(dZ, W2[l], out=ws["dH"])                       # (R, nN, D)
+                dH = torch.bmm(dZ, W2[l], out=ws["dH"])  # (R, nN, D)
                 torch.ops.aten.threshold_backward.grad_input(dH, H1, 0, grad_input=dH)  # ReLU' = 1[H1 > 0]
                 torch.sum(dH, dim=1, out=gb1[l])
-                dA = torch.bmm(dH, W1[l], out=ws["dA"]).view(Rn, N, D)        # dhead of every head
+                dA = torch.bmm(dH, W1[l], out=ws["dA"]).view(Rn, N, D)  # dhead of every head
                 for h in range(H):
                     P, V = (ws[k][l][h].view(Rn, N, D) for k in ("P", "V"))
-                    S = ws["S"][l][h]                                         # (Rn, N, N)
-                    dS = torch.bmm(V, T(dA), out=ws["dS"])                    # (Rn, N, N)
-                    dV = torch.bmm(S, dA, out=ws["dV"])                       # (Rn, N, D)
+                    S = ws["S"][l][h]  # (Rn, N, N)
+                    dS = torch.bmm(V, T(dA), out=ws["dS"])  # (Rn, N, N)
+                    dV = torch.bmm(S, dA, out=ws["dV"])  # (Rn, N, D)
                     dS_raw = torch.ops.aten._softmax_backward_data.out(dS, S, -2, S.dtype, grad_input=ws["S_raw"])
                     dP = torch.bmm(dS_raw, Z_in.view(Rn, N, D), out=ws["dP"]).view(R, nN, D)
                     dV = dV.view(R, nN, D)
-                    gKQ = torch.bmm(T(Z_in), dP, out=ws["gKQ"])               # (R, D, D) gradient of W_K^T W_Q
-                    torch.bmm(eff["wk"][l, h], gKQ, out=gW["wq"][l, h])       # W_K gKQ
-                    torch.bmm(eff["wq"][l, h], T(gKQ), out=gW["wk"][l, h])    # W_Q gKQ^T
-                    gOV = torch.bmm(T(dV), Z_in, out=ws["gOV"])               # (R, D, D)
+                    gKQ = torch.bmm(T(Z_in), dP, out=ws["gKQ"])  # (R, D, D) gradient of W_K^T W_Q
+                    torch.bmm(eff["wk"][l, h], gKQ, out=gW["wq"][l, h])  # W_K gKQ
+                    torch.bmm(eff["wq"][l, h], T(gKQ), out=gW["wk"][l, h])  # W_Q gKQ^T
+                    gOV = torch.bmm(T(dV), Z_in, out=ws["gOV"])  # (R, D, D)
                     torch.bmm(gOV, T(eff["wv"][l, h]), out=gW["wo"][l, h])
                     torch.bmm(T(eff["wo"][l, h]), gOV, out=gW["wv"][l, h])
-                    if l > 0:                                                 # dZ of the block's input
+                    if l > 0:  # dZ of the block's input
                         if h == 0:
-                            torch.bmm(dP, T(KQ[l, h]), out=ws["dZ"])         # through P = Z W_K^T W_Q
+                            torch.bmm(dP, T(KQ[l, h]), out=ws["dZ"])  # through P = Z W_K^T W_Q
                         else:
                             ws["dZ"].baddbmm_(dP, T(KQ[l, h]))
-                        ws["dZ"].view(Rn, N, D).baddbmm_(T(dS_raw), P)        # through the keys' side, Z^T
+                        ws["dZ"].view(Rn, N, D).baddbmm_(T(dS_raw), P)  # through the keys' side, Z^T
                         ws["dZ"].baddbmm_(dV, OV[l, h])
                 dZ = ws["dZ"]
 
             grads = _grad_buffers(p)
-            runs_first = lambda t: t.permute(2, 0, 1, 3, 4)                   # noqa: E731  (L, H, R, ..) -> (R, L, H, ..)
+            runs_first = lambda t: t.permute(2, 0, 1, 3, 4)  # noqa: E731  (L, H, R, ..) -> (R, L, H, ..)
             for k in _TFN_ATT:
-                g = runs_first(gW[k])                                         # (R, L, H, D, D)
-                torch.matmul(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])          # (R, L, H, r, D) = B^T gW
-                torch.matmul(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])          # (R, L, H, D, r) = gW A^T
+                g = runs_first(gW[k])  # (R, L, H, D, D)
+                torch.matmul(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])  # (R, L, H, r, D) = B^T gW
+                torch.matmul(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])  # (R, L, H, D, r) = gW A^T
             for k, g in (("w2", gW2), ("w_out", gWout)):
-                torch.bmm(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])             # (R, r, D)
-                torch.bmm(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])             # (R, D, r)
+                torch.bmm(T(p[f"B_{k}"]), g, out=grads[f"A_{k}"])  # (R, r, D)
+                torch.bmm(g, T(p[f"A_{k}"]), out=grads[f"B_{k}"])  # (R, D, r)
             for k, g in (("b1", gb1), ("b2", gb2)):
                 if k in p:
-                    grads[k].copy_(g.transpose(0, 1))                         # (R, L, D)
+                    grads[k].copy_(g.transpose(0, 1))  # (R, L, D)
             for k, t in p.items():
                 t.grad = grads[k]
         return per_run
@@ -518,16 +567,36 @@ class TFNStack:
             nN, Rn = n * N, R * n
             new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
             per_lh = lambda *shape: [[new(*shape) for _ in range(H)] for _ in range(L)]  # noqa: E731
-            ws = {"Z": [new(R, nN, D) for _ in range(L + 1)],
-                  "A": [new(R, nN, D) for _ in range(L)],
-                  "H1": [new(R, nN, D) for _ in range(L)], "P": per_lh(R, nN, D),
-                  "V": per_lh(R, nN, D), "S": per_lh(Rn, N, N), "S_raw": new(Rn, N, N), "G": new(R, nN, D),
-                  "dZ": new(R, nN, D), "dH": new(R, nN, D), "dA": new(R, nN, D), "dS": new(Rn, N, N),
-                  "dV": new(Rn, N, D), "dP": new(Rn, N, D), "gOV": new(R, D, D), "gKQ": new(R, D, D),
-                  "KQ": new(L, H, R, D, D), "OVT": new(L, H, R, D, D),
-                  "W1": new(L, R, D, D), "W2": new(L, R, D, D), "W1T": new(L, R, D, D), "W2T": new(L, R, D, D),
-                  "Wout": new(R, D, D), "OV": new(L, H, R, D, D), "gW2": new(R, D, D),
-                  "gb1": new(L, R, D), "gb2": new(L, R, D), "gWout": new(R, D, D)}
+            ws = {
+                "Z": [new(R, nN, D) for _ in range(L + 1)],
+                "A": [new(R, nN, D) for _ in range(L)],
+                "H1": [new(R, nN, D) for _ in range(L)],
+                "P": per_lh(R, nN, D),
+                "V": per_lh(R, nN, D),
+                "S": per_lh(Rn, N, N),
+                "S_raw": new(Rn, N, N),
+                "G": new(R, nN, D),
+                "dZ": new(R, nN, D),
+                "dH": new(R, nN, D),
+                "dA": new(R, nN, D),
+                "dS": new(Rn, N, N),
+                "dV": new(Rn, N, D),
+                "dP": new(Rn, N, D),
+                "gOV": new(R, D, D),
+                "gKQ": new(R, D, D),
+                "KQ": new(L, H, R, D, D),
+                "OVT": new(L, H, R, D, D),
+                "W1": new(L, R, D, D),
+                "W2": new(L, R, D, D),
+                "W1T": new(L, R, D, D),
+                "W2T": new(L, R, D, D),
+                "Wout": new(R, D, D),
+                "OV": new(L, H, R, D, D),
+                "gW2": new(R, D, D),
+                "gb1": new(L, R, D),
+                "gb2": new(L, R, D),
+                "gWout": new(R, D, D),
+            }
             for k in _TFN_ATT:
                 ws[f"BA_{k}"] = new(R, L, H, D, D)
                 ws[f"W_{k}"] = new(L, H, R, D, D)
@@ -537,6 +606,7 @@ class TFNStack:
 
 
 # ------------------------------------------------------------------------------------------------- Adam
+
 
 class StackedAdam:
     """Adam with coupled weight decay over stacked tensors, per-run ``lr`` and ``weight_decay``.
@@ -562,17 +632,24 @@ class StackedAdam:
         self.sizes = [params[k].numel() for k in self.names]
         total = sum(self.sizes)
 
-        def flat(per_run, k):                    # (R,) -> every entry of params[k], flattened
+        def flat(per_run, k):  # (R,) -> every entry of params[k], flattened
             p = params[k]
             return per_run.view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
 
-        self.lr = torch.cat([flat(lr, k) for k in self.names])                  # (P,)
-        self.wd = torch.cat([flat(wd, k) for k in self.names])                  # (P,)
+        self.lr = torch.cat([flat(lr, k) for k in self.names])  # (P,)
+        self.wd = torch.cat([flat(wd, k) for k in self.names])  # (P,)
         self.use_wd = bool((wd != 0).any())
         if any(masks.get(k) is not None for k in self.names):
-            self.mask = torch.cat([(masks[k].expand_as(params[k]) if masks.get(k) is not None
-                                    else torch.ones_like(params[k], dtype=torch.bool)).reshape(-1)
-                                   for k in self.names]).to(dev)                # (P,) bool
+            self.mask = torch.cat(
+                [
+                    (
+                        masks[k].expand_as(params[k])
+                        if masks.get(k) is not None
+                        else torch.ones_like(params[k], dtype=torch.bool)
+                    ).reshape(-1)
+                    for k in self.names
+                ]
+            ).to(dev)  # (P,) bool
         else:
             self.mask = None
         self.beta1, self.beta2 = betas
@@ -587,10 +664,10 @@ class StackedAdam:
         self.m, self.v, self.grads, off = {}, {}, {}, 0
         for k, n in zip(self.names, self.sizes):
             p = params[k]
-            p.data = self.param_flat[off:off + n].view(p.shape)
-            self.grads[k] = self.grad_flat[off:off + n].view(p.shape)
-            self.m[k] = self.m_flat[off:off + n].view(p.shape)
-            self.v[k] = self.v_flat[off:off + n].view(p.shape)
+            p.data = self.param_flat[off : off + n].view(p.shape)
+            self.grads[k] = self.grad_flat[off : off + n].view(p.shape)
+            self.m[k] = self.m_flat[off : off + n].view(p.shape)
+            self.v[k] = self.v_flat[off : off + n].view(p.shape)
             off += n
         self._zero = torch.zeros((), device=dev, dtype=dt)
 
@@ -606,9 +683,9 @@ class StackedAdam:
     def step(self):
         self.step_count += 1
         t = self.step_count
-        bc1 = 1 - self.beta1 ** t
-        bc2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        g = self._flat_grad()                                                   # (P,), consumed in place
+        bc1 = 1 - self.beta1**t
+        bc2_sqrt = math.sqrt(1 - self.beta2**t)
+        g = self._flat_grad()  # (P,), consumed in place
         if self.use_wd:
             g.addcmul_(self.param_flat, self.wd)
         if self.mask is not None:
@@ -624,13 +701,14 @@ class StackedAdam:
 
 # ----------------------------------------------------------------------------------------------- training
 
+
 @dataclass
 class TrainResult:
     """Per run: the final training loss, the loss curve at checkpoints, and (``select="best"``) the step chosen."""
 
     final_train_loss: np.ndarray
     curve_steps: list
-    curve: np.ndarray                      # (checkpoints, R)
+    curve: np.ndarray  # (checkpoints, R)
     best_step: np.ndarray | None = None
     best_val_loss: np.ndarray | None = None
     params: dict = field(default_factory=dict)
@@ -661,10 +739,30 @@ def subnormals_flushed(enabled: bool = True):
             torch.set_flush_denormal(False)
 
 
-def train_stack(stack, target, *, data_index, target_index, target_data_index, data_seeds, lr, weight_decay,
-                iterations, batch_size=256, input_shape=None, select="final", validate_every=100,
-                val_inputs=None, val_targets=None, curve_points=20, progress: Callable[[int], None] | None = None,
-                betas=(0.9, 0.999), eps=1e-8, backward="manual", stop=None) -> TrainResult:
+def train_stack(
+    stack,
+    target,
+    *,
+    data_index,
+    target_index,
+    target_data_index,
+    data_seeds,
+    lr,
+    weight_decay,
+    iterations,
+    batch_size=256,
+    input_shape=None,
+    select="final",
+    validate_every=100,
+    val_inputs=None,
+    val_targets=None,
+    curve_points=20,
+    progress: Callable[[int], None] | None = None,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    backward="manual",
+    stop=None,
+) -> TrainResult:
     """Train a stack of runs for ``iterations`` steps of Adam on fresh Gaussian batches.
 
     Parameters
@@ -720,7 +818,7 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
             with torch.no_grad():
                 pred = stack.forward(val_x)
                 loss = ((pred - val_y) ** 2).mean(dim=reduce_dims).double()
-                better = loss < best_loss                                   # NaN never counts as better
+                better = loss < best_loss  # NaN never counts as better
                 best_loss = torch.where(better, loss, best_loss)
                 best_step.copy_(torch.where(better, torch.full_like(best_step, step), best_step))
                 for k, p in stack.params.items():
@@ -736,20 +834,20 @@ def train_stack(stack, target, *, data_index, target_index, target_data_index, d
             xs = torch.stack([s.next() for s in streams]).to(device=device, dtype=dtype)  # (S, n, *shape)
             with torch.no_grad():
                 if single_target:
-                    y = target.forward(xs[target_data_index])                   # (1, n, *shape), broadcast
+                    y = target.forward(xs[target_data_index])  # (1, n, *shape), broadcast
                 else:
-                    y = target.forward(xs[target_data_index])[target_index]    # (R, n, *shape)
+                    y = target.forward(xs[target_data_index])[target_index]  # (R, n, *shape)
             if single_seed:
-                x = xs.expand(R, *xs.shape[1:])                                 # (R, n, *shape), no copy
+                x = xs.expand(R, *xs.shape[1:])  # (R, n, *shape), no copy
             else:
-                x = xs[data_index]                                              # (R, n, *shape)
+                x = xs[data_index]  # (R, n, *shape)
             if manual:
                 for k, p in stack.params.items():
-                    p.grad = opt.grads[k]                                       # written in place, no gather
-                per_run = stack.loss_and_grads(x, y)                            # (R,), grads set
+                    p.grad = opt.grads[k]  # written in place, no gather
+                per_run = stack.loss_and_grads(x, y)  # (R,), grads set
             else:
                 pred = stack.forward(x)
-                per_run = ((pred - y) ** 2).mean(dim=reduce_dims)               # (R,)
+                per_run = ((pred - y) ** 2).mean(dim=reduce_dims)  # (R,)
                 per_run.sum().backward()
             opt.step()
             if step in checkpoints:

@@ -46,7 +46,7 @@ def state(seed, shapes=(("fc1", 5, 3), ("fc2", 2, 5))):
 def pair(tmp_path, fmt="safetensors"):
     base = state(0)
     tuned = {k: v.clone() for k, v in base.items()}
-    tuned["fc1.weight"] += torch.outer(torch.arange(5.0), torch.ones(3)) / 10      # rank 1
+    tuned["fc1.weight"] += torch.outer(torch.arange(5.0), torch.ones(3)) / 10  # rank 1
     tuned["fc2.bias"] += 0.5
     paths = []
     for tag, sd in (("base", base), ("tuned", tuned)):
@@ -61,12 +61,16 @@ def pair(tmp_path, fmt="safetensors"):
 
 def test_formats_are_recognised_by_content(tmp_path):
     sd = state(1)
-    save_file(sd, str(tmp_path / "weights.bin"))                  # safetensors under a misleading name
-    torch.save(sd, tmp_path / "zip.safetensors")                  # torch zip under a misleading name
+    save_file(sd, str(tmp_path / "weights.bin"))  # safetensors under a misleading name
+    torch.save(sd, tmp_path / "zip.safetensors")  # torch zip under a misleading name
     torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     np.savez(tmp_path / "arrays.npz", **{k: v.numpy() for k, v in sd.items()})
-    expected = {"weights.bin": "safetensors", "zip.safetensors": "torch", "legacy.pt": "torch-legacy",
-                "arrays.npz": "npz"}
+    expected = {
+        "weights.bin": "safetensors",
+        "zip.safetensors": "torch",
+        "legacy.pt": "torch-legacy",
+        "arrays.npz": "npz",
+    }
     for name, fmt in expected.items():
         assert checkpoint_format(tmp_path / name) == fmt
         ck = read_checkpoint(tmp_path / name)
@@ -82,7 +86,7 @@ def test_nested_state_dict_bfloat16_and_directory(tmp_path):
     torch.save({"state_dict": sd, "epoch": 4, "hparams": {"lr": 0.1}}, tmp_path / "lightning.ckpt")
     ck = read_checkpoint(tmp_path / "lightning.ckpt")
     assert ck.source_key == "state_dict" and ck.dtypes == {"w": "bfloat16", "n": "int64"}
-    assert ck.eps["w"] == 2.0 ** -7 and ck.tensors["n"].dtype == np.int64
+    assert ck.eps["w"] == 2.0**-7 and ck.tensors["n"].dtype == np.int64
     shards = tmp_path / "model"
     shards.mkdir()
     save_file({"a.weight": torch.ones(2, 2)}, str(shards / "model-00001-of-00002.safetensors"))
@@ -124,9 +128,15 @@ def test_files_that_are_not_checkpoints(tmp_path):
     torch.save({"lr": 0.1, "epoch": 3}, tmp_path / "hparams.pt")
     (tmp_path / "dir").mkdir()
     np.savez(tmp_path / "obj.npz", w=np.array([{"a": 1}], dtype=object))
-    cases = {"notes.txt": "not a checkpoint", "empty.bin": "not a checkpoint", "docs.zip": "zip archive",
-             "tensor.pt": "single tensor", "hparams.pt": "holds no tensors", "missing.pt": "no such file",
-             "dir": "without"}
+    cases = {
+        "notes.txt": "not a checkpoint",
+        "empty.bin": "not a checkpoint",
+        "docs.zip": "zip archive",
+        "tensor.pt": "single tensor",
+        "hparams.pt": "holds no tensors",
+        "missing.pt": "no such file",
+        "dir": "without",
+    }
     for name, message in cases.items():
         with pytest.raises(CheckpointError, match=message):
             read_checkpoint(tmp_path / name)
@@ -187,7 +197,7 @@ def test_cli_writes_report_plot_and_proposal(tmp_path, capsys):
     assert main([str(base), str(tuned), "--out", str(out), "--energy", "0.9"]) == 0
     table = capsys.readouterr().out
     assert "fc1" in table and "1/3" in table and "energy 90%" in table and "Theorems 3 and 6" in table
-    assert "5 x 3" in table                                         # shapes as out x in
+    assert "5 x 3" in table  # shapes as out x in
     report = json.loads((out / "report.json").read_text())
     assert [(l["name"], l["exact_rank"]) for l in report["layers"]] == [("fc1", 1), ("fc2", 0)]
     assert isinstance(report["layers"][0]["singular_values"], list)
@@ -214,8 +224,17 @@ def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
         sd = TorchFNN.from_numpy(m).state_dict()
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / f"{tag}.safetensors"))
     out = tmp_path / "out"
-    args = [str(tmp_path / "frozen.safetensors"), str(tmp_path / "target.safetensors"), "--fnn",
-            "--out", str(out), "--input-radius", "2", "--dtype", "float64"]
+    args = [
+        str(tmp_path / "frozen.safetensors"),
+        str(tmp_path / "target.safetensors"),
+        "--fnn",
+        "--out",
+        str(out),
+        "--input-radius",
+        "2",
+        "--dtype",
+        "float64",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "LoRA-rank needed 3 (Theorem 3)" in text and "ceil(D / floor(L / L̄)) = 3" in text
@@ -223,9 +242,9 @@ def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
     assert record["advice"]["uniform_rank"] == 3 and record["export"]["exact"] is True
     config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 3
-    assert main([args[0], args[0], "--fnn"]) == 0      # same depth: rank 0 needed
+    assert main([args[0], args[0], "--fnn"]) == 0  # same depth: rank 0 needed
     assert "LoRA-rank needed 0" in capsys.readouterr().out
-    assert main([args[1], args[0], "--fnn"]) == 2      # target deeper than frozen
+    assert main([args[1], args[0], "--fnn"]) == 2  # target deeper than frozen
     assert "target" in capsys.readouterr().err
 
 
@@ -238,13 +257,16 @@ def _fnn_pair(tmp_path, D=6):
     return str(tmp_path / "frozen.safetensors"), str(tmp_path / "target.safetensors")
 
 
-@pytest.mark.parametrize("radius,dtype,why", [
-    (1e100, "float32", "beyond float32's range"),      # the adapter held inf and PEFT gave NaN
-    (1e150, "float64", "not exact on the ball"),       # lora_fnn's checked claim: exact=False
-    (1e300, "float64", "beyond what float64 can carry"),  # gamma overflowed; lora_fnn now refuses the scale
-    (1e6, "float32", "does not hold as written"),      # off by 8.45 relative on the unit ball
-    (2.0, "float16", "no useful error bound"),         # float16 wrote inf (or garbage) silently
-])
+@pytest.mark.parametrize(
+    "radius,dtype,why",
+    [
+        (1e100, "float32", "beyond float32's range"),  # the adapter held inf and PEFT gave NaN
+        (1e150, "float64", "not exact on the ball"),  # lora_fnn's checked claim: exact=False
+        (1e300, "float64", "beyond what float64 can carry"),  # gamma overflowed; lora_fnn now refuses the scale
+        (1e6, "float32", "does not hold as written"),  # off by 8.45 relative on the unit ball
+        (2.0, "float16", "no useful error bound"),  # float16 wrote inf (or garbage) silently
+    ],
+)
 def test_fnn_export_that_does_not_hold_is_refused_and_nothing_is_written(tmp_path, capsys, radius, dtype, why):
     """Regression: ``advise --fnn --input-radius R --out`` wrote a broken adapter and exited 0."""
     frozen, target = _fnn_pair(tmp_path)
@@ -270,13 +292,13 @@ def test_fnn_export_that_holds_records_its_check_and_its_base(tmp_path, capsys, 
     assert check["max_error_to_target"] <= check["allowed_error_to_target"]
     config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(Path(frozen).resolve())
-    check_base(out / "peft_adapter", frozen)                        # the right base passes
+    check_base(out / "peft_adapter", frozen)  # the right base passes
     with pytest.raises(AdapterBaseError):
         check_base(out / "peft_adapter", _other_base(tmp_path))
 
 
 def _other_base(tmp_path):
-    other = lora_theory.random_fnn(6, 4, seed=9)                    # same shapes, other weights
+    other = lora_theory.random_fnn(6, 4, seed=9)  # same shapes, other weights
     sd = TorchFNN.from_numpy(other).state_dict()
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
@@ -290,8 +312,8 @@ def test_a_refused_export_into_advise_s_own_folder_keeps_the_earlier_adapter(tmp
     out = tmp_path / "out"
     assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "1"]) == 0
     files = {p.name: p.read_bytes() for p in (out / "peft_adapter").iterdir()}
-    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "2"]) == 0     # replaced
-    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "1e6"]) == 2   # refused
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "2"]) == 0  # replaced
+    assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", "1e6"]) == 2  # refused
     assert "does not hold as written" in capsys.readouterr().err
     assert {p.name for p in (out / "peft_adapter").iterdir()} == set(files)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".peft_adapter")) == []

@@ -14,10 +14,29 @@ def _bench():
 
 def test_bench_reports_the_median_of_interleaved_repetitions(tmp_path, capsys, monkeypatch):
     bench = _bench()
-    monkeypatch.setattr(bench, "matmul_ceiling", lambda device, seconds=1.0: 1e9)   # the 1 s probe, stubbed
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda device, seconds=1.0: 1e9)  # the 1 s probe, stubbed
     out = tmp_path / "bench.json"
-    assert bench.main(["--fnn-steps", "4", "--tfn-steps", "2", "--fnn-runs", "2", "--tfn-runs", "1",
-                       "--workers", "1", "--repeat", "3", "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--fnn-steps",
+                "4",
+                "--tfn-steps",
+                "2",
+                "--fnn-runs",
+                "2",
+                "--tfn-runs",
+                "1",
+                "--workers",
+                "1",
+                "--repeat",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (cpu,) = json.loads(out.read_text())
     assert cpu["repeat"] == 3
     for name in ("fnn", "tfn"):
@@ -59,7 +78,7 @@ def test_flop_counts_are_the_products_the_steps_run(model):
 
     make = bench._fnn_stack if model == "fnn" else bench._tfn_stack
     stack, tstack, shape = make(1, torch.device("cpu"))
-    x = BatchStream(4, bench.BATCH, shape).next().float().unsqueeze(0)    # (1, 256, *shape)
+    x = BatchStream(4, bench.BATCH, shape).next().float().unsqueeze(0)  # (1, 256, *shape)
     y = tstack.forward(x).detach()
 
     def baseline_step():

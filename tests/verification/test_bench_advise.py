@@ -20,13 +20,14 @@ def test_generated_pair_has_the_llama_layout_and_planted_changes(tmp_path):
     from verification.rank_report import advise_stream
 
     index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1                         # sharded
+    assert len(set(index["weight_map"].values())) > 1  # sharded
     report = advise_stream(tmp_path / "base", tmp_path / "tuned", progress=False)
     assert report.architecture == "LlamaForCausalLM"
     assert len(report.layers) == 2 + 7 * size["layers"]
-    assert bench.parameters(size) == sum(
-        a.shape[0] * a.shape[1] for a in report.layers) + sum(v["shape"][0] for v in report.vectors)
-    assert all(a.rank_above_floor == 8 for a in report.layers)               # rank 8 planted everywhere
+    assert bench.parameters(size) == sum(a.shape[0] * a.shape[1] for a in report.layers) + sum(
+        v["shape"][0] for v in report.vectors
+    )
+    assert all(a.rank_above_floor == 8 for a in report.layers)  # rank 8 planted everywhere
 
 
 @pytest.mark.slow
@@ -37,4 +38,4 @@ def test_bench_measures_both_contenders(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["pairs"]
     for kind in ("advisor", "loop"):
         assert row[kind]["matrices"] == 9 and row[kind]["seconds"] > 0 and row[kind]["peak_rss_mib"] > 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-advise-")]      # pairs deleted
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-advise-")]  # pairs deleted

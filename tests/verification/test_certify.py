@@ -35,29 +35,52 @@ def test_linear_below_threshold_is_impossible(capsys):
 
 
 def test_fnn_at_threshold_passes(capsys):
-    code, out, _ = _run(capsys, "--model", "fnn", "--width", "4", "--depth", "4", "--target-depth", "2",
-                        "--rank", "2", "--input-radius", "3/2")
+    code, out, _ = _run(
+        capsys,
+        "--model",
+        "fnn",
+        "--width",
+        "4",
+        "--depth",
+        "4",
+        "--target-depth",
+        "2",
+        "--rank",
+        "2",
+        "--input-radius",
+        "3/2",
+    )
     assert code == 0 and "Outcome: exact" in out
     assert "||x - x0||^2 <= 9/4" in out
-    code, out, _ = _run(capsys, "--model", "fnn", "--width", "4", "--depth", "4", "--target-depth", "2",
-                        "--rank", "1", "--quiet")
+    code, out, _ = _run(
+        capsys, "--model", "fnn", "--width", "4", "--depth", "4", "--target-depth", "2", "--rank", "1", "--quiet"
+    )
     assert code == 1 and out.startswith("Outcome: sufficient condition not met")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "rnn", "--width", "3", "--depth", "1", "--rank", "1"], "invalid choice: 'rnn'"),
-    (["--model", "tfn", "--width", "0", "--depth", "1", "--rank", "1"], "--width: must be at least 1"),
-    (["--model", "tfn", "--width", "3", "--depth", "1"], "the following arguments are required: --rank"),
-    (["--model", "tfn", "--width", "3", "--depth", "1", "--rank", "4"], "--rank: must be at most the width D = 3"),
-    (["--model", "tfn", "--width", "3", "--depth", "1", "--rank", "x"], "--rank: must be an integer"),
-    (["--model", "linear", "--width", "3", "--depth", "1", "--rank", "1", "--heads", "2"], "--heads applies"),
-    (["--model", "fnn", "--width", "3", "--depth", "1", "--target-depth", "2", "--rank", "1"],
-     "--target-depth: L̄ = 2 exceeds the depth L = 1"),
-    (["--model", "fnn", "--width", "3", "--depth", "1", "--rank", "1", "--input-radius", "-1"],
-     "--input-radius: must be positive"),
-    (["--model", "linear", "--width", "3", "--depth", "1", "--rank", "1", "--input-radius", "1"],
-     "--input-radius applies"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "rnn", "--width", "3", "--depth", "1", "--rank", "1"], "invalid choice: 'rnn'"),
+        (["--model", "tfn", "--width", "0", "--depth", "1", "--rank", "1"], "--width: must be at least 1"),
+        (["--model", "tfn", "--width", "3", "--depth", "1"], "the following arguments are required: --rank"),
+        (["--model", "tfn", "--width", "3", "--depth", "1", "--rank", "4"], "--rank: must be at most the width D = 3"),
+        (["--model", "tfn", "--width", "3", "--depth", "1", "--rank", "x"], "--rank: must be an integer"),
+        (["--model", "linear", "--width", "3", "--depth", "1", "--rank", "1", "--heads", "2"], "--heads applies"),
+        (
+            ["--model", "fnn", "--width", "3", "--depth", "1", "--target-depth", "2", "--rank", "1"],
+            "--target-depth: L̄ = 2 exceeds the depth L = 1",
+        ),
+        (
+            ["--model", "fnn", "--width", "3", "--depth", "1", "--rank", "1", "--input-radius", "-1"],
+            "--input-radius: must be positive",
+        ),
+        (
+            ["--model", "linear", "--width", "3", "--depth", "1", "--rank", "1", "--input-radius", "1"],
+            "--input-radius applies",
+        ),
+    ],
+)
 def test_bad_arguments_one_line_nonzero(capsys, argv, message):
     code, out, err = _run(capsys, *argv)
     assert code == 2 and out == ""

@@ -40,8 +40,14 @@ def test_cli_quick_writes_valid_files(name, tmp_path, capsys):
     assert summary["experiment"] == name
     assert summary["rows"], "no rows"
     for row in summary["rows"] + summary["pretrained_rows"]:
-        assert {"params", "construction_test_mse", "gradient_test_mse", "gradient_test_q25", "gradient_test_q75",
-                "gradient_shifted_mse"} <= set(row)
+        assert {
+            "params",
+            "construction_test_mse",
+            "gradient_test_mse",
+            "gradient_test_q25",
+            "gradient_test_q75",
+            "gradient_shifted_mse",
+        } <= set(row)
         assert row["gradient_test_mse"] is None or row["gradient_test_mse"] >= 0
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -58,9 +64,28 @@ def test_cli_quick_writes_valid_files(name, tmp_path, capsys):
 
 def test_fnn_figure_and_construction_domain(tmp_path):
     from verification import fnn
+
     out = tmp_path / "f"
-    assert fnn.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "10", "--ranks", "1,4",
-                     "--frozen", "random", "--out", str(out)]) == 0
+    assert (
+        fnn.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "10",
+                "--ranks",
+                "1,4",
+                "--frozen",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "figure.png").stat().st_size > 1000
     s = _summary(out)
     assert s["domain"]["kind"] == "ball" and s["domain"]["radius"] > 0
@@ -72,9 +97,26 @@ def test_fnn_figure_and_construction_domain(tmp_path):
 
 def test_resume_finishes_without_repeating(tmp_path):
     from verification import linear
+
     out = tmp_path / "lin"
-    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "10", "--ranks", "1,2", "--frozen", "random",
-            "--no-figure", "--out", str(out), "--chunk", "3"]
+    argv = [
+        "--quick",
+        "--width",
+        "4",
+        "--seeds",
+        "2",
+        "--iterations",
+        "10",
+        "--ranks",
+        "1,2",
+        "--frozen",
+        "random",
+        "--no-figure",
+        "--out",
+        str(out),
+        "--chunk",
+        "3",
+    ]
     assert linear.main(argv) == 0
     lines = (out / "runs.jsonl").read_text().splitlines()
     full = {json.loads(l)["id"]: json.loads(l)["losses"]["test"] for l in lines}
@@ -95,9 +137,29 @@ def test_resume_finishes_without_repeating(tmp_path):
 
 def test_resume_refuses_another_experiment(tmp_path, capsys):
     from verification import fnn, linear
+
     out = tmp_path / "lin"
-    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
-                        "--frozen", "random", "--no-figure", "--out", str(out)]) == 0
+    assert (
+        linear.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "5",
+                "--ranks",
+                "1",
+                "--frozen",
+                "random",
+                "--no-figure",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert fnn.main(["--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -113,29 +175,35 @@ def _bad(module, argv, capsys, match, tmp_path):
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--device", "tpu"], "--device"),
-    (["--ranks", "0,1"], "--ranks"),
-    (["--ranks", "17"], "--ranks"),
-    (["--ranks", "a-b"], "--ranks"),
-    (["--depth", "2", "--target-depth", "3"], "--target-depth"),
-    (["--seeds", "0"], "--seeds"),
-    (["--lr=-1"], "--lr"),
-    (["--iterations", "ten"], "--iterations"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--device", "tpu"], "--device"),
+        (["--ranks", "0,1"], "--ranks"),
+        (["--ranks", "17"], "--ranks"),
+        (["--ranks", "a-b"], "--ranks"),
+        (["--depth", "2", "--target-depth", "3"], "--target-depth"),
+        (["--seeds", "0"], "--seeds"),
+        (["--lr=-1"], "--lr"),
+        (["--iterations", "ten"], "--iterations"),
+    ],
+)
 def test_bad_input_exits_with_one_line(argv, match, capsys, tmp_path):
     from verification import fnn
+
     _bad(fnn, ["--quick"] + argv, capsys, match, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda(capsys, tmp_path):
     from verification import linear
+
     _bad(linear, ["--quick", "--device", "cuda"], capsys, "CUDA", tmp_path)
 
 
 def test_unwritable_out(capsys, tmp_path):
     from verification import linear
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     _bad(linear, ["--quick", "--out", str(blocker / "sub")], capsys, "--out", tmp_path)
@@ -149,10 +217,12 @@ def test_listing(capsys):
     assert "unavailable" not in printed
 
 
-@pytest.mark.parametrize("structure", [("fnn", 4, 2, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True),
-                                       ("tfn", 4, 1, 1, 3)])
+@pytest.mark.parametrize(
+    "structure", [("fnn", 4, 2, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True), ("tfn", 4, 1, 1, 3)]
+)
 def test_pretrained_models_are_cached_for_resume(structure, tmp_path):
     from verification.sweep import Problems
+
     first = Problems(cache=tmp_path).frozen(structure, "pretrained", 0)
     assert list(tmp_path.glob("*.npz"))
     again = Problems(cache=tmp_path)
@@ -174,10 +244,12 @@ def test_batched_pretraining_equals_the_one_run_loop(activation):
 
     from lora_theory.numerics import relative_error
     from verification.sweep import make_random_frozen, make_target, pretrain, pretrain_fnns
+
     structure = ("fnn", 6, 3, 1, activation, True)
     seeds = [0, 1, 2]
-    batched = pretrain_fnns([make_random_frozen(structure, s) for s in seeds],
-                            [make_target(structure, s) for s in seeds], structure, seeds)
+    batched = pretrain_fnns(
+        [make_random_frozen(structure, s) for s in seeds], [make_target(structure, s) for s in seeds], structure, seeds
+    )
     for s, (model, info) in zip(seeds, batched):
         ref, ref_info = pretrain(make_random_frozen(structure, s), make_target(structure, s), structure, s)
         assert info["steps"] == ref_info["steps"]
@@ -196,9 +268,28 @@ def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys):
     """Bad ranks given with the --out of a finished sweep: exit 2, and the folder (summaries, figure,
     config.json) stays as it was, so that the sweep still resumes (the input is validated first)."""
     from verification import linear
+
     out = tmp_path / "a"
-    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
-                        "--frozen", "random", "--out", str(out)]) == 0
+    assert (
+        linear.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "5",
+                "--ranks",
+                "1",
+                "--frozen",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     before = _files(out)
     assert {"summary.json", "summary.csv", "figure.png", "config.json", "runs.jsonl"} <= set(before)
     capsys.readouterr()
@@ -215,14 +306,33 @@ def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
     as it was; with the same settings it goes on (nothing trained twice); with no run in it, it starts
     afresh. Folders written before config.json held the settings are compared through their command line."""
     from verification import linear
+
     out = tmp_path / "lin"
-    argv = ["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1", "--frozen", "random",
-            "--no-figure", "--out", str(out)]
+    argv = [
+        "--quick",
+        "--width",
+        "4",
+        "--seeds",
+        "1",
+        "--iterations",
+        "5",
+        "--ranks",
+        "1",
+        "--frozen",
+        "random",
+        "--no-figure",
+        "--out",
+        str(out),
+    ]
     assert linear.main(argv) == 0
     before = _files(out)
     capsys.readouterr()
-    for other, flag in ((["--iterations", "6"], "--iterations"), (["--ranks", "1,2"], "--ranks"),
-                        (["--fixed-bias"], "--tune-bias"), (["--lr", "0.5"], "--lr")):
+    for other, flag in (
+        (["--iterations", "6"], "--iterations"),
+        (["--ranks", "1,2"], "--ranks"),
+        (["--fixed-bias"], "--tune-bias"),
+        (["--lr", "0.5"], "--lr"),
+    ):
         assert linear.main(argv + other) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "other settings" in err[0] and flag in err[0], err
@@ -257,12 +367,12 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
     started, finished, stopped = [], [], []
 
     def interrupted_after_the_first_stack(stack, target, **kw):
-        if kw.get("stop") is None:              # the time estimate's stacks, not the sweep's
+        if kw.get("stop") is None:  # the time estimate's stacks, not the sweep's
             return real(stack, target, **kw)
         with lock:
             n = len(started)
             started.append(n)
-        if n == 1:                              # the second stack: Ctrl-C, once the first has finished
+        if n == 1:  # the second stack: Ctrl-C, once the first has finished
             first_done.wait(60)
             raise KeyboardInterrupt
         try:
@@ -279,14 +389,34 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
     monkeypatch.setattr(driver, "train_stack", interrupted_after_the_first_stack)
     monkeypatch.setattr(training, "train_stack", interrupted_after_the_first_stack)
     out = tmp_path / "lin"
-    argv = ["--width", "4", "--seeds", "2", "--iterations", "1500", "--ranks", "1,2", "--lr", "1e-2,1e-3",
-            "--weight-decay", "0", "--frozen", "random", "--no-figure", "--chunk", "2", "--workers", "2",
-            "--out", str(out)]
+    argv = [
+        "--width",
+        "4",
+        "--seeds",
+        "2",
+        "--iterations",
+        "1500",
+        "--ranks",
+        "1,2",
+        "--lr",
+        "1e-2,1e-3",
+        "--weight-decay",
+        "0",
+        "--frozen",
+        "random",
+        "--no-figure",
+        "--chunk",
+        "2",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert linear.main(argv) == 130
     assert "--resume" in capsys.readouterr().err
     records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
-    assert 0 in finished and len(records) == 2 * len(finished)       # every finished stack (2 runs) written
-    assert len(started) < 4 or stopped                               # the third stack did not train on
+    assert 0 in finished and len(records) == 2 * len(finished)  # every finished stack (2 runs) written
+    assert len(started) < 4 or stopped  # the third stack did not train on
     assert not (out / "summary.json").exists()
     monkeypatch.setattr(driver, "train_stack", real)
     monkeypatch.setattr(training, "train_stack", real)
@@ -299,24 +429,41 @@ def test_interrupt_with_several_workers_keeps_finished_stacks_and_stops_the_othe
 _RELU, _LINEAR, _TFN = ("fnn", 4, 3, 1, "relu", True), ("fnn", 4, 2, 1, "linear", True), ("tfn", 4, 2, 2, 3)
 
 
-@pytest.mark.parametrize("structure,method,ranks,layers,tune_bias", [
-    (_RELU, "lora", (1, 1, 1), None, True), (_RELU, "lora", (1, 1, 1), None, False),
-    (_RELU, "lora", (2, 1, 0), None, True), (_LINEAR, "lora", (2, 2), None, True),
-    (_RELU, "final_layers", None, 2, True), (_TFN, "lora", (2,), None, True), (_TFN, "lora", (2,), None, False),
-])
+@pytest.mark.parametrize(
+    "structure,method,ranks,layers,tune_bias",
+    [
+        (_RELU, "lora", (1, 1, 1), None, True),
+        (_RELU, "lora", (1, 1, 1), None, False),
+        (_RELU, "lora", (2, 1, 0), None, True),
+        (_LINEAR, "lora", (2, 2), None, True),
+        (_RELU, "final_layers", None, 2, True),
+        (_TFN, "lora", (2,), None, True),
+        (_TFN, "lora", (2,), None, False),
+    ],
+)
 def test_parameter_counts_include_the_trained_biases(structure, method, ranks, layers, tune_bias):
     """Cell.params is the number of entries the stack really trains: LoRA's biases count when it trains
     them (as the final layers' do), so that the 'equal parameter count' comparison is honest."""
     import lora_theory
     from verification.sweep import Cell, Problems
     from verification.sweep.training import _stack_for
-    cell = Cell(kind="random", structure=structure, method=method, axis=(("rank", 1),), ranks=ranks, layers=layers,
-                tune_bias=tune_bias)
+
+    cell = Cell(
+        kind="random",
+        structure=structure,
+        method=method,
+        axis=(("rank", 1),),
+        ranks=ranks,
+        layers=layers,
+        tune_bias=tune_bias,
+    )
     stack = _stack_for([{"cell": cell, "seed": 0}], Problems(), torch.float64, torch.device("cpu"))
-    trained = sum(int(stack.masks[k].expand_as(p)[0].sum()) if stack.masks.get(k) is not None else p[0].numel()
-                  for k, p in stack.params.items())
+    trained = sum(
+        int(stack.masks[k].expand_as(p)[0].sum()) if stack.masks.get(k) is not None else p[0].numel()
+        for k, p in stack.params.items()
+    )
     assert cell.params() == trained
-    if structure == _RELU and method == "lora" and ranks == (1, 1, 1):   # the Lemma 4 counts, weights only
+    if structure == _RELU and method == "lora" and ranks == (1, 1, 1):  # the Lemma 4 counts, weights only
         assert cell.params() == lora_theory.lora_parameter_count(4, 3, 1) + (3 * 4 if tune_bias else 0)
     if method == "final_layers":
         assert cell.params() == lora_theory.final_layers_parameter_count(4, 2, bias=True)
@@ -327,6 +474,7 @@ def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
     figure draws one construction curve per kind, labelled 'construction (biases re-chosen)'."""
     from verification import biases, rank_schedule
     from verification.sweep import figure_series, make_figure
+
     out = tmp_path / "b"
     assert biases.main(SMALL + ["--ranks", "1,4", "--iterations", "5", "--out", str(out)]) == 0
     s = _summary(out)
@@ -342,14 +490,27 @@ def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
     for c in cons:
         assert c["label"] == f"{c['kind']}: construction (biases re-chosen)" and c["x"] == [1, 4]
     assert {c["label"] for c in curves if c["curve"] == "gradient"} == {
-        f"{k} {label}: gradient" for k in ("random", "pretrained") for label in ("fixed_biases", "trained_biases")}
+        f"{k} {label}: gradient" for k in ("random", "pretrained") for label in ("fixed_biases", "trained_biases")
+    }
     make_figure(biases.SPEC, s, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 1000
     # one construction curve across the rows of an experiment whose rows each have their own label
-    rows = [{"step": st, "label": f"schedule {st}", "construction_test_mse": 10.0 ** st, "gradient_test_mse": 1.0,
-             "gradient_test_q25": 0.5, "gradient_test_q75": 2.0} for st in (-1, 1)]
-    cons = [c for c in figure_series(rank_schedule.SPEC, {"rows": rows, "pretrained_rows": [], "domain": None})
-            if c["curve"] == "construction"]
+    rows = [
+        {
+            "step": st,
+            "label": f"schedule {st}",
+            "construction_test_mse": 10.0**st,
+            "gradient_test_mse": 1.0,
+            "gradient_test_q25": 0.5,
+            "gradient_test_q75": 2.0,
+        }
+        for st in (-1, 1)
+    ]
+    cons = [
+        c
+        for c in figure_series(rank_schedule.SPEC, {"rows": rows, "pretrained_rows": [], "domain": None})
+        if c["curve"] == "construction"
+    ]
     assert len(cons) == 1 and cons[0]["x"] == [-1, 1] and cons[0]["label"] == "random: construction"
 
 
@@ -359,6 +520,7 @@ def test_time_estimate_is_printed_before_pretraining(tmp_path, monkeypatch, caps
 
     from verification import fnn
     from verification.sweep import problems
+
     real = problems.pretrain_fnns
 
     def spy(*args, **kwargs):
@@ -366,8 +528,10 @@ def test_time_estimate_is_printed_before_pretraining(tmp_path, monkeypatch, caps
         return real(*args, **kwargs)
 
     monkeypatch.setattr(problems, "pretrain_fnns", spy)
-    assert fnn.main(SMALL + ["--ranks", "1", "--iterations", "5", "--frozen", "pretrained",
-                             "--out", str(tmp_path / "f")]) == 0
+    assert (
+        fnn.main(SMALL + ["--ranks", "1", "--iterations", "5", "--frozen", "pretrained", "--out", str(tmp_path / "f")])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "PRETRAINING NOW" in err
     assert err.index("runs x 5 steps") < err.index("estimated") < err.index("PRETRAINING NOW")
@@ -380,6 +544,7 @@ def test_lora_init_shared_by_the_grid_points_is_declared(tmp_path):
     from verification.sweep import Problems, base_parser, make_runs
     from verification.sweep.cli import _normalise
     from verification.sweep.training import _stack_for
+
     args = base_parser(linear.SPEC).parse_args(["--width", "4", "--ranks", "1,2", "--seeds", "2", "--frozen", "random"])
     _normalise(linear.SPEC, args)
     runs = make_runs(linear.SPEC, args, linear.SPEC.cells(args))
@@ -399,27 +564,63 @@ def test_resume_warns_about_the_flags_it_ignores(tmp_path, capsys):
     """--resume goes on with the saved settings: other flags are named in one warning line; the flags that
     do not change results (--device, --chunk, --workers, --no-figure) are taken from the command line."""
     from verification import linear
+
     out = tmp_path / "lin"
-    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
-                        "--frozen", "random", "--out", str(out)]) == 0
+    assert (
+        linear.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "5",
+                "--ranks",
+                "1",
+                "--frozen",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (out / "figure.png").unlink()
     capsys.readouterr()
-    assert linear.main(["--resume", str(out), "--ranks", "2", "--iter=7", "--fixed-bias", "--no-figure",
-                        "--workers", "1", "--device", "cpu"]) == 0
+    assert (
+        linear.main(
+            [
+                "--resume",
+                str(out),
+                "--ranks",
+                "2",
+                "--iter=7",
+                "--fixed-bias",
+                "--no-figure",
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     warnings = [l for l in captured.err.splitlines() if l.startswith("warning:")]
     assert len(warnings) == 1
     assert "--ranks" in warnings[0] and "--iter" in warnings[0] and "--fixed-bias" in warnings[0]
     for honoured in ("--no-figure", "--workers", "--device"):
         assert honoured not in warnings[0]
-    assert not (out / "figure.png").exists()                      # --no-figure honoured
-    assert [r["rank"] for r in _summary(out)["rows"]] == [1]      # --ranks ignored
+    assert not (out / "figure.png").exists()  # --no-figure honoured
+    assert [r["rank"] for r in _summary(out)["rows"]] == [1]  # --ranks ignored
     assert linear.main(["--resume", str(out), "--no-figure"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
 def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, capsys):
     from verification import fnn
+
     monkeypatch.chdir(tmp_path)
     assert fnn.main(["--quick", "--ranks", "0"]) == 2
     assert "--ranks" in capsys.readouterr().err
@@ -435,11 +636,30 @@ def test_figure_failure_leaves_complete_summaries_and_a_warning(tmp_path, monkey
 
     monkeypatch.setattr(driver, "make_figure", broken)
     out = tmp_path / "lin"
-    assert linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1",
-                        "--frozen", "random", "--out", str(out)]) == 0
+    assert (
+        linear.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "5",
+                "--ranks",
+                "1",
+                "--frozen",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err.splitlines()
     assert [l for l in err if l.startswith("warning:")] == [
-        "warning: figure.png not written (RuntimeError: no drawing today); the summaries are complete"]
+        "warning: figure.png not written (RuntimeError: no drawing today); the summaries are complete"
+    ]
     assert _summary(out)["rows"] and (out / "summary.csv").read_text().count("\n") == 2
     assert not (out / "figure.png").exists() and not list(out.glob(".tmp-*"))
 
@@ -449,9 +669,24 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     later ``--resume`` without the flag trains the sweep (it is never inherited from the saved command line),
     and the construction columns are the same either way."""
     from verification import linear
+
     out = tmp_path / "lin"
-    argv = ["--quick", "--width", "4", "--seeds", "2", "--iterations", "10", "--ranks", "1,2", "--frozen", "random",
-            "--no-figure", "--out", str(out)]
+    argv = [
+        "--quick",
+        "--width",
+        "4",
+        "--seeds",
+        "2",
+        "--iterations",
+        "10",
+        "--ranks",
+        "1,2",
+        "--frozen",
+        "random",
+        "--no-figure",
+        "--out",
+        str(out),
+    ]
     assert linear.main(argv + ["--construction-only"]) == 0
     assert "constructions only, no training" in capsys.readouterr().err
     assert (out / "runs.jsonl").read_text() == ""
@@ -470,13 +705,15 @@ def test_construction_only_trains_nothing_and_a_resume_trains_the_runs(tmp_path,
     for a, b in zip(first, _summary(out)["rows"]):
         assert b["gradient_test_mse"] is not None and b["seeds"] == [0, 1]
         assert a["construction_test_mse"] == b["construction_test_mse"]
-        assert [e["construction_test_mse"] for e in a["per_seed"]] == [e["construction_test_mse"] for e in b["per_seed"]]
+        assert [e["construction_test_mse"] for e in a["per_seed"]] == [
+            e["construction_test_mse"] for e in b["per_seed"]
+        ]
         assert all(e["gradient_test_mse"] is not None for e in b["per_seed"])
     capsys.readouterr()
-    assert linear.main(["--resume", str(out), "--construction-only"]) == 0   # a finished sweep: nothing new
-    assert "ignoring" not in capsys.readouterr().err                      # the flag is taken, not ignored
+    assert linear.main(["--resume", str(out), "--construction-only"]) == 0  # a finished sweep: nothing new
+    assert "ignoring" not in capsys.readouterr().err  # the flag is taken, not ignored
     assert (out / "runs.jsonl").read_text().splitlines() == records
-    assert _summary(out)["rows"][0]["gradient_test_mse"] is not None    # its finished runs still count
+    assert _summary(out)["rows"][0]["gradient_test_mse"] is not None  # its finished runs still count
 
 
 def test_pretrained_vs_random_pairs_by_seed():
@@ -485,36 +722,68 @@ def test_pretrained_vs_random_pairs_by_seed():
     a diverged run, counts); ties apart; its ratio is the median of the per-seed ratios, null when a random
     MSE is 0; rows are matched on their axes and label, not their order, and keep both."""
     from verification.sweep import pretrained_vs_random
+
     inf, nan = float("inf"), float("nan")
 
     def row(rank, cons, grad, label=None):
-        return {"rank": rank, "label": label or f"r={rank}", "per_seed": [
-            {"seed": s, "construction_test_mse": c, "gradient_test_mse": g} for s, (c, g) in enumerate(zip(cons, grad))]}
+        return {
+            "rank": rank,
+            "label": label or f"r={rank}",
+            "per_seed": [
+                {"seed": s, "construction_test_mse": c, "gradient_test_mse": g}
+                for s, (c, g) in enumerate(zip(cons, grad))
+            ],
+        }
 
     random = [row(1, [4.0, 1.0, 2.0], [1.0, None, 1.0]), row(2, [0.0, 1.0, 1.0], [1.0, inf, 1.0])]
-    pretrained = [row(2, [0.0, 2.0, 0.5], [2.0, 2.0, 2.0]),
-                  row(1, [2.0, 2.0, nan], [0.5, 0.5, 0.25])]
+    pretrained = [row(2, [0.0, 2.0, 0.5], [2.0, 2.0, 2.0]), row(1, [2.0, 2.0, nan], [0.5, 0.5, 0.25])]
     out = pretrained_vs_random(random, pretrained)
     assert [(e["rank"], e["label"]) for e in out] == [(1, "r=1"), (2, "r=2")]
     assert out[0]["construction"] == {"seeds": 2, "pretrained_lower": 1, "ties": 0, "median_ratio": 1.25}  # 2/4, 2/1
-    assert out[0]["gradient"] == {"seeds": 2, "pretrained_lower": 2, "ties": 0, "median_ratio": 0.375}    # seed 1 unpaired
+    assert out[0]["gradient"] == {
+        "seeds": 2,
+        "pretrained_lower": 2,
+        "ties": 0,
+        "median_ratio": 0.375,
+    }  # seed 1 unpaired
     assert out[1]["construction"] == {"seeds": 3, "pretrained_lower": 1, "ties": 1, "median_ratio": None}  # a random 0
-    assert out[1]["gradient"] == {"seeds": 3, "pretrained_lower": 1, "ties": 0, "median_ratio": 2.0}       # inf diverged
-    assert pretrained_vs_random(random, pretrained[:1])[0]["rank"] == 2                          # rank 1 unmatched
+    assert out[1]["gradient"] == {"seeds": 3, "pretrained_lower": 1, "ties": 0, "median_ratio": 2.0}  # inf diverged
+    assert pretrained_vs_random(random, pretrained[:1])[0]["rank"] == 2  # rank 1 unmatched
     # two rows of one rank told apart by their label (the biases experiment: fixed and trained biases)
     two = [row(1, [1.0], [1.0], "fixed_biases"), row(1, [1.0], [1.0], "trained_biases")]
     lower = [row(1, [2.0], [2.0], "trained_biases"), row(1, [0.5], [0.5], "fixed_biases")]
     out = pretrained_vs_random(two, lower)
-    assert [(e["label"], e["gradient"]["pretrained_lower"]) for e in out] == [("fixed_biases", 1), ("trained_biases", 0)]
+    assert [(e["label"], e["gradient"]["pretrained_lower"]) for e in out] == [
+        ("fixed_biases", 1),
+        ("trained_biases", 0),
+    ]
 
 
 def test_pretrained_vs_random_in_the_outputs(tmp_path, capsys):
     """With both frozen-model kinds the summary and the printed table carry the paired comparison, over every
     seed of a --construction-only sweep."""
     from verification import fnn
+
     out = tmp_path / "f"
-    assert fnn.main(["--width", "4", "--seeds", "3", "--ranks", "1,4", "--construction-only",
-                     "--no-figure", "--workers", "1", "--out", str(out)]) == 0
+    assert (
+        fnn.main(
+            [
+                "--width",
+                "4",
+                "--seeds",
+                "3",
+                "--ranks",
+                "1,4",
+                "--construction-only",
+                "--no-figure",
+                "--workers",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     summary = _summary(out)
     paired = summary["pretrained_vs_random"]
@@ -532,8 +801,15 @@ def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path
     from verification.sweep import figure_series, make_figure
 
     def row(depth, rank):
-        return {"depth": depth, "rank": rank, "label": "lora", "construction_test_mse": 10.0 ** -rank,
-                "gradient_test_mse": 1e-2, "gradient_test_q25": 5e-3, "gradient_test_q75": 2e-2}
+        return {
+            "depth": depth,
+            "rank": rank,
+            "label": "lora",
+            "construction_test_mse": 10.0**-rank,
+            "gradient_test_mse": 1e-2,
+            "gradient_test_q25": 5e-3,
+            "gradient_test_q75": 2e-2,
+        }
 
     rows = [row(d, r) for d in (10, 2) for r in (1, 2, 8)]
     summary = {"rows": rows, "pretrained_rows": rows, "domain": None, "threshold": {"2": 8, "10": 2}}
@@ -543,11 +819,11 @@ def test_depth_sweep_figure_orders_depths_by_value_and_marks_thresholds(tmp_path
     assert (tmp_path / "figure.png").stat().st_size > 1000
 
 
-
 def test_depth_sweep_figure_with_nothing_to_draw_is_an_empty_panel(tmp_path):
     from verification import depth_sweep
     from verification.sweep import make_figure
 
-    make_figure(depth_sweep.SPEC, {"rows": [], "pretrained_rows": [], "domain": None, "threshold": {}},
-                tmp_path / "figure.png")
+    make_figure(
+        depth_sweep.SPEC, {"rows": [], "pretrained_rows": [], "domain": None, "threshold": {}}, tmp_path / "figure.png"
+    )
     assert (tmp_path / "figure.png").stat().st_size > 1000

@@ -18,25 +18,52 @@ def _train(device, family, shared=False):
     if family == "fnn":
         frozen = [lora_theory.random_fnn(6, 3, seed=i) for i in range(R)]
         target = lora_theory.random_fnn(6, 1, seed=50)
-        stack = FNNStack(np.stack([np.stack(f.weights) for f in frozen]), np.stack([np.stack(f.biases) for f in frozen]),
-                         ranks=[[1, 2, 3], [2, 2, 2], [6, 0, 1]], tune_bias=[True, False, True], init_seeds=[1, 2, 3],
-                         dtype=torch.float64, device=device)
-        tstack = FNNStack(np.stack(target.weights)[None], np.stack(target.biases)[None], method="none",
-                          dtype=torch.float64, device=device)
+        stack = FNNStack(
+            np.stack([np.stack(f.weights) for f in frozen]),
+            np.stack([np.stack(f.biases) for f in frozen]),
+            ranks=[[1, 2, 3], [2, 2, 2], [6, 0, 1]],
+            tune_bias=[True, False, True],
+            init_seeds=[1, 2, 3],
+            dtype=torch.float64,
+            device=device,
+        )
+        tstack = FNNStack(
+            np.stack(target.weights)[None],
+            np.stack(target.biases)[None],
+            method="none",
+            dtype=torch.float64,
+            device=device,
+        )
         shape = (6,)
     else:
         frozen = [lora_theory.random_tfn(4, 2, 2, seed=i) for i in range(R)]
         target = lora_theory.random_tfn(4, 2, 2, seed=50)
-        stack = TFNStack({k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
-                         ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64,
-                         device=device)
-        tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64,
-                          device=device)
+        stack = TFNStack(
+            {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()},
+            ranks=[1, 2, 4],
+            tune_bias=[True, False, True],
+            init_seeds=[1, 2, 3],
+            dtype=torch.float64,
+            device=device,
+        )
+        tstack = TFNStack(
+            {k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64, device=device
+        )
         shape = (4, 3)
     # two data seeds: every run its own batch; one: a batch shared by every run (passed with stride 0)
     data = dict(data_index=[0, 0, 0], data_seeds=[5]) if shared else dict(data_index=[0, 1, 0], data_seeds=[5, 6])
-    train_stack(stack, tstack, target_index=[0, 0, 0], target_data_index=[0], lr=[1e-2, 1e-3, 3e-3],
-                weight_decay=[0, 1e-3, 1e-2], iterations=50, batch_size=32, input_shape=shape, **data)
+    train_stack(
+        stack,
+        tstack,
+        target_index=[0, 0, 0],
+        target_data_index=[0],
+        lr=[1e-2, 1e-3, 3e-3],
+        weight_decay=[0, 1e-3, 1e-2],
+        iterations=50,
+        batch_size=32,
+        input_shape=shape,
+        **data,
+    )
     return {k: p.detach().cpu().numpy() for k, p in stack.params.items()}
 
 
@@ -49,9 +76,29 @@ def test_cuda_trains_the_same_runs_as_cpu(family, shared):
 
 def test_cli_on_cuda(tmp_path):
     from verification import fnn
+
     out = tmp_path / "f"
-    assert fnn.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "20", "--ranks", "1,4",
-                     "--device", "cuda", "--out", str(out), "--no-figure"]) == 0
+    assert (
+        fnn.main(
+            [
+                "--quick",
+                "--width",
+                "4",
+                "--seeds",
+                "1",
+                "--iterations",
+                "20",
+                "--ranks",
+                "1,4",
+                "--device",
+                "cuda",
+                "--out",
+                str(out),
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
     assert all(r["device"].startswith("cuda") for r in records)
 
@@ -63,6 +110,7 @@ def test_advise_on_cuda_finds_what_the_cpu_finds(tmp_path, capsys, arch):
     import warnings
 
     from test_real_checkpoints import build_pair, load_float32, outputs, rel
+
     from verification.advise import main
     from verification.extract import STORAGE_ROUNDOFF
     from verification.peft_export import load_peft_adapter

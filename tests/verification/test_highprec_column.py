@@ -6,10 +6,10 @@ import json
 
 import lora_theory
 from verification import depth_sweep, final_layers
-from verification.sweep import (HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate)
+from verification.sweep import HIGHPREC_QUICK_SUBSAMPLE, MAX_HONEST_BLOCK, Cell, highprec_estimate
 
 RUN = ["--quick", "--seeds", "1", "--frozen", "random", "--iterations", "20", "--no-figure"]
-EXACT = 1e-20   # MSE relative to the target's output power, from the threshold on: exact up to float64 rounding
+EXACT = 1e-20  # MSE relative to the target's output power, from the threshold on: exact up to float64 rounding
 
 
 def _summary(out):
@@ -29,7 +29,7 @@ def test_final_layers_quick_fills_the_construction_column(tmp_path, capsys):
         assert mse is not None and row["construction_shifted_mse"] is not None
         assert row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
         assert isinstance(row["construction_precision_digits"], int) and row["construction_precision_digits"] > 16
-        assert row["construction_note"].startswith("n/c (κ=")      # the float64 verdict is kept
+        assert row["construction_note"].startswith("n/c (κ=")  # the float64 verdict is kept
         assert row["construction_kappa"] > 0
         if row["rank"] >= threshold:
             assert mse <= EXACT * power and row["construction_shifted_mse"] <= EXACT * 25 * power
@@ -44,7 +44,7 @@ def test_final_layers_quick_fills_the_construction_column(tmp_path, capsys):
     assert {"construction_precision_digits", "construction_subsample"} <= set(csv_rows[0])
     captured = capsys.readouterr()
     assert "high precision" in captured.out and "*" in captured.out
-    assert "constructions in high precision" in captured.err   # the pre-run estimate
+    assert "constructions in high precision" in captured.err  # the pre-run estimate
 
 
 def test_no_highprec_keeps_the_float64_verdict(tmp_path):
@@ -61,7 +61,9 @@ def test_depth_sweep_deep_block_is_exact_at_its_threshold(tmp_path):
     summary = _summary(out)
     assert summary["threshold"] == {"6": 3}
     (row,) = summary["rows"]
-    assert row["construction_precision_digits"] is not None and row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
+    assert (
+        row["construction_precision_digits"] is not None and row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
+    )
     assert row["construction_test_mse"] <= EXACT * row["target_power"]
 
 
@@ -75,8 +77,14 @@ def test_bad_subsample_exits_with_one_line(tmp_path, capsys):
 
 def test_estimate_counts_only_blocks_float64_cannot_do():
     def cell(L, n):
-        return Cell(kind="random", structure=("fnn", 16, L, 1, "relu", True), method="lora", axis=(("rank", 1),),
-                    ranks=(1,) * L, highprec_subsample=n)
+        return Cell(
+            kind="random",
+            structure=("fnn", 16, L, 1, "relu", True),
+            method="lora",
+            axis=(("rank", 1),),
+            ranks=(1,) * L,
+            highprec_subsample=n,
+        )
 
     assert highprec_estimate([cell(MAX_HONEST_BLOCK, 256)], 5) == (0, 0.0)
     assert highprec_estimate([cell(8, 0)], 5) == (0, 0.0)
@@ -99,7 +107,7 @@ def test_resume_with_highprec_adds_the_column_to_a_sweep_trained_without_it(tmp_
     runs = (out / "runs.jsonl").read_text()
 
     assert depth_sweep.main(["--resume", str(out), "--highprec", "--workers", "1"]) == 0
-    assert (out / "runs.jsonl").read_text() == runs                   # nothing trained again
+    assert (out / "runs.jsonl").read_text() == runs  # nothing trained again
     (row,) = _summary(out)["rows"]
     assert row["construction_subsample"] == HIGHPREC_QUICK_SUBSAMPLE
     assert row["construction_test_mse"] <= EXACT * row["target_power"]
@@ -140,8 +148,19 @@ def test_tfn_highprec_column_is_exact_from_the_threshold_and_keeps_the_float64_v
     from verification import tfn
 
     out = tmp_path / "tfn"
-    argv = ["--quick", "--seeds", "1", "--frozen", "random", "--construction-only", "--no-figure", "--workers", "1",
-            "--highprec-subsample", "4"]
+    argv = [
+        "--quick",
+        "--seeds",
+        "1",
+        "--frozen",
+        "random",
+        "--construction-only",
+        "--no-figure",
+        "--workers",
+        "1",
+        "--highprec-subsample",
+        "4",
+    ]
     assert tfn.main(argv + ["--highprec", "--out", str(out)]) == 0
     rows = _summary(out)["rows"]
     assert [r["rank"] for r in rows] == [1, 8]

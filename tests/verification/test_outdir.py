@@ -17,21 +17,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import lora_theory
 import verification
 from verification import outdir, sweep
-from verification.sweep import cli, driver, problems, training
 from verification.models import TorchFNN
+from verification.sweep import cli, driver, problems, training
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TINY = ["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--no-figure"]
 EXPERIMENT_ARGS = {
-    "linear": ["--ranks", "1"], "fnn": ["--ranks", "1"], "tfn": ["--ranks", "1", "--seq-len", "3"],
-    "final_layers": ["--depth", "3", "--ranks", "1", "--layers", "1"], "biases": ["--ranks", "2"],
-    "rank_schedule": ["--steps=1"], "depth_sweep": ["--depths", "2", "--ranks", "1"],
+    "linear": ["--ranks", "1"],
+    "fnn": ["--ranks", "1"],
+    "tfn": ["--ranks", "1", "--seq-len", "3"],
+    "final_layers": ["--depth", "3", "--ranks", "1", "--layers", "1"],
+    "biases": ["--ranks", "2"],
+    "rank_schedule": ["--steps=1"],
+    "depth_sweep": ["--depths", "2", "--ranks", "1"],
     "singular_values": ["--ranks", "1"],
 }
 
@@ -69,14 +72,18 @@ def _tool_command(tool, out, tmp_path):
         return module.main, TINY + EXPERIMENT_ARGS[tool] + ["--out", str(out)], (cli, "execute")
     if tool == "real_data":
         from verification import real_data
+
         return real_data.main, ["--quick", "--out", str(out)], (real_data, "run_experiment")
     if tool == "paper":
         from verification import paper
+
         return paper.main, ["--quick", "--only", "linear", "--out", str(out)], (paper, "_run_step")
     if tool == "pretraining":
         from verification import pretraining
+
         return pretraining.main, ["--quick", "--out", str(out)], (pretraining, "spectra")
     from verification import advise
+
     base, tuned = _checkpoints(tmp_path, 2 if tool == "advise" else 1)
     if tool == "advise":
         return advise.main, [base, tuned, "--out", str(out)], (advise, "advise_checkpoints")
@@ -125,14 +132,14 @@ def test_advise_writes_into_a_new_folder_and_again_into_its_own(mode, tmp_path, 
     main, argv, _ = _tool_command(mode, out, tmp_path)
     assert main(argv) == 0
     assert outdir.folder_owner(out) == "advise"
-    assert main(argv) == 0                    # its own folder: written again
+    assert main(argv) == 0  # its own folder: written again
 
 
 def test_an_empty_folder_and_a_lock_file_alone_are_free(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert outdir.check_folder(empty, "fnn") is False
-    (empty / outdir.LOCK_FILE).write_text("")          # left by a run killed before it wrote anything
+    (empty / outdir.LOCK_FILE).write_text("")  # left by a run killed before it wrote anything
     assert outdir.check_folder(empty, "fnn") is False
     (empty / "x").write_text("")
     with pytest.raises(outdir.CLIError, match="not empty"):
@@ -142,6 +149,7 @@ def test_an_empty_folder_and_a_lock_file_alone_are_free(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- lock
+
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding the folder's lock (as a running sweep does), until killed."""
@@ -167,7 +175,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is
     argv = TINY + ["--ranks", "1,2", "--frozen", "random", "--out", str(out)]
     assert linear.main(argv) == 0
     runs = (out / "runs.jsonl").read_text().splitlines()
-    (out / "runs.jsonl").write_text("\n".join(runs[:1]) + "\n")       # an interrupted sweep: runs to do
+    (out / "runs.jsonl").write_text("\n".join(runs[:1]) + "\n")  # an interrupted sweep: runs to do
     holder = _hold_lock(out)
     try:
         before = _tree(out)
@@ -180,7 +188,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert (out / outdir.LOCK_FILE).exists()                          # left behind by the killed holder
+    assert (out / outdir.LOCK_FILE).exists()  # left behind by the killed holder
     assert linear.main(["--resume", str(out)]) == 0
     ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == len(runs)
@@ -192,13 +200,32 @@ def test_two_sweeps_started_together_on_one_folder(tmp_path):
     line naming the holder (or, where the first finished before the second reached the folder, finds every
     run done); the folder ends with every run once."""
     out = tmp_path / "lin"
-    argv = [sys.executable, "-m", "verification.linear", "--width", "4", "--seeds", "1", "--iterations", "300",
-            "--ranks", "1,2", "--frozen", "random", "--no-figure", "--workers", "1", "--out", str(out)]
-    procs = [subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "verification.linear",
+        "--width",
+        "4",
+        "--seeds",
+        "1",
+        "--iterations",
+        "300",
+        "--ranks",
+        "1,2",
+        "--frozen",
+        "random",
+        "--no-figure",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
+    procs = [
+        subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
-    if codes == [0, 0]:       # the second reached the folder only after the first had finished: it had nothing to do
+    if codes == [0, 0]:  # the second reached the folder only after the first had finished: it had nothing to do
         assert any("(24 already done)" in e for _, e in results), results
     else:
         assert codes == [0, 2], results
@@ -209,6 +236,7 @@ def test_two_sweeps_started_together_on_one_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
+
 
 @pytest.fixture
 def finished(tmp_path):
@@ -226,8 +254,16 @@ def _rows(out):
     return [(r["rank"], r["gradient_test_mse"], r["construction_test_mse"]) for r in s["rows"] + s["pretrained_rows"]]
 
 
-@pytest.mark.parametrize("damage", ["empty cache entry", "cut cache entry", "bad bytes in the log",
-                                    "records that are not runs", "bad bytes in the constructions"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "empty cache entry",
+        "cut cache entry",
+        "bad bytes in the log",
+        "records that are not runs",
+        "bad bytes in the constructions",
+    ],
+)
 def test_resume_rebuilds_damaged_files_and_reports_them(damage, finished, capsys):
     """A 0-byte or cut pretrained model is pretrained again; non-UTF-8 bytes and lines that are not run
     records are reported and skipped (their runs run again); nothing raises, and the results are those of
@@ -245,29 +281,40 @@ def test_resume_rebuilds_damaged_files_and_reports_them(damage, finished, capsys
     elif damage == "bad bytes in the log":
         (out / "runs.jsonl").write_bytes(lines[0][:20] + b"\xff\xfe\x80" + lines[0][20:] + b"".join(lines[1:]))
     elif damage == "records that are not runs":
-        (out / "runs.jsonl").write_bytes(b"[1, 2]\n" + b'{"id": "x", "experiment": "fnn"}\n'
-                                         + b"".join(lines[1:]))
+        (out / "runs.jsonl").write_bytes(b"[1, 2]\n" + b'{"id": "x", "experiment": "fnn"}\n' + b"".join(lines[1:]))
     else:
         (out / "constructions.jsonl").write_bytes(b"\xff\xff\n")
     capsys.readouterr()
     assert fnn.main(["--resume", str(out)]) == 0
     err = capsys.readouterr().err
-    if damage != "bad bytes in the constructions":   # that file is not used by this sweep (no deep block)
+    if damage != "bad bytes in the constructions":  # that file is not used by this sweep (no deep block)
         assert "warning:" in err and ("damaged cache entry" in err if "cache" in damage else "skipped" in err)
     got = _rows(out)
     assert [r[0] for r in got] == [r[0] for r in rows]
     assert [x for r in got for x in r[1:]] == pytest.approx([x for r in rows for x in r[1:]], rel=1e-6)
-    records = [json.loads(l) for l in (out / "runs.jsonl").read_bytes().splitlines()
-               if l.startswith(b'{"id"') and b"\xff" not in l and b'"x"' not in l]
+    records = [
+        json.loads(l)
+        for l in (out / "runs.jsonl").read_bytes().splitlines()
+        if l.startswith(b'{"id"') and b"\xff" not in l and b'"x"' not in l
+    ]
     assert len({r["id"] for r in records}) == 2 * 2 * 2
     for npz in (out / "pretrained").glob("*.npz"):
         problems._load_model(npz, problems.make_random_frozen(("fnn", 4, 2, 1, "relu", True), 0))
 
 
-@pytest.mark.parametrize("edit", [
-    {"argv": None}, "no argv", {"argv": 5}, {"argv": [1, 2]}, {"argv": "--quick"}, {"settings": [1]},
-    "a list", "not JSON",
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"argv": None},
+        "no argv",
+        {"argv": 5},
+        {"argv": [1, 2]},
+        {"argv": "--quick"},
+        {"settings": [1]},
+        "a list",
+        "not JSON",
+    ],
+)
 def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, capsys):
     """config.json with argv null (argparse would read the live command line: the default full sweep),
     missing, a number, a list of numbers, a string; settings not an object; not an object; not JSON:
@@ -316,6 +363,7 @@ def test_an_interrupted_resume_keeps_the_old_summaries(finished, monkeypatch, ca
 
 # ---------------------------------------------------------------------------------------------- full disk
 
+
 def _count_writes(monkeypatch):
     calls = []
     real = outdir._write_all
@@ -331,7 +379,7 @@ def _count_writes(monkeypatch):
 def _whole(out: Path):
     """No temporary file anywhere, and every file written whole (JSON, JSON Lines, CSV, PNG)."""
     assert not [p for p in out.rglob(".tmp-*")], list(out.rglob("*"))
-    if not (out / "config.json").exists():           # the first write failed: nothing else was written
+    if not (out / "config.json").exists():  # the first write failed: nothing else was written
         assert [p.name for p in out.iterdir()] == [outdir.LOCK_FILE]
         return
     json.loads((out / "config.json").read_text())
@@ -356,13 +404,13 @@ def test_a_full_disk_at_every_write_leaves_whole_files_and_one_line(tmp_path, mo
     calls = _count_writes(monkeypatch)
     assert fnn.main(argv + ["--out", str(tmp_path / "count")]) == 0
     n_writes = len(calls)
-    assert n_writes >= 6                  # config, pretrained model, runs, two summaries, figure
+    assert n_writes >= 6  # config, pretrained model, runs, two summaries, figure
     real = outdir._write_all
     for k in range(n_writes):
         out = tmp_path / f"full{k}"
         seen = []
 
-        def full_disk(f, data):
+        def full_disk(f, data, seen=seen, k=k):
             seen.append(1)
             if len(seen) == k + 1:
                 real(f, bytes(data[: len(data) // 2]))
@@ -400,8 +448,27 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, capsys):
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = mount / "lin"
-        argv = ["--width", "4", "--seeds", "1", "--iterations", "400", "--ranks", "1-4", "--frozen", "random",
-                "--lr", "1e-2,1e-3,1e-4", "--weight-decay", "0,1e-3", "--no-figure", "--chunk", "2", "--out", str(out)]
+        argv = [
+            "--width",
+            "4",
+            "--seeds",
+            "1",
+            "--iterations",
+            "400",
+            "--ranks",
+            "1-4",
+            "--frozen",
+            "random",
+            "--lr",
+            "1e-2,1e-3,1e-4",
+            "--weight-decay",
+            "0,1e-3",
+            "--no-figure",
+            "--chunk",
+            "2",
+            "--out",
+            str(out),
+        ]
         capsys.readouterr()
         assert linear.main(argv) == 1
         line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -432,12 +499,13 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- processes
 
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return state not in ("Z", "X")                 # a zombie has ended (no init reaps it in some containers)
+    return state not in ("Z", "X")  # a zombie has ended (no init reaps it in some containers)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -486,8 +554,23 @@ def test_interrupt_while_the_summaries_are_written_leaves_them_whole(tmp_path, m
 
     monkeypatch.setattr(driver, "format_csv", interrupted_csv)
     out = tmp_path / "lin"
-    code = linear.main(["--quick", "--width", "4", "--seeds", "1", "--iterations", "5", "--ranks", "1,2",
-                        "--frozen", "random", "--out", str(out)])
+    code = linear.main(
+        [
+            "--quick",
+            "--width",
+            "4",
+            "--seeds",
+            "1",
+            "--iterations",
+            "5",
+            "--ranks",
+            "1,2",
+            "--frozen",
+            "random",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and "interrupted" in err[-1]
     _whole(out)
@@ -507,12 +590,16 @@ def test_cpu_budget_counts_the_cores_allowed_and_the_load(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- --chunk
 
-@pytest.mark.parametrize("name,extra", [
-    ("fnn", ["--width", "16", "--ranks", "2,5,16", "--select", "best", "--validate-every", "7"]),
-    ("linear", ["--width", "16", "--ranks", "2,5,16"]),
-    ("tfn", ["--width", "8", "--ranks", "1,3,8", "--seq-len", "3"]),
-    ("final_layers", ["--width", "8", "--depth", "3", "--ranks", "1,8", "--layers", "1,2"]),
-])
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("fnn", ["--width", "16", "--ranks", "2,5,16", "--select", "best", "--validate-every", "7"]),
+        ("linear", ["--width", "16", "--ranks", "2,5,16"]),
+        ("tfn", ["--width", "8", "--ranks", "1,3,8", "--seq-len", "3"]),
+        ("final_layers", ["--width", "8", "--depth", "3", "--ranks", "1,8", "--layers", "1,2"]),
+    ],
+)
 def test_results_do_not_depend_on_chunk(name, extra, tmp_path):
     """The same sweep with --chunk 1, 3 and the default: every run's numbers are bitwise equal. A run used to
     be padded to the largest rank of its stack, and the kernels then summed in another order: at these
@@ -523,12 +610,19 @@ def test_results_do_not_depend_on_chunk(name, extra, tmp_path):
     results, stack_sizes = [], []
     for chunk in ([], ["--chunk", "1"], ["--chunk", "3"]):
         out = tmp_path / f"c{len(results)}"
-        argv = ["--quick", "--seeds", "1", "--iterations", "30", "--frozen", "random", "--no-figure",
-                "--out", str(out)]
+        argv = ["--quick", "--seeds", "1", "--iterations", "30", "--frozen", "random", "--no-figure", "--out", str(out)]
         assert module.main(argv + extra + chunk) == 0
-        results.append({(r := json.loads(l))["id"]: (r["losses"]["test"], r["losses"]["val"], r["losses"]["shifted"],
-                                                     r["losses"]["train_final"])
-                        for l in (out / "runs.jsonl").read_text().splitlines()})
+        results.append(
+            {
+                (r := json.loads(l))["id"]: (
+                    r["losses"]["test"],
+                    r["losses"]["val"],
+                    r["losses"]["shifted"],
+                    r["losses"]["train_final"],
+                )
+                for l in (out / "runs.jsonl").read_text().splitlines()
+            }
+        )
         stack_sizes.append({json.loads(l)["stack_size"] for l in (out / "runs.jsonl").read_text().splitlines()})
     assert results[0] == results[1] == results[2]
     # each record names the size of the stack it was trained in (on CUDA its rounding depends on it)
@@ -545,13 +639,25 @@ def test_a_rank_padding_below_the_largest_rank_is_refused():
 
 # ---------------------------------------------------------------------------------------------- real_data
 
-@pytest.mark.parametrize("argv,match", [
-    (["--ranks=-1"], "--ranks"), (["--ranks", "a"], "--ranks"), (["--ranks", "0,21"], "--ranks"),
-    (["--ranks", "1,1"], "--ranks"), (["--seeds", "0"], "--seeds"), (["--steps", "-3"], "--steps"),
-    (["--depth", "0"], "--depth"), (["--threads", "0"], "--threads"), (["--datasets", "mnist"], "--datasets"),
-    (["--from-runs", "missing.jsonl"], "--from-runs"), (["--checkpoints", "BLOCKER/sub"], "--checkpoints"),
-    (["--out", "BLOCKER/sub"], "--out"), (["--steps", "x"], "--steps"),
-])
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--ranks=-1"], "--ranks"),
+        (["--ranks", "a"], "--ranks"),
+        (["--ranks", "0,21"], "--ranks"),
+        (["--ranks", "1,1"], "--ranks"),
+        (["--seeds", "0"], "--seeds"),
+        (["--steps", "-3"], "--steps"),
+        (["--depth", "0"], "--depth"),
+        (["--threads", "0"], "--threads"),
+        (["--datasets", "mnist"], "--datasets"),
+        (["--from-runs", "missing.jsonl"], "--from-runs"),
+        (["--checkpoints", "BLOCKER/sub"], "--checkpoints"),
+        (["--out", "BLOCKER/sub"], "--out"),
+        (["--steps", "x"], "--steps"),
+    ],
+)
 def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkeypatch, capsys):
     """Bad flags and unwritable folders: one line (status 2) before any training, no folder created
     (before, --ranks=-1 gave rows with -40 parameters, and an unwritable --out was found after the run)."""

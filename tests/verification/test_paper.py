@@ -14,8 +14,14 @@ STATUSES = {"holds", "does not hold", "partly", "not measured"}
 
 
 def _row(rank, exact, *, power=1.0, depth=None, **extra):
-    row = {"rank": rank, "label": "lora", "method": "lora", "params": 10 * rank, "target_power": power,
-           "construction_test_mse": 1e-30 if exact else 1e-3 * power}
+    row = {
+        "rank": rank,
+        "label": "lora",
+        "method": "lora",
+        "params": 10 * rank,
+        "target_power": power,
+        "construction_test_mse": 1e-30 if exact else 1e-3 * power,
+    }
     if depth is not None:
         row["depth"] = depth
     row.update(extra)
@@ -41,27 +47,36 @@ def test_threshold_verdict_holds_only_when_exactness_starts_at_the_threshold():
 
 
 def test_threshold_verdict_reads_the_depth_sweeps_threshold_per_depth():
-    sweep = _summary([_row(2, False, depth=2), _row(4, True, depth=2), _row(2, True, depth=4)],
-                     threshold={"2": 4, "4": 2})
+    sweep = _summary(
+        [_row(2, False, depth=2), _row(4, True, depth=2), _row(2, True, depth=4)], threshold={"2": 4, "4": 2}
+    )
     assert [v["status"] for v in paper.verdict_threshold({"depth_sweep": sweep})] == ["holds", "holds"]
-    sweep["threshold"] = {"2": 4, "4": 4}        # exact at rank 2 for L = 4 is then below its threshold
+    sweep["threshold"] = {"2": 4, "4": 4}  # exact at rank 2 for L = 4 is then below its threshold
     assert [v["status"] for v in paper.verdict_threshold({"depth_sweep": sweep})] == ["holds", "partly"]
 
 
 def test_depth_verdict_fails_when_a_deeper_model_needs_more_rank():
-    falls = _summary([_row(4, True, depth=2), _row(2, False, depth=2), _row(2, True, depth=4)],
-                     threshold={"2": 4, "4": 2})
+    falls = _summary(
+        [_row(4, True, depth=2), _row(2, False, depth=2), _row(2, True, depth=4)], threshold={"2": 4, "4": 2}
+    )
     assert _status(paper.verdict_depth, {"depth_sweep": falls}) == "holds"
-    rises = _summary([_row(2, True, depth=2), _row(2, False, depth=4), _row(4, True, depth=4)],
-                     threshold={"2": 4, "4": 2})
+    rises = _summary(
+        [_row(2, True, depth=2), _row(2, False, depth=4), _row(4, True, depth=4)], threshold={"2": 4, "4": 2}
+    )
     assert _status(paper.verdict_depth, {"depth_sweep": rises}) == "does not hold"
     assert _status(paper.verdict_depth, {}) == "not measured"
 
 
 def _final_layers(lora_mse, tuned_mse):
     lora = _row(1, False, gradient_test_mse=lora_mse)
-    tuned = {"rank": None, "layers": 1, "label": "final_layers", "method": "final_layers", "params": 20,
-             "gradient_test_mse": tuned_mse}
+    tuned = {
+        "rank": None,
+        "layers": 1,
+        "label": "final_layers",
+        "method": "final_layers",
+        "params": 20,
+        "gradient_test_mse": tuned_mse,
+    }
     return {"final_layers": _summary([lora, tuned])}
 
 
@@ -69,7 +84,7 @@ def test_final_layers_verdict_compares_at_no_more_trained_parameters():
     assert _status(paper.verdict_final_layers, _final_layers(0.1, 0.2)) == "holds"
     assert _status(paper.verdict_final_layers, _final_layers(0.3, 0.2)) == "does not hold"
     pricier = _final_layers(0.1, 0.2)
-    pricier["final_layers"]["rows"][0]["params"] = 30      # LoRA trains more: no fair comparison left
+    pricier["final_layers"]["rows"][0]["params"] = 30  # LoRA trains more: no fair comparison left
     assert _status(paper.verdict_final_layers, pricier) == "not measured"
 
 
@@ -86,7 +101,7 @@ def test_pretrained_verdict_counts_seeds_per_rank_below_the_threshold():
         return {"rank": rank, "construction": {"seeds": seeds, "pretrained_lower": lower, "median_ratio": 0.5}}
 
     summary = _summary([], threshold=4, pretrained_vs_random=[entry(1, 5), entry(2, 3), entry(4, 0)])
-    assert _status(paper.verdict_pretrained, {"fnn_L4": summary}) == "holds"     # rank 4 is at the threshold
+    assert _status(paper.verdict_pretrained, {"fnn_L4": summary}) == "holds"  # rank 4 is at the threshold
     summary["pretrained_vs_random"][1] = entry(2, 2)
     assert _status(paper.verdict_pretrained, {"fnn_L4": summary}) == "partly"
 
@@ -107,11 +122,14 @@ def test_shift_verdict_needs_the_certified_column_exact_and_the_calibrated_one_n
     assert _status(paper.verdict_shift, {"fnn_L4": broken}) == "does not hold"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--only", "nope"], "--only: unknown experiments"),
-    (["--seeds", "0"], "--seeds: must be at least 1"),
-    (["--only", "linear", "--iterations", "x"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "nope"], "--only: unknown experiments"),
+        (["--seeds", "0"], "--seeds: must be at least 1"),
+        (["--only", "linear", "--iterations", "x"], "invalid int value"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "paper"
     assert paper.main([*argv, "--out", str(out)]) == 2
@@ -143,7 +161,7 @@ def test_quick_runs_every_experiment_and_judges_every_claim(tmp_path, capsys):
     assert found[0]["status"] == "holds" and found[0]["measured"]
     report = (out / "report.md").read_text()
     positions = [report.index(f"files in `{s.name}/`") for s in paper.STEPS]
-    assert positions == sorted(positions)                     # the paper's order
+    assert positions == sorted(positions)  # the paper's order
     assert "## Verdicts" in report
     assert all((out / s.name / "figure.png").is_file() for s in paper.STEPS)
 
@@ -152,7 +170,7 @@ def test_resume_reruns_only_what_did_not_finish(tmp_path, capsys, monkeypatch):
     out = tmp_path / "paper"
     argv = [*FAST, "--only", "linear,fnn_L2", "--frozen", "random"]
     assert paper.main([*argv, "--out", str(out)]) == 0
-    (out / "fnn_L2" / "summary.json").unlink()                # as if stopped before fnn_L2 wrote its summary
+    (out / "fnn_L2" / "summary.json").unlink()  # as if stopped before fnn_L2 wrote its summary
     kept = (out / "linear" / "runs.jsonl").read_text()
     ran = []
     original = paper._run_step
@@ -161,7 +179,7 @@ def test_resume_reruns_only_what_did_not_finish(tmp_path, capsys, monkeypatch):
     assert ran == ["fnn_L2"]
     assert (out / "linear" / "runs.jsonl").read_text() == kept
     assert (out / "fnn_L2" / "summary.json").is_file()
-    assert paper.main([*argv, "--out", str(out)]) == 2        # a second --out on it is refused, not overwritten
+    assert paper.main([*argv, "--out", str(out)]) == 2  # a second --out on it is refused, not overwritten
     assert "--resume" in capsys.readouterr().err
 
 

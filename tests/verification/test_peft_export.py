@@ -35,8 +35,11 @@ def load_peft(model, directory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(model, str(directory))
-    complaints = [str(w.message) for w in caught
-                  if any(word in str(w.message).lower() for word in ("unexpected", "missing", "invalid shape"))]
+    complaints = [
+        str(w.message)
+        for w in caught
+        if any(word in str(w.message).lower() for word in ("unexpected", "missing", "invalid shape"))
+    ]
     assert not complaints, complaints
     return loaded
 
@@ -71,7 +74,7 @@ def test_fnn_fit_round_trip_at_and_above_threshold(tmp_path, depth, target_depth
     assert np.linalg.norm(out - target(x), axis=1).max() <= fit.absolute_tolerance
     assert info.config["lora_alpha"] == info.config["r"] == max(info.ranks.values())
     assert info.config["rank_pattern"] == info.config["alpha_pattern"] == info.ranks
-    assert info.config["lora_bias"] is True            # the construction re-chooses every bias
+    assert info.config["lora_bias"] is True  # the construction re-chooses every bias
 
 
 def test_rank_zero_layer_with_bias_change_is_a_zero_rank_one_adapter(tmp_path):
@@ -91,8 +94,12 @@ def test_rank_zero_layer_with_bias_change_is_a_zero_rank_one_adapter(tmp_path):
         assert fh.metadata()["format"] == "pt"
         assert not fh.get_tensor("base_model.model.layers.1.lora_A.weight").any()
         assert not fh.get_tensor("base_model.model.layers.1.lora_B.weight").any()
-        np.testing.assert_allclose(fh.get_tensor("base_model.model.layers.1.lora_B.bias"),
-                                   fit.model.biases[1] - frozen.biases[1], rtol=0, atol=0)
+        np.testing.assert_allclose(
+            fh.get_tensor("base_model.model.layers.1.lora_B.bias"),
+            fit.model.biases[1] - frozen.biases[1],
+            rtol=0,
+            atol=0,
+        )
     model = load_peft(TorchFNN.from_numpy(frozen), tmp_path)
     x = ball(D, 100, 2.0, seed=5)
     assert np.linalg.norm(peft_forward(model, x) - target(x), axis=1).max() <= fit.absolute_tolerance
@@ -105,7 +112,7 @@ def test_linear_fit_and_clipped_ranks(tmp_path):
     frozen = lora_theory.random_linear(D, 3, seed=1)
     rng = np.random.default_rng(2)
     target = lora_theory.linear.product(frozen.weights) + rng.standard_normal((D, 2)) @ rng.standard_normal((2, D))
-    fit = lora_linear(frozen.weights, target, 2)          # rank(E) = 2: only the first layer gets directions
+    fit = lora_linear(frozen.weights, target, 2)  # rank(E) = 2: only the first layer gets directions
     assert [a.rank for a in fit.adapters] == [2, 0, 0]
     padded = [fit.adapters[0].padded(4), fit.adapters[1], fit.adapters[2]]
     info = export_peft(padded, tmp_path, dtype="float64")
@@ -190,7 +197,7 @@ def test_advisor_proposal_round_trips_through_peft(tmp_path, fmt):
     assert cfg["alpha_pattern"] == cfg["rank_pattern"] and cfg["r"] == cfg["lora_alpha"] == 3
     assert proposal["bias_only"] == ["layers.1"] and proposal["untargeted"] == ["layers.3"]
 
-    info = export_peft(report, tmp_path / "adapter")              # float32 factors
+    info = export_peft(report, tmp_path / "adapter")  # float32 factors
     assert info.ranks == cfg["rank_pattern"]
     assert set(info.config["target_modules"]) == set(cfg["target_modules"])
     loaded = load_peft(base, tmp_path / "adapter")
@@ -202,8 +209,10 @@ def test_advisor_proposal_round_trips_through_peft(tmp_path, fmt):
     # the proposal itself is a valid LoraConfig whose layers have the proposed ranks
     fresh = peft.get_peft_model(MLP(), peft.LoraConfig(**cfg))
     shapes = {n: tuple(p.shape) for n, p in fresh.named_parameters() if "lora_A" in n}
-    assert shapes == {f"base_model.model.{n}.lora_A.default.weight": (r, tuned.get_submodule(n).in_features)
-                      for n, r in cfg["rank_pattern"].items()}
+    assert shapes == {
+        f"base_model.model.{n}.lora_A.default.weight": (r, tuned.get_submodule(n).in_features)
+        for n, r in cfg["rank_pattern"].items()
+    }
 
 
 # ----------------------------------------------------------------------------- loralib
@@ -260,7 +269,7 @@ def test_float16_overflow_is_refused_not_written_as_inf(tmp_path):
     """Regression: float16 exports silently wrote inf."""
     from verification.peft_export import AdapterWriteError
 
-    big = Adapter(np.full((1, 4), 1e5), np.full((3, 1), 1.0))       # A entries 1e5; float16 max 65504
+    big = Adapter(np.full((1, 4), 1e5), np.full((3, 1), 1.0))  # A entries 1e5; float16 max 65504
     with pytest.raises(AdapterWriteError, match="float16"):
         export_peft([big], tmp_path / "a", dtype="float16")
     assert not (tmp_path / "a").exists()

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import lora_theory
-from verification import TOOLS, pretraining
-from verification import sweep
+from verification import TOOLS, pretraining, sweep
 from verification.sweep import Problems, problems
 
 
@@ -32,18 +31,24 @@ def _expected_spectra(problems, structure, seed):
     return out
 
 
-@pytest.mark.parametrize("model,structure,names", [
-    ("fnn", ("fnn", 4, 4, 2, "relu", True), ["E_1 (layers 1-2)", "E_2 (layers 3-4)"]),
-    ("linear", ("fnn", 4, 2, 1, "linear", True), ["E_1 (layers 1-2)"]),
-    ("tfn", ("tfn", 4, 2, 2, 10), ["qk[0,0]", "ov[0,0]", "qk[0,1]", "ov[0,1]",
-                                   "qk[1,0]", "ov[1,0]", "qk[1,1]", "ov[1,1]", "out"]),
-])
+@pytest.mark.parametrize(
+    "model,structure,names",
+    [
+        ("fnn", ("fnn", 4, 4, 2, "relu", True), ["E_1 (layers 1-2)", "E_2 (layers 3-4)"]),
+        ("linear", ("fnn", 4, 2, 1, "linear", True), ["E_1 (layers 1-2)"]),
+        (
+            "tfn",
+            ("tfn", 4, 2, 2, 10),
+            ["qk[0,0]", "ov[0,0]", "qk[0,1]", "ov[0,1]", "qk[1,0]", "ov[1,0]", "qk[1,1]", "ov[1,1]", "out"],
+        ),
+    ],
+)
 def test_spectra_are_those_of_the_sweeps_models_and_pair_by_seed(model, structure, names, tmp_path, capsys):
     out, summary = _run(tmp_path, ["--model", model])
     assert (out / "figure.png").stat().st_size > 0 and summary["structure"] == list(structure)
     assert [row["name"] for row in summary["discrepancies"]] == names
     assert summary["seeds"] == [0, 1, 2] and len(summary["pretrain_info"]) == 3
-    problems = Problems()                               # as an experiment sweep builds its models
+    problems = Problems()  # as an experiment sweep builds its models
     problems.prepare(structure, summary["seeds"])
     for seed in summary["seeds"]:
         expected = _expected_spectra(problems, structure, seed)
@@ -51,7 +56,7 @@ def test_spectra_are_those_of_the_sweeps_models_and_pair_by_seed(model, structur
             for row, s in zip(summary["discrepancies"], expected[kind]):
                 np.testing.assert_allclose(row[kind][seed], s, rtol=1e-12, atol=1e-15)
     for row in summary["discrepancies"]:
-        rand, pre = np.array(row["random"]), np.array(row["pretrained"])      # (3, 4) each
+        rand, pre = np.array(row["random"]), np.array(row["pretrained"])  # (3, 4) each
         assert np.all(np.diff(rand, axis=1) <= 0) and np.all(np.diff(pre, axis=1) <= 0)
         assert row["pretrained_lower"] == (pre < rand).sum(0).tolist()
         np.testing.assert_allclose(row["median_ratio"], np.median(pre / rand, 0), rtol=1e-12)
@@ -78,13 +83,18 @@ def test_a_block_of_three_layers_leaves_every_third_singular_value(tmp_path):
 def test_ratios_at_rounding_level():
     """Values at rounding level count as 0: a pair of zeros has no ratio (fewer seeds), a positive value
     over a zero an infinite one, which the median keeps."""
-    rand = np.array([[1.0, 0.5, 1e-20], [1.0, 0.5, 1e-20], [1.0, 0.5, 0.2]])             # (3 seeds, D = 3)
+    rand = np.array([[1.0, 0.5, 1e-20], [1.0, 0.5, 1e-20], [1.0, 0.5, 0.2]])  # (3 seeds, D = 3)
     pre = np.array([[1.0, 0.4, 1e-19], [1.0, 0.6, 1e-3], [1.0, 0.4, 0.1]])
-    result = {"names": ["E"], "factors": {"E": 1}, "random": {"E": rand}, "pretrained": {"E": pre},
-              "change": {"W_1": np.array([0.1, 0.2, 0.3])}}
+    result = {
+        "names": ["E"],
+        "factors": {"E": 1},
+        "random": {"E": rand},
+        "pretrained": {"E": pre},
+        "change": {"W_1": np.array([0.1, 0.2, 0.3])},
+    }
     info = {f"seed {s}": {"steps": 10, "first_loss": 3.0, "last_loss": 0.9} for s in range(3)}
     row = pretraining.summarize(("fnn", 3, 1, 1, "relu", True), [0, 1, 2], result, info)["discrepancies"][0]
-    assert row["ratio_seeds"] == [3, 3, 2]                    # seed 0's σ_3: both at rounding level
+    assert row["ratio_seeds"] == [3, 3, 2]  # seed 0's σ_3: both at rounding level
     assert row["median_ratio"][2] == pytest.approx(np.median([np.inf, 0.5]))
     assert row["pretrained_lower"] == [0, 2, 1]
     assert row["median_ratio"][1] == pytest.approx(0.8)
@@ -92,10 +102,17 @@ def test_ratios_at_rounding_level():
 
 def test_capped_pretraining_is_reported(capsys):
     rand = np.ones((2, 2))
-    result = {"names": ["E"], "factors": {"E": 2}, "random": {"E": rand}, "pretrained": {"E": rand / 2},
-              "change": {"W_1": np.array([0.1, 0.2])}}
-    info = {"seed 0": {"steps": sweep.PRETRAIN_MAX_STEPS, "first_loss": 3.0, "last_loss": 1.5},
-            "seed 1": {"steps": 12, "first_loss": 3.0, "last_loss": 0.9}}
+    result = {
+        "names": ["E"],
+        "factors": {"E": 2},
+        "random": {"E": rand},
+        "pretrained": {"E": rand / 2},
+        "change": {"W_1": np.array([0.1, 0.2])},
+    }
+    info = {
+        "seed 0": {"steps": sweep.PRETRAIN_MAX_STEPS, "first_loss": 3.0, "last_loss": 1.5},
+        "seed 1": {"steps": 12, "first_loss": 3.0, "last_loss": 0.9},
+    }
     summary = pretraining.summarize(("fnn", 2, 2, 1, "relu", True), [0, 1], result, info)
     assert summary["capped"] == ["seed 0"]
     assert "step limit" in pretraining.format_table(summary) and "1 of 2 seeds" in pretraining.format_table(summary)
@@ -104,8 +121,9 @@ def test_capped_pretraining_is_reported(capsys):
 def test_protocol_text_states_the_constants():
     assert sweep.PRETRAIN_LR == 1e-3 and sweep.PRETRAIN_FACTOR == pytest.approx(1 / 3)
     assert sweep.PRETRAIN_MAX_STEPS == 1000
-    assert sweep.PRETRAINING_PROTOCOL == ("Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 "
-                                               "(<= 1000 steps)")
+    assert sweep.PRETRAINING_PROTOCOL == (
+        "Adam lr 1e-3, fresh 256-batches, float64, until loss < first/3 (<= 1000 steps)"
+    )
 
 
 def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys):
@@ -119,7 +137,7 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(problems, "pretrain_fnns", no_pretraining)
     _, again = _run(tmp_path, ["--model", "fnn", "--no-figure"])
     assert again["discrepancies"] == first["discrepancies"]
-    assert not (out / "figure.png").exists()                 # no stale figure beside the new summary
+    assert not (out / "figure.png").exists()  # no stale figure beside the new summary
 
 
 def _refused(argv, match, capsys):
@@ -129,10 +147,14 @@ def _refused(argv, match, capsys):
     assert len(err) == 1 and match in err[0], err
 
 
-@pytest.mark.parametrize("setup,match", [
-    ("sweep", "holds the files of 'fnn'"), ("other_tool", "not a pretraining folder"),
-    ("other_settings", "pretraining run for"),
-])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        ("sweep", "holds the files of 'fnn'"),
+        ("other_tool", "not a pretraining folder"),
+        ("other_settings", "pretraining run for"),
+    ],
+)
 def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -141,25 +163,29 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
     elif setup == "other_tool":
         (out / "summary.json").write_text(json.dumps({"experiment": "fnn", "rows": []}))
     else:
-        (out / "summary.json").write_text(json.dumps({"tool": "pretraining", "structure": ["tfn", 4, 2, 2, 10],
-                                                      "seeds": [0, 1, 2]}))
+        (out / "summary.json").write_text(
+            json.dumps({"tool": "pretraining", "structure": ["tfn", 4, 2, 2, 10], "seeds": [0, 1, 2]})
+        )
     before = {p.name: p.read_text() for p in out.iterdir()}
     _refused(["--quick", "--out", str(out)], match, capsys)
     assert {p.name: p.read_text() for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--depth", "2", "--target-depth", "3"], "--target-depth"),
-    (["--seeds", "0"], "--seeds"),
-    (["--width", "0"], "--width"),
-    (["--model", "tfn", "--target-depth", "1"], "--target-depth"),
-    (["--model", "linear", "--target-depth", "1"], "--target-depth"),
-    (["--model", "linear", "--heads", "2"], "--heads"),
-    (["--model", "cnn"], "--model"),
-    (["--heads", "x"], "--heads"),
-    (["--heads", "2"], "--heads"),
-    (["--quick", "--seeds", "0"], "--seeds"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--depth", "2", "--target-depth", "3"], "--target-depth"),
+        (["--seeds", "0"], "--seeds"),
+        (["--width", "0"], "--width"),
+        (["--model", "tfn", "--target-depth", "1"], "--target-depth"),
+        (["--model", "linear", "--target-depth", "1"], "--target-depth"),
+        (["--model", "linear", "--heads", "2"], "--heads"),
+        (["--model", "cnn"], "--model"),
+        (["--heads", "x"], "--heads"),
+        (["--heads", "2"], "--heads"),
+        (["--quick", "--seeds", "0"], "--seeds"),
+    ],
+)
 def test_bad_input_exits_with_one_line(argv, match, tmp_path, capsys):
     out = tmp_path / "bad"
     _refused(argv + ["--out", str(out)], match, capsys)

@@ -11,9 +11,10 @@ import json
 import os
 import warnings
 
-import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 if os.environ.get("CI"):
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from verification.architectures import layout
 from verification.extract import STORAGE_ROUNDOFF, extract_adapter
 from verification.peft_export import AdapterBaseError, AdapterWriteError, check_base, load_peft_adapter
-from verification.streaming import TensorSource, open_pair, stream_spectra
+from verification.streaming import ROUNDOFF, TensorSource, open_pair, rounding_statistics, stream_spectra
 
 torch.set_num_threads(1)
 
@@ -37,23 +38,39 @@ torch.set_num_threads(1)
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=61, n_positions=16,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=61, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=61,
-                                   max_position_embeddings=16, tie_word_embeddings=False,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=61,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def bert():
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=48, vocab_size=61, max_position_embeddings=16,
-                                  pad_token_id=0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        vocab_size=61,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
     return transformers.BertForMaskedLM(cfg)
 
 
@@ -70,12 +87,29 @@ class MLP(nn.Module):
 
 #: Per architecture: planted (module, rank), a changed bias, a changed norm, an input.
 PLANTS = {
-    "gpt2": (gpt2, {"transformer.h.0.attn.c_attn": 2, "transformer.h.1.mlp.c_fc": 3, "transformer.wte": 1},
-             None, "transformer.ln_f"),
-    "llama": (llama, {"model.layers.0.self_attn.k_proj": 2, "model.layers.1.mlp.down_proj": 3,
-                      "model.embed_tokens": 1, "lm_head": 2}, None, "model.layers.0.input_layernorm"),
-    "bert": (bert, {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.intermediate.dense": 3},
-             "bert.encoder.layer.1.output.dense", "bert.encoder.layer.0.output.LayerNorm"),
+    "gpt2": (
+        gpt2,
+        {"transformer.h.0.attn.c_attn": 2, "transformer.h.1.mlp.c_fc": 3, "transformer.wte": 1},
+        None,
+        "transformer.ln_f",
+    ),
+    "llama": (
+        llama,
+        {
+            "model.layers.0.self_attn.k_proj": 2,
+            "model.layers.1.mlp.down_proj": 3,
+            "model.embed_tokens": 1,
+            "lm_head": 2,
+        },
+        None,
+        "model.layers.0.input_layernorm",
+    ),
+    "bert": (
+        bert,
+        {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.intermediate.dense": 3},
+        "bert.encoder.layer.1.output.dense",
+        "bert.encoder.layer.0.output.LayerNorm",
+    ),
     "mlp": (MLP, {"fc1": 2, "fc2": 3}, "out", None),
 }
 
@@ -128,8 +162,11 @@ def load_float32(arch, folder):
         model = MLP()
         model.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
         return model.eval()
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-           "bert": transformers.BertForMaskedLM}[arch]
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "llama": transformers.LlamaForCausalLM,
+        "bert": transformers.BertForMaskedLM,
+    }[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls.from_pretrained(folder, dtype=torch.float32).eval()
@@ -156,15 +193,19 @@ def test_gpt2_layout_conv1d_fused_tied_in_model_order(tmp_path):
     lay = src.layout()
     assert lay.architecture == "GPT2LMHeadModel"
     names = [m.name for m in lay.matrices]
-    assert names[:4] == ["transformer.wte", "transformer.wpe", "transformer.h.0.attn.c_attn",
-                         "transformer.h.0.attn.c_proj"]
+    assert names[:4] == [
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+    ]
     c_attn = lay.matrix("transformer.h.0.attn.c_attn")
     assert c_attn.kind == "conv1d" and c_attn.stored_shape == (32, 96) and c_attn.shape == (96, 32)
     wte = lay.matrix("transformer.wte")
     assert wte.kind == "embedding" and wte.shape == (32, 61) and wte.tied == (("lm_head", "linear"),)
-    assert "lm_head" not in names                                   # the tied head is counted once
+    assert "lm_head" not in names  # the tied head is counted once
     assert any(v.module == "transformer.ln_f" for v in lay.vectors)
-    assert not any(v.key.endswith("c_attn.bias") for v in lay.vectors)     # biases belong to their layer
+    assert not any(v.key.endswith("c_attn.bias") for v in lay.vectors)  # biases belong to their layer
 
 
 def test_generic_layout_orders_numbers_as_numbers():
@@ -195,11 +236,13 @@ def test_shard_index_decides_over_a_consolidated_file(tmp_path):
 def test_streamed_spectra_match_the_planted_changes(tmp_path):
     base, tuned, plants = build_pair("gpt2", tmp_path, torch.float32, sharded=True)
     src_b, src_t, lay = open_pair(base, tuned)
-    spectra = {s.spec.name: s for s in stream_spectra(src_b, src_t, lay, progress=False) if hasattr(s, "singular_values")}
+    spectra = {
+        s.spec.name: s for s in stream_spectra(src_b, src_t, lay, progress=False) if hasattr(s, "singular_values")
+    }
     assert list(spectra) == [m.name for m in lay.matrices]
     for name, r in plants.items():
         s = spectra[name].singular_values
-        assert s[r - 1] > 1e3 * s[r]                   # rank r up to float32 rounding of the stored weights
+        assert s[r - 1] > 1e3 * s[r]  # rank r up to float32 rounding of the stored weights
     assert spectra["transformer.h.0.attn.c_attn"].shape == (96, 32)
 
 
@@ -209,11 +252,16 @@ def test_resized_vocabulary_is_compared_on_common_rows(tmp_path):
     model.resize_token_embeddings(67)
     model.save_pretrained(tuned)
     src_b, src_t, lay = open_pair(base, tuned)
-    spectra = {s.spec.name: s for s in stream_spectra(src_b, src_t, lay, progress=False) if hasattr(s, "new_rows") and hasattr(s.spec, "name")}
+    spectra = {
+        s.spec.name: s
+        for s in stream_spectra(src_b, src_t, lay, progress=False)
+        if hasattr(s, "new_rows") and hasattr(s.spec, "name")
+    }
     assert spectra["model.embed_tokens"].new_rows == 6 and spectra["lm_head"].new_rows == 6
     assert spectra["model.embed_tokens"].shape == (32, 61)
-    record = extract_adapter(base, tuned, {"model.embed_tokens": 1, "model.layers.0.self_attn.k_proj": 2},
-                             tmp_path / "ad", progress=False)
+    record = extract_adapter(
+        base, tuned, {"model.embed_tokens": 1, "model.layers.0.self_attn.k_proj": 2}, tmp_path / "ad", progress=False
+    )
     assert "6 new rows" in record["left_out"]["model.embed_tokens"]
 
 
@@ -243,21 +291,21 @@ def test_round_trip_reproduces_the_tuned_logits(tmp_path, arch, dtype, sharded):
     # the adapter reproduces it up to that, so the logits agree to a small multiple of u
     assert rel(got, want) <= 16 * u, (rel(got, want), untouched)
     if dtype == torch.float32:
-        assert untouched > 1e3 * rel(got, want)                   # the change matters; the adapter carries it
+        assert untouched > 1e3 * rel(got, want)  # the change matters; the adapter carries it
     # weight space, layer by layer (PEFT's own delta of each layer): the stored change minus its best rank-r
     # part is the rounding of the stored tuned weights, |.| <= u|W_t| entrywise (Eckart-Young), plus float32
     # arithmetic
-    tuned32, base32, u32 = load_float32(arch, tuned), load_float32(arch, base), 2.0 ** -24
+    tuned32, base32, u32 = load_float32(arch, tuned), load_float32(arch, base), 2.0**-24
     for name, r in plants.items():
         W_t = logical_weight(tuned32, name).detach().double()
         W_b = logical_weight(base32, name).detach().double()
         layer = loaded.base_model.model.get_submodule(name)
-        delta = layer.get_delta_weight("default").detach().double()          # stored layout
-        if layer.base_layer.weight.shape != W_t.shape:                          # Conv1D, Embedding
+        delta = layer.get_delta_weight("default").detach().double()  # stored layout
+        if layer.base_layer.weight.shape != W_t.shape:  # Conv1D, Embedding
             delta = delta.T
         dW = W_t - W_b
         err = float((W_b + delta - W_t).norm())
-        bound = u * float(W_t.norm()) + 4 * u32 * (r ** 0.5 * float(dW.norm()) + float(W_t.norm()))
+        bound = u * float(W_t.norm()) + 4 * u32 * (r**0.5 * float(dW.norm()) + float(W_t.norm()))
         assert err <= bound, (name, err, bound)
 
 
@@ -301,8 +349,8 @@ def test_float64_factors_when_asked(tmp_path):
 def test_a_different_base_of_the_same_shape_is_detected(tmp_path):
     base, tuned, plants = build_pair("llama", tmp_path, torch.float32, sharded=False)
     extract_adapter(base, tuned, plants, tmp_path / "adapter", progress=False)
-    check_base(tmp_path / "adapter", base)                       # the right base passes, as a path
-    check_base(tmp_path / "adapter", load_float32("llama", base))   # and as a model
+    check_base(tmp_path / "adapter", base)  # the right base passes, as a path
+    check_base(tmp_path / "adapter", load_float32("llama", base))  # and as a model
     (tmp_path / "other").mkdir()
     other, _, _ = build_pair("llama", tmp_path / "other", torch.float32, sharded=False, seed=5)
     with pytest.raises(AdapterBaseError, match="differs"):
@@ -323,16 +371,15 @@ def test_extract_refuses_a_folder_that_is_not_empty(tmp_path):
 # ----------------------------------------------------------------------------- rounding statistics, extras
 
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from verification.streaming import ROUNDOFF, rounding_statistics
-
-
 @settings(deadline=None, max_examples=25)
-@given(m=st.integers(1, 40), n=st.integers(1, 40), block=st.integers(1, 16),
-       d0=st.sampled_from(["float32", "bfloat16", "float16", "float64"]),
-       d1=st.sampled_from(["float32", "bfloat16", "float16", "float64"]), seed=st.integers(0, 2 ** 16))
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    block=st.integers(1, 16),
+    d0=st.sampled_from(["float32", "bfloat16", "float16", "float64"]),
+    d1=st.sampled_from(["float32", "bfloat16", "float16", "float64"]),
+    seed=st.integers(0, 2**16),
+)
 def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, block, d0, d1, seed):
     """The blocked, device-side statistics of B = u_b|W_b| + u_t|W_t| + eta_b + eta_t are upper bounds of the
     exact ones (float64 on the whole matrix) and within a relative 1e-5 of them plus the subnormal terms."""
@@ -342,13 +389,17 @@ def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, b
     got = rounding_statistics(w0, w1, (d0, d1), block_rows=block)
     (ub, eb), (ut, et) = ROUNDOFF[d0], ROUNDOFF[d1]
     B = ub * w0.double().abs() + ut * w1.double().abs() + eb + et
-    exact = {"row_max": float(B.norm(dim=1).max()), "col_max": float(B.norm(dim=0).max()),
-             "entry_max": float(B.max()), "frobenius": float(B.norm())}
+    exact = {
+        "row_max": float(B.norm(dim=1).max()),
+        "col_max": float(B.norm(dim=0).max()),
+        "entry_max": float(B.max()),
+        "frobenius": float(B.norm()),
+    }
     assert got["shape"] == (m, n)
     # upper bounds; above the exact value by float32 rounding (relative 2^-20) and by the triangle inequality
     # on the subnormal terms (eta times sqrt of the count of entries summed), no more
     eta = eb + et
-    slack = {"row_max": eta * n ** 0.5, "col_max": eta * m ** 0.5, "entry_max": 0.0, "frobenius": eta * (m * n) ** 0.5}
+    slack = {"row_max": eta * n**0.5, "col_max": eta * m**0.5, "entry_max": 0.0, "frobenius": eta * (m * n) ** 0.5}
     for key, value in exact.items():
         assert value <= got[key] <= value * (1 + 1e-5) + slack[key], (key, value, got[key])
 
@@ -359,7 +410,7 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     from verification.advise import main
 
     base, tuned, plants = build_pair("mlp", tmp_path, torch.float32, sharded=False)
-    monkeypatch.setitem(sys.modules, "peft", None)          # import peft now raises ImportError
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     assert main([str(base), str(tuned), "--quiet", "--extract", str(tmp_path / "ad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'lora-theory[peft]'" in err[0], err
@@ -369,11 +420,18 @@ def test_certify_runs_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from verification.certify import main\n"
-            "sys.exit(main(['--model', 'linear', '--width', '3', '--depth', '2', '--rank', '2']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from verification.certify import main\n"
+        "sys.exit(main(['--model', 'linear', '--width', '3', '--depth', '2', '--rank', '2']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]),
+    )
     assert out.returncode == 0, out.stderr
     assert "exact" in out.stdout
 
@@ -381,7 +439,9 @@ def test_certify_runs_without_torch():
 # ----------------------------------------------------------------------------- the command line on real layouts
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"]
+)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cli_finds_the_planted_ranks_and_extracts_an_adapter_that_reproduces_them(tmp_path, capsys, arch, dtype):
     from verification.advise import main
@@ -392,10 +452,10 @@ def test_cli_finds_the_planted_ranks_and_extracts_an_adapter_that_reproduces_the
     table = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     ranks = {l["name"]: l["rank_above_floor"] for l in report["layers"]}
-    assert {k: v for k, v in ranks.items() if v} == plants                    # nothing else above the floor
+    assert {k: v for k, v in ranks.items() if v} == plants  # nothing else above the floor
     names = [l["name"] for l in report["layers"]]
-    assert names == [m.name for m in TensorSource(base).layout().matrices]    # model order
-    assert "vectors: 1 of" in table                                          # the one changed norm, one line
+    assert names == [m.name for m in TensorSource(base).layout().matrices]  # model order
+    assert "vectors: 1 of" in table  # the one changed norm, one line
     written = json.loads((ad / "lora_theory_export.json").read_text())
     assert {k: v for k, v in written["ranks"].items() if k in plants} == plants
     want = outputs(arch, load_float32(arch, tuned))
@@ -431,12 +491,24 @@ def test_heatmap_for_many_layers(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     base = {f"blocks.{i}.proj.weight": torch.randn(16, 12, generator=g) for i in range(60)}
-    tuned = {k: v + (torch.randn(16, 1 + i % 5, generator=g) @ torch.randn(1 + i % 5, 12, generator=g)) * 0.1
-             for i, (k, v) in enumerate(base.items())}
+    tuned = {
+        k: v + (torch.randn(16, 1 + i % 5, generator=g) @ torch.randn(1 + i % 5, 12, generator=g)) * 0.1
+        for i, (k, v) in enumerate(base.items())
+    }
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    assert main([str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--out",
-                 str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "base.safetensors"),
+                str(tmp_path / "tuned.safetensors"),
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [l["rank_above_floor"] for l in report["layers"]] == [1 + i % 5 for i in range(60)]
     assert (tmp_path / "out" / "spectra.png").read_bytes()[:4] == b"\x89PNG"
@@ -450,8 +522,9 @@ def test_budget_allocation_beside_a_uniform_rank(tmp_path, capsys):
     base, tuned, plants = build_pair("llama", tmp_path, torch.float32, sharded=False)
     out, ad = tmp_path / "out", tmp_path / "ad"
     budget = 2 * sum(r * sum(logical_weight(llama(), n).shape) for n, r in plants.items()) // 3
-    assert main([str(base), str(tuned), "--out", str(out), "--budget", str(budget), "--extract", str(ad),
-                 "--quiet"]) == 0
+    assert (
+        main([str(base), str(tuned), "--out", str(out), "--budget", str(budget), "--extract", str(ad), "--quiet"]) == 0
+    )
     assert "uniform rank" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     al = report["allocation"]

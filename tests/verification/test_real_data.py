@@ -44,8 +44,10 @@ def test_checkpoints_feed_the_advisor(tmp_path):
 
     paths = save_checkpoints(tmp_path, ("breast_cancer",), QUICK, rank=2)
     assert [p.rsplit("/", 1)[1] for p in paths] == [
-        "breast_cancer_frozen.safetensors", "breast_cancer_final_layers.safetensors",
-        "breast_cancer_lora_r2.safetensors"]
+        "breast_cancer_frozen.safetensors",
+        "breast_cancer_final_layers.safetensors",
+        "breast_cancer_lora_r2.safetensors",
+    ]
     lora = advise_checkpoints(paths[0], paths[2])
     assert all(0 < r <= 2 for r in lora.exact_ranks.values())
     full = advise_checkpoints(paths[0], paths[1])
@@ -83,12 +85,34 @@ def test_findings_on_constructed_rows():
         for r in (0, 1, 2, 4):
             for bias in (True, False):
                 metric = 0.9 if r >= needed else 0.5
-                rows.append({"dataset": "toy", "method": "lora", "layers": k, "rank": r, "bias": bias,
-                             "parameters": k * (2 * r * 4 + (4 if bias else 0)), "metric": "accuracy",
-                             "test_metric": metric + (0.01 if bias else 0.0), "test_loss": 0.0,
-                             "val_loss": 1 - metric - (0.01 if bias else 0.0)})
-    rows.append({"dataset": "toy", "method": "final", "layers": 1, "rank": 0, "bias": True, "parameters": 40,
-                 "metric": "accuracy", "test_metric": 0.8, "test_loss": 0.0, "val_loss": 0.2})
+                rows.append(
+                    {
+                        "dataset": "toy",
+                        "method": "lora",
+                        "layers": k,
+                        "rank": r,
+                        "bias": bias,
+                        "parameters": k * (2 * r * 4 + (4 if bias else 0)),
+                        "metric": "accuracy",
+                        "test_metric": metric + (0.01 if bias else 0.0),
+                        "test_loss": 0.0,
+                        "val_loss": 1 - metric - (0.01 if bias else 0.0),
+                    }
+                )
+    rows.append(
+        {
+            "dataset": "toy",
+            "method": "final",
+            "layers": 1,
+            "rank": 0,
+            "bias": True,
+            "parameters": 40,
+            "metric": "accuracy",
+            "test_metric": 0.8,
+            "test_loss": 0.0,
+            "val_loss": 0.2,
+        }
+    )
     f = findings(rows, tolerance=0.02)["toy"]
     assert f["depth_vs_rank"]["rank_needed"] == {"1": 4, "2": 2, "3": 1} and f["depth_vs_rank"]["holds"] is True
     assert f["bias_tuning"]["helps_count"] == f["bias_tuning"]["total"] == 9
@@ -99,9 +123,17 @@ def test_findings_on_constructed_rows():
 def test_selection_by_validation_loss():
     recs = []
     for lr, val, test in ((1e-2, 0.5, 0.7), (3e-2, 0.3, 0.6)):
-        recs.append({"config": {"dataset": "d", "method": "lora", "layers": 1, "rank": 1, "bias": True, "lr": lr},
-                     "seed": 0, "parameters": 10, "metric": "accuracy", "val_loss": val, "test_metric": test,
-                     "test_loss": 0.0})
+        recs.append(
+            {
+                "config": {"dataset": "d", "method": "lora", "layers": 1, "rank": 1, "bias": True, "lr": lr},
+                "seed": 0,
+                "parameters": 10,
+                "metric": "accuracy",
+                "val_loss": val,
+                "test_metric": test,
+                "test_loss": 0.0,
+            }
+        )
     (row,) = select(recs)
     assert row["test_metric"] == 0.6 and row["lrs"] == [3e-2]
 

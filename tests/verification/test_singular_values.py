@@ -39,11 +39,11 @@ def test_target_has_the_prescribed_discrepancy_spectrum():
 def test_quick_run_construction_is_the_optimum(tmp_path, capsys):
     out, summary = _run(tmp_path, ["--ranks", "1,3,8"])
     assert summary["experiment"] == "singular_values" and summary["threshold"] == 8
-    assert summary["pretrained_rows"] == []              # the spectrum is prescribed for the random frozen model
+    assert summary["pretrained_rows"] == []  # the spectrum is prescribed for the random frozen model
     sigma = np.array(summary["spectrum"])
     np.testing.assert_allclose(sigma, 0.7 ** np.arange(16))
     structure, frozen, target, _ = _problem()
-    X = evaluation_sets(structure)["test"].numpy()       # (5000, 16): the construction's test set
+    X = evaluation_sets(structure)["test"].numpy()  # (5000, 16): the construction's test set
     E = target.weights[0] - frozen.linear_map()
     U, s, Vt = np.linalg.svd(E)
     for row in summary["rows"]:
@@ -56,7 +56,7 @@ def test_quick_run_construction_is_the_optimum(tmp_path, capsys):
             assert cons <= 1e-20 * row["target_power"]
             continue
         # the residual T - (ΠW + LR_k(E)) = E - LR_k(E) on the same test inputs
-        residual = (U[:, k:] * s[k:]) @ Vt[k:]            # (16, 16)
+        residual = (U[:, k:] * s[k:]) @ Vt[k:]  # (16, 16)
         per_sample = np.sum((X @ residual.T) ** 2, axis=1) / 16
         assert cons == pytest.approx(per_sample.mean(), rel=1e-9)
         se = per_sample.std(ddof=1) / math.sqrt(per_sample.size)
@@ -64,31 +64,38 @@ def test_quick_run_construction_is_the_optimum(tmp_path, capsys):
     with open(out / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == len(summary["rows"]) == 3
     records = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
-    assert len({r["id"] for r in records}) == len(records) == 3 * 2   # 3 ranks x the quick 2-point grid
+    assert len({r["id"] for r in records}) == len(records) == 3 * 2  # 3 ranks x the quick 2-point grid
     assert "singular_values" in capsys.readouterr().out
 
 
 def test_given_spectrum_sets_the_threshold(tmp_path):
     _, summary = _run(tmp_path, ["--spectrum", "0.25,1,0.5", "--ranks", "1,2"])
-    assert summary["threshold"] == 2                     # rank(E) = 3, two layers: ceil(3 / 2)
+    assert summary["threshold"] == 2  # rank(E) = 3, two layers: ceil(3 / 2)
     assert summary["spectrum"][:4] == [1.0, 0.5, 0.25, 0.0]
     by_rank = {r["rank"]: r for r in summary["rows"]}
-    assert by_rank[1]["prescribed_prediction"] == pytest.approx(0.25 ** 2 / 16)
+    assert by_rank[1]["prescribed_prediction"] == pytest.approx(0.25**2 / 16)
     assert by_rank[2]["construction_test_mse"] <= 1e-20 * by_rank[2]["target_power"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--decay", "0"], "--decay: need 0 < decay <= 1"),
-    (["--decay", "1.5"], "--decay: need 0 < decay <= 1"),
-    (["--spectrum", "1,-1"], "--spectrum: need 1..16"),
-    (["--spectrum", "1,x"], "--spectrum: cannot read"),
-    (["--spectrum", "1", "--decay", "0.5"], "--spectrum and --decay"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--decay", "0"], "--decay: need 0 < decay <= 1"),
+        (["--decay", "1.5"], "--decay: need 0 < decay <= 1"),
+        (["--spectrum", "1,-1"], "--spectrum: need 1..16"),
+        (["--spectrum", "1,x"], "--spectrum: cannot read"),
+        (["--spectrum", "1", "--decay", "0.5"], "--spectrum and --decay"),
+    ],
+)
 def test_bad_spectrum_exits_with_one_line(extra, message, tmp_path, capsys):
     out = tmp_path / "bad"
     assert singular_values.main(RUN + extra + ["--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "python -m verification.singular_values: error: " + message)
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("python -m verification.singular_values: error: " + message)
+    )
     assert not (out / "summary.json").exists()
 
 
@@ -127,13 +134,29 @@ def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
         return {r["id"] for r in make_runs(singular_values.SPEC, args, singular_values.SPEC.cells(args))}
 
     assert ids([]).isdisjoint(ids(["--decay", "0.3"]))
-    assert ids(["--decay", "0.7"]) == ids([])                     # the same spectrum, the same runs
+    assert ids(["--decay", "0.7"]) == ids([])  # the same spectrum, the same runs
     assert ids(["--spectrum", "1,0.5"]).isdisjoint(ids(["--spectrum", "1,0.25"]))
     cached = []
-    for decay in ("0.7", "0.3"):       # pretrained toward the target: cached under the spectrum's key
+    for decay in ("0.7", "0.3"):  # pretrained toward the target: cached under the spectrum's key
         folder = tmp_path / f"p{decay}"
-        assert singular_values.main(RUN + ["--iterations", "2", "--ranks", "1", "--frozen", "pretrained",
-                                           "--decay", decay, "--out", str(folder)]) == 0
+        assert (
+            singular_values.main(
+                RUN
+                + [
+                    "--iterations",
+                    "2",
+                    "--ranks",
+                    "1",
+                    "--frozen",
+                    "pretrained",
+                    "--decay",
+                    decay,
+                    "--out",
+                    str(folder),
+                ]
+            )
+            == 0
+        )
         cached.append({p.name for p in (folder / "pretrained").glob("*.npz")})
     assert len(cached[0]) == len(cached[1]) == 1 and cached[0] != cached[1]
 
@@ -141,6 +164,7 @@ def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
 def _parsed(extra):
     from verification.sweep import base_parser
     from verification.sweep.cli import _normalise
+
     args = base_parser(singular_values.SPEC).parse_args(RUN + ["--ranks", "1,2"] + extra)
     _normalise(singular_values.SPEC, args)
     return args

@@ -17,8 +17,9 @@ def test_package_is_this_project():
     assert Path(verification.__file__).resolve().parent == root / "verification"
 
 
-@pytest.mark.parametrize("activation,final_relu,bias", [("relu", True, True), ("relu", False, True),
-                                                        ("linear", True, False)])
+@pytest.mark.parametrize(
+    "activation,final_relu,bias", [("relu", True, True), ("relu", False, True), ("linear", True, False)]
+)
 @pytest.mark.parametrize("depth", [1, 3])
 def test_fnn_matches_numpy(activation, final_relu, bias, depth):
     fnn = lora_theory.random_fnn(7, depth, seed=depth, activation=activation, final_relu=final_relu, bias=bias)

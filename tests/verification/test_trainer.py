@@ -8,8 +8,16 @@ from torch.func import functional_call
 import lora_theory
 from lora_theory.numerics import relative_error
 from verification.models import TorchFNN, TorchTFN
-from verification.trainer import (BatchStream, FNNStack, StackedAdam, TFNStack, lora_init_A,
-                                  subnormals_are_flushed, subnormals_flushed, train_stack)
+from verification.trainer import (
+    BatchStream,
+    FNNStack,
+    StackedAdam,
+    TFNStack,
+    lora_init_A,
+    subnormals_are_flushed,
+    subnormals_flushed,
+    train_stack,
+)
 
 D, L, LBAR, BATCH, STEPS = 6, 3, 1, 32, 200
 
@@ -65,18 +73,38 @@ def test_lora_stack_equals_loop_of_torch_adam(backward):
     tune_bias = np.array([True, False, True, False])
     lr = np.array([1e-2, 1e-3, 3e-3, 1e-2])
     wd = np.array([0.0, 1e-2, 1e-3, 1e-4])
-    data_index = np.array([0, 1, 0, 1])          # two data seeds, each shared by two runs
+    data_index = np.array([0, 1, 0, 1])  # two data seeds, each shared by two runs
     target_index = np.array([0, 1, 0, 1])
     init_seeds = np.array([11, 12, 13, 14])
     W, b = _stack_arrays(frozen)
     TW, Tb = _stack_arrays(targets)
     stack = FNNStack(W, b, ranks=ranks, tune_bias=tune_bias, init_seeds=init_seeds, dtype=torch.float64)
     target = FNNStack(TW, Tb, method="none", dtype=torch.float64)
-    train_stack(stack, target, data_index=data_index, target_index=target_index, target_data_index=[0, 1],
-                data_seeds=[7, 8], lr=lr, weight_decay=wd, iterations=STEPS, batch_size=BATCH, backward=backward)
+    train_stack(
+        stack,
+        target,
+        data_index=data_index,
+        target_index=target_index,
+        target_data_index=[0, 1],
+        data_seeds=[7, 8],
+        lr=lr,
+        weight_decay=wd,
+        iterations=STEPS,
+        batch_size=BATCH,
+        backward=backward,
+    )
     for i in range(R):
-        A, B, biases = _reference_fnn_lora(frozen[i], targets[target_index[i]], ranks[i].tolist(), tune_bias[i],
-                                           lr[i], wd[i], [7, 8][data_index[i]], init_seeds[i], STEPS)
+        A, B, biases = _reference_fnn_lora(
+            frozen[i],
+            targets[target_index[i]],
+            ranks[i].tolist(),
+            tune_bias[i],
+            lr[i],
+            wd[i],
+            [7, 8][data_index[i]],
+            init_seeds[i],
+            STEPS,
+        )
         got = stack.adapters(i)
         for l in range(L):
             if ranks[i, l]:
@@ -97,8 +125,18 @@ def test_final_layers_stack_equals_loop():
     TW, Tb = _stack_arrays(targets)
     stack = FNNStack(W, b, method="final_layers", tuned_layers=tuned, dtype=torch.float64)
     target = FNNStack(TW, Tb, method="none", dtype=torch.float64)
-    train_stack(stack, target, data_index=[0, 0, 0], target_index=[0, 1, 0], target_data_index=[0, 0],
-                data_seeds=[3], lr=lr, weight_decay=wd, iterations=STEPS, batch_size=BATCH)
+    train_stack(
+        stack,
+        target,
+        data_index=[0, 0, 0],
+        target_index=[0, 1, 0],
+        target_data_index=[0, 0],
+        data_seeds=[3],
+        lr=lr,
+        weight_decay=wd,
+        iterations=STEPS,
+        batch_size=BATCH,
+    )
     Ws, bs = stack.weights_and_biases()
     for i in range(R):
         model = TorchFNN.from_numpy(frozen[i])
@@ -135,11 +173,22 @@ def test_tfn_stack_equals_loop():
     tune_bias = np.array([True, False])
     effective = {}
     for backward in ("manual", "autograd"):
-        stack = TFNStack(_stack_tfn(frozen),
-                         ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
+        stack = TFNStack(_stack_tfn(frozen), ranks=ranks, tune_bias=tune_bias, init_seeds=[5, 6], dtype=torch.float64)
         tstack = TFNStack({k: v[None] for k, v in target.parameters().items()}, method="none", dtype=torch.float64)
-        train_stack(stack, tstack, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[4],
-                    lr=lr, weight_decay=wd, iterations=steps, batch_size=8, input_shape=(Dt, N), backward=backward)
+        train_stack(
+            stack,
+            tstack,
+            data_index=[0, 0],
+            target_index=[0, 0],
+            target_data_index=[0],
+            data_seeds=[4],
+            lr=lr,
+            weight_decay=wd,
+            iterations=steps,
+            batch_size=8,
+            input_shape=(Dt, N),
+            backward=backward,
+        )
         effective[backward] = stack.effective()
     for i in range(2):
         r = int(ranks[i])
@@ -201,26 +250,28 @@ def test_manual_backward_equals_autograd():
         assert relative_error(manual[k].numpy(), p.grad.numpy()) <= 1e-12, k
 
 
-@pytest.mark.parametrize("blocks, heads, inputs", [(2, 2, "shared"), (2, 2, "per run"), (1, 1, "shared"),
-                                                    (3, 2, "per run")])
+@pytest.mark.parametrize(
+    "blocks, heads, inputs", [(2, 2, "shared"), (2, 2, "per run"), (1, 1, "shared"), (3, 2, "per run")]
+)
 def test_tfn_manual_backward_equals_autograd(blocks, heads, inputs):
     """TFNStack.loss_and_grads against autograd through tfn_apply, float64: every adapter and bias gradient
     (padded ranks, biases trained in some runs), one input batch shared by all runs or one per run, one
     target batch or one per run."""
     R, Dt, N, n = 3, 5, 4, 6
     frozen = [lora_theory.random_tfn(Dt, blocks, heads, seed=60 + i) for i in range(R)]
-    stack = TFNStack(_stack_tfn(frozen),
-                     ranks=[1, 3, 5], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64)
+    stack = TFNStack(
+        _stack_tfn(frozen), ranks=[1, 3, 5], tune_bias=[True, False, True], init_seeds=[1, 2, 3], dtype=torch.float64
+    )
     g = torch.Generator().manual_seed(blocks * 10 + heads)
     with torch.no_grad():
         for k, p in stack.params.items():
-            if k.startswith("B_"):                        # non-zero B so every gradient is exercised
+            if k.startswith("B_"):  # non-zero B so every gradient is exercised
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * stack.masks[k])
     lead = R if inputs == "per run" else 1
     x = torch.randn(lead, n, Dt, N, generator=g, dtype=torch.float64)
     y = torch.randn(R + 1 - lead, n, Dt, N, generator=g, dtype=torch.float64)
     if inputs == "shared":
-        x = x.expand(R, n, Dt, N)                        # as train_stack passes one data seed's batch
+        x = x.expand(R, n, Dt, N)  # as train_stack passes one data seed's batch
     loss = stack.loss_and_grads(x, y)
     manual = {k: p.grad.clone() for k, p in stack.params.items()}
     for p in stack.params.values():
@@ -240,8 +291,18 @@ def test_padded_ranks_stay_exactly_zero():
     ranks = np.array([[1, 1, 1], [2, 5, 0], [6, 6, 6], [3, 3, 3]])
     stack = FNNStack(W, b, ranks=ranks, tune_bias=[True] * R, init_seeds=range(R), dtype=torch.float32)
     target = FNNStack(TW, Tb, method="none", dtype=torch.float32)
-    train_stack(stack, target, data_index=[0] * R, target_index=[0, 1, 0, 1], target_data_index=[0, 0],
-                data_seeds=[1], lr=np.full(R, 3e-2), weight_decay=np.full(R, 1e-2), iterations=100, batch_size=BATCH)
+    train_stack(
+        stack,
+        target,
+        data_index=[0] * R,
+        target_index=[0, 1, 0, 1],
+        target_data_index=[0, 0],
+        data_seeds=[1],
+        lr=np.full(R, 3e-2),
+        weight_decay=np.full(R, 1e-2),
+        iterations=100,
+        batch_size=BATCH,
+    )
     A, B = stack.params["A"].detach(), stack.params["B"].detach()
     for i in range(R):
         for l in range(L):
@@ -268,6 +329,7 @@ def test_batch_stream_same_data_whatever_is_stacked():
     other seeds (batches gathered), runs of its own seed (the batch broadcast), or both; across a draw
     boundary."""
     from verification.trainer import DRAW_CHUNK
+
     frozen, targets = _fnn_problem(3, seed=50)
     W, b = _stack_arrays(frozen)
     TW, Tb = _stack_arrays(targets[:1])
@@ -275,21 +337,32 @@ def test_batch_stream_same_data_whatever_is_stacked():
 
     def batches_seen(seeds, watch):
         R, distinct = len(seeds), sorted(set(seeds))
-        stack = FNNStack(W[:R], b[:R], ranks=[[1] * L] * R, tune_bias=[True] * R, init_seeds=range(R),
-                         dtype=torch.float64)
-        target = FNNStack(np.repeat(TW, len(distinct), 0), np.repeat(Tb, len(distinct), 0), method="none",
-                          dtype=torch.float64)
+        stack = FNNStack(
+            W[:R], b[:R], ranks=[[1] * L] * R, tune_bias=[True] * R, init_seeds=range(R), dtype=torch.float64
+        )
+        target = FNNStack(
+            np.repeat(TW, len(distinct), 0), np.repeat(Tb, len(distinct), 0), method="none", dtype=torch.float64
+        )
         seen, original = [], stack.loss_and_grads
 
         def recording(x, y):
-            seen.append(x[watch].clone())                                   # (BATCH, D): run `watch`'s batch
+            seen.append(x[watch].clone())  # (BATCH, D): run `watch`'s batch
             return original(x, y)
 
         stack.loss_and_grads = recording
         index = [distinct.index(s) for s in seeds]
-        train_stack(stack, target, data_index=index, target_index=index, target_data_index=range(len(distinct)),
-                    data_seeds=distinct, lr=np.full(R, 1e-3), weight_decay=np.zeros(R), iterations=steps,
-                    batch_size=BATCH)
+        train_stack(
+            stack,
+            target,
+            data_index=index,
+            target_index=index,
+            target_data_index=range(len(distinct)),
+            data_seeds=distinct,
+            lr=np.full(R, 1e-3),
+            weight_decay=np.zeros(R),
+            iterations=steps,
+            batch_size=BATCH,
+        )
         return seen
 
     alone = batches_seen([7], 0)
@@ -304,6 +377,7 @@ def test_train_stack_stops_when_its_stop_event_is_set():
     import threading
 
     from verification.trainer import TrainingStopped
+
     frozen, targets = _fnn_problem(2, seed=40)
     W, b = _stack_arrays(frozen)
     TW, Tb = _stack_arrays(targets[:1])
@@ -313,12 +387,23 @@ def test_train_stack_stops_when_its_stop_event_is_set():
 
     def progress(k):
         steps.append(k)
-        stop.set()                          # as an interruption from another thread would
+        stop.set()  # as an interruption from another thread would
 
     with pytest.raises(TrainingStopped, match="before step 51 of 1000"):
-        train_stack(stack, target, data_index=[0, 0], target_index=[0, 0], target_data_index=[0], data_seeds=[1],
-                    lr=np.full(2, 1e-3), weight_decay=np.zeros(2), iterations=1000, batch_size=BATCH,
-                    progress=progress, stop=stop)
+        train_stack(
+            stack,
+            target,
+            data_index=[0, 0],
+            target_index=[0, 0],
+            target_data_index=[0],
+            data_seeds=[1],
+            lr=np.full(2, 1e-3),
+            weight_decay=np.zeros(2),
+            iterations=1000,
+            batch_size=BATCH,
+            progress=progress,
+            stop=stop,
+        )
     assert steps == [50]
 
 
@@ -331,7 +416,7 @@ def test_subnormals_are_flushed_while_training_and_the_mode_restored_after():
     assert not subnormals_are_flushed()
     with subnormals_flushed(enabled=False):
         assert not subnormals_are_flushed()
-    torch.set_flush_denormal(True)                     # a thread that already flushes them is left so
+    torch.set_flush_denormal(True)  # a thread that already flushes them is left so
     try:
         with subnormals_flushed():
             assert subnormals_are_flushed()
@@ -346,13 +431,13 @@ def test_flushing_subnormals_leaves_the_tfn_step_at_float32_rounding():
     frozen = [lora_theory.random_tfn(8, 2, 2, seed=s) for s in range(3)]
     stack = TFNStack(_stack_tfn(frozen), ranks=[1, 2, 4], tune_bias=[True, False, True], init_seeds=[0, 1, 2])
     gen = torch.Generator().manual_seed(3)
-    for k, p in stack.params.items():                  # adapters away from B = 0, so every gradient is live
+    for k, p in stack.params.items():  # adapters away from B = 0, so every gradient is live
         p.data.add_(0.1 * torch.randn(p.shape, generator=gen) * stack.masks[k])
-    x = 3.0 * torch.randn(1, 64, 8, 5, generator=gen)                                   # (1, n, D, N)
+    x = 3.0 * torch.randn(1, 64, 8, 5, generator=gen)  # (1, n, D, N)
     y = torch.randn(3, 64, 8, 5, generator=gen)
     plain = stack.loss_and_grads(x, y).clone()
-    S = torch.cat([s.flatten() for row in stack._ws["S"] for s in row])                 # every softmax output
-    assert ((S > 0) & (S < torch.finfo(torch.float32).tiny)).any()                     # subnormals occur
+    S = torch.cat([s.flatten() for row in stack._ws["S"] for s in row])  # every softmax output
+    assert ((S > 0) & (S < torch.finfo(torch.float32).tiny)).any()  # subnormals occur
     grads = {k: p.grad.clone() for k, p in stack.params.items()}
     with subnormals_flushed():
         flushed = stack.loss_and_grads(x, y).clone()
@@ -372,12 +457,18 @@ def test_tfn_manual_backward_in_float32_is_as_accurate_as_autograd():
     grads = {}
     x = torch.randn(1, n, D, N, generator=g, dtype=torch.float64)
     y = torch.randn(R, n, D, N, generator=g, dtype=torch.float64)
-    for name, dtype, manual in (("reference", torch.float64, False), ("autograd32", torch.float32, False),
-                                ("manual32", torch.float32, True)):
+    for name, dtype, manual in (
+        ("reference", torch.float64, False),
+        ("autograd32", torch.float32, False),
+        ("manual32", torch.float32, True),
+    ):
         stack = TFNStack(arrays, ranks=[2, 4, 8], tune_bias=[True, True, False], init_seeds=[1, 2, 3], dtype=dtype)
         if adapters_B is None:
-            adapters_B = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) * stack.masks[k]
-                 for k, p in stack.params.items() if k.startswith("B_")}
+            adapters_B = {
+                k: torch.randn(p.shape, generator=g, dtype=torch.float64) * stack.masks[k]
+                for k, p in stack.params.items()
+                if k.startswith("B_")
+            }
         with torch.no_grad():
             for k, b in adapters_B.items():
                 stack.params[k].copy_(b)
@@ -389,5 +480,5 @@ def test_tfn_manual_backward_in_float32_is_as_accurate_as_autograd():
         grads[name] = torch.cat([p.grad.double().flatten() for p in stack.params.values()]).numpy()
     err_autograd = relative_error(grads["autograd32"], grads["reference"])
     err_manual = relative_error(grads["manual32"], grads["reference"])
-    assert err_autograd < 1e-3                            # float32 sized, not a broken reference
+    assert err_autograd < 1e-3  # float32 sized, not a broken reference
     assert err_manual <= 3 * err_autograd, (err_manual, err_autograd)

@@ -1,5 +1,4 @@
-"""The command line shared by the experiments: one parser, flag checks, settings and resume, :func:`run_cli`.
-"""
+"""The command line shared by the experiments: one parser, flag checks, settings and resume, :func:`run_cli`."""
 
 from __future__ import annotations
 
@@ -13,12 +12,12 @@ from pathlib import Path
 from lora_theory.errors import LoraTheoryError
 
 from ..outdir import CLIError, FolderLock, OneLineParser, check_folder, interrupts_deferred, write_error_message
-from .protocol import Cell, ExperimentSpec, LR_GRID, WD_GRID
-from .folder import _atomic_write, default_out, writable_folder
-from .records import _json_default
 from .driver import _write_summaries, execute
-from .training import config_extra, make_runs, resolve_device
+from .folder import _atomic_write, default_out, writable_folder
+from .protocol import LR_GRID, WD_GRID, Cell, ExperimentSpec
+from .records import _json_default
 from .report import format_table
+from .training import config_extra, make_runs, resolve_device
 
 
 def parse_ranks(text: str, width: int) -> list:
@@ -28,8 +27,11 @@ def parse_ranks(text: str, width: int) -> list:
         for part in str(text).split(","):
             part = part.strip()
             if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0],
-                                                                              part[1:].split("-", 1)[1])
+                a, b = (
+                    part.split("-", 1)
+                    if not part.startswith("-")
+                    else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
+                )
                 out.update(range(int(a), int(b) + 1))
             else:
                 out.add(int(part))
@@ -64,25 +66,45 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--lr", default=",".join(str(v) for v in LR_GRID), help="learning-rate grid")
     p.add_argument("--weight-decay", default=",".join(str(v) for v in WD_GRID), help="weight-decay grid")
     p.add_argument("--frozen", default="random,pretrained", help="frozen-model kinds: random,pretrained")
-    p.add_argument("--tune-bias", dest="tune_bias", action="store_true", default=True,
-                   help="train the biases with the adapters (default)")
+    p.add_argument(
+        "--tune-bias",
+        dest="tune_bias",
+        action="store_true",
+        default=True,
+        help="train the biases with the adapters (default)",
+    )
     p.add_argument("--fixed-bias", dest="tune_bias", action="store_false", help="keep the frozen biases")
-    p.add_argument("--select", choices=("final", "best"), default="final",
-                   help="final iterate (default) or best-validation iterate")
+    p.add_argument(
+        "--select",
+        choices=("final", "best"),
+        default="final",
+        help="final iterate (default) or best-validation iterate",
+    )
     p.add_argument("--validate-every", type=int, default=100, help="with --select best (default 100)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="runs per stack (default: 64 on CPU, 4096 on CUDA); the speed, not the results")
-    p.add_argument("--workers", type=int, default=None,
-                   help="stacks trained at once on a CPU (default: the cores free here, docs/reliability.md)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="runs per stack (default: 64 on CPU, 4096 on CUDA); the speed, not the results",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="stacks trained at once on a CPU (default: the cores free here, docs/reliability.md)",
+    )
     p.add_argument("--out", default=None, help="output folder (default results/<experiment>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
-    p.add_argument("--construction-only", action="store_true",
-                   help="build and evaluate the constructions only, train nothing (the gradient columns stay "
-                        "empty; a later --resume of the folder without this flag trains the runs)")
+    p.add_argument(
+        "--construction-only",
+        action="store_true",
+        help="build and evaluate the constructions only, train nothing (the gradient columns stay "
+        "empty; a later --resume of the folder without this flag trains the runs)",
+    )
     spec.add_arguments(p)
     return p
 
@@ -122,18 +144,20 @@ def _read_config(spec, out: Path, flag: str) -> dict:
     if not isinstance(saved, dict):
         raise CLIError(f"{flag} {out}: config.json is not a JSON object (edited or damaged); nothing was changed")
     if saved.get("experiment") != spec.name:
-        raise CLIError(f"{flag} {out}: that folder holds the experiment {saved.get('experiment')!r}, "
-                       f"not {spec.name!r}")
+        raise CLIError(f"{flag} {out}: that folder holds the experiment {saved.get('experiment')!r}, not {spec.name!r}")
     argv = saved.get("argv")
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         # never let argparse fall back to the live command line (argv null) or fail on a number or a list
-        raise CLIError(f"{flag} {out}: config.json's argv is {type(argv).__name__ if argv is not None else 'null'}"
-                       f"{' (missing)' if 'argv' not in saved else ''}, not the list of strings of the command "
-                       f"line that made the sweep (edited or damaged); nothing was changed")
+        raise CLIError(
+            f"{flag} {out}: config.json's argv is {type(argv).__name__ if argv is not None else 'null'}"
+            f"{' (missing)' if 'argv' not in saved else ''}, not the list of strings of the command "
+            f"line that made the sweep (edited or damaged); nothing was changed"
+        )
     for key in ("settings", "construction"):
         if saved.get(key) is not None and not isinstance(saved[key], dict):
-            raise CLIError(f"{flag} {out}: config.json's {key} is not a JSON object (edited or damaged); "
-                           f"nothing was changed")
+            raise CLIError(
+                f"{flag} {out}: config.json's {key} is not a JSON object (edited or damaged); nothing was changed"
+            )
     return saved
 
 
@@ -146,12 +170,20 @@ RUN_FLAGS = ("device", "chunk", "workers", "no_figure")
 CONSTRUCTION_FLAGS = ("no_highprec", "highprec_subsample")
 
 
-_NOT_SETTINGS = RUN_FLAGS + CONSTRUCTION_FLAGS + ("construction_only", "out", "resume", "quick", "quick_applied", "ranks_list",
-                             "lr", "weight_decay", "frozen")          # the last three: parsed into the grids, kinds
+_NOT_SETTINGS = (
+    RUN_FLAGS
+    + CONSTRUCTION_FLAGS
+    + ("construction_only", "out", "resume", "quick", "quick_applied", "ranks_list", "lr", "weight_decay", "frozen")
+)  # the last three: parsed into the grids, kinds
 
 
-_SETTING_FLAGS = {"kinds": "--frozen", "lr_grid": "--lr", "wd_grid": "--weight-decay", "tune_bias": "--tune-bias",
-                  "config_extra": "the experiment's target"}
+_SETTING_FLAGS = {
+    "kinds": "--frozen",
+    "lr_grid": "--lr",
+    "wd_grid": "--weight-decay",
+    "tune_bias": "--tune-bias",
+    "config_extra": "the experiment's target",
+}
 
 
 def run_settings(spec, args) -> dict:
@@ -192,19 +224,21 @@ def _prepare_out(spec, args, settings: dict, out: Path, check_only: bool = False
     if (out / "config.json").exists():
         saved = _read_config(spec, out, "--out")
         old = _saved_settings(spec, saved)
-        if old is not None:   # folders written before a flag stopped counting as a setting
+        if old is not None:  # folders written before a flag stopped counting as a setting
             old = {k: v for k, v in old.items() if k not in _NOT_SETTINGS}
         if old != settings:
-            if (out / "runs.jsonl").is_file() and (out / "runs.jsonl").read_bytes().strip():   # any line
+            if (out / "runs.jsonl").is_file() and (out / "runs.jsonl").read_bytes().strip():  # any line
                 old = old or {}
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 flags = ", ".join(_SETTING_FLAGS.get(k, "--" + k.replace("_", "-")) for k in diff)
-                raise CLIError(f"--out {out}: holds a {spec.name} sweep with other settings "
-                               f"({flags or 'its command line'}): use another --out, or --resume {out} to finish it")
+                raise CLIError(
+                    f"--out {out}: holds a {spec.name} sweep with other settings "
+                    f"({flags or 'its command line'}): use another --out, or --resume {out} to finish it"
+                )
             if check_only:
                 return out
             for stale in [out / "runs.jsonl", out / "constructions.jsonl", *sorted((out / "pretrained").glob("*.npz"))]:
-                stale.unlink(missing_ok=True)      # no run in it: start afresh
+                stale.unlink(missing_ok=True)  # no run in it: start afresh
     return out
 
 
@@ -214,7 +248,7 @@ def _given_flags(parser, argv) -> dict:
     ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.option_strings and a.dest != "help"})
     parser.parse_args(argv, namespace=ns)
     typed = [t.split("=", 1)[0] for t in argv if t.startswith("--")]
-    options = {}                                    # dest -> its option strings (--tune-bias, --fixed-bias: one dest)
+    options = {}  # dest -> its option strings (--tune-bias, --fixed-bias: one dest)
     for a in parser._actions:
         if a.option_strings and a.dest != "help":
             options.setdefault(a.dest, []).extend(a.option_strings)
@@ -264,19 +298,27 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
             except SystemExit:
                 raise CLIError(f"--resume {resume_dir}: its saved command line does not parse") from None
             # the construction column asked for on an earlier resume, then on this command line
-            construction = {**(saved.get("construction") or {}),
-                            **{dest: getattr(args, dest) for dest in CONSTRUCTION_FLAGS if dest in given}}
+            construction = {
+                **(saved.get("construction") or {}),
+                **{dest: getattr(args, dest) for dest in CONSTRUCTION_FLAGS if dest in given},
+            }
             for dest, value in construction.items():
                 setattr(resumed, dest, value)
-            for dest in RUN_FLAGS:        # where and how fast it runs: from this command line
+            for dest in RUN_FLAGS:  # where and how fast it runs: from this command line
                 if dest in given:
                     setattr(resumed, dest, getattr(args, dest))
-            ignored = [flag for dest, flag in given.items()
-                       if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume", "construction_only")]
+            ignored = [
+                flag
+                for dest, flag in given.items()
+                if dest not in RUN_FLAGS + CONSTRUCTION_FLAGS + ("resume", "construction_only")
+            ]
             if ignored:
-                print(f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
-                      f"{', '.join(ignored)}", file=sys.stderr)
-            resumed.construction_only = args.construction_only   # never inherited: a resume trains unless told
+                print(
+                    f"warning: --resume {resume_dir} goes on with the settings saved there; ignoring "
+                    f"{', '.join(ignored)}",
+                    file=sys.stderr,
+                )
+            resumed.construction_only = args.construction_only  # never inherited: a resume trains unless told
             args = resumed
             args.resume, args.out = str(resume_dir), str(resume_dir)
         _normalise(spec, args)
@@ -288,24 +330,33 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         # the input is valid: now the folder, whose ownership is checked before anything is created in it
         flag = "--out" if saved is None else "--resume"
         target = Path(args.out) if args.out else default_out(spec.name)
-        if check_folder(target, spec.name, flag) and saved is None:    # refused settings leave it as it was
+        if check_folder(target, spec.name, flag) and saved is None:  # refused settings leave it as it was
             _prepare_out(spec, args, run_settings(spec, args), target, check_only=True)
         lock = FolderLock(target, f"python -m verification.{spec.name}", flag).acquire()
-        check_folder(target, spec.name, flag)          # again under the lock: another run may have been first
+        check_folder(target, spec.name, flag)  # again under the lock: another run may have been first
         if saved is None:
             settings = run_settings(spec, args)
             out = _prepare_out(spec, args, settings, target)
-            _atomic_write(out / "config.json", json.dumps(
-                {"experiment": spec.name, "argv": argv, "settings": settings,
-                 "created": _dt.datetime.now().isoformat(timespec="seconds")}, indent=1))
+            _atomic_write(
+                out / "config.json",
+                json.dumps(
+                    {
+                        "experiment": spec.name,
+                        "argv": argv,
+                        "settings": settings,
+                        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                    },
+                    indent=1,
+                ),
+            )
         else:
             out = target
-            saved = _read_config(spec, out, "--resume")   # as it is now, under the lock
-            if construction != (saved.get("construction") or {}):   # the folder's column from now on
+            saved = _read_config(spec, out, "--resume")  # as it is now, under the lock
+            if construction != (saved.get("construction") or {}):  # the folder's column from now on
                 _atomic_write(out / "config.json", json.dumps({**saved, "construction": construction}, indent=1))
         summary = execute(spec, args, out, cells=cells)
-        with interrupts_deferred():       # Ctrl-C now waits until the files are written whole
-            written = _write_summaries(spec, args, summary, out)   # first: a closed stdout cannot lose them
+        with interrupts_deferred():  # Ctrl-C now waits until the files are written whole
+            written = _write_summaries(spec, args, summary, out)  # first: a closed stdout cannot lose them
             print(format_table(spec, summary))
         print(f"wrote {out}/{', '.join(written)}, runs.jsonl")
         return 0
@@ -316,9 +367,9 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         print(f"{prog}: interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130
     except OSError as exc:
-        if out is None or isinstance(exc, BrokenPipeError):     # not the folder's fault
+        if out is None or isinstance(exc, BrokenPipeError):  # not the folder's fault
             raise
-        resume = f"--resume {out}" if (out / "config.json").is_file() else None   # else: the same command again
+        resume = f"--resume {out}" if (out / "config.json").is_file() else None  # else: the same command again
         print(write_error_message(prog, out, exc, resume), file=sys.stderr)
         return 1
     finally:
@@ -337,8 +388,17 @@ def lora_cells(args, structure, ranks, *, label="lora", tune_bias=None, axis_ext
     for kind in args.kinds:
         for R in ranks:
             per_layer = (R,) if structure[0] == "tfn" else (R,) * L
-            out.append(Cell(kind=kind, structure=structure, method="lora", axis=tuple(axis_extra) + (("rank", R),),
-                            label=label, ranks=per_layer, tune_bias=tb))
+            out.append(
+                Cell(
+                    kind=kind,
+                    structure=structure,
+                    method="lora",
+                    axis=tuple(axis_extra) + (("rank", R),),
+                    label=label,
+                    ranks=per_layer,
+                    tune_bias=tb,
+                )
+            )
     return out
 
 

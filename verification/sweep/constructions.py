@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 import lora_theory
 from lora_theory.errors import LoraTheoryError
 
 from ..outdir import CLIError, append_lines, open_log
 from ..trainer import gaussian_inputs
-from .protocol import CALIBRATION_SEED, Cell, MAX_HONEST_BLOCK, MAX_HONEST_ROUNDING, N_CALIBRATION, N_TEST, _hash
-from .training import _duration, _finished, cpu_budget
-from .records import _end_cut_line, _json_default, _load_records, _valid_construction_record
 from .problems import _model_outputs, _per_sample_errors
+from .protocol import CALIBRATION_SEED, MAX_HONEST_BLOCK, MAX_HONEST_ROUNDING, N_CALIBRATION, N_TEST, Cell, _hash
+from .records import _end_cut_line, _json_default, _load_records, _valid_construction_record
+from .training import _duration, _finished, cpu_budget
 
 
 def build_construction(cell: Cell, frozen, target, sets) -> dict:
@@ -36,11 +37,22 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     Returns a dict with ``test_mse``, ``shifted_mse``, ``calibrated_test_mse``, ``calibrated_shifted_mse``
     (``None`` where not computable or not applicable: final-layers cells, and LoRA cells of an FNN with biases
     that keep the frozen biases, since the construction re-chooses them), ``kappa``, ``gamma``, ``exact``, ``note``, the
-    domain, ``prediction`` (linear: the exact Gaussian MSE; FNN: the project's error bound, THEORY.md §2.4; TFN: none) and the
+    domain, ``prediction`` (linear: the exact Gaussian MSE; FNN: the project's error bound, THEORY.md §2.4; TFN: none)
+    and the
     per-sample test errors (``_test_errors``) used to pair gradient runs with it.
     """
-    out = {"test_mse": None, "shifted_mse": None, "calibrated_test_mse": None, "calibrated_shifted_mse": None,
-           "kappa": None, "gamma": None, "exact": None, "note": None, "prediction": None, "_test_errors": None}
+    out = {
+        "test_mse": None,
+        "shifted_mse": None,
+        "calibrated_test_mse": None,
+        "calibrated_shifted_mse": None,
+        "kappa": None,
+        "gamma": None,
+        "exact": None,
+        "note": None,
+        "prediction": None,
+        "_test_errors": None,
+    }
     if cell.method != "lora":
         return out
     if cell.family == "fnn" and cell.structure[4] != "linear" and not cell.tune_bias:
@@ -50,48 +62,66 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     test = sets["test"].numpy()
     shifted = sets["shifted"].numpy()
     y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
-    out["target_power"] = float(np.mean(y_test ** 2))
+    out["target_power"] = float(np.mean(y_test**2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lora_theory.IllConditionedWarning)
         try:
             if cell.family == "tfn":
                 from lora_theory.tfn import lora_tfn
+
                 fit = lora_tfn(frozen, target, cell.ranks[0])
                 out.update(kappa=fit.kappa, gamma=0.0, exact=bool(fit.exact))
                 honest = lora_theory.unit_roundoff() * fit.kappa <= MAX_HONEST_ROUNDING
                 models = {"": fit.model}
             elif frozen.activation == "linear":
-                fit = lora_theory.lora_linear(frozen.weights, target.weights[0], list(cell.ranks)) \
-                    if target.depth == 1 else None
+                fit = (
+                    lora_theory.lora_linear(frozen.weights, target.weights[0], list(cell.ranks))
+                    if target.depth == 1
+                    else None
+                )
                 if fit is None:
                     out["note"] = "linear construction needs a one-layer target"
                     return out
                 out.update(kappa=fit.kappa, gamma=0.0, exact=bool(fit.exact), prediction=fit.gaussian_mse)
-                honest = (frozen.depth <= MAX_HONEST_BLOCK
-                          and lora_theory.unit_roundoff() * fit.kappa <= MAX_HONEST_ROUNDING)
+                honest = (
+                    frozen.depth <= MAX_HONEST_BLOCK and lora_theory.unit_roundoff() * fit.kappa <= MAX_HONEST_ROUNDING
+                )
                 models = {"": fit.model}
             else:
                 from lora_theory.bounds import fnn_error_bound
                 from lora_theory.fnn import lora_fnn
+
                 radius = float(np.linalg.norm(shifted, axis=1).max()) * (1 + 1e-9)
                 fit = lora_fnn(frozen, target, list(cell.ranks), input_radius=radius)
-                out.update(kappa=fit.kappa, gamma=fit.gamma, exact=bool(fit.exact),
-                           domain={"kind": "ball", "center": 0.0, "radius": radius,
-                                   "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0}})
+                out.update(
+                    kappa=fit.kappa,
+                    gamma=fit.gamma,
+                    exact=bool(fit.exact),
+                    domain={
+                        "kind": "ball",
+                        "center": 0.0,
+                        "radius": radius,
+                        "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0},
+                    },
+                )
                 try:
                     out["prediction"] = fnn_error_bound(frozen, target, list(cell.ranks)).mse
                 except LoraTheoryError:
                     pass
                 block = max(fit.partition)
-                honest = (block <= MAX_HONEST_BLOCK and
-                          lora_theory.unit_roundoff() * (fit.kappa + fit.gamma) <= MAX_HONEST_ROUNDING)
+                honest = (
+                    block <= MAX_HONEST_BLOCK
+                    and lora_theory.unit_roundoff() * (fit.kappa + fit.gamma) <= MAX_HONEST_ROUNDING
+                )
                 models = {"": fit.model}
                 if honest:  # the authors' biases: sized on 256 N(0, I) samples, multiplicative margin 2
                     calib = gaussian_inputs(CALIBRATION_SEED, N_CALIBRATION, (frozen.width,)).numpy()
                     models["calibrated_"] = lora_fnn(frozen, target, list(cell.ranks), inputs=calib, margin=2.0).model
         except lora_theory.SingularMatrixError as exc:
             # singular to working precision: not computable in float64 (the high-precision path may be)
-            out.update(kappa=exc.condition_number, note=f"n/c (κ={exc.condition_number:.1e}; {exc.matrix.split(' =')[0]})")
+            out.update(
+                kappa=exc.condition_number, note=f"n/c (κ={exc.condition_number:.1e}; {exc.matrix.split(' =')[0]})"
+            )
             return _highprec_construction(cell, frozen, target, sets, out)
         except LoraTheoryError as exc:
             out["note"] = f"construction failed: {exc}"
@@ -110,8 +140,10 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
         # float64 weights of Theorem 7's two-block construction carry a relative output error (measured at
         # D = 16, H = 2, N = 10, R = 8: median 6e-13, up to 2e-7 per input)
         # (lora_theory.highprec.lora_tfn_mp): the column then comes from the construction at raised precision
-        out["note"] = (f"float64: test {out['test_mse']:.3g}, x5 {out['shifted_mse']:.3g} "
-                       f"(relative {out['test_mse'] / out['target_power']:.2g}) on {len(test)} inputs")
+        out["note"] = (
+            f"float64: test {out['test_mse']:.3g}, x5 {out['shifted_mse']:.3g} "
+            f"(relative {out['test_mse'] / out['target_power']:.2g}) on {len(test)} inputs"
+        )
         return _highprec_construction(cell, frozen, target, sets, out)
     return out
 
@@ -148,7 +180,7 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
     from lora_theory.highprec import choose_digits, lora_fnn_mp, lora_linear_mp, lora_tfn_mp
 
     t0 = time.perf_counter()
-    test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]          # (n, D) or (n, D, N) each
+    test, shifted = sets["test"].numpy()[:n], sets["shifted"].numpy()[:n]  # (n, D) or (n, D, N) each
     linear = frozen.activation == "linear" if cell.family == "fnn" else False
     kappa = out["kappa"] if out["kappa"] is not None and math.isfinite(out["kappa"]) else 1e16
     gamma = out["gamma"] if out["gamma"] is not None and math.isfinite(out["gamma"]) else 0.0
@@ -165,8 +197,10 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
         if cell.family == "tfn":
             fit = lora_tfn_mp(frozen, target, cell.ranks[0])
         else:
-            digits = max(choose_digits(max(kappa, 1.0), max(gamma, 0.0)) + HIGHPREC_EXTRA_DIGITS,
-                         HIGHPREC_DIGITS_PER_LAYER * _largest_block(cell))
+            digits = max(
+                choose_digits(max(kappa, 1.0), max(gamma, 0.0)) + HIGHPREC_EXTRA_DIGITS,
+                HIGHPREC_DIGITS_PER_LAYER * _largest_block(cell),
+            )
             fit = fit_at(digits)
             needed = choose_digits(fit.kappa, fit.gamma)
             if needed > digits:
@@ -175,14 +209,24 @@ def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
         out["note"] = f"{out['note']}; high precision failed: {exc}"
         return out
     if cell.family == "fnn" and not linear:
-        out["domain"] = {"kind": "ball", "center": 0.0, "radius": radius,
-                         "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0}}
+        out["domain"] = {
+            "kind": "ball",
+            "center": 0.0,
+            "radius": radius,
+            "calibrated": {"kind": "samples", "n": N_CALIBRATION, "margin": 2.0},
+        }
     y_test, y_shift = _model_outputs(target, test), _model_outputs(target, shifted)
-    out.update(test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
-               shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
-               precision_digits=int(fit.digits), subsample=n, highprec_kappa=float(fit.kappa),
-               highprec_gamma=float(fit.gamma), exact=bool(fit.exact), _test_errors=None,
-               highprec_seconds=time.perf_counter() - t0)
+    out.update(
+        test_mse=float(_per_sample_errors(fit.predict(test), y_test).mean()),
+        shifted_mse=float(_per_sample_errors(fit.predict(shifted), y_shift).mean()),
+        precision_digits=int(fit.digits),
+        subsample=n,
+        highprec_kappa=float(fit.kappa),
+        highprec_gamma=float(fit.gamma),
+        exact=bool(fit.exact),
+        _test_errors=None,
+        highprec_seconds=time.perf_counter() - t0,
+    )
     return out
 
 
@@ -197,7 +241,7 @@ def _takes_highprec(cell: Cell) -> bool:
 _POOL_SETS = None
 
 
-_PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _die_with_parent(parent_pid: int) -> str:
@@ -212,7 +256,7 @@ def _die_with_parent(parent_pid: int) -> str:
 
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
-                if os.getppid() != parent_pid:      # the parent died before the request took effect
+                if os.getppid() != parent_pid:  # the parent died before the request took effect
                     os._exit(1)
                 return "prctl"
         except (OSError, AttributeError):
@@ -242,8 +286,12 @@ def construction_pool(workers: int, sets: dict):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
-                               initargs=({k: np.asarray(v) for k, v in sets.items()}, os.getpid(), 1))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_pool_init,
+        initargs=({k: np.asarray(v) for k, v in sets.items()}, os.getpid(), 1),
+    )
 
 
 def _pool_construction(cell, frozen, target):
@@ -275,9 +323,11 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
     if not todo:
         return results
     workers = max(1, min(workers, len(todo)))
-    bar = tqdm(total=len(todo), desc="high-precision constructions", unit="construction", file=progress_file,
-               mininterval=1.0)
+    bar = tqdm(
+        total=len(todo), desc="high-precision constructions", unit="construction", file=progress_file, mininterval=1.0
+    )
     with open_log(cache) as log:
+
         def keep(key, cell, seed, cons):
             results[(cell, seed)] = cons
             stored = {k: v for k, v in cons.items() if not k.startswith("_")}
@@ -290,8 +340,10 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
                     keep(key, cell, seed, build_construction(cell, frozen, target, sets))
             else:
                 with construction_pool(workers, {k: v.numpy() for k, v in sets.items()}) as pool:
-                    futures = {pool.submit(_pool_construction, cell, frozen, target): (key, cell, seed)
-                               for key, cell, seed, frozen, target in todo}
+                    futures = {
+                        pool.submit(_pool_construction, cell, frozen, target): (key, cell, seed)
+                        for key, cell, seed, frozen, target in todo
+                    }
                     kept = set()
                     try:
                         for fut in as_completed(futures):
@@ -334,15 +386,18 @@ def highprec_estimate(cells, seeds: int) -> tuple:
     unit = _mp_speed() / 0.009
     try:
         import gmpy2  # noqa: F401  (the object-array evaluation of the TFN is ~10x faster with it)
+
         tfn_eval = 0.008
     except ImportError:
         tfn_eval = 0.08
     count, seconds = 0, 0.0
     for cell in filter(_takes_highprec, cells):
-        if cell.family == "tfn":   # measured at D = 16, N = 10: ~1.2 s per head and block to build, 8 ms to evaluate
+        if cell.family == "tfn":  # measured at D = 16, N = 10: ~1.2 s per head and block to build, 8 ms to evaluate
             D, L, H, N = cell.structure[1:5]
-            per = (1.2 * L * H * (D / 16) ** 3
-                   + tfn_eval * L * H * (N / 10) ** 2 * (D / 16) ** 2 * 2 * cell.highprec_subsample)
+            per = (
+                1.2 * L * H * (D / 16) ** 3
+                + tfn_eval * L * H * (N / 10) ** 2 * (D / 16) ** 2 * 2 * cell.highprec_subsample
+            )
         else:
             D, L = cell.structure[1], cell.structure[2]
             per = 0.15 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
@@ -358,10 +413,12 @@ def highprec_message(cells, seeds: int, workers: int = 1) -> str | None:
         return None
     n = max(c.highprec_subsample for c in cells)
     workers = max(1, min(workers, count))
-    return (f"  construction column: {count} constructions in high precision (mpmath) on {n} test and {n} "
-            f"shifted inputs each, in {workers} process{'es' if workers > 1 else ''}: estimated "
-            f"{_duration(seconds / workers)} before training (those already in constructions.jsonl are "
-            f"reused; --no-highprec skips them)")
+    return (
+        f"  construction column: {count} constructions in high precision (mpmath) on {n} test and {n} "
+        f"shifted inputs each, in {workers} process{'es' if workers > 1 else ''}: estimated "
+        f"{_duration(seconds / workers)} before training (those already in constructions.jsonl are "
+        f"reused; --no-highprec skips them)"
+    )
 
 
 HIGHPREC_SUBSAMPLE, HIGHPREC_QUICK_SUBSAMPLE = 256, 16
@@ -370,18 +427,33 @@ HIGHPREC_SUBSAMPLE, HIGHPREC_QUICK_SUBSAMPLE = 256, 16
 def add_highprec_arguments(p, default: bool = True):
     """``--no-highprec``, ``--highprec`` and ``--highprec-subsample N`` for experiments whose constructions
     take the high-precision path: by default (``default=True``, deep FNN blocks) or on request (the TFN)."""
-    p.add_argument("--no-highprec", action="store_true", default=not default,
-                   help="float64 constructions only" + (": deep blocks are reported n/c with their κ" if default
-                                                        else " (the default)"))
-    p.add_argument("--highprec", dest="no_highprec", action="store_false",
-                   help=("the high-precision column (the default); with --resume, adds it to a sweep run with "
-                         "--no-highprec (for example trained on a GPU, its constructions then built on a CPU)")
-                   if default else "the construction column at raised precision (mpmath) on a subsample of the "
-                                   "inputs, the float64 value kept in construction_note; with --resume, adds it "
-                                   "to a finished sweep")
-    p.add_argument("--highprec-subsample", type=int, default=None,
-                   help=f"test and shifted inputs the high-precision construction is evaluated on "
-                        f"(default {HIGHPREC_SUBSAMPLE}; {HIGHPREC_QUICK_SUBSAMPLE} with --quick)")
+    p.add_argument(
+        "--no-highprec",
+        action="store_true",
+        default=not default,
+        help="float64 constructions only"
+        + (": deep blocks are reported n/c with their κ" if default else " (the default)"),
+    )
+    p.add_argument(
+        "--highprec",
+        dest="no_highprec",
+        action="store_false",
+        help=(
+            "the high-precision column (the default); with --resume, adds it to a sweep run with "
+            "--no-highprec (for example trained on a GPU, its constructions then built on a CPU)"
+        )
+        if default
+        else "the construction column at raised precision (mpmath) on a subsample of the "
+        "inputs, the float64 value kept in construction_note; with --resume, adds it "
+        "to a finished sweep",
+    )
+    p.add_argument(
+        "--highprec-subsample",
+        type=int,
+        default=None,
+        help=f"test and shifted inputs the high-precision construction is evaluated on "
+        f"(default {HIGHPREC_SUBSAMPLE}; {HIGHPREC_QUICK_SUBSAMPLE} with --quick)",
+    )
 
 
 def highprec_subsample(args) -> int:

@@ -1,5 +1,4 @@
-"""One sweep end to end: problems, constructions, stacked training, records, summaries (:func:`execute`).
-"""
+"""One sweep end to end: problems, constructions, stacked training, records, summaries (:func:`execute`)."""
 
 from __future__ import annotations
 
@@ -17,16 +16,27 @@ import torch
 
 from ..outdir import append_lines, open_log
 from ..trainer import train_stack
-from .protocol import ExperimentSpec, TAG_DATA, _hash, _seed_int
-from .problems import Problems, _input_shape, _model_outputs, evaluation_sets
-from .folder import _atomic_write
-from .training import (_chunks, _duration, _evaluate, _finished, _stack_for, _target_stack, config_extra,
-                       cpu_budget, estimate_rate, make_runs, resolve_device)
-from .records import _end_cut_line, _json_default, _load_records, _num, _valid_run_record, versions
 from .constructions import _takes_highprec, build_construction, build_highprec_constructions
-from .report import format_csv
 from .figures import make_figure
+from .folder import _atomic_write
+from .problems import Problems, _input_shape, _model_outputs, evaluation_sets
+from .protocol import TAG_DATA, ExperimentSpec, _hash, _seed_int
+from .records import _end_cut_line, _json_default, _load_records, _num, _valid_run_record, versions
+from .report import format_csv
 from .summary import summarize
+from .training import (
+    _chunks,
+    _duration,
+    _evaluate,
+    _finished,
+    _stack_for,
+    _target_stack,
+    config_extra,
+    cpu_budget,
+    estimate_rate,
+    make_runs,
+    resolve_device,
+)
 
 
 def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=None) -> dict:
@@ -45,29 +55,41 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     if device.type == "cpu":
         threads = max(1, budget["free"] // workers)
         torch.set_num_threads(threads)
-        cpu_line = (f"  CPU: {budget['free']} of {budget['cores']} cores free here (1-minute load "
-                    f"{budget['load']:.1f}): {workers} stack{'s' if workers > 1 else ''} at once, {threads} torch "
-                    f"thread{'s' if threads > 1 else ''} each (--workers sets it)")
+        cpu_line = (
+            f"  CPU: {budget['free']} of {budget['cores']} cores free here (1-minute load "
+            f"{budget['load']:.1f}): {workers} stack{'s' if workers > 1 else ''} at once, {threads} torch "
+            f"thread{'s' if threads > 1 else ''} each (--workers sets it)"
+        )
     cells = spec.cells(args) if cells is None else cells
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
     records = {}
     for r in _load_records(runs_path, _valid_run_record, report=True):
         if r["experiment"] == spec.name:
-            records.setdefault(r["id"], r)               # a run written twice (an older version's bug): the first
+            records.setdefault(r["id"], r)  # a run written twice (an older version's bug): the first
     records = list(records.values())
     done = {r["id"] for r in records}
     todo = [] if args.construction_only else [r for r in runs if r["id"] not in done]
     extra = config_extra(spec, args)
-    problems = Problems(cache=out / "pretrained", make_target=None if spec.make_target is None else
-                        (lambda structure, seed: spec.make_target(args, structure, seed)),
-                        key="" if extra is None else _hash(extra)[:12])
+    problems = Problems(
+        cache=out / "pretrained",
+        make_target=None
+        if spec.make_target is None
+        else (lambda structure, seed: spec.make_target(args, structure, seed)),
+        key="" if extra is None else _hash(extra)[:12],
+    )
     if args.construction_only:
-        print(f"{spec.name}: constructions only, no training ({len(done)} of {len(runs)} runs already done); "
-              f"output {out}", file=progress_file)
+        print(
+            f"{spec.name}: constructions only, no training ({len(done)} of {len(runs)} runs already done); "
+            f"output {out}",
+            file=progress_file,
+        )
     else:
-        print(f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
-              f"device {device}, training in {args.dtype}; output {out}", file=progress_file)
+        print(
+            f"{spec.name}: {len(runs)} runs x {args.iterations} steps ({len(runs) - len(todo)} already done); "
+            f"device {device}, training in {args.dtype}; output {out}",
+            file=progress_file,
+        )
     if cpu_line and todo:
         print(cpu_line, file=progress_file)
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
@@ -77,23 +99,34 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
         total = len(todo) * args.iterations
         parallel = max(1, min(workers, len(list(_chunks(todo, chunk_size, device.type == "cpu")))))
         eta = total / (rate * parallel)
-        msg = (f"  about {rate:,.0f} run-steps/s per stack here ({parallel} at once): {total:,} run-steps, "
-               f"estimated {_duration(eta)} of training")
+        msg = (
+            f"  about {rate:,.0f} run-steps/s per stack here ({parallel} at once): {total:,} run-steps, "
+            f"estimated {_duration(eta)} of training"
+        )
         if eta > 3600:
             msg += " (hours of arithmetic on this device: consider --quick or --device cuda)"
         print(msg, file=progress_file)
     if "pretrained" in args.kinds:
         structures = list(dict.fromkeys(c.structure for c in cells))
-        print(f"  first: the pretrained frozen models ({len(structures)} structure(s) x {args.seeds} seeds, float64 "
-              f"on the CPU; cached in {out / 'pretrained'}) and the constructions", file=progress_file)
+        print(
+            f"  first: the pretrained frozen models ({len(structures)} structure(s) x {args.seeds} seeds, float64 "
+            f"on the CPU; cached in {out / 'pretrained'}) and the constructions",
+            file=progress_file,
+        )
         for structure in structures:
             problems.prepare(structure, range(args.seeds))
 
     sets = evaluation_sets(cells[0].structure) if cells else None
     constructions, deep = {}, []
     plain = [(cell, seed) for cell in cells for seed in range(args.seeds) if not _takes_highprec(cell)]
-    with tqdm(total=len(plain), desc="constructions (float64)", unit="construction", file=progress_file,
-              disable=not plain, mininterval=1.0) as bar:
+    with tqdm(
+        total=len(plain),
+        desc="constructions (float64)",
+        unit="construction",
+        file=progress_file,
+        disable=not plain,
+        mininterval=1.0,
+    ) as bar:
         for cell in cells:
             for seed in range(args.seeds):
                 frozen = problems.frozen(cell.structure, cell.kind, seed)
@@ -104,15 +137,25 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
                     constructions[(cell, seed)] = build_construction(cell, frozen, target, sets)
                     bar.update()
     if deep:
-        constructions.update(build_highprec_constructions(
-            deep, sets, out / "constructions.jsonl", args.workers or budget["free"], progress_file, extra))
+        constructions.update(
+            build_highprec_constructions(
+                deep, sets, out / "constructions.jsonl", args.workers or budget["free"], progress_file, extra
+            )
+        )
 
-    bar = tqdm(total=len(todo) * args.iterations, desc=spec.name, unit="run-step", unit_scale=True,
-               file=progress_file, disable=not todo, mininterval=1.0)
+    bar = tqdm(
+        total=len(todo) * args.iterations,
+        desc=spec.name,
+        unit="run-step",
+        unit_scale=True,
+        file=progress_file,
+        disable=not todo,
+        mininterval=1.0,
+    )
     vers = versions()
     _end_cut_line(runs_path)
     eval_cache = {}
-    stop = threading.Event()      # set on an interruption: every stack still training stops at its next step
+    stop = threading.Event()  # set on an interruption: every stack still training stops at its next step
 
     def train_chunk(structure, chunk):
         t0 = time.perf_counter()
@@ -120,39 +163,62 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
         seeds = sorted({r["seed"] for r in chunk})
         data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
         seed_pos = {s: i for i, s in enumerate(seeds)}
-        targets = [problems.target(structure, s) for s in seeds]   # one target per seed and structure
+        targets = [problems.target(structure, s) for s in seeds]  # one target per seed and structure
         tstack = _target_stack(structure, targets, dtype, device)
         tindex = np.array([seed_pos[r["seed"]] for r in chunk])
         if structure not in eval_cache:
             eval_cache[structure] = evaluation_sets(structure)
         eval_sets = eval_cache[structure]
-        t_out = {k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
-                 for k, v in eval_sets.items()}
+        t_out = {
+            k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
+            for k, v in eval_sets.items()
+        }
         result = train_stack(
-            stack, tstack, data_index=tindex, target_index=tindex, target_data_index=list(range(len(seeds))),
-            data_seeds=data_seeds, lr=np.array([r["lr"] for r in chunk]),
-            weight_decay=np.array([r["wd"] for r in chunk]), iterations=args.iterations, batch_size=256,
-            input_shape=_input_shape(structure), select=args.select, validate_every=args.validate_every,
-            val_inputs=eval_sets["val"], val_targets=t_out["val"], progress=lambda k: bar.update(k * len(chunk)),
-            stop=stop)
+            stack,
+            tstack,
+            data_index=tindex,
+            target_index=tindex,
+            target_data_index=list(range(len(seeds))),
+            data_seeds=data_seeds,
+            lr=np.array([r["lr"] for r in chunk]),
+            weight_decay=np.array([r["wd"] for r in chunk]),
+            iterations=args.iterations,
+            batch_size=256,
+            input_shape=_input_shape(structure),
+            select=args.select,
+            validate_every=args.validate_every,
+            val_inputs=eval_sets["val"],
+            val_targets=t_out["val"],
+            progress=lambda k: bar.update(k * len(chunk)),
+            stop=stop,
+        )
         ti = torch.as_tensor(tindex, device=device)
         errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
         wall = (time.perf_counter() - t0) / len(chunk)
         out = []
         for i, r in enumerate(chunk):
             cons = constructions.get((r["cell"], r["seed"])) or {}
-            rec = {"id": r["id"], "experiment": spec.name, "config": r["config"], "config_hash": r["id"],
-                   "seed": r["seed"], "versions": vers, "device": str(device),
-                   # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
-                   # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
-                   # on how the work is split")
-                   "stack_size": len(chunk),
-                   "losses": {"train_final": _num(result.final_train_loss[i]),
-                              "train_curve": {"steps": result.curve_steps,
-                                              "loss": [_num(v) for v in result.curve[:, i]]},
-                              "val": _num(errs["val"][i].mean()), "test": _num(errs["test"][i].mean()),
-                              "shifted": _num(errs["shifted"][i].mean())},
-                   "wall_time_s": wall}
+            rec = {
+                "id": r["id"],
+                "experiment": spec.name,
+                "config": r["config"],
+                "config_hash": r["id"],
+                "seed": r["seed"],
+                "versions": vers,
+                "device": str(device),
+                # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
+                # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
+                # on how the work is split")
+                "stack_size": len(chunk),
+                "losses": {
+                    "train_final": _num(result.final_train_loss[i]),
+                    "train_curve": {"steps": result.curve_steps, "loss": [_num(v) for v in result.curve[:, i]]},
+                    "val": _num(errs["val"][i].mean()),
+                    "test": _num(errs["test"][i].mean()),
+                    "shifted": _num(errs["shifted"][i].mean()),
+                },
+                "wall_time_s": wall,
+            }
             if result.best_step is not None:
                 rec["best_step"] = int(result.best_step[i])
             if cons.get("_test_errors") is not None:
@@ -165,8 +231,9 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     for structure, _ in {(k[0], None) for k, _ in chunks}:
         eval_cache[structure] = evaluation_sets(structure)
     with open_log(runs_path) as log:
+
         def write(recs):
-            append_lines(log, [json.dumps(rec) for rec in recs])     # a stack's records whole, or none of them
+            append_lines(log, [json.dumps(rec) for rec in recs])  # a stack's records whole, or none of them
             records.extend(recs)
 
         try:
@@ -211,8 +278,10 @@ def _write_summaries(spec, args, summary, out: Path) -> list[str]:
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - the results are written; the drawing is an extra
-            print(f"warning: figure.png not written ({type(exc).__name__}: {exc}); the summaries are complete",
-                  file=sys.stderr)
+            print(
+                f"warning: figure.png not written ({type(exc).__name__}: {exc}); the summaries are complete",
+                file=sys.stderr,
+            )
     if "figure.png" not in written:
         (out / "figure.png").unlink(missing_ok=True)
     return written

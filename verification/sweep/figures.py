@@ -1,5 +1,4 @@
-"""The summary as figures: MSE against the row axis, one curve per label and frozen-model kind.
-"""
+"""The summary as figures: MSE against the row axis, one curve per label and frozen-model kind."""
 
 from __future__ import annotations
 
@@ -7,8 +6,7 @@ from pathlib import Path
 
 from ..outdir import atomic_write, figure_bytes
 
-
-FIGURE_FLOOR = 1e-32     # exact zeros drawn at this MSE on the log scale
+FIGURE_FLOOR = 1e-32  # exact zeros drawn at this MSE on the log scale
 
 
 def figure_series(spec, summary) -> list:
@@ -35,16 +33,35 @@ def figure_series(spec, summary) -> list:
         for i, (skey, rs) in enumerate(sorted(grad.items(), key=lambda kv: _natural(kv[0]))):
             rs = sorted((r for r in rs if r["gradient_test_mse"] is not None), key=lambda r: r[x_axis])
             if rs:
-                out.append({"kind": kind, "curve": "gradient", "style": i, "group": skey[1:],
-                            "label": f"{kind} " + " ".join(str(v) for v in skey) + ": gradient",
-                            "x": [r[x_axis] for r in rs], "y": [r["gradient_test_mse"] for r in rs],
-                            "lo": [r["gradient_test_q25"] for r in rs], "hi": [r["gradient_test_q75"] for r in rs]})
+                out.append(
+                    {
+                        "kind": kind,
+                        "curve": "gradient",
+                        "style": i,
+                        "group": skey[1:],
+                        "label": f"{kind} " + " ".join(str(v) for v in skey) + ": gradient",
+                        "x": [r[x_axis] for r in rs],
+                        "y": [r["gradient_test_mse"] for r in rs],
+                        "lo": [r["gradient_test_q25"] for r in rs],
+                        "hi": [r["gradient_test_q75"] for r in rs],
+                    }
+                )
         for i, (group, points) in enumerate(sorted(cons.items(), key=lambda kv: _natural(kv[0]))):
             xs = sorted(points)
             name = " ".join([kind] + [f"{a} {v}" for a, v in zip(group_axes, group)])
-            out.append({"kind": kind, "curve": "construction", "style": i, "group": group,
-                        "label": f"{name}: construction" + (" (biases re-chosen)" if rechosen else ""),
-                        "x": xs, "y": [points[x] for x in xs], "lo": None, "hi": None})
+            out.append(
+                {
+                    "kind": kind,
+                    "curve": "construction",
+                    "style": i,
+                    "group": group,
+                    "label": f"{name}: construction" + (" (biases re-chosen)" if rechosen else ""),
+                    "x": xs,
+                    "y": [points[x] for x in xs],
+                    "lo": None,
+                    "hi": None,
+                }
+            )
     return out
 
 
@@ -82,12 +99,25 @@ def make_grouped_figure(spec, summary, path: Path):
             y = [max(v, floor) for v in c["y"]]
             if c["curve"] == "gradient":
                 ax.plot(c["x"], y, "-", marker="o", ms=3, color=colour[g], label=f"{name}: gradient")
-                ax.fill_between(c["x"], [max(v, floor) for v in c["lo"]], [max(v, floor) for v in c["hi"]],
-                                color=colour[g], alpha=0.12)
+                ax.fill_between(
+                    c["x"],
+                    [max(v, floor) for v in c["lo"]],
+                    [max(v, floor) for v in c["hi"]],
+                    color=colour[g],
+                    alpha=0.12,
+                )
             else:
                 t = thr.get(str(g[0])) if len(g) == 1 else None
-                ax.plot(c["x"], y, "--", marker="s", ms=3, color=colour[g], mfc="none",
-                        label=f"{name}: construction" + (f" (threshold {t})" if t is not None else ""))
+                ax.plot(
+                    c["x"],
+                    y,
+                    "--",
+                    marker="s",
+                    ms=3,
+                    color=colour[g],
+                    mfc="none",
+                    label=f"{name}: construction" + (f" (threshold {t})" if t is not None else ""),
+                )
                 if t is not None and t in c["x"]:
                     ax.plot([t], [y[c["x"].index(t)]], marker="v", ms=7, color=colour[g])
         ax.set_yscale("log")
@@ -96,8 +126,10 @@ def make_grouped_figure(spec, summary, path: Path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=5, loc="best", ncol=2)
     axes[0].set_ylabel("test MSE per coordinate (median over seeds)")
-    fig.suptitle(f"{spec.name}: construction (dashed, ▼ at the threshold) vs gradient-trained (solid); "
-                 f"floor {floor:g}", fontsize=9)
+    fig.suptitle(
+        f"{spec.name}: construction (dashed, ▼ at the threshold) vs gradient-trained (solid); floor {floor:g}",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -119,11 +151,15 @@ def make_figure(spec, summary, path: Path):
         y = [max(v, floor) for v in c["y"]]
         if c["curve"] == "gradient":
             ax.plot(c["x"], y, ls, marker="o", ms=3, color=colours[c["kind"]], label=c["label"])
-            ax.fill_between(c["x"], [max(v, floor) for v in c["lo"]], [max(v, floor) for v in c["hi"]],
-                            color=colours[c["kind"]], alpha=0.15)
+            ax.fill_between(
+                c["x"],
+                [max(v, floor) for v in c["lo"]],
+                [max(v, floor) for v in c["hi"]],
+                color=colours[c["kind"]],
+                alpha=0.15,
+            )
         else:
-            ax.plot(c["x"], y, ls, marker="s", ms=3, color=colours[c["kind"]], alpha=0.6, mfc="none",
-                    label=c["label"])
+            ax.plot(c["x"], y, ls, marker="s", ms=3, color=colours[c["kind"]], alpha=0.6, mfc="none", label=c["label"])
     x_axis = "params" if spec.name == "final_layers" else spec.axis_names[-1]
     thr = summary["threshold"]
     if isinstance(thr, int) and spec.axis_names[-1] == "rank" and spec.name != "final_layers":

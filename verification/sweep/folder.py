@@ -1,5 +1,4 @@
-"""The experiment folder: atomic writes, the default location, the writability check.
-"""
+"""The experiment folder: atomic writes, the default location, the writability check."""
 
 from __future__ import annotations
 

@@ -10,18 +10,32 @@ import io
 import json
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+
 import lora_theory
 
 from ..models import TorchFNN, TorchTFN
 from ..outdir import CLIError, atomic_write
 from ..trainer import BatchStream, FNNStack, gaussian_inputs
-from .protocol import (N_TEST, N_VALIDATION, PRETRAIN_FACTOR, PRETRAIN_LR, PRETRAIN_MAX_STEPS, SHIFT, TAG_FROZEN,
-                       TAG_PRETRAIN, TAG_TARGET, TEST_SEED, VALIDATION_SEED, seeded_rng, _seed_int)
+from .protocol import (
+    N_TEST,
+    N_VALIDATION,
+    PRETRAIN_FACTOR,
+    PRETRAIN_LR,
+    PRETRAIN_MAX_STEPS,
+    SHIFT,
+    TAG_FROZEN,
+    TAG_PRETRAIN,
+    TAG_TARGET,
+    TEST_SEED,
+    VALIDATION_SEED,
+    _seed_int,
+    seeded_rng,
+)
 
 
 def _structure_target(structure):
@@ -72,7 +86,7 @@ def pretrain(frozen, target, structure, seed) -> tuple:
     stream = BatchStream(_seed_int(seed, TAG_PRETRAIN), 256, shape)
     first = last = None
     steps = 0
-    for steps in range(1, PRETRAIN_MAX_STEPS + 1):
+    for steps in range(1, PRETRAIN_MAX_STEPS + 1):  # noqa: B007 (read after the loop: the steps taken)
         x = stream.next()
         with torch.no_grad():
             y = torch_target(x)
@@ -96,23 +110,40 @@ def pretrain_fnns(frozens, targets, structure, seeds) -> list:
 
     R, L, D = len(seeds), structure[2], structure[1]
     linear = structure[4] == "linear"
-    stack = FNNStack(np.stack([np.stack(f.weights) for f in frozens]), np.stack([np.stack(f.biases) for f in frozens]),
-                     method="final_layers", tuned_layers=[L] * R, activation=structure[4], final_relu=structure[5],
-                     dtype=torch.float64, device="cpu")
+    stack = FNNStack(
+        np.stack([np.stack(f.weights) for f in frozens]),
+        np.stack([np.stack(f.biases) for f in frozens]),
+        method="final_layers",
+        tuned_layers=[L] * R,
+        activation=structure[4],
+        final_relu=structure[5],
+        dtype=torch.float64,
+        device="cpu",
+    )
     if linear:  # the linear model has no biases to train
         stack.masks["bias"] = torch.zeros((R, L, 1), dtype=torch.bool)
-    target = FNNStack(np.stack([np.stack(t.weights) for t in targets]), np.stack([np.stack(t.biases) for t in targets]),
-                      method="none", activation=structure[4], final_relu=structure[5], dtype=torch.float64)
+    target = FNNStack(
+        np.stack([np.stack(t.weights) for t in targets]),
+        np.stack([np.stack(t.biases) for t in targets]),
+        method="none",
+        activation=structure[4],
+        final_relu=structure[5],
+        dtype=torch.float64,
+    )
     opt = StackedAdam(stack.params, stack.masks, np.full(R, PRETRAIN_LR), np.zeros(R))
     base_lr = opt.lr.clone()
-    run_of_entry = torch.cat([torch.arange(R).view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
-                              for p in (stack.params[k] for k in opt.names)])
+    run_of_entry = torch.cat(
+        [
+            torch.arange(R).view(-1, *([1] * (p.dim() - 1))).expand_as(p).reshape(-1)
+            for p in (stack.params[k] for k in opt.names)
+        ]
+    )
     streams = [BatchStream(_seed_int(s, TAG_PRETRAIN), 256, (D,)) for s in seeds]
     active = np.ones(R, dtype=bool)
     first = last = None
     steps = np.zeros(R, dtype=int)
     for step in range(1, PRETRAIN_MAX_STEPS + 1):
-        x = torch.stack([st.next() for st in streams])                      # (R, 256, D)
+        x = torch.stack([st.next() for st in streams])  # (R, 256, D)
         with torch.no_grad():
             y = target.forward(x)
         loss = stack.loss_and_grads(x, y).numpy().copy()
@@ -146,8 +177,8 @@ class Problems:
     def __init__(self, cache: Path | None = None, make_target: Callable | None = None, key: str = ""):
         self._targets, self._frozen, self.pretrain_info = {}, {}, {}
         self.cache = cache
-        self.key = key        # what the targets depend on beyond the structure and seed (in the cache name)
-        self._make_target = make_target or globals()["make_target"]   # (structure, seed) -> target model
+        self.key = key  # what the targets depend on beyond the structure and seed (in the cache name)
+        self._make_target = make_target or globals()["make_target"]  # (structure, seed) -> target model
 
     def target(self, structure, seed):
         key = (_structure_target(structure), seed)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-
 
 LR_GRID = (1e-2, 1e-3, 1e-4)
 
@@ -78,17 +77,23 @@ class Cell:
     ranks: tuple | None = None
     layers: int | None = None
     tune_bias: bool = True
-    highprec_subsample: int = 0     # > 0: where float64 is not honest, mpmath on this many test/shifted inputs
+    highprec_subsample: int = 0  # > 0: where float64 is not honest, mpmath on this many test/shifted inputs
 
     @property
     def family(self) -> str:
         return self.structure[0]
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "structure": list(self.structure), "method": self.method,
-                "axis": [list(a) for a in self.axis], "label": self.label,
-                "ranks": None if self.ranks is None else list(self.ranks), "layers": self.layers,
-                "tune_bias": self.tune_bias}
+        return {
+            "kind": self.kind,
+            "structure": list(self.structure),
+            "method": self.method,
+            "axis": [list(a) for a in self.axis],
+            "label": self.label,
+            "ranks": None if self.ranks is None else list(self.ranks),
+            "layers": self.layers,
+            "tune_bias": self.tune_bias,
+        }
 
     def params(self) -> int:
         """Trained parameter count, the trained biases included.
@@ -120,16 +125,16 @@ class ExperimentSpec:
 
     name: str
     description: str
-    family: str                                     # "fnn" or "tfn"
+    family: str  # "fnn" or "tfn"
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    cells: Callable[[argparse.Namespace], list]     # -> list of Cell (both kinds)
+    cells: Callable[[argparse.Namespace], list]  # -> list of Cell (both kinds)
     threshold: Callable[[argparse.Namespace], object]
     axis_names: tuple = ("rank",)
     quick: Callable[[argparse.Namespace], None] | None = None
     validate: Callable[[argparse.Namespace], None] | None = None
     extra_summary: Callable[[argparse.Namespace, list], dict] | None = None
     default_depth: int | None = None
-    make_target: Callable[[argparse.Namespace, tuple, int], object] | None = None   # default: make_target
+    make_target: Callable[[argparse.Namespace, tuple, int], object] | None = None  # default: make_target
     #: what else the results depend on beyond the cells and the training settings (e.g. a target's
     #: prescribed spectrum): it enters every run's config and id, and the pretrained-model cache key
     config_extra: Callable[[argparse.Namespace], dict] | None = None

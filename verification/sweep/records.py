@@ -11,17 +11,22 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+
 import lora_theory
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "lora_theory": getattr(lora_theory, "__version__", "?")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "lora_theory": getattr(lora_theory, "__version__", "?"),
+    }
 
 
 def _end_cut_line(path: Path):
@@ -37,13 +42,19 @@ def _end_cut_line(path: Path):
 
 def _valid_run_record(rec) -> bool:
     """A ``runs.jsonl`` record the summaries can use: an id, a config and the three losses (numbers or null)."""
-    if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("config"), dict)
-            and isinstance(rec.get("losses"), dict) and isinstance(rec.get("experiment"), str)):
+    if not (
+        isinstance(rec, dict)
+        and isinstance(rec.get("id"), str)
+        and isinstance(rec.get("config"), dict)
+        and isinstance(rec.get("losses"), dict)
+        and isinstance(rec.get("experiment"), str)
+    ):
         return False
     losses = rec["losses"]
-    return all(k in losses and (losses[k] is None or (isinstance(losses[k], (int, float))
-                                                      and not isinstance(losses[k], bool)))
-               for k in ("val", "test", "shifted"))
+    return all(
+        k in losses and (losses[k] is None or (isinstance(losses[k], (int, float)) and not isinstance(losses[k], bool)))
+        for k in ("val", "test", "shifted")
+    )
 
 
 def _valid_construction_record(rec) -> bool:
@@ -73,8 +84,11 @@ def _load_records(path: Path, valid: Callable[[object], bool] | None = None, rep
             records.append(rec)
     if bad and report:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        print(f"warning: {path}: {len(bad)} damaged or cut line{'s' if len(bad) > 1 else ''} skipped (line "
-              f"{shown}); what they held is computed again", file=sys.stderr)
+        print(
+            f"warning: {path}: {len(bad)} damaged or cut line{'s' if len(bad) > 1 else ''} skipped (line "
+            f"{shown}); what they held is computed again",
+            file=sys.stderr,
+        )
     return records
 
 

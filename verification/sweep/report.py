@@ -1,5 +1,4 @@
-"""The summary as text: the stdout table and ``summary.csv``.
-"""
+"""The summary as text: the stdout table and ``summary.csv``."""
 
 from __future__ import annotations
 
@@ -32,35 +31,71 @@ def format_table(spec, summary) -> str:
         if not rows:
             continue
         axes = [a for a in _ROW_AXES if a in rows[0]]
-        print(f"\n{spec.name}: {kind} frozen model (threshold {thr}; MSE per coordinate, medians over seeds)",
-              file=buf)
-        head = "".join(a.rjust(6) for a in axes) + "  label".ljust(22) + "params".rjust(7) + " thr" + \
-            "predicted".rjust(10) + "construct".rjust(10) + "calibrat.".rjust(10) + "gradient".rjust(10) + \
-            "   [q25, q75]".ljust(22) + "constr x5".rjust(10) + "calib x5".rjust(10) + "grad x5".rjust(10)
+        print(f"\n{spec.name}: {kind} frozen model (threshold {thr}; MSE per coordinate, medians over seeds)", file=buf)
+        head = (
+            "".join(a.rjust(6) for a in axes)
+            + "  label".ljust(22)
+            + "params".rjust(7)
+            + " thr"
+            + "predicted".rjust(10)
+            + "construct".rjust(10)
+            + "calibrat.".rjust(10)
+            + "gradient".rjust(10)
+            + "   [q25, q75]".ljust(22)
+            + "constr x5".rjust(10)
+            + "calib x5".rjust(10)
+            + "grad x5".rjust(10)
+        )
         print(head, file=buf)
         for r in rows:
             mark = _threshold_mark(thr, r)
             cons = r["construction_test_mse"]
             note = r["construction_note"] or "—"
-            cons_s = _fmt(cons, 10) if cons is not None else " " + (note if note.startswith("n/c") else "—")[:15].rjust(15)
+            cons_s = (
+                _fmt(cons, 10) if cons is not None else " " + (note if note.startswith("n/c") else "—")[:15].rjust(15)
+            )
             if cons is not None and r.get("construction_precision_digits"):
                 cons_s = _fmt(cons, 9) + "*"
                 highprec.append(r)
             iqr = f"[{_fmt(r['gradient_test_q25'], 8).strip()}, {_fmt(r['gradient_test_q75'], 8).strip()}]"
-            print("".join(("—" if r[a] is None else str(r[a])).rjust(6) for a in axes) + "  " + str(r["label"]).ljust(20) +
-                  str(r["params"]).rjust(7) + mark.rjust(4) + _fmt(r["prediction"], 10) + cons_s +
-                  _fmt(r["calibrated_test_mse"], 10) + _fmt(r["gradient_test_mse"], 10) + "  " + iqr.ljust(20) +
-                  _fmt(r["construction_shifted_mse"], 10) + _fmt(r["calibrated_shifted_mse"], 10) +
-                  _fmt(r["gradient_shifted_mse"], 10), file=buf)
-    print("params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the biases "
-          "it trains with --tune-bias; final layers: l·(D² + D))", file=buf)
+            print(
+                "".join(("—" if r[a] is None else str(r[a])).rjust(6) for a in axes)
+                + "  "
+                + str(r["label"]).ljust(20)
+                + str(r["params"]).rjust(7)
+                + mark.rjust(4)
+                + _fmt(r["prediction"], 10)
+                + cons_s
+                + _fmt(r["calibrated_test_mse"], 10)
+                + _fmt(r["gradient_test_mse"], 10)
+                + "  "
+                + iqr.ljust(20)
+                + _fmt(r["construction_shifted_mse"], 10)
+                + _fmt(r["calibrated_shifted_mse"], 10)
+                + _fmt(r["gradient_shifted_mse"], 10),
+                file=buf,
+            )
+    print(
+        "params: trained parameters, trained biases included (LoRA: 2·r·D per adapted matrix, plus the biases "
+        "it trains with --tune-bias; final layers: l·(D² + D))",
+        file=buf,
+    )
     paired = summary.get("pretrained_vs_random")
     if paired:
-        print(f"\n{spec.name}: pretrained vs random frozen model, paired by seed (k/n: pretrained lower in k of "
-              f"n seeds; ratio: median of pretrained / random)", file=buf)
+        print(
+            f"\n{spec.name}: pretrained vs random frozen model, paired by seed (k/n: pretrained lower in k of "
+            f"n seeds; ratio: median of pretrained / random)",
+            file=buf,
+        )
         axes = [a for a in _ROW_AXES if a in paired[0]]
-        print("".join(a.rjust(6) for a in axes) + "  label".ljust(22) + " thr" + "construction".rjust(20) +
-              "gradient".rjust(20), file=buf)
+        print(
+            "".join(a.rjust(6) for a in axes)
+            + "  label".ljust(22)
+            + " thr"
+            + "construction".rjust(20)
+            + "gradient".rjust(20),
+            file=buf,
+        )
 
         def cell(c):
             if not c["seeds"]:
@@ -71,27 +106,62 @@ def format_table(spec, summary) -> str:
 
         for e in paired:
             mark = _threshold_mark(thr, e)
-            print("".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes) + "  " +
-                  str(e["label"]).ljust(20) + mark.rjust(4) + cell(e["construction"]) + cell(e["gradient"]),
-                  file=buf)
-        print("(=t: t seeds equal; from the threshold on, both constructions are exact: their ratio compares "
-              "rounding errors)", file=buf)
+            print(
+                "".join(("—" if e[a] is None else str(e[a])).rjust(6) for a in axes)
+                + "  "
+                + str(e["label"]).ljust(20)
+                + mark.rjust(4)
+                + cell(e["construction"])
+                + cell(e["gradient"]),
+                file=buf,
+            )
+        print(
+            "(=t: t seeds equal; from the threshold on, both constructions are exact: their ratio compares "
+            "rounding errors)",
+            file=buf,
+        )
     if highprec:
         digits = sorted({r["construction_precision_digits"] for r in highprec})
         n = max(r["construction_subsample"] or 0 for r in highprec)
-        why = ("float64 weights carry a relative output error (up to 2e-7 per input measured at D = 16; "
-               "construction_note gives the float64 MSE)" if spec.family == "tfn" else
-               "not computable honestly in float64 (construction_note gives the float64 κ)")
-        print(f"* construction in high precision (mpmath, {digits[0]}{'' if len(digits) == 1 else f'..{digits[-1]}'} "
-              f"digits) on the first {n} test and shifted inputs: {why}", file=buf)
+        why = (
+            "float64 weights carry a relative output error (up to 2e-7 per input measured at D = 16; "
+            "construction_note gives the float64 MSE)"
+            if spec.family == "tfn"
+            else "not computable honestly in float64 (construction_note gives the float64 κ)"
+        )
+        print(
+            f"* construction in high precision (mpmath, {digits[0]}{'' if len(digits) == 1 else f'..{digits[-1]}'} "
+            f"digits) on the first {n} test and shifted inputs: {why}",
+            file=buf,
+        )
     return buf.getvalue()
 
 
-CSV_FIELDS = ["kind", "depth", "step", "layers", "rank", "label", "method", "params", "prediction",
-              "construction_test_mse", "construction_shifted_mse", "calibrated_test_mse", "calibrated_shifted_mse",
-              "construction_kappa", "construction_note", "construction_precision_digits",
-              "construction_subsample", "gradient_test_mse", "gradient_test_q25",
-              "gradient_test_q75", "gradient_shifted_mse", "gradient_val_mse", "target_power"]
+CSV_FIELDS = [
+    "kind",
+    "depth",
+    "step",
+    "layers",
+    "rank",
+    "label",
+    "method",
+    "params",
+    "prediction",
+    "construction_test_mse",
+    "construction_shifted_mse",
+    "calibrated_test_mse",
+    "calibrated_shifted_mse",
+    "construction_kappa",
+    "construction_note",
+    "construction_precision_digits",
+    "construction_subsample",
+    "gradient_test_mse",
+    "gradient_test_q25",
+    "gradient_test_q75",
+    "gradient_shifted_mse",
+    "gradient_val_mse",
+    "target_power",
+]
 
 
 def format_csv(summary) -> str:

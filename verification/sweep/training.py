@@ -1,5 +1,4 @@
-"""Gradient-trained runs: the run list, stacking runs into one batched model, evaluation, CPU budget.
-"""
+"""Gradient-trained runs: the run list, stacking runs into one batched model, evaluation, CPU budget."""
 
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ import torch
 
 from ..outdir import CLIError
 from ..trainer import FNNStack, TFNStack, fnn_apply, tfn_apply, train_stack
-from .protocol import TAG_INIT, _hash, _seed_int
 from .problems import _input_shape
+from .protocol import TAG_INIT, _hash, _seed_int
 from .records import _json_default
 
 
@@ -47,14 +46,21 @@ def make_runs(spec, args, cells) -> list:
         for seed in range(args.seeds):
             for lr in args.lr_grid:
                 for wd in args.wd_grid:
-                    config = {"experiment": spec.name, "cell": cell.as_dict(), "seed": seed, "lr": lr,
-                              "weight_decay": wd, "iterations": args.iterations, "batch_size": 256,
-                              "select": args.select, "validate_every": args.validate_every if args.select == "best" else None,
-                              "dtype": args.dtype}
+                    config = {
+                        "experiment": spec.name,
+                        "cell": cell.as_dict(),
+                        "seed": seed,
+                        "lr": lr,
+                        "weight_decay": wd,
+                        "iterations": args.iterations,
+                        "batch_size": 256,
+                        "select": args.select,
+                        "validate_every": args.validate_every if args.select == "best" else None,
+                        "dtype": args.dtype,
+                    }
                     if extra is not None:
                         config["extra"] = extra
-                    runs.append({"id": _hash(config), "config": config, "cell": cell, "seed": seed,
-                                 "lr": lr, "wd": wd})
+                    runs.append({"id": _hash(config), "config": config, "cell": cell, "seed": seed, "lr": lr, "wd": wd})
     return runs
 
 
@@ -69,7 +75,7 @@ def _chunks(runs, size, split_seeds=True):
     for key, group in groups.items():
         group.sort(key=lambda r: (r["seed"], r["cell"].kind))
         for i in range(0, len(group), size):
-            yield key[:2], group[i:i + size]
+            yield key[:2], group[i : i + size]
 
 
 def _stack_for(chunk, problems, dtype, device):
@@ -85,21 +91,37 @@ def _stack_for(chunk, problems, dtype, device):
         b = np.stack([np.stack(f.biases) for f in frozen])
         kw = dict(activation=structure[4], final_relu=structure[5], dtype=dtype, device=device)
         if method == "lora":
-            return FNNStack(W, b, method="lora", ranks=[list(r["cell"].ranks) for r in chunk],
-                            tune_bias=[t and structure[4] != "linear" for t in tune], init_seeds=init_seeds,
-                            rank_padding=structure[1], **kw)
+            return FNNStack(
+                W,
+                b,
+                method="lora",
+                ranks=[list(r["cell"].ranks) for r in chunk],
+                tune_bias=[t and structure[4] != "linear" for t in tune],
+                init_seeds=init_seeds,
+                rank_padding=structure[1],
+                **kw,
+            )
         return FNNStack(W, b, method="final_layers", tuned_layers=[r["cell"].layers for r in chunk], **kw)
     params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
-    return TFNStack(params, method="lora", ranks=[r["cell"].ranks[0] for r in chunk], tune_bias=tune,
-                    init_seeds=init_seeds, dtype=dtype, device=device, rank_padding=structure[1])
+    return TFNStack(
+        params,
+        method="lora",
+        ranks=[r["cell"].ranks[0] for r in chunk],
+        tune_bias=tune,
+        init_seeds=init_seeds,
+        dtype=dtype,
+        device=device,
+        rank_padding=structure[1],
+    )
 
 
 def _target_stack(structure, targets, dtype, device):
     if structure[0] == "fnn":
         W = np.stack([np.stack(t.weights) for t in targets])
         b = np.stack([np.stack(t.biases) for t in targets])
-        return FNNStack(W, b, method="none", activation=structure[4], final_relu=structure[5], dtype=dtype,
-                        device=device)
+        return FNNStack(
+            W, b, method="none", activation=structure[4], final_relu=structure[5], dtype=dtype, device=device
+        )
     params = {k: np.stack([t.parameters()[k] for t in targets]) for k in targets[0].parameters()}
     return TFNStack(params, method="none", dtype=dtype, device=device)
 
@@ -114,7 +136,9 @@ def _evaluate(stack, targets_out, target_index, X, device):
     structure_fnn = isinstance(stack, FNNStack)
     n = X.shape[0]
     R = stack.R
-    size = _eval_chunk_size(("fnn", stack.D, stack.L) if structure_fnn else ("tfn", stack.D, stack.L, 0, X.shape[-1]), n)
+    size = _eval_chunk_size(
+        ("fnn", stack.D, stack.L) if structure_fnn else ("tfn", stack.D, stack.L, 0, X.shape[-1]), n
+    )
     Xd = X.to(device=device, dtype=torch.float64).unsqueeze(0)
     out = []
     with torch.no_grad():
@@ -145,8 +169,16 @@ def estimate_rate(chunk, problems, dtype, device, structure, iterations) -> floa
     targets = [problems.target(structure, chunk[0]["seed"])]
     tstack = _target_stack(structure, targets, dtype, device)
     R = len(chunk)
-    kw = dict(data_index=[0] * R, target_index=[0] * R, target_data_index=[0], data_seeds=[0],
-              lr=np.full(R, 1e-3), weight_decay=np.full(R, 0.0), batch_size=256, input_shape=_input_shape(structure))
+    kw = dict(
+        data_index=[0] * R,
+        target_index=[0] * R,
+        target_data_index=[0],
+        data_seeds=[0],
+        lr=np.full(R, 1e-3),
+        weight_decay=np.full(R, 0.0),
+        batch_size=256,
+        input_shape=_input_shape(structure),
+    )
     steps = 3 if structure[0] == "tfn" else 10
     train_stack(stack, tstack, iterations=2, **kw)
     if device.type == "cuda":
