@@ -12,8 +12,7 @@ contenders run in a fresh process that reports its wall time and its peak reside
   before it prints (layout from ``config.json``, tensors read lazily from the shards the index names,
   ``ΔW`` in float32, its singular values, the statistics of its rounding bound and the noise floor, norms,
   bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing
-  ``transformers`` and
-  building the model on the meta device to read the layout);
+  ``transformers`` and building the model on the meta device to read the layout);
 * ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
   ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
 

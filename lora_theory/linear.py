@@ -232,13 +232,12 @@ class LinearFit(_LargestConditionNumber):
         """Amplification ``γ = max_l ||Q_l||_2 (||W_l||_2 + ||Δ_l||_2) ||P_l||_2 / max(||T||_2, ||Π W||_2)``.
 
         Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product, and ``W_l + Δ_l`` is a float64 sum
-        that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen
-        entry of 1e12 cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large
-        (solves with
-        ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far
-        exceed either ``κ``), the rounding of the adapted product grows with this size, not with ``κ``
-        alone. The achieved product is within ``c·u·(κ + γ)`` (relative to the same scale) of
-        ``Π W + LR_k(E)``: use ``tolerance(fit.kappa, fit.gamma)``.
+        that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen entry of 1e12
+        cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large (solves with
+        ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far exceed either
+        ``κ``), the rounding of the adapted product grows with this size, not with ``κ`` alone. The achieved product is
+        within ``c·u·(κ + γ)`` (relative to the same scale) of ``Π W + LR_k(E)``: use ``tolerance(fit.kappa,
+        fit.gamma)``.
         """
         return _chain_gamma(self.frozen, self.model.weights, self.target)
 
@@ -319,10 +318,9 @@ def _search_assignment(blocks, ranks, step, state, singular):
     the rest of the chain can be built depends only on ``l`` and the *set* of blocks used before it, so a
     (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and once the fixed
     order has failed the search stops after :data:`MAX_ASSIGNMENT_STEPS` steps in all. Within that budget the search is
-    exhaustive: it fails only
-    when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank splits of
-    ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched,
-    so a failure is a failure of this construction, not a proof that the optimum is out of reach.
+    exhaustive: it fails only when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank
+    splits of ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched, so a
+    failure is a failure of this construction, not a proof that the optimum is out of reach.
 
     Parameters
     ----------

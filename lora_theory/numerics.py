@@ -203,7 +203,9 @@ def check_norm_finite(matrix, what: str) -> None:
     without squaring the entries (entries of 1e200 have a finite norm)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     top = float(np.max(np.abs(matrix))) if matrix.size else 0.0
-    if top > 0 and not np.isfinite(top * np.linalg.norm(matrix / top)):
+    with np.errstate(over="ignore"):  # the overflow is what is tested: report it by name, not as a trap
+        norm = top * np.linalg.norm(matrix / top) if top > 0 else 0.0
+    if not np.isfinite(norm):
         raise FloatingPointError(f"overflow: the norm of {what} exceeds the float64 range")
 
 

@@ -14,8 +14,7 @@ computed singular values ``σ̂_i`` and the residual ``R = A - Q̂Ĉ``:
   ``σ̂_i = 0`` for ``i > b``;
 * ``‖R‖_2`` bounded by ``‖R‖_F`` (computed from ``R`` itself, not as the difference ``‖A‖_F² - ‖Ĉ‖_F²``,
   which cancels), else by ``‖RᵀR‖_F^{1/2}`` (the Schatten-4 norm), else, sharper, by a Cholesky test: if floating-point
-  Cholesky of
-  ``μI - fl(RᵀR)`` runs to completion then ``λ_max(RᵀR) <= μ`` plus the factorisation's backward error
+  Cholesky of ``μI - fl(RᵀR)`` runs to completion then ``λ_max(RᵀR) <= μ`` plus the factorisation's backward error
   (Higham, *Accuracy and Stability of Numerical Algorithms*, Theorem 10.3).
 
 Every floating-point step is charged with its standard error bound (``γ_k = k·u / (1 - k·u)``, ``u = 2^-53``):

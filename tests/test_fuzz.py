@@ -844,7 +844,8 @@ def check_lora_parameter_count(data):
     rank = data.draw(ranks(5, 4) if not isinstance(D, int) else ranks(D, L if isinstance(L, int) else 1))
     n, exc = call(lt.lora_parameter_count, D, L, rank)
     if exc is None:
-        assert n == 2 * D * (sum(rank) if isinstance(rank, list) else rank * L)
+        per_layer = np.ndim(rank) > 0  # a list or an array holds one rank per layer; a scalar is every layer's
+        assert n == 2 * D * (int(np.sum(rank)) if per_layer else int(rank) * L)
 
 
 def check_final_layers_parameter_count(data):

@@ -3,10 +3,9 @@
 ``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` adapter
 parameters plus the ``L·D`` biases (``--tune-bias``, the default); tuning the last ``l`` layers trains
 their weights and biases, ``l(D² + D)``; the ``params`` column counts both that way. The float64 construction of an
-8-layer block is not
-computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
-high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
-the full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
+8-layer block is not computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from
+the high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``; the
+full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
 """
 
 from __future__ import annotations

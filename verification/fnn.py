@@ -3,9 +3,8 @@
 
 ``python -m verification.fnn --depth 4``: the construction (certified ball covering the test and the x5
 inputs) is exact from ``ceil(D / floor(L / L̄))`` on; the "predicted" column is the project's per-instance
-error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated"
-column sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on
-the shifted inputs.
+error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated" column
+sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on the shifted inputs.
 """
 
 from __future__ import annotations

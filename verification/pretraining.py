@@ -4,15 +4,13 @@
 ``--model tfn``): for seeds ``0..N-1`` the random frozen model and the target of the experiments
 (``python -m verification.fnn``, ``verification.linear``, ``verification.tfn`` with the same sizes draw the
 same ones), the pretrained frozen model made from the random one (THEORY.md §4: all its weights and biases trained
-toward the target until the loss is a third of
-the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of every discrepancy the construction
-matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3, uniform partition,
-:func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose tail
-gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and output
-discrepancies (Theorem 7,
-:func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the error below it are set
-by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a TFN chain),
-so a frozen model closer to the target helps exactly as far as pretraining lowers them.
+toward the target until the loss is a third of the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of
+every discrepancy the construction matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3,
+uniform partition, :func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose
+tail gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and
+output discrepancies (Theorem 7, :func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the
+error below it are set by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a
+TFN chain), so a frozen model closer to the target helps exactly as far as pretraining lowers them.
 
 Paired by seed, it prints per discrepancy and ``k`` in how many seeds the pretrained ``σ_k`` is lower and
 the median ratio pretrained / random, then the median relative change of every frozen parameter; it writes

@@ -5,10 +5,9 @@
 a relative output error, measured per input with two blocks at ``D = 16``, ``H = 2``, ``N = 10``, ``R = 8``
 (20 seed pairs, 1280 inputs): median 6e-13, up to 2e-7 (the second block reads the first one's output
 through ``C_1 = T2 W2^{-1}``); with one block median 1e-13, up to 6e-11. ``--highprec`` builds the column at raised
-precision instead
-(:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s per
-construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training
-is hours of CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
+precision instead (:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s
+per construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training is hours of
+CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
 """
 
 from __future__ import annotations
