@@ -29,6 +29,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,6 +52,9 @@ from .noise_floor import (
 )
 from .partition import partition_blocks, uniform_partition
 from .thresholds import fnn_rank_threshold
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "PER_LAYER_NOTE",
@@ -352,6 +356,35 @@ class LayerAdvice:
         }
 
 
+#: The columns of :meth:`RankReport.to_dataframe`, in order (``name`` becomes the index): the scalars of
+#: :meth:`LayerAdvice.to_dict`, the layer's shape as ``out_features``/``in_features``, ``floor`` (the noise
+#: floor's spectral value, NaN without one) and ``relative_floor``.
+DATAFRAME_COLUMNS = (
+    "name",
+    "out_features",
+    "in_features",
+    "storage_dtype",
+    "exact_rank",
+    "max_rank",
+    "energy_rank",
+    "spectrum_energy_rank",
+    "rank_above_floor",
+    "rank_above_rigorous",
+    "below_floor",
+    "settled",
+    "spectrum",
+    "tolerance",
+    "floor",
+    "relative_floor",
+    "base_norm",
+    "delta_norm",
+    "relative_change",
+    "exact_parameters",
+    "bias_changed",
+    "bias_change_norm",
+)
+
+
 @dataclass(frozen=True, eq=False)
 class RankReport:
     """The result of :func:`advise_layers`.
@@ -513,9 +546,35 @@ class RankReport:
             "total_energy_parameters": int(sum(a.parameters(a.energy_rank) for a in self.layers)),
         }
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: object) -> str:
+        """:meth:`to_dict` as JSON text (``kwargs`` go to :func:`json.dumps`; ``indent=2`` unless given)."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """The layers as a :class:`pandas.DataFrame`: one row per weight matrix (index ``name``, the checkpoint's
+        order), one column per scalar of :meth:`LayerAdvice.to_dict` (:data:`DATAFRAME_COLUMNS`: ranks, norms,
+        the noise floor's spectral value, parameters). The per-layer arrays (singular values, tails, bias
+        changes) stay in :attr:`layers`.
+
+        Needs pandas (``pip install pandas``, or the ``notebook`` extra); without it, raises
+        :class:`ImportError` saying so.
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                "RankReport.to_dataframe needs pandas: pip install pandas (or lora-theory[notebook])"
+            ) from None
+        rows = []
+        for a in self.layers:
+            record = a.to_dict()
+            row = {column: record[column] for column in DATAFRAME_COLUMNS if column in record}
+            row["out_features"], row["in_features"] = (int(n) for n in a.shape)
+            row["relative_floor"] = float(a.relative_floor)
+            row["floor"] = math.nan if a.floor is None else float(a.floor.spectral)
+            rows.append(row)
+        return pandas.DataFrame(rows, columns=list(DATAFRAME_COLUMNS)).set_index("name")
 
 
 # ------------------------------------------------------------------------------------------ per layer
