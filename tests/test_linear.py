@@ -775,3 +775,74 @@ def test_gamma_below_one_when_the_target_dwarfs_the_frozen_product():
     fit = lora_linear(frozen, target, 0)
     assert fit.gamma == pytest.approx(_gamma_reference(frozen, fit.weights, target), rel=1e-9)
     assert fit.gamma == pytest.approx(1e-6, rel=1e-9)
+
+
+def _model_and_matrices(seed, D=5, L=3, target_depth=2):
+    """``(model, matrices, target model, target matrix)``: the same linear chain and target in both forms."""
+    model = random_linear(D, L, seed=seed)
+    target_model = random_linear(D, target_depth, seed=seed + 1)
+    return model, [np.array(W) for W in model.weights], target_model, product(list(target_model.weights))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_model_of_random_linear_and_its_matrices_give_identical_results(seed):
+    """Every function of Lemma 1 takes the model random_linear returns as well as its list of matrices (and a
+    linear model as the target, standing for its matrix): the results are identical, bit for bit."""
+    import lora_theory as lt
+
+    model, W, target_model, T = _model_and_matrices(seed)
+    forms = [(model, target_model), (model, T), (W, target_model)]
+    assert np.array_equal(product(model), product(W))
+    for frozen, target in forms:
+        assert np.array_equal(discrepancy(frozen, target), discrepancy(W, T))
+        assert discrepancy_rank(frozen, target) == discrepancy_rank(W, T)
+        assert linear_rank_requirement(frozen, target) == linear_rank_requirement(W, T)
+        for rank in (0, 1, [2, 0, 1]):
+            for norm in ("spectral", "fro"):
+                assert linear_optimal_error(frozen, target, rank, norm) == linear_optimal_error(W, T, rank, norm)
+            assert linear_gaussian_mse(frozen, target, rank) == linear_gaussian_mse(W, T, rank)
+            got, want = lora_linear(frozen, target, rank), lora_linear(W, T, rank)
+            assert np.array_equal(got.product, want.product)
+            assert (got.spectral_error, got.exact, got.error_rank) == (want.spectral_error, want.exact, want.error_rank)
+            assert all(np.array_equal(a.delta, b.delta) for a, b in zip(got.adapters, want.adapters))
+            gap_got = optimality_gap(frozen, target, want.adapters)
+            assert gap_got == optimality_gap(W, T, want.adapters)
+    assert lt.linear_rank_threshold(model) == lt.linear_rank_threshold(5, 3) == 2
+
+
+def test_a_model_that_is_not_a_linear_chain_is_refused():
+    """A ReLU model or one with biases is not the model of Lemma 1: reading its weights as a chain would answer
+    for another model, so each function refuses it, naming the argument."""
+    import lora_theory as lt
+    from lora_theory.errors import InvalidArgumentError
+
+    relu = lt.random_fnn(3, 2, seed=0)
+    biased = lt.random_fnn(3, 2, seed=0, activation="linear")
+    linear = random_linear(3, 2, seed=0)
+    T = np.eye(3)
+    for bad, what in ((relu, "activation='linear'"), (biased, "zero biases")):
+        for call in (
+            lambda m: discrepancy(m, T),
+            lambda m: discrepancy_rank(m, T),
+            lambda m: linear_rank_requirement(m, T),
+            lambda m: linear_optimal_error(m, T, 1),
+            lambda m: linear_gaussian_mse(m, T, 1),
+            lambda m: lora_linear(m, T, 1),
+            lambda m: optimality_gap(m, T, [np.zeros((3, 3))] * 2),
+        ):
+            with pytest.raises(InvalidArgumentError, match=what) as info:
+                call(bad)
+            assert info.value.argument == "frozen"
+        with pytest.raises(InvalidArgumentError, match=what) as info:
+            lora_linear(linear, bad, 1)
+        assert info.value.argument == "target"
+        with pytest.raises(InvalidArgumentError, match=what):
+            product(bad)
+        with pytest.raises(InvalidArgumentError, match=what):
+            lt.linear_rank_threshold(bad)
+    with pytest.raises(InvalidArgumentError, match="must be 3 x 3"):
+        lora_linear(linear, random_linear(6, 1, seed=1), 1)
+    with pytest.raises(InvalidArgumentError, match="left out"):
+        lt.linear_rank_threshold(linear, 2)
+    with pytest.raises(InvalidArgumentError, match="must be given"):
+        lt.linear_rank_threshold(3)

@@ -181,6 +181,7 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
 
     from lora_theory.fnn import lora_fnn
 
+    from .outdir import fresh_modes_under
     from .peft_export import AdapterWriteError, check_fnn_adapter, export_peft
 
     fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition, input_radius=args.input_radius)
@@ -213,6 +214,7 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
                 f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
                 f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius"
             )
+        fresh_modes_under(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
         if final.exists():  # the earlier adapter is replaced only once the new one holds
             old = Path(tempfile.mkdtemp(prefix=".peft_adapter.old-", dir=out))
             os.replace(final, old / "peft_adapter")

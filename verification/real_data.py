@@ -300,6 +300,8 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
     ``<dataset>_lora_r<rank>`` (LoRA on all layers with biases, lr 1e-2)."""
     from safetensors.torch import save_file
 
+    from .outdir import write_as_open
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -320,7 +322,7 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
                 state[f"layers.{l}.weight"] = W[l].contiguous().float()
                 state[f"layers.{l}.bias"] = b[l].contiguous().float()
             path = directory / f"{dataset}_{tag}.safetensors"
-            save_file(state, str(path), metadata={"format": "pt"})
+            write_as_open(path, lambda f, state=state: save_file(state, f, metadata={"format": "pt"}))
             written.append(str(path))
     return written
 

@@ -497,6 +497,91 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
+# ------------------------------------------------------------------------------------------------ file modes
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    """Run the test under this umask, and restore the old one after it."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_write_gives_a_new_file_the_mode_of_a_plain_open(umask, tmp_path):
+    """A file written through a temporary file is 0666 less the umask (0644 under 022, 0600 under 077), as
+    open() would leave it, not mkstemp's 0600; a replaced file keeps its mode."""
+    assert outdir.current_umask() == umask
+    assert outdir.fresh_mode() == {0o022: 0o644, 0o077: 0o600}[umask]
+    assert outdir.fresh_mode(folder=True) == {0o022: 0o755, 0o077: 0o700}[umask]
+    new = tmp_path / "summary.json"
+    outdir.atomic_write(new, "{}")
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert _mode(new) == _mode(plain) == {0o022: 0o644, 0o077: 0o600}[umask]
+    kept = tmp_path / "table.txt"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    outdir.atomic_write(kept, "new")
+    assert kept.read_text() == "new" and _mode(kept) == 0o640
+
+
+def test_a_writer_that_sets_its_own_mode_is_brought_to_the_umask(umask, tmp_path):
+    """write_as_open: a writer that creates 0600 files (as safetensors does) leaves a new file with open()'s
+    mode under the umask and a replaced file with its old mode."""
+
+    def private(f):
+        os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.chmod(f, 0o600)
+
+    outdir.write_as_open(tmp_path / "new.safetensors", private)
+    assert _mode(tmp_path / "new.safetensors") == {0o022: 0o644, 0o077: 0o600}[umask]
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(b"")
+    os.chmod(old, 0o664)
+    outdir.write_as_open(old, private)
+    assert _mode(old) == 0o664
+
+
+def test_advise_writes_its_report_and_adapter_with_the_umask(umask, tmp_path, capsys):
+    """advise --fnn with an exported adapter: every file and folder it writes (the report, the PEFT adapter
+    folder built in a temporary folder and renamed into place) has the mode open() and mkdir() give under the
+    umask: 0644 files and 0755 folders under 022, 0600 and 0700 under 077."""
+    pytest.importorskip("peft")
+    out = tmp_path / "report"
+    main, argv, _ = _tool_command("advise --fnn", out, tmp_path)
+    assert main(argv) == 0
+    assert (out / "peft_adapter" / "adapter_config.json").exists()
+    files = {0o022: 0o644, 0o077: 0o600}[umask]
+    folders = {0o022: 0o755, 0o077: 0o700}[umask]
+    written = [out, *out.rglob("*")]
+    assert len(written) > 4
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(_mode(p)) for p in written if _mode(p) != (folders if p.is_dir() else files)
+    }
+    assert not wrong, wrong
+
+
+def test_peft_export_folder_has_the_mode_of_mkdir(umask, tmp_path):
+    """export_peft builds the adapter folder in a temporary folder (mkdtemp: 0700) and renames it: the folder
+    ends with mkdir's mode under the umask, its files with open()'s."""
+    pytest.importorskip("peft")
+    from lora_theory.adapter import Adapter
+    from verification.peft_export import export_peft
+
+    rng = np.random.default_rng(0)
+    export_peft([Adapter(rng.standard_normal((1, 3)), rng.standard_normal((3, 1)))], tmp_path / "adapter")
+    folder = tmp_path / "adapter"
+    assert _mode(folder) == {0o022: 0o755, 0o077: 0o700}[umask]
+    assert {_mode(p) for p in folder.iterdir()} == {{0o022: 0o644, 0o077: 0o600}[umask]}
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 

@@ -52,6 +52,9 @@ def test_checkpoints_feed_the_advisor(tmp_path):
     assert all(0 < r <= 2 for r in lora.exact_ranks.values())
     full = advise_checkpoints(paths[0], paths[1])
     assert max(full.exact_ranks.values()) > 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(p).st_mode & 0o777 for p in paths} == {0o666 & ~umask}  # open()'s mode, not safetensors' 0600
 
 
 def test_stacked_runs_are_independent():
