@@ -8,7 +8,7 @@
 Each pair (base, tuned = base + a rank-8 change in every matrix) is generated here in Hugging Face's layout
 (``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Each
 contender (``--contenders``, default all three) runs in a fresh process that reports its wall time and its
-peak resident memory (``ru_maxrss``):
+peak resident memory (``VmHWM``, :func:`peak_rss_mib`):
 
 * ``advisor``: :func:`verification.rank_report.advise_stream` with ``spectrum="full"``, what
   ``python -m verification.advise --spectrum full`` runs before it prints (layout from ``config.json``,
@@ -230,6 +230,21 @@ def run_child(kind, base, tuned, device, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` where there is one.
+
+    ``ru_maxrss`` is not used where ``VmHWM`` exists: a child started by ``subprocess`` (``vfork`` then
+    ``exec``) inherits the parent's peak in it, so every contender read as the generator's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (macOS: bytes)
+
+
 def child_main(args):
     import torch
 
@@ -241,7 +256,7 @@ def child_main(args):
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds, setup = end - start, setup - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    rss = peak_rss_mib()
     print(
         json.dumps(
             {

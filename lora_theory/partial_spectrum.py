@@ -242,8 +242,8 @@ def partial_spectrum_from_blocks(
         The matrix's shape (``m >= n`` keeps the residual's Gram matrix small).
     blocks : callable
         ``blocks()`` returns an iterator over consecutive real row blocks ``(rows, n)`` of the matrix (read
-        as float64), the same entries every call; every pass checks the blocks' shapes, finiteness and
-        total row count ``m``.
+        as float64), the same entries every call; every pass checks the blocks' shapes and total row count
+        ``m``, the first their finiteness.
     threshold, block, max_block, power_iterations, seed : as :func:`partial_spectrum`.
 
     Returns
@@ -279,7 +279,10 @@ def partial_spectrum_from_blocks(
         omega = rng.standard_normal((n, b))  # (n, b)
         ys, fro_sq, amax = [], 0.0, 0.0
         for blk in blocks():
-            amax = max(amax, float(np.max(np.abs(blk))))
+            blk_max = float(np.max(np.abs(blk), initial=0.0))
+            if not math.isfinite(blk_max):  # NaN included: max() would drop it
+                raise InvalidArgumentError("blocks", "contains NaN or infinite entries")
+            amax = max(amax, blk_max)
             if amax > MAGNITUDE_RANGE[1]:
                 _out_of_range(amax)
             fro_sq += float(np.einsum("ij,ij->", blk, blk))
@@ -333,7 +336,10 @@ def _checked(blocks, m, n):
             raise InvalidArgumentError("blocks", "blocks() must return an iterable of row blocks") from None
         rows = 0
         for blk in it:
-            a = as_array(blk, "blocks", ndim=2, shape=(None, n))
+            if isinstance(blk, np.ndarray) and blk.dtype == np.float64 and blk.ndim == 2 and blk.shape[1] == n:
+                a = blk  # as given, no copy (finiteness: the first pass's max|A_ij|)
+            else:
+                a = as_array(blk, "blocks", ndim=2, shape=(None, n))
             rows += a.shape[0]
             if rows > m:
                 break
