@@ -40,6 +40,7 @@ from lora_theory.errors import LoraTheoryError
 
 from .checkpoints import CheckpointError, fnn_from_state_dict, read_checkpoint
 from .outdir import CLIError, check_folder, claim_folder
+from .streaming import SPECTRUM_CHOICES
 
 __all__ = ["advise_checkpoints", "format_table", "plot_spectra", "main"]
 
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--spectrum",
-        choices=("auto", "full", "partial"),
+        metavar="{auto,full,partial}",
         default="auto",
         help="auto (default): a certified partial spectrum per layer (the singular values above the "
         "floor, the count proved), the full one where the count is not settled or the layer is "
@@ -371,6 +372,8 @@ def main(argv=None) -> int:
         print(f"python -m verification.advise: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.spectrum not in SPECTRUM_CHOICES:  # checked here, not by argparse: one line, before any work
+            raise CheckpointError("--spectrum", f"must be one of {', '.join(SPECTRUM_CHOICES)}, got {args.spectrum!r}")
         if args.fnn:
             return _fnn_mode(args)
         return _checkpoint_mode(args)

@@ -319,3 +319,76 @@ def test_a_refused_export_into_advise_s_own_folder_keeps_the_earlier_adapter(tmp
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".peft_adapter")) == []
     record = json.loads((out / "report.json").read_text())
     assert record["export"]["input_radius"] == 2.0
+
+
+# ----------------------------------------------------------------------------- --spectrum
+
+
+def _spectrum_pair(tmp_path):
+    """float32 layers (no config.json: read as ``nn.Linear``): ``low`` 320 x 288 with a planted rank-3 change,
+    ``small`` 40 x 24 with rank 2 (short side below 256), ``dense`` 288 x 272 with a full-rank change."""
+    g = torch.Generator().manual_seed(3)
+    base = {
+        "low.weight": torch.randn(320, 288, generator=g),
+        "small.weight": torch.randn(40, 24, generator=g),
+        "dense.weight": torch.randn(288, 272, generator=g),
+    }
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["low.weight"] += 0.1 * torch.randn(320, 3, generator=g) @ torch.randn(3, 288, generator=g)
+    tuned["small.weight"] += 0.1 * torch.randn(40, 2, generator=g) @ torch.randn(2, 24, generator=g)
+    tuned["dense.weight"] += 0.1 * torch.randn(288, 272, generator=g)
+    for tag, sd in (("base", base), ("tuned", tuned)):
+        save_file(sd, str(tmp_path / f"{tag}.safetensors"))
+    return str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), {"low": 3, "small": 2}
+
+
+def _layers_with(tmp_path, base, tuned, spectrum, capsys):
+    out = tmp_path / spectrum
+    assert main([base, tuned, "--spectrum", spectrum, "--out", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    return {l["name"]: l for l in json.loads((out / "report.json").read_text())["layers"]}, table
+
+
+def test_cli_spectrum_partial_and_auto_give_the_full_spectrum_s_ranks(tmp_path, capsys):
+    """``--spectrum partial`` settles the low-rank layers at the full spectrum's ranks and leaves the full-rank
+    change as an interval that holds it; ``auto`` takes the full spectrum where the partial one is unsettled
+    or the short side is below 256, and says so per layer in report.json."""
+    from verification.streaming import PARTIAL_MIN_SIDE
+
+    base, tuned, planted = _spectrum_pair(tmp_path)
+    full, _ = _layers_with(tmp_path, base, tuned, "full", capsys)
+    assert all(l["spectrum"] == "full" and l["settled"] for l in full.values())
+    for name, r in planted.items():
+        assert full[name]["rank_above_floor"] == r
+    rank = {name: l["rank_above_floor"] for name, l in full.items()}
+    assert rank["dense"] == 272  # a full-rank change: a partial spectrum cannot settle it
+
+    partial, table = _layers_with(tmp_path, base, tuned, "partial", capsys)
+    assert all(l["spectrum"] == "partial" for l in partial.values())
+    for name, l in partial.items():
+        lo, hi = l["rank_bounds"]
+        assert lo <= rank[name] <= hi
+        if l["settled"]:
+            assert l["rank_above_floor"] == rank[name]
+    assert partial["low"]["settled"] and partial["small"]["settled"]
+    assert not partial["dense"]["settled"] and "(unsettled)" in table
+
+    auto, table = _layers_with(tmp_path, base, tuned, "auto", capsys)
+    assert {name: l["rank_above_floor"] for name, l in auto.items()} == rank
+    assert all(l["settled"] for l in auto.values())
+    assert auto["low"]["spectrum"] == "partial" and auto["low"]["spectrum_note"] is None
+    assert auto["small"]["spectrum"] == "full"
+    assert f"short side below {PARTIAL_MIN_SIDE}" in auto["small"]["spectrum_note"]
+    assert auto["dense"]["spectrum"] == "full"
+    assert "partial spectrum unsettled" in auto["dense"]["spectrum_note"]
+    assert "full spectrum for 1 layers whose partial count was not settled" in table
+
+
+@pytest.mark.parametrize("extra", [[], ["--fnn"]])
+def test_cli_refuses_a_bad_spectrum_value_in_one_line(tmp_path, capsys, extra):
+    base, tuned = pair(tmp_path)
+    assert main([str(base), str(tuned), "--spectrum", "exact", *extra]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--spectrum" in err[0] and "auto, full, partial" in err[0], err
+    assert captured.out == ""
