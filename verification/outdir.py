@@ -180,17 +180,21 @@ def check_folder(folder: Path, tool: str, flag: str = "--out") -> bool:
     )
 
 
-def claim_folder(folder: Path, tool: str, settings: dict | None = None, flag: str = "--out") -> Path:
+def claim_folder(
+    folder: Path, tool: str, settings: dict | None = None, flag: str = "--out", update: bool = False
+) -> Path:
     """Check ``folder`` (:func:`check_folder`), create it, check that a file can be written there, and write
-    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty. Returns the folder.
+    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty, or with ``update``
+    also over the tool's own (the settings of the latest run). Returns the folder.
 
-    For tools that run briefly (``advise``); a sweep also holds :class:`FolderLock` while it writes.
+    For tools that run briefly (``advise``); a tool that runs long (``real_data``, a sweep) also holds
+    :class:`FolderLock` while it writes.
     """
     folder = Path(folder)
     own = check_folder(folder, tool, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not own:
+        if update or not own:
             atomic_write(
                 folder / SETTINGS_FILE,
                 json.dumps(
