@@ -38,6 +38,18 @@ def _complete(folder: Path) -> dict:
     return {str(p): p.read_bytes() for name in COMPLETE_FILES for p in sorted(folder.rglob(name))}
 
 
+def error_line(tool: str, err: str, match: str | None = None) -> str:
+    """The one line of ``err`` (a refused command's stderr): exactly one line, ``python -m
+    verification.<tool>: error: <message>``, with ``match`` in it. Returns the line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    prefix = f"python -m verification.{tool}: error: "
+    assert lines[0].startswith(prefix), lines
+    if match is not None:
+        assert match in lines[0], (match, lines)
+    return lines[0]
+
+
 def assert_refused(capsys, tool: str, argv: list, match: str | None = None) -> str:
     """Run ``python -m verification.<tool>`` on ``argv`` (through its ``main(argv)``) and check the command-line
     convention for bad input: exit status 2, nothing on stdout, exactly one line on stderr, that line
@@ -50,17 +62,12 @@ def assert_refused(capsys, tool: str, argv: list, match: str | None = None) -> s
     capsys.readouterr()
     code = main(list(argv))
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, (code, lines)
+    assert code == 2, (code, err)
     assert out == "", out
-    assert len(lines) == 1, lines
-    prefix = f"python -m verification.{tool}: error: "
-    assert lines[0].startswith(prefix), lines
-    if match is not None:
-        assert match in lines[0], (match, lines)
+    line = error_line(tool, err, match)
     for folder in folders:
         assert _complete(folder) == before[folder], f"{folder}: a finished-looking file appeared or changed"
-    return lines[0]
+    return line
 
 
 def partitions(L: int, Lbar: int):
