@@ -599,6 +599,9 @@ def test_resume_warns_about_the_flags_it_ignores(tmp_path, capsys):
     assert [r["rank"] for r in _summary(out)["rows"]] == [1]  # --ranks ignored
     assert linear.main(["--resume", str(out), "--no-figure"]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert linear.main(["--resume", str(out), "--figure"]) == 0  # the pair of --no-figure, taken on a resume
+    assert "warning" not in capsys.readouterr().err
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, refused):

@@ -137,6 +137,12 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
     p.add_argument(
+        "--figure",
+        dest="no_figure",
+        action="store_false",
+        help="draw figure.png (the default); with --resume, for a sweep run with --no-figure",
+    )
+    p.add_argument(
         "--construction-only",
         action="store_true",
         help="build and evaluate the constructions only, train nothing (the gradient columns stay "
