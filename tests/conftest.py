@@ -1,10 +1,11 @@
 """Shared pytest configuration: the pytest version guard, hypothesis profiles, the gpu marker and its
---require-gpu switch."""
+--require-gpu switch, the ``refused`` fixture (the command-line refusal check of ``tests/_helpers.py``)."""
 
 import os
 import re
 
 import pytest
+from _helpers import assert_refused
 from hypothesis import HealthCheck, settings
 
 #: The oldest pytest that reads the configuration: it lives in pyproject.toml's ``[tool.pytest]`` table, which
@@ -67,3 +68,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(tool, argv, match=None)``: :func:`_helpers.assert_refused` with this test's ``capsys``."""
+
+    def check(tool, argv, match=None):
+        return assert_refused(capsys, tool, argv, match)
+
+    return check

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import lora_theory
 
+from .outdir import int_at_least
 from .sweep import (
     Cell,
     CLIError,
@@ -28,14 +29,17 @@ from .sweep import (
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=8, help="L, the frozen depth (default 8)")
+    p.add_argument(
+        "--depth",
+        type=int_at_least(2, "at least 2 (one frozen layer and one tuned)"),
+        default=8,
+        help="L, the frozen depth (default 8)",
+    )
     p.add_argument("--layers", default=None, help="how many final layers to tune, e.g. 1-7 (default 1..L-1)")
     add_highprec_arguments(p)
 
 
 def _validate(args):
-    if args.depth < 2:
-        raise CLIError(f"--depth must be at least 2 (one frozen layer and one tuned), got {args.depth}")
     check_highprec_arguments(args, _cells(args))
 
 

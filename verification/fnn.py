@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import lora_theory
 
+from .outdir import positive_int
 from .sweep import CLIError, ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the frozen depth (default 2)")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the frozen depth (default 2)")
     p.add_argument("--target-depth", type=int, default=None, help="L̄ (default max(1, L // 2))")
 
 
@@ -24,8 +25,6 @@ def _target_depth(args):
 
 
 def _validate(args):
-    if args.depth < 1:
-        raise CLIError(f"--depth must be at least 1, got {args.depth}")
     Lbar = _target_depth(args)
     if Lbar < 1 or Lbar > args.depth:
         raise CLIError(f"--target-depth must be in 1..depth ({args.depth}), got {Lbar}")

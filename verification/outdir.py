@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -42,6 +43,9 @@ from pathlib import Path
 __all__ = [
     "CLIError",
     "OneLineParser",
+    "int_at_least",
+    "positive_int",
+    "nonnegative_int",
     "SETTINGS_FILE",
     "LOCK_FILE",
     "folder_owner",
@@ -71,10 +75,47 @@ class CLIError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``<prog>: error: <message>`` (the usage stays under ``--help``)."""
+    """The parser of every command-line module (``prog``: ``python -m verification.<name>``).
+
+    Bad input ends with exactly one line on stderr, ``<prog>: error: <message>``, and exit status 2, whether
+    argparse finds it (:meth:`error`) or a later check does (:meth:`refuse`); the usage stays under ``--help``.
+    ``--version`` prints the package version.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from lora_theory import __version__
+
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def refuse(self, message) -> int:
+        """Print ``message`` (a :class:`CLIError` or its text) as the one error line; returns the status, 2."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def int_at_least(low: int, words: str | None = None):
+    """An argparse ``type``: an integer ``>= low``; ``words`` says the bound (default ``at least <low>``)."""
+    words = words or f"at least {low}"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
+        return value
+
+    return parse
+
+
+#: argparse ``type`` callables: an integer >= 1, an integer >= 0
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0, "non-negative")
 
 
 # ---------------------------------------------------------------------------------------------- ownership
@@ -139,17 +180,21 @@ def check_folder(folder: Path, tool: str, flag: str = "--out") -> bool:
     )
 
 
-def claim_folder(folder: Path, tool: str, settings: dict | None = None, flag: str = "--out") -> Path:
+def claim_folder(
+    folder: Path, tool: str, settings: dict | None = None, flag: str = "--out", update: bool = False
+) -> Path:
     """Check ``folder`` (:func:`check_folder`), create it, check that a file can be written there, and write
-    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty. Returns the folder.
+    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty, or with ``update``
+    also over the tool's own (the settings of the latest run). Returns the folder.
 
-    For tools that run briefly (``advise``); a sweep also holds :class:`FolderLock` while it writes.
+    For tools that run briefly (``advise``); a tool that runs long (``real_data``, a sweep) also holds
+    :class:`FolderLock` while it writes.
     """
     folder = Path(folder)
     own = check_folder(folder, tool, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not own:
+        if update or not own:
             atomic_write(
                 folder / SETTINGS_FILE,
                 json.dumps(

@@ -31,7 +31,15 @@ import numpy as np
 
 import lora_theory
 
-from .outdir import FolderLock, OneLineParser, atomic_write, check_folder, interrupts_deferred, write_error_message
+from .outdir import (
+    FolderLock,
+    OneLineParser,
+    atomic_write,
+    check_folder,
+    interrupts_deferred,
+    positive_int,
+    write_error_message,
+)
 from .sweep import (
     PRETRAIN_FACTOR,
     PRETRAIN_MAX_STEPS,
@@ -57,14 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         default="fnn",
         help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn",
     )
-    p.add_argument("--width", type=int, default=None, help="D (default 16)")
+    p.add_argument("--width", type=positive_int, default=None, help="D (default 16)")
     p.add_argument(
-        "--depth", type=int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)"
+        "--depth", type=positive_int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)"
     )
     p.add_argument("--target-depth", type=int, default=None, help="L̄, fnn only (default max(1, L // 2))")
-    p.add_argument("--heads", type=int, default=None, help="H, tfn only (default 2)")
-    p.add_argument("--seq-len", type=int, default=None, help="N, tokens per pretraining input, tfn only (default 10)")
-    p.add_argument("--seeds", type=int, default=None, help="how many seeds (0..N-1; default 20)")
+    p.add_argument("--heads", type=positive_int, default=None, help="H, tfn only (default 2)")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="N, tokens per pretraining input, tfn only (default 10)"
+    )
+    p.add_argument("--seeds", type=positive_int, default=None, help="how many seeds (0..N-1; default 20)")
     p.add_argument("--out", default=None, help="output folder (default results/pretraining-<model>-<time>)")
     p.add_argument(
         "--quick",
@@ -92,15 +102,6 @@ def _structure(args) -> tuple:
     L = args.depth if args.depth is not None else (4 if args.model == "fnn" else 2)
     if args.model == "linear":  # verification.linear's models: one target layer
         args.target_depth = 1
-    for flag, value in (
-        ("--width", args.width),
-        ("--depth", L),
-        ("--seeds", args.seeds),
-        ("--heads", args.heads),
-        ("--seq-len", args.seq_len),
-    ):
-        if value < 1:
-            raise CLIError(f"{flag}: must be at least 1, got {value}")
     if args.model == "tfn":
         return ("tfn", args.width, L, args.heads, args.seq_len)
     Lbar = args.target_depth if args.target_depth is not None else max(1, L // 2)
@@ -375,8 +376,7 @@ def main(argv=None) -> int:
             )
         return _run(args, out, structure, seeds)
     except CLIError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
     except OSError as exc:
         if out is None or isinstance(exc, BrokenPipeError):  # not the folder's fault
             raise

@@ -16,8 +16,8 @@ import dataclasses
 
 import lora_theory
 
+from .outdir import positive_int
 from .sweep import (
-    CLIError,
     ExperimentSpec,
     add_highprec_arguments,
     apply_quick,
@@ -31,16 +31,13 @@ from .sweep import (
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the number of blocks (default 2)")
-    p.add_argument("--heads", type=int, default=2, help="H (default 2)")
-    p.add_argument("--seq-len", type=int, default=10, help="N, tokens per input (default 10)")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the number of blocks (default 2)")
+    p.add_argument("--heads", type=positive_int, default=2, help="H (default 2)")
+    p.add_argument("--seq-len", type=positive_int, default=10, help="N, tokens per input (default 10)")
     add_highprec_arguments(p, default=False)
 
 
 def _validate(args):
-    for flag, v in (("--depth", args.depth), ("--heads", args.heads), ("--seq-len", args.seq_len)):
-        if v < 1:
-            raise CLIError(f"{flag} must be at least 1, got {v}")
     check_highprec_arguments(args, _cells(args))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import error_line
 from safetensors.torch import save_file
 
 import lora_theory
@@ -99,7 +100,7 @@ def test_nested_state_dict_bfloat16_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch-zip", "torch-legacy"])
-def test_pickle_payload_is_refused_without_running(tmp_path, kind):
+def test_pickle_payload_is_refused_without_running(tmp_path, kind, refused):
     marker = tmp_path / "payload_ran.txt"
     path = tmp_path / "evil.pt"
     obj = {"w": torch.zeros(2, 2), "x": Payload(marker)}
@@ -110,7 +111,7 @@ def test_pickle_payload_is_refused_without_running(tmp_path, kind):
     with pytest.raises(UnsafeCheckpointError, match="refused.*not executed"):
         read_checkpoint(path)
     assert not marker.exists()
-    assert main([str(path), str(path)]) == 2
+    refused("advise", [str(path), str(path)], "not executed")
     assert not marker.exists()
     # the payload is real: an unrestricted unpickler would have run it
     pickle.loads(pickle.dumps(Payload(marker)))
@@ -207,16 +208,14 @@ def test_cli_writes_report_plot_and_proposal(tmp_path, capsys):
     assert (out / "spectra.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_errors(tmp_path, capsys):
+def test_cli_errors(tmp_path, refused):
     base, _ = pair(tmp_path)
     (tmp_path / "x.txt").write_text("nope")
-    assert main([str(base), str(tmp_path / "x.txt")]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
-    assert main([str(base), str(base), "--tol", "-1"]) == 2
-    assert "tol" in capsys.readouterr().err
+    refused("advise", [str(base), str(tmp_path / "x.txt")], "not a checkpoint")
+    refused("advise", [str(base), str(base), "--tol", "-1"], "tol")
 
 
-def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
+def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys, refused):
     D = 6
     frozen = lora_theory.random_fnn(D, 4, seed=1)
     target = lora_theory.random_fnn(D, 2, seed=2)
@@ -244,8 +243,7 @@ def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
     assert config["r"] == config["lora_alpha"] == 3
     assert main([args[0], args[0], "--fnn"]) == 0  # same depth: rank 0 needed
     assert "LoRA-rank needed 0" in capsys.readouterr().out
-    assert main([args[1], args[0], "--fnn"]) == 2  # target deeper than frozen
-    assert "target" in capsys.readouterr().err
+    refused("advise", [args[1], args[0], "--fnn"], "target")  # target deeper than frozen
 
 
 def _fnn_pair(tmp_path, D=6):
@@ -271,9 +269,9 @@ def test_fnn_export_that_does_not_hold_is_refused_and_nothing_is_written(tmp_pat
     """Regression: ``advise --fnn --input-radius R --out`` wrote a broken adapter and exited 0."""
     frozen, target = _fnn_pair(tmp_path)
     out = tmp_path / "out"
+    capsys.readouterr()
     assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", str(radius), "--dtype", dtype]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and why in err[0], err
+    error_line("advise", capsys.readouterr().err, why)  # after the table of the advice on stdout
     assert not (out / "peft_adapter").exists()
     assert not [p for p in out.iterdir() if "tmp" in p.name] if out.exists() else True
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import error_line
 
 import lora_theory
 import verification
@@ -42,13 +43,6 @@ EXPERIMENT_ARGS = {
 def _tree(folder: Path) -> dict:
     """Every file and folder under ``folder`` with its bytes (folders as None): byte-identical or not."""
     return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert ": error: " in lines[0], lines
-    return lines[0]
 
 
 def _checkpoints(tmp_path, tuned_depth):
@@ -101,7 +95,7 @@ def test_the_list_covers_every_tool_that_writes():
 
 @pytest.mark.parametrize("owner", ["nobody", "another tool"])
 @pytest.mark.parametrize("tool", TOOLS)
-def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monkeypatch, capsys):
+def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monkeypatch, refused):
     """Data loss first: an --out folder of another tool, or of nobody, is refused with one line (status 2)
     before any work starts, and is left byte-identical (no lock file, no config.json, nothing removed)."""
     out = tmp_path / "theirs"
@@ -112,17 +106,15 @@ def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monk
     if owner == "another tool":
         other = "fnn" if tool != "fnn" else "linear"
         (out / "config.json").write_text(json.dumps({"experiment": other, "argv": []}))
-    main, argv, (module, work) = _tool_command(tool, out, tmp_path)
+    _, argv, (module, work) = _tool_command(tool, out, tmp_path)
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the folder was checked")
 
     monkeypatch.setattr(module, work, no_work)
     before = _tree(out)
-    capsys.readouterr()
-    assert main(argv) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert str(out) in line and ("not empty" in line if owner == "nobody" else "holds the files of" in line)
+    line = refused(tool.split()[0], argv, str(out))
+    assert "not empty" in line if owner == "nobody" else "holds the files of" in line
     assert _tree(out) == before
 
 
@@ -165,7 +157,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is_not(tmp_path, capsys):
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is_not(tmp_path, refused):
     """One sweep per folder: while another process holds the folder, a sweep (new or --resume) exits 2 with
     one line naming the folder and the holder (pid, host, start) and changes nothing; once the holder is
     killed by SIGKILL, its lock file left behind does not block the next --resume."""
@@ -179,11 +171,9 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is
     holder = _hold_lock(out)
     try:
         before = _tree(out)
-        capsys.readouterr()
         for command in (argv, ["--resume", str(out)]):
-            assert linear.main(command) == 2
-            line = _one_error_line(capsys.readouterr().err)
-            assert str(out) in line and f"pid {holder.pid}" in line and "another run is writing" in line
+            line = refused("linear", command, "another run is writing")
+            assert str(out) in line and f"pid {holder.pid}" in line
             assert _tree(out) == before
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -230,7 +220,7 @@ def test_two_sweeps_started_together_on_one_folder(tmp_path):
     else:
         assert codes == [0, 2], results
         err = next(e for code, e in results if code == 2)
-        assert "another run is writing" in _one_error_line(err) and str(out) in err
+        assert str(out) in error_line("linear", err, "another run is writing")
     ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 2 * 3 * 4
 
@@ -315,11 +305,10 @@ def test_resume_rebuilds_damaged_files_and_reports_them(damage, finished, capsys
         "not JSON",
     ],
 )
-def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, capsys):
+def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, refused):
     """config.json with argv null (argparse would read the live command line: the default full sweep),
     missing, a number, a list of numbers, a string; settings not an object; not an object; not JSON:
     refused with one line, the folder (summaries, figure, runs) byte-identical."""
-    from verification import fnn
 
     out = finished
     cfg = json.loads((out / "config.json").read_text())
@@ -334,10 +323,8 @@ def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, ca
         text = json.dumps({**cfg, **edit})
     (out / "config.json").write_text(text)
     before = _tree(out)
-    capsys.readouterr()
-    assert fnn.main(["--resume", str(out)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert "config.json" in line and str(out) in line
+    line = refused("fnn", ["--resume", str(out)], "config.json")
+    assert str(out) in line
     assert _tree(out) == before
 
 
@@ -743,7 +730,7 @@ def test_a_rank_padding_below_the_largest_rank_is_refused():
         (["--steps", "x"], "--steps"),
     ],
 )
-def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkeypatch, capsys):
+def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkeypatch, refused):
     """Bad flags and unwritable folders: one line (status 2) before any training, no folder created
     (before, --ranks=-1 gave rows with -40 parameters, and an unwritable --out was found after the run)."""
     from verification import real_data
@@ -758,9 +745,7 @@ def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkey
     monkeypatch.setattr(real_data, "run_experiment", no_work)
     out = tmp_path / "out"
     full = argv if "--out" in argv else argv + ["--out", str(out)]
-    assert real_data.main(full) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert match in line
+    refused("real_data", full, match)
     assert not out.exists()
 
 

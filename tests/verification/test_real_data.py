@@ -141,8 +141,7 @@ def test_selection_by_validation_loss():
     assert row["test_metric"] == 0.6 and row["lrs"] == [3e-2]
 
 
-def test_bad_dataset(capsys):
-    assert main(["--quick", "--datasets", "mnist"]) == 2
-    assert "--datasets" in capsys.readouterr().err
+def test_bad_dataset(refused):
+    refused("real_data", ["--quick", "--datasets", "mnist"], "--datasets")
     with pytest.raises(ValueError, match="dataset"):
         load_tasks("mnist")
