@@ -1,5 +1,6 @@
 """Shared pytest configuration: the pytest version guard, hypothesis profiles, the gpu marker and its
---require-gpu switch, the ``refused`` fixture (the command-line refusal check of ``tests/_helpers.py``)."""
+--require-gpu switch, the ``refused`` fixture (the command-line refusal check of ``tests/_helpers.py``) and the
+``paper_quick`` fixture (one ``python -m verification.paper --quick`` run the tests that need it share)."""
 
 import os
 import re
@@ -78,3 +79,14 @@ def refused(capsys):
         return assert_refused(capsys, tool, argv, match)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def paper_quick(tmp_path_factory):
+    """``(status, folder)`` of one ``python -m verification.paper --quick`` run (every synthetic experiment's
+    ``--quick``, figures included), shared by the test of the paper driver and the documented ``--quick``
+    commands of its experiments, which it runs with the same settings."""
+    from verification import paper
+
+    out = tmp_path_factory.mktemp("paper-quick") / "paper"
+    return paper.main(["--quick", "--out", str(out)]), out

@@ -7,6 +7,7 @@ certificates, the experiment list) runs as written and exits as the docs say.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import os
@@ -112,8 +113,58 @@ def test_docs_show_short_commands():
     assert any("--quick" in c for _, c in COMMANDS)
 
 
+def _settings(module: str, argv: list[str]) -> dict | None:
+    """What ``python -m verification.<module> argv`` runs, parsed as the experiment does (``--quick`` applied):
+    its settings but the output folder and the optional target depth, and the cells that depth decides
+    (``None`` for a module that is not one of the paper's sweeps)."""
+    from verification import paper
+    from verification.sweep.cli import _normalise, base_parser
+
+    if module not in {s.module for s in paper.STEPS}:
+        return None
+    spec = importlib.import_module(f"verification.{module}").SPEC
+    args = base_parser(spec).parse_args(argv)
+    _normalise(spec, args)
+    found = {k: v for k, v in vars(args).items() if k not in ("out", "target_depth")}
+    return {"settings": found, "cells": spec.cells(args)}
+
+
+def _paper_step_running(command: str):
+    """The step of ``python -m verification.paper --quick`` that runs ``command``'s settings, if any."""
+    from verification import paper
+
+    words = shlex.split(command)
+    module, argv = words[2].removeprefix("verification."), words[3:]
+    if "--quick" not in argv or "--out" in argv or "--resume" in argv:
+        return None
+    wanted = _settings(module, argv)
+    quick = paper._parser().parse_args(["--quick"])
+    for step in paper.STEPS:
+        if step.module == module and wanted is not None and _settings(module, paper.step_argv(step, quick)) == wanted:
+            return step
+    return None
+
+
+def test_documented_quick_commands_shared_with_the_paper_run_are_found():
+    """The documented ``--quick`` commands of the paper's experiments are matched to the steps of the shared
+    ``verification.paper --quick`` run by their parsed settings; a changed flag is not."""
+    assert _paper_step_running("python -m verification.final_layers --quick").name == "final_layers"
+    assert _paper_step_running("python -m verification.fnn --depth 4 --quick").name == "fnn_L4"
+    assert _paper_step_running("python -m verification.fnn --depth 4 --quick --seeds 1") is None
+    assert _paper_step_running("python -m verification.fnn --depth 4 --width 8 --quick") is None
+    assert _paper_step_running("python -m verification.fnn --depth 4 --target-depth 1 --quick") is None
+    assert _paper_step_running("python -m verification.singular_values --quick") is None
+    assert _paper_step_running("python -m verification.linear") is None
+
+
 @pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[18:60]}" for p, c in COMMANDS])
-def test_documented_command_runs_as_written(page, command, tmp_path):
+def test_documented_command_runs_as_written(page, command, tmp_path, request):
+    step = _paper_step_running(command)
+    if step is not None:  # the same settings ran in the shared paper --quick run: its folder is the evidence
+        status, out = request.getfixturevalue("paper_quick")
+        assert status == 0, f"`python -m verification.paper --quick` exited {status}"
+        assert (out / step.name / "summary.json").is_file() and (out / step.name / "runs.jsonl").is_file()
+        return
     argv = shlex.split(command)
     argv[0] = sys.executable
     env = dict(

@@ -1073,7 +1073,9 @@ def check_entries_beyond_rounding(data):
     count, exc = call(lt.entries_beyond_rounding, base, tuned, db, dt)
     if exc is None:
         b, t = np.asarray(base, float), np.asarray(tuned, float)
-        B = _reference_bound(b, t, DTYPE_SPELLINGS[db], DTYPE_SPELLINGS[dt])
+        # None is the documented default: each array's own dtype
+        spelled = [np.asarray(a).dtype.name if d is None else DTYPE_SPELLINGS[d] for a, d in ((base, db), (tuned, dt))]
+        B = _reference_bound(b, t, *spelled)
         with np.errstate(all="ignore"):
             gap = np.abs(t - b)
             surely, maybe_ = int(np.sum(gap > B * (1 + 1e-9))), int(np.sum(gap > B * (1 - 1e-9)))

@@ -146,10 +146,10 @@ FAST = ["--quick", "--iterations", "20", "--seeds", "1", "--no-figure"]
 
 
 @pytest.mark.slow
-def test_quick_runs_every_experiment_and_judges_every_claim(tmp_path, capsys):
+def test_quick_runs_every_experiment_and_judges_every_claim(paper_quick):
     """``--quick`` exactly as documented (docs/reproduce.md), figures included."""
-    out = tmp_path / "paper"
-    assert paper.main(["--quick", "--out", str(out)]) == 0
+    status, out = paper_quick
+    assert status == 0
     found = json.loads((out / "verdicts.json").read_text())["verdicts"]
     assert len(found) == 8 and {v["status"] for v in found} <= STATUSES
     # every experiment ran, so every claim was tested by something
