@@ -213,13 +213,13 @@ class RayBackend:
         res = self.resources()
         return max(1, res["gpus"] if device.type == "cuda" else res["cpus"])
 
-    def describe(self, device) -> str:
+    def describe(self, device, what: str = "stacks") -> str:
         res = self.resources()
         where = f"at {self.address}" if self.address else "started on this machine"
         unit = "GPU" if device.type == "cuda" else "CPU"
         return (
             f"  Ray cluster {where}: {res['nodes']} node{'s' if res['nodes'] != 1 else ''}, {res['cpus']} CPUs, "
-            f"{res['gpus']} GPUs: up to {self.slots(device)} stacks at once, one {unit} each"
+            f"{res['gpus']} GPUs: up to {self.slots(device)} {what} at once, one {unit} each"
         )
 
     def status(self, in_flight: int, device=None) -> str:
