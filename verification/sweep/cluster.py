@@ -58,7 +58,8 @@ def import_ray():
 def check_backend_arguments(args):
     """``--address`` only with ``--backend ray``; Ray installed when asked for (no fallback to local)."""
     backend = getattr(args, "backend", "local")
-    if getattr(args, "address", None) is not None and backend != "ray":
+    # (a --resume on the local backend of a sweep started on a cluster leaves the saved address unused)
+    if getattr(args, "address", None) is not None and backend != "ray" and not getattr(args, "resume", None):
         raise CLIError("--address names a Ray cluster: add --backend ray")
     if backend == "ray":
         import_ray()
