@@ -24,7 +24,7 @@ CASES = {
     "fnn": ["--ranks", "1,2", "--chunk", "2"],
     "tfn": ["--ranks", "1,2", "--seq-len", "3", "--frozen", "random", "--chunk", "2"],
     # depth 6: blocks of more than 4 layers, their constructions at raised precision (mpmath)
-    "depth_sweep": ["--depths", "6", "--ranks", "1,2", "--frozen", "random", "--workers", "1"],
+    "depth_sweep": ["--depths", "6", "--ranks", "1", "--frozen", "random", "--workers", "1"],
 }
 
 #: the sweep the kill tests interrupt: one run per task, enough steps to be caught mid-way
@@ -67,7 +67,12 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # a lost node is noticed within a second or two (the default takes tens of seconds)
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_timeout_ms": 500}
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": health},
+    )
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
     # this process stays connected: its sweeps share one job and its warm workers (a sweep started here
@@ -151,3 +156,21 @@ def test_node_killed_mid_sweep_loses_and_duplicates_nothing(cluster, killed_refe
     assert sorted(_ids(out)) == ids  # nothing lost, nothing written twice
     assert _summary(out) == summary
     cluster.add_node(num_cpus=1)  # as the fixture made it
+
+
+def test_a_task_that_raises_stops_with_one_line_naming_it_and_keeps_the_finished(cluster):
+    from verification.sweep.cluster import RayBackend, TaskFailed
+
+    def work(i):
+        if i == 3:
+            time.sleep(0.5)  # the others finish first: they must be kept
+            raise ValueError(f"bad input {i}\nsecond line")
+        return i
+
+    kept = []
+    with RayBackend(cluster.address, ": resume to go on") as backend:
+        fn = backend.remote(work, num_cpus=1)
+        with pytest.raises(TaskFailed) as exc:
+            backend.run([(fn, (i,), i) for i in range(4)], lambda m, v, _r: kept.append(v), lambda m: f"task {m}")
+    assert str(exc.value) == "task 3 failed on the Ray cluster (ValueError: bad input 3): resume to go on"
+    assert sorted(kept) == [0, 1, 2]

@@ -274,7 +274,8 @@ class RayBackend:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            detail = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+            first = str(cause).strip().splitlines()[:1]  # one line: the message's first
+            detail = f"{type(cause).__name__}{': ' + first[0] if first else ''}"
         except ray.exceptions.RayError as exc:  # a worker or node lost more often than the retries allow
             detail = f"{type(exc).__name__} after {MAX_RETRIES} retries"
         raise TaskFailed(f"{what} failed on the Ray cluster ({detail}){self.resume_hint}")
