@@ -54,6 +54,27 @@ def test_ray_without_ray_installed_is_one_line_naming_the_extra(tmp_path, capsys
     assert not out.exists()
 
 
+def test_pretraining_and_paper_refuse_ray_without_it_in_one_line(tmp_path, capsys, monkeypatch):
+    from verification import paper, pretraining
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert pretraining.main(["--quick", "--backend", "ray", "--out", str(tmp_path / "p")]) == 2
+    assert paper.main(["--only", "linear", "--backend", "ray", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all('needs Ray, which is not installed: pip install -e ".[cluster]"' in e for e in err)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_paper_hands_the_backend_to_every_experiment_only_when_given():
+    from verification import paper
+
+    step = paper.STEPS[0]
+    plain = paper._parser().parse_args([])
+    assert "--backend" not in paper.step_argv(step, plain)  # the experiments' own default: local
+    ray_args = paper._parser().parse_args(["--backend", "ray", "--address", "10.0.0.1:6379"])
+    assert paper.step_argv(step, ray_args)[-4:] == ["--backend", "ray", "--address", "10.0.0.1:6379"]
+
+
 def test_address_without_ray_backend_is_refused(tmp_path, capsys):
     assert fnn.main(SMALL + ["--address", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "--address names a Ray cluster: add --backend ray" in capsys.readouterr().err
