@@ -16,8 +16,21 @@ It reports
   end on each backend, the local one with ``--workers`` = the cores: run-steps per second of the whole
   command, and the ratio Ray / local.
 Ray is started once, before the measurements (its start is reported apart); every rate is the median of
-``--repeat`` interleaved repetitions. docs/reproduce.md ("On a cluster") projects the paper's grid from
-these numbers.
+``--repeat`` interleaved repetitions.
+
+Then a projection (not a measurement) of the paper's whole grid, ``python -m verification.paper`` with the
+transformers' raised-precision column (``--highprec``), on ``--gpus`` GPUs and ``--cores`` CPU cores:
+* the raised-precision constructions: the project's model of their serial time
+  (:func:`verification.sweep.constructions.highprec_estimate`, counted per experiment as ``paper --plan``
+  does), scaled by what the model gets wrong here (the core-seconds a construction of the benchmark took on
+  Ray over the model's value for it), over ``--cores``, plus the measured cost of a task per task;
+* the float64 constructions: their count times the measured core-seconds of one (D = 16, L = 4), over
+  ``--cores``;
+* the training: the H200 training times of :data:`GPU_SECONDS` (docs/reproduce.md's table, one GPU), each
+  experiment over ``min(--gpus, its stacks)`` (stacks of 4096 runs, one task each, split evenly), one
+  experiment after the other as ``paper`` runs them; and the bound ``sum / --gpus`` when every GPU is busy
+  all along (several experiments at once, or a smaller ``--chunk``).
+docs/reproduce.md ("On a cluster") quotes it.
 """
 
 from __future__ import annotations
@@ -44,6 +57,21 @@ from verification.sweep.cluster import RayBackend, import_ray  # noqa: E402
 from verification.sweep.constructions import build_highprec_constructions  # noqa: E402
 from verification.sweep.problems import Problems, evaluation_sets  # noqa: E402
 from verification.sweep.training import cpu_budget  # noqa: E402
+
+#: seconds of training of each experiment of ``python -m verification.paper`` on one NVIDIA H200 at the full
+#: protocol (docs/reproduce.md's table; tfn_L2 measured for the random frozen model only, doubled here for
+#: both kinds)
+GPU_SECONDS = {
+    "linear": 11,
+    "fnn_L2": 8,
+    "fnn_L4": 7,
+    "tfn_L1": 191,
+    "tfn_L2": 2 * 354,
+    "final_layers": 26,
+    "biases": 10,
+    "rank_schedule": 10,
+    "depth_sweep": 109,
+}
 
 
 def _noop(i):
@@ -105,6 +133,74 @@ def highprec_ray(backend, jobs, problems, sets) -> float:
         return len(jobs) / (time.perf_counter() - t)
 
 
+def float64_seconds(count: int = 8) -> float:
+    """Core-seconds of one float64 construction (ReLU FNN, D = 16, L = 4, L̄ = 2; ranks 1, 2, ...)."""
+    from verification.sweep.constructions import build_construction
+
+    structure = ("fnn", 16, 4, 2, "relu", True)
+    problems = Problems()
+    sets = evaluation_sets(structure)
+    frozen, target = problems.frozen(structure, "random", 0), problems.target(structure, 0)
+    t = time.perf_counter()
+    for r in range(1, count + 1):
+        cell = Cell(kind="random", structure=structure, method="lora", axis=(("rank", r),), ranks=(r,) * 4)
+        build_construction(cell, frozen, target, sets)
+    return (time.perf_counter() - t) / count
+
+
+def paper_grid() -> list:
+    """Per experiment of ``verification.paper`` (the transformers with ``--highprec``): ``(name, runs,
+    stacks on CUDA, float64 constructions, raised-precision constructions, their modelled serial seconds)``."""
+    import importlib
+
+    from verification import paper
+    from verification.sweep.cli import _normalise, base_parser
+    from verification.sweep.constructions import _takes_highprec, highprec_estimate
+    from verification.sweep.training import _chunks, make_runs
+
+    out = []
+    plain = paper._parser().parse_args([])
+    for step in paper.STEPS:
+        spec = importlib.import_module(f"verification.{step.module}").SPEC
+        argv = paper.step_argv(step, plain) + (["--highprec"] if step.module == "tfn" else [])
+        a = base_parser(spec).parse_args(argv)
+        _normalise(spec, a)
+        cells = spec.cells(a)
+        runs = make_runs(spec, a, cells)
+        count, seconds = highprec_estimate(cells, a.seeds)
+        f64 = a.seeds * sum(1 for c in cells if not _takes_highprec(c))
+        out.append((step.name, len(runs), len(list(_chunks(runs, 4096, False))), f64, count, seconds))
+    return out
+
+
+def projection(results: dict, args, bench_model_seconds: float) -> dict:
+    """The paper's grid on ``args.gpus`` GPUs and ``args.cores`` cores (see the module's docstring)."""
+    grid = paper_grid()
+    cpus = results["cluster"]["cpus"]
+    measured = cpus / results["highprec_ray"]  # core-seconds of one benchmark construction on Ray
+    scale = measured / bench_model_seconds
+    per_task = results["task"]["per_task_s"]
+    hp_count = sum(g[4] for g in grid)
+    hp = sum(g[5] for g in grid) * scale / args.cores + hp_count * per_task
+    f64_count = sum(g[3] for g in grid)
+    f64 = f64_count * results["float64_s"] / args.cores + f64_count * per_task
+    sequential = sum(GPU_SECONDS[g[0]] / min(args.gpus, g[2]) for g in grid)
+    return {
+        "gpus": args.gpus,
+        "cores": args.cores,
+        "raised_precision_constructions": hp_count,
+        "raised_precision_core_s": sum(g[5] for g in grid) * scale,
+        "raised_precision_s": hp,
+        "float64_constructions": f64_count,
+        "float64_s": f64,
+        "training_gpu_s": sum(GPU_SECONDS.values()),
+        "training_s_paper_order": sequential,
+        "training_s_all_gpus_busy": sum(GPU_SECONDS.values()) / args.gpus,
+        "stacks": {g[0]: g[2] for g in grid},
+        "model_scale": scale,
+    }
+
+
 def sweep(args, backend_name: str, cores: int) -> float:
     """Run-steps per second of the whole ``verification.fnn`` command on ``backend_name``."""
     flags = [
@@ -135,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=100, help="the sweep's Adam steps (default 100)")
     p.add_argument("--chunk", type=int, default=16, help="the sweep's runs per stack (default 16)")
     p.add_argument("--repeat", type=int, default=1, help="interleaved repetitions, medians reported")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of the projected cluster (default 8)")
+    p.add_argument("--cores", type=int, default=64, help="CPU cores of the projected cluster (default 64)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
     ray = import_ray()
@@ -155,6 +253,7 @@ def main(argv=None) -> int:
             results["cluster"] = backend.resources()
             results["task"] = task_costs(backend, args.tasks, args.round_trips)
             jobs, problems, sets = _highprec_jobs(args)
+            results["float64_s"] = float64_seconds()
             rates = {"highprec_local": [], "highprec_ray": [], "sweep_local": [], "sweep_ray": []}
             for _ in range(args.repeat):
                 rates["highprec_local"].append(highprec_local(jobs, sets, cores))
@@ -166,6 +265,10 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     results["highprec_ratio"] = results["highprec_ray"] / results["highprec_local"]
+    from verification.sweep.constructions import highprec_estimate
+
+    bench_model = highprec_estimate([c for c, *_ in jobs], 1)[1] / len(jobs)
+    results["projection"] = proj = projection(results, args, bench_model)
     results["sweep_ratio"] = results["sweep_ray"] / results["sweep_local"]
     c = results["cluster"]
     print(
@@ -185,6 +288,17 @@ def main(argv=None) -> int:
         f"  training sweep (fnn, D={args.width}, ranks {args.ranks}, {args.seeds} seeds x 3 lr, "
         f"{args.iterations} steps, {args.chunk} runs a stack): {results['sweep_local']:,.0f} run-steps/s local, "
         f"{results['sweep_ray']:,.0f} Ray: ratio {results['sweep_ratio']:.2f}"
+    )
+    print(f"  a float64 construction (D=16, L=4): {results['float64_s']:.3f} s")
+    print(
+        f"projection (computed, not measured) of python -m verification.paper with the transformers' --highprec, "
+        f"on {proj['gpus']} GPUs and {proj['cores']} cores:\n"
+        f"  {proj['raised_precision_constructions']} raised-precision constructions, "
+        f"{proj['raised_precision_core_s'] / 3600:.1f} core-hours: {proj['raised_precision_s'] / 60:.1f} min; "
+        f"{proj['float64_constructions']} float64 constructions: {proj['float64_s']:.0f} s\n"
+        f"  training: {proj['training_gpu_s'] / 60:.1f} GPU-minutes (H200); {proj['training_s_paper_order'] / 60:.1f} "
+        f"min with the default stacks one experiment after the other (stacks {proj['stacks']}), "
+        f"{proj['training_s_all_gpus_busy'] / 60:.1f} min with every GPU busy"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
