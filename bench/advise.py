@@ -3,19 +3,29 @@
     python bench/advise.py                        # four Llama-shaped bf16 pairs of growing size, CPU
     python bench/advise.py --sizes 256x4 --json out.json
     python bench/advise.py --project-only         # time the Llama-2-7B matrix shapes and project a 7B pair
+    python bench/advise.py --sizes 4096x1 --contenders partial --no-project   # a 7B-shaped layer, projected
 
 Each pair (base, tuned = base + a rank-8 change in every matrix) is generated here in Hugging Face's layout
-(``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Both
-contenders run in a fresh process that reports its wall time and its peak resident memory (``ru_maxrss``):
+(``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Each
+contender (``--contenders``, default all three) runs in a fresh process that reports its wall time and its
+peak resident memory (``VmHWM``, :func:`peak_rss_mib`):
 
-* ``advisor``: :func:`verification.rank_report.advise_stream`, what ``python -m verification.advise`` runs
-  before it prints (layout from ``config.json``, tensors read lazily from the shards the index names,
-  ``ΔW`` in float32, its singular values, the statistics of its rounding bound and the noise floor, norms,
-  bias and vector changes, one layer at a time); ``setup`` is the part before the first layer (importing
-  ``transformers`` and
-  building the model on the meta device to read the layout);
+* ``advisor``: :func:`verification.rank_report.advise_stream` with ``spectrum="full"``, what
+  ``python -m verification.advise --spectrum full`` runs before it prints (layout from ``config.json``,
+  tensors read lazily from the shards the index names, ``ΔW`` in float32, all its singular values, the
+  statistics of its rounding bound and the noise floor, norms, bias and vector changes, one layer at a
+  time); ``setup`` is the part before the first layer (importing ``transformers`` and building the model on
+  the meta device to read the layout);
+* ``partial``: the same pass with ``spectrum="partial"`` (``--spectrum partial``): a certified partial
+  spectrum per layer (:func:`lora_theory.partial_spectrum.partial_spectrum_from_blocks`) instead of
+  ``svdvals``; ``ranks_ok`` says whether every layer came out settled at the planted rank;
 * ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
   ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
+
+The advisor's children also time each layer (from one layer's result to the next). For a pair of
+Llama-2-7B shapes (``4096xL``: hidden 4096, intermediate 11,008, vocabulary 32,000) the run is projected
+to 32 layers: setup, embeddings, head and vectors as measured, plus ``32 / L`` times the measured decoder
+layers (``projection_7b`` in the row).
 
 The 7B projection times ``torch.linalg.svdvals`` of one float32 matrix of each Llama-2-7B shape
 (4096 x 4096 attention, 11008 x 4096 MLP; 32,000 x 4096 embeddings scaled from the MLP time by
@@ -41,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LLAMA2_7B = {"hidden": 4096, "inter": 11008, "layers": 32, "vocab": 32000}
+CONTENDERS = ("loop", "advisor", "partial")
+PLANTED_RANK = 8  # the rank of the change planted in every matrix
 
 
 def parse_size(text):
@@ -82,7 +94,7 @@ def parameters(size) -> int:
     return n
 
 
-def write_pair(folder: Path, size, *, rank=8, shard_bytes=1 << 29, seed=0):
+def write_pair(folder: Path, size, *, rank=PLANTED_RANK, shard_bytes=1 << 29, seed=0):
     """Write ``folder/base`` and ``folder/tuned`` (bfloat16 shards, index, config.json), one tensor in memory."""
     import torch
     from safetensors.torch import save_file
@@ -142,14 +154,44 @@ def write_pair(folder: Path, size, *, rank=8, shard_bytes=1 << 29, seed=0):
 # ------------------------------------------------------------------------------------------ contenders
 
 
-def child_advisor(base, tuned, device):
+def _timed_stream(stamps):
+    """Wrap :func:`verification.streaming.stream_spectra` so that each layer's finishing time is recorded."""
+    import verification.streaming as streaming
+
+    original = streaming.stream_spectra
+
+    def timed(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            stamps.append((getattr(item, "spec", None) and getattr(item.spec, "name", None), time.perf_counter()))
+            yield item
+
+    streaming.stream_spectra = timed
+
+
+def child_advisor(base, tuned, device, spectrum="full"):
     from verification.rank_report import advise_stream
     from verification.streaming import open_pair
 
     open_pair(base, tuned)  # imports transformers, builds the model on the meta device
     setup = time.perf_counter()
-    report = advise_stream(base, tuned, device=device, progress=False)
-    return len(report.layers), setup
+    stamps = []
+    _timed_stream(stamps)
+    report = advise_stream(base, tuned, device=device, progress=False, spectrum=spectrum)
+    layers, last = [], setup
+    for (name, t), a in zip(stamps, report.layers):
+        layers.append({"name": name, "shape": list(a.shape), "seconds": t - last})
+        last = t
+    extra = {
+        "layers": layers,
+        "tail_s": time.perf_counter() - last,  # vectors and the report after the last matrix
+        "ranks_ok": all(a.settled and a.rank_above_floor == PLANTED_RANK for a in report.layers),
+        "unsettled": sum(not a.settled for a in report.layers),
+    }
+    return len(report.layers), setup, extra
+
+
+def child_partial(base, tuned, device):
+    return child_advisor(base, tuned, device, spectrum="partial")
 
 
 def child_loop(base, tuned, device):
@@ -167,7 +209,7 @@ def child_loop(base, tuned, device):
             w1 = f1.get_tensor(key).float().to(device)
             torch.linalg.svdvals(w1 - w0).cpu()
             count += 1
-    return count, setup
+    return count, setup, {}
 
 
 def run_child(kind, base, tuned, device, threads):
@@ -188,21 +230,43 @@ def run_child(kind, base, tuned, device, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` where there is one.
+
+    ``ru_maxrss`` is not used where ``VmHWM`` exists: a child started by ``subprocess`` (``vfork`` then
+    ``exec``) inherits the parent's peak in it, so every contender read as the generator's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (macOS: bytes)
+
+
 def child_main(args):
     import torch
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    fn = child_advisor if args.child == "advisor" else child_loop
-    count, setup = fn(args.paths[0], args.paths[1], args.device)
+    fn = {"advisor": child_advisor, "partial": child_partial, "loop": child_loop}[args.child]
+    count, setup, extra = fn(args.paths[0], args.paths[1], args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds, setup = end - start, setup - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    rss = peak_rss_mib()
     print(
         json.dumps(
-            {"seconds": seconds, "setup_s": setup, "spectra_s": seconds - setup, "peak_rss_mib": rss, "matrices": count}
+            {
+                "seconds": seconds,
+                "setup_s": setup,
+                "spectra_s": seconds - setup,
+                "peak_rss_mib": rss,
+                "matrices": count,
+                **extra,
+            }
         )
     )
     return 0
@@ -248,6 +312,26 @@ def project_7b(device, threads):
     }
 
 
+def project_run(run, size):
+    """A run on a pair of Llama-2-7B shapes with ``L`` layers, projected to 32: everything outside the decoder
+    layers as measured, the decoder layers' measured seconds times ``32 / L``."""
+    if (size["hidden"], size["inter"], size["vocab"]) != (LLAMA2_7B["hidden"], LLAMA2_7B["inter"], LLAMA2_7B["vocab"]):
+        return None
+    if not run.get("layers"):
+        return None
+    decoder = sum(r["seconds"] for r in run["layers"] if ".layers." in str(r["name"]))
+    outside = run["seconds"] - decoder
+    total = outside + decoder * LLAMA2_7B["layers"] / size["layers"]
+    return {
+        "measured_layers": size["layers"],
+        "decoder_s": decoder,
+        "per_layer_s": decoder / size["layers"],
+        "outside_s": outside,
+        "total_s": total,
+        "total_h": total / 3600,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/advise.py", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -255,6 +339,11 @@ def main(argv=None) -> int:
         nargs="*",
         default=["256x4", "512x8", "1024x8", "2048x4"],
         help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)",
+    )
+    p.add_argument(
+        "--contenders",
+        default="loop,advisor,partial",
+        help="comma-separated: loop, advisor (full spectra), partial (default: all three)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1)
@@ -268,16 +357,20 @@ def main(argv=None) -> int:
     p.add_argument("--project-only", action="store_true", help="only the 7B projection")
     p.add_argument("--no-project", action="store_true", help="skip the 7B projection")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--child", choices=("advisor", "loop"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child_main(args)
     results = {"pairs": [], "projection": None}
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown or not contenders:
+        p.error(f"--contenders: choose among {', '.join(CONTENDERS)}, got {args.contenders!r}")
     if not args.project_only:
         print(
-            f"{'pair':>8} {'params':>8} {'matrices':>8} {'advisor s':>10} {'(setup)':>8} {'loop s':>8} "
-            f"{'ratio':>6} {'advisor MiB':>11} {'loop MiB':>9}",
+            f"{'pair':>8} {'params':>8} {'matrices':>8} {'contender':>9} {'seconds':>8} {'(setup)':>8} "
+            f"{'/ loop':>6} {'peak MiB':>8} {'load':>9} {'ranks':>6} {'7B h':>6}",
             flush=True,
         )
         for text in args.sizes:
@@ -288,32 +381,39 @@ def main(argv=None) -> int:
                 write_pair(work, size)
                 gen = time.perf_counter() - t0
                 base, tuned = work / "base", work / "tuned"
-                runs = {"advisor": [], "loop": []}
+                runs = {kind: [] for kind in contenders}
                 for _ in range(args.repeat):
-                    for kind in ("loop", "advisor"):
-                        runs[kind].append(run_child(kind, base, tuned, args.device, args.threads))
-                ours = min(runs["advisor"], key=lambda r: r["seconds"])
-                loop = min(runs["loop"], key=lambda r: r["seconds"])
-                ours["all_seconds"] = [r["seconds"] for r in runs["advisor"]]
-                loop["all_seconds"] = [r["seconds"] for r in runs["loop"]]
+                    for kind in contenders:
+                        before = os.getloadavg()[0]
+                        run = run_child(kind, base, tuned, args.device, args.threads)
+                        run["load_average"] = [before, os.getloadavg()[0]]
+                        runs[kind].append(run)
+                best = {}
+                for kind, done in runs.items():
+                    best[kind] = min(done, key=lambda r: r["seconds"])
+                    best[kind]["all_seconds"] = [r["seconds"] for r in done]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            row = {
-                "size": text,
-                **size,
-                "parameters": parameters(size),
-                "generate_s": gen,
-                "advisor": ours,
-                "loop": loop,
-                "ratio": ours["seconds"] / loop["seconds"],
-            }
+            row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, **best}
+            if "loop" in best and "advisor" in best:
+                row["ratio"] = best["advisor"]["seconds"] / best["loop"]["seconds"]
+            for kind in contenders:
+                run = best[kind]
+                proj = project_run(run, size)
+                if proj is not None:
+                    run["projection_7b"] = proj
+                ratio = f"{run['seconds'] / best['loop']['seconds']:6.2f}" if "loop" in best else f"{'-':>6}"
+                ranks = "-" if kind == "loop" else ("ok" if run["ranks_ok"] else f"{run['unsettled']} uns")
+                print(
+                    f"{text:>8} {row['parameters'] / 1e6:7.0f}M {run['matrices']:>8} {kind:>9} "
+                    f"{run['seconds']:8.1f} {run['setup_s']:8.1f} {ratio} {run['peak_rss_mib']:8.0f} "
+                    f"{run['load_average'][0]:4.1f}-{run['load_average'][1]:<4.1f} {ranks:>6} "
+                    + (f"{proj['total_h']:6.2f}" if proj else f"{'-':>6}"),
+                    flush=True,
+                )
             results["pairs"].append(row)
-            print(
-                f"{text:>8} {row['parameters'] / 1e6:7.0f}M {ours['matrices']:>8} {ours['seconds']:10.1f} "
-                f"{ours['setup_s']:8.1f} {loop['seconds']:8.1f} {row['ratio']:6.2f} {ours['peak_rss_mib']:11.0f} "
-                f"{loop['peak_rss_mib']:9.0f}",
-                flush=True,
-            )
+            if args.json:  # written after every pair: a long run keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.no_project:
         proj = project_7b(args.device, args.threads)
         results["projection"] = proj

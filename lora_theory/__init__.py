@@ -27,6 +27,8 @@ Storage-rounding noise floor           :func:`storage_roundoff`, :func:`smallest
                                        :func:`entries_beyond_rounding`
 Ranks under a budget (the project's,   :func:`allocate_ranks`, :func:`uniform_ranks`
 THEORY.md §6)
+Certified partial spectra (the         :func:`partial_spectrum`, :func:`partial_spectrum_from_blocks`,
+project's, THEORY.md §5.5)             :class:`PartialSpectrum`
 =====================================  ==========================================================
 """
 
@@ -91,6 +93,7 @@ from .noise_floor import (
     storage_roundoff,
 )
 from .numerics import condition_number, numeric_rank, relative_error, tolerance, unit_roundoff
+from .partial_spectrum import PartialSpectrum, partial_spectrum, partial_spectrum_from_blocks
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
 from .symbolic import (
     Certificate,
@@ -206,6 +209,10 @@ __all__ = [
     "allocate_ranks",
     "uniform_ranks",
     "RankAllocation",
+    # Certified partial spectra (the project's)
+    "partial_spectrum",
+    "partial_spectrum_from_blocks",
+    "PartialSpectrum",
     # Numerics
     "condition_number",
     "numeric_rank",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._guard import numeric_guard
+from ._types import ArrayLike
 from ._validate import as_array, as_int, readonly
 from .errors import InvalidArgumentError
 from .numerics import numeric_rank
@@ -51,7 +52,7 @@ class Adapter:
 
     @classmethod
     @numeric_guard
-    def from_delta(cls, delta, rank: int | None = None) -> Adapter:
+    def from_delta(cls, delta: ArrayLike, rank: int | None = None) -> Adapter:
         """Factor ``delta`` as ``B A`` through its SVD, keeping ``rank`` directions (all numeric ones by default).
 
         ``B = U_r diag(s_r)``, ``A = V_r^T``; with ``rank`` below ``rank(delta)`` this is ``LR_r(delta)``.

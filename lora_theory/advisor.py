@@ -29,13 +29,16 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._types import ArrayLike
 from .adapter import Adapter
 from .errors import InvalidArgumentError, LoraTheoryError
 from .fnn import fnn_best_partition, fnn_rank_requirement
 from .linear import discrepancy_rank
+from .models import FNN
 from .noise_floor import (
     FLOOR_MODELS,
     NoiseFloor,
@@ -51,6 +54,11 @@ from .noise_floor import (
 )
 from .partition import partition_blocks, uniform_partition
 from .thresholds import fnn_rank_threshold
+
+if TYPE_CHECKING:
+    import pandas
+
+    from .partial_spectrum import PartialSpectrum
 
 __all__ = [
     "PER_LAYER_NOTE",
@@ -124,7 +132,7 @@ def _energy_share(energy) -> float:
     return float(energy)
 
 
-def energy_rank(singular_values, energy: float) -> int:
+def energy_rank(singular_values: ArrayLike, energy: float) -> int:
     """The smallest ``r`` with ``Σ_{j<=r} σ_j^2 >= energy · Σ_j σ_j^2`` (0 for an empty or all-zero spectrum).
 
     Raises
@@ -143,7 +151,7 @@ def energy_rank(singular_values, energy: float) -> int:
     return int(np.argmax(share >= energy * (1.0 - 1e-12))) + 1
 
 
-def tail_curves(singular_values) -> tuple[np.ndarray, np.ndarray]:
+def tail_curves(singular_values: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """``(σ_{r+1}, sqrt(Σ_{j>r} σ_j^2))`` for ``r = 0 .. k`` (``k`` singular values, both ``0`` at ``r = k``):
     the spectral and Frobenius error of the best rank-``r`` approximation (Eckart–Young).
 
@@ -352,6 +360,35 @@ class LayerAdvice:
         }
 
 
+#: The columns of :meth:`RankReport.to_dataframe`, in order (``name`` becomes the index): the scalars of
+#: :meth:`LayerAdvice.to_dict`, the layer's shape as ``out_features``/``in_features``, ``floor`` (the noise
+#: floor's spectral value, NaN without one) and ``relative_floor``.
+DATAFRAME_COLUMNS = (
+    "name",
+    "out_features",
+    "in_features",
+    "storage_dtype",
+    "exact_rank",
+    "max_rank",
+    "energy_rank",
+    "spectrum_energy_rank",
+    "rank_above_floor",
+    "rank_above_rigorous",
+    "below_floor",
+    "settled",
+    "spectrum",
+    "tolerance",
+    "floor",
+    "relative_floor",
+    "base_norm",
+    "delta_norm",
+    "relative_change",
+    "exact_parameters",
+    "bias_changed",
+    "bias_change_norm",
+)
+
+
 @dataclass(frozen=True, eq=False)
 class RankReport:
     """The result of :func:`advise_layers`.
@@ -513,9 +550,35 @@ class RankReport:
             "total_energy_parameters": int(sum(a.parameters(a.energy_rank) for a in self.layers)),
         }
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: object) -> str:
+        """:meth:`to_dict` as JSON text (``kwargs`` go to :func:`json.dumps`; ``indent=2`` unless given)."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """The layers as a :class:`pandas.DataFrame`: one row per weight matrix (index ``name``, the checkpoint's
+        order), one column per scalar of :meth:`LayerAdvice.to_dict` (:data:`DATAFRAME_COLUMNS`: ranks, norms,
+        the noise floor's spectral value, parameters). The per-layer arrays (singular values, tails, bias
+        changes) stay in :attr:`layers`.
+
+        Needs pandas (``pip install pandas``, or the ``notebook`` extra); without it, raises
+        :class:`ImportError` saying so.
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                "RankReport.to_dataframe needs pandas: pip install pandas (or lora-theory[notebook])"
+            ) from None
+        rows = []
+        for a in self.layers:
+            record = a.to_dict()
+            row = {column: record[column] for column in DATAFRAME_COLUMNS if column in record}
+            row["out_features"], row["in_features"] = (int(n) for n in a.shape)
+            row["relative_floor"] = float(a.relative_floor)
+            row["floor"] = math.nan if a.floor is None else float(a.floor.spectral)
+            rows.append(row)
+        return pandas.DataFrame(rows, columns=list(DATAFRAME_COLUMNS)).set_index("name")
 
 
 # ------------------------------------------------------------------------------------------ per layer
@@ -579,7 +642,14 @@ def _is_parameter_key(key: str) -> bool:
 
 
 def advise_layers(
-    base, tuned, *, tol: float | None = None, energy: float = 0.99, eps=None, dtypes=None, floor: str = "independent"
+    base: Mapping[str, ArrayLike],
+    tuned: Mapping[str, ArrayLike],
+    *,
+    tol: float | None = None,
+    energy: float = 0.99,
+    eps: float | Mapping[str, float] | None = None,
+    dtypes: Mapping[str, object] | None = None,
+    floor: str = "independent",
 ) -> RankReport:
     """The LoRA rank each layer's change needs, from two checkpoints of one architecture.
 
@@ -808,25 +878,25 @@ def _layer_advice(key, a, b, storage, tol, energy, model, bias_key, arrays) -> L
 
 
 def layer_advice_from_spectrum(
-    name,
-    weight_key,
-    shape,
-    singular_values,
-    floor,
+    name: str,
+    weight_key: str,
+    shape: tuple[int, int],
+    singular_values: ArrayLike,
+    floor: NoiseFloor | None,
     *,
-    base_norm,
-    delta_norm,
-    storage_dtype,
-    energy=0.99,
-    compute_dtype="float64",
-    tolerance=None,
-    rtol=None,
-    entries_beyond_rounding=None,
-    bias_key=None,
-    bias_change=None,
-    bias_changed=False,
-    delta=None,
-    partial=None,
+    base_norm: float,
+    delta_norm: float,
+    storage_dtype: str,
+    energy: float = 0.99,
+    compute_dtype: str = "float64",
+    tolerance: float | None = None,
+    rtol: float | None = None,
+    entries_beyond_rounding: int | None = None,
+    bias_key: str | None = None,
+    bias_change: ArrayLike | None = None,
+    bias_changed: bool = False,
+    delta: ArrayLike | None = None,
+    partial: PartialSpectrum | None = None,
 ) -> LayerAdvice:
     """A :class:`LayerAdvice` from a change's spectrum and noise floor, without the matrix (streaming callers).
 
@@ -1077,7 +1147,7 @@ class FNNAdvice:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def advise_fnn(frozen, target) -> FNNAdvice:
+def advise_fnn(frozen: FNN, target: FNN) -> FNNAdvice:
     """The smallest uniform LoRA-rank that makes a frozen ReLU MLP equal a shallower target MLP.
 
     Zeng & Lee 2024, Theorem 3 (uniform partition) and Theorem 6 (general partition), at instance level:

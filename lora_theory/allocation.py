@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._types import ArrayLike
 from .advisor import _spectrum
 from .errors import InvalidArgumentError, LoraTheoryError
 
@@ -261,7 +262,12 @@ def _grouped_optimal_ranks(energies, costs, budget: int) -> list[int]:
     return ranks
 
 
-def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
+def allocate_ranks(
+    spectra: Sequence[ArrayLike],
+    shapes: Sequence[tuple[int, int]],
+    budget: int | None = None,
+    error: float | None = None,
+) -> RankAllocation:
     """Per-layer ranks minimising the total discarded energy under a parameter budget (THEORY.md §6).
 
     Minimises ``Σ_l Σ_{k > r_l} σ_{l,k}^2`` subject to ``Σ_l r_l (m_l + n_l) <= budget`` and
@@ -362,7 +368,7 @@ def allocate_ranks(spectra, shapes, budget=None, error=None) -> RankAllocation:
     )
 
 
-def uniform_ranks(spectra, shapes, budget) -> RankAllocation:
+def uniform_ranks(spectra: Sequence[ArrayLike], shapes: Sequence[tuple[int, int]], budget: int) -> RankAllocation:
     """The baseline extraction tools use: one rank ``r`` for every layer (capped at each layer's ``k_l``), the
     largest with ``Σ_l min(r, k_l)(m_l + n_l) <= budget``.
 

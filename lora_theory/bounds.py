@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _display
 from ._guard import finite_or_raise, numeric_guard
+from ._types import ArrayLike, Partition, Rank
 from ._validate import as_array, as_ranks, as_square
 from .errors import InvalidArgumentError
 from .fnn import _block_error, _check_models, _partition
@@ -75,7 +76,7 @@ class ErrorBound:
 
     __repr__ = _display.error_bound_repr
 
-    def at(self, x) -> np.ndarray | float:
+    def at(self, x: ArrayLike) -> np.ndarray | float:
         """The per-sample bound ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` for ``x`` of shape ``(D,)`` or ``(n, D)``.
 
         Uses the target's actual activation norms; returns a float for one input, an array ``(n,)`` for
@@ -104,7 +105,9 @@ def _second_moment_trace(second_moment, D) -> float:
     return float(np.trace(S))
 
 
-def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_moment=None) -> ErrorBound:
+def fnn_error_bound(
+    frozen: FNN, target: FNN, rank: Rank, *, partition: Partition = None, second_moment: ArrayLike | None = None
+) -> ErrorBound:
     """The project's per-instance bound on the error of the FNN construction at any rank (THEORY.md §2.4).
 
     Derived with the argument of Zeng & Lee 2024, Theorem 5 (ReLU is 1-Lipschitz, block errors carried by
@@ -176,7 +179,9 @@ def fnn_error_bound(frozen: FNN, target: FNN, rank, *, partition=None, second_mo
 fnn_error_bound = numeric_guard(fnn_error_bound)
 
 
-def fnn_error_bound_at(frozen: FNN, target: FNN, rank, x, *, partition=None) -> np.ndarray | float:
+def fnn_error_bound_at(
+    frozen: FNN, target: FNN, rank: Rank, x: ArrayLike, *, partition: Partition = None
+) -> np.ndarray | float:
     """The per-sample form ``Σ_i K_i ε_i ||z̄_{i-1}(x)||_2`` of the project's bound (see :func:`fnn_error_bound`).
 
     ``x`` of shape ``(D,)`` (returns a float) or ``(n, D)`` (returns an array ``(n,)``).

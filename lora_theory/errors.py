@@ -40,7 +40,7 @@ class InvalidArgumentError(LoraTheoryError, ValueError):
         Name of the offending argument as the caller spelt it (``"rank"``, ``"frozen[2]"``...).
     """
 
-    def __init__(self, argument: str, message: str):
+    def __init__(self, argument: str, message: str) -> None:
         self.argument = argument
         # one line: the repr of an offending array spans several
         super().__init__(" ".join(f"{argument}: {message}".split()))
@@ -62,7 +62,7 @@ class SingularMatrixError(LoraTheoryError, ValueError):
         Why the construction must invert it (empty when not given).
     """
 
-    def __init__(self, matrix: str, condition_number: float, context: str = ""):
+    def __init__(self, matrix: str, condition_number: float, context: str = "") -> None:
         self.matrix = matrix
         self.condition_number = float(condition_number)
         self.context = context
@@ -89,7 +89,7 @@ class NumericalError(LoraTheoryError, ArithmeticError):
         numpy's or LAPACK's own message (``"overflow encountered in matmul"``...).
     """
 
-    def __init__(self, operation: str, detail: str):
+    def __init__(self, operation: str, detail: str) -> None:
         self.operation = operation
         self.detail = " ".join(str(detail).split())
         super().__init__(

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
+from ._types import ArrayLike, Rank, Seed
 from ._validate import as_array, as_bool, as_int, as_ranks, readonly
 from .errors import InvalidArgumentError, SingularMatrixError
 from .fnn import sample_ball
@@ -128,9 +129,9 @@ def final_layers_witness(
     frozen: FNN,
     target: FNN,
     *,
-    input_radius=None,
-    center=None,
-    seed=0,
+    input_radius: float | None = None,
+    center: ArrayLike | None = None,
+    seed: Seed = 0,
     n_starts: int = 64,
     n_directions: int = 32,
     n_refine: int = 20,
@@ -433,7 +434,7 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
     return best
 
 
-def lora_parameter_count(width: int, depth: int, rank) -> int:
+def lora_parameter_count(width: int, depth: int, rank: Rank) -> int:
     """Trainable parameters of LoRA on every layer of a width-``D``, depth-``L`` FNN: ``2·R·D·L``.
 
     With per-layer ranks ``R_l`` (a sequence of ``L`` ints), ``2·D·Σ_l R_l``. Counted: the adapter factors

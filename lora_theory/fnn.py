@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
+from ._types import ArrayLike, Partition, Rank, Seed
 from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, rng_from
 from .errors import InvalidArgumentError, SingularMatrixError
 from .linear import _chain_checked, discrepancy_rank, product
@@ -98,7 +99,7 @@ def _partition(partition, L, Lbar) -> tuple[int, ...]:
     return uniform_partition(L, Lbar) if partition is None else check_partition(partition, L, Lbar)
 
 
-def block_discrepancies(frozen: FNN, target: FNN, partition=None) -> tuple[np.ndarray, ...]:
+def block_discrepancies(frozen: FNN, target: FNN, partition: Partition = None) -> tuple[np.ndarray, ...]:
     """The block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l``, one ``(D, D)`` array per target layer.
 
     ``partition`` defaults to the uniform one (THEORY.md §2.2).
@@ -120,7 +121,7 @@ def _block_ranks(frozen, target, sizes) -> tuple[int, ...]:
     )
 
 
-def fnn_rank_requirement(frozen: FNN, target: FNN, partition=None) -> int:
+def fnn_rank_requirement(frozen: FNN, target: FNN, partition: Partition = None) -> int:
     """``max_i ceil(rank(E_i) / |P_i|)``: the smallest uniform LoRA-rank for which the construction is exact.
 
     The project's instance-level requirement: Zeng & Lee 2024, Theorem 6's sufficient condition
@@ -156,7 +157,7 @@ def fnn_best_partition(frozen: FNN, target: FNN) -> tuple[tuple[int, ...], int]:
 fnn_best_partition = numeric_guard(fnn_best_partition)
 
 
-def sample_ball(center, radius: float, n: int, seed=None) -> np.ndarray:
+def sample_ball(center: ArrayLike, radius: float, n: int, seed: Seed = None) -> np.ndarray:
     """``n`` points drawn uniformly from the ball ``||x - center||_2 <= radius``, shape ``(n, D)``.
 
     ``center`` is an array ``(D,)``. Uniform in volume: a Gaussian direction times ``radius·U^{1/D}``
@@ -217,7 +218,7 @@ class Domain:
 
     __repr__ = _display.domain_repr
 
-    def contains(self, x, rtol: float = 1e-12) -> np.ndarray | bool:
+    def contains(self, x: ArrayLike, rtol: float = 1e-12) -> np.ndarray | bool:
         """Whether ``x`` (``(D,)`` or ``(n, D)``) lies in the certified ball (always ``False`` for samples).
 
         ``rtol`` (finite, ``>= 0``; None for the default 1e-12) widens the radius by that fraction, for the
@@ -416,7 +417,7 @@ class FNNFit:
             self.output_radius,
         )
 
-    def tolerance_at(self, x) -> np.ndarray | float:
+    def tolerance_at(self, x: ArrayLike) -> np.ndarray | float:
         """Per-sample relative tolerance ``tolerance · s_out / ||f̄(x)||_2`` (Zeng & Lee 2024, Theorem 3 in float64).
 
         :attr:`absolute_tolerance` divided by the target's output norm at ``x``: when ``exact``,
@@ -529,7 +530,15 @@ def _domain_args(input_radius, center, inputs, margin, D):
 
 
 def lora_fnn(
-    frozen: FNN, target: FNN, rank, *, partition=None, input_radius=None, center=None, inputs=None, margin: float = 2.0
+    frozen: FNN,
+    target: FNN,
+    rank: Rank,
+    *,
+    partition: Partition = None,
+    input_radius: float | None = None,
+    center: ArrayLike | None = None,
+    inputs: ArrayLike | None = None,
+    margin: float = 2.0,
 ) -> FNNFit:
     """LoRA adapters and biases that make a frozen ReLU FNN equal a shallower target on a domain.
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
+from ._types import ArrayLike, Matrices, Partition, Rank
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
@@ -150,7 +151,7 @@ class PrecisionAdvice:
 
 
 @numeric_guard
-def suggest_precision(fit) -> PrecisionAdvice:
+def suggest_precision(fit: object) -> PrecisionAdvice:
     """Advice for a float64 fit (:class:`~lora_theory.LinearFit`, :class:`~lora_theory.fnn.FNNFit`, ...).
 
     Reads ``fit.kappa`` and ``fit.gamma`` (0 when absent) and, for an FNN fit on a ball, its
@@ -527,7 +528,7 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
         with _mp.workdps(self.digits):
             return _np(_prod(self.weights_mp, self.target.shape[0]))
 
-    def predict(self, x) -> np.ndarray:
+    def predict(self, x: ArrayLike) -> np.ndarray:
         """The adapted linear model on ``x`` (``(D,)`` or ``(n, D)``), evaluated at working precision."""
         x = as_array(x, "x")
         X = np.atleast_2d(x)
@@ -542,7 +543,9 @@ class HighPrecisionLinearFit(_LargestConditionNumber):
 
 
 @numeric_guard
-def lora_linear_mp(frozen, target, rank, digits: int | None = 50, *, rank_tol=None) -> HighPrecisionLinearFit:
+def lora_linear_mp(
+    frozen: Matrices | FNN, target: ArrayLike | FNN, rank: Rank, digits: int | None = 50, *, rank_tol: object = None
+) -> HighPrecisionLinearFit:
     """Lemma 1's construction (Zeng & Lee 2024, Lemma 1 (linear models)) at raised precision.
 
     Parameters
@@ -727,7 +730,7 @@ class HighPrecisionFNNFit:
         fbar = _forward([_mpm(T) for T in t.weights], [_mpm(c) for c in t.biases], Xm, relu_t)
         return f, fbar
 
-    def predict(self, x) -> np.ndarray:
+    def predict(self, x: ArrayLike) -> np.ndarray:
         """The adapted FNN on ``x`` (``(D,)`` or ``(n, D)``), evaluated at working precision, rounded."""
         x, X = self._inputs(x)
         with _mp.workdps(self.digits):
@@ -739,7 +742,7 @@ class HighPrecisionFNNFit:
             Y = _np(_forward(self.weights_mp, self.biases_mp, Xm, relu)).T
         return Y[0] if x.ndim == 1 else Y
 
-    def relative_error(self, x):
+    def relative_error(self, x: ArrayLike) -> mpmath.mpf:
         """``||f(X) - f̄(X)||_F / ||f̄(X)||_F`` over the rows of ``x``, computed at working precision (mpf)."""
         _, X = self._inputs(x)
         with _mp.workdps(self.digits):
@@ -747,7 +750,7 @@ class HighPrecisionFNNFit:
             den = _fro(fbar)
             return _fro(f - fbar) / den if den > 0 else _fro(f - fbar)
 
-    def max_row_error(self, x) -> float:
+    def max_row_error(self, x: ArrayLike) -> float:
         """``max_x ||f(x) - f̄(x)||_2`` over the rows of ``x`` (``(n, D)``), both networks at working precision."""
         _, X = self._inputs(x)
         from_float, from_mpf, _, ctx = _object_arrays(self.digits)
@@ -772,7 +775,7 @@ class HighPrecisionFNNFit:
             return float(worst**0.5) if worst else 0.0
 
     @property
-    def max_block_error(self):
+    def max_block_error(self) -> mpmath.mpf:
         """The largest of :attr:`block_errors` (mpf)."""
         return max(self.block_errors)
 
@@ -781,13 +784,13 @@ class HighPrecisionFNNFit:
 def lora_fnn_mp(
     frozen: FNN,
     target: FNN,
-    rank,
+    rank: Rank,
     *,
-    partition=None,
-    input_radius,
-    center=None,
+    partition: Partition = None,
+    input_radius: object,
+    center: ArrayLike | None = None,
     digits: int | None = None,
-    rank_tol=None,
+    rank_tol: object = None,
 ) -> HighPrecisionFNNFit:
     """Theorem 3 (uniform partition) / Theorem 6 (general partition) of Zeng & Lee 2024 at raised precision.
 
@@ -1105,7 +1108,7 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
         return sum(a.num_parameters for a in self.adapters.values())
 
     @property
-    def model(self):
+    def model(self) -> TFN:
         """The adapted network rounded to float64 (:class:`lora_theory.TFN`; a float64 forward pass
         through it loses digits again: evaluate with :meth:`predict`)."""
 
@@ -1119,7 +1122,7 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
             raise InvalidArgumentError("X", f"must have shape (D, N) or (n, D, N) with D = {D}, got {X.shape}")
         return X
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """The adapted network on ``X`` (``(D, N)`` or ``(n, D, N)``), evaluated at working precision, rounded
         to float64, shaped like ``X``."""
         X = self._inputs(X)
@@ -1133,7 +1136,7 @@ class HighPrecisionTFNFit(_LargestConditionNumber):
             Y = np.vectorize(float, otypes=[np.float64])(Y)
         return Y if X.ndim == 3 else Y[0]
 
-    def relative_error(self, X) -> float:
+    def relative_error(self, X: ArrayLike) -> float:
         """``||f(X) - f̄(X)||_F / ||f̄(X)||_F``, adapted network and target both at working precision."""
         X = self._inputs(X)
         X3 = X if X.ndim == 3 else X[None]
@@ -1173,7 +1176,7 @@ def _nested_np(v, vector: bool = False):
 
 
 @numeric_guard
-def lora_tfn_mp(frozen, target, rank, digits: int | None = None) -> HighPrecisionTFNFit:
+def lora_tfn_mp(frozen: TFN, target: TFN, rank: int, digits: int | None = None) -> HighPrecisionTFNFit:
     """Theorem 7's construction (Zeng & Lee 2024, Theorem 7 (transformers)) at raised precision.
 
     The steps of :func:`lora_theory.tfn.lora_tfn` (``C_l = T2_l W2_l^{-1}``, Lemma 1 on the score products

@@ -1,7 +1,9 @@
 """Optimal LoRA adapters for linear models (Zeng & Lee 2024, Lemma 1 (linear models) and its corollary).
 
-Symbols: the frozen model is ``f0(x) = W_L ... W_1 x`` (``frozen = [W_1, ..., W_L]``, ``W_1`` applied first),
-the target ``T`` (``target``), the discrepancy ``E = T - Π W_l`` (:func:`discrepancy`), the LoRA-rank ``R``
+Symbols: the frozen model is ``f0(x) = W_L ... W_1 x`` (``frozen = [W_1, ..., W_L]``, ``W_1`` applied first,
+or the linear :class:`~lora_theory.models.FNN` that :func:`~lora_theory.models.random_linear` returns), the
+target ``T`` (``target``: a ``(D, D)`` matrix or such a model, which stands for its matrix ``W_L ... W_1``),
+the discrepancy ``E = T - Π W_l`` (:func:`discrepancy`), the LoRA-rank ``R``
 (``rank``, or per-layer ranks ``R_l``) and ``k = Σ_l R_l``.
 
 Lemma 1: ``min_{rank Δ_l <= R_l} ||Π(W_l + Δ_l) - T||_2 = σ_{k+1}(E)``, attained by
@@ -31,6 +33,7 @@ import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
+from ._types import ArrayLike, Matrices, Rank
 from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
@@ -47,6 +50,11 @@ from .numerics import (
 )
 from .thresholds import ceil_div
 
+#: A chain of frozen matrices ``(W_1, ..., W_L)``, each ``(D, D)``, or the linear bias-free model holding them.
+Chain = Matrices | FNN
+#: A target matrix ``(D, D)``, or a linear bias-free model standing for its matrix.
+Target = ArrayLike | FNN
+
 __all__ = [
     "LinearFit",
     "lora_linear",
@@ -61,15 +69,49 @@ __all__ = [
 ]
 
 
-def product(matrices) -> np.ndarray:
-    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix).
+def _linear_model_layers(model: FNN, name: str) -> tuple[np.ndarray, ...]:
+    """The weights ``(W_1, ..., W_L)`` of a linear, bias-free :class:`FNN` (the model of Lemma 1, as
+    :func:`~lora_theory.models.random_linear` returns it); any other FNN is refused: its map is not a chain of
+    matrices, and reading its weights as one would answer for another model."""
+    if model.activation != "linear":
+        raise InvalidArgumentError(
+            name, f"a model passed as a linear chain must have activation='linear' (Lemma 1), got {model.activation!r}"
+        )
+    if any(np.any(b != 0) for b in model.biases):
+        raise InvalidArgumentError(name, "a model passed as a linear chain must have zero biases (Lemma 1)")
+    return model.weights
 
-    ``matrices``: a sequence of finite square float arrays of one side
-    (:class:`~lora_theory.errors.InvalidArgumentError` otherwise).
+
+def as_chain(frozen: Chain, name: str = "frozen") -> tuple[np.ndarray, ...]:
+    """``frozen`` as the matrices ``(W_1, ..., W_L)``, each ``(D, D)``: from a sequence of square matrices, or
+    from a linear bias-free :class:`FNN` (its weights, ``W_1`` applied first).
+
+    :class:`~lora_theory.errors.InvalidArgumentError` names ``name`` for anything else (a ReLU model, a model
+    with biases, mismatched shapes, NaN/inf entries).
+    """
+    if isinstance(frozen, FNN):
+        return as_square_sequence(_linear_model_layers(frozen, name), name)
+    return as_square_sequence(frozen, name)
+
+
+def as_target(target: Target, name: str = "target", size: int | None = None) -> np.ndarray:
+    """``target`` as the matrix ``T`` of shape ``(size, size)``: a square matrix, or a linear bias-free
+    :class:`FNN` standing for its matrix ``W_L ... W_1``."""
+    if isinstance(target, FNN):
+        target = product(as_chain(target, name))
+    return as_square(target, name, size)
+
+
+def product(matrices: Chain) -> np.ndarray:
+    """``M_m ... M_1`` for ``matrices = [M_1, ..., M_m]`` (later factor on the left; at least one matrix), shape
+    ``(D, D)``: the map of the linear model of Lemma 1.
+
+    ``matrices``: a sequence of finite square float arrays of one side ``D``, or a linear bias-free
+    :class:`FNN` (its weights) (:class:`~lora_theory.errors.InvalidArgumentError` otherwise).
     """
     if isinstance(matrices, (list, tuple)) and not matrices:
         raise InvalidArgumentError("matrices", "the product of no matrices needs a width; pass at least one")
-    matrices = as_square_sequence(matrices, "matrices")
+    matrices = as_chain(matrices, "matrices")
     out = np.eye(matrices[0].shape[0])
     for M in matrices:
         out = M @ out
@@ -79,10 +121,14 @@ def product(matrices) -> np.ndarray:
 product = numeric_guard(product)
 
 
-def discrepancy(frozen, target) -> np.ndarray:
-    """``E = T - W_L ... W_1``, shape ``(D, D)``."""
-    frozen = as_square_sequence(frozen, "frozen")
-    target = as_square(target, "target", frozen[0].shape[0])
+def discrepancy(frozen: Chain, target: Target) -> np.ndarray:
+    """``E = T - W_L ... W_1``, shape ``(D, D)`` (the discrepancy of Lemma 1).
+
+    ``frozen``: ``L`` matrices ``(D, D)`` or a linear bias-free :class:`FNN`; ``target``: a ``(D, D)``
+    matrix or such a model (its matrix).
+    """
+    frozen = as_chain(frozen)
+    target = as_target(target, "target", frozen[0].shape[0])
     return target - product(frozen)
 
 
@@ -94,16 +140,16 @@ def _rank_scale(frozen, target) -> float:
     return max(np.linalg.norm(target, 2), np.linalg.norm(product(frozen), 2))
 
 
-def discrepancy_rank(frozen, target, tol: float | None = None) -> int:
-    """Numeric ``rank(E)``.
+def discrepancy_rank(frozen: Chain, target: Target, tol: float | None = None) -> int:
+    """Numeric ``rank(E)`` of the discrepancy of Lemma 1 (``frozen`` and ``target`` as in :func:`discrepancy`).
 
     Default tolerance ``D · eps · max(||T||_2, ||Π W||_2, σ_1(E))``: ``E`` is a difference of two matrices
     of those norms and inherits their rounding, so singular values below it are noise. A given ``tol``
     must be finite and ``>= 0`` (:class:`~lora_theory.errors.InvalidArgumentError` otherwise: a NaN would
     count no singular value and report rank 0).
     """
-    frozen = as_square_sequence(frozen, "frozen")
-    target = as_square(target, "target", frozen[0].shape[0])
+    frozen = as_chain(frozen)
+    target = as_target(target, "target", frozen[0].shape[0])
     tol = as_tolerance(tol, "tol")
     E = target - product(frozen)
     s = svd_values(E)
@@ -126,11 +172,13 @@ def _total_rank(rank, depth, width) -> int:
     return sum(as_ranks(rank, depth, width))
 
 
-def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
+def linear_optimal_error(frozen: Chain, target: Target, rank: Rank, norm: str = "spectral") -> float:
     """The optimum of Lemma 1: ``σ_{k+1}(E)`` (``norm="spectral"``) or ``sqrt(Σ_{j>k} σ_j(E)^2)`` (``"fro"``).
 
-    ``k = Σ_l R_l`` (``R·L`` for one rank). Zeng & Lee 2024, Lemma 1 (linear models).
+    ``k = Σ_l R_l`` (``R·L`` for one rank). Zeng & Lee 2024, Lemma 1 (linear models). ``frozen`` and
+    ``target`` as in :func:`discrepancy`.
     """
+    frozen = as_chain(frozen)
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
     spectral, frob = _tail(svd_values(E), k)
@@ -146,8 +194,12 @@ def linear_optimal_error(frozen, target, rank, norm: str = "spectral") -> float:
 linear_optimal_error = numeric_guard(linear_optimal_error)
 
 
-def linear_gaussian_mse(frozen, target, rank) -> float:
-    """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (THEORY.md §2.1)."""
+def linear_gaussian_mse(frozen: Chain, target: Target, rank: Rank) -> float:
+    """Per-coordinate MSE of the optimum on ``x ~ N(0, I_D)``: ``Σ_{j>k} σ_j(E)^2 / D`` (Lemma 1; THEORY.md §2.1).
+
+    ``frozen`` and ``target`` as in :func:`discrepancy`.
+    """
+    frozen = as_chain(frozen)
     E = discrepancy(frozen, target)
     k = _total_rank(rank, len(frozen), E.shape[0])
     return _tail(svd_values(E), k)[1] ** 2 / E.shape[0]
@@ -156,11 +208,13 @@ def linear_gaussian_mse(frozen, target, rank) -> float:
 linear_gaussian_mse = numeric_guard(linear_gaussian_mse)
 
 
-def linear_rank_requirement(frozen, target, tol: float | None = None) -> int:
+def linear_rank_requirement(frozen: Chain, target: Target, tol: float | None = None) -> int:
     """``ceil(rank(E) / L)``: the smallest uniform LoRA-rank that represents ``T`` exactly (Lemma 1).
 
-    ``tol`` as in :func:`discrepancy_rank` (finite, ``>= 0``, or None for the default).
+    ``frozen`` and ``target`` as in :func:`discrepancy`; ``tol`` as in :func:`discrepancy_rank` (finite,
+    ``>= 0``, or None for the default).
     """
+    frozen = as_chain(frozen)
     return ceil_div(discrepancy_rank(frozen, target, tol), len(frozen))
 
 
@@ -232,13 +286,12 @@ class LinearFit(_LargestConditionNumber):
         """Amplification ``γ = max_l ||Q_l||_2 (||W_l||_2 + ||Δ_l||_2) ||P_l||_2 / max(||T||_2, ||Π W||_2)``.
 
         Layer ``l`` contributes ``Q_l (W_l + Δ_l) P_l`` to the product, and ``W_l + Δ_l`` is a float64 sum
-        that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen
-        entry of 1e12 cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large
-        (solves with
-        ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far
-        exceed either ``κ``), the rounding of the adapted product grows with this size, not with ``κ``
-        alone. The achieved product is within ``c·u·(κ + γ)`` (relative to the same scale) of
-        ``Π W + LR_k(E)``: use ``tolerance(fit.kappa, fit.gamma)``.
+        that rounds relative to the magnitudes added, ``||W_l|| + ||Δ_l||``, not to its own norm (a frozen entry of 1e12
+        cancelled by ``Δ_l`` toward a small target leaves rounding of 1e12·u); when ``Δ_l`` is large (solves with
+        ill-conditioned ``Q_l`` and ``P_l`` in chains of 3 or more layers, where ``κ(Q_l) κ(P_l)`` can far exceed either
+        ``κ``), the rounding of the adapted product grows with this size, not with ``κ`` alone. The achieved product is
+        within ``c·u·(κ + γ)`` (relative to the same scale) of ``Π W + LR_k(E)``: use ``tolerance(fit.kappa,
+        fit.gamma)``.
         """
         return _chain_gamma(self.frozen, self.model.weights, self.target)
 
@@ -319,10 +372,9 @@ def _search_assignment(blocks, ranks, step, state, singular):
     the rest of the chain can be built depends only on ``l`` and the *set* of blocks used before it, so a
     (layer, set) that failed once is never tried again: at most ``L·2^(L-1)`` steps, and once the fixed
     order has failed the search stops after :data:`MAX_ASSIGNMENT_STEPS` steps in all. Within that budget the search is
-    exhaustive: it fails only
-    when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank splits of
-    ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched,
-    so a failure is a failure of this construction, not a proof that the optimum is out of reach.
+    exhaustive: it fails only when *no* assignment of blocks to layers avoids a singular ``Q_l`` or ``P_l``. Other rank
+    splits of ``LR_k(E)`` (directions rotated within equal singular values, or other groupings) are not searched, so a
+    failure is a failure of this construction, not a proof that the optimum is out of reach.
 
     Parameters
     ----------
@@ -480,15 +532,16 @@ def _chain_checked(*args, **kwargs):
         raise
 
 
-def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> LinearFit:
+def lora_linear(frozen: Chain, target: Target, rank: Rank, *, rank_tol: float | None = None) -> LinearFit:
     """Optimal LoRA adapters for a chain of frozen matrices toward a target (Zeng & Lee 2024, Lemma 1).
 
     Parameters
     ----------
-    frozen : sequence of L arrays, shape (D, D)
-        ``W_1 .. W_L``, ``W_1`` applied first.
-    target : array (D, D)
-        ``T``.
+    frozen : sequence of L arrays, shape (D, D), or FNN
+        ``W_1 .. W_L``, ``W_1`` applied first; or the linear bias-free model :func:`random_linear` returns
+        (its weights).
+    target : array (D, D), or FNN
+        ``T``; or a linear bias-free model, which stands for its matrix ``W_L ... W_1``.
     rank : int in 0..D, or sequence of L such ints
         The LoRA-rank ``R`` of every layer, or per-layer ranks ``R_l``.
     rank_tol : float, optional
@@ -504,7 +557,7 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     ------
     InvalidArgumentError
         Mismatched or non-square shapes, NaN/inf, a rank outside ``0..D`` or per-layer ranks of the wrong count;
-        ``rank_tol`` NaN, infinite or negative.
+        ``rank_tol`` NaN, infinite or negative; a model with ReLU activations or nonzero biases.
     SingularMatrixError
         Every assignment of the blocks of singular directions to the layers meets a singular matrix it
         must invert (``Q_l`` or ``P_l``); names the one the fixed order meets and gives ``κ``. The fixed
@@ -517,9 +570,9 @@ def lora_linear(frozen, target, rank, *, rank_tol: float | None = None) -> Linea
     IllConditionedWarning
         When ``u·(κ + γ)`` exceeds 1e-8 (``γ``: :attr:`LinearFit.gamma`).
     """
-    frozen = as_square_sequence(frozen, "frozen")
+    frozen = as_chain(frozen)
     D = frozen[0].shape[0]
-    target = as_square(target, "target", D)
+    target = as_target(target, "target", D)
     ranks = as_ranks(rank, len(frozen), D)
     check_norm_finite(target - product(frozen), "E = T - Π W")
     adapters, E, s, rank_E, kappas = _chain_checked(frozen, target, ranks, rank_tol=rank_tol)  # checks rank_tol
@@ -599,13 +652,13 @@ def _ratio(a, b):
     return 1.0 if a == 0 else float("inf")
 
 
-def optimality_gap(frozen, target, adapters) -> OptimalityGap:
+def optimality_gap(frozen: Chain, target: Target, adapters: Sequence) -> OptimalityGap:
     """Score any adapters (trained, or the user's own) against the optimum of Lemma 1.
 
     Parameters
     ----------
-    frozen : sequence of L arrays (D, D)
-    target : array (D, D)
+    frozen : sequence of L arrays (D, D), or a linear bias-free FNN (its weights)
+    target : array (D, D), or a linear bias-free FNN (its matrix)
     adapters : sequence of L :class:`Adapter` or ``(A, B)`` pairs, or ``(D, D)`` update matrices
         For update matrices the rank budget is their numeric rank.
 
@@ -613,9 +666,9 @@ def optimality_gap(frozen, target, adapters) -> OptimalityGap:
     ``||Π(W + Δ) - T||_F^2 / D`` (exact for ``x ~ N(0, I)``).
     """
 
-    frozen = as_square_sequence(frozen, "frozen")
+    frozen = as_chain(frozen)
     D = frozen[0].shape[0]
-    target = as_square(target, "target", D)
+    target = as_target(target, "target", D)
     if isinstance(adapters, (str, bytes, Adapter)) or not isinstance(adapters, (Sequence, np.ndarray)):
         raise InvalidArgumentError(
             "adapters", f"must be a sequence with one adapter per frozen layer, got {type(adapters).__name__}"

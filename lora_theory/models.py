@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _display
 from ._guard import numeric_guard
+from ._types import ArrayLike, Matrices, Seed
 from ._validate import as_array, as_bool, as_int, as_nonnegative, as_square_sequence, readonly, rng_from
 from .errors import InvalidArgumentError
 from .partition import MAX_DEPTH
@@ -101,7 +102,7 @@ class FNN:
         return relu(pre)
 
     @numeric_guard
-    def activations(self, x) -> list[np.ndarray]:
+    def activations(self, x: ArrayLike) -> list[np.ndarray]:
         """``[z_0, z_1, ..., z_L]`` for an input of shape ``(D,)`` or ``(n, D)``."""
         z = self._check_input(x)
         out = [z]
@@ -110,7 +111,7 @@ class FNN:
             out.append(z)
         return out
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         """``f(x)``; shape ``(D,)`` or ``(n, D)`` like the input."""
         return self.activations(x)[-1]
 
@@ -127,7 +128,7 @@ class FNN:
             out = W @ out
         return out
 
-    def replace(self, weights=None, biases=None) -> FNN:
+    def replace(self, weights: Matrices | None = None, biases: Sequence[ArrayLike] | None = None) -> FNN:
         """A copy with other weights and/or biases, same activation convention."""
         return FNN(
             self.weights if weights is None else weights,
@@ -206,14 +207,14 @@ class TFN:
         """The constructor's arguments as a dict of arrays."""
         return {n: getattr(self, n) for n in ("wq", "wk", "wv", "wo", "w1", "b1", "w2", "b2", "w_out")}
 
-    def replace(self, **changes) -> TFN:
+    def replace(self, **changes: ArrayLike) -> TFN:
         """A copy with some parameters replaced."""
         params = self.parameters()
         params.update(changes)
         return TFN(**params)
 
     @numeric_guard
-    def block_outputs(self, X) -> list[np.ndarray]:
+    def block_outputs(self, X: ArrayLike) -> list[np.ndarray]:
         """``[Z_0, Z_1, ..., Z_L]``, each shaped like the input (``(D, N)`` or ``(n, D, N)``, ``N >= 1`` tokens)."""
         Z = as_array(X, "X")
         if Z.ndim not in (2, 3) or Z.shape[-2] != self.embed_dim:
@@ -238,7 +239,7 @@ class TFN:
         return out
 
     @numeric_guard
-    def __call__(self, X) -> np.ndarray:
+    def __call__(self, X: ArrayLike) -> np.ndarray:
         """``f(X) = W_out Z_L``, shaped like ``X``."""
         return self.w_out @ self.block_outputs(X)[-1]
 
@@ -263,7 +264,7 @@ def random_fnn(
     width: int,
     depth: int,
     *,
-    seed=None,
+    seed: Seed = None,
     activation: str = "relu",
     final_relu: bool = True,
     bias: bool = True,
@@ -287,12 +288,12 @@ def random_fnn(
     return FNN(weights, biases, activation=activation, final_relu=final_relu)
 
 
-def random_linear(width: int, depth: int, *, seed=None, scale: float | None = None) -> FNN:
+def random_linear(width: int, depth: int, *, seed: Seed = None, scale: float | None = None) -> FNN:
     """A random linear model (FNN with ``activation="linear"`` and no biases), authors' initialisation."""
     return random_fnn(width, depth, seed=seed, activation="linear", bias=False, scale=scale)
 
 
-def random_tfn(embed_dim: int, depth: int, heads: int, *, seed=None) -> TFN:
+def random_tfn(embed_dim: int, depth: int, heads: int, *, seed: Seed = None) -> TFN:
     """A random TFN with the authors' initialisation (THEORY.md §4).
 
     Attention matrices ``N(0, 1)``; feed-forward weights and biases and the output layer

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._types import ArrayLike, DTypeLike
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -96,7 +97,7 @@ def _dtype_name(dtype, argument: str) -> str:
     return name
 
 
-def storage_roundoff(dtype) -> float:
+def storage_roundoff(dtype: DTypeLike) -> float:
     """Unit roundoff ``u`` of a storage dtype: ``|fl(x) - x| <= u |fl(x)|`` for round-to-nearest in its normal range.
 
     bfloat16 ``2^-8``, float16 ``2^-11``, float32 ``2^-24``, float64 ``2^-53``.
@@ -115,7 +116,7 @@ def storage_roundoff(dtype) -> float:
     return _ROUNDOFF[_dtype_name(dtype, "dtype")]
 
 
-def smallest_subnormal(dtype) -> float:
+def smallest_subnormal(dtype: DTypeLike) -> float:
     """``η``: the smallest positive subnormal of a storage dtype (float64 ``2^-1074`` ... bfloat16 ``2^-133``).
 
     Gradual underflow rounds with an absolute error of at most ``η / 2``; accepts the dtypes of
@@ -231,7 +232,9 @@ def _unscale(value: float, e: int, name: str, argument: str) -> float:
     return out
 
 
-def rounding_bounds(base, tuned, base_dtype=None, tuned_dtype=None) -> RoundingBounds:
+def rounding_bounds(
+    base: ArrayLike, tuned: ArrayLike, base_dtype: DTypeLike | None = None, tuned_dtype: DTypeLike | None = None
+) -> RoundingBounds:
     """The statistics of ``B``, the entrywise bound on the storage rounding of ``ΔW = tuned - base`` (THEORY.md §5.1).
 
     Parameters
@@ -279,7 +282,9 @@ def _bounds_of_scaled(B: np.ndarray, e: int, argument: str) -> RoundingBounds:
     )
 
 
-def entries_beyond_rounding(base, tuned, base_dtype=None, tuned_dtype=None) -> int:
+def entries_beyond_rounding(
+    base: ArrayLike, tuned: ArrayLike, base_dtype: DTypeLike | None = None, tuned_dtype: DTypeLike | None = None
+) -> int:
     """How many entries of ``tuned - base`` exceed their rounding bound ``B_ij`` (any shape, THEORY.md §5.1).
 
     An entry beyond its bound proves that the two stored values come from different true values, whatever

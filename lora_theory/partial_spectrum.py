@@ -14,8 +14,7 @@ computed singular values ``σ̂_i`` and the residual ``R = A - Q̂Ĉ``:
   ``σ̂_i = 0`` for ``i > b``;
 * ``‖R‖_2`` bounded by ``‖R‖_F`` (computed from ``R`` itself, not as the difference ``‖A‖_F² - ‖Ĉ‖_F²``,
   which cancels), else by ``‖RᵀR‖_F^{1/2}`` (the Schatten-4 norm), else, sharper, by a Cholesky test: if floating-point
-  Cholesky of
-  ``μI - fl(RᵀR)`` runs to completion then ``λ_max(RᵀR) <= μ`` plus the factorisation's backward error
+  Cholesky of ``μI - fl(RᵀR)`` runs to completion then ``λ_max(RᵀR) <= μ`` plus the factorisation's backward error
   (Higham, *Accuracy and Stability of Numerical Algorithms*, Theorem 10.3).
 
 Every floating-point step is charged with its standard error bound (``γ_k = k·u / (1 - k·u)``, ``u = 2^-53``):
@@ -37,15 +36,24 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._types import ArrayLike
+from ._validate import as_array, as_int, rng_from
 from .errors import InvalidArgumentError
 
 __all__ = ["PartialSpectrum", "partial_spectrum", "partial_spectrum_from_blocks"]
 
 U64 = 2.0**-53  # unit roundoff of float64, round to nearest
+ETA = 2.0**-1074  # the smallest subnormal: an underflowing product or sum is off by at most this (Higham §2.1)
+
+#: Entries' magnitude range in which the bounds are proved: ``max|A_ij|`` is 0 or in ``[2^-400, 2^400]``, so
+#: that no square or Gram entry overflows and LAPACK's SVD is not in its rescaling range. Other matrices are
+#: refused with a one-line error (scale by a power of two, which is exact, and scale ``τ`` alike).
+MAGNITUDE_RANGE = (2.0**-400, 2.0**400)
 
 
 def _gamma(k) -> float:
@@ -167,8 +175,8 @@ def _check_threshold(threshold) -> float:
 
 
 def partial_spectrum(
-    matrix,
-    threshold,
+    matrix: ArrayLike,
+    threshold: float,
     *,
     block: int = 16,
     max_block: int | None = None,
@@ -197,19 +205,21 @@ def partial_spectrum(
     block_rows : int
         Rows per pass step.
 
+    Returns
+    -------
+    PartialSpectrum
+        Of the tall orientation: ``shape`` is ``(max(m, n), min(m, n))``.
+
     Raises
     ------
     InvalidArgumentError
-        Not a finite real 2-D matrix, a negative or non-finite threshold, a block below 1.
+        Not a finite real 2-D matrix, entries outside :data:`MAGNITUDE_RANGE`, a negative or non-finite
+        threshold, a block below 1, ``block_rows`` below 1, ``power_iterations`` outside ``0..100``, a bad seed.
     """
-    try:
-        a = np.asarray(matrix, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError("matrix", f"could not be read as a real matrix ({exc})") from None
-    if a.ndim != 2 or 0 in a.shape:
+    a = as_array(matrix, "matrix", ndim=2)
+    if 0 in a.shape:
         raise InvalidArgumentError("matrix", f"must be a non-empty 2-D matrix, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise InvalidArgumentError("matrix", "contains NaN or infinite entries")
+    block_rows = as_int(block_rows, "block_rows", 1)
     if a.shape[0] < a.shape[1]:
         a = a.T  # (m, n) tall: Gram is n x n
 
@@ -223,7 +233,14 @@ def partial_spectrum(
 
 
 def partial_spectrum_from_blocks(
-    shape, blocks, threshold, *, block: int = 16, max_block: int | None = None, power_iterations: int = 2, seed: int = 0
+    shape: tuple[int, int],
+    blocks: Callable[[], Iterable[ArrayLike]],
+    threshold: float,
+    *,
+    block: int = 16,
+    max_block: int | None = None,
+    power_iterations: int = 2,
+    seed: int = 0,
 ) -> PartialSpectrum:
     """:func:`partial_spectrum` of a matrix given as row blocks (streaming callers; one block in memory).
 
@@ -232,30 +249,55 @@ def partial_spectrum_from_blocks(
     shape : tuple (m, n)
         The matrix's shape (``m >= n`` keeps the residual's Gram matrix small).
     blocks : callable
-        ``blocks()`` returns an iterator over consecutive float64 row blocks ``(rows, n)`` of the matrix,
-        the same entries every call.
+        ``blocks()`` returns an iterator over consecutive real row blocks ``(rows, n)`` of the matrix (read
+        as float64), the same entries every call; every pass checks the blocks' shapes and total row count
+        ``m``, the first their finiteness.
     threshold, block, max_block, power_iterations, seed : as :func:`partial_spectrum`.
+
+    Returns
+    -------
+    PartialSpectrum
+
+    Raises
+    ------
+    InvalidArgumentError
+        As :func:`partial_spectrum`; also a ``shape`` that is not two integers >= 1, ``blocks`` that is not
+        callable or yields blocks that do not tile an ``m x n`` matrix.
     """
     tau_of = threshold if callable(threshold) else None
     tau = None if tau_of is not None else _check_threshold(threshold)
-    m, n = (int(v) for v in shape)
-    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
-        raise InvalidArgumentError("block", f"must be an integer >= 1, got {block!r}")
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        raise InvalidArgumentError("shape", f"must be a pair (m, n), got {shape!r}")
+    m, n = as_int(shape[0], "shape[0]", 1), as_int(shape[1], "shape[1]", 1)
+    if not callable(blocks):
+        raise InvalidArgumentError("blocks", f"must be a callable returning row blocks, got {type(blocks).__name__}")
+    block = as_int(block, "block", 1)
+    max_block = None if max_block is None else as_int(max_block, "max_block", 1)
+    power_iterations = as_int(power_iterations, "power_iterations", 0, 100)
+    rng = rng_from(seed)
+    blocks = _checked(blocks, m, n)
     k_all = min(m, n)
-    top = max(int(block), k_all // 4) if max_block is None else int(max_block)
-    b = min(int(block), k_all)
-    rng = np.random.default_rng(seed)
+    top = max(block, k_all // 4) if max_block is None else max_block
+    b = min(block, k_all)
     passes = 0
 
-    # pass: ‖A‖_F² and the first sketch Y = AΩ
+    # pass: ‖A‖_F², max|A_ij| and the first sketch Y = AΩ
     fro_sq = 0.0
     while True:
         omega = rng.standard_normal((n, b))  # (n, b)
-        ys, fro_sq = [], 0.0
+        ys, fro_sq, amax = [], 0.0, 0.0
         for blk in blocks():
+            blk_max = float(np.max(np.abs(blk), initial=0.0))
+            if not math.isfinite(blk_max):  # NaN included: max() would drop it
+                raise InvalidArgumentError("blocks", "contains NaN or infinite entries")
+            amax = max(amax, blk_max)
+            if amax > MAGNITUDE_RANGE[1]:
+                _out_of_range(amax)
             fro_sq += float(np.einsum("ij,ij->", blk, blk))
             ys.append(blk @ omega)  # (rows, b)
         passes += 1
+        if amax != 0.0 and amax < MAGNITUDE_RANGE[0]:
+            _out_of_range(amax)
         q = np.linalg.qr(np.concatenate(ys))[0]  # (m, b)
         for _ in range(power_iterations):
             z = _left(blocks, q, n)  # (n, b) = Aᵀ Q
@@ -264,7 +306,7 @@ def partial_spectrum_from_blocks(
             passes += 2
         c = _left(blocks, q, n).T  # (b, n) = Q̂ᵀA
         passes += 1
-        fro = math.sqrt(fro_sq * (1.0 + _gamma(m * n + 1)))  # upper bound on ‖A‖_F
+        fro = math.sqrt(fro_sq * (1.0 + _gamma(m * n + 1)) + m * n * ETA)  # upper bound on ‖A‖_F
         cert = _certify(q, c, fro, m, n)
         if tau_of is not None:  # τ from the computed σ̂_1
             tau = _check_threshold(tau_of(float(cert["values"][0]) if cert["values"].size else 0.0))
@@ -282,6 +324,38 @@ def partial_spectrum_from_blocks(
         if result.settled or 2 * b > top or b >= k_all:
             return result
         b *= 2
+
+
+def _out_of_range(amax):
+    raise InvalidArgumentError(
+        "matrix",
+        f"has entries up to {amax:.3g} in magnitude: certified bounds need max|A_ij| in [2^-400, 2^400] "
+        "(scale the matrix and the threshold by a power of two)",
+    )
+
+
+def _checked(blocks, m, n):
+    """``blocks`` with every block read as a finite float64 ``(rows, n)`` array and the rows counted to ``m``."""
+
+    def checked():
+        try:
+            it = iter(blocks())
+        except TypeError:
+            raise InvalidArgumentError("blocks", "blocks() must return an iterable of row blocks") from None
+        rows = 0
+        for blk in it:
+            if isinstance(blk, np.ndarray) and blk.dtype == np.float64 and blk.ndim == 2 and blk.shape[1] == n:
+                a = blk  # as given, no copy (finiteness: the first pass's max|A_ij|)
+            else:
+                a = as_array(blk, "blocks", ndim=2, shape=(None, n))
+            rows += a.shape[0]
+            if rows > m:
+                break
+            yield a
+        if rows != m:
+            raise InvalidArgumentError("blocks", f"gave {rows}{'+' if rows > m else ''} rows, the shape says {m}")
+
+    return checked
 
 
 def _left(blocks, q, n):
@@ -304,7 +378,8 @@ def _certify(q, c, fro, m, n) -> dict:
     delta_q = defect * (1 + 4 * U64) + _gamma(m) * b * (1.0 + defect) * 1.01
     q_norm = math.sqrt(1.0 + delta_q)  # ‖Q̂‖_2
     q_fro = math.sqrt(b * (1.0 + delta_q))  # ‖Q̂‖_F
-    e_c = _gamma(m) * q_fro * fro  # ‖Ĉ - Q̂ᵀA‖_F (|fl - exact| <= γ_m|Q̂ᵀ||A|)
+    # ‖Ĉ - Q̂ᵀA‖_F (|fl - exact| <= γ_m|Q̂ᵀ||A|, plus m·η per entry for underflow)
+    e_c = _gamma(m) * q_fro * fro + math.sqrt(b * n) * m * ETA * 2
     values = np.linalg.svd(c, compute_uv=False)  # (b,)
     e_svd = 4.0 * max(b, n) * U64 * (float(values[0]) if values.size else 0.0)  # LAPACK backward error (model)
     lower = np.maximum(values - e_svd - e_c, 0.0) / q_norm * (1.0 - 2 * U64)
@@ -361,11 +436,11 @@ def _residual(blocks, q, c, cert, shape, tau, fro, fro_sq, b, passes) -> Partial
     k_all = min(m, n)
     values, lower, e_svd, e_cross = cert["values"], cert["lower"], cert["e_svd"], cert["e_cross"]
     # ‖R_exact - R̂‖_F <= γ_{b+1}(‖A‖_F + ‖Q̂‖_F‖Ĉ‖_F): forming Q̂Ĉ (b terms) and subtracting
-    e_r = _gamma(b + 1) * (fro + cert["q_fro"] * cert["c_fro"])
+    e_r = _gamma(b + 1) * (fro + cert["q_fro"] * cert["c_fro"]) + math.sqrt(m * n) * (b + 1) * ETA * 2
     # what ε must not exceed for the count to settle: the largest value not certified above τ, and the tail
     below = values[lower <= tau]
     s_star = float(below[0]) + e_svd if below.size else 0.0
-    room = tau**2 - s_star**2 - e_cross
+    room = (tau**2 if tau < 2.0**500 else math.inf) - s_star**2 - e_cross
     gram = np.zeros((n, n)) if room > 0 else None
     r_sq = 0.0
     start = 0
@@ -377,13 +452,13 @@ def _residual(blocks, q, c, cert, shape, tau, fro, fro_sq, b, passes) -> Partial
             gram += r.T @ r  # (n, n)
         start += rows
     passes += 1
-    r_fro = math.sqrt(r_sq * (1.0 + _gamma(m * n + 1)))  # upper bound on ‖R̂‖_F
+    r_fro = math.sqrt(r_sq * (1.0 + _gamma(m * n + 1)) + m * n * ETA)  # upper bound on ‖R̂‖_F
     eps = r_fro + e_r
     upper, tail = _uppers(values, e_svd, e_cross, eps)
     lo, hi = _counts(lower, upper, tail, tau, k_all)
     if lo == hi or gram is None:
         return _result(shape, tau, values, lower, upper, tail, "frobenius", fro_sq, lo, hi, b, passes)
-    e_gram = _gamma(m) * r_fro**2  # ‖fl(R̂ᵀR̂) - R̂ᵀR̂‖_F <= γ_m‖R̂‖_F²
+    e_gram = _gamma(m) * r_fro**2 + n * m * ETA * 2  # ‖fl(R̂ᵀR̂) - R̂ᵀR̂‖_F <= γ_m‖R̂‖_F² (+ underflow)
     # Schatten-4: ‖R̂‖_2² = ‖R̂ᵀR̂‖_2 <= ‖R̂ᵀR̂‖_F <= ‖Ĝ‖_F + e_gram (O(n²), tried before the O(n³) test)
     lam = float(np.linalg.norm(gram)) * (1.0 + _gamma(n * n + 1)) + e_gram
     eps4 = math.sqrt(lam) * (1 + 2 * U64) + e_r
@@ -399,7 +474,7 @@ def _residual(blocks, q, c, cert, shape, tau, fro, fro_sq, b, passes) -> Partial
     eps_need = math.sqrt(room) - e_r
     slack = 1.0 + 2.0 * _gamma(n + 1) * n * 1.01 + 4 * U64  # backward error of Cholesky, relative
     mu = (eps_need**2 - e_gram) / slack * (1.0 - 1e-9)
-    if mu <= 0:
+    if not (eps_need > 0 and 2.0**-900 <= mu <= 2.0**900):  # no Cholesky test near underflow or overflow
         return _result(shape, tau, values, lower, upper, tail, method, fro_sq, lo, hi, b, passes)
     h = np.negative(gram, out=gram)  # (n, n), in place: μI - Ĝ
     h[np.diag_indices(n)] += mu

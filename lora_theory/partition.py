@@ -8,7 +8,7 @@ for target layer ``i``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import numpy as np
@@ -35,7 +35,7 @@ def uniform_partition(depth: int, target_depth: int) -> tuple[int, ...]:
     return (M,) * (Lbar - 1) + (L - M * (Lbar - 1),)
 
 
-def check_partition(partition, depth: int, target_depth: int) -> tuple[int, ...]:
+def check_partition(partition: Sequence[int], depth: int, target_depth: int) -> tuple[int, ...]:
     """Validate block sizes: ``L̄`` positive integers summing to ``L``."""
     if isinstance(partition, (str, bytes)) or not isinstance(partition, (Sequence, np.ndarray)):
         raise InvalidArgumentError("partition", f"must be a sequence of block sizes, got {partition!r}")
@@ -75,7 +75,9 @@ def partition_blocks(partition: Sequence[int]) -> tuple[range, ...]:
     return tuple(out)
 
 
-def best_partition(block_rank, depth: int, target_depth: int) -> tuple[tuple[int, ...], int]:
+def best_partition(
+    block_rank: Callable[[int, int, int], int], depth: int, target_depth: int
+) -> tuple[tuple[int, ...], int]:
     """The consecutive partition minimising the required uniform rank ``max_i ceil(rank(E_i) / |P_i|)``.
 
     Zeng & Lee 2024, Theorem 6 (general partition). Dynamic programming over consecutive partitions:

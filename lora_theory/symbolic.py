@@ -53,6 +53,7 @@ from sympy import QQ
 from sympy.polys.matrices import DomainMatrix
 
 from . import _display
+from ._types import Partition, Rank, Seed
 from ._validate import as_bool, as_int, as_ranks, rng_from
 from .errors import InvalidArgumentError
 from .fnn import SAFETY
@@ -541,7 +542,7 @@ def _square_list(values, name):
     return out
 
 
-def certify_linear(frozen, target, rank) -> Certificate:
+def certify_linear(frozen: Sequence | FNN, target: object, rank: Rank) -> Certificate:
     """Exact certificate for Zeng & Lee 2024, Lemma 1 (linear models).
 
     Parameters
@@ -717,7 +718,15 @@ def _ones(n):
     return DomainMatrix([[QQ(1)] for _ in range(n)], (n, 1), QQ)
 
 
-def certify_fnn(frozen, target, rank, *, partition=None, input_radius, center=None) -> Certificate:
+def certify_fnn(
+    frozen: FNN | RationalFNN,
+    target: FNN | RationalFNN,
+    rank: Rank,
+    *,
+    partition: Partition = None,
+    input_radius: object,
+    center: Sequence | None = None,
+) -> Certificate:
     """Exact certificate for Zeng & Lee 2024, Theorem 3 (uniform partition) / Theorem 6 (general partition).
 
     Runs the construction of :func:`lora_theory.fnn.lora_fnn` in exact arithmetic, block by block: Lemma 1
@@ -1039,7 +1048,7 @@ def _as_rational_tfn(model, name) -> RationalTFN:
     raise InvalidArgumentError(name, f"must be a lora_theory.TFN or a RationalTFN, got {type(model).__name__}")
 
 
-def certify_tfn(frozen, target, rank) -> Certificate:
+def certify_tfn(frozen: TFN | RationalTFN, target: TFN | RationalTFN, rank: int) -> Certificate:
     """Exact certificate for Zeng & Lee 2024, Theorem 7 (transformer networks).
 
     Runs the construction of :func:`lora_theory.tfn.lora_tfn` exactly (``C_0 = I``, ``C_l = T2_l W2_l^{-1}``;
@@ -1192,8 +1201,8 @@ def _instance_args(denominator, bound):
 
 
 def random_rational_linear(
-    width: int, depth: int, *, seed=None, error_rank: int | None = None, denominator: int = 4, bound: int = 4
-):
+    width: int, depth: int, *, seed: Seed = None, error_rank: int | None = None, denominator: int = 4, bound: int = 4
+) -> tuple[list[sympy.ImmutableMatrix], sympy.ImmutableMatrix]:
     """A random rational linear instance ``(frozen, target)`` for :func:`certify_linear`.
 
     Entries ``k / denominator`` with ``k`` uniform in ``-bound..bound`` (default multiples of 1/4 in
@@ -1227,11 +1236,11 @@ def random_rational_fnn(
     depth: int,
     target_depth: int,
     *,
-    seed=None,
+    seed: Seed = None,
     final_relu: bool = True,
     denominator: int = 4,
     bound: int = 4,
-):
+) -> tuple[RationalFNN, RationalFNN]:
     """A random rational ReLU FNN pair ``(frozen, target)`` (:class:`RationalFNN`) for :func:`certify_fnn`.
 
     Weights and biases ``k / denominator``, ``k`` uniform in ``-bound..bound``.
@@ -1270,11 +1279,11 @@ def random_rational_tfn(
     depth: int,
     heads: int,
     *,
-    seed=None,
+    seed: Seed = None,
     denominator: int = 4,
     bound: int = 4,
     nonsingular: bool = False,
-):
+) -> tuple[RationalTFN, RationalTFN]:
     """A random rational transformer pair ``(frozen, target)`` (:class:`RationalTFN`) for :func:`certify_tfn`.
 
     Every parameter ``k / denominator``, ``k`` uniform in ``-bound..bound``. Small entries make singular

@@ -252,7 +252,7 @@ def tfn_rank_requirement(frozen: TFN, target: TFN) -> int:
 tfn_rank_requirement = numeric_guard(tfn_rank_requirement)
 
 
-def lora_tfn(frozen: TFN, target: TFN, rank) -> TFNFit:
+def lora_tfn(frozen: TFN, target: TFN, rank: int) -> TFNFit:
     """LoRA adapters and biases that make a frozen TFN equal a target TFN (Zeng & Lee 2024, Theorem 7).
 
     Parameters

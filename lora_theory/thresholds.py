@@ -7,8 +7,13 @@ constructions: :func:`lora_theory.linear_rank_requirement`, :func:`lora_theory.f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._validate import as_int
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .models import FNN
 
 __all__ = ["linear_rank_threshold", "fnn_rank_threshold", "tfn_rank_threshold", "ceil_div"]
 
@@ -18,11 +23,24 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def linear_rank_threshold(width: int, depth: int) -> int:
+def linear_rank_threshold(width: int | FNN, depth: int | None = None) -> int:
     """``ceil(D / L)``: the LoRA-rank that makes a generic depth-``L`` linear model exact.
 
-    Zeng & Lee 2024, Lemma 1 (linear models) with generic weights (``rank(E) = D``).
+    Zeng & Lee 2024, Lemma 1 (linear models) with generic weights (``rank(E) = D``). ``width`` is ``D`` and
+    ``depth`` is ``L``; or ``width`` is the linear bias-free model itself (:func:`~lora_theory.random_linear`'s,
+    ``depth`` left out), whose width and depth are used.
     """
+    from .models import FNN  # here: models imports partition, which imports this module
+
+    if isinstance(width, FNN):
+        from .linear import as_chain
+
+        if depth is not None:
+            raise InvalidArgumentError("depth", "must be left out when a model is given: its depth is the model's")
+        layers = as_chain(width, "width")
+        return ceil_div(layers[0].shape[0], len(layers))
+    if depth is None:
+        raise InvalidArgumentError("depth", "must be given with a width (or pass the linear model alone)")
     D = as_int(width, "width", 1)
     L = as_int(depth, "depth", 1)
     return ceil_div(D, L)

@@ -314,3 +314,55 @@ def test_dtypes_and_floor_arguments():
     r = advise_layers({"w": W}, {"w": W}, dtypes={"w": "torch.float32/bfloat16"})
     assert r.layer("w").storage_dtype == "float32/bfloat16"
     assert r.layer("w").floor.bounds.entry_max == pytest.approx(2.0**-24 + 2.0**-8, rel=1e-6)
+
+
+def _two_layer_report():
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((6, 4))
+    delta, _ = known_rank_change(rng, 6, 4, 2)
+    return advise_layers(
+        {"enc.weight": W, "enc.bias": np.zeros(6), "dec.weight": W.T},
+        {"enc.weight": W + delta, "enc.bias": np.full(6, 0.5), "dec.weight": W.T.copy()},
+    )
+
+
+def test_to_dataframe_has_one_row_per_layer_with_the_reports_numbers():
+    """RankReport.to_dataframe: a row per weight matrix, in order, holding the same ranks and norms as the
+    layers (pandas needed)."""
+    pytest.importorskip("pandas")
+    from lora_theory.advisor import DATAFRAME_COLUMNS
+
+    report = _two_layer_report()
+    frame = report.to_dataframe()
+    assert list(frame.index) == ["enc", "dec"] and frame.index.name == "name"
+    assert list(frame.columns) == list(DATAFRAME_COLUMNS[1:])
+    for a in report.layers:
+        row = frame.loc[a.name]
+        assert (row["out_features"], row["in_features"]) == a.shape
+        assert row["exact_rank"] == a.exact_rank and row["energy_rank"] == a.energy_rank
+        assert row["rank_above_floor"] == a.rank_above_floor and row["max_rank"] == a.max_rank
+        assert row["delta_norm"] == a.delta_norm and row["relative_change"] == a.relative_change
+        assert row["floor"] == a.floor.spectral and row["relative_floor"] == a.relative_floor
+        assert row["exact_parameters"] == a.parameters(a.exact_rank)
+        assert row["bias_changed"] == a.bias_changed and row["storage_dtype"] == a.storage_dtype
+    assert frame.loc["enc", "exact_rank"] == 2 and frame.loc["dec", "exact_rank"] == 0
+    assert bool(frame.loc["enc", "bias_changed"]) and not bool(frame.loc["dec", "bias_changed"])
+
+
+def test_to_dataframe_without_pandas_says_what_to_install(monkeypatch):
+    """Without pandas, to_dataframe raises one ImportError line naming the package to install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("No module named 'pandas'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(__import__("sys").modules, "pandas", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(ImportError) as info:
+        _two_layer_report().to_dataframe()
+    message = str(info.value)
+    assert "\n" not in message and "pip install pandas" in message and "to_dataframe" in message

@@ -4,31 +4,26 @@ Theorem 5): the measured error of the FNN construction never exceeds it."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 from _fnn_strategies import fnn_instances
+from _helpers import ill_conditioned_ok
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_theory.bounds import fnn_error_bound, fnn_error_bound_at
-from lora_theory.errors import IllConditionedWarning, InvalidArgumentError
+from lora_theory.errors import InvalidArgumentError
 from lora_theory.fnn import fnn_rank_requirement, lora_fnn
 from lora_theory.linear import linear_gaussian_mse, product
 from lora_theory.models import FNN, random_fnn
-
-
-def _fit(*args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IllConditionedWarning)
-        return lora_fnn(*args, **kwargs)
 
 
 def _rms(diff):
     return math.sqrt(np.mean(np.sum(diff**2, axis=1)))
 
 
+@ill_conditioned_ok
 @given(fnn_instances(max_width=12, max_depth=4), st.integers(0, 10**6))
 def test_error_within_bound_per_sample_and_in_rms(inst, seed):
     """Per sample: ||f(x) - f̄(x)|| <= Σ_i K_i ε_i ||z̄_{i-1}(x)||; RMS with the samples' own second moment."""
@@ -36,7 +31,7 @@ def test_error_within_bound_per_sample_and_in_rms(inst, seed):
     D = inst.width
     x = rng.standard_normal((400, D))  # (n, D)
     radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)
-    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
+    fit = lora_fnn(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
     diff = fit.model(x) - inst.target(x)
     scale = _rms(inst.target(x))
     bound = fnn_error_bound(
@@ -57,13 +52,14 @@ def test_bound_is_zero_exactly_when_the_construction_is_exact(inst, seed):
     assert bound.block_directions == tuple(min(b, rho) for b, rho in zip(inst.budgets(), inst.block_ranks))
 
 
+@ill_conditioned_ok
 def test_gaussian_rms_below_bound_with_default_second_moment():
     """Default Σ = I (x ~ N(0, I_D)): a large sample's RMS error stays below the bound, which is not tight."""
     frozen, target = random_fnn(16, 4, seed=0), random_fnn(16, 2, seed=1)
     x = np.random.default_rng(2).standard_normal((20000, 16))
     radius = float(np.linalg.norm(x, axis=1).max())
     for R in (0, 2, 4, 6):
-        fit = _fit(frozen, target, R, input_radius=radius)
+        fit = lora_fnn(frozen, target, R, input_radius=radius)
         bound = fnn_error_bound(frozen, target, R)
         measured = _rms(fit.model(x) - target(x))
         assert 0 < measured <= bound.rms
@@ -188,6 +184,7 @@ def aligned_instances(draw):
     return frozen, target, sizes, x0
 
 
+@ill_conditioned_ok
 @given(aligned_instances())
 def test_bound_is_attained_when_every_error_term_is_aligned(instance):
     # The bound's three ingredients are all tight here: each ε_i (σ_1 of E_i), each growth factor
@@ -195,7 +192,7 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
     # A bound that skipped a block's growth, dropped a bias or mis-sized a_0 is either violated or slack.
     frozen, target, sizes, x0 = instance
     radius = 2 * float(np.linalg.norm(x0)) + 1
-    fit = _fit(frozen, target, 0, partition=sizes, input_radius=radius)
+    fit = lora_fnn(frozen, target, 0, partition=sizes, input_radius=radius)
     error = float(np.linalg.norm(fit.model(x0) - target(x0)))
     bound = fnn_error_bound(frozen, target, 0, partition=sizes, second_moment=np.outer(x0, x0))
     assert bound.partition == sizes and bound.ranks == (0,) * frozen.depth  # what it was computed for
@@ -205,7 +202,7 @@ def test_bound_is_attained_when_every_error_term_is_aligned(instance):
     # Σ = I: the error map is linear, x ↦ G x with G a multiple of an orthogonal matrix when every c_i = 0,
     # and the RMS error over N(0, I) is ||G||_F = ||G||_2 sqrt(D), the bound with a_0 = sqrt(D).
     plain = FNN(target.weights, [np.zeros(target.width)] * target.depth, activation="linear")
-    G = _fit(frozen, plain, 0, partition=sizes, input_radius=radius).model(np.eye(target.width)) - plain(
+    G = lora_fnn(frozen, plain, 0, partition=sizes, input_radius=radius).model(np.eye(target.width)) - plain(
         np.eye(target.width)
     )  # rows: G e_j
     default = fnn_error_bound(frozen, plain, 0, partition=sizes)

@@ -127,3 +127,55 @@ def test_documented_command_runs_as_written(page, command, tmp_path):
     assert done.returncode == expected, (
         f"`{command}` from {page} exited {done.returncode}, expected {expected}\n{done.stderr[-2000:]}"
     )
+
+
+def _public_callables():
+    """``(qualified name, function)`` for every public function of ``lora_theory.__all__`` and every public
+    method (with ``__init__`` and ``__call__``) and property of its public classes, where defined in the
+    package."""
+    for name in lora_theory.__all__:
+        obj = getattr(lora_theory, name)
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            for attr, value in vars(obj).items():
+                if attr.startswith("_") and attr not in ("__init__", "__call__"):
+                    continue
+                if isinstance(value, (staticmethod, classmethod)):
+                    value = value.__func__
+                elif isinstance(value, property):
+                    value = value.fget
+                if inspect.isfunction(value) and value.__module__.startswith("lora_theory"):
+                    yield f"{name}.{attr}", value
+
+
+def _missing_annotations(fn) -> list[str]:
+    sig = inspect.signature(fn)
+    missing = [
+        p.name
+        for i, p in enumerate(sig.parameters.values())
+        if p.annotation is inspect.Parameter.empty and not (i == 0 and p.name in ("self", "cls"))
+    ]
+    if sig.return_annotation is inspect.Signature.empty:
+        missing.append("return")
+    return missing
+
+
+def test_every_public_function_and_method_is_annotated():
+    """Every parameter and the return of every public function and method carries an annotation (the package
+    ships py.typed: a type checker reads these), so a new one cannot go unannotated."""
+    found = dict(_public_callables())
+    assert "lora_linear" in found and "RankReport.to_dataframe" in found and "FNN.__call__" in found
+    missing = {name: m for name, fn in found.items() if (m := _missing_annotations(fn))}
+    assert not missing, f"unannotated parameters or returns: {missing}"
+
+
+def test_the_annotation_check_can_fail():
+    def unannotated(x, y: int = 1):
+        return x
+
+    def annotated(self, x: int) -> int:
+        return x
+
+    assert _missing_annotations(unannotated) == ["x", "return"]
+    assert _missing_annotations(annotated) == []

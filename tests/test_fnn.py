@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 from _fnn_strategies import fnn_instances, make_target
+from _helpers import fnn_pair, ill_conditioned_ok, partitions
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,13 +33,6 @@ from lora_theory.partition import partition_blocks, uniform_partition
 from lora_theory.thresholds import ceil_div, fnn_rank_threshold
 
 SEEDS = st.integers(0, 2**32 - 1)
-
-
-def _fit(*args, **kwargs):
-    """``lora_fnn`` with the ill-conditioning warning silenced: the tests compare against ``fit.tolerance``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IllConditionedWarning)
-        return lora_fnn(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- literal reference transcription
@@ -119,13 +113,14 @@ def _reference_model(frozen, weights, biases):
 # ------------------------------------------------------------------------------------------- properties
 
 
+@ill_conditioned_ok
 @given(fnn_instances(), SEEDS, st.sampled_from([0.5, 1.0, 5.0, 10.0]))
 def test_exact_iff_block_budgets_cover_discrepancy_ranks(inst, seed, radius):
     """Theorem 6: exact on the certified ball iff Σ_{l ∈ P_i} R_l >= rank(E_i) for every block."""
     rng = np.random.default_rng(seed)
     D = inst.width
     center = rng.uniform(-1, 1, size=D)
-    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius, center=center)
+    fit = lora_fnn(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius, center=center)
     assert fit.block_discrepancy_ranks == inst.block_ranks
     assert fit.exact == all(b >= rho for b, rho in zip(inst.budgets(), inst.block_ranks))
     assert all(a.rank <= R for a, R in zip(fit.adapters, fit.ranks))  # no adapter exceeds its budget
@@ -159,26 +154,28 @@ def test_exact_iff_block_budgets_cover_discrepancy_ranks(inst, seed, radius):
                 assert bf.error > 0 and bf.directions == budget
 
 
+@ill_conditioned_ok
 @given(fnn_instances(max_depth=3), SEEDS)
 def test_exact_at_the_instance_requirement_with_one_rank(inst, seed):
     """Theorem 3: one rank R = max_i ceil(rank(E_i) / |P_i|) is exact, on the uniform or any partition."""
     R = fnn_rank_requirement(inst.frozen, inst.target, inst.partition)
     assert R == max(ceil_div(rho, s) for rho, s in zip(inst.block_ranks, inst.partition))
     radius = 3.0
-    fit = _fit(inst.frozen, inst.target, R, partition=inst.partition, input_radius=radius)
+    fit = lora_fnn(inst.frozen, inst.target, R, partition=inst.partition, input_radius=radius)
     assert fit.exact and fit.ranks == (R,) * inst.frozen.depth
     x = sample_ball(np.zeros(inst.width), radius, 200, seed)
     assert relative_error(fit.model(x), inst.target(x)) <= fit.tolerance
     if R > 0:
-        below = _fit(inst.frozen, inst.target, R - 1, partition=inst.partition, input_radius=radius)
+        below = lora_fnn(inst.frozen, inst.target, R - 1, partition=inst.partition, input_radius=radius)
         assert not below.exact
 
 
+@ill_conditioned_ok
 @given(fnn_instances(), SEEDS)
 def test_matches_the_literal_transcription(inst, seed):
     """The fast construction equals the coordinate-by-coordinate transcription of THEORY.md §2.3."""
     center = np.random.default_rng(seed).uniform(-1, 1, inst.width)
-    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=2.0, center=center)
+    fit = lora_fnn(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=2.0, center=center)
     weights, biases, levels = reference_fnn(inst.frozen, inst.target, inst.ranks, inst.partition, ball=(center, 2.0))
     for mine, ref in zip(fit.model.weights, weights):
         assert relative_error(mine, ref) <= 1e-12
@@ -189,6 +186,7 @@ def test_matches_the_literal_transcription(inst, seed):
         assert np.allclose(bf.levels, ref, rtol=1e-10, atol=1e-12)
 
 
+@ill_conditioned_ok
 @given(fnn_instances(max_width=10, max_depth=4), st.integers(0, 10**6))
 def test_below_threshold_rms_error_within_the_per_instance_bound(inst, seed):
     """The project's bound (THEORY.md §2.4): the measured RMS error on Gaussian inputs is at most Σ_i K_i ε_i
@@ -199,7 +197,7 @@ def test_below_threshold_rms_error_within_the_per_instance_bound(inst, seed):
     D = inst.width
     x = rng.standard_normal((500, D))  # (n, D)
     radius = float(np.linalg.norm(x, axis=1).max()) * (1 + 1e-9)  # a certified ball covering them
-    fit = _fit(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
+    fit = lora_fnn(inst.frozen, inst.target, inst.ranks, partition=inst.partition, input_radius=radius)
     diff = fit.model(x) - inst.target(x)
     rms = math.sqrt(np.mean(np.sum(diff**2, axis=1)))
     bound = fnn_error_bound(
@@ -226,21 +224,16 @@ def test_best_partition_equals_brute_force_and_beats_uniform(depths, seed, D):
     best, R_best = fnn_best_partition(frozen, target)
     assert sum(best) == L and len(best) == Lbar and min(best) >= 1
     assert R_best == fnn_rank_requirement(frozen, target, best)
-    brute = min(fnn_rank_requirement(frozen, target, p) for p in _all_partitions(L, Lbar))
+    brute = min(fnn_rank_requirement(frozen, target, p) for p in partitions(L, Lbar))
     assert R_best == brute
     assert R_best <= fnn_rank_requirement(frozen, target)  # never worse than uniform
     assert R_best <= fnn_rank_requirement(frozen, target, planted)
 
 
-def _all_partitions(L, Lbar):
-    for cuts in itertools.combinations(range(1, L), Lbar - 1):
-        bounds = (0, *cuts, L)
-        yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
-
-
 # ------------------------------------------------------------------------------------------ plain tests
 
 
+@ill_conditioned_ok
 @pytest.mark.parametrize("L, Lbar, expected", [(2, 1, 8), (4, 2, 8), (8, 1, 2)])
 def test_paper_thresholds_at_width_16(L, Lbar, expected):
     """Zeng & Lee 2024, Theorem 3 at D = 16: generic instances need exactly ceil(D / floor(L / L̄))."""
@@ -249,8 +242,8 @@ def test_paper_thresholds_at_width_16(L, Lbar, expected):
         frozen, target = random_fnn(16, L, seed=seed), random_fnn(16, Lbar, seed=100 + seed)
         assert fnn_rank_requirement(frozen, target) == expected
         if L <= 4:  # 8-layer blocks: not float64 material
-            fit = _fit(frozen, target, expected, input_radius=10.0)
-            assert fit.exact and not _fit(frozen, target, expected - 1, input_radius=10.0).exact
+            fit = lora_fnn(frozen, target, expected, input_radius=10.0)
+            assert fit.exact and not lora_fnn(frozen, target, expected - 1, input_radius=10.0).exact
             x = sample_ball(np.zeros(16), 10.0, 500, seed)
             err = relative_error(fit.model(x), target(x))
             assert err <= fit.tolerance and err <= 1e-8  # blocks of 2 layers: flat 1e-8
@@ -350,13 +343,14 @@ def test_distribution_shift_breaks_sample_calibration_not_a_certified_ball():
     assert failures >= 1
 
 
+@ill_conditioned_ok
 def test_compensating_biases_stay_small_unlike_plain_levels():
     """Regression (THEORY.md §2.3, non-compensating bias blow-up): with plain levels b_j = β_j·1 every β_j
     must cover the constant carried from the earlier layers times ||M_j||, and a 4-layer block's biases
     compound; compensating biases size each level for its own pre-activation P_j u only."""
     frozen, target = random_fnn(16, 4, seed=2), random_fnn(16, 1, seed=3)
     radius = 10.0
-    fit = _fit(frozen, target, 4, input_radius=radius)  # a 4-layer block: it may warn
+    fit = lora_fnn(frozen, target, 4, input_radius=radius)  # a 4-layer block: it may warn
     M = fit.model.weights
     for j, beta in enumerate(fit.block_fits[0].levels):
         P = product(M[: j + 1])
@@ -420,10 +414,6 @@ def test_sample_ball_stays_inside():
 # -------------------------------------------------------------------------------------------- bad input
 
 
-def _pair(D=4, L=2, Lbar=1):
-    return random_fnn(D, L, seed=0), random_fnn(D, Lbar, seed=1)
-
-
 @pytest.mark.parametrize(
     "kwargs, argument, message",
     [
@@ -447,7 +437,7 @@ def _pair(D=4, L=2, Lbar=1):
     ],
 )
 def test_bad_domain(kwargs, argument, message):
-    frozen, target = _pair()
+    frozen, target = fnn_pair()
     with pytest.raises(InvalidArgumentError, match=message) as info:
         lora_fnn(frozen, target, 2, **kwargs)
     assert info.value.argument == argument
@@ -468,7 +458,7 @@ def test_bad_domain(kwargs, argument, message):
     ],
 )
 def test_bad_rank(rank, argument, message):
-    frozen, target = _pair()
+    frozen, target = fnn_pair()
     with pytest.raises(InvalidArgumentError, match=message) as info:
         lora_fnn(frozen, target, rank, input_radius=1.0)
     assert info.value.argument == argument
@@ -486,7 +476,7 @@ def test_bad_rank(rank, argument, message):
     ],
 )
 def test_bad_partition(partition, message):
-    frozen, target = _pair(L=3, Lbar=2)
+    frozen, target = fnn_pair(L=3, Lbar=2)
     with pytest.raises(InvalidArgumentError, match=message):
         lora_fnn(frozen, target, 1, partition=partition, input_radius=1.0)
     with pytest.raises(InvalidArgumentError, match=message):
@@ -494,7 +484,7 @@ def test_bad_partition(partition, message):
 
 
 def test_bad_models():
-    frozen, target = _pair()
+    frozen, target = fnn_pair()
     with pytest.raises(InvalidArgumentError, match="exceeds the frozen depth") as info:
         lora_fnn(frozen, random_fnn(4, 3, seed=2), 1, input_radius=1.0)
     assert info.value.argument == "target"
@@ -518,7 +508,7 @@ def test_bad_models():
 
 
 def test_singular_matrix_named_with_its_block_and_kappa():
-    frozen, target = _pair(D=4, L=3, Lbar=2)
+    frozen, target = fnn_pair(D=4, L=3, Lbar=2)
     W = list(frozen.weights)
     W[2] = np.zeros((4, 4))  # block 2 = layers 2, 3: Q_1 = W_3
     frozen = frozen.replace(weights=W)
@@ -573,7 +563,7 @@ def test_bad_sample_ball(args, argument, message):
 
 
 def test_domain_contains():
-    fit = lora_fnn(*_pair(), 2, input_radius=1.0, center=np.ones(4))
+    fit = lora_fnn(*fnn_pair(), 2, input_radius=1.0, center=np.ones(4))
     assert fit.domain.contains(np.ones(4)) and not fit.domain.contains(np.ones(4) * 3)
     assert fit.domain.contains(sample_ball(np.ones(4), 1.0, 20, 0)).all()
 
@@ -608,6 +598,7 @@ def test_relative_tolerance_does_not_cover_inputs_far_inside_a_large_ball(D, r):
     assert fit.tolerance_at(np.full(D, 2 * r)) == math.inf  # outside the ball: no guarantee
 
 
+@ill_conditioned_ok
 def test_tolerance_at_on_the_sphere_and_small_balls():
     frozen, target = random_fnn(6, 2, seed=3), random_fnn(6, 1, seed=4)
     fit = lora_fnn(frozen, target, 3, input_radius=1.0)
@@ -620,7 +611,7 @@ def test_tolerance_at_on_the_sphere_and_small_balls():
     np.testing.assert_allclose(tol_at[ref > 0], fit.tolerance * fit.output_radius / ref[ref > 0], rtol=1e-12)
     with pytest.raises(InvalidArgumentError, match=r"^x: must have shape \(D,\) or \(n, D\) with D = 6"):
         fit.tolerance_at(np.zeros((2, 5)))
-    samples = _fit(frozen, target, 3, inputs=x)
+    samples = lora_fnn(frozen, target, 3, inputs=x)
     assert samples.radius_amplification == 1.0 and np.all(np.isfinite(samples.tolerance_at(x)[ref > 0]))
 
 

@@ -90,7 +90,7 @@ EXCLUDED = {
     "FLOOR_SAFETY": "a constant (the floor's safety factor), not a function",
     **{
         name: "a result record the library builds and returns (fuzzed through the function that takes or makes it)"
-        for name in ("NoiseFloor", "RankAllocation", "RoundingBounds")
+        for name in ("NoiseFloor", "RankAllocation", "RoundingBounds", "PartialSpectrum")
     },
 }
 
@@ -570,7 +570,7 @@ def check_linear_optimal_error(data):
     e, exc = call(lt.linear_optimal_error, frozen, target, rank, norm)
     if exc is None:
         s = np.linalg.svd(np.asarray(target) - _product(frozen, D), compute_uv=False)
-        k = sum(rank) if isinstance(rank, list) else rank * L
+        k = int(np.sum(rank)) if np.ndim(rank) > 0 else int(rank) * L  # a list or an array: per-layer ranks
         want = (s[k] if k < D else 0.0) if norm == "spectral" else float(np.sqrt(np.sum(s[k:] ** 2)))
         assert e >= 0 and math.isclose(e, want, rel_tol=1e-12, abs_tol=0)
 
@@ -581,7 +581,7 @@ def check_linear_gaussian_mse(data):
     e, exc = call(lt.linear_gaussian_mse, frozen, target, rank)
     if exc is None:
         s = np.linalg.svd(np.asarray(target) - _product(frozen, D), compute_uv=False)
-        k = sum(rank) if isinstance(rank, list) else rank * L
+        k = int(np.sum(rank)) if np.ndim(rank) > 0 else int(rank) * L  # a list or an array: per-layer ranks
         assert math.isclose(e, float(np.sum(s[k:] ** 2)) / D, rel_tol=1e-9, abs_tol=0)
 
 
@@ -841,10 +841,14 @@ def check_final_layers_witness(data):
 
 def check_lora_parameter_count(data):
     D, L = data.draw(maybe(st.integers(1, 5))), data.draw(maybe(st.integers(1, 4)))
-    rank = data.draw(ranks(5, 4) if not isinstance(D, int) else ranks(D, L if isinstance(L, int) else 1))
+    # the rank strategy needs a valid shape; a hostile D or L is paired with ranks drawn for D = 5, L = 4
+    shape_D = D if isinstance(D, int) and not isinstance(D, bool) and D >= 1 else 5
+    shape_L = L if isinstance(L, int) and not isinstance(L, bool) and L >= 1 else 4
+    rank = data.draw(ranks(shape_D, shape_L))
     n, exc = call(lt.lora_parameter_count, D, L, rank)
     if exc is None:
-        assert n == 2 * D * (sum(rank) if isinstance(rank, list) else rank * L)
+        per_layer = np.ndim(rank) > 0  # a list or an array holds one rank per layer; a scalar is every layer's
+        assert n == 2 * D * (int(np.sum(rank)) if per_layer else int(rank) * L)
 
 
 def check_final_layers_parameter_count(data):
@@ -1189,6 +1193,91 @@ def check_advise_fnn(data):
         assert exc2 is None and req == advice.best_rank
 
 
+def _thresholds():
+    """A threshold: a number (sometimes hostile), or a function of ``σ̂_1`` as the advisor passes."""
+    relative = st.floats(1e-6, 2.0).map(lambda c: lambda s1: c * s1)
+    nan = st.just(lambda s1: float("nan"))
+    return st.integers(0, 9).flatmap(lambda k: nan if k == 0 else relative if k < 4 else maybe(st.floats(0, 10)))
+
+
+def _partial_kwargs(data):
+    kwargs = {}
+    for name, strategy in (
+        ("block", maybe(st.integers(1, 4))),
+        ("power_iterations", maybe(st.integers(0, 3))),
+        ("seed", seeds()),
+    ):
+        if data.draw(st.integers(0, 3)) == 0:
+            kwargs[name] = data.draw(strategy)
+    return kwargs
+
+
+def _partial_matrix(data):
+    m, n = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))
+    if data.draw(st.booleans()):  # a planted low rank, the case the method is for
+        r = data.draw(st.integers(0, min(m, n)))
+        left, right = data.draw(matrix(m, r, nonfinite=False, scale=1.0)), data.draw(matrix(r, n, nonfinite=False))
+        with np.errstate(all="ignore"):
+            product = left @ right
+        return product if np.all(np.isfinite(product)) else left[:, :0] @ right[:0]
+    return data.draw(matrix(m, n, scale=None if data.draw(st.booleans()) else 1.0))
+
+
+def _check_partial(result, a):
+    """The certified claims of a :class:`PartialSpectrum` against numpy's SVD of ``a`` (float64)."""
+    a = np.asarray(a, float)
+    a = a if a.shape[0] >= a.shape[1] else a.T
+    assert result.shape == a.shape
+    s = np.linalg.svd(a, compute_uv=False)
+    slack = 1e-10 * float(s[0]) if s.size else 0.0  # numpy's own SVD error, far below it
+    tau = result.threshold
+    low = int(np.sum(s > tau + slack + 1e-9 * tau))  # surely above
+    high = int(np.sum(s > tau - slack - 1e-9 * tau))  # perhaps above
+    assert result.rank_lower <= high and low <= result.rank_upper, (result.rank_lower, result.rank_upper, low, high)
+    if result.settled:
+        assert low <= result.rank <= high
+    k = result.values.size
+    assert np.all(result.lower <= s[:k] + slack) and np.all(s[:k] <= result.upper + slack)
+    assert np.all(s[k:] <= result.residual + slack)
+
+
+def check_partial_spectrum(data):
+    a = _partial_matrix(data)
+    threshold = data.draw(_thresholds())
+    kwargs = _partial_kwargs(data)
+    if data.draw(st.booleans()):
+        kwargs["block_rows"] = data.draw(maybe(st.integers(1, 5)))
+    result, exc = call(lt.partial_spectrum, a, threshold, **kwargs)
+    if exc is None:
+        _check_partial(result, a)
+
+
+def check_partial_spectrum_from_blocks(data):
+    a = np.asarray(_partial_matrix(data), float)
+    rows = data.draw(st.integers(1, 4))
+    blocks = [a[i : i + rows] for i in range(0, a.shape[0], rows)]
+    fault = data.draw(st.integers(0, 14))
+    if fault == 1:  # a block with one column too few
+        blocks[-1] = blocks[-1][:, :-1]
+    elif fault == 2:  # rows missing
+        blocks = blocks[:-1]
+    elif fault == 3:  # a NaN in a block
+        blocks[0] = blocks[0].copy()
+        blocks[0][0, 0] = NAN
+    source = data.draw(st.one_of(st.just(lambda: iter(blocks)), hostile())) if fault == 4 else (lambda: iter(blocks))
+    shape = data.draw(maybe(st.just(a.shape)))
+    threshold = data.draw(_thresholds())
+    result, exc = call(lt.partial_spectrum_from_blocks, shape, source, threshold, **_partial_kwargs(data))
+    if exc is None:
+        assert fault in (0, 4) or fault > 4
+        if a.shape[0] >= a.shape[1]:
+            _check_partial(result, a)
+        else:  # given wide: the result is of the matrix as given
+            assert result.shape == a.shape
+            s = np.linalg.svd(a, compute_uv=False)
+            assert np.all(result.lower <= s[: result.values.size] * (1 + 1e-10) + 1e-300)
+
+
 SPECS = {
     "lora_linear": check_lora_linear,
     "lora_fnn": check_lora_fnn,
@@ -1258,6 +1347,8 @@ SPECS = {
     "allocate_ranks": check_allocate_ranks,
     "uniform_ranks": check_uniform_ranks,
     "advise_fnn": check_advise_fnn,
+    "partial_spectrum": check_partial_spectrum,
+    "partial_spectrum_from_blocks": check_partial_spectrum_from_blocks,
 }
 
 #: Examples per name, per 40 of the profile's ``max_examples`` (25 unless listed): the constructions get

@@ -208,3 +208,42 @@ def test_assignment_search_that_runs_out_of_steps_says_one_may_exist(monkeypatch
     monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 1)  # the fixed order's first step only
     with pytest.raises(SingularMatrixError, match=r"stopped after 1 steps .*\(one may exist\)"):
         lora_linear([W1, W2], T, 1)
+
+
+def test_the_step_budget_counts_layer_steps(monkeypatch):
+    """The budget counts layer steps: the instance above takes 4 (layer 1 with block 1, layer 2 with
+    block 2, which fails; layer 1 with block 2, layer 2 with block 1, which works). A budget of 4 finds it;
+    a budget of 3 stops before the fourth step and says that an assignment may exist."""
+    import lora_theory.linear as linear
+
+    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 4)
+    assert lora_linear([W1, W2], T, 1).exact
+    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 3)
+    with pytest.raises(SingularMatrixError, match=r"stopped after 3 steps .*\(one may exist\)"):
+        lora_linear([W1, W2], T, 1)
+
+
+@pytest.mark.parametrize("L", [3, 4, 5])
+@pytest.mark.parametrize("empty", [0, 1, 2])
+def test_a_failing_search_tries_each_layer_and_set_of_blocks_once(L, empty):
+    """Whether the rest of a chain can be built depends only on the layer and the *set* of non-empty blocks
+    used before it, and empty blocks are interchangeable: so a search where every order fails at the last
+    layer tries each (layer, set of non-empty blocks used before it, non-empty block) at most once, and at
+    most one empty block per (layer, set). That is what keeps it within L·2^(L-1) steps."""
+    rank_E = L - empty
+    blocks = _direction_blocks((1,) * L, rank_E)
+    nonempty = {b for b, (start, stop) in enumerate(blocks) if stop > start}
+    assert len(nonempty) == rank_E
+    calls = []
+
+    def step(l, b, path):
+        used = frozenset(x for x in path if x in nonempty)
+        calls.append((l, used, b if b in nonempty else "empty"))
+        if l == L - 1:
+            raise SingularMatrixError("P", np.inf)
+        return path + (b,)
+
+    with pytest.raises(SingularMatrixError):
+        _search_assignment(blocks, (1,) * L, step, (), SingularMatrixError)
+    assert len(calls) == len(set(calls))
+    assert len(calls) <= L * 2 ** (L - 1)

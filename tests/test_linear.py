@@ -612,3 +612,237 @@ def test_a_zero_target_is_reached_exactly(D, seed):
     assert fit.exact and fit.achieved_error() <= tolerance(fit.kappa, fit.gamma) * np.linalg.norm(W, 2)
     fit = lora_linear([zero, np.eye(D)], zero, 1)
     assert fit.exact and fit.achieved_error() == 0.0 and math.isfinite(fit.gamma)
+
+
+def _message(call):
+    """The one-line message of the error ``call()`` raises."""
+    with pytest.raises(Exception) as info:
+        call()
+    return str(info.value)
+
+
+def test_a_chain_that_cannot_be_adapted_names_its_singular_product_factor_by_factor():
+    """The refusal names the matrix of the fixed order that is singular, written out factor by factor in
+    the order they multiply, the directions or layer that needed it, and that every assignment of the
+    blocks to the layers was tried (a 3-layer chain: the names join several factors)."""
+    rng = np.random.default_rng(0)
+    D, tail = 4, "no assignment of the 3 blocks of singular directions to the 3 layers avoids a singular"
+    target = rng.standard_normal((D, D))
+    W = [rng.standard_normal((D, D)) for _ in range(3)]
+    no_last = W[:2] + [np.zeros((D, D))]  # Q_1 = W_3 W_2 = 0 whatever the assignment
+    message = _message(lambda: lora_linear(no_last, target, 1))
+    assert message.startswith("Q_1 = W_3 W_2 must be invertible but is singular to working precision, κ = ")
+    assert message.endswith(f"(it receives singular directions 1..1 of E; {tail} Q_l or P_l: all were searched)")
+    no_middle = [W[0], np.zeros((D, D)), W[2]]  # layer 1 takes nothing (R_1 = 0), so Q_1 is never needed;
+    message = _message(lambda: lora_linear(no_middle, target, (0, 1, D)))  # P_3 = (Δ_2) W_1 has rank <= 1
+    assert message.startswith("P_3 = (W_2 + Δ) (W_1 + Δ) must be invertible"), message
+    assert "(layer 3 receives singular directions of E; " in message and message.endswith("all were searched)")
+
+
+def test_a_search_cut_short_says_so_in_full(monkeypatch):
+    """A search stopped by its step budget says that one assignment may still exist, in so many words."""
+    import lora_theory.linear as linear
+
+    W1, W2, T = np.diag([0.0, 1.0]), np.eye(2), np.diag([1.0, -2.0])  # the fixed order fails here
+    monkeypatch.setattr(linear, "MAX_ASSIGNMENT_STEPS", 1)
+    message = _message(lambda: lora_linear([W1, W2], T, 1))
+    assert message.endswith(
+        "the fixed order of the blocks of singular directions fails here, and the search over their 2 "
+        "assignments to layers stopped after 1 steps without finding one that works (one may exist))"
+    )
+
+
+@pytest.mark.parametrize(
+    "frozen,ranks,factor",
+    [
+        ([np.eye(2), 1e-307 * np.eye(2)], 1, "B"),  # Q_1^{-1} E V_1: a tiny Q_1 (κ = 1) overflows B
+        ([1e-309 * np.eye(2), np.eye(2)], (0, 1), "A"),  # V_2^T P_2^{-1}: a tiny P_2 = W_1 overflows A
+    ],
+)
+def test_adapter_factors_that_overflow_are_a_numerical_error_naming_the_solves(frozen, ranks, factor):
+    """Well-conditioned but tiny ``Q_l`` or ``P_l``: the solves overflow float64. That is the arithmetic's
+    failure, not a bad argument ``A`` or ``B`` the caller never passed."""
+    from lora_theory.errors import NumericalError
+
+    with pytest.raises(NumericalError) as info:
+        lora_linear(frozen, np.diag([10.0, 20.0]), ranks)
+    assert f"the adapter factors overflowed float64 in Lemma 1's solves ({factor}: " in str(info.value)
+
+
+def test_a_discrepancy_whose_norm_overflows_is_refused_naming_E():
+    """``E = T - Π W`` with finite entries but a Frobenius norm beyond float64 (64 x 64 entries of 6e306)
+    is refused by name; ``T + Π W`` would be 0 here, so the check reads the difference."""
+    from lora_theory.errors import NumericalError
+
+    target = np.full((64, 64), 3e306)
+    with pytest.raises(NumericalError, match=r"overflow: the norm of E = T - Π W exceeds the float64 range"):
+        lora_linear([-target], target, 1)
+
+
+def test_argument_errors_name_the_argument_and_the_choices():
+    rng = np.random.default_rng(1)
+    frozen, target = [rng.standard_normal((3, 3))], rng.standard_normal((3, 3))
+    assert _message(lambda: linear_optimal_error(frozen, target, 1, norm="x")) == (
+        "norm: must be 'spectral' or 'fro', got 'x'"
+    )
+    assert _message(lambda: product([np.eye(2), "a"])).startswith("matrices[1]: ")
+    assert _message(lambda: discrepancy_rank(frozen, target, tol=-1.0)).startswith("tol: ")
+
+
+def test_the_rank_tolerance_is_relative_to_spectral_norms():
+    """``rank(E)`` counts singular values above ``D·u·max(||T||_2, ||Π W||_2, σ_1(E))``: a singular value
+    3× that tolerance counts even though it is below ``D·u`` times the Frobenius norms (sqrt(D) = 4 times
+    the spectral ones here); one a third of it does not."""
+    D, u = 16, np.finfo(np.float64).eps
+    frozen = [np.eye(D)]
+    for factor, rank in ((3.0, 1), (1 / 3, 0)):
+        target = np.eye(D)
+        target[0, 0] += factor * D * u * (1 + factor * D * u)  # ||T||_2 = 1 + that: the tolerance's scale
+        assert discrepancy_rank(frozen, target) == rank
+        assert lora_linear(frozen, target, D).error_rank == rank
+
+
+def test_rank_sufficient_from_the_threshold_on_and_not_before():
+    rng = np.random.default_rng(3)
+    D = 5
+    frozen = list(random_linear(D, 2, seed=rng).weights)
+    target = product(frozen) + rng.standard_normal((D, 3)) @ rng.standard_normal((3, D))  # rank(E) = 3
+    for k in range(D + 1):
+        ranks = (k // 2, k - k // 2)
+        fit = lora_linear(frozen, target, ranks)
+        assert fit.error_rank == 3 and fit.rank_sufficient == (k >= 3), k
+
+
+@pytest.mark.parametrize("units", [1e-3, 1.0, 1e3])  # scales below 1 too: the scale divides, not its excess
+def test_exactness_is_judged_with_the_allowance_of_the_reported_kappa_gamma_and_target_size(monkeypatch, units):
+    """``exact`` is ``verified_exact`` applied to the fit's own reported quantities: the tolerance
+    ``tolerance(fit.kappa, fit.gamma)``, the measured miss ``||Π M - T||_2 / max(||T||_2, ||Π W||_2)`` and
+    the amplification ``max(||T||_2, ||Π W||_2) / ||T||_2`` to the target's size; the same κ and γ go to
+    the conditioning warning. Checked by recording what the construction passes on, over 1-, 2- and 3-layer
+    chains, at ranks below, at and above the threshold."""
+    import lora_theory.linear as linear
+
+    seen = {}
+    real_exact, real_warn = linear.verified_exact, linear.warn_if_ill_conditioned
+
+    def exact_spy(rank_sufficient, measured, tol, amplification=1.0, **kw):
+        seen["exact"] = (measured, tol, amplification, kw.get("what"))
+        return real_exact(rank_sufficient, measured, tol, amplification, **kw)
+
+    def warn_spy(kappa, gamma=0.0, **kw):
+        seen["warn"] = (kappa, gamma, kw.get("what"))
+        return real_warn(kappa, gamma, **kw)
+
+    monkeypatch.setattr(linear, "verified_exact", exact_spy)
+    monkeypatch.setattr(linear, "warn_if_ill_conditioned", warn_spy)
+    rng = np.random.default_rng(11)
+    D = 4
+    for L in (1, 2, 3):
+        frozen = [units * rng.standard_normal((D, D)) for _ in range(L)]
+        target = units**L * rng.standard_normal((D, D))
+        for R in (0, 1, D):
+            seen.clear()
+            fit = lora_linear(frozen, target, R)
+            norm_T = np.linalg.norm(target, 2)
+            scale = max(norm_T, np.linalg.norm(product(frozen), 2))
+            miss = np.linalg.norm(fit.product - target, 2) / scale
+            measured, tol, amplification, what = seen["exact"]
+            assert what == "linear construction (Lemma 1)"
+            assert tol == tolerance(fit.kappa, fit.gamma)
+            assert measured == pytest.approx(miss, rel=1e-12, abs=1e-300) and measured == fit.measured_error
+            assert amplification == pytest.approx(scale / norm_T, rel=1e-12)
+            if fit.condition_numbers:
+                assert seen["warn"] == (fit.kappa, fit.gamma, "linear construction (Lemma 1)")
+            else:
+                assert "warn" not in seen and fit.kappa == 1.0
+    # nothing solved (R = 0) but layers that cancel: γ = 9e6 lifts the allowance above its floor, where the
+    # κ = 1 of a fit that inverted nothing is visible in it
+    a = 3e3
+    frozen, target = [np.diag([a, 1 / a]), np.diag([1 / a, a])], np.eye(2)
+    fit = lora_linear(frozen, target, 0)
+    assert fit.kappa == 1.0 and fit.gamma > 1e6 and seen["exact"][1] == tolerance(1.0, fit.gamma)
+    assert tolerance(1.0, fit.gamma) != tolerance(2.0, fit.gamma)  # the case tells the two apart
+
+
+def test_gamma_below_one_when_the_target_dwarfs_the_frozen_product():
+    """With no adapter (R = 0) every layer term is at most ``||Π W||``-sized, so ``γ`` is far below 1 when
+    the target is 1e6 times larger: ``γ`` starts from 0, not from 1, and divides by the scale even when
+    that scale is below 1."""
+    rng = np.random.default_rng(5)
+    D = 4
+    frozen = [1e-4 * np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(2)]  # ||Π W|| = 1e-8
+    target = 1e-2 * np.eye(D)  # scale 1e-2 < 1
+    fit = lora_linear(frozen, target, 0)
+    assert fit.gamma == pytest.approx(_gamma_reference(frozen, fit.weights, target), rel=1e-9)
+    assert fit.gamma == pytest.approx(1e-6, rel=1e-9)
+
+
+def _model_and_matrices(seed, D=5, L=3, target_depth=2):
+    """``(model, matrices, target model, target matrix)``: the same linear chain and target in both forms."""
+    model = random_linear(D, L, seed=seed)
+    target_model = random_linear(D, target_depth, seed=seed + 1)
+    return model, [np.array(W) for W in model.weights], target_model, product(list(target_model.weights))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_model_of_random_linear_and_its_matrices_give_identical_results(seed):
+    """Every function of Lemma 1 takes the model random_linear returns as well as its list of matrices (and a
+    linear model as the target, standing for its matrix): the results are identical, bit for bit."""
+    import lora_theory as lt
+
+    model, W, target_model, T = _model_and_matrices(seed)
+    forms = [(model, target_model), (model, T), (W, target_model)]
+    assert np.array_equal(product(model), product(W))
+    for frozen, target in forms:
+        assert np.array_equal(discrepancy(frozen, target), discrepancy(W, T))
+        assert discrepancy_rank(frozen, target) == discrepancy_rank(W, T)
+        assert linear_rank_requirement(frozen, target) == linear_rank_requirement(W, T)
+        for rank in (0, 1, [2, 0, 1]):
+            for norm in ("spectral", "fro"):
+                assert linear_optimal_error(frozen, target, rank, norm) == linear_optimal_error(W, T, rank, norm)
+            assert linear_gaussian_mse(frozen, target, rank) == linear_gaussian_mse(W, T, rank)
+            got, want = lora_linear(frozen, target, rank), lora_linear(W, T, rank)
+            assert np.array_equal(got.product, want.product)
+            assert (got.spectral_error, got.exact, got.error_rank) == (want.spectral_error, want.exact, want.error_rank)
+            assert all(np.array_equal(a.delta, b.delta) for a, b in zip(got.adapters, want.adapters))
+            gap_got = optimality_gap(frozen, target, want.adapters)
+            assert gap_got == optimality_gap(W, T, want.adapters)
+    assert lt.linear_rank_threshold(model) == lt.linear_rank_threshold(5, 3) == 2
+
+
+def test_a_model_that_is_not_a_linear_chain_is_refused():
+    """A ReLU model or one with biases is not the model of Lemma 1: reading its weights as a chain would answer
+    for another model, so each function refuses it, naming the argument."""
+    import lora_theory as lt
+    from lora_theory.errors import InvalidArgumentError
+
+    relu = lt.random_fnn(3, 2, seed=0)
+    biased = lt.random_fnn(3, 2, seed=0, activation="linear")
+    linear = random_linear(3, 2, seed=0)
+    T = np.eye(3)
+    for bad, what in ((relu, "activation='linear'"), (biased, "zero biases")):
+        for call in (
+            lambda m: discrepancy(m, T),
+            lambda m: discrepancy_rank(m, T),
+            lambda m: linear_rank_requirement(m, T),
+            lambda m: linear_optimal_error(m, T, 1),
+            lambda m: linear_gaussian_mse(m, T, 1),
+            lambda m: lora_linear(m, T, 1),
+            lambda m: optimality_gap(m, T, [np.zeros((3, 3))] * 2),
+        ):
+            with pytest.raises(InvalidArgumentError, match=what) as info:
+                call(bad)
+            assert info.value.argument == "frozen"
+        with pytest.raises(InvalidArgumentError, match=what) as info:
+            lora_linear(linear, bad, 1)
+        assert info.value.argument == "target"
+        with pytest.raises(InvalidArgumentError, match=what):
+            product(bad)
+        with pytest.raises(InvalidArgumentError, match=what):
+            lt.linear_rank_threshold(bad)
+    with pytest.raises(InvalidArgumentError, match="must be 3 x 3"):
+        lora_linear(linear, random_linear(6, 1, seed=1), 1)
+    with pytest.raises(InvalidArgumentError, match="left out"):
+        lt.linear_rank_threshold(linear, 2)
+    with pytest.raises(InvalidArgumentError, match="must be given"):
+        lt.linear_rank_threshold(3)

@@ -1,23 +1,14 @@
 """Consecutive partitions of the frozen layers (Zeng & Lee 2024, Theorems 3 and 6)."""
 
-import itertools
-
 import numpy as np
 import pytest
+from _helpers import partitions
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_theory.errors import InvalidArgumentError
 from lora_theory.partition import MAX_DEPTH, best_partition, check_partition, partition_blocks, uniform_partition
 from lora_theory.thresholds import ceil_div, fnn_rank_threshold
-
-
-def _compositions(L, Lbar):
-    """Every consecutive partition of L layers into Lbar non-empty blocks, as block sizes, in
-    lexicographic order."""
-    for cuts in itertools.combinations(range(1, L), Lbar - 1):
-        bounds = (0,) + cuts + (L,)
-        yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 def _required(sizes, block_rank):
@@ -92,7 +83,7 @@ def test_best_partition_equals_brute_force(instance):
         return table[(i, a, b)]
 
     sizes, value = best_partition(block_rank, L, Lbar)
-    candidates = list(_compositions(L, Lbar))
+    candidates = list(partitions(L, Lbar))
     values = [_required(c, lambda i, a, b: table[(i, a, b)]) for c in candidates]
     best = min(values)
     assert value == best

@@ -4,10 +4,9 @@ Tolerances are relative to the target's outputs on the batch, ``tolerance(κ)`` 
 condition number the construction solved with (THEORY.md §1).
 """
 
-import warnings
-
 import numpy as np
 import pytest
+from _helpers import ill_conditioned_ok
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -29,14 +28,6 @@ def _inputs(rng, D, n=6, N=5):
     return rng.standard_normal((n, D, N))  # (n, D, N): tokens are columns
 
 
-def _quiet(fn, *args):
-    """Run a construction, ignoring IllConditionedWarning (random draws are sometimes ill-conditioned;
-    the tolerance scales with the κ the fit reports)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IllConditionedWarning)
-        return fn(*args)
-
-
 def _last_hidden(tfn, X):
     """The last block's hidden activations ``ReLU(W1_L A_L + b1_L)`` on ``X``."""
     Z = tfn.block_outputs(X)[-2]
@@ -53,11 +44,12 @@ def _expected_keys(L, H):
     return keys | {("w2", L - 1, None), ("w_out", L - 1, None)}
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
 def test_exact_at_half_width_for_any_input(D, L, H, seed):
     frozen, target, rng = _pair(D, L, H, seed)
     R = tfn_rank_threshold(D)
-    fit = _quiet(lora_tfn, frozen, target, R)
+    fit = lora_tfn(frozen, target, R)
     assert fit.exact and fit.rank == R
     # generic weights: every matched discrepancy has full rank, the instance needs ceil(D/2)
     assert fit.matched_ranks == (D,) * L and fit.required_rank == R
@@ -67,11 +59,12 @@ def test_exact_at_half_width_for_any_input(D, L, H, seed):
         assert relative_error(fit.model(scale * X), target(scale * X)) <= tol
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
 def test_adapters_keyed_within_budget_and_applied(D, L, H, seed):
     frozen, target, _ = _pair(D, L, H, seed)
     R = tfn_rank_threshold(D)
-    fit = _quiet(lora_tfn, frozen, target, R)
+    fit = lora_tfn(frozen, target, R)
     assert set(fit.adapters) == _expected_keys(L, H)
     for adapter in fit.adapters.values():
         assert adapter.A.shape[1] == D and adapter.B.shape[0] == D
@@ -89,12 +82,13 @@ def test_adapters_keyed_within_budget_and_applied(D, L, H, seed):
     np.testing.assert_array_equal(model.b1, target.b1)
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), H=st.integers(1, 3), seed=SEEDS)
 def test_key_adapter_transposes_the_chain_factor(D, H, seed):
     # block 0 has C_0 = I: the adapted score matrix (W_K + Δ_K)^T (W_Q + Δ_Q) is the target's T_K^T T_Q,
     # which holds only if the W_K^T adapter was transposed into A_K = B_2^T, B_K = A_2^T
     frozen, target, _ = _pair(D, 1, H, seed)
-    fit = _quiet(lora_tfn, frozen, target, tfn_rank_threshold(D))
+    fit = lora_tfn(frozen, target, tfn_rank_threshold(D))
     for h in range(H):
         reference = target.wk[0, h].T @ target.wq[0, h]
         assert relative_error(fit.model.wk[0, h].T @ fit.model.wq[0, h], reference) <= tolerance(fit.kappa)
@@ -103,11 +97,12 @@ def test_key_adapter_transposes_the_chain_factor(D, H, seed):
         assert relative_error(achieved, target.w1[0] @ reference) <= tolerance(fit.kappa)
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
 def test_not_exact_one_rank_below_on_generic_weights(D, L, H, seed):
     frozen, target, rng = _pair(D, L, H, seed)
     R = tfn_rank_threshold(D) - 1
-    fit = _quiet(lora_tfn, frozen, target, R)
+    fit = lora_tfn(frozen, target, R)
     assert not fit.exact and fit.required_rank == R + 1
     # the matched products miss their targets by σ_{2R+1} > 0 (Lemma 1 on a chain of two factors); in
     # block 0 (C_0 = I) the score product's target is T_K^T T_Q
@@ -135,6 +130,7 @@ def test_not_exact_one_rank_below_on_generic_weights(D, L, H, seed):
     assert max(errors) > 1e3 * tolerance(fit.kappa)
 
 
+@ill_conditioned_ok
 @pytest.mark.parametrize("L", [1, 2])
 @pytest.mark.parametrize("seed", range(5))
 def test_paper_sizes_exact_to_1e_8(L, seed):
@@ -143,12 +139,12 @@ def test_paper_sizes_exact_to_1e_8(L, seed):
     target = random_tfn(16, L, 2, seed=1000 + seed)
     assert tfn_rank_threshold(16) == 8
     assert tfn_rank_requirement(frozen, target) == 8
-    fit = _quiet(lora_tfn, frozen, target, 8)
+    fit = lora_tfn(frozen, target, 8)
     X = np.random.default_rng(seed).standard_normal((32, 16, 10))
     for scale in (1.0, 50.0):
         err = relative_error(fit.model(scale * X), target(scale * X))
         assert err <= 1e-8 and err <= tolerance(fit.kappa)
-    below = _quiet(lora_tfn, frozen, target, 7)
+    below = lora_tfn(frozen, target, 7)
     assert not below.exact
 
 
@@ -164,6 +160,7 @@ def _low_rank_change(frozen, rng, rank_qk, rank_ov):
     return frozen.replace(wq=wq, wv=wv, b1=b1, b2=b2)
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 2), data=st.data())
 def test_instance_requirement_follows_matched_ranks(D, L, H, data):
     rng = np.random.default_rng(data.draw(SEEDS))
@@ -175,13 +172,14 @@ def test_instance_requirement_follows_matched_ranks(D, L, H, data):
     assert tfn_matched_discrepancy_ranks(frozen, target) == (G,) + (0,) * (L - 1)
     required = tfn_rank_requirement(frozen, target)
     assert required == -(-G // 2)
-    fit = _quiet(lora_tfn, frozen, target, required)
+    fit = lora_tfn(frozen, target, required)
     assert fit.exact and fit.required_rank == required
     X = _inputs(rng, D)
     for scale in (1.0, 50.0):
         assert relative_error(fit.model(scale * X), target(scale * X)) <= tolerance(fit.kappa)
 
 
+@ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 2), R=st.integers(0, 4), seed=SEEDS)
 def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
     """The discrepancies the construction matches: their defining identities where no ``C_l`` or solve
@@ -199,7 +197,7 @@ def test_matched_discrepancies_are_what_each_chain_leaves(D, L, H, R, seed):
     np.testing.assert_array_equal(
         E[("out", L - 1, None)], target.w_out @ target.w2[L - 1] - frozen.w_out @ frozen.w2[L - 1]
     )
-    fit = _quiet(lora_tfn, frozen, target, R)
+    fit = lora_tfn(frozen, target, R)
     m = fit.model
 
     def chain(model, kind, l, h):  # the product each chain forms, as the model stores it
@@ -270,13 +268,14 @@ def test_singular_inverted_matrices_raise(rank, name, index, where, match):
         tfn_rank_requirement(frozen, target)
 
 
+@ill_conditioned_ok
 def test_singular_last_w2_is_fine():
     # W2_L is a first factor, never inverted; T2_L neither
     rng = np.random.default_rng(8)
     frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
     frozen = _with(frozen, "w2", 1, _singular(4, rng))
     target = _with(target, "w2", 1, _singular(4, rng))
-    fit = _quiet(lora_tfn, frozen, target, 2)
+    fit = lora_tfn(frozen, target, 2)
     X = _inputs(rng, 4)
     assert relative_error(fit.model(X), target(X)) <= tolerance(fit.kappa)
 
@@ -312,9 +311,10 @@ def test_ill_conditioned_w1_warns_with_kappa():
     assert fit.condition_numbers["W1[0]"] == pytest.approx(1e10, rel=1e-3)
 
 
+@ill_conditioned_ok
 def test_condition_numbers_name_what_was_solved():
     frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
-    fit = _quiet(lora_tfn, frozen, target, 2)
+    fit = lora_tfn(frozen, target, 2)
     names = set(fit.condition_numbers)
     assert {"W1[0]", "W1[1]", "W2[0]", "T2[0]", "W_out + Δ_out"} <= names
     assert "W2[1]" not in names and "T2[1]" not in names  # the last block inverts neither
@@ -358,19 +358,21 @@ def test_bad_rank_is_rejected(rank, match):
         lora_tfn(frozen, target, rank)
 
 
+@ill_conditioned_ok
 def test_rank_d_and_numpy_integer_are_accepted():
     frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
     for rank in (4, np.int64(3)):
-        fit = _quiet(lora_tfn, frozen, target, rank)
+        fit = lora_tfn(frozen, target, rank)
         assert fit.exact and isinstance(fit.rank, int)
 
 
+@ill_conditioned_ok
 def test_fit_is_frozen_and_not_comparable_by_value():
     frozen, target = random_tfn(3, 1, 1, seed=1), random_tfn(3, 1, 1, seed=2)
-    fit = _quiet(lora_tfn, frozen, target, 2)
+    fit = lora_tfn(frozen, target, 2)
     with pytest.raises(AttributeError):
         fit.rank = 3
-    assert fit != _quiet(lora_tfn, frozen, target, 2)  # eq=False: identity comparison
+    assert fit != lora_tfn(frozen, target, 2)  # eq=False: identity comparison
     assert isinstance(fit.model, TFN)
 
 

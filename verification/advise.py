@@ -39,7 +39,8 @@ from lora_theory.advisor import RankReport, advise_fnn, advise_layers
 from lora_theory.errors import LoraTheoryError
 
 from .checkpoints import CheckpointError, fnn_from_state_dict, read_checkpoint
-from .outdir import CLIError, check_folder, claim_folder
+from .outdir import CLIError, OneLineParser, check_folder, claim_folder
+from .streaming import SPECTRUM_CHOICES
 
 __all__ = ["advise_checkpoints", "format_table", "plot_spectra", "main"]
 
@@ -144,8 +145,8 @@ def plot_spectra(report: RankReport, path) -> None:
 def _fnn_mode(args) -> int:
     base = read_checkpoint(args.base)
     tuned = read_checkpoint(args.tuned)
-    frozen = fnn_from_state_dict(base, final_relu=not args.no_final_relu)
-    target = fnn_from_state_dict(tuned, final_relu=not args.no_final_relu)
+    frozen = fnn_from_state_dict(base, final_relu=args.final_relu)
+    target = fnn_from_state_dict(tuned, final_relu=args.final_relu)
     advice = advise_fnn(frozen, target)
     print(f"frozen MLP: D = {advice.width}, L = {advice.depth}; target MLP: L̄ = {advice.target_depth}")
     print(
@@ -181,6 +182,7 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
 
     from lora_theory.fnn import lora_fnn
 
+    from .outdir import fresh_modes_under
     from .peft_export import AdapterWriteError, check_fnn_adapter, export_peft
 
     fit = lora_fnn(frozen, target, advice.best_rank, partition=advice.best_partition, input_radius=args.input_radius)
@@ -213,6 +215,7 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
                 f"relative error {check['max_relative_error']:.3g}{where} against the built model, allowed "
                 f"{check['tolerance']:.3g}; write it in float64 (--dtype float64) or for a smaller --input-radius"
             )
+        fresh_modes_under(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
         if final.exists():  # the earlier adapter is replaced only once the new one holds
             old = Path(tempfile.mkdtemp(prefix=".peft_adapter.old-", dir=out))
             os.replace(final, old / "peft_adapter")
@@ -236,9 +239,12 @@ def _export_fnn(args, frozen, target, advice, out) -> dict:
     }
 
 
+PROG = "python -m verification.advise"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m verification.advise",
+    p = OneLineParser(
+        prog=PROG,
         description="LoRA rank per layer of the change between two checkpoints (or, with --fnn, the "
         "depth-aware requirement for a ReLU MLP and a shallower target MLP).",
     )
@@ -287,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--spectrum",
-        choices=("auto", "full", "partial"),
+        metavar="{auto,full,partial}",
         default="auto",
         help="auto (default): a certified partial spectrum per layer (the singular values above the "
         "floor, the count proved), the full one where the count is not settled or the layer is "
@@ -296,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fnn", action="store_true", help="depth-aware mode (Theorems 3 and 6) for plain ReLU MLPs")
-    p.add_argument("--no-final-relu", action="store_true", help="--fnn: the MLPs' last layer is affine")
+    p.add_argument(
+        "--final-relu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--fnn: a ReLU after the MLPs' last layer (the default); --no-final-relu: the last layer is affine",
+    )
     p.add_argument(
         "--input-radius",
         type=float,
@@ -362,13 +373,16 @@ def _checkpoint_mode(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; return the exit status (2: bad input, one line on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's one-line refusal
+        return int(exc.code or 0)
     try:  # --out: new, empty or advise's own folder (its config.json), checked before any work
         check_folder(Path(args.out), "advise") if args.out else None
-    except CLIError as exc:
-        print(f"python -m verification.advise: error: {exc}", file=sys.stderr)
-        return 2
-    try:
+        if args.spectrum not in SPECTRUM_CHOICES:  # checked here, not by argparse: one line, before any work
+            raise CheckpointError("--spectrum", f"must be one of {', '.join(SPECTRUM_CHOICES)}, got {args.spectrum!r}")
         if args.fnn:
             return _fnn_mode(args)
         return _checkpoint_mode(args)
@@ -376,14 +390,11 @@ def main(argv=None) -> int:
         from .architectures import MissingExtraError
 
         if isinstance(exc, MissingExtraError):
-            print(f"error: {exc}", file=sys.stderr)
-        else:
-            name = getattr(exc, "name", None) or "a dependency"
-            print(f"error: {name} is not installed: pip install 'lora-theory[verify,peft]'", file=sys.stderr)
-        return 2
+            return parser.refuse(exc)
+        name = getattr(exc, "name", None) or "a dependency"
+        return parser.refuse(f"{name} is not installed: pip install 'lora-theory[verify,peft]'")
     except (CheckpointError, LoraTheoryError, CLIError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import lora_theory
 
-from .sweep import CLIError, ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
+from .outdir import positive_int
+from .sweep import ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the frozen depth (default 2)")
-
-
-def _validate(args):
-    if args.depth < 1:
-        raise CLIError(f"--depth must be at least 1, got {args.depth}")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the frozen depth (default 2)")
 
 
 def _cells(args):
@@ -39,7 +35,6 @@ SPEC = ExperimentSpec(
     cells=_cells,
     threshold=lambda a: lora_theory.fnn_rank_threshold(a.width, a.depth, 1),
     quick=apply_quick,
-    validate=_validate,
 )
 
 

@@ -36,37 +36,11 @@ from lora_theory.symbolic import (
     random_rational_tfn,
 )
 
+from .outdir import CLIError, OneLineParser, nonnegative_int, positive_int
+
 __all__ = ["build_certificate", "main"]
 
 PROG = "python -m verification.certify"
-
-
-class _BadArguments(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _BadArguments(message)
-
-
-def _int_at_least(low: int, words: str):
-    """An argparse type: an integer ``>= low``; ``words`` says the bound in the error message."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "at least 1")
-_nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def _positive_rational(text):
@@ -82,21 +56,23 @@ def _positive_rational(text):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--model",
         required=True,
         choices=("linear", "fnn", "tfn"),
         help="linear (Lemma 1), fnn (Theorem 3/6) or tfn (Theorem 7)",
     )
-    p.add_argument("--width", type=_positive_int, required=True, help="D, the width / embedding size")
-    p.add_argument("--depth", type=_positive_int, required=True, help="L, the frozen depth (blocks for tfn)")
+    p.add_argument("--width", type=positive_int, required=True, help="D, the width / embedding size")
+    p.add_argument("--depth", type=positive_int, required=True, help="L, the frozen depth (blocks for tfn)")
     p.add_argument(
-        "--target-depth", type=_positive_int, default=None, help="L̄ <= L, the target depth (fnn only; default 1)"
+        "--target-depth", type=positive_int, default=None, help="L̄ <= L, the target depth (fnn only; default 1)"
     )
-    p.add_argument("--heads", type=_positive_int, default=None, help="H, attention heads (tfn only; default 1)")
-    p.add_argument("--rank", type=_nonnegative_int, required=True, help="R, the LoRA-rank of every adapter")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the random instance (default 0)")
+    p.add_argument("--heads", type=positive_int, default=None, help="H, attention heads (tfn only; default 1)")
+    p.add_argument("--rank", type=nonnegative_int, required=True, help="R, the LoRA-rank of every adapter")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random instance (default 0)")
     p.add_argument(
         "--input-radius",
         type=_positive_rational,
@@ -104,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         help="radius of the certified input ball, centre 0 (fnn only; default 1)",
     )
     p.add_argument(
-        "--denominator", type=_positive_int, default=4, help="entries are k / DENOMINATOR with |k| <= BOUND (default 4)"
+        "--denominator", type=positive_int, default=4, help="entries are k / DENOMINATOR with |k| <= BOUND (default 4)"
     )
-    p.add_argument("--bound", type=_positive_int, default=4, help="see --denominator (default 4)")
+    p.add_argument("--bound", type=positive_int, default=4, help="see --denominator (default 4)")
     p.add_argument("--quiet", action="store_true", help="print the outcome line only")
     return p
 
@@ -131,24 +107,20 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.model != "fnn" and args.target_depth is not None:
-            raise _BadArguments("--target-depth applies to --model fnn only")
+            raise CLIError("--target-depth applies to --model fnn only")
         if args.model != "fnn" and args.input_radius is not None:
-            raise _BadArguments("--input-radius applies to --model fnn only")
+            raise CLIError("--input-radius applies to --model fnn only")
         if args.model != "tfn" and args.heads is not None:
-            raise _BadArguments("--heads applies to --model tfn only")
+            raise CLIError("--heads applies to --model tfn only")
         if args.rank > args.width:
-            raise _BadArguments(f"--rank: must be at most the width D = {args.width}, got {args.rank}")
+            raise CLIError(f"--rank: must be at most the width D = {args.width}, got {args.rank}")
         if args.target_depth is not None and args.target_depth > args.depth:
-            raise _BadArguments(f"--target-depth: L̄ = {args.target_depth} exceeds the depth L = {args.depth}")
+            raise CLIError(f"--target-depth: L̄ = {args.target_depth} exceeds the depth L = {args.depth}")
         start = time.perf_counter()
         certificate = build_certificate(args)
-    except _BadArguments as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except InvalidArgumentError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
+    except (CLIError, InvalidArgumentError) as exc:
+        return parser.refuse(exc)
+    except SystemExit as exc:  # --help, --version, or argparse's one-line refusal
         return int(exc.code or 0)
     elapsed = time.perf_counter() - start
     if args.quiet:

@@ -3,16 +3,16 @@
 ``python -m verification.final_layers``: LoRA of rank ``R`` on all ``L`` layers trains ``2RDL`` adapter
 parameters plus the ``L·D`` biases (``--tune-bias``, the default); tuning the last ``l`` layers trains
 their weights and biases, ``l(D² + D)``; the ``params`` column counts both that way. The float64 construction of an
-8-layer block is not
-computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from the
-high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``;
-the full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
+8-layer block is not computable honestly (its ``κ`` is recorded as ``n/c (κ=...)``); the construction column comes from
+the high-precision path (mpmath, marked ``*``) on the first 256 test and shifted inputs (``--highprec-subsample``; the
+full protocol's 80 take about 8 min on a 2-core CPU; ``--no-highprec``: float64 only).
 """
 
 from __future__ import annotations
 
 import lora_theory
 
+from .outdir import int_at_least
 from .sweep import (
     Cell,
     CLIError,
@@ -29,14 +29,17 @@ from .sweep import (
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=8, help="L, the frozen depth (default 8)")
+    p.add_argument(
+        "--depth",
+        type=int_at_least(2, "at least 2 (one frozen layer and one tuned)"),
+        default=8,
+        help="L, the frozen depth (default 8)",
+    )
     p.add_argument("--layers", default=None, help="how many final layers to tune, e.g. 1-7 (default 1..L-1)")
     add_highprec_arguments(p)
 
 
 def _validate(args):
-    if args.depth < 2:
-        raise CLIError(f"--depth must be at least 2 (one frozen layer and one tuned), got {args.depth}")
     check_highprec_arguments(args, _cells(args))
 
 

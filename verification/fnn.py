@@ -3,20 +3,20 @@
 
 ``python -m verification.fnn --depth 4``: the construction (certified ball covering the test and the x5
 inputs) is exact from ``ceil(D / floor(L / L̄))`` on; the "predicted" column is the project's per-instance
-error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated"
-column sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on
-the shifted inputs.
+error bound on the MSE (THEORY.md §2.4, derived along the paper's Theorem 5, not its statement); the "calibrated" column
+sizes the biases on 256 ``N(0, I)`` samples (the authors' way) and fails on the shifted inputs.
 """
 
 from __future__ import annotations
 
 import lora_theory
 
+from .outdir import positive_int
 from .sweep import CLIError, ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the frozen depth (default 2)")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the frozen depth (default 2)")
     p.add_argument("--target-depth", type=int, default=None, help="L̄ (default max(1, L // 2))")
 
 
@@ -25,8 +25,6 @@ def _target_depth(args):
 
 
 def _validate(args):
-    if args.depth < 1:
-        raise CLIError(f"--depth must be at least 1, got {args.depth}")
     Lbar = _target_depth(args)
     if Lbar < 1 or Lbar > args.depth:
         raise CLIError(f"--target-depth must be in 1..depth ({args.depth}), got {Lbar}")

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import lora_theory
 
+from .outdir import positive_int
 from .sweep import ExperimentSpec, apply_quick, fnn_structure, lora_cells, parse_ranks, run_cli
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the frozen depth (default 2)")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the frozen depth (default 2)")
 
 
 def _cells(args):
     structure = fnn_structure(args, args.depth, 1, activation="linear")
     return lora_cells(args, structure, parse_ranks(args.ranks or f"1-{args.width}", args.width), tune_bias=False)
-
-
-def _validate(args):
-    from .sweep import CLIError
-
-    if args.depth < 1:
-        raise CLIError(f"--depth must be at least 1, got {args.depth}")
 
 
 SPEC = ExperimentSpec(
@@ -36,7 +30,6 @@ SPEC = ExperimentSpec(
     cells=_cells,
     threshold=lambda a: lora_theory.linear_rank_threshold(a.width, a.depth),
     quick=apply_quick,
-    validate=_validate,
 )
 
 

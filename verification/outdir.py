@@ -14,6 +14,10 @@ same rules, checked before any work starts:
 * **Whole files.** :func:`atomic_write` writes to a temporary ``.tmp-*`` file in the same folder, flushes and
   fsyncs it, then renames it over the old file (``os.replace``): a reader sees the old file or the new one,
   never a part. A failed write (a full disk) removes the temporary file and leaves the old file as it was.
+* **Modes of the umask.** A file gets the mode a plain ``open()`` would give it (``0666`` less the umask for
+  a new file, the old file's mode for a replaced one), not the ``0600`` of a temporary file or of
+  safetensors (:func:`write_as_open`); a folder built in a temporary folder and renamed into place gets
+  ``0777`` less the umask, its files ``0666`` less the umask (:func:`fresh_modes_under`).
   :func:`append_lines` appends records to a JSON Lines log and, when the write fails, cuts the log back to
   its length before the write, so that no half record is left behind.
 
@@ -30,6 +34,8 @@ import json
 import os
 import signal
 import socket
+import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -37,6 +43,9 @@ from pathlib import Path
 __all__ = [
     "CLIError",
     "OneLineParser",
+    "int_at_least",
+    "positive_int",
+    "nonnegative_int",
     "SETTINGS_FILE",
     "LOCK_FILE",
     "folder_owner",
@@ -44,6 +53,10 @@ __all__ = [
     "claim_folder",
     "FolderLock",
     "atomic_write",
+    "current_umask",
+    "fresh_mode",
+    "write_as_open",
+    "fresh_modes_under",
     "open_log",
     "append_lines",
     "figure_bytes",
@@ -62,10 +75,47 @@ class CLIError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``<prog>: error: <message>`` (the usage stays under ``--help``)."""
+    """The parser of every command-line module (``prog``: ``python -m verification.<name>``).
+
+    Bad input ends with exactly one line on stderr, ``<prog>: error: <message>``, and exit status 2, whether
+    argparse finds it (:meth:`error`) or a later check does (:meth:`refuse`); the usage stays under ``--help``.
+    ``--version`` prints the package version.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from lora_theory import __version__
+
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def refuse(self, message) -> int:
+        """Print ``message`` (a :class:`CLIError` or its text) as the one error line; returns the status, 2."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def int_at_least(low: int, words: str | None = None):
+    """An argparse ``type``: an integer ``>= low``; ``words`` says the bound (default ``at least <low>``)."""
+    words = words or f"at least {low}"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
+        return value
+
+    return parse
+
+
+#: argparse ``type`` callables: an integer >= 1, an integer >= 0
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0, "non-negative")
 
 
 # ---------------------------------------------------------------------------------------------- ownership
@@ -130,17 +180,21 @@ def check_folder(folder: Path, tool: str, flag: str = "--out") -> bool:
     )
 
 
-def claim_folder(folder: Path, tool: str, settings: dict | None = None, flag: str = "--out") -> Path:
+def claim_folder(
+    folder: Path, tool: str, settings: dict | None = None, flag: str = "--out", update: bool = False
+) -> Path:
     """Check ``folder`` (:func:`check_folder`), create it, check that a file can be written there, and write
-    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty. Returns the folder.
+    ``config.json`` naming ``tool`` (with ``settings``) when the folder is new or empty, or with ``update``
+    also over the tool's own (the settings of the latest run). Returns the folder.
 
-    For tools that run briefly (``advise``); a sweep also holds :class:`FolderLock` while it writes.
+    For tools that run briefly (``advise``); a tool that runs long (``real_data``, a sweep) also holds
+    :class:`FolderLock` while it writes.
     """
     folder = Path(folder)
     own = check_folder(folder, tool, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not own:
+        if update or not own:
             atomic_write(
                 folder / SETTINGS_FILE,
                 json.dumps(
@@ -250,6 +304,50 @@ def _write_all(f, data: bytes) -> None:
         view = view[n:]
 
 
+def current_umask() -> int:
+    """The process's umask. Read from ``/proc/self/status`` where Linux gives it; elsewhere set and restored
+    at once (``os.umask`` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fresh_mode(folder: bool = False) -> int:
+    """The permission bits ``open()`` (``0666``) or ``mkdir()`` (``0777``, ``folder=True``) give a new file
+    under the current umask: what a file written through a temporary file (created ``0600``, a temporary
+    folder ``0700``) is set to before it is renamed into place."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def write_as_open(path, write) -> None:
+    """Run ``write(str(path))``, a writer that sets its own mode (safetensors creates ``0600`` files), and leave
+    ``path`` with the mode ``open()`` would: the old file's when it replaced one, else :func:`fresh_mode`."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = fresh_mode()
+    write(str(path))
+    os.chmod(path, mode)
+
+
+def fresh_modes_under(folder) -> None:
+    """Give ``folder`` and everything in it the modes of new files and folders (:func:`fresh_mode`): for a folder
+    built in a temporary folder (``mkdtemp``: ``0700``) by writers that set their own modes, before it is renamed
+    into place."""
+    folder = Path(folder)
+    os.chmod(folder, fresh_mode(folder=True))
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, fresh_mode(folder=path.is_dir()))
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -266,14 +364,20 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_write(path: Path, data) -> None:
     """Replace ``path`` by ``data`` (``str``, UTF-8, or ``bytes``) whole, or leave it as it was.
 
-    Written to ``.tmp-*`` in the same folder, flushed and fsynced, then renamed over ``path``; on any failure
+    Written to ``.tmp-*`` in the same folder, flushed and fsynced, then renamed over ``path``, with the mode
+    ``open()`` would give it (the old file's, or ``0666`` less the umask for a new one); on any failure
     (``OSError`` such as a full disk, or an interruption) the temporary file is removed and the error raised.
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:  # what open(path, "w") would leave: the old file's mode, or 0666 less the umask for a new file
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = fresh_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp creates 0600
             _write_all(f, payload)
             os.fsync(f.fileno())
         os.replace(tmp, path)

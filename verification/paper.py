@@ -36,7 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .outdir import SETTINGS_FILE, CLIError, FolderLock, OneLineParser, atomic_write, check_folder, claim_folder
+from .outdir import (
+    SETTINGS_FILE,
+    CLIError,
+    FolderLock,
+    OneLineParser,
+    atomic_write,
+    check_folder,
+    claim_folder,
+    positive_int,
+)
 
 #: A construction counts as exact when its test MSE is at most this fraction of the target's output power
 #: (relative RMS error 1e-5). Exact constructions measure 1e-20 and below in float64 (two-block transformers:
@@ -579,11 +588,13 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m verification.paper", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every experiment's --quick (a few minutes on a CPU)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per experiment (default: each experiment's)")
-    p.add_argument("--iterations", type=int, default=None, help="Adam steps per run (default: each experiment's)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per experiment (default: each experiment's)")
+    p.add_argument(
+        "--iterations", type=positive_int, default=None, help="Adam steps per run (default: each experiment's)"
+    )
     p.add_argument("--frozen", default=None, help="frozen-model kinds (default random,pretrained)")
-    p.add_argument("--workers", type=int, default=None, help="stacks trained at once on a CPU")
-    p.add_argument("--chunk", type=int, default=None, help="runs per stack")
+    p.add_argument("--workers", type=positive_int, default=None, help="stacks trained at once on a CPU")
+    p.add_argument("--chunk", type=positive_int, default=None, help="runs per stack")
     p.add_argument(
         "--backend",
         choices=("local", "ray"),
@@ -659,10 +670,6 @@ def main(argv=None) -> int:
                     f"or use another folder"
                 )
             saved = None
-        for dest in ("seeds", "iterations", "workers", "chunk"):
-            value = getattr(args, dest)
-            if value is not None and value < 1:
-                raise CLIError(f"--{dest}: must be at least 1, got {value}")
         steps = _selected(args)
         step_argvs = {s.name: step_argv(s, args) for s in steps}
         plans = [plan_step(s, step_argvs[s.name]) for s in steps]  # every experiment's flags checked first
@@ -673,8 +680,7 @@ def main(argv=None) -> int:
             exc, ValueError
         ):
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
 
     done = {
         s.name for s in steps if (out / s.name / "summary.json").is_file() and (out / s.name / "table.txt").is_file()
@@ -690,8 +696,7 @@ def main(argv=None) -> int:
             saved = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
         lock = FolderLock(out, "python -m verification.paper", "--resume" if args.resume else "--out").acquire()
     except CLIError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
     try:
         for i, step in enumerate(steps, 1):
             if step.name in done:

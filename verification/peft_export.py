@@ -39,6 +39,8 @@ from lora_theory.advisor import RankReport
 from lora_theory.errors import InvalidArgumentError
 from lora_theory.numerics import numeric_rank
 
+from .outdir import write_as_open
+
 __all__ = ["PeftExport", "export_peft", "export_loralib_state_dict", "adapter_layers"]
 
 
@@ -324,11 +326,8 @@ def export_peft(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (directory / "lora_theory_export.json").write_text(json.dumps(record, indent=2))
-    save_file(
-        tensors,
-        str(directory / "adapter_model.safetensors"),
-        metadata={"format": "pt", "lora_theory": json.dumps(record)},
-    )
+    metadata = {"format": "pt", "lora_theory": json.dumps(record)}
+    write_as_open(directory / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata=metadata))
     return PeftExport(directory=str(directory), config=config, ranks=ranks, notes=notes, keys=tuple(tensors))
 
 
@@ -395,7 +394,7 @@ def export_loralib_state_dict(
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file(out, str(path), metadata={"format": "pt"})
+            write_as_open(path, lambda f: save_file(out, f, metadata={"format": "pt"}))
         else:
             import torch
 
@@ -668,6 +667,7 @@ def write_peft_adapter(
     import torch
 
     from .architectures import require
+    from .outdir import fresh_modes_under
 
     peft = require("peft")
     tdtype = _torch_dtype(dtype)
@@ -810,6 +810,7 @@ def write_peft_adapter(
             warnings.simplefilter("ignore")
             model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2))
+        fresh_modes_under(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
         _verify_written(tmp, state, pre)
         if directory.exists():
             directory.rmdir()

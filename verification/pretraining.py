@@ -4,15 +4,13 @@
 ``--model tfn``): for seeds ``0..N-1`` the random frozen model and the target of the experiments
 (``python -m verification.fnn``, ``verification.linear``, ``verification.tfn`` with the same sizes draw the
 same ones), the pretrained frozen model made from the random one (THEORY.md §4: all its weights and biases trained
-toward the target until the loss is a third of
-the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of every discrepancy the construction
-matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3, uniform partition,
-:func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose tail
-gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and output
-discrepancies (Theorem 7,
-:func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the error below it are set
-by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a TFN chain),
-so a frozen model closer to the target helps exactly as far as pretraining lowers them.
+toward the target until the loss is a third of the first), and, for both, the singular values ``σ_1 >= ... >= σ_D`` of
+every discrepancy the construction matches: the FNN's block discrepancies ``E_i = T_i - Π_{l ∈ P_i} W_l`` (Theorem 3,
+uniform partition, :func:`lora_theory.block_discrepancies`; for the linear model the one ``E = T - Π W``, Lemma 1, whose
+tail gives its exact error: ``Σ_{k > RL} σ_k² / D`` per coordinate on ``N(0, I)`` inputs), the TFN's score, value and
+output discrepancies (Theorem 7, :func:`lora_theory.tfn_matched_discrepancies`). THEORY.md §2.6: the threshold and the
+error below it are set by these spectra (rank ``R`` leaves ``σ_{M R + 1}`` of a block of ``M`` layers, ``σ_{2R+1}`` of a
+TFN chain), so a frozen model closer to the target helps exactly as far as pretraining lowers them.
 
 Paired by seed, it prints per discrepancy and ``k`` in how many seeds the pretrained ``σ_k`` is lower and
 the median ratio pretrained / random, then the median relative change of every frozen parameter; it writes
@@ -33,7 +31,15 @@ import numpy as np
 
 import lora_theory
 
-from .outdir import FolderLock, OneLineParser, atomic_write, check_folder, interrupts_deferred, write_error_message
+from .outdir import (
+    FolderLock,
+    OneLineParser,
+    atomic_write,
+    check_folder,
+    interrupts_deferred,
+    positive_int,
+    write_error_message,
+)
 from .sweep import (
     PRETRAIN_FACTOR,
     PRETRAIN_MAX_STEPS,
@@ -60,14 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         default="fnn",
         help="fnn (default; ReLU), linear (one target layer, no biases: verification.linear) or tfn",
     )
-    p.add_argument("--width", type=int, default=None, help="D (default 16)")
+    p.add_argument("--width", type=positive_int, default=None, help="D (default 16)")
     p.add_argument(
-        "--depth", type=int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)"
+        "--depth", type=positive_int, default=None, help="L, frozen layers or blocks (default 4 fnn, 2 linear and tfn)"
     )
     p.add_argument("--target-depth", type=int, default=None, help="L̄, fnn only (default max(1, L // 2))")
-    p.add_argument("--heads", type=int, default=None, help="H, tfn only (default 2)")
-    p.add_argument("--seq-len", type=int, default=None, help="N, tokens per pretraining input, tfn only (default 10)")
-    p.add_argument("--seeds", type=int, default=None, help="how many seeds (0..N-1; default 20)")
+    p.add_argument("--heads", type=positive_int, default=None, help="H, tfn only (default 2)")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="N, tokens per pretraining input, tfn only (default 10)"
+    )
+    p.add_argument("--seeds", type=positive_int, default=None, help="how many seeds (0..N-1; default 20)")
     p.add_argument("--out", default=None, help="output folder (default results/pretraining-<model>-<time>)")
     p.add_argument(
         "--quick",
@@ -96,15 +104,6 @@ def _structure(args) -> tuple:
     L = args.depth if args.depth is not None else (4 if args.model == "fnn" else 2)
     if args.model == "linear":  # verification.linear's models: one target layer
         args.target_depth = 1
-    for flag, value in (
-        ("--width", args.width),
-        ("--depth", L),
-        ("--seeds", args.seeds),
-        ("--heads", args.heads),
-        ("--seq-len", args.seq_len),
-    ):
-        if value < 1:
-            raise CLIError(f"{flag}: must be at least 1, got {value}")
     if args.model == "tfn":
         return ("tfn", args.width, L, args.heads, args.seq_len)
     Lbar = args.target_depth if args.target_depth is not None else max(1, L // 2)
@@ -380,8 +379,7 @@ def main(argv=None) -> int:
             )
         return _run(args, out, structure, seeds)
     except CLIError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
     except OSError as exc:
         if out is None or isinstance(exc, BrokenPipeError):  # not the folder's fault
             raise

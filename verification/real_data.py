@@ -37,9 +37,9 @@ Findings checked (``summary.json``, and the table on stdout), reported as the da
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .sweep.records import versions as _versions
+from .trainer import fnn_apply
 
 __all__ = ["Task", "load_tasks", "pretrain", "adapt", "run_experiment", "findings", "main", "DATASETS"]
 
@@ -122,14 +125,9 @@ def load_tasks(dataset: str, split_seed: int = 0, dtype=torch.float32) -> tuple[
 
 
 def _forward(W, b, x):
-    """Stacked MLP: ``W`` (R, L, D, D), ``b`` (R, L, D), ``x`` (n, D) -> (R, n, D); ReLU between layers."""
-    L = W.shape[1]
-    z = x.unsqueeze(0).expand(W.shape[0], -1, -1)
-    for l in range(L):
-        z = torch.baddbmm(b[:, l].unsqueeze(1), z, W[:, l].transpose(1, 2))  # (R, n, D)
-        if l < L - 1:
-            z = torch.relu(z)
-    return z
+    """Stacked MLP: ``W`` (R, L, D, D), ``b`` (R, L, D), ``x`` (n, D) -> (R, n, D); ReLU between layers, the
+    last layer affine (the experiments' stacked FNN, :func:`verification.trainer.fnn_apply`)."""
+    return fnn_apply(W, b, x.unsqueeze(0), final_relu=False)
 
 
 def _losses(out, task: Task, split: str):
@@ -154,7 +152,11 @@ def _metric(out, task: Task, split: str):
 
 
 def _adam(params, grads, state, lr, step, betas=(0.9, 0.999), eps=1e-8):
-    """One Adam step for every run; ``lr`` has shape ``(R,)``; masked (zero) gradients leave entries fixed."""
+    """One Adam step for every run; ``lr`` has shape ``(R,)``; masked (zero) gradients leave entries fixed.
+
+    The update of :class:`verification.trainer.StackedAdam` (without weight decay) with its operations in
+    another order: in float32 the two round differently (relative differences near 1e-6 after the quick
+    run's steps), so this one stays to keep the results of this tool as they were."""
     b1, b2 = betas
     for name, p in params.items():
         g = grads[name]
@@ -298,7 +300,9 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
     """Seed 0 of each data set as safetensors checkpoints (``layers.{l}.weight`` / ``.bias``, float32) for the
     rank advisor: ``<dataset>_frozen``, ``<dataset>_final_layers`` (all ``L`` layers tuned, lr 1e-2) and
     ``<dataset>_lora_r<rank>`` (LoRA on all layers with biases, lr 1e-2)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .outdir import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -320,7 +324,7 @@ def save_checkpoints(directory, datasets=DATASETS, settings: Settings = Settings
                 state[f"layers.{l}.weight"] = W[l].contiguous().float()
                 state[f"layers.{l}.bias"] = b[l].contiguous().float()
             path = directory / f"{dataset}_{tag}.safetensors"
-            save_file(state, str(path), metadata={"format": "pt"})
+            atomic_write(path, save(state, metadata={"format": "pt"}))  # the old file or the new one, whole
             written.append(str(path))
     return written
 
@@ -340,21 +344,10 @@ def configurations(settings: Settings, width: int) -> list[Config]:
     return out
 
 
-def _versions() -> dict:
-    import sklearn
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-    }
-
-
 def run_experiment(datasets=DATASETS, settings: Settings = Settings(), *, progress=True) -> list[dict]:
     """Every run as a record (config, seed, selected-by-nothing metrics); selection happens in :func:`select`."""
     records = []
-    versions = _versions()
+    versions = _versions("sklearn")
     for dataset in datasets:
         task1, task2, D = load_tasks(dataset)
         configs = configurations(settings, D)
@@ -624,23 +617,54 @@ WIDTHS = {"digits": 64, "breast_cancer": 20}
 PROG = "python -m verification.real_data"
 
 
+def _datasets(text) -> tuple:
+    """An argparse ``type`` for ``--datasets``: a comma-separated subset of :data:`DATASETS`."""
+    datasets = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad or not datasets:
+        raise argparse.ArgumentTypeError(f"unknown data set(s) {bad}; choose from {DATASETS}")
+    return datasets
+
+
+def _ranks(text) -> tuple:
+    """An argparse ``type`` for ``--ranks``: distinct comma-separated ranks >= 0 (0 = biases only); their
+    bound, the width, depends on ``--datasets`` (:func:`_settings`)."""
+    try:
+        ranks = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as comma-separated integers (0 = biases only)"
+        ) from None
+    if any(r < 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise argparse.ArgumentTypeError(f"need distinct ranks >= 0, got {text!r}")
+    return ranks
+
+
 def _parser():
-    from .outdir import OneLineParser
+    from .outdir import OneLineParser, positive_int
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sweep (one seed, few steps): a smoke test")
-    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
     p.add_argument(
-        "--steps", type=int, default=None, help="Adam steps on task 2 (default: 200 digits, 1000 breast_cancer)"
+        "--datasets",
+        type=_datasets,
+        default=",".join(DATASETS),
+        help=f"comma-separated subset of {DATASETS}",
     )
-    p.add_argument("--depth", type=int, default=None, help="L, layers of the MLP (default 4)")
-    p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (0 = biases only)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; --quick 1)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="Adam steps on task 2 (default: 200 digits, 1000 breast_cancer)",
+    )
+    p.add_argument("--depth", type=positive_int, default=None, help="L, layers of the MLP (default 4)")
+    p.add_argument("--ranks", type=_ranks, default=None, help="comma-separated LoRA ranks (0 = biases only)")
     p.add_argument("--out", help="directory for runs.jsonl, summary.json, table.txt and figure.png")
     p.add_argument(
         "--from-runs", help="recompute the table, summary and figure from an existing runs.jsonl instead of training"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--checkpoints",
         help="also save seed 0's frozen, final-layers-tuned and LoRA models here "
@@ -650,31 +674,20 @@ def _parser():
 
 
 def _settings(args, datasets):
-    """The run's :class:`Settings` from the flags, every flag checked (CLIError, one line)."""
+    """The run's :class:`Settings` from the flags (each checked by its argparse type), the ranks against the
+    widths of ``datasets`` (CLIError, one line)."""
     from .outdir import CLIError
 
     settings = QUICK if args.quick else Settings()
-    changes = {}
-    for flag, name in (("--seeds", "seeds"), ("--steps", "steps"), ("--depth", "depth"), ("--threads", "threads")):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} must be at least 1, got {value}")
-        if value is not None and name != "threads":
-            changes[name] = value
+    changes = {name: getattr(args, name) for name in ("seeds", "steps", "depth") if getattr(args, name) is not None}
     if args.ranks is not None:
-        try:
-            ranks = tuple(int(r) for r in args.ranks.split(","))
-        except ValueError:
-            raise CLIError(
-                f"--ranks: cannot read {args.ranks!r} as comma-separated integers (0 = biases only)"
-            ) from None
         width = min(WIDTHS[d] for d in datasets)
-        if any(r < 0 or r > width for r in ranks) or len(set(ranks)) != len(ranks):
+        if max(args.ranks) > width:
             raise CLIError(
                 f"--ranks: distinct ranks in 0..{width} (the smallest width D of {', '.join(datasets)}), "
-                f"got {args.ranks!r}"
+                f"got {','.join(map(str, args.ranks))!r}"
             )
-        changes["ranks"] = ranks
+        changes["ranks"] = args.ranks
     return Settings(**{**asdict(settings), **changes}) if changes else settings
 
 
@@ -705,20 +718,17 @@ def _read_runs(path: Path, datasets) -> list:
 def main(argv=None) -> int:
     """Run the command line; return the exit status (2: bad input or a refused folder, 1: a failed write,
     130: interrupted). Every flag and both output folders are checked before any training."""
-    from .outdir import CLIError, FolderLock, check_folder, interrupts_deferred, write_error_message
+    from .outdir import CLIError, FolderLock, check_folder, claim_folder, interrupts_deferred, write_error_message
 
     p = _parser()
     try:
         args = p.parse_args(argv)
-    except SystemExit as exc:
+    except SystemExit as exc:  # --help, --version, or argparse's one-line refusal
         return int(exc.code or 0)
     command = list(argv if argv is not None else sys.argv[1:])
     lock = out = None
     try:
-        datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
-        bad = [d for d in datasets if d not in DATASETS]
-        if bad or not datasets:
-            raise CLIError(f"--datasets: unknown data set(s) {bad}; choose from {DATASETS}")
+        datasets = args.datasets
         settings = _settings(args, datasets)
         records = _read_runs(args.from_runs, datasets) if args.from_runs else None
         if args.checkpoints:
@@ -727,15 +737,25 @@ def main(argv=None) -> int:
             out = Path(args.out)
             check_folder(out, "real_data")
             lock = FolderLock(out, PROG).acquire()
-            check_folder(out, "real_data")  # again under the lock
-            _claim(out, {"argv": command, "settings": asdict(settings), "datasets": list(datasets)})
+            # checked again under the lock; config.json records this run's settings
+            claim_folder(
+                out,
+                "real_data",
+                {"argv": command, "settings": asdict(settings), "datasets": list(datasets)},
+                update=True,
+            )
         if args.checkpoints:
-            _claim(Path(args.checkpoints), {"argv": command, "contents": "checkpoints"}, "--checkpoints")
+            claim_folder(
+                Path(args.checkpoints),
+                "real_data",
+                {"argv": command, "contents": "checkpoints"},
+                "--checkpoints",
+                update=True,
+            )
     except CLIError as exc:
         if lock is not None:
             lock.release()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return p.refuse(exc)
     try:
         return _run(args, datasets, settings, records, out, interrupts_deferred)
     except KeyboardInterrupt:
@@ -749,17 +769,6 @@ def main(argv=None) -> int:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _claim(folder: Path, record: dict, flag: str = "--out") -> None:
-    """Create ``folder`` (checked already), check it is writable, and name this tool in its config.json."""
-    from .outdir import SETTINGS_FILE, CLIError, atomic_write
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / SETTINGS_FILE, json.dumps({"tool": "real_data", **record}, indent=1))
-    except OSError as exc:
-        raise CLIError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
@@ -776,7 +785,7 @@ def _run(args, datasets, settings, records, out, interrupts_deferred) -> int:
         "findings": findings(rows, settings.tolerance),
         "rows": rows,
         "wall_s": time.perf_counter() - start,
-        "versions": _versions(),
+        "versions": _versions("sklearn"),
     }
     table = format_table(rows)
     with interrupts_deferred():  # Ctrl-C now waits until the files are written whole

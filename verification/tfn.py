@@ -5,10 +5,9 @@
 a relative output error, measured per input with two blocks at ``D = 16``, ``H = 2``, ``N = 10``, ``R = 8``
 (20 seed pairs, 1280 inputs): median 6e-13, up to 2e-7 (the second block reads the first one's output
 through ``C_1 = T2 W2^{-1}``); with one block median 1e-13, up to 6e-11. ``--highprec`` builds the column at raised
-precision instead
-(:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s per
-construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training
-is hours of CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
+precision instead (:func:`lora_theory.lora_tfn_mp`, evaluated on the first ``--highprec-subsample`` inputs, about 20 s
+per construction on one core; the float64 MSE stays in ``construction_note``). The full protocol's training is hours of
+CPU arithmetic: use ``--quick``, ``--device cuda``, or ``--construction-only``.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import dataclasses
 
 import lora_theory
 
+from .outdir import positive_int
 from .sweep import (
-    CLIError,
     ExperimentSpec,
     add_highprec_arguments,
     apply_quick,
@@ -32,16 +31,13 @@ from .sweep import (
 
 
 def _add(p):
-    p.add_argument("--depth", type=int, default=2, help="L, the number of blocks (default 2)")
-    p.add_argument("--heads", type=int, default=2, help="H (default 2)")
-    p.add_argument("--seq-len", type=int, default=10, help="N, tokens per input (default 10)")
+    p.add_argument("--depth", type=positive_int, default=2, help="L, the number of blocks (default 2)")
+    p.add_argument("--heads", type=positive_int, default=2, help="H (default 2)")
+    p.add_argument("--seq-len", type=positive_int, default=10, help="N, tokens per input (default 10)")
     add_highprec_arguments(p, default=False)
 
 
 def _validate(args):
-    for flag, v in (("--depth", args.depth), ("--heads", args.heads), ("--seq-len", args.seq_len)):
-        if v < 1:
-            raise CLIError(f"{flag} must be at least 1, got {v}")
     check_highprec_arguments(args, _cells(args))
 
 

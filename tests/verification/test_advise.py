@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import error_line
 from safetensors.torch import save_file
 
 import lora_theory
@@ -99,7 +100,7 @@ def test_nested_state_dict_bfloat16_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch-zip", "torch-legacy"])
-def test_pickle_payload_is_refused_without_running(tmp_path, kind):
+def test_pickle_payload_is_refused_without_running(tmp_path, kind, refused):
     marker = tmp_path / "payload_ran.txt"
     path = tmp_path / "evil.pt"
     obj = {"w": torch.zeros(2, 2), "x": Payload(marker)}
@@ -110,7 +111,7 @@ def test_pickle_payload_is_refused_without_running(tmp_path, kind):
     with pytest.raises(UnsafeCheckpointError, match="refused.*not executed"):
         read_checkpoint(path)
     assert not marker.exists()
-    assert main([str(path), str(path)]) == 2
+    refused("advise", [str(path), str(path)], "not executed")
     assert not marker.exists()
     # the payload is real: an unrestricted unpickler would have run it
     pickle.loads(pickle.dumps(Payload(marker)))
@@ -207,16 +208,14 @@ def test_cli_writes_report_plot_and_proposal(tmp_path, capsys):
     assert (out / "spectra.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_errors(tmp_path, capsys):
+def test_cli_errors(tmp_path, refused):
     base, _ = pair(tmp_path)
     (tmp_path / "x.txt").write_text("nope")
-    assert main([str(base), str(tmp_path / "x.txt")]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
-    assert main([str(base), str(base), "--tol", "-1"]) == 2
-    assert "tol" in capsys.readouterr().err
+    refused("advise", [str(base), str(tmp_path / "x.txt")], "not a checkpoint")
+    refused("advise", [str(base), str(base), "--tol", "-1"], "tol")
 
 
-def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
+def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys, refused):
     D = 6
     frozen = lora_theory.random_fnn(D, 4, seed=1)
     target = lora_theory.random_fnn(D, 2, seed=2)
@@ -244,8 +243,7 @@ def test_cli_fnn_mode_exports_a_peft_adapter(tmp_path, capsys):
     assert config["r"] == config["lora_alpha"] == 3
     assert main([args[0], args[0], "--fnn"]) == 0  # same depth: rank 0 needed
     assert "LoRA-rank needed 0" in capsys.readouterr().out
-    assert main([args[1], args[0], "--fnn"]) == 2  # target deeper than frozen
-    assert "target" in capsys.readouterr().err
+    refused("advise", [args[1], args[0], "--fnn"], "target")  # target deeper than frozen
 
 
 def _fnn_pair(tmp_path, D=6):
@@ -271,9 +269,9 @@ def test_fnn_export_that_does_not_hold_is_refused_and_nothing_is_written(tmp_pat
     """Regression: ``advise --fnn --input-radius R --out`` wrote a broken adapter and exited 0."""
     frozen, target = _fnn_pair(tmp_path)
     out = tmp_path / "out"
+    capsys.readouterr()
     assert main([frozen, target, "--fnn", "--out", str(out), "--input-radius", str(radius), "--dtype", dtype]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and why in err[0], err
+    error_line("advise", capsys.readouterr().err, why)  # after the table of the advice on stdout
     assert not (out / "peft_adapter").exists()
     assert not [p for p in out.iterdir() if "tmp" in p.name] if out.exists() else True
 
@@ -319,3 +317,76 @@ def test_a_refused_export_into_advise_s_own_folder_keeps_the_earlier_adapter(tmp
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".peft_adapter")) == []
     record = json.loads((out / "report.json").read_text())
     assert record["export"]["input_radius"] == 2.0
+
+
+# ----------------------------------------------------------------------------- --spectrum
+
+
+def _spectrum_pair(tmp_path):
+    """float32 layers (no config.json: read as ``nn.Linear``): ``low`` 320 x 288 with a planted rank-3 change,
+    ``small`` 40 x 24 with rank 2 (short side below 256), ``dense`` 288 x 272 with a full-rank change."""
+    g = torch.Generator().manual_seed(3)
+    base = {
+        "low.weight": torch.randn(320, 288, generator=g),
+        "small.weight": torch.randn(40, 24, generator=g),
+        "dense.weight": torch.randn(288, 272, generator=g),
+    }
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["low.weight"] += 0.1 * torch.randn(320, 3, generator=g) @ torch.randn(3, 288, generator=g)
+    tuned["small.weight"] += 0.1 * torch.randn(40, 2, generator=g) @ torch.randn(2, 24, generator=g)
+    tuned["dense.weight"] += 0.1 * torch.randn(288, 272, generator=g)
+    for tag, sd in (("base", base), ("tuned", tuned)):
+        save_file(sd, str(tmp_path / f"{tag}.safetensors"))
+    return str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), {"low": 3, "small": 2}
+
+
+def _layers_with(tmp_path, base, tuned, spectrum, capsys):
+    out = tmp_path / spectrum
+    assert main([base, tuned, "--spectrum", spectrum, "--out", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    return {l["name"]: l for l in json.loads((out / "report.json").read_text())["layers"]}, table
+
+
+def test_cli_spectrum_partial_and_auto_give_the_full_spectrum_s_ranks(tmp_path, capsys):
+    """``--spectrum partial`` settles the low-rank layers at the full spectrum's ranks and leaves the full-rank
+    change as an interval that holds it; ``auto`` takes the full spectrum where the partial one is unsettled
+    or the short side is below 256, and says so per layer in report.json."""
+    from verification.streaming import PARTIAL_MIN_SIDE
+
+    base, tuned, planted = _spectrum_pair(tmp_path)
+    full, _ = _layers_with(tmp_path, base, tuned, "full", capsys)
+    assert all(l["spectrum"] == "full" and l["settled"] for l in full.values())
+    for name, r in planted.items():
+        assert full[name]["rank_above_floor"] == r
+    rank = {name: l["rank_above_floor"] for name, l in full.items()}
+    assert rank["dense"] == 272  # a full-rank change: a partial spectrum cannot settle it
+
+    partial, table = _layers_with(tmp_path, base, tuned, "partial", capsys)
+    assert all(l["spectrum"] == "partial" for l in partial.values())
+    for name, l in partial.items():
+        lo, hi = l["rank_bounds"]
+        assert lo <= rank[name] <= hi
+        if l["settled"]:
+            assert l["rank_above_floor"] == rank[name]
+    assert partial["low"]["settled"] and partial["small"]["settled"]
+    assert not partial["dense"]["settled"] and "(unsettled)" in table
+
+    auto, table = _layers_with(tmp_path, base, tuned, "auto", capsys)
+    assert {name: l["rank_above_floor"] for name, l in auto.items()} == rank
+    assert all(l["settled"] for l in auto.values())
+    assert auto["low"]["spectrum"] == "partial" and auto["low"]["spectrum_note"] is None
+    assert auto["small"]["spectrum"] == "full"
+    assert f"short side below {PARTIAL_MIN_SIDE}" in auto["small"]["spectrum_note"]
+    assert auto["dense"]["spectrum"] == "full"
+    assert "partial spectrum unsettled" in auto["dense"]["spectrum_note"]
+    assert "full spectrum for 1 layers whose partial count was not settled" in table
+
+
+@pytest.mark.parametrize("extra", [[], ["--fnn"]])
+def test_cli_refuses_a_bad_spectrum_value_in_one_line(tmp_path, capsys, extra):
+    base, tuned = pair(tmp_path)
+    assert main([str(base), str(tuned), "--spectrum", "exact", *extra]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--spectrum" in err[0] and "auto, full, partial" in err[0], err
+    assert captured.out == ""

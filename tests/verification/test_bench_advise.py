@@ -1,4 +1,4 @@
-"""The advisor's benchmark runs end to end on a tiny generated pair and measures both contenders."""
+"""The advisor's benchmark runs end to end on a tiny generated pair and measures every contender."""
 
 import json
 
@@ -31,11 +31,26 @@ def test_generated_pair_has_the_llama_layout_and_planted_changes(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_measures_both_contenders(tmp_path, capsys):
+def test_bench_measures_every_contender(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "bench.json"
     assert bench.main(["--sizes", "64x1", "--no-project", "--workdir", str(tmp_path), "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["pairs"]
-    for kind in ("advisor", "loop"):
+    for kind in ("advisor", "loop", "partial"):
         assert row[kind]["matrices"] == 9 and row[kind]["seconds"] > 0 and row[kind]["peak_rss_mib"] > 0
+    for kind in ("advisor", "partial"):  # every layer settled at the planted rank, each layer timed
+        assert row[kind]["ranks_ok"] and len(row[kind]["layers"]) == 9
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-advise-")]  # pairs deleted
+
+
+def test_the_7b_projection_scales_the_decoder_layers_by_layer_count():
+    bench = _bench()
+    size = bench.parse_size("4096x2")
+    assert (size["inter"], size["vocab"]) == (11008, 32000)  # Llama-2-7B's shapes
+    layers = [{"name": "model.embed_tokens", "seconds": 30.0}]
+    layers += [{"name": f"model.layers.{i}.mlp.up_proj", "seconds": 10.0} for i in range(2)]
+    layers += [{"name": "lm_head", "seconds": 30.0}]
+    proj = bench.project_run({"seconds": 100.0, "layers": layers}, size)  # 20 s setup and vectors
+    assert proj["per_layer_s"] == 10.0 and proj["outside_s"] == 80.0
+    assert proj["total_s"] == 80.0 + 32 * 10.0
+    assert bench.project_run({"seconds": 100.0, "layers": layers}, bench.parse_size("1024x2")) is None

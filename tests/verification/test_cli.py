@@ -135,8 +135,8 @@ def test_resume_finishes_without_repeating(tmp_path):
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines[:3]) + 1 + (len(full) - 3)
 
 
-def test_resume_refuses_another_experiment(tmp_path, capsys):
-    from verification import fnn, linear
+def test_resume_refuses_another_experiment(tmp_path, capsys, refused):
+    from verification import linear
 
     out = tmp_path / "lin"
     assert (
@@ -160,18 +160,12 @@ def test_resume_refuses_another_experiment(tmp_path, capsys):
         )
         == 0
     )
-    capsys.readouterr()
-    assert fnn.main(["--resume", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "linear" in err[0]
+    refused("fnn", ["--resume", str(out)], "linear")
 
 
-def _bad(module, argv, capsys, match, tmp_path):
+def _bad(refused, tool, argv, match, tmp_path):
     out = tmp_path / "bad"
-    code = module.main(argv + ["--out", str(out)]) if "--out" not in argv else module.main(argv)
-    assert code != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    refused(tool, argv + ["--out", str(out)] if "--out" not in argv else argv, match)
     assert not (out / "summary.json").exists()
 
 
@@ -188,25 +182,19 @@ def _bad(module, argv, capsys, match, tmp_path):
         (["--iterations", "ten"], "--iterations"),
     ],
 )
-def test_bad_input_exits_with_one_line(argv, match, capsys, tmp_path):
-    from verification import fnn
-
-    _bad(fnn, ["--quick"] + argv, capsys, match, tmp_path)
+def test_bad_input_exits_with_one_line(argv, match, refused, tmp_path):
+    _bad(refused, "fnn", ["--quick"] + argv, match, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_cuda(capsys, tmp_path):
-    from verification import linear
-
-    _bad(linear, ["--quick", "--device", "cuda"], capsys, "CUDA", tmp_path)
+def test_cuda_without_cuda(refused, tmp_path):
+    _bad(refused, "linear", ["--quick", "--device", "cuda"], "CUDA", tmp_path)
 
 
-def test_unwritable_out(capsys, tmp_path):
-    from verification import linear
-
+def test_unwritable_out(refused, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    _bad(linear, ["--quick", "--out", str(blocker / "sub")], capsys, "--out", tmp_path)
+    _bad(refused, "linear", ["--quick", "--out", str(blocker / "sub")], "--out", tmp_path)
 
 
 def test_listing(capsys):
@@ -264,7 +252,7 @@ def _files(out: Path) -> dict:
     return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
-def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys):
+def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys, refused):
     """Bad ranks given with the --out of a finished sweep: exit 2, and the folder (summaries, figure,
     config.json) stays as it was, so that the sweep still resumes (the input is validated first)."""
     from verification import linear
@@ -292,16 +280,13 @@ def test_bad_input_leaves_a_finished_folder_untouched(tmp_path, capsys):
     )
     before = _files(out)
     assert {"summary.json", "summary.csv", "figure.png", "config.json", "runs.jsonl"} <= set(before)
-    capsys.readouterr()
-    assert linear.main(["--quick", "--width", "4", "--out", str(out), "--ranks", "9"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--ranks" in err[0]
+    refused("linear", ["--quick", "--width", "4", "--out", str(out), "--ranks", "9"], "--ranks")
     assert _files(out) == before
     assert linear.main(["--resume", str(out)]) == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(before["runs.jsonl"].splitlines())
 
 
-def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
+def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys, refused):
     """Without --resume, an --out folder holding runs of other settings is refused with one line and left
     as it was; with the same settings it goes on (nothing trained twice); with no run in it, it starts
     afresh. Folders written before config.json held the settings are compared through their command line."""
@@ -333,9 +318,7 @@ def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
         (["--fixed-bias"], "--tune-bias"),
         (["--lr", "0.5"], "--lr"),
     ):
-        assert linear.main(argv + other) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "other settings" in err[0] and flag in err[0], err
+        assert flag in refused("linear", argv + other, "other settings")
         assert _files(out) == before
     # flags that do not change results are no difference
     assert linear.main(argv + ["--workers", "1", "--chunk", "7"]) == 0
@@ -344,7 +327,7 @@ def test_reused_out_folder_with_other_settings_is_refused(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     del cfg["settings"]
     (out / "config.json").write_text(json.dumps(cfg))
-    assert linear.main(argv + ["--iterations", "6"]) == 2
+    refused("linear", argv + ["--iterations", "6"], "other settings")
     assert linear.main(argv) == 0
     # no run in the folder: started afresh with the new settings
     (out / "runs.jsonl").write_text("")
@@ -616,14 +599,14 @@ def test_resume_warns_about_the_flags_it_ignores(tmp_path, capsys):
     assert [r["rank"] for r in _summary(out)["rows"]] == [1]  # --ranks ignored
     assert linear.main(["--resume", str(out), "--no-figure"]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert linear.main(["--resume", str(out), "--figure"]) == 0  # the pair of --no-figure, taken on a resume
+    assert "warning" not in capsys.readouterr().err
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, capsys):
-    from verification import fnn
-
+def test_bad_input_without_out_creates_no_folder(tmp_path, monkeypatch, refused):
     monkeypatch.chdir(tmp_path)
-    assert fnn.main(["--quick", "--ranks", "0"]) == 2
-    assert "--ranks" in capsys.readouterr().err
+    refused("fnn", ["--quick", "--ranks", "0"], "--ranks")
     assert not (tmp_path / "results").exists()
 
 
@@ -827,3 +810,42 @@ def test_depth_sweep_figure_with_nothing_to_draw_is_an_empty_panel(tmp_path):
         depth_sweep.SPEC, {"rows": [], "pretrained_rows": [], "domain": None, "threshold": {}}, tmp_path / "figure.png"
     )
     assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ one convention, every tool
+
+#: per tool, a flag value its argparse ``type`` refuses, and the flag the one line must name
+BAD_VALUE = {
+    **{name: (["--quick", "--seeds", "0"], "--seeds") for name in verification.EXPERIMENTS},
+    "certify": (["--model", "fnn", "--width", "0", "--depth", "1", "--rank", "1"], "--width"),
+    "advise": (["base", "tuned", "--budget", "many"], "--budget"),
+    "real_data": (["--quick", "--seeds", "0"], "--seeds"),
+    "pretraining": (["--quick", "--seeds", "0"], "--seeds"),
+    "paper": (["--quick", "--seeds", "0"], "--seeds"),
+}
+
+
+def test_the_convention_lists_every_tool():
+    assert set(BAD_VALUE) == set(verification.EXPERIMENTS) | set(verification.TOOLS)
+
+
+@pytest.mark.parametrize("tool", verification.EXPERIMENTS + verification.TOOLS)
+def test_every_tool_follows_one_command_line_convention(tool, refused, tmp_path, capsys):
+    """``main(argv=None)``; ``--version`` prints ``<prog> <version>`` (status 0); an unknown flag and a value its
+    type refuses each end with status 2 and the one line ``python -m verification.<tool>: error: ...``, and no
+    folder is created."""
+    import inspect
+
+    import lora_theory
+
+    main = importlib.import_module(f"verification.{tool}").main
+    assert inspect.signature(main).parameters["argv"].default is None
+    capsys.readouterr()
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"python -m verification.{tool} {lora_theory.__version__}\n"
+    out = tmp_path / "out"
+    # advise and certify name their missing required arguments first
+    refused(tool, ["--no-such-flag", "--out", str(out)], None if tool in ("advise", "certify") else "--no-such-flag")
+    argv, flag = BAD_VALUE[tool]
+    assert flag in refused(tool, argv + ["--out", str(out)])
+    assert not out.exists()

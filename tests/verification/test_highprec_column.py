@@ -67,11 +67,10 @@ def test_depth_sweep_deep_block_is_exact_at_its_threshold(tmp_path):
     assert row["construction_test_mse"] <= EXACT * row["target_power"]
 
 
-def test_bad_subsample_exits_with_one_line(tmp_path, capsys):
+def test_bad_subsample_exits_with_one_line(tmp_path, refused):
     out = tmp_path / "bad"
-    assert final_layers.main(RUN + ["--highprec-subsample", "0", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m verification.final_layers: error: --highprec-subsample must be in 1..5000")
+    line = refused("final_layers", RUN + ["--highprec-subsample", "0", "--out", str(out)])
+    assert line.startswith("python -m verification.final_layers: error: --highprec-subsample must be in 1..5000")
     assert not (out / "summary.json").exists()
 
 
@@ -179,10 +178,7 @@ def test_tfn_highprec_column_is_exact_from_the_threshold_and_keeps_the_float64_v
     assert row["construction_precision_digits"] is None and row["construction_note"] is None
 
 
-def test_subsample_without_the_high_precision_column_is_refused(tmp_path, capsys):
-    from verification import tfn
-
+def test_subsample_without_the_high_precision_column_is_refused(tmp_path, refused):
     out = tmp_path / "t"
-    assert tfn.main(["--quick", "--highprec-subsample", "4", "--out", str(out)]) == 2
-    assert "add --highprec" in capsys.readouterr().err.strip().splitlines()[-1]
+    refused("tfn", ["--quick", "--highprec-subsample", "4", "--out", str(out)], "add --highprec")
     assert not out.exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import error_line
 
 import lora_theory
 import verification
@@ -42,13 +43,6 @@ EXPERIMENT_ARGS = {
 def _tree(folder: Path) -> dict:
     """Every file and folder under ``folder`` with its bytes (folders as None): byte-identical or not."""
     return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert ": error: " in lines[0], lines
-    return lines[0]
 
 
 def _checkpoints(tmp_path, tuned_depth):
@@ -101,7 +95,7 @@ def test_the_list_covers_every_tool_that_writes():
 
 @pytest.mark.parametrize("owner", ["nobody", "another tool"])
 @pytest.mark.parametrize("tool", TOOLS)
-def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monkeypatch, capsys):
+def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monkeypatch, refused):
     """Data loss first: an --out folder of another tool, or of nobody, is refused with one line (status 2)
     before any work starts, and is left byte-identical (no lock file, no config.json, nothing removed)."""
     out = tmp_path / "theirs"
@@ -112,17 +106,15 @@ def test_every_tool_refuses_a_folder_it_does_not_own(tool, owner, tmp_path, monk
     if owner == "another tool":
         other = "fnn" if tool != "fnn" else "linear"
         (out / "config.json").write_text(json.dumps({"experiment": other, "argv": []}))
-    main, argv, (module, work) = _tool_command(tool, out, tmp_path)
+    _, argv, (module, work) = _tool_command(tool, out, tmp_path)
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the folder was checked")
 
     monkeypatch.setattr(module, work, no_work)
     before = _tree(out)
-    capsys.readouterr()
-    assert main(argv) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert str(out) in line and ("not empty" in line if owner == "nobody" else "holds the files of" in line)
+    line = refused(tool.split()[0], argv, str(out))
+    assert "not empty" in line if owner == "nobody" else "holds the files of" in line
     assert _tree(out) == before
 
 
@@ -165,7 +157,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is_not(tmp_path, capsys):
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is_not(tmp_path, refused):
     """One sweep per folder: while another process holds the folder, a sweep (new or --resume) exits 2 with
     one line naming the folder and the holder (pid, host, start) and changes nothing; once the holder is
     killed by SIGKILL, its lock file left behind does not block the next --resume."""
@@ -179,11 +171,9 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is
     holder = _hold_lock(out)
     try:
         before = _tree(out)
-        capsys.readouterr()
         for command in (argv, ["--resume", str(out)]):
-            assert linear.main(command) == 2
-            line = _one_error_line(capsys.readouterr().err)
-            assert str(out) in line and f"pid {holder.pid}" in line and "another run is writing" in line
+            line = refused("linear", command, "another run is writing")
+            assert str(out) in line and f"pid {holder.pid}" in line
             assert _tree(out) == before
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -230,7 +220,7 @@ def test_two_sweeps_started_together_on_one_folder(tmp_path):
     else:
         assert codes == [0, 2], results
         err = next(e for code, e in results if code == 2)
-        assert "another run is writing" in _one_error_line(err) and str(out) in err
+        assert str(out) in error_line("linear", err, "another run is writing")
     ids = [json.loads(l)["id"] for l in (out / "runs.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 2 * 3 * 4
 
@@ -315,11 +305,10 @@ def test_resume_rebuilds_damaged_files_and_reports_them(damage, finished, capsys
         "not JSON",
     ],
 )
-def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, capsys):
+def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, refused):
     """config.json with argv null (argparse would read the live command line: the default full sweep),
     missing, a number, a list of numbers, a string; settings not an object; not an object; not JSON:
     refused with one line, the folder (summaries, figure, runs) byte-identical."""
-    from verification import fnn
 
     out = finished
     cfg = json.loads((out / "config.json").read_text())
@@ -334,10 +323,8 @@ def test_resume_refuses_an_edited_config_and_keeps_everything(edit, finished, ca
         text = json.dumps({**cfg, **edit})
     (out / "config.json").write_text(text)
     before = _tree(out)
-    capsys.readouterr()
-    assert fnn.main(["--resume", str(out)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert "config.json" in line and str(out) in line
+    line = refused("fnn", ["--resume", str(out)], "config.json")
+    assert str(out) in line
     assert _tree(out) == before
 
 
@@ -495,6 +482,91 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         outdir.atomic_write(path, "new and longer")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+# ------------------------------------------------------------------------------------------------ file modes
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    """Run the test under this umask, and restore the old one after it."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_write_gives_a_new_file_the_mode_of_a_plain_open(umask, tmp_path):
+    """A file written through a temporary file is 0666 less the umask (0644 under 022, 0600 under 077), as
+    open() would leave it, not mkstemp's 0600; a replaced file keeps its mode."""
+    assert outdir.current_umask() == umask
+    assert outdir.fresh_mode() == {0o022: 0o644, 0o077: 0o600}[umask]
+    assert outdir.fresh_mode(folder=True) == {0o022: 0o755, 0o077: 0o700}[umask]
+    new = tmp_path / "summary.json"
+    outdir.atomic_write(new, "{}")
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert _mode(new) == _mode(plain) == {0o022: 0o644, 0o077: 0o600}[umask]
+    kept = tmp_path / "table.txt"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    outdir.atomic_write(kept, "new")
+    assert kept.read_text() == "new" and _mode(kept) == 0o640
+
+
+def test_a_writer_that_sets_its_own_mode_is_brought_to_the_umask(umask, tmp_path):
+    """write_as_open: a writer that creates 0600 files (as safetensors does) leaves a new file with open()'s
+    mode under the umask and a replaced file with its old mode."""
+
+    def private(f):
+        os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.chmod(f, 0o600)
+
+    outdir.write_as_open(tmp_path / "new.safetensors", private)
+    assert _mode(tmp_path / "new.safetensors") == {0o022: 0o644, 0o077: 0o600}[umask]
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(b"")
+    os.chmod(old, 0o664)
+    outdir.write_as_open(old, private)
+    assert _mode(old) == 0o664
+
+
+def test_advise_writes_its_report_and_adapter_with_the_umask(umask, tmp_path, capsys):
+    """advise --fnn with an exported adapter: every file and folder it writes (the report, the PEFT adapter
+    folder built in a temporary folder and renamed into place) has the mode open() and mkdir() give under the
+    umask: 0644 files and 0755 folders under 022, 0600 and 0700 under 077."""
+    pytest.importorskip("peft")
+    out = tmp_path / "report"
+    main, argv, _ = _tool_command("advise --fnn", out, tmp_path)
+    assert main(argv) == 0
+    assert (out / "peft_adapter" / "adapter_config.json").exists()
+    files = {0o022: 0o644, 0o077: 0o600}[umask]
+    folders = {0o022: 0o755, 0o077: 0o700}[umask]
+    written = [out, *out.rglob("*")]
+    assert len(written) > 4
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(_mode(p)) for p in written if _mode(p) != (folders if p.is_dir() else files)
+    }
+    assert not wrong, wrong
+
+
+def test_peft_export_folder_has_the_mode_of_mkdir(umask, tmp_path):
+    """export_peft builds the adapter folder in a temporary folder (mkdtemp: 0700) and renames it: the folder
+    ends with mkdir's mode under the umask, its files with open()'s."""
+    pytest.importorskip("peft")
+    from lora_theory.adapter import Adapter
+    from verification.peft_export import export_peft
+
+    rng = np.random.default_rng(0)
+    export_peft([Adapter(rng.standard_normal((1, 3)), rng.standard_normal((3, 1)))], tmp_path / "adapter")
+    folder = tmp_path / "adapter"
+    assert _mode(folder) == {0o022: 0o755, 0o077: 0o700}[umask]
+    assert {_mode(p) for p in folder.iterdir()} == {{0o022: 0o644, 0o077: 0o600}[umask]}
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -658,7 +730,7 @@ def test_a_rank_padding_below_the_largest_rank_is_refused():
         (["--steps", "x"], "--steps"),
     ],
 )
-def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkeypatch, capsys):
+def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkeypatch, refused):
     """Bad flags and unwritable folders: one line (status 2) before any training, no folder created
     (before, --ranks=-1 gave rows with -40 parameters, and an unwritable --out was found after the run)."""
     from verification import real_data
@@ -673,9 +745,7 @@ def test_real_data_checks_its_flags_before_it_runs(argv, match, tmp_path, monkey
     monkeypatch.setattr(real_data, "run_experiment", no_work)
     out = tmp_path / "out"
     full = argv if "--out" in argv else argv + ["--out", str(out)]
-    assert real_data.main(full) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert match in line
+    refused("real_data", full, match)
     assert not out.exists()
 
 

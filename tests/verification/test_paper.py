@@ -127,21 +127,18 @@ def test_shift_verdict_needs_the_certified_column_exact_and_the_calibrated_one_n
     [
         (["--only", "nope"], "--only: unknown experiments"),
         (["--seeds", "0"], "--seeds: must be at least 1"),
-        (["--only", "linear", "--iterations", "x"], "invalid int value"),
+        (["--only", "linear", "--iterations", "x"], "--iterations: must be an integer"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, refused):
     out = tmp_path / "paper"
-    assert paper.main([*argv, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m verification.paper: error:") and message in err[0]
+    refused("paper", [*argv, "--out", str(out)], message)
     assert not out.exists()
 
 
-def test_a_foreign_folder_is_refused(tmp_path, capsys):
+def test_a_foreign_folder_is_refused(tmp_path, refused):
     (tmp_path / "notes.txt").write_text("mine")
-    assert paper.main(["--only", "linear", "--out", str(tmp_path)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    refused("paper", ["--only", "linear", "--out", str(tmp_path)], "not empty")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 

@@ -140,13 +140,6 @@ def test_a_rerun_reads_the_pretrained_models_back(tmp_path, monkeypatch, capsys)
     assert not (out / "figure.png").exists()  # no stale figure beside the new summary
 
 
-def _refused(argv, match, capsys):
-    """The command exits with status 2 and one line on stderr that names ``match``."""
-    assert pretraining.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
-
-
 @pytest.mark.parametrize(
     "setup,match",
     [
@@ -155,7 +148,7 @@ def _refused(argv, match, capsys):
         ("other_settings", "pretraining run for"),
     ],
 )
-def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, capsys):
+def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, refused):
     out = tmp_path / "out"
     out.mkdir()
     if setup == "sweep":
@@ -167,7 +160,7 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
             json.dumps({"tool": "pretraining", "structure": ["tfn", 4, 2, 2, 10], "seeds": [0, 1, 2]})
         )
     before = {p.name: p.read_text() for p in out.iterdir()}
-    _refused(["--quick", "--out", str(out)], match, capsys)
+    refused("pretraining", ["--quick", "--out", str(out)], match)
     assert {p.name: p.read_text() for p in out.iterdir()} == before
 
 
@@ -186,16 +179,16 @@ def test_an_out_folder_of_something_else_is_refused(setup, match, tmp_path, caps
         (["--quick", "--seeds", "0"], "--seeds"),
     ],
 )
-def test_bad_input_exits_with_one_line(argv, match, tmp_path, capsys):
+def test_bad_input_exits_with_one_line(argv, match, tmp_path, refused):
     out = tmp_path / "bad"
-    _refused(argv + ["--out", str(out)], match, capsys)
+    refused("pretraining", argv + ["--out", str(out)], match)
     assert not (out / "summary.json").exists()
 
 
-def test_unwritable_out(tmp_path, capsys):
+def test_unwritable_out(tmp_path, refused):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    _refused(["--quick", "--out", str(blocker / "sub")], "--out", capsys)
+    refused("pretraining", ["--quick", "--out", str(blocker / "sub")], "--out")
 
 
 def test_listed_as_a_tool():

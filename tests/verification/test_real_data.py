@@ -52,6 +52,9 @@ def test_checkpoints_feed_the_advisor(tmp_path):
     assert all(0 < r <= 2 for r in lora.exact_ranks.values())
     full = advise_checkpoints(paths[0], paths[1])
     assert max(full.exact_ranks.values()) > 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(p).st_mode & 0o777 for p in paths} == {0o666 & ~umask}  # open()'s mode, not safetensors' 0600
 
 
 def test_stacked_runs_are_independent():
@@ -138,8 +141,7 @@ def test_selection_by_validation_loss():
     assert row["test_metric"] == 0.6 and row["lrs"] == [3e-2]
 
 
-def test_bad_dataset(capsys):
-    assert main(["--quick", "--datasets", "mnist"]) == 2
-    assert "--datasets" in capsys.readouterr().err
+def test_bad_dataset(refused):
+    refused("real_data", ["--quick", "--datasets", "mnist"], "--datasets")
     with pytest.raises(ValueError, match="dataset"):
         load_tasks("mnist")

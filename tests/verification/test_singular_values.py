@@ -87,15 +87,10 @@ def test_given_spectrum_sets_the_threshold(tmp_path):
         (["--spectrum", "1", "--decay", "0.5"], "--spectrum and --decay"),
     ],
 )
-def test_bad_spectrum_exits_with_one_line(extra, message, tmp_path, capsys):
+def test_bad_spectrum_exits_with_one_line(extra, message, tmp_path, refused):
     out = tmp_path / "bad"
-    assert singular_values.main(RUN + extra + ["--out", str(out)]) == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .startswith("python -m verification.singular_values: error: " + message)
-    )
+    line = refused("singular_values", RUN + extra + ["--out", str(out)])
+    assert line.startswith("python -m verification.singular_values: error: " + message)
     assert not (out / "summary.json").exists()
 
 
@@ -110,7 +105,7 @@ def test_listing_has_experiments_and_tools(capsys):
     assert set(TOOLS) == {"certify", "advise", "real_data", "pretraining", "paper"} and "unavailable" not in printed
 
 
-def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
+def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys, refused):
     """--decay / --spectrum change the target: they enter every run's id and the pretrained-model cache key,
     and a folder holding runs of another spectrum is refused (one line, folder unchanged) instead of mixed."""
     from verification.sweep import make_runs
@@ -119,10 +114,8 @@ def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys):
     base = ["--quick", "--iterations", "5", "--ranks", "1", "--seeds", "1", "--no-figure", "--out", str(out)]
     assert singular_values.main(base) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    capsys.readouterr()
-    assert singular_values.main(base + ["--decay", "0.3"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "other settings" in err[0] and "--decay" in err[0] and "--resume" in err[0]
+    line = refused("singular_values", base + ["--decay", "0.3"], "other settings")
+    assert "--decay" in line and "--resume" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # the same settings again: the runs are reused (nothing trained twice)
     assert singular_values.main(base) == 0

@@ -11,7 +11,15 @@ from pathlib import Path
 
 from lora_theory.errors import LoraTheoryError
 
-from ..outdir import CLIError, FolderLock, OneLineParser, check_folder, interrupts_deferred, write_error_message
+from ..outdir import (
+    CLIError,
+    FolderLock,
+    OneLineParser,
+    check_folder,
+    interrupts_deferred,
+    positive_int,
+    write_error_message,
+)
 from .cluster import add_backend_arguments, check_backend_arguments
 from .driver import _write_summaries, execute
 from .folder import _atomic_write, default_out, writable_folder
@@ -54,25 +62,54 @@ def _floats(text, name):
     return vals
 
 
-class _Parser(OneLineParser):
-    """argparse with a one-line error message, ``<prog>: error: ...`` (the usage stays available with --help)."""
+def _grid(name: str, positive: bool = False):
+    """An argparse ``type`` for a comma-separated grid (``--lr``, ``--weight-decay``): the text, checked
+    (non-negative finite numbers; positive ones with ``positive``); :func:`_check_common` reads the grid."""
+
+    def check(text):
+        try:
+            vals = _floats(text, name)
+        except CLIError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}: ")) from None
+        if positive and any(v <= 0 for v in vals):
+            raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}")
+        return text
+
+    return check
+
+
+def _frozen_kinds(text):
+    """An argparse ``type`` for ``--frozen``: the text, its kinds checked (``random``, ``pretrained``)."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds or any(k not in ("random", "pretrained") for k in kinds):
+        raise argparse.ArgumentTypeError(f"kinds are 'random' and 'pretrained', got {text!r}")
+    return text
 
 
 def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m verification.{spec.name}", description=spec.description)
-    p.add_argument("--width", type=int, default=16, help="D (default 16)")
+    p = OneLineParser(prog=f"python -m verification.{spec.name}", description=spec.description)
+    p.add_argument("--width", type=positive_int, default=16, help="D (default 16)")
     p.add_argument("--ranks", default=None, help="LoRA ranks, e.g. 1-16 (default) or 1,2,8")
-    p.add_argument("--seeds", type=int, default=5, help="how many seeds (0..N-1; default 5)")
-    p.add_argument("--iterations", type=int, default=5000, help="Adam steps per run (default 5000)")
-    p.add_argument("--lr", default=",".join(str(v) for v in LR_GRID), help="learning-rate grid")
-    p.add_argument("--weight-decay", default=",".join(str(v) for v in WD_GRID), help="weight-decay grid")
-    p.add_argument("--frozen", default="random,pretrained", help="frozen-model kinds: random,pretrained")
+    p.add_argument("--seeds", type=positive_int, default=5, help="how many seeds (0..N-1; default 5)")
+    p.add_argument("--iterations", type=positive_int, default=5000, help="Adam steps per run (default 5000)")
+    p.add_argument(
+        "--lr", type=_grid("--lr", positive=True), default=",".join(str(v) for v in LR_GRID), help="learning-rate grid"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=_grid("--weight-decay"),
+        default=",".join(str(v) for v in WD_GRID),
+        help="weight-decay grid",
+    )
+    p.add_argument(
+        "--frozen", type=_frozen_kinds, default="random,pretrained", help="frozen-model kinds: random,pretrained"
+    )
     p.add_argument(
         "--tune-bias",
         dest="tune_bias",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=True,
-        help="train the biases with the adapters (default)",
+        help="train the biases with the adapters (default; --no-tune-bias is --fixed-bias)",
     )
     p.add_argument("--fixed-bias", dest="tune_bias", action="store_false", help="keep the frozen biases")
     p.add_argument(
@@ -81,18 +118,18 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
         default="final",
         help="final iterate (default) or best-validation iterate",
     )
-    p.add_argument("--validate-every", type=int, default=100, help="with --select best (default 100)")
+    p.add_argument("--validate-every", type=positive_int, default=100, help="with --select best (default 100)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="training dtype")
     p.add_argument(
         "--chunk",
-        type=int,
+        type=positive_int,
         default=None,
         help="runs per stack (default: 64 on CPU, 4096 on CUDA); the speed, not the results",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=None,
         help="stacks trained at once on a CPU (default: the cores free here, docs/reliability.md)",
     )
@@ -100,6 +137,12 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="DIR", help="finish an interrupted sweep in DIR")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    p.add_argument(
+        "--figure",
+        dest="no_figure",
+        action="store_false",
+        help="draw figure.png (the default); with --resume, for a sweep run with --no-figure",
+    )
     p.add_argument(
         "--construction-only",
         action="store_true",
@@ -112,25 +155,9 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
 
 
 def _check_common(args):
-    if args.width < 1:
-        raise CLIError(f"--width must be at least 1, got {args.width}")
-    if args.seeds < 1:
-        raise CLIError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.iterations < 1:
-        raise CLIError(f"--iterations must be at least 1, got {args.iterations}")
-    if args.validate_every < 1:
-        raise CLIError(f"--validate-every must be at least 1, got {args.validate_every}")
-    if args.workers is not None and args.workers < 1:
-        raise CLIError(f"--workers must be at least 1, got {args.workers}")
-    if args.chunk is not None and args.chunk < 1:
-        raise CLIError(f"--chunk must be at least 1, got {args.chunk}")
-    kinds = [k.strip() for k in args.frozen.split(",") if k.strip()]
-    if not kinds or any(k not in ("random", "pretrained") for k in kinds):
-        raise CLIError(f"--frozen: kinds are 'random' and 'pretrained', got {args.frozen!r}")
-    args.kinds = kinds
+    """The grids and kinds read from their flags (each flag's value checked already by its ``type``)."""
+    args.kinds = [k.strip() for k in args.frozen.split(",") if k.strip()]
     args.lr_grid = _floats(args.lr, "--lr")
-    if any(v <= 0 for v in args.lr_grid):
-        raise CLIError(f"--lr: learning rates must be positive, got {args.lr!r}")
     args.wd_grid = _floats(args.weight_decay, "--weight-decay")
     check_backend_arguments(args)
 
@@ -365,8 +392,7 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         print(f"wrote {out}/{', '.join(written)}, runs.jsonl")
         return 0
     except (CLIError, LoraTheoryError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted" + (f": finish with --resume {out}" if out is not None else ""), file=sys.stderr)
         return 130

@@ -38,8 +38,7 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     (``None`` where not computable or not applicable: final-layers cells, and LoRA cells of an FNN with biases
     that keep the frozen biases, since the construction re-chooses them), ``kappa``, ``gamma``, ``exact``, ``note``, the
     domain, ``prediction`` (linear: the exact Gaussian MSE; FNN: the project's error bound, THEORY.md §2.4; TFN: none)
-    and the
-    per-sample test errors (``_test_errors``) used to pair gradient runs with it.
+    and the per-sample test errors (``_test_errors``) used to pair gradient runs with it.
     """
     out = {
         "test_mse": None,

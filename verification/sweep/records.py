@@ -20,12 +20,17 @@ import torch
 import lora_theory
 
 
-def versions() -> dict:
+def versions(*extra: str) -> dict:
+    """The version record every run carries: python, torch, numpy, this package, and the modules ``extra``
+    names (``"sklearn"`` for :mod:`verification.real_data`)."""
+    import importlib
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "lora_theory": getattr(lora_theory, "__version__", "?"),
+        **{name: getattr(importlib.import_module(name), "__version__", "?") for name in extra},
     }
 
 
