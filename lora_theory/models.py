@@ -256,6 +256,14 @@ def _sizes(**sizes):
     return [as_int(v, name, 1, MAX_DEPTH if name == "depth" else MAX_RANDOM_WIDTH) for name, v in sizes.items()]
 
 
+def _uniform(rng, s: float, shape: tuple) -> np.ndarray:
+    """``U(-s, s)`` of ``shape``; for ``s`` above half the float64 maximum (where numpy's ``high - low``
+    overflows) the same law drawn as ``s · U(-1, 1)``."""
+    if s <= np.finfo(np.float64).max / 2:
+        return rng.uniform(-s, s, size=shape)
+    return s * rng.uniform(-1.0, 1.0, size=shape)
+
+
 def _rng(seed):
     return rng_from(seed, "seed")
 
@@ -283,8 +291,8 @@ def random_fnn(
     bias = as_bool(bias, "bias")
     as_bool(final_relu, "final_relu")
     s = 1.0 / np.sqrt(D) if scale is None else as_nonnegative(scale, "scale")
-    weights = [rng.uniform(-s, s, size=(D, D)) for _ in range(L)]
-    biases = [rng.uniform(-s, s, size=D) for _ in range(L)] if bias else None
+    weights = [_uniform(rng, s, (D, D)) for _ in range(L)]  # L x (D, D)
+    biases = [_uniform(rng, s, (D,)) for _ in range(L)] if bias else None  # L x (D,)
     return FNN(weights, biases, activation=activation, final_relu=final_relu)
 
 

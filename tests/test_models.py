@@ -209,6 +209,17 @@ def test_fnn_generator_uses_the_nn_linear_default():
     assert max(np.abs(w).max() for w in scaled.weights) <= 0.1
 
 
+@pytest.mark.parametrize("scale", [np.finfo(np.float64).max / 2, 1e308, np.finfo(np.float64).max])
+def test_fnn_generator_at_scales_where_high_minus_low_overflows(scale):
+    """Regression: ``random_fnn(1, 1, scale=1e308)`` raised numpy's OverflowError (``2s`` is inf) instead of
+    returning a model; the weights are finite, within ``[-s, s]`` and use the whole range."""
+    model = random_fnn(3, 40, seed=0, scale=scale)
+    values = np.concatenate([np.ravel(w) for w in model.weights] + [np.ravel(b) for b in model.biases])
+    assert np.isfinite(values).all()
+    assert values.min() >= -scale and values.max() <= scale
+    assert values.min() < -0.99 * scale and values.max() > 0.99 * scale
+
+
 def test_tfn_generator_uses_the_authors_initialisation():
     # attention N(0, 1); feed-forward weights and biases and W_out U(-1/sqrt(D), 1/sqrt(D))
     D = 16
