@@ -95,6 +95,8 @@ _PASSED = (
     ("chunk", "--chunk", True),
     ("frozen", "--frozen", True),
     ("no_figure", "--no-figure", False),
+    ("backend", "--backend", True),
+    ("address", "--address", True),
 )
 
 
@@ -593,6 +595,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen", default=None, help="frozen-model kinds (default random,pretrained)")
     p.add_argument("--workers", type=positive_int, default=None, help="stacks trained at once on a CPU")
     p.add_argument("--chunk", type=positive_int, default=None, help="runs per stack")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default=None,
+        help="local (default) or ray: every experiment's units of work as Ray tasks",
+    )
+    p.add_argument("--address", default=None, help="with --backend ray: a running Ray cluster")
     p.add_argument("--only", default=None, help=f"comma-separated experiments out of {','.join(STEP_NAMES)}")
     p.add_argument("--no-figure", action="store_true", help="skip the figures")
     p.add_argument("--plan", action="store_true", help="print the plan and the estimate, run nothing")
@@ -649,6 +658,9 @@ def main(argv=None) -> int:
             resumed = parser.parse_args(saved["argv"])
             if "--device" in argv:  # where it runs: from this command line
                 resumed.device = args.device
+            for dest in ("backend", "address"):  # for the experiments not started yet
+                if f"--{dest}" in argv:
+                    setattr(resumed, dest, getattr(args, dest))
             args = resumed
         else:
             out = Path(args.out) if args.out else Path("results") / f"paper-{_dt.datetime.now():%Y%m%d-%H%M%S}"

@@ -51,6 +51,7 @@ from .sweep import (
     save_figure,
     writable_folder,
 )
+from .sweep.cluster import RayBackend, add_backend_arguments, check_backend_arguments
 
 __all__ = ["spectra", "summarize", "main"]
 
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a small smoke run: D = 4 and 3 seeds unless --width, --seeds say otherwise",
     )
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    add_backend_arguments(p)  # the pretraining as Ray tasks with --backend ray
     return p
 
 
@@ -360,6 +362,7 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
     lock = out = None
     try:
+        check_backend_arguments(args)
         structure = _structure(args)
         seeds = list(range(args.seeds))
         out = Path(args.out) if args.out else default_out(f"pretraining-{args.model}")
@@ -388,6 +391,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, out: Path, structure, seeds) -> int:
+    import torch
     from tqdm import tqdm
 
     problems = Problems(cache=out / "pretrained")
@@ -397,6 +401,12 @@ def _run(args, out: Path, structure, seeds) -> int:
         file=sys.stderr,
     )
     try:
+        if args.backend == "ray":  # the pretraining as tasks, the models kept here; then the spectra here
+            with RayBackend(args.address, f": the pretrained models so far are kept in {out}") as backend:
+                print(backend.describe(torch.device("cpu"), "pretraining tasks"), file=sys.stderr)
+                with tqdm(total=len(seeds), desc="pretraining (Ray)", unit="seed", file=sys.stderr) as bar:
+                    bar.update(sum(problems._cached(structure, s) is not None for s in seeds))
+                    backend.pretrain(problems, [structure], seeds, bar)
         with tqdm(total=len(seeds), desc="pretraining and spectra", unit="seed", file=sys.stderr) as bar:
             result = spectra(structure, seeds, problems, progress=bar)
         summary = summarize(structure, seeds, result, problems.pretrain_info)

@@ -20,6 +20,7 @@ from ..outdir import (
     positive_int,
     write_error_message,
 )
+from .cluster import add_backend_arguments, check_backend_arguments
 from .driver import _write_summaries, execute
 from .folder import _atomic_write, default_out, writable_folder
 from .protocol import LR_GRID, WD_GRID, Cell, ExperimentSpec
@@ -148,6 +149,7 @@ def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
         help="build and evaluate the constructions only, train nothing (the gradient columns stay "
         "empty; a later --resume of the folder without this flag trains the runs)",
     )
+    add_backend_arguments(p)  # --backend, --address (verification/sweep/cluster.py)
     spec.add_arguments(p)
     return p
 
@@ -157,6 +159,7 @@ def _check_common(args):
     args.kinds = [k.strip() for k in args.frozen.split(",") if k.strip()]
     args.lr_grid = _floats(args.lr, "--lr")
     args.wd_grid = _floats(args.weight_decay, "--weight-decay")
+    check_backend_arguments(args)
 
 
 def _read_config(spec, out: Path, flag: str) -> dict:
@@ -189,7 +192,7 @@ def _read_config(spec, out: Path, flag: str) -> dict:
 
 
 #: flags that change where or how fast a sweep runs, not its results
-RUN_FLAGS = ("device", "chunk", "workers", "no_figure")
+RUN_FLAGS = ("device", "chunk", "workers", "no_figure", "backend", "address")
 
 
 #: flags that change only the construction column, never a training run: a ``--resume`` takes them from its
@@ -351,7 +354,8 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
         _normalise(spec, args)
         if spec.validate is not None:
             spec.validate(args)
-        resolve_device(args.device)
+        if args.backend == "local":  # a cluster's devices are checked once connected
+            resolve_device(args.device)
         cells = spec.cells(args)
         make_runs(spec, args, cells)
         # the input is valid: now the folder, whose ownership is checked before anything is created in it

@@ -301,11 +301,14 @@ def _construction_key(cell: Cell, seed: int, extra=None) -> str:
     return _hash({"cell": cell.as_dict(), "seed": seed, "subsample": cell.highprec_subsample, "extra": extra})
 
 
-def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress_file, extra=None) -> dict:
+def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress_file, extra=None, run=None) -> dict:
     """:func:`build_construction` for ``jobs`` (``(cell, seed, frozen, target)`` of deep blocks), in
     ``workers`` processes, each result appended to ``cache`` as it comes: a rerun (``--resume``) reads the
     finished ones back instead of rebuilding them (minutes each at 60 to 120 digits). The key of a result
-    hashes its cell, seed, subsample and the experiment's ``config_extra`` (``extra``)."""
+    hashes its cell, seed, subsample and the experiment's ``config_extra`` (``extra``). ``run(todo, keep)``,
+    when given, builds them elsewhere instead (a cluster's tasks, :mod:`verification.sweep.cluster`):
+    ``todo`` holds ``(key, cell, seed, frozen, target)``, and ``keep(key, cell, seed, construction)`` is
+    called here for each as it comes back."""
     from tqdm import tqdm
 
     _end_cut_line(cache)
@@ -334,7 +337,9 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
             bar.update(1)
 
         try:
-            if workers == 1:
+            if run is not None:
+                run(todo, keep)
+            elif workers == 1:
                 for key, cell, seed, frozen, target in todo:
                     keep(key, cell, seed, build_construction(cell, frozen, target, sets))
             else:
@@ -476,5 +481,5 @@ def check_highprec_arguments(args, cells):
     if n is not None and args.no_highprec:
         raise CLIError("--highprec-subsample sizes the high-precision column, which is off here: add --highprec")
     msg = highprec_message(cells, args.seeds, args.workers or cpu_budget()["free"])
-    if msg:
+    if msg and getattr(args, "backend", "local") == "local":  # a cluster's: once connected (its cores)
         print(msg.strip(), file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 
 from ..outdir import append_lines, open_log
 from ..trainer import train_stack
-from .constructions import _takes_highprec, build_construction, build_highprec_constructions
+from .constructions import _takes_highprec, build_construction, build_highprec_constructions, highprec_message
 from .figures import make_figure
 from .folder import _atomic_write
 from .problems import Problems, _input_shape, _model_outputs, evaluation_sets
@@ -40,10 +40,22 @@ from .training import (
 
 
 def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=None) -> dict:
+    """The sweep of ``spec`` into ``out``, on this machine or, with ``--backend ray``, as Ray tasks
+    (:mod:`verification.sweep.cluster`); the records and the summary do not depend on which."""
+    if getattr(args, "backend", "local") == "ray":
+        from .cluster import RayBackend
+
+        hint = f": the finished records are kept, --resume {out} goes on"
+        with RayBackend(getattr(args, "address", None), hint, progress_file) as backend:
+            return _execute(spec, args, out, progress_file, cells, backend)
+    return _execute(spec, args, out, progress_file, cells, None)
+
+
+def _execute(spec: ExperimentSpec, args, out: Path, progress_file, cells, backend) -> dict:
     from tqdm import tqdm
 
     progress_file = sys.stderr if progress_file is None else progress_file
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if backend is None else backend.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -52,7 +64,10 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     budget = cpu_budget()
     workers = args.workers if args.workers else (1 if device.type == "cuda" else budget["free"])
     cpu_line = None
-    if device.type == "cpu":
+    if backend is not None:
+        workers = backend.slots(device)  # the stacks the cluster trains at once
+        cpu_line = backend.describe(device)
+    elif device.type == "cpu":
         threads = max(1, budget["free"] // workers)
         torch.set_num_threads(threads)
         cpu_line = (
@@ -95,12 +110,16 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
         probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]
-        rate = estimate_rate(probe, problems, dtype, device, first_key[0], args.iterations)
+        if backend is None:
+            rate = estimate_rate(probe, problems, dtype, device, first_key[0], args.iterations)
+        else:  # timed on a worker: the speed of the cluster's stacks, not this machine's
+            rate = backend.rate(probe, problems, dtype, device, first_key[0], args.iterations)
         total = len(todo) * args.iterations
         parallel = max(1, min(workers, len(list(_chunks(todo, chunk_size, device.type == "cpu")))))
         eta = total / (rate * parallel)
         msg = (
-            f"  about {rate:,.0f} run-steps/s per stack here ({parallel} at once): {total:,} run-steps, "
+            f"  about {rate:,.0f} run-steps/s per stack {'here' if backend is None else 'on a worker'} "
+            f"({parallel} at once): {total:,} run-steps, "
             f"estimated {_duration(eta)} of training"
         )
         if eta > 3600:
@@ -113,12 +132,31 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
             f"on the CPU; cached in {out / 'pretrained'}) and the constructions",
             file=progress_file,
         )
-        for structure in structures:
-            problems.prepare(structure, range(args.seeds))
+        if backend is None:
+            for structure in structures:
+                problems.prepare(structure, range(args.seeds))
+        else:
+            backend.pretrain(problems, structures, range(args.seeds))
 
     sets = evaluation_sets(cells[0].structure) if cells else None
     constructions, deep = {}, []
     plain = [(cell, seed) for cell in cells for seed in range(args.seeds) if not _takes_highprec(cell)]
+    stored, construction_refs, run_highprec = None, {}, None
+    if backend is not None:  # the inputs into the object store once; every construction a task
+        stored = backend.store(problems, cells, range(args.seeds))
+        sets_ref = backend.put(sets)
+
+        def keep_construction(key, ref, value):
+            constructions[key], construction_refs[key] = value, ref
+
+        def run_highprec(todo, keep):
+            keys = {(cell, seed): key for key, cell, seed, _frozen, _target in todo}
+            jobs = list(keys)
+            backend.constructions(jobs, stored, sets_ref, lambda m, _ref, value: keep(keys[m], *m, value))
+
+        msg = highprec_message(cells, args.seeds, backend.resources()["cpus"])
+        if msg:
+            print(msg, file=progress_file)
     with tqdm(
         total=len(plain),
         desc="constructions (float64)",
@@ -127,7 +165,9 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
         disable=not plain,
         mininterval=1.0,
     ) as bar:
-        for cell in cells:
+        if backend is not None:
+            backend.constructions(plain, stored, sets_ref, keep_construction, bar)
+        for cell in cells if backend is None else [c for c in cells if _takes_highprec(c)]:
             for seed in range(args.seeds):
                 frozen = problems.frozen(cell.structure, cell.kind, seed)
                 target = problems.target(cell.structure, seed)
@@ -139,7 +179,13 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     if deep:
         constructions.update(
             build_highprec_constructions(
-                deep, sets, out / "constructions.jsonl", args.workers or budget["free"], progress_file, extra
+                deep,
+                sets,
+                out / "constructions.jsonl",
+                args.workers or budget["free"],
+                progress_file,
+                extra,
+                run_highprec,
             )
         )
 
@@ -156,80 +202,42 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
     _end_cut_line(runs_path)
     eval_cache = {}
     stop = threading.Event()  # set on an interruption: every stack still training stops at its next step
+    settings = chunk_settings(args, dtype, device, vers)
 
     def train_chunk(structure, chunk):
-        t0 = time.perf_counter()
-        stack = _stack_for(chunk, problems, dtype, device)
-        seeds = sorted({r["seed"] for r in chunk})
-        data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
-        seed_pos = {s: i for i, s in enumerate(seeds)}
-        targets = [problems.target(structure, s) for s in seeds]  # one target per seed and structure
-        tstack = _target_stack(structure, targets, dtype, device)
-        tindex = np.array([seed_pos[r["seed"]] for r in chunk])
         if structure not in eval_cache:
             eval_cache[structure] = evaluation_sets(structure)
-        eval_sets = eval_cache[structure]
-        t_out = {
-            k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
-            for k, v in eval_sets.items()
-        }
-        result = train_stack(
-            stack,
-            tstack,
-            data_index=tindex,
-            target_index=tindex,
-            target_data_index=list(range(len(seeds))),
-            data_seeds=data_seeds,
-            lr=np.array([r["lr"] for r in chunk]),
-            weight_decay=np.array([r["wd"] for r in chunk]),
-            iterations=args.iterations,
-            batch_size=256,
-            input_shape=_input_shape(structure),
-            select=args.select,
-            validate_every=args.validate_every,
-            val_inputs=eval_sets["val"],
-            val_targets=t_out["val"],
+        return train_records(
+            spec.name,
+            structure,
+            chunk,
+            problems,
+            eval_cache[structure],
+            [(constructions.get((r["cell"], r["seed"])) or {}).get("_test_errors") for r in chunk],
+            settings,
             progress=lambda k: bar.update(k * len(chunk)),
             stop=stop,
         )
-        ti = torch.as_tensor(tindex, device=device)
-        errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
-        wall = (time.perf_counter() - t0) / len(chunk)
-        out = []
-        for i, r in enumerate(chunk):
-            cons = constructions.get((r["cell"], r["seed"])) or {}
-            rec = {
-                "id": r["id"],
-                "experiment": spec.name,
-                "config": r["config"],
-                "config_hash": r["id"],
-                "seed": r["seed"],
-                "versions": vers,
-                "device": str(device),
-                # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
-                # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
-                # on how the work is split")
-                "stack_size": len(chunk),
-                "losses": {
-                    "train_final": _num(result.final_train_loss[i]),
-                    "train_curve": {"steps": result.curve_steps, "loss": [_num(v) for v in result.curve[:, i]]},
-                    "val": _num(errs["val"][i].mean()),
-                    "test": _num(errs["test"][i].mean()),
-                    "shifted": _num(errs["shifted"][i].mean()),
-                },
-                "wall_time_s": wall,
-            }
-            if result.best_step is not None:
-                rec["best_step"] = int(result.best_step[i])
-            if cons.get("_test_errors") is not None:
-                d = errs["test"][i] - cons["_test_errors"]
-                rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
-            out.append(rec)
-        return out
 
     chunks = list(_chunks(todo, chunk_size, device.type == "cpu"))
     for structure, _ in {(k[0], None) for k, _ in chunks}:
         eval_cache[structure] = evaluation_sets(structure)
+    if backend is not None:
+        eval_refs = {structure: backend.put(sets) for structure, sets in eval_cache.items()}
+        written = set(done)
+        with open_log(runs_path) as log:
+
+            def keep(recs):  # a stack whose task ran twice (a worker lost after it finished): written once
+                recs = [rec for rec in recs if rec["id"] not in written]
+                written.update(rec["id"] for rec in recs)
+                append_lines(log, [json.dumps(rec) for rec in recs])
+                records.extend(recs)
+
+            try:
+                backend.train(spec.name, chunks, stored, eval_refs, construction_refs, settings, keep, bar)
+            finally:
+                bar.close()
+        return summarize(spec, args, cells, runs, records, constructions, problems)
     with open_log(runs_path) as log:
 
         def write(recs):
@@ -261,6 +269,92 @@ def execute(spec: ExperimentSpec, args, out: Path, progress_file=None, cells=Non
         finally:
             bar.close()
     return summarize(spec, args, cells, runs, records, constructions, problems)
+
+
+def chunk_settings(args, dtype, device, vers) -> dict:
+    """What :func:`train_records` needs of the command line, as plain values (a remote task gets them)."""
+    return {
+        "dtype": dtype,
+        "device": device,
+        "iterations": args.iterations,
+        "select": args.select,
+        "validate_every": args.validate_every,
+        "versions": vers,
+    }
+
+
+def train_records(name, structure, chunk, problems, eval_sets, test_errors, settings, progress=None, stop=None):
+    """Train one stack of runs (``chunk``, one structure and method) and return their records.
+
+    ``problems`` gives the frozen models and targets (``.frozen``, ``.target``), ``eval_sets`` the structure's
+    :func:`evaluation_sets`, ``test_errors`` per run the construction's per-sample test errors (or ``None``),
+    ``settings`` :func:`chunk_settings`. Depends on nothing else, so a run's record is the same wherever the
+    stack is trained (this process's threads or a cluster's worker)."""
+    dtype, device, iterations = settings["dtype"], settings["device"], settings["iterations"]
+    t0 = time.perf_counter()
+    stack = _stack_for(chunk, problems, dtype, device)
+    seeds = sorted({r["seed"] for r in chunk})
+    data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
+    seed_pos = {s: i for i, s in enumerate(seeds)}
+    targets = [problems.target(structure, s) for s in seeds]  # one target per seed and structure
+    tstack = _target_stack(structure, targets, dtype, device)
+    tindex = np.array([seed_pos[r["seed"]] for r in chunk])
+    t_out = {
+        k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
+        for k, v in eval_sets.items()
+    }
+    result = train_stack(
+        stack,
+        tstack,
+        data_index=tindex,
+        target_index=tindex,
+        target_data_index=list(range(len(seeds))),
+        data_seeds=data_seeds,
+        lr=np.array([r["lr"] for r in chunk]),
+        weight_decay=np.array([r["wd"] for r in chunk]),
+        iterations=iterations,
+        batch_size=256,
+        input_shape=_input_shape(structure),
+        select=settings["select"],
+        validate_every=settings["validate_every"],
+        val_inputs=eval_sets["val"],
+        val_targets=t_out["val"],
+        progress=progress,
+        stop=stop,
+    )
+    ti = torch.as_tensor(tindex, device=device)
+    errs = {k: _evaluate(stack, t_out[k], ti, eval_sets[k], device) for k in ("val", "test", "shifted")}
+    wall = (time.perf_counter() - t0) / len(chunk)
+    out = []
+    for i, r in enumerate(chunk):
+        rec = {
+            "id": r["id"],
+            "experiment": name,
+            "config": r["config"],
+            "config_hash": r["id"],
+            "seed": r["seed"],
+            "versions": settings["versions"],
+            "device": str(device),
+            # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
+            # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
+            # on how the work is split")
+            "stack_size": len(chunk),
+            "losses": {
+                "train_final": _num(result.final_train_loss[i]),
+                "train_curve": {"steps": result.curve_steps, "loss": [_num(v) for v in result.curve[:, i]]},
+                "val": _num(errs["val"][i].mean()),
+                "test": _num(errs["test"][i].mean()),
+                "shifted": _num(errs["shifted"][i].mean()),
+            },
+            "wall_time_s": wall,
+        }
+        if result.best_step is not None:
+            rec["best_step"] = int(result.best_step[i])
+        if test_errors[i] is not None:
+            d = errs["test"][i] - test_errors[i]
+            rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+        out.append(rec)
+    return out
 
 
 def _write_summaries(spec, args, summary, out: Path) -> list[str]:

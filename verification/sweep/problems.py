@@ -218,10 +218,14 @@ class Problems:
         frozens = [make_random_frozen(structure, s) for s in todo]
         targets = [self.target(structure, s) for s in todo]
         for s, (model, info) in zip(todo, pretrain_fnns(frozens, targets, structure, todo)):
-            self._frozen[(tuple(structure), "pretrained", s)] = model
-            self.pretrain_info[f"{list(structure)} seed {s}"] = info
-            if self.cache is not None:
-                _save_model(self._cache_path(structure, s), model, info)
+            self.store(structure, s, model, info)
+
+    def store(self, structure, seed, model, info):
+        """Keep a pretrained frozen model (made here or by a cluster's task) and write its cache entry."""
+        self._frozen[(tuple(structure), "pretrained", seed)] = model
+        self.pretrain_info[f"{list(structure)} seed {seed}"] = info
+        if self.cache is not None:
+            _save_model(self._cache_path(structure, seed), model, info)
 
     def frozen(self, structure, kind, seed):
         key = (tuple(structure), kind, seed)
