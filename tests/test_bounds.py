@@ -237,3 +237,54 @@ def test_second_moment_symmetry_is_judged_relative_to_its_size():
         InvalidArgumentError, match=r"^second_moment: must be positive semi-definite \(it is E\[x x\^T\]\)"
     ):
         fnn_error_bound(frozen, target, 1, second_moment=np.diag([1.0, 1.0, -1e-3]))
+
+
+@pytest.mark.parametrize("s, D", [(1.0, 2), (4.0, 2), (0.25, 4)])
+def test_second_moment_negative_eigenvalues_are_allowed_up_to_1e_12_of_its_size_times_D(s, D):
+    # Σ = E[x x^T] is positive semi-definite; rounding may leave eigenvalues down to -1e-12 · max|Σ| · D, and
+    # no further. Σ = diag(s, ..., s, -t): t at the allowance is accepted, 1% beyond it refused. (s and D
+    # powers of 2 keep the allowance an exact float.)
+    frozen, target = random_fnn(D, 2, seed=0), random_fnn(D, 1, seed=1)
+    allowance = 1e-12 * s * D
+    at = np.diag([s] * (D - 1) + [-allowance])
+    bound = fnn_error_bound(frozen, target, 1, second_moment=at)
+    assert bound.activation_bounds[0] == pytest.approx(math.sqrt(s * (D - 1) - allowance), rel=1e-12)
+    with pytest.raises(InvalidArgumentError, match=r"^second_moment: must be positive semi-definite"):
+        fnn_error_bound(frozen, target, 1, second_moment=np.diag([s] * (D - 1) + [-1.01 * allowance]))
+
+
+def _one_block_pair(target_scale: float):
+    """A width-2, depth-2 frozen FNN and a two-layer target whose first weight is scaled (its block error)."""
+    frozen = FNN([np.eye(2), np.eye(2)], [np.zeros(2), np.zeros(2)])
+    target = FNN([np.diag([3.0, 2.0]) * target_scale, np.eye(2)], [np.zeros(2), np.zeros(2)])
+    return frozen, target
+
+
+def test_an_overflowing_bound_names_the_quantity_that_overflowed():
+    from lora_theory.errors import NumericalError
+
+    # the activation bound a_1 = ||T_1|| a_0 + ||b_1|| overflows while K and ε stay finite
+    frozen, target = _one_block_pair(1e300)
+    with pytest.raises(NumericalError, match=r"^fnn_error_bound: .*\(activation_bounds is not finite"):
+        fnn_error_bound(frozen, target, 0, second_moment=1e300 * np.eye(2))
+    # the growth factor K_1 = ||T_2|| + ε_2 overflows: a second block whose target is 1e308 wide
+    frozen = FNN([np.eye(2)] * 2, [np.zeros(2)] * 2)
+    target = FNN([np.eye(2) * 2.0, np.diag([1e308, 1e308])], [np.zeros(2)] * 2)
+    with pytest.raises(NumericalError, match=r"^fnn_error_bound: .*\(growth_factors is not finite"):
+        fnn_error_bound(frozen, target, 0)
+
+
+def test_the_mean_square_is_the_rms_squared_over_D_and_overflows_only_when_it_does():
+    # ε_1 = σ_1(T_1 - I) = 2 s at rank 0; a_0 = sqrt(tr Σ); with Σ = c I and one block: rms = ε_1 sqrt(2c).
+    from lora_theory.errors import NumericalError
+
+    frozen = FNN([np.eye(2)], [np.zeros(2)])
+    target = FNN([np.diag([3.0, 2.0])], [np.zeros(2)])
+    c = 2e307  # rms² = 8c = 1.6e308 is finite, and so is rms²/2; 2 rms² is not
+    bound = fnn_error_bound(frozen, target, 0, second_moment=c * np.eye(2))
+    assert bound.rms == pytest.approx(2.0 * math.sqrt(2 * c), rel=1e-12)
+    assert math.isfinite(bound.mse) and bound.mse == pytest.approx(bound.rms**2 / 2, rel=1e-12)
+    with pytest.raises(NumericalError, match=r"^fnn_error_bound: .*\(mse is not finite"):  # rms finite, rms²/D not
+        fnn_error_bound(frozen, FNN([np.diag([3e10, 2.0])], [np.zeros(2)]), 0, second_moment=c * np.eye(2))
+    with pytest.raises(NumericalError, match=r"^fnn_error_bound: .*\(rms is not finite"):
+        fnn_error_bound(frozen, FNN([np.diag([3e300, 2.0])], [np.zeros(2)]), 0, second_moment=c * np.eye(2))
