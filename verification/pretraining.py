@@ -46,9 +46,12 @@ from .sweep import (
     PRETRAINING_PROTOCOL,
     CLIError,
     Problems,
+    Structure,
+    TFNStructure,
     default_out,
     fnn_structure,
     save_figure,
+    structure_of,
     writable_folder,
 )
 from .sweep.cluster import RayBackend, add_backend_arguments, check_backend_arguments
@@ -87,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _structure(args) -> tuple:
-    """The sweeps' structure tuple for these arguments (``args.width``, ``.seeds`` ... filled in), validated."""
+def _structure(args) -> Structure:
+    """The sweeps' structure for these arguments (``args.width``, ``.seeds`` ... filled in), validated."""
     if args.width is None:
         args.width = 4 if args.quick else 16
     if args.seeds is None:
@@ -105,7 +108,7 @@ def _structure(args) -> tuple:
     if args.model == "linear":  # verification.linear's models: one target layer
         args.target_depth = 1
     if args.model == "tfn":
-        return ("tfn", args.width, L, args.heads, args.seq_len)
+        return TFNStructure("tfn", args.width, L, args.heads, args.seq_len)
     Lbar = args.target_depth if args.target_depth is not None else max(1, L // 2)
     if not 1 <= Lbar <= L:
         raise CLIError(f"--target-depth: need 1 <= L̄ <= L = {L}, got {Lbar}")
@@ -114,8 +117,9 @@ def _structure(args) -> tuple:
 
 def _discrepancies(structure, frozen, target) -> dict:
     """``{name: (E, M)}``: every matched discrepancy ``(D, D)`` and how many factors its chain has."""
-    if structure[0] == "fnn":
-        sizes = lora_theory.uniform_partition(structure[2], structure[3])
+    structure = structure_of(structure)
+    if structure.family == "fnn":
+        sizes = lora_theory.uniform_partition(structure.L, structure.Lbar)
         blocks = lora_theory.partition_blocks(sizes)
         return {
             f"E_{i + 1} (layers {b.start + 1}-{b.stop})": (E, len(b))
@@ -128,7 +132,7 @@ def _discrepancies(structure, frozen, target) -> dict:
 
 
 def _parameters(structure, model) -> dict:
-    if structure[0] == "fnn":
+    if structure_of(structure).family == "fnn":
         return {
             **{f"W_{l + 1}": w for l, w in enumerate(model.weights)},
             **{f"b_{l + 1}": b for l, b in enumerate(model.biases)},
@@ -234,11 +238,10 @@ def summarize(structure, seeds, result, pretrain_info) -> dict:
 
 
 def _describe(structure) -> str:
-    if structure[0] == "fnn":
-        _, D, L, Lbar, activation, _ = structure
-        return f"{'linear' if activation == 'linear' else 'FNN'} L̄={Lbar}, L={L}, D={D}"
-    _, D, L, H, N = structure
-    return f"TFN L={L}, H={H}, D={D}"
+    s = structure_of(structure)
+    if s.family == "fnn":
+        return f"{'linear' if s.activation == 'linear' else 'FNN'} L̄={s.Lbar}, L={s.L}, D={s.D}"
+    return f"TFN L={s.L}, H={s.H}, D={s.D}"
 
 
 def format_table(summary) -> str:

@@ -28,6 +28,7 @@ from .sweep import (
     parse_ranks,
     run_cli,
     seeded_rng,
+    structure_of,
 )
 
 TAG_SPECTRUM = 11
@@ -67,7 +68,7 @@ def spectrum(args) -> np.ndarray:
 def make_target(args, structure, seed):
     """``T = W_2 W_1 + U diag(σ) V^T``: ``W`` the seed's random frozen model, ``U``, ``V`` orthogonal from the seed."""
     frozen = make_random_frozen(structure, seed)
-    D = structure[1]
+    D = structure_of(structure).D
     rng = seeded_rng(seed, TAG_SPECTRUM, D)
     U, V = (_orthogonal(rng, D) for _ in range(2))  # (D, D) each
     E = (U * spectrum(args)) @ V.T  # (D, D) = U diag(σ) V^T

@@ -19,6 +19,7 @@ import lora_theory
 from .outdir import positive_int
 from .sweep import (
     ExperimentSpec,
+    TFNStructure,
     add_highprec_arguments,
     apply_quick,
     check_highprec_arguments,
@@ -42,7 +43,7 @@ def _validate(args):
 
 
 def _cells(args):
-    structure = ("tfn", args.width, args.depth, args.heads, args.seq_len)
+    structure = TFNStructure("tfn", args.width, args.depth, args.heads, args.seq_len)
     cells = lora_cells(args, structure, parse_ranks(args.ranks or f"1-{args.width}", args.width))
     return [dataclasses.replace(c, highprec_subsample=highprec_subsample(args)) for c in cells]
 

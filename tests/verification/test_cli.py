@@ -452,6 +452,29 @@ def test_parameter_counts_include_the_trained_biases(structure, method, ranks, l
         assert cell.params() == lora_theory.final_layers_parameter_count(4, 2, bias=True)
 
 
+def test_structures_are_named_and_survive_config_json():
+    """A problem structure reads by name (``s.L``, ``s.activation``), stays the tuple that config.json,
+    run ids and cache keys were made from, and comes back from a JSON list as the same named structure;
+    anything else is refused with a message naming both forms."""
+    from verification.sweep import Cell, FNNStructure, TFNStructure, structure_of
+    from verification.sweep.protocol import _hash
+
+    fnn, tfn = structure_of(_RELU), structure_of(_TFN)
+    assert isinstance(fnn, FNNStructure) and isinstance(tfn, TFNStructure)
+    assert (fnn.D, fnn.L, fnn.Lbar, fnn.activation, fnn.final_relu) == (4, 3, 1, "relu", True)
+    assert (tfn.D, tfn.L, tfn.H, tfn.N) == (4, 2, 2, 3)
+    for named, plain in ((fnn, _RELU), (tfn, _TFN)):
+        assert named == plain and hash(named) == hash(plain) and {plain: 1}[named] == 1
+        back = structure_of(json.loads(json.dumps(list(named))))
+        assert back == named and type(back) is type(named)
+        cell = Cell(kind="random", structure=plain, method="lora", axis=(("rank", 1),), ranks=(1,))
+        assert type(cell.structure) is type(named)
+        assert _hash(cell.as_dict()) == _hash({**cell.as_dict(), "structure": list(plain)})
+    for bad in [("fnn", 4, 3), ("tfn", 4, 2, 2), ("cnn", 4, 2, 2, 3), ()]:
+        with pytest.raises(ValueError, match="'tfn', D, L, H, N"):
+            structure_of(bad)
+
+
 def test_biases_construction_is_not_drawn_as_the_fixed_biases_curve(tmp_path):
     """The construction re-chooses the biases: the fixed-biases rows have no construction value, and the
     figure draws one construction curve per kind, labelled 'construction (biases re-chosen)'."""

@@ -29,7 +29,8 @@ Protocol (THEORY.md §4, the authors' bugs fixed; every choice below is declared
 
 Layout (each module imports only those above it; entry points import this package's names only):
 
-* :mod:`~verification.sweep.protocol`: constants, seeds, :class:`Cell`, :class:`ExperimentSpec`.
+* :mod:`~verification.sweep.protocol`: constants, seeds, the named problem structures (:class:`FNNStructure`,
+  :class:`TFNStructure`), :class:`Cell`, :class:`ExperimentSpec`.
 * :mod:`~verification.sweep.records`: JSON-lines records (``runs.jsonl``, ``constructions.jsonl``), versions.
 * :mod:`~verification.sweep.problems`: targets, frozen and pretrained models (cache), evaluation sets.
 * :mod:`~verification.sweep.training`: the run list, stacks of runs, evaluation, the CPU budget.
@@ -96,7 +97,11 @@ from .protocol import (
     WD_GRID,
     Cell,
     ExperimentSpec,
+    FNNStructure,
+    Structure,
+    TFNStructure,
     seeded_rng,
+    structure_of,
 )
 from .records import versions
 from .report import CSV_FIELDS, format_csv, format_table
@@ -110,6 +115,7 @@ __all__ = [
     "Cell",
     "ExperimentSpec",
     "FIGURE_FLOOR",
+    "FNNStructure",
     "HIGHPREC_DIGITS_PER_LAYER",
     "HIGHPREC_EXTRA_DIGITS",
     "HIGHPREC_QUICK_SUBSAMPLE",
@@ -127,12 +133,14 @@ __all__ = [
     "Problems",
     "RUN_FLAGS",
     "SHIFT",
+    "Structure",
     "TAG_DATA",
     "TAG_FROZEN",
     "TAG_INIT",
     "TAG_PRETRAIN",
     "TAG_TARGET",
     "TEST_SEED",
+    "TFNStructure",
     "VALIDATION_SEED",
     "WD_GRID",
     "add_highprec_arguments",
@@ -171,6 +179,7 @@ __all__ = [
     "run_settings",
     "save_figure",
     "seeded_rng",
+    "structure_of",
     "summarize",
     "versions",
     "writable_folder",

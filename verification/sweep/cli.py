@@ -23,7 +23,7 @@ from ..outdir import (
 from .cluster import add_backend_arguments, check_backend_arguments
 from .driver import _write_summaries, execute
 from .folder import _atomic_write, default_out, writable_folder
-from .protocol import LR_GRID, WD_GRID, Cell, ExperimentSpec
+from .protocol import LR_GRID, WD_GRID, Cell, ExperimentSpec, FNNStructure, structure_of
 from .records import _json_default
 from .report import format_table
 from .training import config_extra, make_runs, resolve_device
@@ -407,17 +407,19 @@ def run_cli(spec: ExperimentSpec, argv=None) -> int:
             lock.release()
 
 
-def fnn_structure(args, depth, target_depth, activation="relu"):
-    return ("fnn", args.width, depth, target_depth, activation, True)
+def fnn_structure(args, depth, target_depth, activation="relu") -> FNNStructure:
+    """The FNN problem of width ``--width``, frozen depth ``depth`` and target depth ``target_depth``."""
+    return FNNStructure("fnn", args.width, depth, target_depth, activation, True)
 
 
 def lora_cells(args, structure, ranks, *, label="lora", tune_bias=None, axis_extra=()):
-    L = structure[2]
+    structure = structure_of(structure)
+    L = structure.L
     tb = args.tune_bias if tune_bias is None else tune_bias
     out = []
     for kind in args.kinds:
         for R in ranks:
-            per_layer = (R,) if structure[0] == "tfn" else (R,) * L
+            per_layer = (R,) if structure.family == "tfn" else (R,) * L
             out.append(
                 Cell(
                     kind=kind,

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..outdir import CLIError
+from .protocol import structure_of
 
 #: the optional extra that installs Ray
 EXTRA = "cluster"
@@ -305,7 +306,7 @@ class RayBackend:
             todo = [s for s in seeds if problems._cached(structure, s) is None]
             if not todo:
                 continue
-            if structure[0] == "fnn":
+            if structure_of(structure).family == "fnn":
                 frozens = [make_random_frozen(structure, s) for s in todo]
                 targets = [problems.target(structure, s) for s in todo]
                 fn = self.remote(_pretrain_fnns_task, num_cpus=1)
@@ -318,7 +319,7 @@ class RayBackend:
 
         def keep(meta, value, _ref):
             structure, todo = meta
-            for s, (model, info) in zip(todo, value if structure[0] == "fnn" else [value]):
+            for s, (model, info) in zip(todo, value if structure_of(structure).family == "fnn" else [value]):
                 problems.store(structure, s, model, info)
             if bar is not None:
                 bar.update(len(todo))

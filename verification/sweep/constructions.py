@@ -54,7 +54,7 @@ def build_construction(cell: Cell, frozen, target, sets) -> dict:
     }
     if cell.method != "lora":
         return out
-    if cell.family == "fnn" and cell.structure[4] != "linear" and not cell.tune_bias:
+    if cell.family == "fnn" and cell.structure.activation != "linear" and not cell.tune_bias:
         # the construction (and the error bound) re-chooses the biases: not these runs' method
         out["note"] = "n/a: the construction re-chooses the biases; these runs keep them fixed"
         return out
@@ -157,8 +157,8 @@ HIGHPREC_DIGITS_PER_LAYER = 8
 
 
 def _largest_block(cell) -> int:
-    D, L, Lbar = cell.structure[1:4]
-    return max(lora_theory.partition.uniform_partition(L, Lbar)) if cell.structure[4] != "linear" else L
+    s = cell.structure
+    return max(lora_theory.partition.uniform_partition(s.L, s.Lbar)) if s.activation != "linear" else s.L
 
 
 def _highprec_construction(cell: Cell, frozen, target, sets, out: dict) -> dict:
@@ -397,13 +397,13 @@ def highprec_estimate(cells, seeds: int) -> tuple:
     count, seconds = 0, 0.0
     for cell in filter(_takes_highprec, cells):
         if cell.family == "tfn":  # measured at D = 16, N = 10: ~1.2 s per head and block to build, 8 ms to evaluate
-            D, L, H, N = cell.structure[1:5]
+            D, L, H, N = cell.structure.D, cell.structure.L, cell.structure.H, cell.structure.N
             per = (
                 1.2 * L * H * (D / 16) ** 3
                 + tfn_eval * L * H * (N / 10) ** 2 * (D / 16) ** 2 * 2 * cell.highprec_subsample
             )
         else:
-            D, L = cell.structure[1], cell.structure[2]
+            D, L = cell.structure.D, cell.structure.L
             per = 0.15 * L * (D / 16) ** 3 + 0.0011 * L * 2 * cell.highprec_subsample * (D / 16) ** 2
         count += seeds
         seconds += seeds * per * unit

@@ -35,36 +35,36 @@ from .protocol import (
     VALIDATION_SEED,
     _seed_int,
     seeded_rng,
+    structure_of,
 )
 
 
 def _structure_target(structure):
-    if structure[0] == "fnn":
-        _, D, L, Lbar, act, final_relu = structure
-        return ("fnn", D, Lbar, act, final_relu)
-    return structure
+    """The part of a structure the target depends on (an FNN's target does not depend on the frozen depth)."""
+    s = structure_of(structure)
+    if s.family == "fnn":
+        return ("fnn", s.D, s.Lbar, s.activation, s.final_relu)
+    return s
 
 
 def make_target(structure, seed):
-    if structure[0] == "fnn":
-        _, D, L, Lbar, act, final_relu = structure
-        rng = seeded_rng(seed, TAG_TARGET, Lbar)
-        if act == "linear":
-            return lora_theory.random_linear(D, Lbar, seed=rng)
-        return lora_theory.random_fnn(D, Lbar, seed=rng, final_relu=final_relu)
-    _, D, L, H, N = structure
-    return lora_theory.random_tfn(D, L, H, seed=seeded_rng(seed, TAG_TARGET, L, H))
+    s = structure_of(structure)
+    if s.family == "fnn":
+        rng = seeded_rng(seed, TAG_TARGET, s.Lbar)
+        if s.activation == "linear":
+            return lora_theory.random_linear(s.D, s.Lbar, seed=rng)
+        return lora_theory.random_fnn(s.D, s.Lbar, seed=rng, final_relu=s.final_relu)
+    return lora_theory.random_tfn(s.D, s.L, s.H, seed=seeded_rng(seed, TAG_TARGET, s.L, s.H))
 
 
 def make_random_frozen(structure, seed):
-    if structure[0] == "fnn":
-        _, D, L, Lbar, act, final_relu = structure
-        rng = seeded_rng(seed, TAG_FROZEN, L)
-        if act == "linear":
-            return lora_theory.random_linear(D, L, seed=rng)
-        return lora_theory.random_fnn(D, L, seed=rng, final_relu=final_relu)
-    _, D, L, H, N = structure
-    return lora_theory.random_tfn(D, L, H, seed=seeded_rng(seed, TAG_FROZEN, L, H))
+    s = structure_of(structure)
+    if s.family == "fnn":
+        rng = seeded_rng(seed, TAG_FROZEN, s.L)
+        if s.activation == "linear":
+            return lora_theory.random_linear(s.D, s.L, seed=rng)
+        return lora_theory.random_fnn(s.D, s.L, seed=rng, final_relu=s.final_relu)
+    return lora_theory.random_tfn(s.D, s.L, s.H, seed=seeded_rng(seed, TAG_FROZEN, s.L, s.H))
 
 
 def pretrain(frozen, target, structure, seed) -> tuple:
@@ -73,16 +73,18 @@ def pretrain(frozen, target, structure, seed) -> tuple:
 
     Returns ``(model, info)`` with ``info = {"steps", "first_loss", "last_loss"}``.
     """
-    torch_model = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(frozen)
-    torch_target = (TorchFNN if structure[0] == "fnn" else TorchTFN).from_numpy(target)
+    structure = structure_of(structure)
+    fnn = structure.family == "fnn"
+    torch_model = (TorchFNN if fnn else TorchTFN).from_numpy(frozen)
+    torch_target = (TorchFNN if fnn else TorchTFN).from_numpy(target)
     params = []
     for name, p in torch_model.named_parameters():
-        trainable = not (structure[0] == "fnn" and structure[4] == "linear" and name.endswith("bias"))
+        trainable = not (fnn and structure.activation == "linear" and name.endswith("bias"))
         p.requires_grad_(trainable)
         if trainable:
             params.append(p)
     opt = torch.optim.Adam(params, lr=PRETRAIN_LR)
-    shape = (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+    shape = _input_shape(structure)
     stream = BatchStream(_seed_int(seed, TAG_PRETRAIN), 256, shape)
     first = last = None
     steps = 0
@@ -108,15 +110,16 @@ def pretrain_fnns(frozens, targets, structure, seeds) -> list:
     third of its first). Returns ``[(model, info)]`` in the order of ``seeds``."""
     from ..trainer import StackedAdam
 
-    R, L, D = len(seeds), structure[2], structure[1]
-    linear = structure[4] == "linear"
+    structure = structure_of(structure)
+    R, L = len(seeds), structure.L
+    linear = structure.activation == "linear"
     stack = FNNStack(
         np.stack([np.stack(f.weights) for f in frozens]),
         np.stack([np.stack(f.biases) for f in frozens]),
         method="final_layers",
         tuned_layers=[L] * R,
-        activation=structure[4],
-        final_relu=structure[5],
+        activation=structure.activation,
+        final_relu=structure.final_relu,
         dtype=torch.float64,
         device="cpu",
     )
@@ -126,8 +129,8 @@ def pretrain_fnns(frozens, targets, structure, seeds) -> list:
         np.stack([np.stack(t.weights) for t in targets]),
         np.stack([np.stack(t.biases) for t in targets]),
         method="none",
-        activation=structure[4],
-        final_relu=structure[5],
+        activation=structure.activation,
+        final_relu=structure.final_relu,
         dtype=torch.float64,
     )
     opt = StackedAdam(stack.params, stack.masks, np.full(R, PRETRAIN_LR), np.zeros(R))
@@ -138,7 +141,7 @@ def pretrain_fnns(frozens, targets, structure, seeds) -> list:
             for p in (stack.params[k] for k in opt.names)
         ]
     )
-    streams = [BatchStream(_seed_int(s, TAG_PRETRAIN), 256, (D,)) for s in seeds]
+    streams = [BatchStream(_seed_int(s, TAG_PRETRAIN), 256, (structure.D,)) for s in seeds]
     active = np.ones(R, dtype=bool)
     first = last = None
     steps = np.zeros(R, dtype=int)
@@ -210,7 +213,7 @@ class Problems:
 
     def prepare(self, structure, seeds):
         """Pretrain the FNN frozen models of ``seeds`` not yet built or cached, all at once."""
-        if structure[0] != "fnn":
+        if structure_of(structure).family != "fnn":
             return
         todo = [s for s in seeds if self._cached(structure, s) is None]
         if not todo:
@@ -283,7 +286,9 @@ def _load_model(path: Path, like):
 
 
 def _input_shape(structure):
-    return (structure[1],) if structure[0] == "fnn" else (structure[1], structure[4])
+    """One input's shape: ``(D,)`` for an FNN, ``(D, N)`` for a TFN."""
+    s = structure_of(structure)
+    return (s.D,) if s.family == "fnn" else (s.D, s.N)
 
 
 def evaluation_sets(structure):

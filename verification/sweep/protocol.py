@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,11 +60,60 @@ def seeded_rng(*entropy) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
 
 
+class FNNStructure(NamedTuple):
+    """An FNN problem (a linear model when ``activation == "linear"``), as ``config.json`` stores it:
+    ``["fnn", D, L, L̄, activation, final_relu]``.
+
+    ``D``: the width; ``L``: the frozen model's depth; ``Lbar`` (the paper's ``L̄``): the target's depth;
+    ``activation``: ``"relu"`` or ``"linear"``; ``final_relu``: whether the last layer has a ReLU.
+    A tuple, so it hashes, compares and serialises as the plain tuple it replaces.
+    """
+
+    family: str  # always "fnn"
+    D: int
+    L: int
+    Lbar: int
+    activation: str
+    final_relu: bool
+
+
+class TFNStructure(NamedTuple):
+    """A transformer problem, as ``config.json`` stores it: ``["tfn", D, L, H, N]``.
+
+    ``D``: the embedding size; ``L``: the number of blocks (frozen and target alike); ``H``: heads per
+    block; ``N``: tokens per input sequence. A tuple, like :class:`FNNStructure`.
+    """
+
+    family: str  # always "tfn"
+    D: int
+    L: int
+    H: int
+    N: int
+
+
+Structure = FNNStructure | TFNStructure
+
+
+def structure_of(value) -> Structure:
+    """The named structure of a tuple or list such as ``("fnn", 8, 4, 2, "relu", True)`` (``config.json``
+    stores lists); a named structure is returned as it is. Raises ``ValueError`` for anything else."""
+    if isinstance(value, (FNNStructure, TFNStructure)):
+        return value
+    value = tuple(value)
+    named = {"fnn": FNNStructure, "tfn": TFNStructure}.get(value[0] if value else None)
+    if named is None or len(value) != len(named._fields):
+        raise ValueError(
+            f"a structure is ('fnn', D, L, L̄, activation, final_relu) or ('tfn', D, L, H, N), got {value!r}"
+        )
+    return named(*value)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One row entry: a frozen-model kind, a structure and a method, trained for every seed and grid point.
 
-    ``structure``: ``("fnn", D, L, L̄, activation, final_relu)`` or ``("tfn", D, L, H, N)``.
+    ``structure``: an :class:`FNNStructure` or a :class:`TFNStructure` (a plain tuple of the same fields is
+    converted).
     ``method``: ``"lora"`` (``ranks`` per layer for an FNN, ``(R,)`` for a TFN) or ``"final_layers"``
     (``layers`` trained fully). ``axis``: the row's coordinates, e.g. ``(("rank", 3),)``. ``label`` names the
     curve (``"lora"``, ``"final_layers"``, ``"trained_biases"``...).
@@ -79,9 +129,12 @@ class Cell:
     tune_bias: bool = True
     highprec_subsample: int = 0  # > 0: where float64 is not honest, mpmath on this many test/shifted inputs
 
+    def __post_init__(self):
+        object.__setattr__(self, "structure", structure_of(self.structure))
+
     @property
     def family(self) -> str:
-        return self.structure[0]
+        return self.structure.family
 
     def as_dict(self) -> dict:
         return {
@@ -105,13 +158,13 @@ class Cell:
         (:func:`lora_theory.lora_parameter_count` and :func:`lora_theory.final_layers_parameter_count`
         count weights only.)
         """
-        D, L = self.structure[1], self.structure[2]
+        D, L = self.structure.D, self.structure.L
         if self.method == "final_layers":
             return self.layers * (D * D + D)
         if self.family == "tfn":
-            H = self.structure[3]
+            H = self.structure.H
             return self.ranks[0] * 2 * D * (4 * L * H + 2) + (2 * L * D if self.tune_bias else 0)
-        biases = L * D if self.tune_bias and self.structure[4] != "linear" else 0
+        biases = L * D if self.tune_bias and self.structure.activation != "linear" else 0
         return sum(2 * r * D for r in self.ranks) + biases
 
 

@@ -12,7 +12,7 @@ import torch
 from ..outdir import CLIError
 from ..trainer import FNNStack, TFNStack, fnn_apply, tfn_apply, train_stack
 from .problems import _input_shape
-from .protocol import TAG_INIT, _hash, _seed_int
+from .protocol import TAG_INIT, _hash, _seed_int, structure_of
 from .records import _json_default
 
 
@@ -82,23 +82,23 @@ def _stack_for(chunk, problems, dtype, device):
     """The stack of ``chunk``'s runs. LoRA ranks are padded to the width ``D`` whatever the chunk holds, so a
     run's arithmetic, hence its result, does not depend on ``--chunk`` or on the runs stacked with it."""
     cell0 = chunk[0]["cell"]
-    structure, method = cell0.structure, cell0.method
+    structure, method = cell0.structure, cell0.method  # a named structure (Cell converts)
     frozen = [problems.frozen(structure, r["cell"].kind, r["seed"]) for r in chunk]
     init_seeds = [_seed_int(r["seed"], TAG_INIT, int(_hash(r["cell"].as_dict())[:12], 16)) for r in chunk]
     tune = [r["cell"].tune_bias for r in chunk]
-    if structure[0] == "fnn":
-        W = np.stack([np.stack(f.weights) for f in frozen])
-        b = np.stack([np.stack(f.biases) for f in frozen])
-        kw = dict(activation=structure[4], final_relu=structure[5], dtype=dtype, device=device)
+    if structure.family == "fnn":
+        W = np.stack([np.stack(f.weights) for f in frozen])  # (R, L, D, D)
+        b = np.stack([np.stack(f.biases) for f in frozen])  # (R, L, D)
+        kw = dict(activation=structure.activation, final_relu=structure.final_relu, dtype=dtype, device=device)
         if method == "lora":
             return FNNStack(
                 W,
                 b,
                 method="lora",
                 ranks=[list(r["cell"].ranks) for r in chunk],
-                tune_bias=[t and structure[4] != "linear" for t in tune],
+                tune_bias=[t and structure.activation != "linear" for t in tune],
                 init_seeds=init_seeds,
-                rank_padding=structure[1],
+                rank_padding=structure.D,
                 **kw,
             )
         return FNNStack(W, b, method="final_layers", tuned_layers=[r["cell"].layers for r in chunk], **kw)
@@ -111,23 +111,31 @@ def _stack_for(chunk, problems, dtype, device):
         init_seeds=init_seeds,
         dtype=dtype,
         device=device,
-        rank_padding=structure[1],
+        rank_padding=structure.D,
     )
 
 
 def _target_stack(structure, targets, dtype, device):
-    if structure[0] == "fnn":
-        W = np.stack([np.stack(t.weights) for t in targets])
-        b = np.stack([np.stack(t.biases) for t in targets])
+    structure = structure_of(structure)
+    if structure.family == "fnn":
+        W = np.stack([np.stack(t.weights) for t in targets])  # (R, L̄, D, D)
+        b = np.stack([np.stack(t.biases) for t in targets])  # (R, L̄, D)
         return FNNStack(
-            W, b, method="none", activation=structure[4], final_relu=structure[5], dtype=dtype, device=device
+            W,
+            b,
+            method="none",
+            activation=structure.activation,
+            final_relu=structure.final_relu,
+            dtype=dtype,
+            device=device,
         )
     params = {k: np.stack([t.parameters()[k] for t in targets]) for k in targets[0].parameters()}
     return TFNStack(params, method="none", dtype=dtype, device=device)
 
 
-def _eval_chunk_size(structure, n):
-    per_run = n * int(np.prod(_input_shape(structure))) * (structure[2] + 2)
+def _eval_chunk_size(input_shape, L, n):
+    """Runs evaluated at once on ``n`` inputs of ``input_shape`` through ``L`` layers (about 2e7 floats)."""
+    per_run = n * int(np.prod(input_shape)) * (L + 2)
     return max(1, int(2e7 // per_run))
 
 
@@ -136,9 +144,7 @@ def _evaluate(stack, targets_out, target_index, X, device):
     structure_fnn = isinstance(stack, FNNStack)
     n = X.shape[0]
     R = stack.R
-    size = _eval_chunk_size(
-        ("fnn", stack.D, stack.L) if structure_fnn else ("tfn", stack.D, stack.L, 0, X.shape[-1]), n
-    )
+    size = _eval_chunk_size((stack.D,) if structure_fnn else (stack.D, X.shape[-1]), stack.L, n)
     Xd = X.to(device=device, dtype=torch.float64).unsqueeze(0)
     out = []
     with torch.no_grad():
@@ -179,7 +185,7 @@ def estimate_rate(chunk, problems, dtype, device, structure, iterations) -> floa
         batch_size=256,
         input_shape=_input_shape(structure),
     )
-    steps = 3 if structure[0] == "tfn" else 10
+    steps = 3 if structure_of(structure).family == "tfn" else 10
     train_stack(stack, tstack, iterations=2, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
