@@ -41,11 +41,10 @@ from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixE
 from .fnn import SAFETY, Domain, _check_models, _check_points, _radius_amplification, lora_fnn
 from .linear import (
     _chain_gamma,
-    _direction_blocks,
+    _ChainArithmetic,
+    _no_assignment_error,
     _rank_scale,
-    _search_assignment,
-    _search_note,
-    _SearchCut,
+    _split_chain,
     lora_linear,
 )
 from .models import FNN, TFN
@@ -292,7 +291,8 @@ def _check_digits(digits):
 
 
 def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
-    """The SVD split of Lemma 1 at working precision. Returns ``(adapters, adapted, s, rank_E, kappas)``.
+    """The SVD split of Lemma 1 at working precision (:func:`lora_theory.linear._split_chain` with mpmath
+    arithmetic). Returns ``(adapters, adapted, s, rank_E, kappas)``.
 
     ``factors``, ``target`` are mpmath matrices; ``adapters[l] = (A, B)`` mpmath matrices (``Δ = B A``).
     ``kappa_target``: the condition numbers of the solves that formed ``target`` (it carries their rounding,
@@ -315,45 +315,30 @@ def _chain_mp(factors, target, ranks, names, rank_tol, kappa_target=0.0):
         scale = max(_fro(target), _fro(frozen_product), s[0])
         rank_tol = n * _mp.eps * scale * 2**10 * (1 + kappa_target)
     rank_E = sum(1 for v in s if v > rank_tol)
-    blocks = _direction_blocks(ranks, rank_E)
 
-    def step(l, b, state):
-        adapted, kappas, given = state  # tuples: the layers before l
-        start, stop = blocks[b]
-        if stop <= start:
-            return adapted + (factors[l],), kappas, given
-        EV = _cols(U, start, stop) * _mp.diag(s[start:stop])  # (n, k) = E V_l
-        Vl_T = V[start:stop, :]  # (k, n) = V_l^T
-        new_kappas = []
-        if l < m - 1:
-            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
-            lu = _LU(suffix[l], q_name, f"it receives singular directions {start + 1}..{stop} of E")
-            new_kappas.append((f"Q_{l + 1}", lu.kappa))
-            B = lu.solve(EV)  # (n, k) = Q^{-1} E V_l
-        else:
-            B = EV
-        if l > 0:
-            p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
-            lu = _LU(_prod(adapted, n).T, p_name, f"layer {l + 1} receives singular directions of E")
-            new_kappas.append((f"P_{l + 1}", lu.kappa))
-            A = lu.solve(Vl_T.T).T  # (k, n) = V_l^T P^{-1}
-        else:
-            A = Vl_T
-        return adapted + (factors[l] + B * A,), kappas + tuple(new_kappas), given + ((l, (A, B)),)
+    def solve_q(l, start, stop, Q, C):
+        q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
+        lu = _LU(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")
+        return lu.solve(C), ((f"Q_{l + 1}", lu.kappa),)  # (n, k) = Q^{-1} E V_l
 
-    try:
-        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), SingularMatrixError)
-    except (SingularMatrixError, _SearchCut) as exc:
-        cut = isinstance(exc, _SearchCut)
-        first = exc.first if cut else exc
-        raise SingularMatrixError(
-            first.matrix, first.condition_number, "; ".join(x for x in (first.context, _search_note(m, cut)) if x)
-        ) from None
-    adapted, kappa_pairs, given_pairs = states[-1]
-    given = dict(given_pairs)
+    def solve_p(l, start, stop, P, F, given):
+        p_name = f"P_{l + 1} = " + " ".join(f"({x} + Δ)" for x in reversed(names[:l]))
+        lu = _LU(P.T, p_name, f"layer {l + 1} receives singular directions of E")
+        return lu.solve(F.T).T, ((f"P_{l + 1}", lu.kappa),)  # (k, n) = V_l^T P^{-1}
+
+    arith = _ChainArithmetic(
+        directions=lambda start, stop: (_cols(U, start, stop) * _mp.diag(s[start:stop]), V[start:stop, :]),
+        frozen_after=lambda l: suffix[l],  # (n, n)
+        product=lambda adapted: _prod(adapted, n),
+        solve_q=solve_q,
+        solve_p=solve_p,
+        adapt=lambda l, M, A, B: (M + B * A, (A, B), ()),
+        singular=SingularMatrixError,
+        no_assignment=lambda first, cut: _no_assignment_error(first, cut, m),
+    )
+    _, adapted, notes, given = _split_chain(arith, factors, ranks, rank_E)
     adapters = [given.get(l, (_mp.zeros(0, n), _mp.zeros(n, 0))) for l in range(m)]
-    adapted, kappas = list(adapted), dict(kappa_pairs)
-    return adapters, adapted, s, rank_E, kappas
+    return adapters, list(adapted), s, rank_E, dict(notes)
 
 
 def _warn_if_too_few_digits(fit, what, stacklevel=3):

@@ -26,7 +26,7 @@ construction raises only when no assignment works.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -455,8 +455,102 @@ def _search_note(L, cut, what="singular directions") -> str:
     )
 
 
+@dataclass(frozen=True)
+class _ChainArithmetic:
+    """The operations in which Lemma 1's chain differs between its arithmetics; :func:`_split_chain` is the
+    chain itself, written once over them.
+
+    The float64 chain (:func:`_chain_adapters`), the mpmath one (:func:`lora_theory.highprec._chain_mp`) and
+    the exact rational one (:func:`lora_theory.symbolic._exact_chain`) supply them. For factors ``M_1..M_m``
+    of side ``n`` (0-based ``l`` below) and a decomposition ``E = C F`` whose first ``rank(E)`` columns of
+    ``C`` / rows of ``F`` are the directions (``C = U S``, ``F = V^T`` for an SVD; a rank decomposition in
+    exact arithmetic):
+
+    ``directions(start, stop) -> (C_b, F_b)``
+        The block's columns ``(n, k)`` and rows ``(k, n)``, ``k = stop - start``.
+    ``frozen_after(l) -> Q``
+        ``Q_l = M_m ... M_{l+2}``, the frozen factors after factor ``l`` (``l < m - 1``).
+    ``product(adapted) -> P``
+        ``P_l``, the product of the adapted factors before ``l``, later factors on the left.
+    ``solve_q(l, start, stop, Q, C_b) -> (B, notes)`` and ``solve_p(l, start, stop, P, F_b, given) -> (A, notes)``
+        ``B = Q^{-1} C_b`` and ``A = F_b P^{-1}``, checked: they raise ``singular`` naming the matrix when it is
+        singular; ``notes`` are what the arithmetic records of the check (condition numbers, exact checks).
+        ``given``: ``((l', b', adapter), ...)`` of the layers before ``l``.
+    ``adapt(l, M, A, B) -> (M + B A, adapter, notes)``
+        The adapted factor and the adapter as the arithmetic stores it.
+    ``no_assignment(first, cut, notes) -> Exception``
+        The error to raise when no assignment works (``first``: the fixed order's failure, with the notes of
+        its assignment so far; ``cut``: the search ran out of steps).
+    """
+
+    directions: Callable
+    frozen_after: Callable
+    product: Callable
+    solve_q: Callable
+    solve_p: Callable
+    adapt: Callable
+    singular: type
+    no_assignment: Callable
+
+
+def _split_chain(arith: _ChainArithmetic, factors, ranks, rank_E):
+    """Zeng & Lee 2024, Lemma 1: the SVD-split construction on a chain of factors, in any arithmetic.
+
+    Layer ``l`` receives one block of directions ``(C_b, F_b)`` of ``E`` (:func:`_direction_blocks`): with
+    ``Q_l`` the frozen factors after it and ``P_l`` the adapted ones before it, ``B_l = Q_l^{-1} C_b`` and
+    ``A_l = F_b P_l^{-1}`` (the last layer has no ``Q``, the first no ``P``), so that by induction
+    ``Q_l Π_{k<=l}(M_k + B_k A_k) = Π M + Σ_{blocks used} C_b F_b``. The blocks go in the fixed order when it
+    works, else in the first assignment :func:`_search_assignment` finds.
+
+    Returns ``(assignment, adapted, notes, adapters)``: the block of each layer, the adapted factors, the
+    notes of the solves and adaptations in order, and ``{l: adapter}`` for the layers that received a block.
+    """
+    m = len(factors)
+    blocks = _direction_blocks(ranks, rank_E)
+
+    def step(l, b, state):
+        adapted, notes, given = state  # tuples: the layers before l
+        start, stop = blocks[b]
+        if stop <= start:  # an empty block: the layer stays frozen
+            return adapted + (factors[l],), notes, given
+        C, F = arith.directions(start, stop)  # (n, k), (k, n)
+        new = ()
+        try:
+            if l < m - 1:
+                B, q_notes = arith.solve_q(l, start, stop, arith.frozen_after(l), C)  # (n, k) = Q_l^{-1} C_b
+                new += tuple(q_notes)
+            else:
+                B = C
+            if l > 0:
+                A, p_notes = arith.solve_p(l, start, stop, arith.product(adapted), F, given)  # (k, n) = F_b P_l^{-1}
+                new += tuple(p_notes)
+            else:
+                A = F
+        except arith.singular as exc:
+            exc.notes = notes + new + tuple(getattr(exc, "notes", ()))
+            raise
+        layer, adapter, a_notes = arith.adapt(l, factors[l], A, B)
+        return adapted + (layer,), notes + new + tuple(a_notes), given + ((l, b, adapter),)
+
+    try:
+        assignment, states = _search_assignment(blocks, ranks, step, ((), (), ()), arith.singular)
+    except (arith.singular, _SearchCut) as exc:
+        cut = isinstance(exc, _SearchCut)
+        raise arith.no_assignment(exc.first if cut else exc, cut) from None
+    adapted, notes, given = states[-1]
+    return assignment, adapted, notes, {l: adapter for l, _, adapter in given}
+
+
+def _no_assignment_error(first, cut, m, what="singular directions"):
+    """The float64 and mpmath chains' error when no assignment works: the fixed order's singular matrix,
+    with what the search tried."""
+    note = _search_note(m, cut, what)
+    return SingularMatrixError(first.matrix, first.condition_number, "; ".join(x for x in (first.context, note) if x))
+
+
 def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
-    """The SVD-split construction on a chain of factors. Returns (adapters, E, s, rank_E, kappas).
+    """The SVD-split construction on a chain of float64 factors (:func:`_split_chain` with numpy arithmetic).
+    Returns (adapters, E, s, rank_E, kappas).
 
     ``names[l]`` labels factor ``l`` in error messages (default ``W_{l+1}``). The blocks of singular
     directions go to the layers in the fixed order (layer ``l`` gets directions ``R_1 + .. + R_{l-1} + 1``
@@ -474,50 +568,34 @@ def _chain_adapters(frozen, target, ranks, names=None, rank_tol=None):
     if rank_tol is None:
         rank_tol = D * np.finfo(np.float64).eps * max(_rank_scale(frozen, target), s[0])
     rank_E = int(np.sum(s > rank_tol))
-    blocks = _direction_blocks(ranks, rank_E)
 
-    def step(l, b, state):
-        adapted, kappas, given = state  # tuples: the layers before l
-        start, stop = blocks[b]
-        if stop == start:
-            return adapted + (frozen[l],), kappas, given
-        V_l = Vt[start:stop].T  # (D, k)
-        EV = U[:, start:stop] * s[start:stop]  # (D, k) = E V_l
-        new_kappas = []
-        if l < L - 1:
-            Q = product(frozen[l + 1 :])  # (D, D) frozen layers after l
-            q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
-            new_kappas.append(
-                (f"Q_{l + 1}", check_invertible(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E"))
-            )
-            B = np.linalg.solve(Q, EV)  # (D, k)
-        else:
-            B = EV
-        if l > 0:
-            P = product(adapted)  # (D, D) adapted layers before l
-            p_name = f"P_{l + 1} = " + " ".join(f"({n} + Δ)" for n in reversed(names[:l]))
-            new_kappas.append(
-                (f"P_{l + 1}", check_invertible(P, p_name, f"layer {l + 1} receives singular directions of E"))
-            )
-            A = np.linalg.solve(P.T, V_l).T  # (k, D) = V_l^T P^{-1}
-        else:
-            A = V_l.T
+    def solve_q(l, start, stop, Q, C):
+        q_name = f"Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
+        kappa = check_invertible(Q, q_name, f"it receives singular directions {start + 1}..{stop} of E")
+        return np.linalg.solve(Q, C), ((f"Q_{l + 1}", kappa),)  # (D, k)
+
+    def solve_p(l, start, stop, P, F, given):
+        p_name = f"P_{l + 1} = " + " ".join(f"({n} + Δ)" for n in reversed(names[:l]))
+        kappa = check_invertible(P, p_name, f"layer {l + 1} receives singular directions of E")
+        return np.linalg.solve(P.T, F.T).T, ((f"P_{l + 1}", kappa),)  # (k, D) = V_l^T P^{-1}
+
+    def adapt(l, M, A, B):
         adapter = Adapter(A, B)
-        return adapted + (frozen[l] + adapter.delta,), kappas + tuple(new_kappas), given + ((l, adapter),)
+        return M + adapter.delta, adapter, ()
 
-    try:
-        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), SingularMatrixError)
-    except (SingularMatrixError, _SearchCut) as exc:
-        cut = isinstance(exc, _SearchCut)
-        first = exc.first if cut else exc
-        note = _search_note(L, cut)
-        raise SingularMatrixError(
-            first.matrix, first.condition_number, "; ".join(x for x in (first.context, note) if x)
-        ) from None
-    _, kappa_pairs, given_pairs = states[-1]
-    kappas, given = dict(kappa_pairs), dict(given_pairs)
+    arith = _ChainArithmetic(
+        directions=lambda start, stop: (U[:, start:stop] * s[start:stop], Vt[start:stop]),  # E V_l, V_l^T
+        frozen_after=lambda l: product(frozen[l + 1 :]),  # (D, D)
+        product=product,
+        solve_q=solve_q,
+        solve_p=solve_p,
+        adapt=adapt,
+        singular=SingularMatrixError,
+        no_assignment=lambda first, cut: _no_assignment_error(first, cut, L),
+    )
+    _, _, notes, given = _split_chain(arith, frozen, ranks, rank_E)
     adapters = tuple(given.get(l, Adapter.zeros(0, D, D)) for l in range(L))
-    return adapters, E, s, rank_E, kappas
+    return adapters, E, s, rank_E, dict(notes)
 
 
 def _chain_checked(*args, **kwargs):

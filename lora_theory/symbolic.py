@@ -57,7 +57,7 @@ from ._types import Partition, Rank, Seed
 from ._validate import as_bool, as_int, as_ranks, rng_from
 from .errors import InvalidArgumentError
 from .fnn import SAFETY
-from .linear import _direction_blocks, _search_assignment, _search_note, _SearchCut
+from .linear import _ChainArithmetic, _search_note, _split_chain
 from .models import FNN, MAX_RANDOM_WIDTH, TFN
 from .partition import MAX_DEPTH, check_partition, partition_blocks, uniform_partition
 from .thresholds import ceil_div
@@ -376,7 +376,8 @@ def _rank_decomposition(E: DomainMatrix):
 
 
 def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_outcome, budget_reason):
-    """Lemma 1 on ``factors = [M_1, ..., M_m]`` toward ``target``, exactly, with a rank decomposition.
+    """Lemma 1 on ``factors = [M_1, ..., M_m]`` toward ``target``, exactly, with a rank decomposition
+    (:func:`lora_theory.linear._split_chain` in rational arithmetic, with the exact path's own checks).
 
     Records the checks in ``rec`` and returns ``(adapters, adapted, rank_E)``; ``adapters[l] = (A, B)``
     DomainMatrices (``Δ = B A``), ``adapted[l] = M_l + Δ_l``. Raises :class:`_Stop` with
@@ -398,60 +399,68 @@ def _exact_chain(rec: _Recorder, factors, target, ranks, names, label, budget_ou
     if not ok:
         raise _Stop(budget_outcome, budget_reason(rank_E, k))
     C, F, _ = _rank_decomposition(E)  # (n, r), (r, n)
-    blocks = _direction_blocks(ranks, rank_E)
+    rows = list(range(n))
 
-    def step(l, b, state):
-        adapted, given, checks = state  # tuples: the layers before l
-        start, stop = blocks[b]
-        if stop <= start:
-            return adapted + (factors[l],), given, checks
+    def checked(solve):
+        """Run ``solve(local)`` with a recorder of its own; its checks are the notes, also on a stop."""
         local = _Recorder(None, None)
         try:
-            cols = list(range(start, stop))
-            C_l = C.extract(list(range(n)), cols)  # (n, k_l)
-            F_l = F.extract(cols, list(range(n)))  # (k_l, n)
-            if l < m - 1:
-                Q = _prod(factors[l + 1 :], n)  # (n, n) frozen factors after l
-                q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
-                local.invertible(Q, q_name, f"it receives directions {start + 1}..{stop} of E = C F")
-                B = Q.lu_solve(C_l)  # (n, k_l) = Q^{-1} C_l
-            else:
-                B = C_l
-            if l > 0:
-                P = _prod(adapted, n)  # (n, n) adapted factors before l
-                p_name = f"{label}P_{l + 1} = " + " ".join(
-                    f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l])))
-                )
-                Q_prev = _prod(factors[l:], n)  # Q_{l-1} (1-based: frozen after l-1)
-                sums = " + ".join(f"C_{given[j][1] + 1} F_{given[j][1] + 1}" for j in range(len(given)))
-                equivalent = (f"Π W + {sums}" if sums else "Π W") if Q_prev.det() != 0 else ""
-                local.invertible(P, p_name, f"layer {l + 1} receives directions {start + 1}..{stop}", equivalent)
-                A = P.transpose().lu_solve(F_l.transpose()).transpose()  # (k_l, n) = F_l P^{-1}
-            else:
-                A = F_l
+            return solve(local), tuple(local.checks)
         except _Stop as stop_:
-            stop_.checks = checks + tuple(local.checks)
+            stop_.notes = tuple(local.checks)
             raise
+
+    def solve_q(l, start, stop, Q, C_l):
+        def solve(local):
+            q_name = f"{label}Q_{l + 1} = " + " ".join(reversed(names[l + 1 :]))
+            local.invertible(Q, q_name, f"it receives directions {start + 1}..{stop} of E = C F")
+            return Q.lu_solve(C_l)  # (n, k_l) = Q^{-1} C_l
+
+        return checked(solve)
+
+    def solve_p(l, start, stop, P, F_l, given):
+        def solve(local):
+            p_name = f"{label}P_{l + 1} = " + " ".join(
+                f"({x} + Δ_{j + 1})" for j, x in reversed(list(enumerate(names[:l])))
+            )
+            Q_prev = _prod(factors[l:], n)  # Q_{l-1} (1-based: frozen after l-1)
+            sums = " + ".join(f"C_{b + 1} F_{b + 1}" for _, b, _ in given)
+            equivalent = (f"Π W + {sums}" if sums else "Π W") if Q_prev.det() != 0 else ""
+            local.invertible(P, p_name, f"layer {l + 1} receives directions {start + 1}..{stop}", equivalent)
+            return P.transpose().lu_solve(F_l.transpose()).transpose()  # (k_l, n) = F_l P^{-1}
+
+        return checked(solve)
+
+    def adapt(l, M, A, B):
         delta = B * A  # (n, n)
         r_delta = delta.rank()
-        local.check(
+        rank_check = Check(
             f"{label}rank(Δ_{l + 1}) <= R_{l + 1}",
-            r_delta <= ranks[l],
+            bool(r_delta <= ranks[l]),
             f"rank = {r_delta} (exact), R_{l + 1} = {ranks[l]}",
         )
-        return adapted + (factors[l] + delta,), given + ((l, b, (A, B)),), checks + tuple(local.checks)
+        return M + delta, (A, B), (rank_check,)
 
-    try:
-        _, states = _search_assignment(blocks, ranks, step, ((), (), ()), _Stop)
-    except (_Stop, _SearchCut) as exc:
-        cut = isinstance(exc, _SearchCut)
-        first = exc.first if cut else exc
-        rec.checks.extend(first.checks)
+    def no_assignment(first, cut):
+        rec.checks.extend(first.notes)
         note = _search_note(m, cut, "directions of E = C F")
-        raise _Stop(first.outcome, first.reason + (f"; {note}" if note else ""), first.singular) from None
-    adapted, given, checks = states[-1]
+        return _Stop(first.outcome, first.reason + (f"; {note}" if note else ""), first.singular)
+
+    arith = _ChainArithmetic(
+        directions=lambda start, stop: (
+            C.extract(rows, list(range(start, stop))),  # (n, k_l)
+            F.extract(list(range(start, stop)), rows),  # (k_l, n)
+        ),
+        frozen_after=lambda l: _prod(factors[l + 1 :], n),  # (n, n) frozen factors after l
+        product=lambda adapted: _prod(adapted, n),  # (n, n) adapted factors before l
+        solve_q=solve_q,
+        solve_p=solve_p,
+        adapt=adapt,
+        singular=_Stop,
+        no_assignment=no_assignment,
+    )
+    _, adapted, checks, placed = _split_chain(arith, factors, ranks, rank_E)
     rec.checks.extend(checks)
-    placed = {l: AB for l, _, AB in given}
     adapters = [placed.get(l, (_zeros(0, n), _zeros(n, 0))) for l in range(m)]
     rec.equal(f"{label}Π(W_l + Δ_l) == target", _prod(adapted, n), target)
     return adapters, list(adapted), rank_E
