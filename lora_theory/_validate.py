@@ -10,6 +10,11 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative integers, without floating point."""
+    return -(-a // b)
+
+
 def readonly(array) -> np.ndarray:
     """A float64 copy of ``array`` that cannot be written to."""
     out = np.array(array, dtype=np.float64, copy=True)

@@ -52,13 +52,12 @@ from .noise_floor import (
     smallest_subnormal,
     storage_roundoff,
 )
+from .partial_spectrum import PartialSpectrum
 from .partition import partition_blocks, uniform_partition
 from .thresholds import fnn_rank_threshold
 
 if TYPE_CHECKING:
     import pandas
-
-    from .partial_spectrum import PartialSpectrum
 
 __all__ = [
     "PER_LAYER_NOTE",
@@ -1048,8 +1047,6 @@ def _advice_from_partial(
     bias_changed,
 ) -> LayerAdvice:
     """:func:`layer_advice_from_spectrum` from a :class:`PartialSpectrum` (THEORY.md §5.5)."""
-    from .partial_spectrum import PartialSpectrum
-
     if not isinstance(partial, PartialSpectrum):
         raise InvalidArgumentError("partial", f"must be a PartialSpectrum, got {type(partial).__name__}")
     if tuple(sorted(partial.shape)) != tuple(sorted(shape)):

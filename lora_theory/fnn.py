@@ -37,13 +37,12 @@ import numpy as np
 from . import _display
 from ._guard import numeric_guard
 from ._types import ArrayLike, Partition, Rank, Seed
-from ._validate import as_array, as_positive, as_ranks, as_tolerance, readonly, rng_from
+from ._validate import as_array, as_positive, as_ranks, as_tolerance, ceil_div, readonly, rng_from
 from .errors import InvalidArgumentError, SingularMatrixError
 from .linear import _chain_checked, discrepancy_rank, product
 from .models import FNN, relu
 from .numerics import check_norm_finite, tolerance, verified_exact, warn_if_ill_conditioned
 from .partition import best_partition, check_partition, partition_blocks, uniform_partition
-from .thresholds import ceil_div
 
 __all__ = [
     "Domain",

@@ -34,7 +34,7 @@ import numpy as np
 from . import _display
 from ._guard import numeric_guard
 from ._types import ArrayLike, Matrices, Rank
-from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance
+from ._validate import as_ranks, as_square, as_square_sequence, as_tolerance, ceil_div
 from .adapter import Adapter
 from .errors import InvalidArgumentError, SingularMatrixError
 from .models import FNN
@@ -48,7 +48,6 @@ from .numerics import (
     verified_exact,
     warn_if_ill_conditioned,
 )
-from .thresholds import ceil_div
 
 #: A chain of frozen matrices ``(W_1, ..., W_L)``, each ``(D, D)``, or the linear bias-free model holding them.
 Chain = Matrices | FNN

@@ -13,9 +13,8 @@ from functools import cache
 
 import numpy as np
 
-from ._validate import as_int
+from ._validate import as_int, ceil_div
 from .errors import InvalidArgumentError
-from .thresholds import ceil_div
 
 __all__ = ["uniform_partition", "check_partition", "partition_blocks", "best_partition", "MAX_DEPTH"]
 

@@ -7,20 +7,12 @@ constructions: :func:`lora_theory.linear_rank_requirement`, :func:`lora_theory.f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ._validate import as_int
+from ._validate import as_int, ceil_div
 from .errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from .models import FNN
+from .linear import as_chain
+from .models import FNN
 
 __all__ = ["linear_rank_threshold", "fnn_rank_threshold", "tfn_rank_threshold", "ceil_div"]
-
-
-def ceil_div(a: int, b: int) -> int:
-    """``ceil(a / b)`` for non-negative integers, without floating point."""
-    return -(-a // b)
 
 
 def linear_rank_threshold(width: int | FNN, depth: int | None = None) -> int:
@@ -30,11 +22,7 @@ def linear_rank_threshold(width: int | FNN, depth: int | None = None) -> int:
     ``depth`` is ``L``; or ``width`` is the linear bias-free model itself (:func:`~lora_theory.random_linear`'s,
     ``depth`` left out), whose width and depth are used.
     """
-    from .models import FNN  # here: models imports partition, which imports this module
-
     if isinstance(width, FNN):
-        from .linear import as_chain
-
         if depth is not None:
             raise InvalidArgumentError("depth", "must be left out when a model is given: its depth is the model's")
         layers = as_chain(width, "width")

@@ -57,3 +57,54 @@ def test_the_wheel_declares_the_notebook_and_test_extras(wheel):
     for package, extra in (("pandas", "notebook"), ("nbclient", "test"), ("ipykernel", "test"), ("hatchling", "test")):
         assert any(r.startswith(package) and f"extra == '{extra}'" in r for r in requires), (package, requires)
     assert not any(r.startswith(("pandas", "nbclient", "torch")) and "extra ==" not in r for r in requires)
+
+
+def _relative_imports(path: Path):
+    """``(module, inside_a_function)`` for every relative import of a source file (``from .x import y``)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom) and child.level >= 1:
+                out.append((child.module or "", inner))
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def test_lora_theory_imports_its_modules_at_the_top_only():
+    """No function-level sibling import inside ``lora_theory``: every module's dependencies are read at its top."""
+    root = Path(__file__).resolve().parents[1] / "lora_theory"
+    hidden = [
+        f"{path.name}: from .{module}"
+        for path in sorted(root.glob("*.py"))
+        for module, in_function in _relative_imports(path)
+        if in_function
+    ]
+    assert not hidden, hidden
+
+
+# The order of README's Layout: each module of verification.sweep imports (at its top) only modules before it.
+SWEEP_ORDER = (
+    "protocol records problems training constructions summary report figures folder cluster driver cli".split()
+)
+
+
+def test_verification_sweep_imports_run_one_way():
+    root = Path(__file__).resolve().parents[1] / "verification" / "sweep"
+    assert {p.stem for p in root.glob("*.py")} - {"__init__"} == set(SWEEP_ORDER)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    positions = [readme.index(f"`{name}` (") for name in SWEEP_ORDER]
+    assert positions == sorted(positions), "README's Layout lists verification.sweep in another order"
+    backwards = []
+    for i, name in enumerate(SWEEP_ORDER):
+        for module, in_function in _relative_imports(root / f"{name}.py"):
+            sibling = module.split(".")[0]
+            if not in_function and sibling in SWEEP_ORDER and SWEEP_ORDER.index(sibling) >= i:
+                backwards.append(f"{name} imports {sibling}")
+    assert not backwards, backwards
