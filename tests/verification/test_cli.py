@@ -428,7 +428,7 @@ def test_parameter_counts_include_the_trained_biases(structure, method, ranks, l
     """Cell.params is the number of entries the stack really trains: LoRA's biases count when it trains
     them (as the final layers' do), so that the 'equal parameter count' comparison is honest."""
     import lora_theory
-    from verification.sweep import Cell, Problems
+    from verification.sweep import Cell, Problems, Run
     from verification.sweep.training import _stack_for
 
     cell = Cell(
@@ -440,7 +440,7 @@ def test_parameter_counts_include_the_trained_biases(structure, method, ranks, l
         layers=layers,
         tune_bias=tune_bias,
     )
-    stack = _stack_for([{"cell": cell, "seed": 0}], Problems(), torch.float64, torch.device("cpu"))
+    stack = _stack_for([Run("", {}, cell, 0, 1e-3, 0.0)], Problems(), torch.float64, torch.device("cpu"))
     trained = sum(
         int(stack.masks[k].expand_as(p)[0].sum()) if stack.masks.get(k) is not None else p[0].numel()
         for k, p in stack.params.items()
@@ -558,7 +558,7 @@ def test_lora_init_shared_by_the_grid_points_is_declared(tmp_path):
     A = stack.params["A"].detach()
     for i, r in enumerate(runs):
         for j, q in enumerate(runs):
-            same = r["cell"] == q["cell"] and r["seed"] == q["seed"]
+            same = r.cell == q.cell and r.seed == q.seed
             assert torch.equal(A[i], A[j]) == same
     out = tmp_path / "lin"
     assert linear.main(SMALL + ["--ranks", "1", "--iterations", "2", "--frozen", "random", "--out", str(out)]) == 0

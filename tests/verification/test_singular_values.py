@@ -124,7 +124,7 @@ def test_reused_out_folder_with_another_spectrum_is_refused(tmp_path, capsys, re
 
     def ids(extra):
         args = _parsed(extra)
-        return {r["id"] for r in make_runs(singular_values.SPEC, args, singular_values.SPEC.cells(args))}
+        return {r.id for r in make_runs(singular_values.SPEC, args, singular_values.SPEC.cells(args))}
 
     assert ids([]).isdisjoint(ids(["--decay", "0.3"]))
     assert ids(["--decay", "0.7"]) == ids([])  # the same spectrum, the same runs

@@ -30,7 +30,7 @@ Protocol (THEORY.md §4, the authors' bugs fixed; every choice below is declared
 Layout (each module imports only those above it; entry points import this package's names only):
 
 * :mod:`~verification.sweep.protocol`: constants, seeds, the named problem structures (:class:`FNNStructure`,
-  :class:`TFNStructure`), :class:`Cell`, :class:`ExperimentSpec`.
+  :class:`TFNStructure`), :class:`Cell`, :class:`Run`, :class:`ExperimentSpec`.
 * :mod:`~verification.sweep.records`: JSON-lines records (``runs.jsonl``, ``constructions.jsonl``), versions.
 * :mod:`~verification.sweep.problems`: targets, frozen and pretrained models (cache), evaluation sets.
 * :mod:`~verification.sweep.training`: the run list, stacks of runs, evaluation, the CPU budget.
@@ -98,6 +98,7 @@ from .protocol import (
     Cell,
     ExperimentSpec,
     FNNStructure,
+    Run,
     Structure,
     TFNStructure,
     seeded_rng,
@@ -132,6 +133,7 @@ __all__ = [
     "PRETRAIN_MAX_STEPS",
     "Problems",
     "RUN_FLAGS",
+    "Run",
     "SHIFT",
     "Structure",
     "TAG_DATA",

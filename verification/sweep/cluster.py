@@ -92,7 +92,7 @@ class StoredProblems:
 
     def subset(self, runs) -> StoredProblems:
         """Only the references ``runs`` need (a task's arguments stay small)."""
-        keys = {(tuple(r["cell"].structure), r["cell"].kind, r["seed"]) for r in runs}
+        keys = {(tuple(r.cell.structure), r.cell.kind, r.seed) for r in runs}
         return StoredProblems(
             {k: self.frozen_refs[k] for k in keys}, {(k[0], k[2]): self.target_refs[(k[0], k[2])] for k in keys}
         )
@@ -347,8 +347,8 @@ class RayBackend:
         """Run-steps per second of a stack like ``probe`` on a worker (:func:`estimate_rate` as a task)."""
         s = tuple(structure)
         problems = StoredProblems(
-            {(s, r["cell"].kind, r["seed"]): problems.frozen(s, r["cell"].kind, r["seed"]) for r in probe},
-            {(s, r["seed"]): problems.target(s, r["seed"]) for r in probe},
+            {(s, r.cell.kind, r.seed): problems.frozen(s, r.cell.kind, r.seed) for r in probe},
+            {(s, r.seed): problems.target(s, r.seed) for r in probe},
         )
         options = {"num_gpus": 1} if device.type == "cuda" else {"num_cpus": 1}
         fn = self.remote(_rate_task, **options)
@@ -363,7 +363,7 @@ class RayBackend:
         remote_settings = {**settings, "device": str(device)}
         tasks = []
         for (structure, _method), chunk in chunks:
-            cons = [construction_refs.get((r["cell"], r["seed"])) for r in chunk]
+            cons = [construction_refs.get((r.cell, r.seed)) for r in chunk]
             args = (name, structure, chunk, stored.subset(chunk), eval_refs[structure], cons, remote_settings, 1)
             tasks.append((fn, args, chunk))
 
@@ -374,7 +374,7 @@ class RayBackend:
 
         def what(chunk):
             r = chunk[0]
-            return f"the stack of {len(chunk)} runs from run {r['id']} ({_cell_text(r['cell'])}, seed {r['seed']})"
+            return f"the stack of {len(chunk)} runs from run {r.id} ({_cell_text(r.cell)}, seed {r.seed})"
 
         self.run(tasks, keep_chunk, what, bar, device)
 

@@ -84,7 +84,7 @@ def _execute(spec: ExperimentSpec, args, out: Path, progress_file, cells, backen
             records.setdefault(r["id"], r)  # a run written twice (an older version's bug): the first
     records = list(records.values())
     done = {r["id"] for r in records}
-    todo = [] if args.construction_only else [r for r in runs if r["id"] not in done]
+    todo = [] if args.construction_only else [r for r in runs if r.id not in done]
     extra = config_extra(spec, args)
     problems = Problems(
         cache=out / "pretrained",
@@ -109,7 +109,7 @@ def _execute(spec: ExperimentSpec, args, out: Path, progress_file, cells, backen
         print(cpu_line, file=progress_file)
     if todo:  # before any pretraining: the estimate times stacks on random frozen models (the speed is the same)
         first_key, first_chunk = next(_chunks(todo, chunk_size, device.type == "cpu"))
-        probe = [{**r, "cell": dataclasses.replace(r["cell"], kind="random")} for r in first_chunk]
+        probe = [dataclasses.replace(r, cell=dataclasses.replace(r.cell, kind="random")) for r in first_chunk]
         if backend is None:
             rate = estimate_rate(probe, problems, dtype, device, first_key[0], args.iterations)
         else:  # timed on a worker: the speed of the cluster's stacks, not this machine's
@@ -213,7 +213,7 @@ def _execute(spec: ExperimentSpec, args, out: Path, progress_file, cells, backen
             chunk,
             problems,
             eval_cache[structure],
-            [(constructions.get((r["cell"], r["seed"])) or {}).get("_test_errors") for r in chunk],
+            [(constructions.get((r.cell, r.seed)) or {}).get("_test_errors") for r in chunk],
             settings,
             progress=lambda k: bar.update(k * len(chunk)),
             stop=stop,
@@ -293,12 +293,12 @@ def train_records(name, structure, chunk, problems, eval_sets, test_errors, sett
     dtype, device, iterations = settings["dtype"], settings["device"], settings["iterations"]
     t0 = time.perf_counter()
     stack = _stack_for(chunk, problems, dtype, device)
-    seeds = sorted({r["seed"] for r in chunk})
+    seeds = sorted({r.seed for r in chunk})
     data_seeds = [_seed_int(s, TAG_DATA) for s in seeds]
     seed_pos = {s: i for i, s in enumerate(seeds)}
     targets = [problems.target(structure, s) for s in seeds]  # one target per seed and structure
     tstack = _target_stack(structure, targets, dtype, device)
-    tindex = np.array([seed_pos[r["seed"]] for r in chunk])
+    tindex = np.array([seed_pos[r.seed] for r in chunk])
     t_out = {
         k: torch.as_tensor(np.stack([_model_outputs(t, v.numpy()) for t in targets])).to(device)
         for k, v in eval_sets.items()
@@ -310,8 +310,8 @@ def train_records(name, structure, chunk, problems, eval_sets, test_errors, sett
         target_index=tindex,
         target_data_index=list(range(len(seeds))),
         data_seeds=data_seeds,
-        lr=np.array([r["lr"] for r in chunk]),
-        weight_decay=np.array([r["wd"] for r in chunk]),
+        lr=np.array([r.lr for r in chunk]),
+        weight_decay=np.array([r.wd for r in chunk]),
         iterations=iterations,
         batch_size=256,
         input_shape=_input_shape(structure),
@@ -328,11 +328,11 @@ def train_records(name, structure, chunk, problems, eval_sets, test_errors, sett
     out = []
     for i, r in enumerate(chunk):
         rec = {
-            "id": r["id"],
+            "id": r.id,
             "experiment": name,
-            "config": r["config"],
-            "config_hash": r["id"],
-            "seed": r["seed"],
+            "config": r.config,
+            "config_hash": r.id,
+            "seed": r.seed,
             "versions": settings["versions"],
             "device": str(device),
             # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the

@@ -168,6 +168,25 @@ class Cell:
         return sum(2 * r * D for r in self.ranks) + biases
 
 
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One training run of a sweep: a cell trained for one experiment seed at one grid point.
+
+    ``id``: the hash of ``config``, the key of the run's line in ``runs.jsonl`` (written there as ``id`` and
+    ``config_hash``); ``config``: everything the run's result depends on (the line's ``config``: the
+    experiment, ``cell.as_dict()``, the seed, ``lr``, ``weight_decay``, iterations, batch size, selection,
+    dtype and the experiment's extra settings); ``cell``, ``seed``, ``lr`` and ``wd`` (the weight decay):
+    the same, as the sweep reads them.
+    """
+
+    id: str
+    config: dict
+    cell: Cell
+    seed: int
+    lr: float
+    wd: float
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -25,12 +25,12 @@ def summarize(spec, args, cells, runs, records, constructions, problems) -> dict
     by_id = {r["id"]: r for r in records}
     by_cell_seed = {}
     for r in runs:
-        by_cell_seed.setdefault((r["cell"], r["seed"]), []).append(r)
+        by_cell_seed.setdefault((r.cell, r.seed), []).append(r)
     rows = {k: [] for k in args.kinds}
     for cell in cells:
         per_seed = []
         for seed in range(args.seeds):
-            cand = [by_id[r["id"]] for r in by_cell_seed.get((cell, seed), []) if r["id"] in by_id]
+            cand = [by_id[r.id] for r in by_cell_seed.get((cell, seed), []) if r.id in by_id]
             if not cand:
                 continue
             vals = [

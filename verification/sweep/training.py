@@ -12,7 +12,7 @@ import torch
 from ..outdir import CLIError
 from ..trainer import FNNStack, TFNStack, fnn_apply, tfn_apply, train_stack
 from .problems import _input_shape
-from .protocol import TAG_INIT, _hash, _seed_int, structure_of
+from .protocol import TAG_INIT, Run, _hash, _seed_int, structure_of
 from .records import _json_default
 
 
@@ -36,8 +36,8 @@ def config_extra(spec, args) -> dict | None:
     return json.loads(json.dumps(extra, sort_keys=True, default=_json_default)) if extra else None
 
 
-def make_runs(spec, args, cells) -> list:
-    """Every run of the sweep: ``{"id", "config", "cell", "seed", "lr", "wd"}``; ``id`` hashes ``config``,
+def make_runs(spec, args, cells) -> list[Run]:
+    """Every run of the sweep (a :class:`Run` each); ``id`` hashes ``config``,
     which holds everything the run's result depends on (cell, seed, grid point, steps, selection, dtype
     and the experiment's :attr:`ExperimentSpec.config_extra`)."""
     extra = config_extra(spec, args)
@@ -60,7 +60,7 @@ def make_runs(spec, args, cells) -> list:
                     }
                     if extra is not None:
                         config["extra"] = extra
-                    runs.append({"id": _hash(config), "config": config, "cell": cell, "seed": seed, "lr": lr, "wd": wd})
+                    runs.append(Run(_hash(config), config, cell, seed, lr, wd))
     return runs
 
 
@@ -69,11 +69,11 @@ def _chunks(runs, size, split_seeds=True):
     batch and the target are broadcast, not gathered)."""
     groups = {}
     for r in runs:
-        c = r["cell"]
-        key = (c.structure, c.method) + ((r["seed"],) if split_seeds else ())
+        c = r.cell
+        key = (c.structure, c.method) + ((r.seed,) if split_seeds else ())
         groups.setdefault(key, []).append(r)
     for key, group in groups.items():
-        group.sort(key=lambda r: (r["seed"], r["cell"].kind))
+        group.sort(key=lambda r: (r.seed, r.cell.kind))
         for i in range(0, len(group), size):
             yield key[:2], group[i : i + size]
 
@@ -81,11 +81,11 @@ def _chunks(runs, size, split_seeds=True):
 def _stack_for(chunk, problems, dtype, device):
     """The stack of ``chunk``'s runs. LoRA ranks are padded to the width ``D`` whatever the chunk holds, so a
     run's arithmetic, hence its result, does not depend on ``--chunk`` or on the runs stacked with it."""
-    cell0 = chunk[0]["cell"]
+    cell0 = chunk[0].cell
     structure, method = cell0.structure, cell0.method  # a named structure (Cell converts)
-    frozen = [problems.frozen(structure, r["cell"].kind, r["seed"]) for r in chunk]
-    init_seeds = [_seed_int(r["seed"], TAG_INIT, int(_hash(r["cell"].as_dict())[:12], 16)) for r in chunk]
-    tune = [r["cell"].tune_bias for r in chunk]
+    frozen = [problems.frozen(structure, r.cell.kind, r.seed) for r in chunk]
+    init_seeds = [_seed_int(r.seed, TAG_INIT, int(_hash(r.cell.as_dict())[:12], 16)) for r in chunk]
+    tune = [r.cell.tune_bias for r in chunk]
     if structure.family == "fnn":
         W = np.stack([np.stack(f.weights) for f in frozen])  # (R, L, D, D)
         b = np.stack([np.stack(f.biases) for f in frozen])  # (R, L, D)
@@ -95,18 +95,18 @@ def _stack_for(chunk, problems, dtype, device):
                 W,
                 b,
                 method="lora",
-                ranks=[list(r["cell"].ranks) for r in chunk],
+                ranks=[list(r.cell.ranks) for r in chunk],
                 tune_bias=[t and structure.activation != "linear" for t in tune],
                 init_seeds=init_seeds,
                 rank_padding=structure.D,
                 **kw,
             )
-        return FNNStack(W, b, method="final_layers", tuned_layers=[r["cell"].layers for r in chunk], **kw)
+        return FNNStack(W, b, method="final_layers", tuned_layers=[r.cell.layers for r in chunk], **kw)
     params = {k: np.stack([f.parameters()[k] for f in frozen]) for k in frozen[0].parameters()}
     return TFNStack(
         params,
         method="lora",
-        ranks=[r["cell"].ranks[0] for r in chunk],
+        ranks=[r.cell.ranks[0] for r in chunk],
         tune_bias=tune,
         init_seeds=init_seeds,
         dtype=dtype,
@@ -172,7 +172,7 @@ def _finished(futures, handled) -> list:
 def estimate_rate(chunk, problems, dtype, device, structure, iterations) -> float:
     """Run-steps per second of a stack like ``chunk`` on this device (a few timed steps)."""
     stack = _stack_for(chunk, problems, dtype, device)
-    targets = [problems.target(structure, chunk[0]["seed"])]
+    targets = [problems.target(structure, chunk[0].seed)]
     tstack = _target_stack(structure, targets, dtype, device)
     R = len(chunk)
     kw = dict(
