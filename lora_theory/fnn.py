@@ -528,6 +528,22 @@ def _domain_args(input_radius, center, inputs, margin, D):
     return "samples", None, None, X
 
 
+def _block_gamma(rounding, after, target_norm, frozen_norm, in_size, out_size) -> float:
+    """``γ_i``, the rounding of block ``i`` relative to its output size (THEORY.md §2.3); shared by the float64
+    construction and :func:`lora_theory.highprec.lora_fnn_mp`, which count it alike.
+
+    ``rounding[j] = (||W_j||_2 + ||Δ_j||_2) s_{j-1} + ||b_j||_2``: the magnitudes summed when layer ``j``
+    is applied to an input of size ``s_{j-1}``; ``after[j]``: ``||M_m ... M_{j+1}||_2``, the adapted layers
+    after ``j`` that carry its rounding to the block output (1 for the last). ``E_i = T_i - Π W_l`` is itself
+    a float64 difference, so the realised ``W̃_i`` inherits its rounding, relative to both terms:
+    ``(||T_i||_2 + ||Π W_l||_2)·in_size``. Returns ``Σ_j after[j]·rounding[j] + that``, over ``out_size``
+    (0 when the output size is 0).
+    """
+    amplified = sum(a * t for a, t in zip(after, rounding))
+    amplified += (target_norm + frozen_norm) * in_size
+    return float(amplified / out_size) if out_size > 0 else 0.0
+
+
 def lora_fnn(
     frozen: FNN,
     target: FNN,
@@ -673,12 +689,9 @@ def lora_fnn(
                 if linearise and (block.start + j < L - 1 or frozen.final_relu):
                     Z = relu(Z)
         rounding.append(added[-1] * s_prev + np.linalg.norm(b_last))
-        # each layer's rounding reaches the block output through the adapted layers after it
         after = [float(np.linalg.norm(product(M[j + 1 :]), 2)) for j in range(m - 1)] + [1.0]
-        amplified = sum(a * t for a, t in zip(after, rounding))
-        # E_i = T_i - Π W_l is a float64 difference: W̃_i inherits its rounding, relative to both terms
-        amplified += float(np.linalg.norm(T, 2) + np.linalg.norm(product(factors), 2)) * in_size
-        gamma_i = float(amplified / out_size) if out_size > 0 else 0.0
+        norms = (float(np.linalg.norm(T, 2)), float(np.linalg.norm(product(factors), 2)))
+        gamma_i = _block_gamma(rounding, after, *norms, in_size, out_size)
 
         k_i = sum(a.rank for a in block_adapters)
         block_fits.append(

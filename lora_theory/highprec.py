@@ -38,7 +38,7 @@ from ._types import ArrayLike, Matrices, Partition, Rank
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
-from .fnn import SAFETY, Domain, _check_models, _check_points, _radius_amplification, lora_fnn
+from .fnn import SAFETY, Domain, _block_gamma, _check_models, _check_points, _radius_amplification, lora_fnn
 from .linear import (
     _chain_gamma,
     _ChainArithmetic,
@@ -914,13 +914,11 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             # each layer's rounding reaches the block output through the adapted layers after it
             Mf = [_np(Mj) for Mj in M]
             after = [float(np.linalg.norm(_float_product(Mf[j + 1 :], n), 2)) for j in range(m - 1)] + [1.0]
-            amplified = sum(a * t for a, t in zip(after, rounding))
-            # and the rounding of E_i = T_i - Π W_l (FNNFit.gamma)
-            amplified += (
-                float(np.linalg.norm(target.weights[i], 2))
-                + float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2))
-            ) * in_size
-            gamma += amplified / out_size if out_size > 0 else 0.0
+            norms = (
+                float(np.linalg.norm(target.weights[i], 2)),
+                float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2)),
+            )
+            gamma += _block_gamma(rounding, after, *norms, in_size, out_size)  # as the float64 path counts it
             weights.extend(M)
             biases.extend(block_biases)
             u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)

@@ -462,3 +462,18 @@ def test_raised_precision_exact_implies_the_target_on_fresh_inputs(seed):
         assert hp.exact == hp.rank_sufficient
         if hp.exact:
             assert hp.relative_error(rng.standard_normal((2, 4, 3))) <= hp.tolerance
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_fnn_mp_counts_the_rounding_gamma_as_the_float64_construction(seed, rank):
+    """Both FNN paths count ``γ`` (the rounding a block's output carries, relative to its size) with one
+    formula, ``lora_theory.fnn._block_gamma``: on the same instance and ball their ``γ`` agree up to the
+    float64 rounding of the adapted weights whose norms enter it (measured: 8e-13 relative), far inside
+    ``1e-9``; a term counted by one path only (the rounding of ``E_i``, say) moves ``γ`` by far more."""
+    frozen, target = random_fnn(6, 4, seed=seed), random_fnn(6, 2, seed=100 + seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        float_fit = lora_fnn(frozen, target, rank, input_radius=2.0)
+        mp_fit = lora_fnn_mp(frozen, target, rank, input_radius=2.0, digits=40)
+    assert mp_fit.gamma == pytest.approx(float_fit.gamma, rel=1e-9)
