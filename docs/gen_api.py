@@ -1,4 +1,4 @@
-"""Generate docs/api.md from the docstrings of lora_theory's public names.
+"""Generate docs/api.md from the docstrings of lora_theory's public names and of verification.sweep's.
 
 Run ``python docs/gen_api.py`` after changing a public docstring; ``tests/test_docs.py`` fails when
 docs/api.md is out of date or a public name has no docstring.
@@ -18,7 +18,9 @@ import lora_theory  # noqa: E402
 HEADER = """# API reference
 
 Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.
-Every name below is importable from `lora_theory`. The theorem map is in `theorems.md`.
+Every name of the first part is importable from `lora_theory` (numpy, no torch); the second part lists
+`verification.sweep`, the machinery the experiments share (torch), module by module. The theorem map is in
+`theorems.md`.
 """
 
 
@@ -39,19 +41,31 @@ def _signature(name: str, obj) -> str:
     return name
 
 
+def _sweep():
+    import verification.sweep
+
+    return verification.sweep
+
+
 def render() -> str:
+    return _render(lora_theory, "lora_theory (constants)") + "\n# `verification.sweep`\n" + _render(_sweep(), None)
+
+
+def _render(package, constants) -> str:
     by_module: dict[str, list[str]] = {}
-    for name in lora_theory.__all__:
-        obj = getattr(lora_theory, name)
+    for name in package.__all__:
+        obj = getattr(package, name)
+        if constants is None and _kind(obj) == "constant":
+            continue  # the sweep's protocol constants: documented in its module, recorded in every summary
         module = getattr(obj, "__module__", None) if _kind(obj) != "constant" else None
-        module = module or "lora_theory (constants)"
+        module = module or constants
         doc = inspect.getdoc(obj) if _kind(obj) != "constant" else None
         first = (doc or "").strip().split("\n\n")[0].replace("\n", " ")
         if _kind(obj) == "constant":
             first = f"`{obj!r}`" if not hasattr(obj, "free_symbols") else f"sympy symbol `{obj}`"
         entry = f"### `{name}`\n\n*{_kind(obj)}* — `{_signature(name, obj)}`\n\n{first}\n"
         by_module.setdefault(module, []).append(entry)
-    parts = [HEADER]
+    parts = [HEADER] if package is lora_theory else []
     for module in sorted(by_module):
         parts.append(f"\n## `{module}`\n")
         parts.extend("\n" + e for e in by_module[module])

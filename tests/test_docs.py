@@ -70,6 +70,27 @@ def test_api_page_lists_every_public_name_with_its_summary():
     assert not stale, f"docs/api.md is out of date for {stale}: run `python docs/gen_api.py`"
 
 
+def test_every_public_name_of_the_sweep_machinery_has_a_docstring_and_a_section():
+    """``verification.sweep``'s public classes and functions, which the experiments and tools build on, are
+    documented like ``lora_theory``'s: a docstring, and a section in docs/api.md with its summary line."""
+    import verification.sweep as sweep
+
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing, stale = [], []
+    for name in sweep.__all__:
+        obj = getattr(sweep, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = inspect.getdoc(obj)
+        if not (doc and doc.strip()):
+            missing.append(name)
+            continue
+        if f"### `{name}`" not in page or doc.strip().split("\n\n")[0].replace("\n", " ") not in page:
+            stale.append(name)
+    assert not missing, f"verification.sweep names without a docstring: {missing}"
+    assert not stale, f"docs/api.md is out of date for {stale}: run `python docs/gen_api.py`"
+
+
 def _code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 

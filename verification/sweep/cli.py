@@ -87,6 +87,8 @@ def _frozen_kinds(text):
 
 
 def base_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
+    """The flags every experiment shares (width, ranks, seeds, steps, grids, device, output folder, resume,
+    backend...), on the one-line-error parser; ``spec.add_arguments`` adds the experiment's own."""
     p = OneLineParser(prog=f"python -m verification.{spec.name}", description=spec.description)
     p.add_argument("--width", type=positive_int, default=16, help="D (default 16)")
     p.add_argument("--ranks", default=None, help="LoRA ranks, e.g. 1-16 (default) or 1,2,8")
@@ -413,6 +415,8 @@ def fnn_structure(args, depth, target_depth, activation="relu") -> FNNStructure:
 
 
 def lora_cells(args, structure, ranks, *, label="lora", tune_bias=None, axis_extra=()):
+    """One LoRA :class:`Cell` per frozen-model kind of ``--frozen`` and rank ``R`` of ``ranks``: rank ``R`` on
+    every layer of an FNN, ``(R,)`` for a TFN; ``axis_extra`` is appended to the row's ``("rank", R)``."""
     structure = structure_of(structure)
     L = structure.L
     tb = args.tune_bias if tune_bias is None else tune_bias

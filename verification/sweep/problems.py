@@ -48,6 +48,8 @@ def _structure_target(structure):
 
 
 def make_target(structure, seed):
+    """The target of ``structure`` for experiment seed ``seed``, with the authors' initialisation; an FNN's
+    target depends on ``L̄`` only, not on the frozen depth."""
     s = structure_of(structure)
     if s.family == "fnn":
         rng = seeded_rng(seed, TAG_TARGET, s.Lbar)
@@ -58,6 +60,7 @@ def make_target(structure, seed):
 
 
 def make_random_frozen(structure, seed):
+    """The random frozen model of ``structure`` for experiment seed ``seed`` (before any pretraining)."""
     s = structure_of(structure)
     if s.family == "fnn":
         rng = seeded_rng(seed, TAG_FROZEN, s.L)

@@ -57,6 +57,7 @@ def _seed_int(*entropy) -> int:
 
 
 def seeded_rng(*entropy) -> np.random.Generator:
+    """A numpy generator from ``SeedSequence(entropy)``: the experiment seed and a tag (``TAG_*``) name a stream."""
     return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
 
 

@@ -23,6 +23,8 @@ def _threshold_mark(thr, row) -> str:
 
 
 def format_table(spec, summary) -> str:
+    """The table printed on stdout: one row per cell and frozen-model kind (threshold mark, prediction,
+    construction, calibrated and gradient MSEs with their spread), then the pretrained-vs-random comparison."""
     buf = io.StringIO()
     thr = summary["threshold"]
     highprec = []
@@ -165,6 +167,7 @@ CSV_FIELDS = [
 
 
 def format_csv(summary) -> str:
+    """``summary.csv``: one line per row of both frozen-model kinds, the columns :data:`CSV_FIELDS`."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()

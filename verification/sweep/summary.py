@@ -22,6 +22,9 @@ def _median(values):
 
 
 def summarize(spec, args, cells, runs, records, constructions, problems) -> dict:
+    """``summary.json``: per cell and frozen-model kind, the selected grid point of every seed (lowest
+    validation loss), medians and interquartile ranges over seeds of the test and shifted MSEs, the
+    construction's columns, the threshold and the protocol as run."""
     by_id = {r["id"]: r for r in records}
     by_cell_seed = {}
     for r in runs:

@@ -17,6 +17,8 @@ from .records import _json_default
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for where there
+    is none is a :class:`CLIError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
