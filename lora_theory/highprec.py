@@ -57,7 +57,7 @@ from .numerics import (
     verified_exact,
 )
 from .partition import check_partition, partition_blocks, uniform_partition
-from .tfn import CHECK_INPUTS, CHECK_TOKENS, TFNFit, _check_pair, lora_tfn
+from .tfn import CHECK_INPUTS, CHECK_TOKENS, TFNFit, _Carried, _check_pair, _walk, _WalkArithmetic, lora_tfn
 
 __all__ = [
     "choose_digits",
@@ -1220,54 +1220,50 @@ def _tfn_mp(frozen, target, R, digits, reason) -> HighPrecisionTFNFit:
             w2=[_mpm(f["w2"][l]) for l in range(L)],
             b2=[None] * L,
         )
-        C, kappa_C = _eye(D), 0.0  # (D, D) C_{l-1}, κ solved to form it
-        for l in range(L):
-            lu_w1 = _LU(
-                _mpm(f["w1"][l]), f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C"
-            )
-            kappas[f"W1[{l}]"] = lu_w1.kappa
-            for h in range(H):
-                TQ, TK, TV, TO = (_mpm(t[k][l, h]) for k in ("wq", "wk", "wv", "wo"))
-                qk_target = C.T * TK.T * TQ * C  # (D, D) C^T T_K^T T_Q C
-                (aq, akT), (wq, wkT), _, rank_qk, kq = _chain_mp(
-                    [_mpm(f["wq"][l, h]), _mpm(f["wk"][l, h]).T],
-                    qk_target,
-                    (R, R),
-                    [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"],
-                    None,
-                    kappa_C,
-                )
-                ov_target = lu_w1.solve(_mpm(t["w1"][l]) * TO * TV * C)  # (D, D) W1^-1 T1 T_O T_V C
-                (av, ao), (wv, wo), _, rank_ov, kv = _chain_mp(
-                    [_mpm(f["wv"][l, h]), _mpm(f["wo"][l, h])],
-                    ov_target,
-                    (R, R),
-                    [f"W_V[{l},{h}]", f"W_O[{l},{h}]"],
-                    None,
-                    kappa_C + lu_w1.kappa,
-                )
-                out["wq"][l][h], out["wk"][l][h], out["wv"][l][h], out["wo"][l][h] = wq, wkT.T, wv, wo
-                # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is (A = B2^T, B = A2^T)
-                adapters[("wq", l, h)], adapters[("wk", l, h)] = aq, (akT[1].T, akT[0].T)
-                adapters[("wv", l, h)], adapters[("wo", l, h)] = av, ao
-                G[l] = max(G[l], rank_qk, rank_ov)
-                kappas.update({f"qk[{l},{h}] {k}": v for k, v in kq.items()})
-                kappas.update({f"ov[{l},{h}] {k}": v for k, v in kv.items()})
-            if l < L - 1:
-                W2, T2 = _mpm(f["w2"][l]), _mpm(t["w2"][l])
-                lu_w2t = _LU(W2.T, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block")
-                lu_t2 = _LU(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
-                kappas[f"W2[{l}]"], kappas[f"T2[{l}]"] = lu_w2t.kappa, lu_t2.kappa
-                C, kappa_C = lu_w2t.solve(T2.T).T, lu_w2t.kappa  # (D, D) T2 W2^-1
-                out["b2"][l] = W2 * lu_t2.solve(_mpm(t["b2"][l]))  # (D, 1) W2 T2^-1 c2
-        T_out = _mpm(t["w_out"])
-        (a2, aout), (w2_last, w_out), _, rank_out, ko = _chain_mp(
-            [_mpm(f["w2"][L - 1]), _mpm(f["w_out"])], T_out * _mpm(t["w2"][L - 1]), (R, R), ["W2[L-1]", "W_out"], None
+
+        def param(params, name, l, h):
+            value = params[name]
+            return _mpm(value if name == "w_out" else value[l, h] if h is not None else value[l])
+
+        def inverse(M, name, context):
+            lu = _LU(M, name, context)
+            return lu.kappa, lu.solve
+
+        def right_inverse(M, name, context):
+            lu = _LU(M.T, name, context)
+            return lu.kappa, lambda X: lu.solve(X.T).T
+
+        arith = _WalkArithmetic(
+            frozen=lambda name, l, h: param(f, name, l, h),
+            target=lambda name, l, h: param(t, name, l, h),
+            mul=lambda A, B: A * B,
+            T=lambda A: A.T,
+            eye=_eye(D),
+            inverse=inverse,
+            right_inverse=right_inverse,
         )
-        G[L - 1] = max(G[L - 1], rank_out)
-        adapters[("w2", L - 1, None)], adapters[("w_out", L - 1, None)] = a2, aout
-        kappas.update({f"out {k}": v for k, v in ko.items()})
-        out["w2"][L - 1] = w2_last
+        for step in _walk(arith, L, H, kappas):
+            if isinstance(step, _Carried):
+                out["b2"][step.block] = step.b2  # (D, 1) W2 T2^-1 c2
+                continue
+            l, h = step.block, step.head
+            (a1, a2), (m1, m2), _, rank_E, chain_kappas = _chain_mp(
+                list(step.factors), step.matched, (R, R), list(step.names), None, step.kappa_solved
+            )
+            G[l] = max(G[l], rank_E)
+            label = f"{step.kind}[{l},{h}]" if h is not None else step.kind
+            kappas.update({f"{label} {k}": v for k, v in chain_kappas.items()})
+            if step.kind == "qk":
+                out["wq"][l][h], out["wk"][l][h] = m1, m2.T
+                # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is (A = B2^T, B = A2^T)
+                adapters[("wq", l, h)], adapters[("wk", l, h)] = a1, (a2[1].T, a2[0].T)
+            elif step.kind == "ov":
+                out["wv"][l][h], out["wo"][l][h] = m1, m2
+                adapters[("wv", l, h)], adapters[("wo", l, h)] = a1, a2
+            else:
+                out["w2"][L - 1], w_out = m1, m2
+                adapters[("w2", L - 1, None)], adapters[("w_out", L - 1, None)] = a1, a2
+        T_out = _mpm(t["w_out"])
         lu_out = _LU(w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
         kappas["W_out + Δ_out"] = lu_out.kappa
         out["b2"][L - 1] = lu_out.solve(T_out * _mpm(t["b2"][L - 1]))

@@ -60,6 +60,7 @@ from .fnn import SAFETY
 from .linear import _ChainArithmetic, _search_note, _split_chain
 from .models import FNN, MAX_RANDOM_WIDTH, TFN
 from .partition import MAX_DEPTH, check_partition, partition_blocks, uniform_partition
+from .tfn import _Carried, _walk, _WalkArithmetic
 from .thresholds import ceil_div
 
 __all__ = [
@@ -1128,42 +1129,55 @@ def certify_tfn(frozen: TFN | RationalTFN, target: TFN | RationalTFN, rank: int)
     new = {name: [[None] * H for _ in range(Lb)] for name in _HEAD}
     b2 = [None] * Lb
     w2_last = w_out = None
+
+    def param(model, name, l, h):
+        value = getattr(model, name)
+        return g(value if name == "w_out" else value[l][h] if h is not None else value[l])
+
+    def inverse(M, name, context):
+        rec.invertible(M, name, context)
+        return 0.0, M.lu_solve
+
+    def right_inverse(M, name, context):
+        rec.invertible(M, name, context)
+        Mt = M.transpose()
+        return 0.0, lambda X: Mt.lu_solve(X.transpose()).transpose()
+
+    arith = _WalkArithmetic(
+        frozen=lambda name, l, h: param(f0, name, l, h),
+        target=lambda name, l, h: param(fbar, name, l, h),
+        mul=lambda A, B: A * B,
+        T=lambda A: A.transpose(),
+        eye=_eye(n),
+        inverse=inverse,
+        right_inverse=right_inverse,
+    )
     try:
-        C = _eye(n)
-        for l in range(Lb):
-            W1, T1 = g(f0.w1[l]), g(fbar.w1[l])
-            rec.invertible(W1, f"W1[{l}]", f"block {l}: values are matched to W1^-1 T1 T_O T_V C")
-            for h in range(H):
-                WQ, WK, WV, WO = (g(getattr(f0, nm)[l][h]) for nm in _HEAD)
-                TQ, TK, TV, TO = (g(getattr(fbar, nm)[l][h]) for nm in _HEAD)
-                qk = C.transpose() * TK.transpose() * TQ * C  # (n, n) C^T T_K^T T_Q C
-                (aq, ak), (mq, mkt) = chain("qk", l, h, [WQ, WK.transpose()], [f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"], qk)
-                _store(rec, ("wq", l, h), *aq)
+        for step in _walk(arith, Lb, H, {}):
+            if isinstance(step, _Carried):
+                l, C = step.block, step.C
+                b2[l] = step.b2  # (n, 1) W2 T2^-1 c2
+                rec.equal(f"block {l}: C_{l + 1} W2 == T2", C * step.W2, step.T2)
+                rec.equal(f"block {l}: C_{l + 1} b2 == c2 (block output = C^-1 × target's)", C * b2[l], step.c2)
+                continue
+            l, h = step.block, step.head
+            (a1, a2), (m1, m2) = chain(step.kind, l, h, list(step.factors), list(step.names), step.matched)
+            if step.kind == "qk":
+                _store(rec, ("wq", l, h), *a1)
                 # W_K^T + B2 A2 = (W_K + A2^T B2^T)^T: the adapter of W_K is A_K = B2^T, B_K = A2^T
-                _store(rec, ("wk", l, h), ak[1].transpose(), ak[0].transpose())
-                new["wq"][l][h], new["wk"][l][h] = mq, mkt.transpose()
-                ov_hidden = T1 * TO * TV * C  # (n, n) T1 T_O T_V C
-                ov = W1.lu_solve(ov_hidden)  # (n, n) W1^-1 T1 T_O T_V C
-                (av, ao), (mv, mo) = chain("ov", l, h, [WV, WO], [f"W_V[{l},{h}]", f"W_O[{l},{h}]"], ov)
-                _store(rec, ("wv", l, h), *av)
-                _store(rec, ("wo", l, h), *ao)
-                new["wv"][l][h], new["wo"][l][h] = mv, mo
-                rec.equal(f"ov[{l},{h}]: W1 (W_O + Δ_O)(W_V + Δ_V) == T1 T_O T_V C", W1 * mo * mv, ov_hidden)
-            if l < Lb - 1:
-                W2, T2 = g(f0.w2[l]), g(fbar.w2[l])
-                rec.invertible(W2, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target onward")
-                rec.invertible(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
-                C = W2.transpose().lu_solve(T2.transpose()).transpose()  # (n, n) C_l = T2 W2^-1
-                b2[l] = W2 * T2.lu_solve(g(fbar.b2[l]))  # (n, 1) W2 T2^-1 c2
-                rec.equal(f"block {l}: C_{l + 1} W2 == T2", C * W2, T2)
-                rec.equal(f"block {l}: C_{l + 1} b2 == c2 (block output = C^-1 × target's)", C * b2[l], g(fbar.b2[l]))
+                _store(rec, ("wk", l, h), a2[1].transpose(), a2[0].transpose())
+                new["wq"][l][h], new["wk"][l][h] = m1, m2.transpose()
+            elif step.kind == "ov":
+                _store(rec, ("wv", l, h), *a1)
+                _store(rec, ("wo", l, h), *a2)
+                new["wv"][l][h], new["wo"][l][h] = m1, m2
+                W1 = param(f0, "w1", l, None)
+                rec.equal(f"ov[{l},{h}]: W1 (W_O + Δ_O)(W_V + Δ_V) == T1 T_O T_V C", W1 * m2 * m1, step.hidden)
+            else:
+                (a_w2, a_out), (w2_last, w_out) = (a1, a2), (m1, m2)
         last = Lb - 1
-        out_target = g(fbar.w_out) * g(fbar.w2[last])  # (n, n) T_out T2_L
-        (a2, aout), (w2_last, w_out) = chain(
-            "out", last, None, [g(f0.w2[last]), g(f0.w_out)], ["W2[L-1]", "W_out"], out_target
-        )
-        _store(rec, ("w2", last, None), *a2)
-        _store(rec, ("w_out", last, None), *aout)
+        _store(rec, ("w2", last, None), *a_w2)
+        _store(rec, ("w_out", last, None), *a_out)
         rec.invertible(w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2")
         rhs = g(fbar.w_out) * g(fbar.b2[last])  # (n, 1) T_out c2_L
         b2[last] = w_out.lu_solve(rhs)

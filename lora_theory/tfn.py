@@ -7,7 +7,8 @@ Symbols (THEORY.md §1, §2.7): ``L`` blocks, ``H`` heads, embedding size ``D``;
 The construction keeps, block by block, the target's block output equal to ``C_l`` times the adapted one,
 with ``C_0 = I`` and ``C_l = T2_l W2_l^{-1}`` (``l < L``). For block ``l`` (1-based here, 0-based in code)
 and head ``h`` it matches two products of two matrices with the linear construction of Lemma 1
-(:func:`lora_theory.linear._chain_adapters`):
+(:func:`lora_theory.linear._chain_adapters`); :func:`_walk` is this walk, written once for the float64, mpmath
+and exact paths:
 
 1. scores:  ``(W_K + Δ_K)^T (W_Q + Δ_Q) = C_{l-1}^T T_K^T T_Q C_{l-1}``   (factors ``W_Q``, ``W_K^T``);
 2. values:  ``(W_O + Δ_O)(W_V + Δ_V) = W1_l^{-1} T1_l T_O T_V C_{l-1}``   (factors ``W_V``, ``W_O``);
@@ -25,6 +26,7 @@ discrepancy (Lemma 1), but no bound on the network's error is known: none is cla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,11 +138,6 @@ def _check_pair(frozen, target):
         )
 
 
-def _solve_right(M, X):
-    """``X M^{-1}`` with a solve: ``solve(M^T, X^T)^T``."""
-    return finite_solve(M.T, X.T, "the transpose of a frozen W2").T
-
-
 def _rank_tol(frozen_factors, matched, kappa_solved):
     """Numeric-rank tolerance of a matched discrepancy ``E = matched - Π frozen``.
 
@@ -155,41 +152,133 @@ def _rank_tol(frozen_factors, matched, kappa_solved):
     return D * np.finfo(np.float64).eps * scale * (1.0 + kappa_solved)
 
 
-def _matched_problems(frozen, target, kappas):
-    """Yield ``(kind, block, head, factors, names, matched, rank_tol)`` for every matched product.
+@dataclass(frozen=True)
+class _Matched:
+    """One product Theorem 7's walk matches: ``second @ first`` plus a rank-``2R`` change must equal ``matched``.
 
-    Computes ``C_l`` and checks (recording ``κ`` in ``kappas``) ``W1_l``, and ``W2_l``, ``T2_l`` for
-    ``l < L``, raising :class:`SingularMatrixError` naming the matrix.
+    ``factors = (first, second)``, each ``(D, D)``; ``names`` label them in errors; ``kappa_solved``: the
+    condition numbers of the solves that formed ``matched`` (it carries their rounding); ``hidden``: for
+    ``"ov"``, ``T1 T_O T_V C`` before the solve with ``W1`` (else ``None``).
     """
-    L, H, D = frozen.depth, frozen.heads, frozen.embed_dim
-    C = np.eye(D)  # (D, D) C_0 = I
-    kappa_C = 0.0  # κ solved to form C_{l-1}
+
+    kind: str  # "qk", "ov" or "out"
+    block: int
+    head: int | None
+    factors: tuple
+    names: tuple
+    matched: object  # (D, D)
+    kappa_solved: float
+    hidden: object = None
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Block ``l < L-1`` hands on ``C_l = T2_l W2_l^{-1}`` (``(D, D)``) and its bias ``b2_l = W2_l T2_l^{-1} c2_l``."""
+
+    block: int
+    C: object
+    b2: object
+    W2: object
+    T2: object
+    c2: object
+
+
+@dataclass(frozen=True)
+class _WalkArithmetic:
+    """What Theorem 7's walk (:func:`_walk`) needs of an arithmetic: float64 (:func:`_float64_walk`), mpmath
+    (:func:`lora_theory.highprec._tfn_mp`) or exact rationals (:func:`lora_theory.symbolic.certify_tfn`).
+
+    ``frozen(name, l, h)`` / ``target(name, l, h)``: a parameter (``"wq"``... per head, ``"w1"``, ``"w2"``,
+    ``"b2"`` per block, ``"w_out"``) as the arithmetic's matrix; ``mul(A, B) = A B``; ``T(A) = A^T``; ``eye``:
+    ``I_D``. ``inverse(M, name, context) -> (κ, solve)`` with ``solve(X) = M^{-1} X`` and
+    ``right_inverse(M, name, context) -> (κ, solve)`` with ``solve(X) = X M^{-1}``: both check ``M`` and raise
+    naming it when it is singular.
+    """
+
+    frozen: Callable
+    target: Callable
+    mul: Callable
+    T: Callable
+    eye: object
+    inverse: Callable
+    right_inverse: Callable
+
+
+def _walk(ar: _WalkArithmetic, L: int, H: int, kappas: dict):
+    """Zeng & Lee 2024, Theorem 7: the products the construction matches, block by block, in any arithmetic.
+
+    Yields a :class:`_Matched` for the scores ``C^T T_K^T T_Q C`` (factors ``W_Q``, ``W_K^T``) and the values
+    ``W1^{-1} T1 T_O T_V C`` (factors ``W_V``, ``W_O``) of every head, a :class:`_Carried` after every block
+    ``l < L-1`` (``C_l = T2_l W2_l^{-1}``, ``b2_l = W2_l T2_l^{-1} c2_l``), then the output ``T_out T2_L``
+    (factors ``W2_L``, ``W_out``). Records ``κ`` of ``W1_l``, ``W2_l``, ``T2_l`` in ``kappas``. The matched
+    products depend on the frozen and target weights only, not on the adapters.
+    """
+    C, kappa_C = ar.eye, 0.0  # (D, D) C_0 = I; κ solved to form C_{l-1}
     for l in range(L):
-        kappas[f"W1[{l}]"] = check_invertible(
-            frozen.w1[l], f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C"
+        W1 = ar.frozen("w1", l, None)
+        kappas[f"W1[{l}]"], w1_solve = ar.inverse(
+            W1, f"W1[{l}]", f"block {l}: the value products are matched to W1^-1 T1 T_O T_V C"
         )
         for h in range(H):
-            qk_target = C.T @ target.wk[l, h].T @ target.wq[l, h] @ C  # (D, D) C^T T_K^T T_Q C
-            factors = (frozen.wq[l, h], frozen.wk[l, h].T)
-            names = (f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T")
-            yield "qk", l, h, factors, names, qk_target, _rank_tol(factors, qk_target, kappa_C)
-            ov = target.w1[l] @ target.wo[l, h] @ target.wv[l, h] @ C  # (D, D) T1 T_O T_V C
-            ov_target = finite_solve(frozen.w1[l], ov, f"W1[{l}]")  # (D, D) W1^-1 T1 T_O T_V C
-            factors = (frozen.wv[l, h], frozen.wo[l, h])
+            TQ, TK, TV, TO = (ar.target(k, l, h) for k in HEAD_MATRICES)
+            qk = ar.mul(ar.mul(ar.mul(ar.T(C), ar.T(TK)), TQ), C)  # (D, D) C^T T_K^T T_Q C
+            factors = (ar.frozen("wq", l, h), ar.T(ar.frozen("wk", l, h)))
+            yield _Matched("qk", l, h, factors, (f"W_Q[{l},{h}]", f"W_K[{l},{h}]^T"), qk, kappa_C)
+            ov = ar.mul(ar.mul(ar.mul(ar.target("w1", l, None), TO), TV), C)  # (D, D) T1 T_O T_V C
+            factors = (ar.frozen("wv", l, h), ar.frozen("wo", l, h))
             names = (f"W_V[{l},{h}]", f"W_O[{l},{h}]")
-            yield "ov", l, h, factors, names, ov_target, _rank_tol(factors, ov_target, kappa_C + kappas[f"W1[{l}]"])
+            yield _Matched("ov", l, h, factors, names, w1_solve(ov), kappa_C + kappas[f"W1[{l}]"], ov)
         if l < L - 1:
-            kappas[f"W2[{l}]"] = check_invertible(
-                frozen.w2[l], f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block"
+            W2, T2, c2 = ar.frozen("w2", l, None), ar.target("w2", l, None), ar.target("b2", l, None)
+            kappas[f"W2[{l}]"], w2_right = ar.right_inverse(
+                W2, f"W2[{l}]", f"block {l} < L-1: C = T2 W2^-1 carries the target to the next block"
             )
-            kappas[f"T2[{l}]"] = check_invertible(
-                target.w2[l], f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2"
-            )
-            C = _solve_right(frozen.w2[l], target.w2[l])  # (D, D) C_l = T2_l W2_l^-1
-            kappa_C = kappas[f"W2[{l}]"]
-    out_target = target.w_out @ target.w2[L - 1]  # (D, D) T_out T2_L
-    factors = (frozen.w2[L - 1], frozen.w_out)
-    yield "out", L - 1, None, factors, ("W2[L-1]", "W_out"), out_target, _rank_tol(factors, out_target, 0.0)
+            kappas[f"T2[{l}]"], t2_solve = ar.inverse(T2, f"T2[{l}] (target)", f"block {l} < L-1: b2 = W2 T2^-1 c2")
+            C, kappa_C = w2_right(T2), kappas[f"W2[{l}]"]  # (D, D) C_l = T2_l W2_l^-1
+            yield _Carried(l, C, ar.mul(W2, t2_solve(c2)), W2, T2, c2)  # b2_l = W2 T2^-1 c2
+    out = ar.mul(ar.target("w_out", L - 1, None), ar.target("w2", L - 1, None))  # (D, D) T_out T2_L
+    factors = (ar.frozen("w2", L - 1, None), ar.frozen("w_out", L - 1, None))
+    yield _Matched("out", L - 1, None, factors, ("W2[L-1]", "W_out"), out, 0.0)
+
+
+def _tfn_param(model, name, l, h):
+    """A parameter of a float64 :class:`TFN`, as :class:`_WalkArithmetic` reads it."""
+    value = getattr(model, name)
+    if name == "w_out":
+        return value
+    return value[l, h] if h is not None else value[l]
+
+
+def _float64_walk(frozen, target) -> _WalkArithmetic:
+    def inverse(M, name, context):
+        return check_invertible(M, name, context), lambda X: finite_solve(M, X, name)
+
+    def right_inverse(M, name, context):
+        kappa = check_invertible(M, name, context)
+        return kappa, lambda X: finite_solve(M.T, X.T, f"the transpose of a frozen {name[:2]}").T
+
+    return _WalkArithmetic(
+        frozen=lambda name, l, h: _tfn_param(frozen, name, l, h),
+        target=lambda name, l, h: _tfn_param(target, name, l, h),
+        mul=np.matmul,
+        T=np.transpose,
+        eye=np.eye(frozen.embed_dim),
+        inverse=inverse,
+        right_inverse=right_inverse,
+    )
+
+
+def _matched_problems(frozen, target, kappas):
+    """Yield ``(kind, block, head, factors, names, matched, rank_tol)`` for every matched product of the
+    float64 walk (:func:`_walk`), with the numeric-rank tolerance of :func:`_rank_tol`.
+
+    Checks (recording ``κ`` in ``kappas``) ``W1_l``, and ``W2_l``, ``T2_l`` for ``l < L``, raising
+    :class:`SingularMatrixError` naming the matrix.
+    """
+    for step in _walk(_float64_walk(frozen, target), frozen.depth, frozen.heads, kappas):
+        if isinstance(step, _Matched):
+            tol = _rank_tol(step.factors, step.matched, step.kappa_solved)
+            yield step.kind, step.block, step.head, step.factors, step.names, step.matched, tol
 
 
 def tfn_matched_discrepancies(frozen: TFN, target: TFN) -> dict:
@@ -293,7 +382,13 @@ def lora_tfn(frozen: TFN, target: TFN, rank: int) -> TFNFit:
     adapters: dict = {}
     matched_errors: dict = {}
     G = [0] * L
-    for kind, l, h, factors, names, matched, tol in _matched_problems(frozen, target, kappas):
+    b2 = np.empty((L, D))
+    for step in _walk(_float64_walk(frozen, target), L, H, kappas):
+        if isinstance(step, _Carried):
+            b2[step.block] = step.b2  # (D,) W2 T2^-1 c2
+            continue
+        kind, l, h, factors, names, matched = step.kind, step.block, step.head, step.factors, step.names, step.matched
+        tol = _rank_tol(factors, matched, step.kappa_solved)
         check_norm_finite(matched - factors[1] @ factors[0], f"the {kind} discrepancy of block {l}")
         (first, second), E, s, rank_E, chain_kappas = _chain_checked(
             factors, matched, (R, R), names=list(names), rank_tol=tol
@@ -324,9 +419,6 @@ def lora_tfn(frozen: TFN, target: TFN, rank: int) -> TFNFit:
     w2 = np.array(frozen.w2)  # (L, D, D)
     w2[L - 1] += adapters[("w2", L - 1, None)].delta
     w_out = frozen.w_out + adapters[("w_out", L - 1, None)].delta  # (D, D)
-    b2 = np.empty((L, D))
-    for l in range(L - 1):
-        b2[l] = frozen.w2[l] @ finite_solve(target.w2[l], target.b2[l], f"T2[{l}]")  # W2 T2^-1 c2
     kappas["W_out + Δ_out"] = check_invertible(
         w_out, "W_out + Δ_out", "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2"
     )
