@@ -471,3 +471,32 @@ def test_certificate_records_the_instance():
     assert cert.frozen is t_frozen and cert.target is t_target
     from_float = certify_tfn(t_frozen.to_float(), t_target.to_float(), 1)
     assert isinstance(from_float.frozen, RationalTFN) and from_float.frozen.wq == t_frozen.wq
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_theorem7_walk_agrees_in_three_arithmetics(r):
+    """Theorem 7's walk is shared by the float64 construction, the mpmath one and the exact certificate: on a
+    target that replaces ``r`` rows of block 0's ``W_Q`` (matched ranks ``G = (r, 0)``, threshold
+    ``ceil(r/2)``) all three find the same matched ranks and threshold, and are exact from it on and not one
+    rank below."""
+    from lora_theory.highprec import lora_tfn_mp
+    from lora_theory.models import random_tfn
+    from lora_theory.tfn import lora_tfn
+
+    frozen = random_tfn(4, 2, 1, seed=r)
+    rng = np.random.default_rng(10 + r)
+    wq = np.array(frozen.wq)
+    wq[0, 0, :r] = rng.standard_normal((r, 4))  # new first r rows: a change of exact rank r, whatever the rounding
+    target = frozen.replace(wq=wq)
+    required = -(-r // 2)
+    for R in (required - 1, required):
+        fit, hp, cert = (
+            lora_tfn(frozen, target, R),
+            lora_tfn_mp(frozen, target, R, digits=30),
+            certify_tfn(frozen, target, R),
+        )
+        assert fit.matched_ranks == hp.matched_ranks == (r, 0)
+        assert fit.required_rank == hp.required_rank == required
+        assert fit.exact == hp.exact == (cert.outcome == "exact") == (R >= required)
+        if R >= required:
+            assert cert.required_rank == required
