@@ -328,8 +328,7 @@ def allocate_ranks(
 
     Notes
     -----
-    Measured on 224 layers shaped like a 7B model's (two costs, 8192 and 15104; 512 singular values each) on a
-    shared 2-core CPU: 0.5 s per budget, 12 s for an ``error`` target (bisection).
+    Its cost on layers shaped like a 7B model's is measured in THEORY.md §5.
     """
     energies, costs, shift = _problem(spectra, shapes)
     if (budget is None) == (error is None):

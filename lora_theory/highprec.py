@@ -80,9 +80,8 @@ SAFETY_DIGITS = 8
 #: safety digits cover small differences).
 RERUN_DIGITS = 2
 #: The largest working precision accepted, in significant decimal digits, given or chosen. Every float64
-#: ``κ`` and ``γ`` (at most 1.8e308) asks :func:`choose_digits` for at most 16 + 309 + 309 + 8 = 642 digits.
-#: Measured: a two-layer chain of width 8 took 0.2 s at 1000 digits, one of width 16 took 1.6 s at 300
-#: digits; a construction at ``digits=10**7`` did not return within 20 s. Larger requests are refused with
+#: ``κ`` and ``γ`` (at most 1.8e308) asks :func:`choose_digits` for at most 16 + 309 + 309 + 8 = 642 digits;
+#: the cost of higher ones is measured in THEORY.md §3. Larger requests are refused with
 #: :class:`~lora_theory.errors.InvalidArgumentError`.
 MAX_DIGITS = 1000
 _mp = mpmath.mp

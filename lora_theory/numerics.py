@@ -38,8 +38,8 @@ WARN_RELATIVE_ERROR = 1e-8
 #: ``c·u·(κ + γ)`` (times the amplification to the inputs the fit will be evaluated on) above 1 bounds the
 #: relative error by more than 100%: it no longer says that the outputs have even their order of magnitude,
 #: and the rounding it stands for, ``u·(κ + γ)`` without the constant ``c = 1e3``, exceeds 1e-3. Such a fit
-#: reports ``exact=False`` even when its rank suffices. (Deep blocks of generic weights sit well below:
-#: four-layer blocks of width 15 reach tolerances near 1e-2 with measured errors near 1e-6.)
+#: reports ``exact=False`` even when its rank suffices. (Deep blocks of generic weights sit well below it:
+#: THEORY.md §3.)
 EXACT_TOLERANCE_LIMIT = 1.0
 
 
