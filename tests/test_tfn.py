@@ -4,13 +4,15 @@ Tolerances are relative to the target's outputs on the batch, ``tolerance(κ)`` 
 condition number the construction solved with (THEORY.md §1).
 """
 
+import re
+
 import numpy as np
 import pytest
 from _helpers import ill_conditioned_ok
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, NumericalError, SingularMatrixError
 from lora_theory.models import TFN, random_tfn, relu, softmax_columns
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
 from lora_theory.tfn import lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks, tfn_rank_requirement
@@ -397,3 +399,108 @@ def test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights(seed):
     changed = frozen.replace(wq=wq)
     assert tfn_matched_discrepancy_ranks(frozen, changed) == (0, 1)
     assert not lora_tfn(frozen, changed, 0).exact and lora_tfn(frozen, changed, 1).exact
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+EPS = np.finfo(np.float64).eps
+
+
+def _diagonal_tfn(wq, wv, w1):
+    """A one-block, one-head TFN of width 4 with the given diagonals of ``W_Q``, ``W_V`` and ``W1`` and identities
+    elsewhere: every product and solve the construction forms from it is exact in float64 (diagonals of small
+    integers, a power of two and ``1 + k·eps``), so its matched discrepancies are known to the last bit."""
+    I = np.eye(4)
+    return TFN(
+        np.diag(wq)[None, None],
+        I[None, None],
+        np.diag(wv)[None, None],
+        I[None, None],
+        w1=np.diag(w1)[None],
+        b1=np.zeros((1, 4)),
+        w2=I[None],
+        b2=np.zeros((1, 4)),
+        w_out=I,
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, frozen_diag, target_diag, w1, scale, kappa",
+    [
+        # the matched product ||T_K^T T_Q|| = 4 is the largest of the three norms (||W_K^T W_Q|| = 1, ||E|| = 3)
+        ("qk", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 1), 4, 0),
+        # the frozen product is the largest (||W_K^T W_Q|| = 4, ||T_K^T T_Q|| = 1, ||E|| = 3)
+        ("qk", (4, 4, 4, 1), (1, 1, 1, 1), (1, 1, 1, 1), 4, 0),
+        # the discrepancy is the largest (||E|| = 4, both products 2)
+        ("qk", (2, 2, 2, 1), (-2, -2, -2, 1), (1, 1, 1, 1), 4, 0),
+        # a value product, matched through a solve with W1 = diag(1, 1, 1, 2): κ(W1) = 2 widens the tolerance
+        ("ov", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 2), 4, 2),
+    ],
+    ids=["matched-largest", "frozen-largest", "discrepancy-largest", "value-product-kappa-2"],
+)
+def test_the_numeric_rank_counts_singular_values_above_D_eps_largest_norm_one_plus_kappa(
+    kind, frozen_diag, target_diag, w1, scale, kappa
+):
+    """``_rank_tol``'s claim, at its boundary: a matched discrepancy ``E = matched - Π frozen`` counts its singular
+    values above ``D · eps · max(||matched||_2, ||Π W||_2, ||E||_2) · (1 + κ)`` (``κ`` that of the solves that
+    formed ``matched``: none in block 0's scores, ``C_0 = I``; ``W1`` in its value products), and one at the
+    tolerance or below it is rounding, as in :func:`lora_theory.numerics.numeric_rank`. The discrepancies here are
+    exact (diagonal weights): three singular values far above the tolerance, and a fourth one of 7/8, exactly
+    1 or 9/8 of it; the largest norm is, in turn, each of the three, so that a tolerance on a smaller norm, on a
+    Frobenius norm or without ``1 + κ`` puts the fourth on the other side."""
+    tol = 4 * EPS * scale * (1 + kappa)
+    counted = {}
+    for fraction in (7 / 8, 1, 9 / 8):
+        delta = fraction * tol  # a multiple of eps, so 1 + delta is exact
+        moved = np.array(target_diag, dtype=float)
+        moved[3] += delta
+        if kind == "qk":
+            frozen = _diagonal_tfn(frozen_diag, (1, 1, 1, 1), w1)
+            target = _diagonal_tfn(moved, (1, 1, 1, 1), w1)
+        else:
+            frozen = _diagonal_tfn((1, 1, 1, 1), frozen_diag, w1)
+            target = _diagonal_tfn((1, 1, 1, 1), moved, w1)
+        E = tfn_matched_discrepancies(frozen, target)[(kind, 0, 0)]
+        assert abs(E[3, 3]) == delta and np.count_nonzero(E - np.diag(np.diag(E))) == 0  # exact, diagonal
+        (counted[fraction],) = tfn_matched_discrepancy_ranks(frozen, target)
+    assert counted == {7 / 8: 3, 1: 3, 9 / 8: 4}
+
+
+@pytest.mark.parametrize(
+    "name, index, where, why",
+    [
+        ("w1", 0, "frozen", r"block 0: the value products are matched to W1\^-1 T1 T_O T_V C"),
+        ("w1", 1, "frozen", r"block 1: the value products are matched to W1\^-1 T1 T_O T_V C"),
+        ("w2", 0, "frozen", r"block 0 < L-1: C = T2 W2\^-1 carries the target to the next block"),
+        ("w2", 0, "target", r"block 0 < L-1: b2 = W2 T2\^-1 c2"),
+    ],
+    ids=["W1-block0", "W1-block1", "W2-block0", "T2-block0"],
+)
+def test_a_singular_inverted_matrix_is_refused_saying_where_and_why_it_is_inverted(name, index, where, why):
+    """The theorem assumes ``W1_l`` and, before the last block, ``W2_l`` and ``T2_l`` invertible; a refusal names the
+    matrix and says what the construction inverts it for, in which block (``SingularMatrixError.context``, also at
+    the end of the message), from the construction and from the rank functions alike."""
+    rng = np.random.default_rng(7)
+    frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
+    if where == "frozen":
+        frozen = _with(frozen, name, index, _singular(4, rng))
+    else:
+        target = _with(target, name, index, _singular(4, rng))
+    for call in (lambda: lora_tfn(frozen, target, 2), lambda: tfn_matched_discrepancy_ranks(frozen, target)):
+        with pytest.raises(SingularMatrixError) as info:
+            call()
+        assert re.fullmatch(why, info.value.context)
+        assert str(info.value).endswith(f"({info.value.context})")
+
+
+@pytest.mark.parametrize("call", [lora_tfn, tfn_matched_discrepancy_ranks], ids=["lora_tfn", "ranks"])
+def test_an_overflow_forming_the_next_blocks_change_of_basis_names_that_solve(call):
+    """``C_l = T2_l W2_l^{-1}`` is formed by a solve with ``W2_l^T``; with ``W2_l = 1e-300·I`` (invertible, κ = 1)
+    and a target ``T2_l`` of norm ~1e10 it exceeds the float64 range, which is refused as a
+    :class:`NumericalError` naming that solve, not returned as infinite weights."""
+    frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
+    frozen = _with(frozen, "w2", 0, 1e-300 * np.eye(4))
+    target = _with(target, "w2", 0, 1e10 * target.w2[0])
+    args = (frozen, target, 2) if call is lora_tfn else (frozen, target)
+    with pytest.raises(NumericalError, match=r"overflow in a solve with the transpose of a frozen W2: the solution"):
+        call(*args)
