@@ -406,10 +406,10 @@ def test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights(seed):
 EPS = np.finfo(np.float64).eps
 
 
-def _diagonal_tfn(wq, wv, w1):
-    """A one-block, one-head TFN of width 4 with the given diagonals of ``W_Q``, ``W_V`` and ``W1`` and identities
-    elsewhere: every product and solve the construction forms from it is exact in float64 (diagonals of small
-    integers, a power of two and ``1 + k·eps``), so its matched discrepancies are known to the last bit."""
+def _diagonal_tfn(wq=(1, 1, 1, 1), wv=(1, 1, 1, 1), w1=(1, 1, 1, 1), w2=(1, 1, 1, 1), w_out=(1, 1, 1, 1), b2=0.0):
+    """A one-block, one-head TFN of width 4 with the given diagonals of ``W_Q``, ``W_V``, ``W1``, ``W2`` and
+    ``W_out``, ``W_K = W_O = I``: every product and solve the construction forms from small integers, powers of
+    two and ``1 + k·eps`` is exact in float64, so its matched discrepancies are known to the last bit."""
     I = np.eye(4)
     return TFN(
         np.diag(wq)[None, None],
@@ -418,9 +418,9 @@ def _diagonal_tfn(wq, wv, w1):
         I[None, None],
         w1=np.diag(w1)[None],
         b1=np.zeros((1, 4)),
-        w2=I[None],
-        b2=np.zeros((1, 4)),
-        w_out=I,
+        w2=np.diag(w2)[None],
+        b2=np.full((1, 4), b2),
+        w_out=np.diag(w_out),
     )
 
 
@@ -435,8 +435,10 @@ def _diagonal_tfn(wq, wv, w1):
         ("qk", (2, 2, 2, 1), (-2, -2, -2, 1), (1, 1, 1, 1), 4, 0),
         # a value product, matched through a solve with W1 = diag(1, 1, 1, 2): κ(W1) = 2 widens the tolerance
         ("ov", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 2), 4, 2),
+        # the output product T_out T2_L, matched with no solve (κ = 0) whatever the other blocks solved with
+        ("out", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 2), 4, 0),
     ],
-    ids=["matched-largest", "frozen-largest", "discrepancy-largest", "value-product-kappa-2"],
+    ids=["matched-largest", "frozen-largest", "discrepancy-largest", "value-product-kappa-2", "output-product"],
 )
 def test_the_numeric_rank_counts_singular_values_above_D_eps_largest_norm_one_plus_kappa(
     kind, frozen_diag, target_diag, w1, scale, kappa
@@ -454,13 +456,10 @@ def test_the_numeric_rank_counts_singular_values_above_D_eps_largest_norm_one_pl
         delta = fraction * tol  # a multiple of eps, so 1 + delta is exact
         moved = np.array(target_diag, dtype=float)
         moved[3] += delta
-        if kind == "qk":
-            frozen = _diagonal_tfn(frozen_diag, (1, 1, 1, 1), w1)
-            target = _diagonal_tfn(moved, (1, 1, 1, 1), w1)
-        else:
-            frozen = _diagonal_tfn((1, 1, 1, 1), frozen_diag, w1)
-            target = _diagonal_tfn((1, 1, 1, 1), moved, w1)
-        E = tfn_matched_discrepancies(frozen, target)[(kind, 0, 0)]
+        field = {"qk": "wq", "ov": "wv", "out": "w2"}[kind]
+        frozen = _diagonal_tfn(w1=w1, **{field: frozen_diag})
+        target = _diagonal_tfn(w1=w1, **{field: moved})
+        E = tfn_matched_discrepancies(frozen, target)[(kind, 0, None if kind == "out" else 0)]
         assert abs(E[3, 3]) == delta and np.count_nonzero(E - np.diag(np.diag(E))) == 0  # exact, diagonal
         (counted[fraction],) = tfn_matched_discrepancy_ranks(frozen, target)
     assert counted == {7 / 8: 3, 1: 3, 9 / 8: 4}
@@ -504,3 +503,78 @@ def test_an_overflow_forming_the_next_blocks_change_of_basis_names_that_solve(ca
     args = (frozen, target, 2) if call is lora_tfn else (frozen, target)
     with pytest.raises(NumericalError, match=r"overflow in a solve with the transpose of a frozen W2: the solution"):
         call(*args)
+
+
+@pytest.mark.parametrize(
+    "where, solve",
+    [("T2", r"T2\[0\]"), ("W_out", r"W_out \+ Δ_out")],
+    ids=["b2-before-the-last-block", "b2-of-the-last-block"],
+)
+def test_an_overflowing_bias_solve_is_refused_naming_the_matrix_solved_with(where, solve):
+    """The biases ``b2_l = W2_l T2_l^{-1} c2_l`` (``l < L``) and ``b2_L = (W_out + Δ_out)^{-1} T_out c2_L`` are
+    solves; with the matrix solved with ``1e-300·I`` (invertible, κ = 1) and a target bias of 1e10 the solution
+    exceeds the float64 range, refused as a :class:`NumericalError` naming that matrix. Rank 0: no adapter is
+    built, so the bias solves are the only ones that can overflow."""
+    frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
+    if where == "T2":
+        target = _with(_with(target, "w2", 0, 1e-300 * np.eye(4)), "b2", 0, np.full(4, 1e10))
+    else:  # at rank 0 nothing adapts W_out: W_out + Δ_out = W_out
+        frozen = _with(frozen, "w_out", None, 1e-300 * np.eye(4))
+        target = _with(target, "b2", 1, np.full(4, 1e10))
+    with pytest.raises(NumericalError, match=rf"overflow in a solve with {solve}: the solution exceeds"):
+        lora_tfn(frozen, target, 0)
+
+
+def test_a_singular_adapted_output_layer_is_refused_naming_it_and_the_bias_that_needs_it():
+    """``b2_L = (W_out + Δ_out)^{-1} T_out c2_L``: a singular ``W_out`` at rank 0 (nothing adapts it) is refused as
+    the matrix ``W_out + Δ_out``, with the last block's bias as the reason (``SingularMatrixError.matrix`` and
+    ``.context``, not only somewhere in the message)."""
+    rng = np.random.default_rng(9)
+    frozen, target = random_tfn(4, 1, 2, seed=1), random_tfn(4, 1, 2, seed=2)
+    frozen = _with(frozen, "w_out", None, _singular(4, rng))
+    with pytest.raises(SingularMatrixError) as info:
+        lora_tfn(frozen, target, 0)
+    assert info.value.matrix == "W_out + Δ_out"
+    assert info.value.context == "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2"
+
+
+def test_a_singular_adapted_last_w2_is_refused_naming_it():
+    """The output chain ``(W_out + Δ_out)(W2_L + Δ_2) = T_out T2_L`` inverts ``P_2 = W2_L + Δ`` when ``W_out``
+    receives directions. With ``W2_L = diag(4, 3, 2, 1)``, ``W_out = T_out = I`` and ``T2_L = 0`` at rank 2, each
+    adapted ``W2_L`` (``W2_L`` less either pair of its singular directions) is singular, so every assignment
+    fails: the refusal names ``P_2 = (W2[L-1] + Δ)``, the last block's ``W2`` in the module's notation."""
+    frozen = _diagonal_tfn(w2=(4, 3, 2, 1))
+    target = _diagonal_tfn(w2=(0, 0, 0, 0))
+    with pytest.raises(SingularMatrixError) as info:
+        lora_tfn(frozen, target, 2)
+    assert info.value.matrix == "P_2 = (W2[L-1] + Δ)"
+
+
+def test_a_discrepancy_whose_norm_overflows_is_refused_naming_it():
+    """``W_Q = -A`` frozen, ``T_Q = A`` target, ``A = 0.6e308·I``: the score discrepancy ``2A`` has finite entries
+    and a finite spectral norm, but a Frobenius norm beyond the float64 range; it is refused as a
+    :class:`NumericalError` naming the discrepancy and its block, before any chain is built from it."""
+    A = (0.6e308,) * 4
+    frozen, target = _diagonal_tfn(wq=tuple(-a for a in A)), _diagonal_tfn(wq=A)
+    with pytest.raises(NumericalError, match=r"overflow: the norm of the qk discrepancy of block 0 exceeds"):
+        lora_tfn(frozen, target, 2)
+
+
+@ill_conditioned_ok
+@pytest.mark.parametrize("seed", range(3))
+def test_a_chain_whose_rank_suffices_leaves_no_matched_error(seed):
+    """``matched_errors`` is ``σ_{2R+1}`` of a matched discrepancy, the error its chain leaves (Lemma 1); where
+    ``2R`` covers the discrepancy's numeric rank the chain is exact and the entry is 0, also when the discrepancy
+    is rounding noise (weights rescaled by 3 and 1/3, as in
+    ``test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights``: rank 0 at ``R = 0``) or has no
+    ``(2R+1)``-th singular value at all (generic weights at ``R = ceil(D/2)``)."""
+    frozen = random_tfn(4, 2, 2, seed=seed)
+    rescaled = frozen.replace(wk=frozen.wk * 3.0, wq=frozen.wq / 3.0, wv=frozen.wv * 3.0, wo=frozen.wo / 3.0)
+    E = tfn_matched_discrepancies(frozen, rescaled)
+    assert any(np.any(e != 0) for e in E.values())  # rounding noise, not exactly zero
+    fit = lora_tfn(frozen, rescaled, 0)
+    assert fit.required_rank == 0 and set(fit.matched_errors.values()) == {0.0}
+    for D in (4, 5):
+        frozen, target = random_tfn(D, 2, 2, seed=seed), random_tfn(D, 2, 2, seed=100 + seed)
+        fit = lora_tfn(frozen, target, tfn_rank_threshold(D))
+        assert fit.rank_sufficient and set(fit.matched_errors.values()) == {0.0}
