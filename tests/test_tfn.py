@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, NumericalError, SingularMatrixError
 from lora_theory.models import TFN, random_tfn, relu, softmax_columns
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
-from lora_theory.tfn import lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks, tfn_rank_requirement
+from lora_theory.tfn import (
+    CHECK_INPUTS,
+    CHECK_TOKENS,
+    lora_tfn,
+    tfn_matched_discrepancies,
+    tfn_matched_discrepancy_ranks,
+    tfn_rank_requirement,
+)
 from lora_theory.thresholds import tfn_rank_threshold
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -578,3 +585,41 @@ def test_a_chain_whose_rank_suffices_leaves_no_matched_error(seed):
         frozen, target = random_tfn(D, 2, 2, seed=seed), random_tfn(D, 2, 2, seed=100 + seed)
         fit = lora_tfn(frozen, target, tfn_rank_threshold(D))
         assert fit.rank_sufficient and set(fit.matched_errors.values()) == {0.0}
+
+
+def test_a_refused_network_is_named_with_the_type_given():
+    frozen = random_tfn(4, 1, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^frozen: must be a lora_theory.TFN, got dict$"):
+        lora_tfn(frozen.parameters(), frozen, 1)
+    with pytest.raises(InvalidArgumentError, match=r"^target: must be a lora_theory.TFN, got dict$"):
+        tfn_rank_requirement(frozen, frozen.parameters())
+
+
+def test_the_warnings_of_an_ill_conditioned_construction_name_theorem_7():
+    """Both warnings a badly conditioned instance raises (``κ(W1) = 1e10``: the ill-conditioning, and the check
+    that finds the float64 result not exact although the rank suffices) say which construction they are about."""
+    rng = np.random.default_rng(11)
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
+    frozen = _with(frozen, "w1", 0, U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt)
+    with pytest.warns(IllConditionedWarning) as record:
+        fit = lora_tfn(frozen, target, 2)
+    assert fit.rank_sufficient and not fit.exact
+    messages = [str(w.message) for w in record if issubclass(w.category, IllConditionedWarning)]
+    assert any(m.startswith("transformer construction (Theorem 7) is ill-conditioned: κ = ") for m in messages)
+    assert any(m.startswith("transformer construction (Theorem 7): the rank suffices but") for m in messages)
+
+
+@ill_conditioned_ok
+@pytest.mark.parametrize("D", [3, 4])
+def test_measured_error_is_taken_on_the_documented_check_inputs(D):
+    """``TFNFit.measured_error``: the relative error on ``CHECK_INPUTS`` inputs of ``CHECK_TOKENS`` tokens with
+    ``N(0, 1)`` entries drawn with seed 0; below the threshold it is far from 0, so other inputs would give another
+    value. The fit also keeps the networks it was built from (its summary reads ``D``, ``L``, ``H`` off them)."""
+    frozen, target = random_tfn(D, 2, 2, seed=1), random_tfn(D, 2, 2, seed=2)
+    R = tfn_rank_threshold(D) - 1
+    fit = lora_tfn(frozen, target, R)
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))
+    assert fit.measured_error == relative_error(fit.model(X), target(X)) > 1e-3
+    assert fit.frozen is frozen and fit.target is target
+    assert repr(fit).startswith(f"TFNFit(D={D}, L=2, H=2, rank={R},")
