@@ -183,3 +183,41 @@ def test_best_partition_asks_only_for_blocks_some_partition_can_hold(depths):
 
     best_partition(block_rank, L, Lbar)
     assert len(asked) == len(set(asked))
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda depth: uniform_partition(depth, 1), "depth"),
+        (lambda depth: uniform_partition(3, depth), "target_depth"),
+        (lambda depth: best_partition(lambda i, a, b: 1, depth, 1), "depth"),
+        (lambda depth: best_partition(lambda i, a, b: 1, 3, depth), "target_depth"),
+        (lambda depth: check_partition((1,), depth, 1), "depth"),
+        (lambda depth: check_partition((1,), 3, depth), "target_depth"),
+    ],
+    ids=[
+        "uniform_partition-depth",
+        "uniform_partition-target_depth",
+        "best_partition-depth",
+        "best_partition-target_depth",
+        "check_partition-depth",
+        "check_partition-target_depth",
+    ],
+)
+def test_every_partition_function_refuses_a_depth_above_the_cap_naming_the_cap(call, name):
+    """``MAX_DEPTH`` caps ``L`` and ``L̄`` alike in every function that takes them: a larger depth is refused as
+    above the cap, before the depths are compared (a target depth of 10^30 is refused for its size, not for
+    exceeding ``L = 3``)."""
+    for depth in (MAX_DEPTH + 1, 10**30):
+        with pytest.raises(InvalidArgumentError, match=rf"^{name}: must be at most {MAX_DEPTH}, got {depth}$"):
+            call(depth)
+
+
+def test_the_uniform_partition_is_built_at_the_depth_cap():
+    # the cap itself is a valid depth, and the uniform partition costs nothing per layer beyond its tuple
+    assert uniform_partition(MAX_DEPTH, 1) == (MAX_DEPTH,)
+    sizes = uniform_partition(MAX_DEPTH, MAX_DEPTH)
+    assert len(sizes) == MAX_DEPTH and set(sizes) == {1}

@@ -4,16 +4,25 @@ Tolerances are relative to the target's outputs on the batch, ``tolerance(κ)`` 
 condition number the construction solved with (THEORY.md §1).
 """
 
+import re
+
 import numpy as np
 import pytest
 from _helpers import ill_conditioned_ok
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, NumericalError, SingularMatrixError
 from lora_theory.models import TFN, random_tfn, relu, softmax_columns
 from lora_theory.numerics import numeric_rank, relative_error, tolerance
-from lora_theory.tfn import lora_tfn, tfn_matched_discrepancies, tfn_matched_discrepancy_ranks, tfn_rank_requirement
+from lora_theory.tfn import (
+    CHECK_INPUTS,
+    CHECK_TOKENS,
+    lora_tfn,
+    tfn_matched_discrepancies,
+    tfn_matched_discrepancy_ranks,
+    tfn_rank_requirement,
+)
 from lora_theory.thresholds import tfn_rank_threshold
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -397,3 +406,220 @@ def test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights(seed):
     changed = frozen.replace(wq=wq)
     assert tfn_matched_discrepancy_ranks(frozen, changed) == (0, 1)
     assert not lora_tfn(frozen, changed, 0).exact and lora_tfn(frozen, changed, 1).exact
+
+
+# --- claims pinned by mutation testing (docs/mutation.md) ---
+
+EPS = np.finfo(np.float64).eps
+
+
+def _diagonal_tfn(wq=(1, 1, 1, 1), wv=(1, 1, 1, 1), w1=(1, 1, 1, 1), w2=(1, 1, 1, 1), w_out=(1, 1, 1, 1), b2=0.0):
+    """A one-block, one-head TFN of width 4 with the given diagonals of ``W_Q``, ``W_V``, ``W1``, ``W2`` and
+    ``W_out``, ``W_K = W_O = I``: every product and solve the construction forms from small integers, powers of
+    two and ``1 + k·eps`` is exact in float64, so its matched discrepancies are known to the last bit."""
+    I = np.eye(4)
+    return TFN(
+        np.diag(wq)[None, None],
+        I[None, None],
+        np.diag(wv)[None, None],
+        I[None, None],
+        w1=np.diag(w1)[None],
+        b1=np.zeros((1, 4)),
+        w2=np.diag(w2)[None],
+        b2=np.full((1, 4), b2),
+        w_out=np.diag(w_out),
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, frozen_diag, target_diag, w1, scale, kappa",
+    [
+        # the matched product ||T_K^T T_Q|| = 4 is the largest of the three norms (||W_K^T W_Q|| = 1, ||E|| = 3)
+        ("qk", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 1), 4, 0),
+        # the frozen product is the largest (||W_K^T W_Q|| = 4, ||T_K^T T_Q|| = 1, ||E|| = 3)
+        ("qk", (4, 4, 4, 1), (1, 1, 1, 1), (1, 1, 1, 1), 4, 0),
+        # the discrepancy is the largest (||E|| = 4, both products 2)
+        ("qk", (2, 2, 2, 1), (-2, -2, -2, 1), (1, 1, 1, 1), 4, 0),
+        # a value product, matched through a solve with W1 = diag(1, 1, 1, 2): κ(W1) = 2 widens the tolerance
+        ("ov", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 2), 4, 2),
+        # the output product T_out T2_L, matched with no solve (κ = 0) whatever the other blocks solved with
+        ("out", (1, 1, 1, 1), (4, 4, 4, 1), (1, 1, 1, 2), 4, 0),
+    ],
+    ids=["matched-largest", "frozen-largest", "discrepancy-largest", "value-product-kappa-2", "output-product"],
+)
+def test_the_numeric_rank_counts_singular_values_above_D_eps_largest_norm_one_plus_kappa(
+    kind, frozen_diag, target_diag, w1, scale, kappa
+):
+    """``_rank_tol``'s claim, at its boundary: a matched discrepancy ``E = matched - Π frozen`` counts its singular
+    values above ``D · eps · max(||matched||_2, ||Π W||_2, ||E||_2) · (1 + κ)`` (``κ`` that of the solves that
+    formed ``matched``: none in block 0's scores, ``C_0 = I``; ``W1`` in its value products), and one at the
+    tolerance or below it is rounding, as in :func:`lora_theory.numerics.numeric_rank`. The discrepancies here are
+    exact (diagonal weights): three singular values far above the tolerance, and a fourth one of 7/8, exactly
+    1 or 9/8 of it; the largest norm is, in turn, each of the three, so that a tolerance on a smaller norm, on a
+    Frobenius norm or without ``1 + κ`` puts the fourth on the other side."""
+    tol = 4 * EPS * scale * (1 + kappa)
+    counted = {}
+    for fraction in (7 / 8, 1, 9 / 8):
+        delta = fraction * tol  # a multiple of eps, so 1 + delta is exact
+        moved = np.array(target_diag, dtype=float)
+        moved[3] += delta
+        field = {"qk": "wq", "ov": "wv", "out": "w2"}[kind]
+        frozen = _diagonal_tfn(w1=w1, **{field: frozen_diag})
+        target = _diagonal_tfn(w1=w1, **{field: moved})
+        E = tfn_matched_discrepancies(frozen, target)[(kind, 0, None if kind == "out" else 0)]
+        assert abs(E[3, 3]) == delta and np.count_nonzero(E - np.diag(np.diag(E))) == 0  # exact, diagonal
+        (counted[fraction],) = tfn_matched_discrepancy_ranks(frozen, target)
+    assert counted == {7 / 8: 3, 1: 3, 9 / 8: 4}
+
+
+@pytest.mark.parametrize(
+    "name, index, where, why",
+    [
+        ("w1", 0, "frozen", r"block 0: the value products are matched to W1\^-1 T1 T_O T_V C"),
+        ("w1", 1, "frozen", r"block 1: the value products are matched to W1\^-1 T1 T_O T_V C"),
+        ("w2", 0, "frozen", r"block 0 < L-1: C = T2 W2\^-1 carries the target to the next block"),
+        ("w2", 0, "target", r"block 0 < L-1: b2 = W2 T2\^-1 c2"),
+    ],
+    ids=["W1-block0", "W1-block1", "W2-block0", "T2-block0"],
+)
+def test_a_singular_inverted_matrix_is_refused_saying_where_and_why_it_is_inverted(name, index, where, why):
+    """The theorem assumes ``W1_l`` and, before the last block, ``W2_l`` and ``T2_l`` invertible; a refusal names the
+    matrix and says what the construction inverts it for, in which block (``SingularMatrixError.context``, also at
+    the end of the message), from the construction and from the rank functions alike."""
+    rng = np.random.default_rng(7)
+    frozen, target = random_tfn(4, 2, 2, seed=1), random_tfn(4, 2, 2, seed=2)
+    if where == "frozen":
+        frozen = _with(frozen, name, index, _singular(4, rng))
+    else:
+        target = _with(target, name, index, _singular(4, rng))
+    for call in (lambda: lora_tfn(frozen, target, 2), lambda: tfn_matched_discrepancy_ranks(frozen, target)):
+        with pytest.raises(SingularMatrixError) as info:
+            call()
+        assert re.fullmatch(why, info.value.context)
+        assert str(info.value).endswith(f"({info.value.context})")
+
+
+@pytest.mark.parametrize("call", [lora_tfn, tfn_matched_discrepancy_ranks], ids=["lora_tfn", "ranks"])
+def test_an_overflow_forming_the_next_blocks_change_of_basis_names_that_solve(call):
+    """``C_l = T2_l W2_l^{-1}`` is formed by a solve with ``W2_l^T``; with ``W2_l = 1e-300·I`` (invertible, κ = 1)
+    and a target ``T2_l`` of norm ~1e10 it exceeds the float64 range, which is refused as a
+    :class:`NumericalError` naming that solve, not returned as infinite weights."""
+    frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
+    frozen = _with(frozen, "w2", 0, 1e-300 * np.eye(4))
+    target = _with(target, "w2", 0, 1e10 * target.w2[0])
+    args = (frozen, target, 2) if call is lora_tfn else (frozen, target)
+    with pytest.raises(NumericalError, match=r"overflow in a solve with the transpose of a frozen W2: the solution"):
+        call(*args)
+
+
+@pytest.mark.parametrize(
+    "where, solve",
+    [("T2", r"T2\[0\]"), ("W_out", r"W_out \+ Δ_out")],
+    ids=["b2-before-the-last-block", "b2-of-the-last-block"],
+)
+def test_an_overflowing_bias_solve_is_refused_naming_the_matrix_solved_with(where, solve):
+    """The biases ``b2_l = W2_l T2_l^{-1} c2_l`` (``l < L``) and ``b2_L = (W_out + Δ_out)^{-1} T_out c2_L`` are
+    solves; with the matrix solved with ``1e-300·I`` (invertible, κ = 1) and a target bias of 1e10 the solution
+    exceeds the float64 range, refused as a :class:`NumericalError` naming that matrix. Rank 0: no adapter is
+    built, so the bias solves are the only ones that can overflow."""
+    frozen, target = random_tfn(4, 2, 1, seed=1), random_tfn(4, 2, 1, seed=2)
+    if where == "T2":
+        target = _with(_with(target, "w2", 0, 1e-300 * np.eye(4)), "b2", 0, np.full(4, 1e10))
+    else:  # at rank 0 nothing adapts W_out: W_out + Δ_out = W_out
+        frozen = _with(frozen, "w_out", None, 1e-300 * np.eye(4))
+        target = _with(target, "b2", 1, np.full(4, 1e10))
+    with pytest.raises(NumericalError, match=rf"overflow in a solve with {solve}: the solution exceeds"):
+        lora_tfn(frozen, target, 0)
+
+
+def test_a_singular_adapted_output_layer_is_refused_naming_it_and_the_bias_that_needs_it():
+    """``b2_L = (W_out + Δ_out)^{-1} T_out c2_L``: a singular ``W_out`` at rank 0 (nothing adapts it) is refused as
+    the matrix ``W_out + Δ_out``, with the last block's bias as the reason (``SingularMatrixError.matrix`` and
+    ``.context``, not only somewhere in the message)."""
+    rng = np.random.default_rng(9)
+    frozen, target = random_tfn(4, 1, 2, seed=1), random_tfn(4, 1, 2, seed=2)
+    frozen = _with(frozen, "w_out", None, _singular(4, rng))
+    with pytest.raises(SingularMatrixError) as info:
+        lora_tfn(frozen, target, 0)
+    assert info.value.matrix == "W_out + Δ_out"
+    assert info.value.context == "the last block's bias b2 = (W_out + Δ_out)^-1 T_out c2"
+
+
+def test_a_singular_adapted_last_w2_is_refused_naming_it():
+    """The output chain ``(W_out + Δ_out)(W2_L + Δ_2) = T_out T2_L`` inverts ``P_2 = W2_L + Δ`` when ``W_out``
+    receives directions. With ``W2_L = diag(4, 3, 2, 1)``, ``W_out = T_out = I`` and ``T2_L = 0`` at rank 2, each
+    adapted ``W2_L`` (``W2_L`` less either pair of its singular directions) is singular, so every assignment
+    fails: the refusal names ``P_2 = (W2[L-1] + Δ)``, the last block's ``W2`` in the module's notation."""
+    frozen = _diagonal_tfn(w2=(4, 3, 2, 1))
+    target = _diagonal_tfn(w2=(0, 0, 0, 0))
+    with pytest.raises(SingularMatrixError) as info:
+        lora_tfn(frozen, target, 2)
+    assert info.value.matrix == "P_2 = (W2[L-1] + Δ)"
+
+
+def test_a_discrepancy_whose_norm_overflows_is_refused_naming_it():
+    """``W_Q = -A`` frozen, ``T_Q = A`` target, ``A = 0.6e308·I``: the score discrepancy ``2A`` has finite entries
+    and a finite spectral norm, but a Frobenius norm beyond the float64 range; it is refused as a
+    :class:`NumericalError` naming the discrepancy and its block, before any chain is built from it."""
+    A = (0.6e308,) * 4
+    frozen, target = _diagonal_tfn(wq=tuple(-a for a in A)), _diagonal_tfn(wq=A)
+    with pytest.raises(NumericalError, match=r"overflow: the norm of the qk discrepancy of block 0 exceeds"):
+        lora_tfn(frozen, target, 2)
+
+
+@ill_conditioned_ok
+@pytest.mark.parametrize("seed", range(3))
+def test_a_chain_whose_rank_suffices_leaves_no_matched_error(seed):
+    """``matched_errors`` is ``σ_{2R+1}`` of a matched discrepancy, the error its chain leaves (Lemma 1); where
+    ``2R`` covers the discrepancy's numeric rank the chain is exact and the entry is 0, also when the discrepancy
+    is rounding noise (weights rescaled by 3 and 1/3, as in
+    ``test_rank_counts_real_changes_and_not_the_rounding_of_stored_weights``: rank 0 at ``R = 0``) or has no
+    ``(2R+1)``-th singular value at all (generic weights at ``R = ceil(D/2)``)."""
+    frozen = random_tfn(4, 2, 2, seed=seed)
+    rescaled = frozen.replace(wk=frozen.wk * 3.0, wq=frozen.wq / 3.0, wv=frozen.wv * 3.0, wo=frozen.wo / 3.0)
+    E = tfn_matched_discrepancies(frozen, rescaled)
+    assert any(np.any(e != 0) for e in E.values())  # rounding noise, not exactly zero
+    fit = lora_tfn(frozen, rescaled, 0)
+    assert fit.required_rank == 0 and set(fit.matched_errors.values()) == {0.0}
+    for D in (4, 5):
+        frozen, target = random_tfn(D, 2, 2, seed=seed), random_tfn(D, 2, 2, seed=100 + seed)
+        fit = lora_tfn(frozen, target, tfn_rank_threshold(D))
+        assert fit.rank_sufficient and set(fit.matched_errors.values()) == {0.0}
+
+
+def test_a_refused_network_is_named_with_the_type_given():
+    frozen = random_tfn(4, 1, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^frozen: must be a lora_theory.TFN, got dict$"):
+        lora_tfn(frozen.parameters(), frozen, 1)
+    with pytest.raises(InvalidArgumentError, match=r"^target: must be a lora_theory.TFN, got dict$"):
+        tfn_rank_requirement(frozen, frozen.parameters())
+
+
+def test_the_warnings_of_an_ill_conditioned_construction_name_theorem_7():
+    """Both warnings a badly conditioned instance raises (``κ(W1) = 1e10``: the ill-conditioning, and the check
+    that finds the float64 result not exact although the rank suffices) say which construction they are about."""
+    rng = np.random.default_rng(11)
+    frozen, target = random_tfn(4, 1, 1, seed=1), random_tfn(4, 1, 1, seed=2)
+    U, _, Vt = np.linalg.svd(rng.standard_normal((4, 4)))
+    frozen = _with(frozen, "w1", 0, U @ np.diag([1.0, 1.0, 1.0, 1e-10]) @ Vt)
+    with pytest.warns(IllConditionedWarning) as record:
+        fit = lora_tfn(frozen, target, 2)
+    assert fit.rank_sufficient and not fit.exact
+    messages = [str(w.message) for w in record if issubclass(w.category, IllConditionedWarning)]
+    assert any(m.startswith("transformer construction (Theorem 7) is ill-conditioned: κ = ") for m in messages)
+    assert any(m.startswith("transformer construction (Theorem 7): the rank suffices but") for m in messages)
+
+
+@ill_conditioned_ok
+@pytest.mark.parametrize("D", [3, 4])
+def test_measured_error_is_taken_on_the_documented_check_inputs(D):
+    """``TFNFit.measured_error``: the relative error on ``CHECK_INPUTS`` inputs of ``CHECK_TOKENS`` tokens with
+    ``N(0, 1)`` entries drawn with seed 0; below the threshold it is far from 0, so other inputs would give another
+    value. The fit also keeps the networks it was built from (its summary reads ``D``, ``L``, ``H`` off them)."""
+    frozen, target = random_tfn(D, 2, 2, seed=1), random_tfn(D, 2, 2, seed=2)
+    R = tfn_rank_threshold(D) - 1
+    fit = lora_tfn(frozen, target, R)
+    X = np.random.default_rng(0).standard_normal((CHECK_INPUTS, D, CHECK_TOKENS))
+    assert fit.measured_error == relative_error(fit.model(X), target(X)) > 1e-3
+    assert fit.frozen is frozen and fit.target is target
+    assert repr(fit).startswith(f"TFNFit(D={D}, L=2, H=2, rank={R},")
