@@ -251,7 +251,8 @@ def _tfn_param(model, name, l, h):
 
 def _float64_walk(frozen, target) -> _WalkArithmetic:
     def inverse(M, name, context):
-        return check_invertible(M, name, context), lambda X: finite_solve(M, X, name)
+        symbol = name.split(" ")[0]  # "T2[0] (target)" -> "T2[0]": the solve's errors name the matrix alone
+        return check_invertible(M, name, context), lambda X: finite_solve(M, X, symbol)
 
     def right_inverse(M, name, context):
         kappa = check_invertible(M, name, context)
