@@ -53,7 +53,7 @@ __all__ = [
 #: The constant in front of the independent-rounding floor (THEORY.md §5.2). The rounding error of one entry
 #: is uniform within half a spacing, so its standard deviation is at most ``B_ij / sqrt(3)``: the floor's
 #: leading term ``2 (R + C)`` is at least ``2 sqrt(3) ≈ 3.5`` times the Gaussian-model leading term
-#: ``(R + C) / sqrt(3)`` of Bandeira & van Handel. Measured ``||N||_2 / floor``: 0.08 to 0.37 (tests assert <= 0.5).
+#: ``(R + C) / sqrt(3)`` of Bandeira & van Handel. The measured margin is in THEORY.md §5.2.
 FLOOR_SAFETY = 2.0
 
 #: The two floors a caller can choose: ``"independent"`` (sharp, assumes independent-looking rounding errors)

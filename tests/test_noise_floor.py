@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lora_theory
@@ -159,9 +159,13 @@ def test_rigorous_floor_bounds_any_rounding_pattern(seed, m, n, dtype, constant)
     st.sampled_from(["gauss", "uniform", "student", "rows"]),
     st.sampled_from(["float16", "bfloat16"]),
 )
+@example(68738, (64, 64), "student", "bfloat16")  # ||N||_2 / floor = 0.51, the floor being ||B||_F there
 def test_independent_floor_covers_the_rounding_of_spread_weights(seed, shape, law, dtype):
-    """The sharp floor's claim: for weights spread over many rounding spacings ||N||_2 <= floor, with margin
-    (measured ||N||_2 / floor of 0.08 to 0.37 over these laws)."""
+    """The sharp floor's claim: for weights spread over many rounding spacings ||N||_2 <= floor. Where the floor
+    rests on the independence assumption (its term below ||B||_F: Gaussian and uniform weights here) it holds
+    with a margin of 2 (measured ||N||_2 / floor of at most 0.19, THEORY.md §5.2); where the minimum picks the
+    rigorous ||B||_F (Student-t(2) and row-scaled weights here, whose largest entries dominate B) it holds
+    without the assumption and is approached (measured up to 0.90), so only ``<= floor`` is claimed there."""
     rng = np.random.default_rng(seed)
     m, n = shape
     W = {
@@ -173,7 +177,8 @@ def test_independent_floor_covers_the_rounding_of_spread_weights(seed, shape, la
     Wb = W.astype(np.float32).astype(np.float64)
     Wt = stored_exactly(Wb, dtype)
     floor = noise_floor(rounding_bounds(Wb, Wt, "float32", dtype))
-    assert np.linalg.norm(Wt - Wb, 2) <= 0.5 * floor.independent
+    ratio = np.linalg.norm(Wt - Wb, 2) / floor.independent
+    assert ratio <= (0.5 if floor.independent < floor.rigorous else 1.0), (law, floor.independent, floor.rigorous)
 
 
 def test_rounding_bounds_validation():
