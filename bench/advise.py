@@ -13,10 +13,10 @@ peak resident memory (``VmHWM``, :func:`peak_rss_mib`):
 
 * ``advisor``: :func:`verification.rank_report.advise_stream` with ``spectrum="full"``, what
   ``python -m verification.advise --spectrum full`` runs before it prints (layout from ``config.json``,
-  tensors read lazily from the shards the index names, ``ΔW`` in float32, all its singular values, the
-  statistics of its rounding bound and the noise floor, norms, bias and vector changes, one layer at a
-  time); ``setup`` is the part before the first layer (importing ``transformers`` and building the model on
-  the meta device to read the layout);
+  tensors read lazily in blocks of rows from the shards the index names, ``ΔW`` in float32, all its
+  singular values, the statistics of its rounding bound and the noise floor, norms, bias and vector
+  changes, one layer at a time); ``setup`` is the part before the first layer (importing ``transformers``
+  and building the model on the meta device to read the layout);
 * ``partial``: the same pass with ``spectrum="partial"`` (``--spectrum partial``): a certified partial
   spectrum per layer (:func:`lora_theory.partial_spectrum.partial_spectrum_from_blocks`) instead of
   ``svdvals``; ``ranks_ok`` says whether every layer came out settled at the planted rank;

@@ -373,13 +373,13 @@ class RoundingStatistics:
         # torch's max: NaN when the block holds one (as max over the whole tensor would be)
         return float(block.abs().max()) if block.numel() else 0.0
 
-    def track(self, b0, b1):
+    def track(self, b0, b1) -> None:
         """Record the largest magnitudes of a block (what :attr:`needs_float64` reads) without the statistics."""
         for attr, blk in (("max0", b0), ("max1", b1)):
             v, cur = self._abs_max(blk), getattr(self, attr)
             setattr(self, attr, v if (math.isnan(v) or v > cur) and not math.isnan(cur) else cur)
 
-    def add(self, b0, b1):
+    def add(self, b0, b1) -> None:
         """Feed the next rows ``(rows, cols)`` of the base and tuned tensors (any device, storage dtypes)."""
         import torch
 
@@ -538,7 +538,7 @@ def logical(tensor, spec, rows=None):
     return tensor.T if spec.transposed else tensor
 
 
-def layer_delta(base, tuned, spec, *, device="cpu", rounding: bool = False, block_rows: int | None = None):
+def layer_delta(base, tuned, spec, *, device="cpu", rounding: bool = False, block_rows: int | None = None) -> tuple:
     """``ΔW = W_tuned - W_base`` of one matrix, read in blocks of stored rows (module docstring).
 
     The stored tensors are read ``block_rows`` rows at a time (default :func:`block_rows_for`; a resized
