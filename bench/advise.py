@@ -4,6 +4,7 @@
     python bench/advise.py --sizes 256x4 --json out.json
     python bench/advise.py --project-only         # time the Llama-2-7B matrix shapes and project a 7B pair
     python bench/advise.py --sizes 4096x1 --contenders partial --no-project   # a 7B-shaped layer, projected
+    python bench/advise.py --matrix 32000x4096 --contenders partial --no-project   # one matrix: peak memory
 
 Each pair (base, tuned = base + a rank-8 change in every matrix) is generated here in Hugging Face's layout
 (``config.json``, ``model-0000k-of-0000n.safetensors`` shards and their index), measured and deleted. Each
@@ -12,15 +13,20 @@ peak resident memory (``VmHWM``, :func:`peak_rss_mib`):
 
 * ``advisor``: :func:`verification.rank_report.advise_stream` with ``spectrum="full"``, what
   ``python -m verification.advise --spectrum full`` runs before it prints (layout from ``config.json``,
-  tensors read lazily from the shards the index names, ``ΔW`` in float32, all its singular values, the
-  statistics of its rounding bound and the noise floor, norms, bias and vector changes, one layer at a
-  time); ``setup`` is the part before the first layer (importing ``transformers`` and building the model on
-  the meta device to read the layout);
+  tensors read lazily in blocks of rows from the shards the index names, ``ΔW`` in float32, all its
+  singular values, the statistics of its rounding bound and the noise floor, norms, bias and vector
+  changes, one layer at a time); ``setup`` is the part before the first layer (importing ``transformers``
+  and building the model on the meta device to read the layout);
 * ``partial``: the same pass with ``spectrum="partial"`` (``--spectrum partial``): a certified partial
   spectrum per layer (:func:`lora_theory.partial_spectrum.partial_spectrum_from_blocks`) instead of
   ``svdvals``; ``ranks_ok`` says whether every layer came out settled at the planted rank;
 * ``loop``: for every 2-D tensor, ``safe_open(...).get_tensor`` of both, ``.float()``, their difference,
   ``torch.linalg.svdvals``: the least a tool computing the same spectra must do.
+
+``--matrix ROWSxCOLS`` measures a pair holding one bf16 matrix of that shape instead (a planted rank-8
+change, the shard layout and index without ``config.json``, so read as an ``nn.Linear``): the peak memory
+of the pass over a model's largest tensor (Llama-2-7B: the 32,000 x 4096 embeddings) without the
+``transformers`` import and the meta-device model.
 
 The advisor's children also time each layer (from one layer's result to the next). For a pair of
 Llama-2-7B shapes (``4096xL``: hidden 4096, intermediate 11,008, vocabulary 32,000) the run is projected
@@ -92,6 +98,33 @@ def parameters(size) -> int:
             k *= d
         n += k
     return n
+
+
+def parse_matrix(text):
+    """``ROWSxCOLS`` of a one-matrix pair (``--matrix``)."""
+    rows, cols = (int(v) for v in text.lower().split("x"))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a matrix needs positive rows and columns, got {text!r}")
+    return rows, cols
+
+
+def write_matrix_pair(folder: Path, shape, *, rank=PLANTED_RANK, seed=0, key="proj.weight"):
+    """Write ``folder/base`` and ``folder/tuned``: one bfloat16 ``shape`` matrix each (tuned = base + a rank
+    ``rank`` change of 5% of its norm, as :func:`write_pair`), as one shard with its index, no ``config.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    w = 0.02 * torch.randn(shape, generator=g)  # (rows, cols)
+    dw = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+    dw *= 0.05 * float(w.norm()) / float(dw.norm())
+    fname = "model-00001-of-00001.safetensors"
+    index = {"metadata": {"total_size": 2 * shape[0] * shape[1]}, "weight_map": {key: fname}}
+    for tag, t in (("base", w), ("tuned", w + dw)):
+        (folder / tag).mkdir(parents=True)
+        save_file({key: t.to(torch.bfloat16)}, str(folder / tag / fname), metadata={"format": "pt"})
+        (folder / tag / "model.safetensors.index.json").write_text(json.dumps(index))
+    del w, dw
 
 
 def write_pair(folder: Path, size, *, rank=PLANTED_RANK, shard_bytes=1 << 29, seed=0):
@@ -337,8 +370,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--sizes",
         nargs="*",
-        default=["256x4", "512x8", "1024x8", "2048x4"],
-        help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4)",
+        default=None,
+        help="HIDDENxLAYERS of the Llama-shaped pairs (default: 256x4 512x8 1024x8 2048x4, none with --matrix)",
+    )
+    p.add_argument(
+        "--matrix",
+        nargs="*",
+        default=[],
+        help="ROWSxCOLS of one-matrix bf16 pairs (no config.json), measured after the --sizes pairs",
     )
     p.add_argument(
         "--contenders",
@@ -367,18 +406,27 @@ def main(argv=None) -> int:
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown or not contenders:
         p.error(f"--contenders: choose among {', '.join(CONTENDERS)}, got {args.contenders!r}")
+    if args.sizes is None:
+        args.sizes = [] if args.matrix else ["256x4", "512x8", "1024x8", "2048x4"]
+    try:
+        pairs = [(text, parse_size(text), None) for text in args.sizes]
+        pairs += [(f"m{text}", None, parse_matrix(text)) for text in args.matrix]
+    except ValueError as exc:
+        p.error(f"--sizes / --matrix: {exc}")
     if not args.project_only:
         print(
-            f"{'pair':>8} {'params':>8} {'matrices':>8} {'contender':>9} {'seconds':>8} {'(setup)':>8} "
+            f"{'pair':>11} {'params':>8} {'matrices':>8} {'contender':>9} {'seconds':>8} {'(setup)':>8} "
             f"{'/ loop':>6} {'peak MiB':>8} {'load':>9} {'ranks':>6} {'7B h':>6}",
             flush=True,
         )
-        for text in args.sizes:
-            size = parse_size(text)
+        for text, size, shape in pairs:
             work = Path(tempfile.mkdtemp(prefix="bench-advise-", dir=args.workdir))
             try:
                 t0 = time.perf_counter()
-                write_pair(work, size)
+                if shape is None:
+                    write_pair(work, size)
+                else:
+                    write_matrix_pair(work, shape)
                 gen = time.perf_counter() - t0
                 base, tuned = work / "base", work / "tuned"
                 runs = {kind: [] for kind in contenders}
@@ -394,18 +442,22 @@ def main(argv=None) -> int:
                     best[kind]["all_seconds"] = [r["seconds"] for r in done]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, **best}
+            if shape is None:
+                row = {"size": text, **size, "parameters": parameters(size), "generate_s": gen, **best}
+            else:
+                row = {"size": text, "matrix": list(shape), "parameters": shape[0] * shape[1], "generate_s": gen}
+                row.update(best)
             if "loop" in best and "advisor" in best:
                 row["ratio"] = best["advisor"]["seconds"] / best["loop"]["seconds"]
             for kind in contenders:
                 run = best[kind]
-                proj = project_run(run, size)
+                proj = project_run(run, size) if size is not None else None
                 if proj is not None:
                     run["projection_7b"] = proj
                 ratio = f"{run['seconds'] / best['loop']['seconds']:6.2f}" if "loop" in best else f"{'-':>6}"
                 ranks = "-" if kind == "loop" else ("ok" if run["ranks_ok"] else f"{run['unsettled']} uns")
                 print(
-                    f"{text:>8} {row['parameters'] / 1e6:7.0f}M {run['matrices']:>8} {kind:>9} "
+                    f"{text:>11} {row['parameters'] / 1e6:7.0f}M {run['matrices']:>8} {kind:>9} "
                     f"{run['seconds']:8.1f} {run['setup_s']:8.1f} {ratio} {run['peak_rss_mib']:8.0f} "
                     f"{run['load_average'][0]:4.1f}-{run['load_average'][1]:<4.1f} {ranks:>6} "
                     + (f"{proj['total_h']:6.2f}" if proj else f"{'-':>6}"),

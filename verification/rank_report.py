@@ -163,7 +163,7 @@ def advise_stream(
     from lora_theory.errors import InvalidArgumentError
 
     from .extract import vector_changed
-    from .streaming import LayerSpectrum, open_pair, rounding_statistics, stream_spectra
+    from .streaming import LayerSpectrum, open_pair, stream_spectra
 
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise InvalidArgumentError("tol", f"must be a positive relative tolerance, got {tol!r}")
@@ -171,9 +171,6 @@ def advise_stream(
     layers, kinds, tied, new_rows, vectors = [], [], [], [], []
 
     from lora_theory import storage_roundoff
-
-    def floor_fn(w0, w1, dtypes):
-        return rounding_statistics(w0, w1, dtypes)
 
     def thresholds_fn(stats, shape, compute):
         # the thresholds of layer_advice_from_spectrum, as functions of σ_1: the count's first
@@ -193,7 +190,7 @@ def advise_stream(
         tuned,
         lay,
         device=device,
-        floor_fn=floor_fn,
+        rounding=True,
         progress=progress,
         spectrum=spectrum,
         thresholds_fn=thresholds_fn,

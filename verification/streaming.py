@@ -9,14 +9,19 @@ torch and ``.npz`` files cannot be read in parts: they are loaded whole
 (:func:`~verification.checkpoints.read_checkpoint`).
 
 :func:`stream_spectra` walks the :class:`~verification.architectures.Layout` in model order: for each matrix
-it reads the base and tuned tensors, forms ``ΔW`` in float32 on the chosen device (float64 when a stored
-tensor is float64, whose rounding float32 could not resolve), takes its singular values and drops ``ΔW``
-before the next layer. Peak memory is a few copies of the largest tensor, whatever the model size.
+it reads the base and tuned tensors in blocks of stored rows (:meth:`TensorSource.get_rows`, about
+:data:`BLOCK_ELEMENTS` entries each), writes ``ΔW`` block by block into one preallocated float32 array on the
+chosen device (float64 when a stored tensor is float64, whose rounding float32 could not resolve), gathers
+the statistics of the rounding bound and ``||W_base||_F`` from the same blocks (:class:`RoundingStatistics`),
+takes the singular values of ``ΔW`` and drops it before the next layer. Neither stored tensor is ever whole
+in memory: peak memory is the one ``ΔW`` array, the spectrum's workspace and a few blocks, whatever the
+model size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,9 @@ __all__ = [
     "open_pair",
     "resized_rows",
     "partial_spectrum_of",
+    "layer_delta",
+    "RoundingStatistics",
+    "rounding_statistics",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,17 +134,20 @@ class TensorSource:
     def keys(self):
         return list(self.order)
 
-    def get(self, key):
-        """The tensor ``key`` as stored (a torch tensor on the CPU)."""
+    def _eager_tensor(self, key, arr):
+        """``arr`` (the loaded tensor ``key`` or some of its rows) as a torch tensor in its storage dtype."""
         import torch
 
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        stored = self.dtypes[key]
+        if stored in ("bfloat16", "float16", "float32") and t.dtype == torch.float64:
+            t = t.to(getattr(torch, stored))
+        return t
+
+    def get(self, key):
+        """The tensor ``key`` as stored (a torch tensor on the CPU)."""
         if self._eager is not None:
-            arr = self._eager.tensors[key]
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            stored = self.dtypes[key]
-            if stored in ("bfloat16", "float16", "float32") and t.dtype == torch.float64:
-                t = t.to(getattr(torch, stored))
-            return t
+            return self._eager_tensor(key, self._eager.tensors[key])
         if not self.keep_open:
             # a fresh handle per tensor: its memory map (and the file pages it touched, which count in the
             # process's resident memory) is released when the handle is dropped, instead of accumulating
@@ -145,6 +156,23 @@ class TensorSource:
             with safetensors.safe_open(self.files[key], framework="pt") as handle:
                 return handle.get_tensor(key)
         return self._open(self.files[key]).get_tensor(key)
+
+    def get_rows(self, key, start: int, stop: int):
+        """Stored rows ``start:stop`` of the tensor ``key`` (a torch tensor on the CPU, storage dtype).
+
+        A safetensors tensor is read through a fresh handle (``get_slice``): its memory map, which holds the
+        file pages these rows touched and which count in the process's resident memory, is released once the
+        returned block is dropped, so reading a tensor block by block never holds more than the blocks alive.
+        A torch or ``.npz`` checkpoint is already loaded whole: its rows are sliced from it.
+        """
+        start, stop = int(start), int(stop)
+        if self._eager is not None:
+            return self._eager_tensor(key, self._eager.tensors[key][start:stop])
+        if not self.keep_open:
+            safetensors = require("safetensors")
+            with safetensors.safe_open(self.files[key], framework="pt") as handle:
+                return handle.get_slice(key)[start:stop]
+        return self._open(self.files[key]).get_slice(key)[start:stop]
 
     def layout(self) -> Layout:
         return build_layout(self.shapes, self.dtypes, folder=self.folder, order=sorted(self.order, key=natural_key))
@@ -218,8 +246,9 @@ class LayerSpectrum:
         ``||W_base||_F`` and ``||ΔW||_F``.
     new_rows : int
         Rows (vocabulary entries) the tuned tensor added; not part of ``ΔW``.
-    floor : object
-        What ``floor_fn(W_base, W_tuned, dtypes)`` returned (the storage-rounding noise floor), or ``None``.
+    floor : dict or None
+        The statistics of the storage-rounding bound (:meth:`RoundingStatistics.result`; the noise floor's
+        input), or ``None`` unless asked for.
     bias_change : ndarray (out,) or None
     bias_dtypes : tuple of str or None
     partial : PartialSpectrum or None
@@ -289,6 +318,132 @@ ROUNDOFF = {
 }
 
 
+#: Entries beyond this make the statistics run in float64: float32 squares could overflow.
+FLOAT32_STATISTICS_MAX = 1e18
+
+
+class RoundingStatistics:
+    """The statistics of the entrywise rounding bound ``B = u_b|W_base| + u_t|W_tuned| + η_b + η_t`` of a stored
+    change, gathered from consecutive blocks of rows (:meth:`add`), so that no full-size copy of ``B`` or of
+    either tensor is needed; :meth:`result` gives what :func:`rounding_statistics` returns.
+
+    Parameters
+    ----------
+    shape : tuple (rows, cols)
+        The shape of the matrix whose rows are fed (the stored tensor, common rows only).
+    dtypes : tuple of str
+        Storage dtypes of the base and tuned tensors.
+    transposed : bool
+        The logical ``(out, in)`` matrix is the transpose of the fed one (``Conv1D``, embeddings): its row
+        statistics are the fed columns' and the reported shape is ``(cols, rows)``.
+    compute : torch dtype, optional
+        float32 or float64 blocks (default: float64 when a stored dtype is float64, else float32). A block
+        with an entry beyond :data:`FLOAT32_STATISTICS_MAX` sets :attr:`needs_float64` on a float32
+        accumulator: the caller feeds the blocks again to one in float64 (what :func:`rounding_statistics`
+        chooses from the whole tensors), since its float32 squares could overflow.
+
+    The sums run in float64 over float32 (or float64) blocks and squares. Row norms are complete within a
+    block; column sums of squares and ``||B||_F²`` accumulate over blocks.
+    """
+
+    def __init__(self, shape, dtypes, *, transposed: bool = False, compute=None):
+        import torch
+
+        self.dtypes = (str(dtypes[0]), str(dtypes[1]))
+        (self.ub, self.eb), (self.ut, self.et) = ROUNDOFF[self.dtypes[0]], ROUNDOFF[self.dtypes[1]]
+        self.m, self.n = int(shape[0]), int(shape[1])
+        self.transposed = bool(transposed)
+        if compute is None:
+            compute = torch.float64 if "float64" in self.dtypes else torch.float32
+        self.compute = compute
+        self.rows = 0  # rows fed so far
+        self.max0 = self.max1 = 0.0  # max |W_base|, max |W_tuned| over the fed rows (NaN once one is NaN)
+        self.row_max, self.entry_max, self.fro_sq = 0.0, 0.0, 0.0
+        self.col_sq = None  # (cols,) float64 on the blocks' device
+
+    @property
+    def needs_float64(self) -> bool:
+        """Whether an entry beyond :data:`FLOAT32_STATISTICS_MAX` was seen by a float32 accumulator."""
+        import torch
+
+        return self.compute != torch.float64 and max(self.max0, self.max1) > FLOAT32_STATISTICS_MAX
+
+    @staticmethod
+    def _abs_max(block) -> float:
+        # torch's max: NaN when the block holds one (as max over the whole tensor would be)
+        return float(block.abs().max()) if block.numel() else 0.0
+
+    def track(self, b0, b1) -> None:
+        """Record the largest magnitudes of a block (what :attr:`needs_float64` reads) without the statistics."""
+        for attr, blk in (("max0", b0), ("max1", b1)):
+            v, cur = self._abs_max(blk), getattr(self, attr)
+            setattr(self, attr, v if (math.isnan(v) or v > cur) and not math.isnan(cur) else cur)
+
+    def add(self, b0, b1) -> None:
+        """Feed the next rows ``(rows, cols)`` of the base and tuned tensors (any device, storage dtypes)."""
+        import torch
+
+        from lora_theory.errors import InvalidArgumentError
+
+        if tuple(b0.shape) != tuple(b1.shape) or b0.ndim != 2 or b0.shape[1] != self.n:
+            raise InvalidArgumentError(
+                "blocks", f"of shapes {tuple(b0.shape)} and {tuple(b1.shape)} for a {self.m} x {self.n} matrix"
+            )
+        if self.rows + b0.shape[0] > self.m:
+            raise InvalidArgumentError("blocks", f"{self.rows + b0.shape[0]} rows fed to a matrix of {self.m}")
+        self.track(b0, b1)
+        if self.col_sq is None:
+            self.col_sq = torch.zeros(self.n, dtype=torch.float64, device=b0.device)
+        self.rows += int(b0.shape[0])
+        a = b0.to(self.compute, copy=True).abs_().mul_(self.ub)
+        a.add_(b1.to(self.compute).abs_(), alpha=self.ut)  # (rows, cols): B without η
+        sq = a.square()  # float32 squares stay finite below FLOAT32_STATISTICS_MAX
+        rows = sq.sum(dim=1, dtype=torch.float64)  # (rows,)
+        if a.numel():
+            self.row_max = max(self.row_max, float(rows.max()))
+            self.entry_max = max(self.entry_max, float(a.max()))
+        self.col_sq += sq.sum(dim=0, dtype=torch.float64)
+        self.fro_sq += float(rows.sum())
+
+    def result(self) -> dict:
+        """``{"shape", "row_max", "col_max", "entry_max", "frobenius"}`` of the logical matrix: the fields of
+        :class:`lora_theory.RoundingBounds`, every one an upper bound of the exact statistic (the subnormal
+        terms added through the triangle inequality, ``+ η·sqrt(n)`` to a row norm ...).
+
+        Raises :class:`~lora_theory.errors.InvalidArgumentError` when fewer rows were fed than the shape has,
+        or when :attr:`needs_float64`.
+        """
+        import torch
+
+        from lora_theory.errors import InvalidArgumentError
+
+        if self.rows != self.m:
+            raise InvalidArgumentError(
+                "blocks", f"{self.rows} rows of {self.m} were fed: the statistics would miss rows"
+            )
+        if self.needs_float64:
+            raise InvalidArgumentError(
+                "blocks", f"an entry beyond {FLOAT32_STATISTICS_MAX:g}: feed the blocks again in float64"
+            )
+        m, n = self.m, self.n
+        fed_rows_max = self.row_max  # max over fed rows of the squared norms
+        fed_cols_max = float(self.col_sq.max()) if self.col_sq is not None and self.col_sq.numel() else 0.0
+        if self.transposed:  # the logical rows are the fed columns
+            m, n = n, m
+            fed_rows_max, fed_cols_max = fed_cols_max, fed_rows_max
+        eta = self.eb + self.et
+        # float32 blocks round each entry of B by a relative 2^-24 at most (two products and a sum): widen by
+        # 2^-20 so that every statistic stays an upper bound
+        up = 1.0 + (2.0**-20 if self.compute == torch.float32 else 2.0**-48)
+        return {
+            "shape": (int(m), int(n)),
+            "row_max": up * math.sqrt(fed_rows_max) + eta * math.sqrt(n),
+            "col_max": up * math.sqrt(fed_cols_max) + eta * math.sqrt(m),
+            "entry_max": up * self.entry_max + eta,
+            "frobenius": up * math.sqrt(self.fro_sq) + eta * math.sqrt(m * n),
+        }
+
+
 def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     """The statistics of the entrywise rounding bound ``B = u_b|W_base| + u_t|W_tuned| + η_b + η_t`` of a stored
     change, computed on the tensors' device in blocks of rows (no full-size copy of ``B``).
@@ -298,40 +453,17 @@ def rounding_statistics(w0, w1, dtypes, *, block_rows: int = 1024) -> dict:
     subnormal terms are added through the triangle inequality (``+ η·sqrt(n)`` to a row norm ...), so every
     statistic is an upper bound of the exact one. Sums run in float64 over float32 blocks and squares
     (float64 blocks when a stored tensor is float64 or an entry is beyond 1e18, where float32 squares could
-    overflow).
+    overflow). The whole-tensor form of :class:`RoundingStatistics`, which :func:`stream_spectra` feeds block
+    by block as it reads.
     """
     import torch
 
-    (ub, eb), (ut, et) = ROUNDOFF[str(dtypes[0])], ROUNDOFF[str(dtypes[1])]
-    m, n = w0.shape
     big = max(float(w0.abs().max()), float(w1.abs().max())) if w0.numel() else 0.0
-    cd = torch.float64 if "float64" in dtypes or big > 1e18 else torch.float32
-    row_max, entry_max = 0.0, 0.0
-    col_sq = torch.zeros(n, dtype=torch.float64, device=w0.device)
-    fro_sq = 0.0
-    for start in range(0, m, block_rows):
-        a = w0[start : start + block_rows].to(cd, copy=True).abs_().mul_(ub)
-        a.add_(w1[start : start + block_rows].to(cd).abs_(), alpha=ut)  # (rows, n): B without η
-        sq = a.square()  # float32 squares stay finite below 1e18
-        rows = sq.sum(dim=1, dtype=torch.float64)
-        row_max = max(row_max, float(rows.max()))
-        col_sq += sq.sum(dim=0, dtype=torch.float64)
-        fro_sq += float(rows.sum())
-        entry_max = max(entry_max, float(a.max()))
-        del a, sq, rows
-    eta = eb + et
-    import math
-
-    # float32 blocks round each entry of B by a relative 2^-24 at most (two products and a sum): widen by
-    # 2^-20 so that every statistic stays an upper bound
-    up = 1.0 + (2.0**-20 if cd == torch.float32 else 2.0**-48)
-    return {
-        "shape": (int(m), int(n)),
-        "row_max": up * math.sqrt(row_max) + eta * math.sqrt(n),
-        "col_max": up * math.sqrt(float(col_sq.max())) + eta * math.sqrt(m),
-        "entry_max": up * entry_max + eta,
-        "frobenius": up * math.sqrt(fro_sq) + eta * math.sqrt(m * n),
-    }
+    cd = torch.float64 if "float64" in dtypes or big > FLOAT32_STATISTICS_MAX else torch.float32
+    acc = RoundingStatistics(tuple(w0.shape), dtypes, compute=cd)
+    for start in range(0, w0.shape[0], block_rows):
+        acc.add(w0[start : start + block_rows], w1[start : start + block_rows])
+    return acc.result()
 
 
 def svdvals_tall(matrix):
@@ -373,11 +505,88 @@ def partial_spectrum_of(delta, thresholds_of, *, block: int = 16, block_rows: in
     return part, settled
 
 
+#: Entries of one block of stored rows that :func:`stream_spectra` reads at a time: 4 Mi (8 MiB of bfloat16,
+#: 16 MiB as float32; 1024 rows of a 4096-column tensor).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def block_rows_for(columns: int, elements: int | None = None) -> int:
+    """Rows per block for a tensor of ``columns`` stored columns: ``elements // columns`` (default
+    :data:`BLOCK_ELEMENTS`), at least 1."""
+    return max(1, int(BLOCK_ELEMENTS if elements is None else elements) // max(1, int(columns)))
+
+
+def _row_blocks(base, tuned, key, rows: int, step: int, device):
+    """``(start, base block, tuned block)`` over stored rows ``0:rows`` of ``key`` in blocks of ``step`` rows, each
+    block ``(≤ step, cols)`` in its storage dtype on ``device``; every row read once, in order."""
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        b0 = base.get_rows(key, start, stop).to(device)  # (stop - start, cols)
+        b1 = tuned.get_rows(key, start, stop).to(device)
+        if b0.shape[0] != stop - start or b1.shape[0] != stop - start or b0.shape[1:] != b1.shape[1:]:
+            raise CheckpointError(
+                base.files[key], f"rows {start}:{stop} of {key!r} read as {tuple(b0.shape)} and {tuple(b1.shape)}"
+            )
+        yield start, b0, b1
+        del b0, b1
+
+
 def logical(tensor, spec, rows=None):
     """The stored tensor as the ``(out, in)`` matrix of its module (first ``rows`` stored rows only)."""
     if rows is not None:
         tensor = tensor[:rows]
     return tensor.T if spec.transposed else tensor
+
+
+def layer_delta(base, tuned, spec, *, device="cpu", rounding: bool = False, block_rows: int | None = None) -> tuple:
+    """``ΔW = W_tuned - W_base`` of one matrix, read in blocks of stored rows (module docstring).
+
+    The stored tensors are read ``block_rows`` rows at a time (default :func:`block_rows_for`; a resized
+    tuned tensor: its first rows, as many as the base has); each block's difference is written into one
+    preallocated array in the compute dtype (float32, float64 when a stored dtype is float64) as
+    ``fl(fl(W_t) - fl(W_b))`` entrywise, the value the whole tensors give. ``||W_base||_F`` and, with
+    ``rounding``, the rounding statistics (:class:`RoundingStatistics`) are gathered from the same blocks.
+
+    Returns
+    -------
+    delta : torch tensor (out, in)
+        The logical change on ``device`` (a transposed view of the stored orientation for ``Conv1D`` and
+        embeddings).
+    base_fro : float
+        ``||W_base||_F`` over the compared rows: float64 sum of the blocks' squared norms in the compute dtype.
+    floor : dict or None
+        :meth:`RoundingStatistics.result` with ``rounding``, else ``None``.
+    """
+    import torch
+
+    dev = torch.device(device) if isinstance(device, str) else device
+    key = spec.weight_key
+    d0, d1 = base.dtypes[key], tuned.dtypes[key]
+    m, n = (int(v) for v in base.shapes[key])  # stored; a resized tuned tensor: its first m rows
+    cd = _compute_dtype(d0, d1)
+    step = int(block_rows) if block_rows is not None else block_rows_for(n)
+    if step < 1:
+        raise CheckpointError("block_rows", f"must be a positive number of rows, got {block_rows!r}")
+    delta = torch.empty((m, n), dtype=cd, device=dev)  # (m, n) stored orientation
+    stats = RoundingStatistics((m, n), (d0, d1), transposed=spec.transposed) if rounding else None
+    base_sq = 0.0  # ||W_base||_F², summed in float64 over the blocks' compute-dtype norms
+    for start, b0, b1 in _row_blocks(base, tuned, key, m, step, dev):
+        blk = delta[start : start + b0.shape[0]]  # (rows, n) view
+        blk.copy_(b1)
+        blk.sub_(b0)
+        base_sq += float(torch.linalg.vector_norm(b0, dtype=cd)) ** 2
+        if stats is not None:
+            stats.add(b0, b1)
+        del b0, b1, blk
+    if stats is not None and stats.needs_float64:
+        # an entry beyond FLOAT32_STATISTICS_MAX, whose float32 square could overflow: the statistics again in
+        # float64, as rounding_statistics chooses from the whole tensors (ΔW itself is done)
+        stats = RoundingStatistics((m, n), (d0, d1), transposed=spec.transposed, compute=torch.float64)
+        for _start, b0, b1 in _row_blocks(base, tuned, key, m, step, dev):
+            stats.add(b0, b1)
+            del b0, b1
+    floor = stats.result() if stats is not None else None
+    return logical(delta, spec), math.sqrt(base_sq), floor
 
 
 def stream_spectra(
@@ -386,20 +595,20 @@ def stream_spectra(
     lay: Layout,
     *,
     device: str = "cpu",
-    floor_fn=None,
+    rounding: bool = False,
     progress: bool = True,
     spectrum: str = "full",
     thresholds_fn=None,
+    block_rows: int | None = None,
 ):
     """Yield a :class:`LayerSpectrum` per matrix of ``lay`` in model order, then a :class:`VectorChange` per
-    vector; one layer in memory at a time (module docstring).
+    vector; one layer in memory at a time, each tensor read in blocks of rows (module docstring).
 
     Parameters
     ----------
-    floor_fn : callable, optional
-        ``floor_fn(W_base, W_tuned, dtypes) -> object``, called with the two logical matrices (torch tensors
-        in their storage dtype on the device, common rows only) and their storage dtype names: where the
-        storage-rounding noise floor of the layer is computed.
+    rounding : bool
+        Gather the statistics of each layer's storage-rounding bound (:class:`RoundingStatistics`, the
+        noise floor's input) into :attr:`LayerSpectrum.floor` from the blocks as they are read.
     progress : bool
         A tqdm bar over layers on stderr.
     spectrum : "full", "partial" or "auto"
@@ -409,6 +618,9 @@ def stream_spectra(
     thresholds_fn : callable
         ``thresholds_fn(floor, shape, compute_dtype) -> thresholds_of``, with ``thresholds_of(σ̂_1)`` the
         thresholds whose counts are needed (the first certified); required unless ``spectrum="full"``.
+    block_rows : int, optional
+        Stored rows per block (default :func:`block_rows_for`: about :data:`BLOCK_ELEMENTS` entries). The
+        blocks change only the order of the sums behind ``base_fro`` and the rounding statistics.
     """
     import torch
 
@@ -424,22 +636,14 @@ def stream_spectra(
         bar = tqdm(total=len(items) + len(lay.vectors), desc="layers", unit="layer", leave=False)
     try:
         for spec in items:
-            w0 = base.get(spec.weight_key)
-            w1 = tuned.get(spec.weight_key)
-            d0, d1 = base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key]
-            rows = w0.shape[0] if w1.shape[0] != w0.shape[0] else None
-            new_rows = resized_rows(w0.shape, w1.shape)
-            if rows is not None:
-                w1 = w1[:rows]
+            key = spec.weight_key
+            d0, d1 = base.dtypes[key], tuned.dtypes[key]
+            new_rows = resized_rows(base.shapes[key], tuned.shapes[key])
             cd = _compute_dtype(d0, d1)
-            # ΔW in one buffer: the tuned tensor converted, the base subtracted in place (no third copy)
-            delta = logical(w1, spec).to(dev, cd, copy=True)  # (out, in)
-            w0d = logical(w0, spec).to(dev)
-            delta.sub_(w0d)
+            delta, base_fro, floor = layer_delta(
+                base, tuned, spec, device=dev, rounding=rounding, block_rows=block_rows
+            )  # (out, in)
             shape = tuple(delta.shape)
-            base_fro = float(torch.linalg.vector_norm(w0d, dtype=cd))
-            floor = floor_fn(w0d, logical(w1, spec).to(dev), (d0, d1)) if floor_fn is not None else None
-            del w0, w1, w0d
             delta_fro = float(torch.linalg.vector_norm(delta))
             part, used, note = None, "full", None
             if spectrum == "partial" or (spectrum == "auto" and min(shape) >= PARTIAL_MIN_SIDE):

@@ -54,3 +54,28 @@ def test_the_7b_projection_scales_the_decoder_layers_by_layer_count():
     assert proj["per_layer_s"] == 10.0 and proj["outside_s"] == 80.0
     assert proj["total_s"] == 80.0 + 32 * 10.0
     assert bench.project_run({"seconds": 100.0, "layers": layers}, bench.parse_size("1024x2")) is None
+
+
+def test_a_one_matrix_pair_is_read_as_a_linear_layer_at_the_planted_rank(tmp_path):
+    bench = _bench()
+    bench.write_matrix_pair(tmp_path, bench.parse_matrix("300x40"))
+    from verification.rank_report import advise_stream
+
+    assert not (tmp_path / "base" / "config.json").exists()
+    (layer,) = advise_stream(tmp_path / "base", tmp_path / "tuned", progress=False, spectrum="partial").layers
+    assert layer.shape == (300, 40) and layer.storage_dtype == "bfloat16"
+    assert layer.settled and layer.rank_above_floor == bench.PLANTED_RANK
+    with pytest.raises(SystemExit):
+        bench.main(["--matrix", "0x4", "--no-project"])
+
+
+@pytest.mark.slow
+def test_bench_measures_a_one_matrix_pair(tmp_path):
+    bench = _bench()
+    out = tmp_path / "bench.json"
+    args = ["--matrix", "300x40", "--contenders", "partial,loop", "--no-project", "--workdir", str(tmp_path)]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["pairs"]  # --matrix alone: no Llama pairs
+    assert row["matrix"] == [300, 40] and row["parameters"] == 12000
+    assert row["partial"]["matrices"] == row["loop"]["matrices"] == 1 and row["partial"]["ranks_ok"]
+    assert row["partial"]["peak_rss_mib"] > 0

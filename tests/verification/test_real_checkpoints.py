@@ -8,6 +8,7 @@ is below it.
 """
 
 import json
+import math
 import os
 import warnings
 
@@ -27,10 +28,20 @@ else:
 
 from safetensors.torch import load_file, save_file
 
+from lora_theory.errors import InvalidArgumentError
 from verification.architectures import layout
 from verification.extract import STORAGE_ROUNDOFF, extract_adapter
 from verification.peft_export import AdapterBaseError, AdapterWriteError, check_base, load_peft_adapter
-from verification.streaming import ROUNDOFF, TensorSource, open_pair, rounding_statistics, stream_spectra
+from verification.streaming import (
+    ROUNDOFF,
+    RoundingStatistics,
+    TensorSource,
+    layer_delta,
+    logical,
+    open_pair,
+    rounding_statistics,
+    stream_spectra,
+)
 
 torch.set_num_threads(1)
 
@@ -403,6 +414,86 @@ def test_rounding_statistics_bound_the_exact_ones_from_above_and_closely(m, n, b
     slack = {"row_max": eta * n**0.5, "col_max": eta * m**0.5, "entry_max": 0.0, "frobenius": eta * (m * n) ** 0.5}
     for key, value in exact.items():
         assert value <= got[key] <= value * (1 + 1e-5) + slack[key], (key, value, got[key])
+
+
+def whole_tensor_layer(src_b, src_t, spec):
+    """The reference for :func:`layer_delta`: both stored tensors read whole, ``ΔW``, ``||W_base||_F`` in
+    float64 and the rounding statistics of the logical matrices (:func:`rounding_statistics`)."""
+    w0, w1 = src_b.get(spec.weight_key), src_t.get(spec.weight_key)[: src_b.shapes[spec.weight_key][0]]
+    d0, d1 = src_b.dtypes[spec.weight_key], src_t.dtypes[spec.weight_key]
+    cd = torch.float64 if "float64" in (d0, d1) else torch.float32
+    delta = logical(w1, spec).to(cd) - logical(w0, spec).to(cd)  # (out, in)
+    return delta, float(w0.double().norm()), rounding_statistics(logical(w0, spec), logical(w1, spec), (d0, d1))
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, resize",
+    [("gpt2", torch.bfloat16, False), ("llama", torch.float32, True), ("bert", torch.float16, False)],
+)
+def test_blocked_reading_equals_the_whole_tensors(tmp_path, arch, dtype, resize):
+    """ΔW written block by block (1, 3 or 7 stored rows, or one block) equals the whole tensors' difference
+    entry for entry, so no row is dropped or read twice; the rounding statistics and ||W_base||_F differ
+    from the whole-matrix ones by summation order only. Conv1D (stored (in, out)), embeddings and a resized
+    vocabulary (common rows) included."""
+    base, tuned, _ = build_pair(arch, tmp_path, dtype, sharded=not resize)  # resaving would leave stale shards
+    if resize:
+        model = load_float32(arch, tuned)
+        model.resize_token_embeddings(67)
+        model.save_pretrained(tuned)
+    src_b, src_t, lay = open_pair(base, tuned)
+    kinds = {spec.kind for spec in lay.matrices}
+    assert kinds >= ({"conv1d", "embedding"} if arch == "gpt2" else {"linear", "embedding"})
+    for spec in lay.matrices:
+        ref_delta, ref_fro, ref_stats = whole_tensor_layer(src_b, src_t, spec)
+        for rows in (1, 3, 7, None):
+            delta, base_fro, stats = layer_delta(src_b, src_t, spec, rounding=True, block_rows=rows)
+            assert tuple(delta.shape) == tuple(ref_delta.shape) == spec.shape
+            assert delta.dtype == ref_delta.dtype and torch.equal(delta, ref_delta), (spec.name, rows)
+            # float64 sum of float32 block norms: float32 accuracy
+            assert base_fro == pytest.approx(ref_fro, rel=1e-5), (spec.name, rows)
+            assert stats["shape"] == ref_stats["shape"] == tuple(delta.shape)
+            for key in ("row_max", "col_max", "entry_max", "frobenius"):
+                # float64 sums of the same float32 squares in another order
+                assert stats[key] == pytest.approx(ref_stats[key], rel=1e-12, abs=0), (spec.name, rows, key)
+    if resize:
+        assert src_t.shapes["model.embed_tokens.weight"][0] == src_b.shapes["model.embed_tokens.weight"][0] + 6
+
+
+def test_blocked_statistics_of_entries_beyond_float32_squares_run_in_float64(tmp_path):
+    """An entry beyond 1e18 in one block (its float32 square could overflow) makes the blocked statistics
+    run again in float64, as the whole-tensor ones do; they then agree to float64 summation order."""
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(9, 5, generator=g)
+    w1 = w0 + 0.01 * torch.randn(9, 5, generator=g)
+    w0[7, 2] = 3e19  # in the last block of 2 rows, after float32 statistics of the first blocks
+    for tag, w in (("base", w0), ("tuned", w1)):
+        (tmp_path / tag).mkdir()
+        save_file({"fc.weight": w.contiguous()}, str(tmp_path / tag / "model.safetensors"))
+    src_b, src_t, lay = open_pair(tmp_path / "base", tmp_path / "tuned")
+    (spec,) = lay.matrices
+    ref = rounding_statistics(w0, w1, ("float32", "float32"))
+    _, _, stats = layer_delta(src_b, src_t, spec, rounding=True, block_rows=2)
+    for key in ("row_max", "col_max", "entry_max", "frobenius"):
+        assert math.isfinite(stats[key]) and stats[key] == pytest.approx(ref[key], rel=1e-14, abs=0), key
+    # the float32 accumulator saw the entry and says so rather than answer
+    acc = RoundingStatistics((9, 5), ("float32", "float32"))
+    for start in range(0, 9, 2):
+        acc.add(w0[start : start + 2], w1[start : start + 2])
+    assert acc.needs_float64
+    with pytest.raises(InvalidArgumentError, match="float64"):
+        acc.result()
+
+
+def test_rounding_statistics_refuse_missing_or_extra_rows():
+    w = torch.ones(6, 4)
+    acc = RoundingStatistics((6, 4), ("float32", "bfloat16"))
+    acc.add(w[:4], w[:4])
+    with pytest.raises(InvalidArgumentError, match="4 rows of 6"):
+        acc.result()
+    with pytest.raises(InvalidArgumentError, match="7 rows fed"):
+        acc.add(w[:3], w[:3])
+    with pytest.raises(InvalidArgumentError, match="shapes"):
+        acc.add(w[:2, :3], w[:2, :3])
 
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
