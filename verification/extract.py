@@ -119,7 +119,7 @@ def extract_adapter(
     """
     import torch
 
-    from .streaming import _device
+    from .streaming import _compute_dtype, _device, layer_delta
 
     dev = _device(device)
     base, tuned, lay = open_pair(base_path, tuned_path)
@@ -153,10 +153,14 @@ def extract_adapter(
                 if "float64" in (dtype, base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key])
                 else torch.float32
             )
-            a = logical(base.get(spec.weight_key), spec).to(dev, cd)
-            b = logical(tuned.get(spec.weight_key), spec).to(dev, cd)
-            delta = b - a
-            del a, b
+            if cd == _compute_dtype(base.dtypes[spec.weight_key], tuned.dtypes[spec.weight_key]):
+                # read in blocks of rows, as the spectra are: neither stored tensor is ever whole in memory
+                delta, _, _ = layer_delta(base, tuned, spec, device=dev)  # (out, in), the value b - a gives
+            else:  # float64 factors asked of lower-precision weights: the difference of the float64 values
+                a = logical(base.get(spec.weight_key), spec).to(dev, cd)
+                b = logical(tuned.get(spec.weight_key), spec).to(dev, cd)
+                delta = b - a
+                del a, b
             B, A, truncation[spec.name] = _factors(delta, r)
             del delta
         else:  # bias only: PEFT refuses r = 0; zero factors carry lora_B.bias
