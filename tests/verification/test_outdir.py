@@ -244,6 +244,29 @@ def _rows(out):
     return [(r["rank"], r["gradient_test_mse"], r["construction_test_mse"]) for r in s["rows"] + s["pretrained_rows"]]
 
 
+def test_every_line_of_runs_jsonl_is_a_run_record_with_its_documented_fields(finished):
+    """The dataclass documents the file: each line has exactly RunRecord's fields (``config_hash`` beside
+    ``id``; the optional ones only when set), its losses RunLosses's, and rebuilds to the same line."""
+    import dataclasses
+
+    from verification.sweep import RunLosses, RunRecord
+
+    fields = {f.name for f in dataclasses.fields(RunRecord)}
+    optional = {"best_step", "paired"}
+    lines = [json.loads(l) for l in (finished / "runs.jsonl").read_text().splitlines()]
+    assert lines
+    for rec in lines:
+        assert RunRecord.is_valid(rec)
+        assert fields - optional <= set(rec) - {"config_hash"} <= fields
+        assert rec["config_hash"] == rec["id"]
+        assert set(rec["losses"]) == {f.name for f in dataclasses.fields(RunLosses)}
+        kept = {k: v for k, v in rec.items() if k != "config_hash"}
+        rebuilt = RunRecord(**{**kept, "losses": RunLosses(**rec["losses"])}).to_json()
+        assert rebuilt == rec
+    assert not RunRecord.is_valid({**lines[0], "losses": {**lines[0]["losses"], "test": True}})
+    assert not RunRecord.is_valid({k: v for k, v in lines[0].items() if k != "experiment"})
+
+
 @pytest.mark.parametrize(
     "damage",
     [

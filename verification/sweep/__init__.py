@@ -31,7 +31,8 @@ Layout (each module imports only those above it; entry points import this packag
 
 * :mod:`~verification.sweep.protocol`: constants, seeds, the named problem structures (:class:`FNNStructure`,
   :class:`TFNStructure`), :class:`Cell`, :class:`Run`, :class:`ExperimentSpec`.
-* :mod:`~verification.sweep.records`: JSON-lines records (``runs.jsonl``, ``constructions.jsonl``), versions.
+* :mod:`~verification.sweep.records`: JSON-lines records, :class:`RunRecord` (``runs.jsonl``, its losses
+  :class:`RunLosses`) and :class:`ConstructionRecord` (``constructions.jsonl``); versions.
 * :mod:`~verification.sweep.problems`: targets, frozen and pretrained models (cache), evaluation sets.
 * :mod:`~verification.sweep.training`: the run list, stacks of runs, evaluation, the CPU budget.
 * :mod:`~verification.sweep.constructions`: float64 and raised-precision constructions, their pool and cache.
@@ -104,7 +105,7 @@ from .protocol import (
     seeded_rng,
     structure_of,
 )
-from .records import versions
+from .records import ConstructionRecord, RunLosses, RunRecord, versions
 from .report import CSV_FIELDS, format_csv, format_table
 from .summary import pretrained_vs_random, summarize
 from .training import config_extra, cpu_budget, estimate_rate, make_runs, resolve_device
@@ -114,6 +115,7 @@ __all__ = [
     "CONSTRUCTION_FLAGS",
     "CSV_FIELDS",
     "Cell",
+    "ConstructionRecord",
     "ExperimentSpec",
     "FIGURE_FLOOR",
     "FNNStructure",
@@ -134,6 +136,8 @@ __all__ = [
     "Problems",
     "RUN_FLAGS",
     "Run",
+    "RunLosses",
+    "RunRecord",
     "SHIFT",
     "Structure",
     "TAG_DATA",

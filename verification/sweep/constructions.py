@@ -27,7 +27,7 @@ from ..outdir import CLIError, append_lines, open_log
 from ..trainer import gaussian_inputs
 from .problems import _model_outputs, _per_sample_errors
 from .protocol import CALIBRATION_SEED, MAX_HONEST_BLOCK, MAX_HONEST_ROUNDING, N_CALIBRATION, N_TEST, Cell, _hash
-from .records import _end_cut_line, _json_default, _load_records, _valid_construction_record
+from .records import ConstructionRecord, _end_cut_line, _json_default, _load_records
 from .training import _duration, _finished, cpu_budget
 
 
@@ -313,7 +313,7 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
 
     _end_cut_line(cache)
     done = {}
-    for rec in _load_records(cache, _valid_construction_record, report=True):
+    for rec in _load_records(cache, ConstructionRecord.is_valid, report=True):
         done.setdefault(rec["key"], rec["construction"])
     results, todo = {}, []
     for cell, seed, frozen, target in jobs:
@@ -333,7 +333,7 @@ def build_highprec_constructions(jobs, sets, cache: Path, workers: int, progress
         def keep(key, cell, seed, cons):
             results[(cell, seed)] = cons
             stored = {k: v for k, v in cons.items() if not k.startswith("_")}
-            append_lines(log, [json.dumps({"key": key, "construction": stored}, default=_json_default)])
+            append_lines(log, [json.dumps(ConstructionRecord(key, stored).to_json(), default=_json_default)])
             bar.update(1)
 
         try:

@@ -21,7 +21,7 @@ from .figures import make_figure
 from .folder import _atomic_write
 from .problems import Problems, _input_shape, _model_outputs, evaluation_sets
 from .protocol import TAG_DATA, ExperimentSpec, _hash, _seed_int
-from .records import _end_cut_line, _json_default, _load_records, _num, _valid_run_record, versions
+from .records import RunLosses, RunRecord, _end_cut_line, _json_default, _load_records, _num, versions
 from .report import format_csv
 from .summary import summarize
 from .training import (
@@ -79,7 +79,7 @@ def _execute(spec: ExperimentSpec, args, out: Path, progress_file, cells, backen
     runs = make_runs(spec, args, cells)
     runs_path = out / "runs.jsonl"
     records = {}
-    for r in _load_records(runs_path, _valid_run_record, report=True):
+    for r in _load_records(runs_path, RunRecord.is_valid, report=True):
         if r["experiment"] == spec.name:
             records.setdefault(r["id"], r)  # a run written twice (an older version's bug): the first
     records = list(records.values())
@@ -327,32 +327,33 @@ def train_records(name, structure, chunk, problems, eval_sets, test_errors, sett
     wall = (time.perf_counter() - t0) / len(chunk)
     out = []
     for i, r in enumerate(chunk):
-        rec = {
-            "id": r.id,
-            "experiment": name,
-            "config": r.config,
-            "config_hash": r.id,
-            "seed": r.seed,
-            "versions": settings["versions"],
-            "device": str(device),
+        losses = RunLosses(
+            train_final=_num(result.final_train_loss[i]),
+            train_curve={"steps": result.curve_steps, "loss": [_num(v) for v in result.curve[:, i]]},
+            val=_num(errs["val"][i].mean()),
+            test=_num(errs["test"][i].mean()),
+            shifted=_num(errs["shifted"][i].mean()),
+        )
+        paired = None
+        if test_errors[i] is not None:
+            d = errs["test"][i] - test_errors[i]
+            paired = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+        rec = RunRecord(
+            id=r.id,
+            experiment=name,
+            config=r.config,
+            seed=r.seed,
+            versions=settings["versions"],
+            device=str(device),
             # runs trained in this run's stack: on CUDA the kernels cuBLAS picks depend on it, so the
             # float32 rounding of a result does too (docs/reliability.md, "Results that do not depend
             # on how the work is split")
-            "stack_size": len(chunk),
-            "losses": {
-                "train_final": _num(result.final_train_loss[i]),
-                "train_curve": {"steps": result.curve_steps, "loss": [_num(v) for v in result.curve[:, i]]},
-                "val": _num(errs["val"][i].mean()),
-                "test": _num(errs["test"][i].mean()),
-                "shifted": _num(errs["shifted"][i].mean()),
-            },
-            "wall_time_s": wall,
-        }
-        if result.best_step is not None:
-            rec["best_step"] = int(result.best_step[i])
-        if test_errors[i] is not None:
-            d = errs["test"][i] - test_errors[i]
-            rec["paired"] = {"diff_mean": _num(d.mean()), "diff_se": _num(d.std(ddof=1) / math.sqrt(d.size))}
+            stack_size=len(chunk),
+            losses=losses,
+            wall_time_s=wall,
+            best_step=None if result.best_step is None else int(result.best_step[i]),
+            paired=paired,
+        ).to_json()
         out.append(rec)
     return out
 
