@@ -528,17 +528,26 @@ def _domain_args(input_radius, center, inputs, margin, D):
     return "samples", None, None, X
 
 
-def _block_gamma(rounding, after, target_norm, frozen_norm, in_size, out_size) -> float:
+def _ball_level_size(pu0_norm: float, r: float, p_norm: float, beta: float, D: int) -> float:
+    """``s_j = ||P_j u_0|| + r·||P_j||_2 + β_j·√D``: a bound on the input ``P_j u + β_j·1`` of layer ``j + 1`` over
+    the ball ``||u - u_0|| <= r`` (the ReLUs active); shared by the float64 and mpmath constructions."""
+    return float(pu0_norm) + float(r) * float(p_norm) + float(beta) * math.sqrt(D)
+
+
+def _block_gamma(added, bias_norms, level_sizes, after, target_norm, frozen_norm, in_size, out_size) -> float:
     """``γ_i``, the rounding of block ``i`` relative to its output size (THEORY.md §2.3); shared by the float64
     construction and :func:`lora_theory.highprec.lora_fnn_mp`, which count it alike.
 
-    ``rounding[j] = (||W_j||_2 + ||Δ_j||_2) s_{j-1} + ||b_j||_2``: the magnitudes summed when layer ``j``
-    is applied to an input of size ``s_{j-1}``; ``after[j]``: ``||M_m ... M_{j+1}||_2``, the adapted layers
-    after ``j`` that carry its rounding to the block output (1 for the last). ``E_i = T_i - Π W_l`` is itself
-    a float64 difference, so the realised ``W̃_i`` inherits its rounding, relative to both terms:
-    ``(||T_i||_2 + ||Π W_l||_2)·in_size``. Returns ``Σ_j after[j]·rounding[j] + that``, over ``out_size``
-    (0 when the output size is 0).
+    Layer ``j`` of the block (``m`` layers) applied to an input of size ``s_{j-1}`` sums magnitudes
+    ``rounding[j] = (||W_j||_2 + ||Δ_j||_2) s_{j-1} + ||b_j||_2``, from ``added[j] = ||W_j||_2 + ||Δ_j||_2``,
+    ``bias_norms[j] = ||b_j||_2`` and the sizes ``s_0 = in_size``, ``s_j = level_sizes[j-1]`` (``m - 1`` of
+    them); ``after[j]``: ``||M_m ... M_{j+1}||_2``, the adapted layers after ``j`` that carry its rounding to
+    the block output (1 for the last). ``E_i = T_i - Π W_l`` is itself a float64 difference, so the realised
+    ``W̃_i`` inherits its rounding, relative to both terms: ``(||T_i||_2 + ||Π W_l||_2)·in_size``. Returns
+    ``Σ_j after[j]·rounding[j] + that``, over ``out_size`` (0 when the output size is 0).
     """
+    sizes = (in_size, *level_sizes)  # s_0 ... s_{m-1}
+    rounding = [a * s + nb for a, s, nb in zip(added, sizes, bias_norms)]
     amplified = sum(a * t for a, t in zip(after, rounding))
     amplified += (target_norm + frozen_norm) * in_size
     return float(amplified / out_size) if out_size > 0 else 0.0
@@ -609,7 +618,6 @@ def lora_fnn(
     kind, u0, r, X = _domain_args(input_radius, center, inputs, margin, D)
     center0 = u0
     linearise = frozen.activation == "relu"
-    sqrtD = math.sqrt(D)
 
     adapters, weights, biases, block_fits, kappas, input_radii = [], [], [], [], {}, []
     first_block_partials = []  # P_j of block 1, for the check
@@ -642,12 +650,11 @@ def lora_fnn(
         input_radii.append(r if kind == "ball" else in_size)
         levels, block_biases = [], []
         beta_prev, P = 0.0, np.eye(D)
-        rounding = []  # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+        level_sizes = []  # s_j, the size of layer j + 1's input (the rounding bookkeeping, _block_gamma)
         added = [
             float(np.linalg.norm(W, 2) + np.linalg.norm(a.delta, 2))  # magnitudes summed in M_j
             for W, a in zip(factors, block_adapters)
         ]
-        s_prev = in_size
         for j in range(m - 1):
             P = M[j] @ P  # (D, D) P_j
             if i == 0:
@@ -666,12 +673,11 @@ def lora_fnn(
             b = beta * np.ones(D) - M[j] @ (beta_prev * np.ones(D))  # (D,)
             block_biases.append(b)
             levels.append(beta)
-            rounding.append(added[j] * s_prev + np.linalg.norm(b))
             # s_j: the input to layer j + 1 is P_j u + β_j·1 (ReLU active)
             if kind == "ball":
-                s_prev = float(np.linalg.norm(P @ u0) + r * np.linalg.norm(P, 2) + beta * sqrtD)
+                level_sizes.append(_ball_level_size(np.linalg.norm(P @ u0), r, np.linalg.norm(P, 2), beta, D))
             else:
-                s_prev = float(np.max(np.linalg.norm(pre + beta, axis=1)))
+                level_sizes.append(float(np.max(np.linalg.norm(pre + beta, axis=1))))
             beta_prev = beta
         b_last = c - M[-1] @ (beta_prev * np.ones(D))  # (D,) calibrating bias
         block_biases.append(b_last)
@@ -688,10 +694,10 @@ def lora_fnn(
                     out_size = float(np.max(np.linalg.norm(Z, axis=1)))
                 if linearise and (block.start + j < L - 1 or frozen.final_relu):
                     Z = relu(Z)
-        rounding.append(added[-1] * s_prev + np.linalg.norm(b_last))
+        bias_norms = [float(np.linalg.norm(b)) for b in block_biases]
         after = [float(np.linalg.norm(product(M[j + 1 :]), 2)) for j in range(m - 1)] + [1.0]
         norms = (float(np.linalg.norm(T, 2)), float(np.linalg.norm(product(factors), 2)))
-        gamma_i = _block_gamma(rounding, after, *norms, in_size, out_size)
+        gamma_i = _block_gamma(added, bias_norms, level_sizes, after, *norms, in_size, out_size)
 
         k_i = sum(a.rank for a in block_adapters)
         block_fits.append(

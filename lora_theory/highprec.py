@@ -38,7 +38,16 @@ from ._types import ArrayLike, Matrices, Partition, Rank
 from ._validate import as_array, as_int, as_ranks, as_square, as_square_sequence, as_tolerance
 from .adapter import Adapter
 from .errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
-from .fnn import SAFETY, Domain, _block_gamma, _check_models, _check_points, _radius_amplification, lora_fnn
+from .fnn import (
+    SAFETY,
+    Domain,
+    _ball_level_size,
+    _block_gamma,
+    _check_models,
+    _check_points,
+    _radius_amplification,
+    lora_fnn,
+)
 from .linear import (
     _chain_gamma,
     _ChainArithmetic,
@@ -868,7 +877,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             exact = exact and sum(ranks[block.start : block.stop]) >= rank_E
             m = len(M)
             in_size = float(_mp.norm(u0)) + float(r)
-            s_prev, rounding = in_size, []  # (||W_j|| + ||Δ_j||) s_{j-1} + ||b_j||
+            level_sizes = []  # s_j, the size of layer j + 1's input (the rounding bookkeeping, _block_gamma)
             # magnitudes summed in M_j = W_j + Δ_j, as the float64 path counts them (FNNFit.gamma)
             added = [
                 float(np.linalg.norm(frozen.weights[l], 2)) + float(np.linalg.norm(_np(Mj) - frozen.weights[l], 2))
@@ -892,8 +901,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
                 b = one * beta - M[j] * (one * beta_prev)  # (n, 1)
                 block_biases.append(b)
                 levels.append(beta)
-                rounding.append(added[j] * s_prev + float(_mp.norm(b)))
-                s_prev = float(_mp.norm(Pu0)) + float(r) * float(np.linalg.norm(_np(P), 2)) + float(beta) * math.sqrt(n)
+                level_sizes.append(_ball_level_size(_mp.norm(Pu0), r, np.linalg.norm(_np(P), 2), beta, n))
                 beta_prev = beta
             b_last = c - M[-1] * (one * beta_prev)
             block_biases.append(b_last)
@@ -909,7 +917,7 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
             all_levels.append(tuple(levels))
             norm_Wt = float(np.linalg.norm(_np(W_tilde), 2)) * (1 + 1e-12)
             out_size = norm_Wt * float(r) + float(_mp.norm(W_tilde * u0 + c))
-            rounding.append(added[-1] * s_prev + float(_mp.norm(b_last)))
+            bias_norms = [float(_mp.norm(b)) for b in block_biases]
             # each layer's rounding reaches the block output through the adapted layers after it
             Mf = [_np(Mj) for Mj in M]
             after = [float(np.linalg.norm(_float_product(Mf[j + 1 :], n), 2)) for j in range(m - 1)] + [1.0]
@@ -917,7 +925,8 @@ def _fnn_mp(frozen, target, ranks, sizes, radius, center, digits, reason, rank_t
                 float(np.linalg.norm(target.weights[i], 2)),
                 float(np.linalg.norm(_float_product([frozen.weights[l] for l in block], n), 2)),
             )
-            gamma += _block_gamma(rounding, after, *norms, in_size, out_size)  # as the float64 path counts it
+            # as the float64 path counts it
+            gamma += _block_gamma(added, bias_norms, level_sizes, after, *norms, in_size, out_size)
             weights.extend(M)
             biases.extend(block_biases)
             u0, r = _mp.zeros(n, 1), _mp.mpf(out_size)
