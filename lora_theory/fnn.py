@@ -176,7 +176,8 @@ def sample_ball(center: ArrayLike, radius: float, n: int, seed: Seed = None) -> 
     g = rng.standard_normal((int(n), D))  # (n, D)
     g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(float).tiny)
     scale = radius * rng.uniform(size=(int(n), 1)) ** (1.0 / D)  # (n, 1)
-    # shrink by one part in 1e12 so that rounding never puts a point outside the ball
+    # shrink by one part in 1e12 so that the rounding of the direction's norm never puts a point outside the
+    # ball about 0 (adding a centre rounds each point by up to about u·||center|| more)
     return center + g * scale * (1.0 - 1e-12)
 
 

@@ -17,7 +17,7 @@ from _helpers import fnn_pair, ill_conditioned_ok, partitions
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, SingularMatrixError
+from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, NumericalError, SingularMatrixError
 from lora_theory.fnn import (
     SAFETY,
     block_discrepancies,
@@ -690,3 +690,433 @@ def test_check_points_hold_the_minimiser_of_every_first_block_pre_activation():
     assert checked.shape == (1024, 3) and np.array_equal(checked[0], X[0]) and np.array_equal(checked[-1], X[-1])
     assert len({tuple(x) for x in checked}) == 1024
     assert np.array_equal(_check_points(samples, X[:10], partials), X[:10])
+
+
+# ------------------------------------------------------------------------ claims pinned by mutation testing
+
+
+def _scaled_domain_fit(frozen, target, t, rank, center, radius):
+    """``lora_fnn`` with the ball and the target's biases scaled by ``t``: the same instance in other units."""
+    scaled = FNN(target.weights, [t * c for c in target.biases], final_relu=target.final_relu)
+    return lora_fnn(frozen, scaled, rank, input_radius=t * radius, center=t * center)
+
+
+@pytest.mark.parametrize("t", [1e-3, 1e3])
+def test_gamma_is_independent_of_the_units_of_inputs_and_biases(t):
+    """``γ_i`` is a *relative* rounding (magnitudes summed over the output size): scaling the ball and the
+    target's biases by ``t`` scales every magnitude and the output size alike (the levels ``β_j`` and the
+    compensating biases are linear in the ball), so each block's ``γ_i`` and the radius amplification are
+    unchanged, whether the output size falls below 1 or not."""
+    frozen, target = random_fnn(4, 4, seed=11), random_fnn(4, 2, seed=12)
+    center = np.array([0.3, -0.2, 0.1, 0.4])
+    base = _scaled_domain_fit(frozen, target, 1.0, 4, center, 0.8)
+    other = _scaled_domain_fit(frozen, target, t, 4, center, 0.8)
+    assert [b.gamma for b in base.block_fits] == pytest.approx([b.gamma for b in other.block_fits], rel=1e-9)
+    assert all(b.gamma > 0 for b in other.block_fits)
+
+
+def test_gamma_counts_the_rounding_the_discrepancy_inherits_from_both_its_terms():
+    """``E_i = T_i - Π W_l`` is a float64 difference whose rounding is relative to ``||T_i|| + ||Π W_l||``,
+    not to their difference: a one-layer block whose frozen weight is 100 times the target's counts at
+    least ``(||T|| + ||W||)·in_size`` over the output size in its ``γ`` (THEORY.md §2.3)."""
+    rng = np.random.default_rng(3)
+    T, W = rng.standard_normal((3, 3)), 100.0 * rng.standard_normal((3, 3))
+    frozen = FNN([W], [np.zeros(3)])
+    target = FNN([T], [rng.standard_normal(3)])
+    fit = lora_fnn(frozen, target, 3, input_radius=1.0)
+    (block,) = fit.block_fits
+    floor = (np.linalg.norm(T, 2) + np.linalg.norm(W, 2)) * block.input_radius / block.output_radius
+    assert block.gamma >= floor
+
+
+def test_a_target_that_is_zero_has_no_relative_rounding_and_no_amplification():
+    """A target whose output is 0 on the whole ball (zero weights and biases): the output size is 0, so there
+    is no relative rounding to count (``γ = 0``) and no output the ball's size could magnify (``a = 1``);
+    the construction is exact. (The frozen layer is the identity, so that ``W + Δ`` is exactly 0 in float64.)"""
+    silent = FNN([np.zeros((3, 3))], [np.zeros(3)])
+    fit = lora_fnn(FNN([np.eye(3)], [np.zeros(3)]), silent, 3, input_radius=5.0)  # Δ = -I, realised exactly
+    assert fit.output_radius == 0.0
+    assert fit.gamma == 0.0 and fit.radius_amplification == 1.0 and fit.exact
+
+
+def test_radius_amplification_is_the_output_size_over_that_of_the_unit_ball():
+    """``a = s_out / s_1``, ``s_1`` the output size of the inputs within distance 1 of the centre. With zero
+    biases, centre 0 and orthogonal-times-scale realised blocks the output bound of the ball of radius ``ρ``
+    is ``ρ·Π_i s_i`` exactly (attained on every direction), so a ball of radius 1.5 gives ``a = 1.5`` and
+    a ball of radius 0.5, whose inputs are all unit-size or smaller, ``a = 1``; whatever the size of the
+    product (the scales 0.3 and 0.2 make it small)."""
+    Q1, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    Q2, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((3, 3)))
+    target = FNN([0.3 * Q1, 0.2 * Q2], [np.zeros(3), np.zeros(3)], activation="linear")
+    frozen = FNN([np.eye(3), np.eye(3)], [np.zeros(3), np.zeros(3)], activation="linear")
+    for radius, a in ((1.5, 1.5), (0.5, 1.0), (4.0, 4.0)):
+        fit = lora_fnn(frozen, target, 3, partition=(1, 1), input_radius=radius)
+        assert fit.radius_amplification == pytest.approx(a, rel=1e-12)
+    # a centre off 0 and a bias: s_1 = ||T||(1) + ||T u_0 + c||, through both blocks
+    c1 = np.array([0.5, 0.0, 0.0])
+    biased = FNN([0.3 * Q1, 0.2 * Q2], [c1, np.zeros(3)], activation="linear")
+    u0 = np.array([0.0, 2.0, 0.0])
+    fit = lora_fnn(frozen, biased, 3, partition=(1, 1), input_radius=3.0, center=u0)
+    s1_first = 0.3 * 1.0 + np.linalg.norm(0.3 * Q1 @ u0 + c1)
+    s_out_first = 0.3 * 3.0 + np.linalg.norm(0.3 * Q1 @ u0 + c1)
+    assert fit.radius_amplification == pytest.approx(s_out_first / s1_first, rel=1e-12)
+
+
+def test_the_fit_checks_itself_on_the_same_points_every_time():
+    """``measured_error`` is reproducible: the sampled check points come from a fixed seed, so two identical
+    constructions report the same measured error (and the same exactness), and the points are the same."""
+    frozen, target = random_fnn(4, 2, seed=21), random_fnn(4, 1, seed=22)
+    first, second = (lora_fnn(frozen, target, 4, input_radius=2.0) for _ in range(2))
+    assert first.measured_error == second.measured_error
+    from lora_theory.fnn import _check_points
+
+    partials = [np.eye(4)]
+    points = [_check_points(first.domain, None, partials) for _ in range(2)]
+    assert np.array_equal(*points)
+
+
+def test_a_sample_domain_is_checked_on_at_most_1024_samples():
+    """More than 1024 samples (here 1025) are thinned to 1024 spread over all of them; 1024 are kept whole."""
+    from lora_theory.fnn import Domain, _check_points
+
+    X = np.random.default_rng(0).standard_normal((1025, 3))
+    samples = Domain(kind="samples", center=None, radius=None, margin=2.0, n_samples=1025)
+    assert _check_points(samples, X, []).shape == (1024, 3)
+    assert np.array_equal(_check_points(samples, X[:1024], []), X[:1024])
+
+
+def test_the_ball_holds_its_exact_sphere_and_the_default_allowance_is_1e_12():
+    """``Domain.contains``: a point exactly at the radius is inside with no allowance (``rtol=0``);
+    ``rtol=None`` is the default 1e-12 (a point 1e-9 outside is out, 1e-13 outside in); masks are boolean
+    and keep every leading axis, for a ball and for samples."""
+    from lora_theory.fnn import Domain
+
+    ball = Domain(kind="ball", center=np.zeros(3), radius=2.0, margin=None, n_samples=None)
+    assert ball.contains(np.array([2.0, 0.0, 0.0]), rtol=0.0) is True
+    assert ball.contains(np.array([2.0 * (1 + 1e-9), 0.0, 0.0]), rtol=None) is False
+    assert ball.contains(np.array([2.0 * (1 + 1e-13), 0.0, 0.0]), rtol=None) is True
+    samples = Domain(kind="samples", center=None, radius=None, margin=2.0, n_samples=4)
+    for domain in (ball, samples):
+        mask = domain.contains(np.zeros((2, 5, 3)))
+        assert mask.shape == (2, 5) and mask.dtype == bool
+
+
+def test_per_sample_tolerance_refuses_a_batch_of_batches():
+    """``tolerance_at`` takes ``(D,)`` or ``(n, D)``: a ``(2, n, D)`` array (whatever ``n``), the wrong width or
+    a NaN is refused with a message naming ``x``."""
+    fit = lora_fnn(random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1), 3, input_radius=1.0)
+    for bad in (np.zeros((2, 3, 3)), np.zeros((2, 4, 3)), np.zeros((4, 2))):
+        with pytest.raises(InvalidArgumentError, match=r"^x: must have shape \(D,\) or \(n, D\) with D = 3"):
+            fit.tolerance_at(bad)
+    with pytest.raises(InvalidArgumentError, match="^x: contains NaN or infinite entries$"):
+        fit.tolerance_at(np.array([0.0, np.nan, 0.0]))
+
+
+def test_domain_refusals_say_what_to_pass():
+    """``lora_fnn``'s domain arguments: a centre without a radius, no domain, two domains and a margin that is
+    not a real number ``>= 1`` (a bool or a string included) are refused with the whole reason."""
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    X = np.zeros((4, 3))
+    cases = [
+        (
+            {"center": np.zeros(3), "inputs": X},
+            "center: a centre needs input_radius (it defines a ball); samples have none",
+        ),
+        ({}, "input_radius: no domain given: pass input_radius (a certified ball) or inputs (samples)"),
+        (
+            {"input_radius": 1.0, "inputs": X},
+            "inputs: two domains given: pass either input_radius (a ball) or inputs (samples), not both",
+        ),
+        ({"inputs": X, "margin": True}, "margin: must be a finite real number >= 1 (multiplicative), got True"),
+        ({"inputs": X, "margin": "2"}, "margin: must be a finite real number >= 1 (multiplicative), got '2'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InvalidArgumentError) as info:
+            lora_fnn(frozen, target, 3, **kwargs)
+        assert str(info.value) == message
+
+
+def _reference_bookkeeping(fit, frozen, target, X=None):
+    """The documented rounding bookkeeping of an ``FNNFit`` (its ``gamma`` docstring), transcribed from the
+    fit's own weights, adapters and levels: per block ``(γ_i, s_out_i)``, then ``measured_error``."""
+    D, L = frozen.width, frozen.depth
+    ball = fit.domain.kind == "ball"
+    u0, r = (fit.domain.center, fit.domain.radius) if ball else (None, None)
+    U = X
+    out, first_partials = [], []
+    for i, block in enumerate(partition_blocks(fit.partition)):
+        M = [fit.model.weights[l] for l in block]
+        Wf = [frozen.weights[l] for l in block]
+        deltas = [fit.adapters[l].delta for l in block]
+        bs = [fit.model.biases[l] for l in block]
+        levels = fit.block_fits[i].levels
+        sizes = [np.linalg.norm(u0) + r if ball else np.linalg.norm(U, axis=1).max()]  # s_0
+        for j in range(len(M) - 1):
+            P = product(M[: j + 1])  # P_j = M_j ... M_1
+            if i == 0:
+                first_partials.append(P)
+            if ball:
+                sizes.append(np.linalg.norm(P @ u0) + r * np.linalg.norm(P, 2) + levels[j] * math.sqrt(D))
+            else:
+                sizes.append(np.linalg.norm(U @ P.T + levels[j], axis=1).max())
+        W_tilde = product(M)
+        if ball:
+            s_out = np.linalg.norm(W_tilde, 2) * r + np.linalg.norm(W_tilde @ u0 + target.biases[i])
+        else:
+            Z = U
+            for j, (Mj, bj) in enumerate(zip(M, bs)):
+                Z = Z @ Mj.T + bj
+                if j == len(M) - 1:
+                    s_out = np.linalg.norm(Z, axis=1).max()
+                if frozen.activation == "relu" and (block.start + j < L - 1 or frozen.final_relu):
+                    Z = np.maximum(Z, 0.0)
+        after = [np.linalg.norm(product(M[j + 1 :]), 2) for j in range(len(M) - 1)] + [1.0]
+        total = sum(
+            after[j] * ((np.linalg.norm(Wf[j], 2) + np.linalg.norm(deltas[j], 2)) * sizes[j] + np.linalg.norm(bs[j]))
+            for j in range(len(M))
+        )
+        total += (np.linalg.norm(target.weights[i], 2) + np.linalg.norm(product(Wf), 2)) * sizes[0]
+        out.append((total / s_out, s_out))
+        if ball:
+            u0, r = np.zeros(D), s_out
+        else:
+            U = Z
+    from lora_theory.fnn import _check_points
+
+    points = _check_points(fit.domain, X, first_partials)
+    miss = np.linalg.norm(fit.model(points) - target(points), axis=1).max()
+    return out, miss / out[-1][1]
+
+
+@pytest.mark.parametrize("mode", ["ball", "samples"])
+@pytest.mark.parametrize(
+    ("D", "L", "Lbar", "ranks", "activation", "final_relu", "partition"),
+    [
+        (3, 4, 2, 2, "relu", True, None),
+        (4, 5, 2, 1, "relu", False, None),  # below the threshold: a measured error of order 1
+        (3, 3, 1, 1, "relu", True, None),
+        (3, 4, 2, 2, "linear", True, None),
+        (3, 4, 2, 2, "relu", False, (3, 1)),  # a block ends at layer L - 1: its ReLU feeds the last block
+    ],
+)
+def test_rounding_bookkeeping_matches_its_documented_definition(
+    mode, D, L, Lbar, ranks, activation, final_relu, partition
+):
+    """Equivalence with a reference: every block's ``γ_i`` and output size ``s_out``, and the fit's
+    ``measured_error``, are those the ``FNNFit`` docstring defines (spectral norms of the added factors and
+    of the layers after each one, bias norms, the input sizes ``s_j`` of the ball or of the samples, the
+    rounding ``E_i`` inherits from both its terms; the worst check point's error over ``s_out``),
+    recomputed here from the fit's own weights, adapters and levels; on blocks of one to four layers, a
+    final ReLU or none, linear activations, at and below the threshold, uniform and other partitions."""
+    rng = np.random.default_rng(D * 100 + L * 10 + Lbar)
+    frozen = random_fnn(D, L, seed=int(rng.integers(1000)), activation=activation, final_relu=final_relu)
+    target = random_fnn(D, Lbar, seed=int(rng.integers(1000)), activation=activation, final_relu=final_relu)
+    X = rng.standard_normal((40, D)) if mode == "samples" else None
+    kwargs = {"input_radius": 1.7, "center": rng.uniform(-1, 1, D)} if mode == "ball" else {"inputs": X}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        fit = lora_fnn(frozen, target, ranks, partition=partition, **kwargs)
+    blocks, measured = _reference_bookkeeping(fit, frozen, target, X)
+    assert [b.gamma for b in fit.block_fits] == pytest.approx([g for g, _ in blocks], rel=1e-9)
+    assert [b.output_radius for b in fit.block_fits] == pytest.approx([s for _, s in blocks], rel=1e-12)
+    assert fit.measured_error == pytest.approx(measured, rel=1e-12)
+
+
+def test_below_the_threshold_the_measured_error_does_not_depend_on_units():
+    """``measured_error`` is relative to the output size ``s_out``: below the threshold (an error of order
+    one), scaling the ball and the target's biases by ``t`` leaves it unchanged, whether ``s_out`` is below 1
+    or above."""
+    frozen, target = random_fnn(4, 4, seed=31), random_fnn(4, 2, seed=32)
+    center = np.array([0.2, 0.1, -0.3, 0.0])
+    errors = [_scaled_domain_fit(frozen, target, t, 1, center, 0.9).measured_error for t in (1e-4, 1.0, 1e4)]
+    assert errors[1] > 1e-3
+    assert errors == pytest.approx([errors[1]] * 3, rel=1e-6)
+
+
+def test_block_fits_describe_their_blocks():
+    """Each ``BlockFit`` holds its layers, the adapters of those layers (those of the fit), its discrepancy
+    ``E_i = T_i - Π W_l`` and that matrix's singular values, the ``κ`` of what it inverted (also in the fit's
+    ``condition_numbers`` under ``"block i: ..."``) and its input radius (the ball's, then the previous
+    block's output radius); the fit keeps the frozen model and the target it was given."""
+    frozen, target = random_fnn(3, 5, seed=41), random_fnn(3, 2, seed=42)
+    fit = lora_fnn(frozen, target, 3, partition=(2, 3), input_radius=1.3, center=np.array([0.1, 0.0, -0.2]))
+    assert fit.frozen is frozen and fit.target is target
+    E = block_discrepancies(frozen, target, (2, 3))
+    for i, (bf, block) in enumerate(zip(fit.block_fits, partition_blocks((2, 3)))):
+        assert tuple(bf.layers) == tuple(block)
+        assert bf.adapters == tuple(fit.adapters[l] for l in block)
+        np.testing.assert_array_equal(bf.discrepancy, E[i])
+        np.testing.assert_allclose(bf.singular_values, np.linalg.svd(E[i], compute_uv=False), rtol=1e-12)
+        assert bf.condition_numbers and all(
+            fit.condition_numbers[f"block {i + 1}: {k}"] == v for k, v in bf.condition_numbers.items()
+        )
+    assert fit.block_fits[0].input_radius == 1.3
+    assert fit.block_fits[1].input_radius == fit.block_fits[0].output_radius
+
+
+def test_kappa_is_1_when_nothing_is_inverted():
+    """Blocks of one layer invert nothing (no ``P_j`` or ``Q_j``): no condition numbers, ``κ = 1``."""
+    fit = lora_fnn(random_fnn(3, 2, seed=0), random_fnn(3, 2, seed=1), 3, input_radius=1.0)
+    assert fit.condition_numbers == {} and fit.kappa == 1.0
+
+
+def test_sample_domain_margin_defaults_to_2():
+    """``margin`` defaults to 2 (the documented signature), recorded in the domain; 1 is allowed, less is not."""
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    X = np.random.default_rng(0).standard_normal((10, 3))
+    assert lora_fnn(frozen, target, 3, inputs=X).domain.margin == 2.0
+    assert lora_fnn(frozen, target, 3, inputs=X, margin=1).domain.margin == 1.0
+    with pytest.raises(InvalidArgumentError, match="^margin: "):
+        lora_fnn(frozen, target, 3, inputs=X, margin=0.999)
+    with pytest.raises(InvalidArgumentError, match="^inputs: must hold at least one sample$"):
+        lora_fnn(frozen, target, 3, inputs=np.zeros((0, 3)))
+
+
+def test_a_ball_too_large_for_unit_inputs_is_not_called_exact_and_the_warnings_say_why():
+    """Radius 1e12: the tolerance relative to ``s_out`` holds, but inputs within distance 1 of the centre have
+    outputs ``a ~ 5e11`` times smaller, so the claim says nothing about them: ``exact`` is False though the
+    rank suffices, and the warnings name Theorem 3's construction, the amplification and its reason. A
+    radius of 1 has ``a = 1`` and no amplification in its warnings."""
+    frozen, target = random_fnn(3, 2, seed=0), random_fnn(3, 1, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = lora_fnn(frozen, target, 3, input_radius=1e12)
+    assert fit.rank_sufficient and not fit.exact and fit.measured_error <= fit.tolerance
+    texts = [str(w.message) for w in caught if issubclass(w.category, IllConditionedWarning)]
+    assert any(
+        t.startswith("FNN construction (Theorem 3) is ill-conditioned") and "certify a smaller ball" in t for t in texts
+    )
+    assert any(t.startswith("FNN construction (Theorem 3): the rank suffices") and "amplification" in t for t in texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        assert lora_fnn(frozen, target, 3, input_radius=1.0).exact
+    # a large ill-conditioned case without amplification: the warning has no reason about the ball
+    silent = FNN([np.zeros((3, 3))], [np.zeros(3)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_fnn(random_fnn(3, 1, seed=0), silent, 3, input_radius=1.0)
+    texts = [str(w.message) for w in caught if issubclass(w.category, IllConditionedWarning)]
+    assert texts and all("FNN construction (Theorem 3)" in t and "certify a smaller ball" not in t for t in texts)
+    # the same target on a ball of radius 1.5: a = 1.5, and the warning gives the reason, κ and γ
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = lora_fnn(random_fnn(3, 1, seed=0), silent, 3, input_radius=1.5)
+    assert fit.radius_amplification == pytest.approx(1.5)
+    texts = [str(w.message) for w in caught if issubclass(w.category, IllConditionedWarning)]
+    assert any(
+        f"κ = {fit.kappa:.3g}, γ = {fit.gamma:.3g}" in t
+        and "a = 1.5 times smaller" in t
+        and "certify a smaller ball" in t
+        for t in texts
+    )
+
+
+def test_an_overflowing_discrepancy_is_named_by_its_block():
+    """``E_i = T_i - Π W_l`` whose entries are finite but whose norm is beyond the float64 range is refused
+    naming ``E_i`` of the right block (``T_i + Π W_l`` would have a finite norm)."""
+    frozen = FNN([np.eye(2), -0.5e308 * np.ones((2, 2))], [np.zeros(2), np.zeros(2)])
+    target = FNN([np.eye(2), 1e308 * np.ones((2, 2))], [np.zeros(2), np.zeros(2)])  # entries of E_2: 1.5e308
+    with pytest.raises(NumericalError, match=r"\(overflow: the norm of E_2 exceeds the float64 range\)"):
+        lora_fnn(frozen, target, 2, partition=(1, 1), input_radius=1.0)
+
+
+def test_a_singular_block_names_its_layers():
+    """A chain that cannot be adapted in the second block is refused naming the block and its layers."""
+    rng = np.random.default_rng(0)
+    singular = np.diag([1.0, 0.0, 1.0])
+    frozen = FNN([rng.standard_normal((3, 3)), singular, singular, np.eye(3)], [np.zeros(3)] * 4)
+    target = random_fnn(3, 2, seed=5)
+    with pytest.raises(SingularMatrixError) as info:
+        lora_fnn(frozen, target, 1, partition=(1, 3), input_radius=1.0)
+    assert "block 2 holds layers 2..4" in str(info.value)
+    assert str(info.value).startswith("block 2: ")
+
+
+def test_samples_drawn_at_the_full_radius_stay_in_the_ball():
+    """``sample_ball`` shrinks the radius by one part in 1e12 so that the direction's rounding never puts a
+    point outside the ball about 0: even a radius draw of exactly 1 gives norms at most ``radius``."""
+
+    class AlwaysOne(np.random.Generator):
+        def uniform(self, low=0.0, high=1.0, size=None):
+            return np.ones(size)
+
+    X = sample_ball(np.zeros(5), 3.0, 20000, seed=AlwaysOne(np.random.PCG64(0)))
+    assert np.linalg.norm(X, axis=1).max() <= 3.0
+
+
+def test_samples_are_uniform_in_the_ball():
+    """Uniform in volume: the fraction of ``n`` points within radius ``ρ r`` is ``ρ^D``, within Monte Carlo
+    error (5 standard errors ``sqrt(p(1 - p)/n)``), for ``D`` = 1, 3 and 6."""
+    n = 20000
+    for D in (1, 3, 6):
+        X = sample_ball(np.full(D, 2.0), 0.5, n, seed=D)
+        dist = np.linalg.norm(X - 2.0, axis=1) / 0.5
+        for rho in (0.5, 0.8):
+            p = rho**D
+            assert abs(np.mean(dist <= rho) - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_sample_ball_refusals():
+    """An empty centre and a negative count are refused with the reason; ``n = 0`` gives no points."""
+    with pytest.raises(InvalidArgumentError) as info:
+        sample_ball(np.zeros(0), 1.0, 3)
+    assert str(info.value) == "center: must have at least one coordinate (D >= 1), got an empty array"
+    with pytest.raises(InvalidArgumentError, match="^n: must be a non-negative integer, got -1$"):
+        sample_ball(np.zeros(2), 1.0, -1)
+    assert sample_ball(np.zeros(2), 1.0, 0).shape == (0, 2)
+
+
+def test_model_refusals_name_the_model_and_what_it_got():
+    """``lora_fnn`` refuses a frozen or target that is not an ``FNN`` naming its type, and a target of another
+    activation or output convention naming ``target`` and both values."""
+    frozen = random_fnn(3, 2, seed=0)
+    cases = [
+        ((np.eye(3), frozen), "frozen: must be a lora_theory.FNN, got ndarray"),
+        ((frozen, [np.eye(3)]), "target: must be a lora_theory.FNN, got list"),
+        (
+            (frozen, random_fnn(3, 1, seed=1, activation="linear")),
+            "target: must use the frozen model's activation 'relu', got 'linear'",
+        ),
+        (
+            (frozen, random_fnn(3, 1, seed=1, final_relu=False)),
+            "target: must use the frozen model's output convention final_relu=True, got final_relu=False",
+        ),
+    ]
+    for (f, t), message in cases:
+        with pytest.raises(InvalidArgumentError) as info:
+            lora_fnn(f, t, 3, input_radius=1.0)
+        assert str(info.value) == message
+
+
+def test_a_large_ball_is_also_checked_near_its_centre():
+    """The check points of a ball (``FNNFit.measured_error``): the centre, one minimiser per non-zero row of
+    each first-block partial product, 64 points of the ball and 16 within distance 1 of the centre, so a
+    ball of radius 5 has at least 17 check points within distance 1 of its centre (64 uniform points
+    alone would put about 0.5 there)."""
+    from lora_theory.fnn import Domain, _check_points
+
+    center = np.array([1.0, -2.0, 0.5])
+    ball = Domain(kind="ball", center=center, radius=5.0, margin=None, n_samples=None)
+    partials = [np.eye(3), np.vstack([np.ones((2, 3)), np.zeros((1, 3))])]
+    points = _check_points(ball, None, partials)
+    assert len(points) == 1 + 3 + 2 + 64 + 16
+    assert np.sum(np.linalg.norm(points - center, axis=1) <= 1.0) >= 17
+
+
+def test_sample_levels_scale_with_the_inputs():
+    """Sample mode: the level ``β_j`` is the margin times the most negative sampled pre-activation plus a
+    safety share of the largest, both linear in the samples: scaling the samples and the target's biases
+    by ``t`` scales every level by ``t`` (no absolute floor), and ``γ`` is unchanged."""
+    frozen, target = random_fnn(3, 4, seed=51), random_fnn(3, 2, seed=52)
+    X = np.random.default_rng(53).standard_normal((30, 3))
+
+    def fit_at(t):
+        scaled = FNN(target.weights, [t * c for c in target.biases])
+        return lora_fnn(frozen, scaled, 3, inputs=t * X)
+
+    base = fit_at(1.0)
+    for t in (1e-4, 1e3):
+        other = fit_at(t)
+        for b0, b1 in zip(base.block_fits, other.block_fits):
+            assert np.asarray(b1.levels) == pytest.approx(t * np.asarray(b0.levels), rel=1e-9)
+            assert b1.gamma == pytest.approx(b0.gamma, rel=1e-9)
