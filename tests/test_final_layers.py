@@ -232,3 +232,70 @@ def test_bad_parameter_count_arguments(call, argument, message):
     with pytest.raises(InvalidArgumentError, match=message) as info:
         call()
     assert info.value.argument == argument
+
+
+# ------------------------------------------------------------------------ claims pinned by mutation testing
+
+
+def test_parameter_counts_refuse_what_no_model_has():
+    """A width of 1 is a model (one weight per layer), 0 is not; ``bias`` must be a bool and is named when it
+    is not; a depth beyond ``MAX_DEPTH`` is refused before any rank is built."""
+    from lora_theory.partition import MAX_DEPTH
+
+    assert final_layers_parameter_count(1, 3) == 3 and final_layers_parameter_count(1, 3, bias=True) == 6
+    for call, argument in (
+        (lambda: final_layers_parameter_count(0, 1), "width"),
+        (lambda: final_layers_parameter_count(4, 1, bias="yes"), "bias"),
+        (lambda: lora_parameter_count(4, MAX_DEPTH + 1, 1), "depth"),
+    ):
+        with pytest.raises(InvalidArgumentError) as info:
+            call()
+        assert info.value.argument == argument and str(info.value).startswith(f"{argument}: ")
+
+
+def test_a_search_without_a_witness_reports_its_ball_and_no_separation():
+    """No witness (a first layer without ReLU): the result names the ball searched (its centre and radius)
+    and carries no pair: no coordinates, and every separation, ratio, gap and bound 0."""
+    frozen = random_fnn(3, 2, seed=0, activation="linear")
+    center = np.array([0.5, -1.0, 2.0])
+    w = final_layers_witness(frozen, random_fnn(3, 1, seed=1, activation="linear"), input_radius=1.5, center=center)
+    assert not w.found
+    assert np.array_equal(w.center, center) and w.radius == 1.5
+    assert w.coordinates == () and w.x is None and w.x_prime is None and w.d is None
+    assert (w.separation, w.relative_separation, w.rounding_ratio, w.first_layer_gap, w.lower_bound) == (0.0,) * 5
+    assert all(isinstance(v, float) for v in (w.relative_separation, w.rounding_ratio, w.first_layer_gap))
+
+
+def test_the_kernel_witness_takes_the_longest_chord_in_the_best_kernel_direction():
+    """A first layer with a two-dimensional kernel ``K``, an off-centre ball of radius 2 and an affine target
+    ``T``: the pair lies on the sphere (the ends of a chord), differs along the kernel, and is separated by
+    nearly ``2r·σ_max(T K)``, the most any pair merged by ``W_1`` can be (the longest chord, ``2r``, along the
+    kernel direction ``T`` stretches most)."""
+    rng = np.random.default_rng(7)
+    W1 = rng.standard_normal((4, 4))
+    W1[2], W1[3] = 2 * W1[0], W1[0] - W1[1]  # rank 2: a two-dimensional kernel
+    frozen = FNN([W1, rng.standard_normal((4, 4))], [rng.standard_normal(4), np.zeros(4)])
+    target = FNN([np.diag([3.0, 1.0, 0.5, 0.2]) @ rng.standard_normal((4, 4))], [np.zeros(4)], final_relu=False)
+    center, r = np.array([1.0, -0.5, 0.3, 2.0]), 2.0
+    w = final_layers_witness(frozen, target, input_radius=r, center=center, seed=0, n_starts=8, n_refine=3)
+    assert w.found and w.mechanism == "kernel"
+    for z in (w.x, w.x_prime):
+        assert abs(np.linalg.norm(z - center) - r) <= 1e-6 * r
+    K = np.linalg.svd(W1)[2][2:].T  # (4, 2) kernel basis
+    assert np.linalg.norm(W1 @ (w.x_prime - w.x)) <= 1e-12 * np.linalg.norm(w.x_prime - w.x)
+    best = 2 * r * np.linalg.norm(target.weights[0] @ K, 2)
+    assert best * 0.99 <= w.separation <= best * (1 + 1e-9)
+
+
+def test_a_chord_through_an_inner_point_spans_the_ball():
+    """``_chord_search`` from the centre of an off-centre ball of radius 2 along a kernel direction ``v``:
+    the chord's ends are ``c ± r·v`` (inside by the 1e-9 shrink), so an identity target separates them by
+    ``2r``."""
+    from lora_theory.final_layers import _chord_search
+
+    center, r = np.array([3.0, -1.0, 0.5]), 2.0
+    K = np.array([[0.0], [1.0], [0.0]])  # (3, 1) the kernel
+    identity = FNN([np.eye(3)], [np.zeros(3)], final_relu=False)
+    sep, x, xp = _chord_search(center[None, :], K, center, r, identity, np.random.default_rng(0), 0)
+    assert sep == pytest.approx(2 * r, rel=1e-8)
+    assert sorted([x[1], xp[1]]) == pytest.approx([center[1] - r, center[1] + r], rel=1e-8)
