@@ -10,7 +10,8 @@ same rules, checked before any work starts:
 * **One writer.** While a tool writes, it holds an exclusive ``flock`` on ``<folder>/.lock`` (which records the
   holder: pid, host, start time). A second run on the same folder is refused with one line naming the
   holder. The operating system releases the lock when the holder dies, even by SIGKILL, so a stale lock
-  file never blocks the next run.
+  file never blocks the next run. A folder that a run has locked but not yet named (its ``config.json`` not
+  written yet) is reported as being written by that run, not as a stranger's folder.
 * **Whole files.** :func:`atomic_write` writes to a temporary ``.tmp-*`` file in the same folder, flushes and
   fsyncs it, then renames it over the old file (``os.replace``): a reader sees the old file or the new one,
   never a part. A failed write (a full disk) removes the temporary file and leaves the old file as it was.
@@ -171,6 +172,9 @@ def check_folder(folder: Path, tool: str, flag: str = "--out") -> bool:
     if owner == tool:
         return True
     if owner is None:
+        holder = _lock_holder(folder)
+        if holder is not None:  # a run of any tool is setting the folder up: its settings are not written yet
+            raise _busy(flag, folder, holder)
         raise CLIError(
             f"{flag} {folder}: not empty and not a {tool} folder (no {SETTINGS_FILE} naming {tool}): "
             f"{tool} writes only into a new or empty folder or one of its own; nothing was changed"
@@ -238,10 +242,7 @@ class FolderLock:
             f.seek(0)
             holder = _describe_holder(f.read())
             f.close()
-            raise CLIError(
-                f"{self.flag} {self.folder}: another run is writing there ({holder}): one run per "
-                f"folder; wait for it to end, or use another folder"
-            ) from None
+            raise _busy(self.flag, self.folder, holder) from None
         except OSError as exc:
             f.close()
             raise CLIError(f"{self.flag} {self.folder}: cannot lock it ({exc.strerror or exc})") from None
@@ -281,6 +282,40 @@ class FolderLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _busy(flag: str, folder: Path, holder: str) -> CLIError:
+    """The refusal of a folder whose lock another process holds."""
+    return CLIError(
+        f"{flag} {folder}: another run is writing there ({holder}): one run per folder; wait for it to end, "
+        f"or use another folder"
+    )
+
+
+def _lock_holder(folder: Path) -> str | None:
+    """The description of the process holding ``folder/.lock``, or ``None`` when no process holds it.
+
+    Reads only: the lock file is opened read-only (never created) and probed with a shared ``flock`` taken
+    without waiting and dropped at once. A run that has taken the lock but not yet written its
+    ``config.json`` (it is checking that the folder is writable) leaves the folder non-empty and unnamed for
+    a moment; a second run started then must be told that another run is writing, not that the folder is
+    someone else's.
+    """
+    import fcntl
+
+    try:
+        f = open(Path(folder) / LOCK_FILE)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe_holder(f.read())
+        except OSError:
+            return None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
 
 
 def _describe_holder(text: str) -> str:

@@ -184,6 +184,31 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holders_lock_is
     assert len(ids) == len(set(ids)) == len(runs)
 
 
+def test_a_run_started_while_another_sets_the_folder_up_is_told_another_run_is_writing(tmp_path, refused):
+    """Regression: the first run holds the lock and has created a file (its write probe) but not yet its
+    ``config.json``; a second run started in that moment was refused with "not a linear folder", as if the
+    folder were someone else's (CI, two sweeps started together). It must name the run that is writing,
+    for every tool, and change nothing."""
+    out = tmp_path / "lin"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        (out / ".write-test").write_text("")  # the holder's probe, before its config.json
+        before = _tree(out)
+        for tool in ("linear", "fnn"):
+            with pytest.raises(outdir.CLIError, match="another run is writing") as info:
+                outdir.check_folder(out, tool)
+            assert f"pid {holder.pid}" in str(info.value)
+        line = refused("linear", TINY + ["--ranks", "1", "--frozen", "random", "--out", str(out)], "another run")
+        assert str(out) in line and f"pid {holder.pid}" in line
+        assert _tree(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with pytest.raises(outdir.CLIError, match="not empty and not a fnn folder"):  # no holder: a stranger's file
+        outdir.check_folder(out, "fnn")
+
+
 @pytest.mark.slow
 def test_two_sweeps_started_together_on_one_folder(tmp_path):
     """Two processes start the same sweep on one new folder at once: one runs, the other exits 2 with one
