@@ -73,8 +73,9 @@ class Witness:
     rounding_ratio : float
         ``separation / (u · max(||f̄(x)||, ||f̄(x')||))``: how many roundings the separation spans.
     first_layer_gap : float
-        ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer: rounding level for a
-        witness (the frozen first layer maps both inputs to the same point).
+        ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer (``||h(x) - h(x')||``
+        itself when both are 0): rounding level for a witness (the frozen first layer maps both inputs to the
+        same point).
     lower_bound : float
         ``separation / 2``: every tuning ``g`` of the final layers has ``max(||g(h(x)) - f̄(x)||,
         ||g(h(x')) - f̄(x')||) >= lower_bound`` on the domain.
@@ -153,8 +154,10 @@ def final_layers_witness(
     seed : int >= 0, None or numpy Generator
         For the random search.
     n_starts, n_directions, n_refine : int
-        Search effort: random starting points ``x`` (besides the points where each first-layer unit is most
-        negative), random directions ``d`` per start, and rounds of local refinement around the best pair.
+        Search effort: random starting points ``x`` (besides the centre and the points where each
+        first-layer unit is most negative), random directions ``d`` per start (besides each unit's own and
+        the one the target's Jacobian at ``x`` stretches most), and rounds of local refinement around the
+        best pair. Defaults: 64, 32 and 20.
 
     Returns
     -------
@@ -239,10 +242,10 @@ def final_layers_witness(
         )
 
     negative_units = np.flatnonzero(lowest < -eta)
-    # starts: where each unit that can go negative is most negative, their pairwise midpoints pushed to the
-    # sphere, and uniform points of the ball
+    # starts: the centre, where each unit that can go negative is most negative, their pairwise midpoints
+    # pushed to the sphere, and uniform points of the ball
     extreme = c - r * (W1[negative_units] / rows[negative_units, None])  # (k, D)
-    starts = [extreme, sample_ball(c, r, n_starts, rng)]
+    starts = [c[None, :], extreme, sample_ball(c, r, n_starts, rng)]
     if len(negative_units) > 1:
         i, j = rng.integers(0, len(negative_units), size=(2, n_starts))
         mid = (extreme[i] + extreme[j]) / 2 - c
@@ -255,7 +258,7 @@ def final_layers_witness(
     for _ in range(n_refine):
         if best is None:
             break
-        near = best[1] + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
+        near = (best[1] + best[2]) / 2 + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
         off = np.linalg.norm(near - c, axis=1, keepdims=True)
         near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
         cand = _search(near, W1, b1, c, r, eta, target, rng, n_directions)
@@ -283,7 +286,7 @@ def final_layers_witness(
     found = ratio > MIN_ROUNDING_RATIO
     if found:
         reason = (
-            f"units {list(support)} of the first layer are negative at both points, so the frozen first "
+            f"units {[int(k) for k in support]} of the first layer are negative at both points, so the frozen first "
             f"layer maps them to the same point while the target's outputs differ by {sep:.3g}: no "
             f"tuning of the final layers is within {sep / 2:.3g} of the target on this ball"
         )
@@ -376,17 +379,19 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
 
 def _chord_search(X, K, c, r, target, rng, n_directions):
     """Over the chords of the ball through the rows of ``X`` along unit kernel directions (the basis columns
-    of ``K`` and random combinations), the two ends the target separates most: ``(separation, x, x')``."""
+    of ``K``, random combinations, and at each point the kernel direction the target's Jacobian there
+    stretches most), the two ends the target separates most: ``(separation, x, x')``."""
     D, k = K.shape
     V = np.vstack([K.T, rng.standard_normal((n_directions, k)) @ K.T])  # (m, D) kernel directions
     V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(float).tiny)
     best = (-1.0, None, None)
     for x in X:
-        b = V @ (x - c)  # (m,)
+        V_x = np.vstack([V, K @ _steepest(_jacobian(target, x), K)])  # (m + 1, D) unit rows
+        b = V_x @ (x - c)  # (m + 1,)
         q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
         root = np.sqrt(np.maximum(b * b - q, 0.0))
         t_hi, t_lo = (-b + root) * (1 - 1e-9), (-b - root) * (1 - 1e-9)  # ends of the chord, inside the ball
-        P, Pp = x + t_lo[:, None] * V, x + t_hi[:, None] * V  # (m, D) each
+        P, Pp = x + t_lo[:, None] * V_x, x + t_hi[:, None] * V_x  # (m + 1, D) each
         seps = np.linalg.norm(target(Pp) - target(P), axis=1)
         j = int(np.argmax(seps))
         if seps[j] > best[0]:
@@ -394,12 +399,41 @@ def _chord_search(X, K, c, r, target, rng, n_directions):
     return best
 
 
-def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
-    """For every start ``x`` (rows of ``X``), try random ``d`` on its negative units; return the best pair.
+def _jacobian(model: FNN, x: np.ndarray) -> np.ndarray:
+    """The Jacobian ``(D, D)`` of the piecewise-affine ``model`` at ``x`` (a ReLU whose input is exactly 0
+    counted off)."""
+    J = np.eye(x.size)  # (D, D)
+    z = x  # (D,)
+    for l, (W, b) in enumerate(zip(model.weights, model.biases)):
+        pre = W @ z + b  # (D,)
+        J = W @ J  # (D, D)
+        if model.activation == "relu" and (l < model.depth - 1 or model.final_relu):
+            on = pre > 0  # (D,)
+            J = J * on[:, None]
+            z = np.where(on, pre, 0.0)
+        else:
+            z = pre
+    return J
 
-    Each direction ``v`` (supported on the units with ``W_1 x + b_1 < -eta``) is followed as far as both
-    constraints allow: the ball, ``||x + t W_1^{-1} v - c|| <= r``, and every supported unit staying below
-    ``-eta`` (``y_k + t v_k <= -eta``). Returns ``(separation, x, x', d, support)`` or ``None``.
+
+def _steepest(J: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """The coefficients ``s`` (k,) for which the columns of ``B`` (D, k, full column rank) give the direction
+    ``B s`` that the linear map ``J`` (D, D) stretches most, ``||J B s|| / ||B s||`` largest: with ``B = Q R``,
+    ``s = R^{-1} w`` for ``w`` the top right singular vector of ``J Q``."""
+    Q, R = np.linalg.qr(B)  # (D, k), (k, k)
+    w = np.linalg.svd(J @ Q)[2][0]  # (k,)
+    return finite_solve(R, w, "the basis's R factor")
+
+
+def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
+    """For every start ``x`` (rows of ``X``), the segments through ``x`` along ``δ = W_1^{-1} v``, ``v``
+    supported on the units negative at ``x``; return the best pair.
+
+    The directions ``v``: ``n_directions`` random ones, each unit's ``e_k``, and the one the target's
+    Jacobian at ``x`` stretches most (so that an affine target's best direction is always tried). Each
+    segment ``x + t δ`` runs as far both ways as both constraints allow: the ball, ``||x + t δ - c|| <= r``,
+    and every supported unit staying below ``-eta`` (``y_k + t v_k <= -eta``); its two ends are the pair.
+    Returns ``(separation, x, x', d, support)`` with ``d = W_1 (x' - x)``, or ``None``.
     """
     D = X.shape[1]
     Y = X @ W1.T + b1  # (n, D) first-layer pre-activations
@@ -408,29 +442,39 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
         support = np.flatnonzero(y < -eta)
         if support.size == 0:
             continue
-        V = np.zeros((n_directions + 2 * support.size, D))  # candidate directions of d
-        V[:n_directions, support] = rng.standard_normal((n_directions, support.size))
-        V[n_directions + np.arange(support.size), support] = 1.0
-        V[n_directions + support.size + np.arange(support.size), support] = -1.0
-        delta = finite_solve(W1, V.T, "W_1").T  # (k, D) x' - x per unit step
-        # ball: ||x - c + t δ||^2 <= r^2, largest root t of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
-        a = np.sum(delta**2, axis=1)
-        b = delta @ (x - c)
+        E = finite_solve(W1, np.eye(D)[:, support], "W_1")  # (D, m) x' - x per unit of each d_k
+        coeffs = np.vstack(
+            [
+                rng.standard_normal((n_directions, support.size)),
+                np.eye(support.size),
+                _steepest(_jacobian(target, x), E),
+            ]
+        )  # (k, m) the directions v, on the support
+        delta = coeffs @ E.T  # (k, D) x' - x per unit step along v
+        # ball: ||x - c + t δ||^2 <= r^2 between the roots of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
+        a = np.maximum(np.sum(delta**2, axis=1), np.finfo(float).tiny)  # (k,)
+        b = delta @ (x - c)  # (k,)
         q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
-        t_ball = (-b + np.sqrt(np.maximum(b * b - a * q, 0.0))) / np.maximum(a, np.finfo(float).tiny)
-        # units: y_k + t v_k <= -eta for every supported k with v_k > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            limits = np.where(V[:, support] > 0, (-eta - y[support]) / V[:, support], np.inf)
-        t = np.minimum(t_ball, limits.min(axis=1)) * (1 - 1e-9)
-        ok = t > 0
+        root = np.sqrt(np.maximum(b * b - a * q, 0.0))  # (k,)
+        # units: y_k + t v_k <= -eta for every supported k, with room -eta - y_k > 0
+        room = -eta - y[support]  # (m,)
+        with np.errstate(divide="ignore"):
+            up = np.where(coeffs > 0, room / coeffs, np.inf).min(axis=1)  # (k,)
+            down = np.where(coeffs < 0, room / coeffs, -np.inf).max(axis=1)  # (k,)
+        t_hi = np.minimum((-b + root) / a, up) * (1 - 1e-9)  # (k,) >= 0
+        t_lo = np.maximum((-b - root) / a, down) * (1 - 1e-9)  # (k,) <= 0
+        ok = t_hi > t_lo
         if not ok.any():
             continue
-        Xp = x + t[ok, None] * delta[ok]  # (k', D)
-        seps = np.linalg.norm(target(Xp) - target(x), axis=1)
+        lo = x + t_lo[ok, None] * delta[ok]  # (k', D)
+        hi = x + t_hi[ok, None] * delta[ok]  # (k', D)
+        seps = np.linalg.norm(target(hi) - target(lo), axis=1)  # (k',)
         k = int(np.argmax(seps))
         if best is None or seps[k] > best[0]:
-            d = t[ok][k] * V[ok][k]
-            best = (float(seps[k]), x.copy(), Xp[k].copy(), d, support)
+            v = np.zeros(D)
+            v[support] = coeffs[ok][k]
+            d = (t_hi[ok][k] - t_lo[ok][k]) * v  # (D,) W_1 (x' - x)
+            best = (float(seps[k]), lo[k].copy(), hi[k].copy(), d, support)
     return best
 
 

@@ -56,10 +56,11 @@ def test_witness_found_for_generic_affine_targets(D, L, seed):
     assert w.found == bool((lowest < 0).any())
     if w.found:
         _check_witness(w, frozen, target)
+        _check_definitions(w, frozen, target)
         assert w.relative_separation > 1e-6  # far above rounding
 
 
-@given(st.integers(2, 10), st.integers(1, 2), SEEDS, st.sampled_from([1.0, 3.0]))
+@given(st.integers(2, 10), st.integers(1, 2), SEEDS, st.sampled_from([0.5, 1.0, 3.0]))
 def test_any_reported_witness_is_valid(D, Lbar, seed, radius):
     rng = np.random.default_rng(seed)
     frozen, target = random_fnn(D, 3, seed=rng), random_fnn(D, Lbar, seed=rng)
@@ -68,6 +69,7 @@ def test_any_reported_witness_is_valid(D, Lbar, seed, radius):
     assert np.array_equal(w.center, center) and w.radius == radius
     if w.found:
         _check_witness(w, frozen, target)
+        _check_definitions(w, frozen, target)
     else:
         assert w.x is None or w.rounding_ratio <= MIN_ROUNDING_RATIO
         assert w.reason
@@ -299,3 +301,268 @@ def test_a_chord_through_an_inner_point_spans_the_ball():
     sep, x, xp = _chord_search(center[None, :], K, center, r, identity, np.random.default_rng(0), 0)
     assert sep == pytest.approx(2 * r, rel=1e-8)
     assert sorted([x[1], xp[1]]) == pytest.approx([center[1] - r, center[1] + r], rel=1e-8)
+
+
+# ------------------------------------------------------- the witness search (claims pinned by mutation testing)
+
+
+def _has_relu(frozen):
+    """Whether the frozen first layer applies a ReLU (a one-layer model only with ``final_relu``)."""
+    return frozen.activation == "relu" and (frozen.depth > 1 or frozen.final_relu)
+
+
+def _check_definitions(w, frozen, target):
+    """Every derived field of a witness equals its documented definition, recomputed from the pair."""
+    W1, b1 = frozen.weights[0], frozen.biases[0]
+    fx, fxp = target(w.x), target(w.x_prime)
+    ref = max(np.linalg.norm(fx), np.linalg.norm(fxp))
+    sep = np.linalg.norm(fx - fxp)
+    assert w.separation == pytest.approx(sep, rel=1e-12)
+    assert w.lower_bound == pytest.approx(sep / 2, rel=1e-12)
+    assert w.relative_separation == pytest.approx(sep / ref, rel=1e-12)
+    assert w.rounding_ratio == pytest.approx(sep / (np.finfo(float).eps / 2 * ref), rel=1e-12)
+    h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if _has_relu(frozen) else (lambda z: W1 @ z + b1)
+    hx, hxp = h(w.x), h(w.x_prime)
+    h_ref = max(np.linalg.norm(hx), np.linalg.norm(hxp))
+    gap = np.linalg.norm(hx - hxp) / h_ref if h_ref > 0 else np.linalg.norm(hx - hxp)  # both 0: their difference
+    assert w.first_layer_gap == pytest.approx(gap, rel=1e-9, abs=0)
+    for z in (w.x, w.x_prime):
+        assert np.linalg.norm(z - w.center) <= w.radius * (1 + 1e-12)
+    if w.mechanism == "kernel":
+        assert np.array_equal(w.d, W1 @ (w.x_prime - w.x))
+    else:
+        assert np.allclose(W1 @ (w.x_prime - w.x), w.d, rtol=0, atol=1e-9 * np.abs(w.d).max())
+    if w.found:
+        assert f"{w.lower_bound:.3g} of the target" in w.reason and f"{w.separation:.3g}" in w.reason
+        if w.mechanism == "relu":
+            assert f"units {list(w.coordinates)} of the first layer" in w.reason
+
+
+def _negative_on_the_whole_ball(rng, D, S, r, c, scale=1.0):
+    """A first layer whose units ``S`` are negative on the whole ball (by a margin of 1) and the others
+    positive on it; a random invertible ``W_1`` (rows not of unit norm)."""
+    W1 = scale * rng.standard_normal((D, D))
+    reach = np.abs(W1 @ c) + r * np.linalg.norm(W1, axis=1)  # (D,) how far each unit can move from 0
+    b1 = np.where(np.isin(np.arange(D), S), -(reach + scale), reach + scale)
+    return FNN([W1, rng.standard_normal((D, D))], [b1, np.zeros(D)])
+
+
+@given(
+    st.integers(2, 7),
+    SEEDS,
+    st.sampled_from([0.5, 2.0]),
+    st.sampled_from([1e-3, 1.0, 1e3]),
+    st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_the_witness_attains_the_best_separation_when_the_negative_units_span_the_ball(D, seed, r, scale, fscale):
+    """Units ``S`` negative on the whole ball, the others positive, an affine target ``T``: a pair merged by
+    the first layer differs by ``W_1^{-1} d`` with ``d`` on ``S``, so the best separation is ``2r·σ_max(T Q)``
+    (``Q`` an orthonormal basis of the columns ``S`` of ``W_1^{-1}``: the diameter along the direction ``T``
+    stretches most). The search attains it (its centre start and the target's steepest direction), never
+    exceeds it, and its fields are what they are defined to be, whatever the units of target and first
+    layer."""
+    rng = np.random.default_rng(seed)
+    S = sorted(rng.choice(D, int(rng.integers(1, D + 1)), replace=False).tolist())
+    c = rng.uniform(-1, 1, D)
+    frozen = _negative_on_the_whole_ball(rng, D, S, r, c, scale)
+    T = fscale * rng.standard_normal((D, D))
+    target = FNN([T], [fscale * rng.standard_normal(D)], final_relu=False)
+    Q = np.linalg.qr(np.linalg.solve(frozen.weights[0], np.eye(D)[:, S]))[0]
+    best = 2 * r * np.linalg.norm(T @ Q, 2)
+    w = final_layers_witness(frozen, target, input_radius=r, center=c, seed=seed, n_starts=4, n_refine=1)
+    assert w.found and w.mechanism == "relu" and list(w.coordinates) == S
+    _check_witness(w, frozen, target)
+    _check_definitions(w, frozen, target)
+    assert best * (1 - 1e-8) <= w.separation <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_unit_negative_only_on_a_small_cap_is_found_and_moved_along_its_whole_cap(seed, sign):
+    """One unit ``k`` negative only on a cap of the ball (a tenth of the radius deep: about 1e-4 of its
+    volume in 8 dimensions, which uniform starts miss), the others positive on the whole ball, a diagonal
+    ``W_1`` with rows far from unit norm. The pair must differ along ``e_k`` within the cap, so the best
+    separation is ``||T e_k||`` times the cap's depth ``h`` (to within ``η``); the search finds it from the
+    point where unit ``k`` is most negative."""
+    rng = np.random.default_rng(seed)
+    D, r, k = 8, 0.5, int(rng.integers(8))
+    c = rng.uniform(-1, 1, D)
+    w1 = sign * rng.uniform(2.0, 5.0, D)  # (D,) the diagonal of W_1
+    h = 0.1 * r
+    b1 = np.abs(w1) * r - w1 * c + 1.0  # every unit positive on the ball ...
+    b1[k] = -(w1[k] * c[k]) + abs(w1[k]) * (r - h)  # ... but unit k, negative only within h of its pole
+    frozen = FNN([np.diag(w1), rng.standard_normal((D, D))], [b1, np.zeros(D)])
+    T = rng.standard_normal((D, D))
+    target = FNN([T], [np.zeros(D)], final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=r, center=c, seed=seed, n_starts=16, n_refine=2)
+    assert w.found and w.coordinates == (k,)
+    _check_witness(w, frozen, target)
+    _check_definitions(w, frozen, target)
+    best = np.linalg.norm(T[:, k]) * h
+    assert best * (1 - 1e-6) <= w.separation <= best * (1 + 1e-9)
+
+
+def _singular_first_layer(rng, D, k, activation, depth, final_relu, r, c):
+    """A first layer of rank ``D - k`` (a ``k``-dimensional kernel ``K``, orthonormal columns)."""
+    U = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    s = np.concatenate([rng.uniform(1, 3, D - k), np.zeros(k)])
+    V = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    W1 = U @ np.diag(s) @ V.T
+    b1 = rng.standard_normal(D)
+    frozen = FNN(
+        [W1] + [rng.standard_normal((D, D))] * (depth - 1),
+        [b1] + [np.zeros(D)] * (depth - 1),
+        activation=activation,
+        final_relu=final_relu,
+    )
+    return frozen, V[:, D - k :]
+
+
+@given(
+    st.integers(2, 6),
+    SEEDS,
+    st.sampled_from([("relu", 2, False), ("relu", 1, True), ("relu", 1, False), ("linear", 2, True)]),
+    st.sampled_from([0.5, 2.0]),
+    st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_a_kernel_witness_attains_the_longest_chord_along_the_steepest_kernel_direction(D, seed, layer, r, fscale):
+    """A singular ``W_1`` with a ``k``-dimensional kernel ``K`` merges ``x`` and ``x + K a`` (ReLU or not); for
+    an affine target ``T`` the best pair is the diameter along the kernel direction ``T`` stretches most,
+    separated by ``2r·σ_max(T K)``. The search attains it from the centre, never exceeds it, and its
+    fields are their definitions (the first-layer gap through the ReLU when the first layer has one)."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, D))
+    c = rng.uniform(-1, 1, D)
+    frozen, K = _singular_first_layer(rng, D, k, *layer, r, c)
+    T = fscale * rng.standard_normal((D, D))
+    target = FNN([T], [fscale * rng.standard_normal(D)], final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=r, center=c, seed=seed, n_starts=4, n_refine=1)
+    assert w.found and w.mechanism == "kernel" and w.coordinates == ()
+    assert f"kernel of dimension {k}" in w.reason
+    _check_definitions(w, frozen, target)
+    best = 2 * r * np.linalg.norm(T @ K, 2)
+    assert best * (1 - 1e-8) <= w.separation <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_a_zero_target_separates_nothing(singular):
+    """A target that is 0 everywhere: no witness, and a relative separation and rounding ratio of 0 (not a
+    division by zero, not 1)."""
+    rng = np.random.default_rng(0)
+    c = np.zeros(4)
+    frozen = (
+        _singular_first_layer(rng, 4, 1, "relu", 2, False, 1.0, c)[0]
+        if singular
+        else _negative_on_the_whole_ball(rng, 4, [0, 1], 1.0, c)
+    )
+    zero = FNN([np.zeros((4, 4))], [np.zeros(4)], final_relu=False)
+    w = final_layers_witness(frozen, zero, input_radius=1.0, n_starts=4, n_refine=1)
+    assert not w.found and "rounding level" in w.reason and w.reason.endswith("(one may still exist)")
+    assert (w.separation, w.relative_separation, w.rounding_ratio) == (0.0, 0.0, 0.0)
+    assert w.mechanism == ("kernel" if singular else "relu")
+
+
+def test_which_first_layers_have_a_relu():
+    """The first layer applies a ReLU when the model's activation is ReLU and it is not the model's last,
+    affine layer: a one-layer model with ``final_relu`` has one, one without it does not, and a two-layer
+    model has one whatever ``final_relu`` says."""
+    rng = np.random.default_rng(1)
+    c = np.zeros(4)
+    base = _negative_on_the_whole_ball(rng, 4, [0, 2], 1.0, c)
+    target = FNN([rng.standard_normal((4, 4))], [np.zeros(4)], final_relu=False)
+    W1, b1 = base.weights[0], base.biases[0]
+    for frozen, relu in (
+        (FNN([W1], [b1], final_relu=True), True),
+        (FNN([W1], [b1], final_relu=False), False),
+        (FNN(base.weights, base.biases, final_relu=False), True),
+        (FNN(base.weights, base.biases, activation="linear"), False),
+    ):
+        w = final_layers_witness(frozen, target, input_radius=1.0, n_starts=4, n_refine=1)
+        assert w.found == relu
+        assert ("no ReLU" in w.reason) == (not relu)
+
+
+def _unit_at_depth(theta):
+    """A first layer ``3·I`` on a ball of radius 2 around ``c`` whose unit 0 reaches exactly ``-θ·η`` at its
+    lowest (``η = NEGATIVITY·(||W_1||_2 (||c|| + r) + ||b_1||)``), the others positive on the ball."""
+    from lora_theory.final_layers import NEGATIVITY
+
+    D, r = 3, 2.0
+    c = np.array([0.5, -1.0, 0.25])
+    W1 = 3.0 * np.eye(D)
+    b1 = 3.0 * r - W1 @ c + 1.0  # (D,) every unit at least 1 on the ball
+    for _ in range(5):  # η depends on b_1: a fixed point, reached in two steps
+        eta = NEGATIVITY * (np.linalg.norm(W1, 2) * (np.linalg.norm(c) + r) + np.linalg.norm(b1))
+        b1[0] = 3.0 * r - 3.0 * c[0] - theta * eta
+    lowest = (W1 @ c + b1 - r * np.linalg.norm(W1, axis=1))[0]
+    assert lowest == pytest.approx(-theta * eta, rel=1e-6)
+    return FNN([W1, np.eye(D)], [b1, np.zeros(D)]), r, c
+
+
+@pytest.mark.parametrize("theta, searched", [(0.9, False), (1.1, True)])
+def test_a_unit_counts_as_negative_only_below_minus_eta(theta, searched):
+    """``η = NEGATIVITY·(||W_1||_2 (||c|| + r) + ||b_1||)`` as documented: a unit reaching ``-0.9η`` at its
+    lowest leaves the first layer "positive on the ball" (no witness, that reason); one reaching ``-1.1η``
+    makes the search run."""
+    frozen, r, c = _unit_at_depth(theta)
+    target = FNN([np.random.default_rng(0).standard_normal((3, 3))], [np.zeros(3)], final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=r, center=c, n_starts=4, n_refine=1)
+    assert ("keeps every first-layer pre-activation positive" in w.reason) == (not searched)
+    if not searched:
+        assert not w.found and w.x is None and np.array_equal(w.center, c) and w.radius == r
+
+
+def test_a_singular_first_layer_names_its_condition_number():
+    """The kernel witness's reason gives ``κ(W_1)``: ``inf`` for an exactly zero singular value, its value
+    (3 significant digits) otherwise."""
+    target = FNN([np.random.default_rng(0).standard_normal((3, 3))], [np.zeros(3)], final_relu=False)
+    exact = FNN([np.diag([1.0, 2.0, 0.0]), np.eye(3)], [np.zeros(3), np.zeros(3)])
+    w = final_layers_witness(exact, target, input_radius=1.0, n_starts=4, n_refine=1)
+    assert w.found and "κ = inf" in w.reason
+    W1 = np.diag([1.0, 2.0, 1e-17])
+    near = FNN([W1, np.eye(3)], [np.zeros(3), np.zeros(3)])
+    w = final_layers_witness(near, target, input_radius=1.0, n_starts=4, n_refine=1)
+    assert w.found and f"κ = {2e17:.3g}" in w.reason
+
+
+def test_a_search_is_reproducible_and_its_defaults_are_the_documented_ones():
+    """The same seed gives the same pair (a Generator is used as given); a call without effort arguments is
+    the call with the documented defaults: seed 0, 64 starts, 32 directions, 20 refinement rounds."""
+    frozen, target = random_fnn(5, 2, seed=3), random_fnn(5, 2, seed=4)
+    a = final_layers_witness(frozen, target, input_radius=2.0)
+    b = final_layers_witness(frozen, target, input_radius=2.0, seed=0, n_starts=64, n_directions=32, n_refine=20)
+    c = final_layers_witness(frozen, target, input_radius=2.0, seed=np.random.default_rng(0))
+    for other in (b, c):
+        assert np.array_equal(a.x, other.x) and np.array_equal(a.x_prime, other.x_prime)
+    for seed in (1, 2):
+        x1 = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_starts=8, n_refine=2)
+        x2 = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_starts=8, n_refine=2)
+        assert np.array_equal(x1.x, x2.x) and np.array_equal(x1.x_prime, x2.x_prime)
+    d = final_layers_witness(frozen, target, input_radius=2.0, n_starts=65)
+    assert not np.array_equal(a.x, d.x)  # the effort arguments are used
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument, message",
+    [
+        ({"n_directions": 0}, "n_directions", "must be at least 1, got 0"),
+        ({"n_refine": -1}, "n_refine", "must be at least 0, got -1"),
+        ({"n_refine": 1.0}, "n_refine", "must be an integer, got 1.0"),
+    ],
+)
+def test_search_effort_below_its_least_is_refused_and_the_least_is_accepted(kwargs, argument, message):
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    with pytest.raises(InvalidArgumentError) as info:
+        final_layers_witness(frozen, target, input_radius=1.0, **kwargs)
+    assert info.value.argument == argument and str(info.value) == f"{argument}: {message}"
+    final_layers_witness(frozen, target, input_radius=1.0, n_starts=1, n_directions=1, n_refine=0)
+
+
+@pytest.mark.parametrize("which", ["frozen", "target"])
+def test_a_model_that_is_not_an_fnn_is_named_with_its_type(which):
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    args = {"frozen": frozen, "target": target, which: [np.eye(4)]}
+    with pytest.raises(InvalidArgumentError) as info:
+        final_layers_witness(args["frozen"], args["target"], input_radius=1.0)
+    assert info.value.argument == which
+    assert str(info.value) == f"{which}: must be a lora_theory.FNN, got list"
