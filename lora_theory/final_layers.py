@@ -73,8 +73,8 @@ class Witness:
     rounding_ratio : float
         ``separation / (u · max(||f̄(x)||, ||f̄(x')||))``: how many roundings the separation spans.
     first_layer_gap : float
-        ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer (``||h(x) - h(x')||``
-        itself when both are 0): rounding level for a witness (the frozen first layer maps both inputs to the
+        ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer (0 when both are 0):
+        rounding level for a witness (the frozen first layer maps both inputs to the
         same point).
     lower_bound : float
         ``separation / 2``: every tuning ``g`` of the final layers has ``max(||g(h(x)) - f̄(x)||,
@@ -282,7 +282,7 @@ def final_layers_witness(
     h = lambda z: np.maximum(W1 @ z + b1, 0.0)  # noqa: E731  frozen first layer
     hx, hxp = h(x), h(xp)
     h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
-    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else float(np.linalg.norm(hx - hxp))
+    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else 0.0  # both 0: no gap
     found = ratio > MIN_ROUNDING_RATIO
     if found:
         reason = (
@@ -319,9 +319,7 @@ final_layers_witness = numeric_guard(final_layers_witness)
 def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu, kappa):
     """The pair of a singular ``W_1``: ``x' = x + v``, ``v`` in its numeric kernel, both ends of a chord."""
     D = W1.shape[0]
-    _, s, Vt = np.linalg.svd(W1)
-    if not np.all(np.isfinite(s)):
-        raise FloatingPointError("overflow in the singular values: the 2-norm of W_1 exceeds the float64 range")
+    Vt = np.linalg.svd(W1)[2]  # finite: check_invertible took the same SVD and refuses an overflow
     K = Vt[numeric_rank(W1) :].T  # (D, k) orthonormal kernel basis
     X = np.vstack([c, sample_ball(c, r, n_starts, rng)])  # (n, D) chord through each point
     best = _chord_search(X, K, c, r, target, rng, n_directions)
@@ -343,8 +341,8 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if first_relu else (lambda z: W1 @ z + b1)
     hx, hxp = h(x), h(xp)
     h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
-    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else float(np.linalg.norm(hx - hxp))
-    kappa_text = "inf" if not math.isfinite(kappa) else f"{kappa:.3g}"
+    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else 0.0  # both 0: no gap
+    kappa_text = f"{kappa:.3g}"  # "inf" for an exactly singular W_1
     found = ratio > MIN_ROUNDING_RATIO
     if found:
         reason = (

@@ -324,7 +324,7 @@ def _check_definitions(w, frozen, target):
     h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if _has_relu(frozen) else (lambda z: W1 @ z + b1)
     hx, hxp = h(w.x), h(w.x_prime)
     h_ref = max(np.linalg.norm(hx), np.linalg.norm(hxp))
-    gap = np.linalg.norm(hx - hxp) / h_ref if h_ref > 0 else np.linalg.norm(hx - hxp)  # both 0: their difference
+    gap = np.linalg.norm(hx - hxp) / h_ref if h_ref > 0 else 0.0  # both 0: no gap
     assert w.first_layer_gap == pytest.approx(gap, rel=1e-9, abs=0)
     for z in (w.x, w.x_prime):
         assert np.linalg.norm(z - w.center) <= w.radius * (1 + 1e-12)
@@ -566,3 +566,122 @@ def test_a_model_that_is_not_an_fnn_is_named_with_its_type(which):
         final_layers_witness(args["frozen"], args["target"], input_radius=1.0)
     assert info.value.argument == which
     assert str(info.value) == f"{which}: must be a lora_theory.FNN, got list"
+
+
+@pytest.mark.parametrize("activation, final_relu", [("relu", True), ("relu", False), ("linear", True)])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_the_jacobian_the_search_follows_is_the_models_derivative(activation, final_relu, depth):
+    """``_jacobian`` (the map whose steepest direction the search tries) is the derivative of the model:
+    central differences agree at points away from every kink, and a ReLU whose input is exactly 0 is counted
+    off (its row is 0)."""
+    from lora_theory.final_layers import _jacobian
+
+    rng = np.random.default_rng(depth)
+    D = 5
+    model = random_fnn(D, depth, seed=rng, activation=activation, final_relu=final_relu)
+    checked = 0
+    for x in rng.standard_normal((40, D)):
+        pres, z = [], x
+        for l in range(depth):
+            pre = model.weights[l] @ z + model.biases[l]
+            pres.append(pre)
+            z = model._activate(pre, l)
+        if min(np.abs(p).min() for p in pres) < 1e-3:  # a kink within reach of the differences
+            continue
+        h = 1e-7
+        fd = np.stack([(model(x + h * e) - model(x - h * e)) / (2 * h) for e in np.eye(D)], axis=1)
+        J = _jacobian(model, x)
+        assert np.allclose(J, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+        checked += 1
+    assert checked >= 5
+    kink = FNN([np.eye(D), np.eye(D)], [np.zeros(D), np.zeros(D)], activation=activation, final_relu=final_relu)
+    J0 = _jacobian(kink, np.zeros(D))  # every first-layer pre-activation exactly 0
+    assert np.array_equal(J0, np.zeros((D, D)) if activation == "relu" else np.eye(D))
+
+
+@given(st.integers(2, 6), SEEDS, st.sampled_from([0.5, 2.0]))
+def test_a_kernel_witness_of_a_nonlinear_target_is_a_chord_of_the_ball(D, seed, r):
+    """Whatever direction of the kernel wins for a ReLU target, the pair is the two ends of a chord: both on
+    the sphere (to the 1e-9 shrink), merged by ``W_1``, its fields their definitions."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(-1, 1, D)
+    frozen, K = _singular_first_layer(rng, D, int(rng.integers(1, D)), "relu", 2, False, r, c)
+    target = random_fnn(D, 2, seed=rng)
+    w = final_layers_witness(frozen, target, input_radius=r, center=c, seed=seed, n_starts=4, n_refine=2)
+    assert w.mechanism == "kernel"
+    if w.x is not None and w.separation > 0:
+        for z in (w.x, w.x_prime):
+            assert abs(np.linalg.norm(z - c) - r) <= 1e-6 * r
+        assert np.linalg.norm(K.T @ (w.x_prime - w.x)) == pytest.approx(np.linalg.norm(w.x_prime - w.x), rel=1e-9)
+        _check_definitions(w, frozen, target)
+
+
+def test_a_kernel_search_is_reproducible():
+    """The same seed gives the same pair on the kernel path too (its random starts come from the seed)."""
+    rng = np.random.default_rng(5)
+    frozen, _ = _singular_first_layer(rng, 4, 2, "relu", 2, False, 1.0, np.zeros(4))
+    target = random_fnn(4, 2, seed=6)
+    a, b = (final_layers_witness(frozen, target, input_radius=1.0, seed=3, n_starts=6, n_refine=2) for _ in range(2))
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.x_prime, b.x_prime)
+
+
+def test_the_reason_of_a_first_layer_without_relu():
+    frozen = random_fnn(4, 2, seed=0, activation="linear")
+    w = final_layers_witness(frozen, random_fnn(4, 1, seed=1), input_radius=1.0)
+    assert w.reason == (
+        "the frozen first layer has no ReLU: it is affine, injective as W_1 is invertible, and the final "
+        "layers can undo it"
+    )
+
+
+@pytest.mark.parametrize("radius", [True, "1.0", np.bool_(True)])
+def test_a_radius_that_is_not_a_real_number_is_refused(radius):
+    frozen, target = random_fnn(4, 2, seed=0), random_fnn(4, 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"^input_radius: must be positive and finite, got "):
+        final_layers_witness(frozen, target, input_radius=radius)
+
+
+def test_the_documented_search_defaults_are_the_signatures():
+    """The docstring's "Defaults: 64, 32 and 20." for ``n_starts, n_directions, n_refine`` is what a call
+    without them uses."""
+    import inspect
+    import re
+
+    doc = re.search(r"Defaults: (\d+), (\d+) and (\d+)\.", final_layers_witness.__doc__)
+    params = inspect.signature(final_layers_witness).parameters
+    documented = tuple(int(g) for g in doc.groups())
+    assert documented == tuple(params[n].default for n in ("n_starts", "n_directions", "n_refine"))
+    assert params["seed"].default == 0
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_more_refinement_never_reports_less(singular):
+    """Each refinement round draws the same random numbers whatever the rounds before it found, so a search
+    with one round more continues the same search: for a ReLU target its separation never decreases with
+    ``n_refine``, and over a few rounds it increases."""
+    rng = np.random.default_rng(11)
+    if singular:
+        frozen, _ = _singular_first_layer(rng, 6, 2, "relu", 2, False, 2.0, np.zeros(6))
+    else:
+        frozen = random_fnn(6, 2, seed=rng)
+    target = random_fnn(6, 3, seed=rng)
+    seps = [
+        final_layers_witness(frozen, target, input_radius=2.0, seed=4, n_starts=6, n_refine=n).separation
+        for n in range(6)
+    ]
+    assert all(b >= a for a, b in zip(seps, seps[1:])), seps
+    assert seps[-1] > seps[0], seps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, D", [(2, 16), (8, 16), (11, 16)])
+def test_the_default_refinement_recovers_what_the_first_pass_misses(seed, D):
+    """ReLU frozen and target models (two layers, ``D = 16``, radius 2) on which the first pass (no
+    refinement) reaches at most 80% of the separation a search with 4× the starts and 3× the rounds finds:
+    the default 20 rounds reach at least 80% of it."""
+    frozen, target = random_fnn(D, 2, seed=100 + seed), random_fnn(D, 2, seed=200 + seed)
+    big = final_layers_witness(frozen, target, input_radius=2.0, seed=seed + 1000, n_starts=256, n_refine=60)
+    first = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_refine=0)
+    default = final_layers_witness(frozen, target, input_radius=2.0, seed=seed)
+    assert first.separation <= 0.8 * big.separation  # the instance needs the refinement
+    assert default.separation >= 0.8 * big.separation
