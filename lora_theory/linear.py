@@ -459,8 +459,8 @@ class _ChainArithmetic:
     """The operations in which Lemma 1's chain differs between its arithmetics; :func:`_split_chain` is the
     chain itself, written once over them.
 
-    The float64 chain (:func:`_chain_adapters`), the mpmath one (:func:`lora_theory.highprec._chain_mp`) and
-    the exact rational one (:func:`lora_theory.symbolic._exact_chain`) supply them. For factors ``M_1..M_m``
+    The float64 chain (:func:`_chain_adapters`), the mpmath one (:func:`lora_theory.highprec.linear._chain_mp`) and
+    the exact rational one (:func:`lora_theory.symbolic.linear._exact_chain`) supply them. For factors ``M_1..M_m``
     of side ``n`` (0-based ``l`` below) and a decomposition ``E = C F`` whose first ``rank(E)`` columns of
     ``C`` / rows of ``F`` are the directions (``C = U S``, ``F = V^T`` for an SVD; a rank decomposition in
     exact arithmetic):

@@ -186,7 +186,7 @@ class _Carried:
 @dataclass(frozen=True)
 class _WalkArithmetic:
     """What Theorem 7's walk (:func:`_walk`) needs of an arithmetic: float64 (:func:`_float64_walk`), mpmath
-    (:func:`lora_theory.highprec._tfn_mp`) or exact rationals (:func:`lora_theory.symbolic.certify_tfn`).
+    (:func:`lora_theory.highprec.tfn._tfn_mp`) or exact rationals (:func:`lora_theory.symbolic.certify_tfn`).
 
     ``frozen(name, l, h)`` / ``target(name, l, h)``: a parameter (``"wq"``... per head, ``"w1"``, ``"w2"``,
     ``"b2"`` per block, ``"w_out"``) as the arithmetic's matrix; ``mul(A, B) = A B``; ``T(A) = A^T``; ``eye``:

@@ -264,7 +264,7 @@ def test_fnn_accepts_float_models():
 def _tfn_at_digits(net, X, digits=50):
     """A :class:`RationalTFN` on float64 inputs ``X`` (n, D, N), every operation at ``digits`` digits from the
     exact rational parameters (the object-array forward of :mod:`lora_theory.highprec`); object array."""
-    from lora_theory.highprec import _tfn_forward_objects
+    from lora_theory.highprec.tfn import _tfn_forward_objects
 
     with mpmath.workdps(digits):
         mpf = np.vectorize(lambda q: mpmath.mpf(int(q.p)) / int(q.q), otypes=[object])  # sympy Rational

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# module -> the mutant-name patterns it runs. symbolic.py: only the certificate code (the exact arithmetic
+# module -> the mutant-name patterns it runs. symbolic/: only the certificate code (the exact arithmetic
 # behind certify_linear / certify_fnn / certify_tfn); its random-instance generators and printing are not
 # claims of the paper and are left out.
 MODULES = {
@@ -40,25 +40,25 @@ MODULES = {
     "tfn": ["lora_theory.tfn.*"],
     "bounds": ["lora_theory.bounds.*"],
     "symbolic": [
-        f"lora_theory.symbolic.{name}__mutmut_*"
-        for name in (
-            "x_certify_linear",
-            "x_certify_fnn",
-            "x_certify_tfn",
-            "x__exact_chain",
-            "x__finish",
-            "x__store",
-            "x__rank_decomposition",
-            "x__prod",
-            "x__positive_definite",
-            "x__spectral_sq_upper",
-            "x__relu_vec",
-            "x__choose_level",
-            "x__fraction_upper",
-            "x__square_list",
-            "xǁ_Recorderǁcheck",
-            "xǁ_Recorderǁinvertible",
-            "xǁ_Recorderǁequal",
+        f"lora_theory.symbolic.{module}.{name}__mutmut_*"
+        for module, name in (
+            ("linear", "x_certify_linear"),
+            ("fnn", "x_certify_fnn"),
+            ("tfn", "x_certify_tfn"),
+            ("linear", "x__exact_chain"),
+            ("certificate", "x__finish"),
+            ("certificate", "x__store"),
+            ("linear", "x__rank_decomposition"),
+            ("rational", "x__prod"),
+            ("fnn", "x__positive_definite"),
+            ("fnn", "x__spectral_sq_upper"),
+            ("fnn", "x__relu_vec"),
+            ("fnn", "x__choose_level"),
+            ("rational", "x__fraction_upper"),
+            ("rational", "x__square_list"),
+            ("certificate", "xǁ_Recorderǁcheck"),
+            ("certificate", "xǁ_Recorderǁinvertible"),
+            ("certificate", "xǁ_Recorderǁequal"),
         )
     ],
     "partition": ["lora_theory.partition.*"],
