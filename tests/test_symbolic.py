@@ -500,3 +500,25 @@ def test_theorem7_walk_agrees_in_three_arithmetics(r):
         assert fit.exact == hp.exact == (cert.outcome == "exact") == (R >= required)
         if R >= required:
             assert cert.required_rank == required
+
+
+def test_certify_fnn_with_target_weights_near_the_float64_limit_does_not_overflow():
+    """Regression (found by the fuzz test): a target layer with entries near 1e300 made the float64 guess of
+    ``||T||_2^2`` that the ball rule then certifies overflow, and ``certify_fnn`` raised a raw
+    ``OverflowError``. Past float64's range the exact Frobenius bound is used, and the certificate is
+    returned; the bound it uses is an upper bound of ``||T||_2^2``, checked exactly."""
+    from lora_theory.symbolic.fnn import _spectral_sq_upper
+    from lora_theory.symbolic.rational import _dm
+
+    W = np.array([[0.27392337, -0.46042657], [-0.91805295, -0.96694473]])
+    b = np.array([0.27392337, -0.46042657])
+    frozen = FNN([W, W], [b, b], final_relu=False)
+    target = FNN([W, 1e300 * W], [b, b], final_relu=False)
+    cert = certify_fnn(frozen, target, 2, input_radius=1.0)
+    assert cert.outcome in (EXACT, NOT_MET)
+    for scale in (1.0, 1e150, 1e300):
+        M = _dm(scale * W, "M")
+        rho = _spectral_sq_upper(M)
+        G = M.transpose() * M
+        lam = sympy.Matrix(G.to_Matrix()).eigenvals()  # exact eigenvalues of M^T M
+        assert all(sympy.re(sympy.N(rho - v, 50)) >= 0 for v in lam)

@@ -110,15 +110,33 @@ def _positive_definite(S: DomainMatrix) -> bool:
     return True
 
 
+def _float_spectral_sq(M: DomainMatrix) -> float | None:
+    """``||M||_2^2`` in float64, a guess for :func:`_spectral_sq_upper` to certify; ``None`` when it is not
+    finite in float64 (entries or their norm beyond its range)."""
+    try:
+        Mf = np.array([[float(v) for v in row] for row in M.to_list()])  # (m, n)
+    except OverflowError:
+        return None
+    if not np.all(np.isfinite(Mf)):
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = float(np.linalg.norm(Mf, 2))
+    return s * s if math.isfinite(s * s) else None
+
+
 def _spectral_sq_upper(M: DomainMatrix):
     """A rational ``ρ >= ||M||_2^2``, certified: ``ρ I - M^T M`` positive definite (else ``||M||_F^2``)."""
     G = M.transpose() * M  # (n, n) symmetric
     n = G.shape[0]
     frob = sum((G.to_list()[i][i] for i in range(n)), QQ(0))
-    Mf = np.array([[float(v) for v in row] for row in M.to_list()])
-    s = float(np.linalg.norm(Mf, 2)) ** 2
+    s = _float_spectral_sq(M)
+    if s is None:  # beyond float64: the Frobenius bound, exact, is the answer
+        return frob
     for slack in (1e-9, 1e-6, 1e-3):
-        f = _fraction_upper(s * (1 + slack) + 1e-300)
+        guess = s * (1 + slack) + 1e-300
+        if not math.isfinite(guess):
+            break
+        f = _fraction_upper(guess)
         rho = QQ(f.numerator, f.denominator)
         if rho < frob and _positive_definite(_eye(n).scalarmul(rho) - G):
             return rho
