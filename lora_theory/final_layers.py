@@ -227,10 +227,10 @@ def final_layers_witness(
         )
 
     # the smallest value of every first-layer unit on the ball
-    rows = np.linalg.norm(W1, axis=1)  # (D,)
+    rows = _row_norms(W1)  # (D,) > 0: W_1 is invertible
     centre_pre = W1 @ c + b1  # (D,)
     lowest = centre_pre - r * rows  # (D,)
-    scale = float(np.linalg.norm(W1, 2) * (np.linalg.norm(c) + r) + np.linalg.norm(b1))
+    scale = float(np.linalg.norm(W1, 2) * (np.linalg.norm(c) + r) + _row_norms(b1[None, :])[0])
     eta = NEGATIVITY * scale
     if np.all(lowest >= -eta):
         return _none(
@@ -281,8 +281,7 @@ def final_layers_witness(
     ratio = sep / (u * ref) if ref > 0 else 0.0
     h = lambda z: np.maximum(W1 @ z + b1, 0.0)  # noqa: E731  frozen first layer
     hx, hxp = h(x), h(xp)
-    h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
-    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else 0.0  # both 0: no gap
+    gap = _relative_gap(hx, hxp)
     found = ratio > MIN_ROUNDING_RATIO
     if found:
         reason = (
@@ -340,8 +339,7 @@ def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine,
     d = W1 @ (xp - x)  # (D,) rounding level
     h = (lambda z: np.maximum(W1 @ z + b1, 0.0)) if first_relu else (lambda z: W1 @ z + b1)
     hx, hxp = h(x), h(xp)
-    h_ref = max(float(np.linalg.norm(hx)), float(np.linalg.norm(hxp)))
-    gap = float(np.linalg.norm(hx - hxp)) / h_ref if h_ref > 0 else 0.0  # both 0: no gap
+    gap = _relative_gap(hx, hxp)
     kappa_text = f"{kappa:.3g}"  # "inf" for an exactly singular W_1
     found = ratio > MIN_ROUNDING_RATIO
     if found:
@@ -397,6 +395,21 @@ def _chord_search(X, K, c, r, target, rng, n_directions):
     return best
 
 
+def _relative_gap(u: np.ndarray, v: np.ndarray) -> float:
+    """``||u - v|| / max(||u||, ||v||)`` (0 when both are 0), the norms scaled (no overflow near 1e300)."""
+    nu, nv, nd = _row_norms(np.stack([u, v, u - v]))  # (3,)
+    ref = max(float(nu), float(nv))
+    return float(nd) / ref if ref > 0 else 0.0
+
+
+def _row_norms(M: np.ndarray) -> np.ndarray:
+    """The Euclidean norms ``(m,)`` of the rows of ``M`` ``(m, n)``, each scaled by its largest entry first:
+    no underflow for entries near 1e-300, no overflow near 1e300 (0 for a zero row)."""
+    top = np.abs(M).max(axis=1)  # (m,)
+    safe = np.where(top > 0, top, 1.0)
+    return top * np.linalg.norm(M / safe[:, None], axis=1)
+
+
 def _jacobian(model: FNN, x: np.ndarray) -> np.ndarray:
     """The Jacobian ``(D, D)`` of the piecewise-affine ``model`` at ``x`` (a ReLU whose input is exactly 0
     counted off)."""
@@ -449,18 +462,19 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
             ]
         )  # (k, m) the directions v, on the support
         delta = coeffs @ E.T  # (k, D) x' - x per unit step along v
-        # ball: ||x - c + t δ||^2 <= r^2 between the roots of a t^2 + 2 b t + (|x - c|^2 - r^2) = 0
-        a = np.maximum(np.sum(delta**2, axis=1), np.finfo(float).tiny)  # (k,)
+        size = _row_norms(delta)  # (k,) > 0
+        delta, coeffs = delta / size[:, None], coeffs / size[:, None]  # steps of unit length in x
+        # ball: ||x - c + t δ||^2 <= r^2 between the roots of t^2 + 2 b t + (|x - c|^2 - r^2) = 0
         b = delta @ (x - c)  # (k,)
         q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
-        root = np.sqrt(np.maximum(b * b - a * q, 0.0))  # (k,)
+        root = np.sqrt(np.maximum(b * b - q, 0.0))  # (k,)
         # units: y_k + t v_k <= -eta for every supported k, with room -eta - y_k > 0
         room = -eta - y[support]  # (m,)
         with np.errstate(divide="ignore"):
             up = np.where(coeffs > 0, room / coeffs, np.inf).min(axis=1)  # (k,)
             down = np.where(coeffs < 0, room / coeffs, -np.inf).max(axis=1)  # (k,)
-        t_hi = np.minimum((-b + root) / a, up) * (1 - 1e-9)  # (k,) >= 0
-        t_lo = np.maximum((-b - root) / a, down) * (1 - 1e-9)  # (k,) <= 0
+        t_hi = np.minimum(-b + root, up) * (1 - 1e-9)  # (k,) >= 0
+        t_lo = np.maximum(-b - root, down) * (1 - 1e-9)  # (k,) <= 0
         ok = t_hi > t_lo
         if not ok.any():
             continue

@@ -528,18 +528,21 @@ def test_a_singular_first_layer_names_its_condition_number():
 def test_a_search_is_reproducible_and_its_defaults_are_the_documented_ones():
     """The same seed gives the same pair (a Generator is used as given); a call without effort arguments is
     the call with the documented defaults: seed 0, 64 starts, 32 directions, 20 refinement rounds."""
-    frozen, target = random_fnn(5, 2, seed=3), random_fnn(5, 2, seed=4)
+    frozen, target = random_fnn(5, 2, seed=4), random_fnn(5, 2, seed=54)  # refinement still gains at round 21
     a = final_layers_witness(frozen, target, input_radius=2.0)
     b = final_layers_witness(frozen, target, input_radius=2.0, seed=0, n_starts=64, n_directions=32, n_refine=20)
     c = final_layers_witness(frozen, target, input_radius=2.0, seed=np.random.default_rng(0))
     for other in (b, c):
         assert np.array_equal(a.x, other.x) and np.array_equal(a.x_prime, other.x_prime)
+    for changed in ({"n_refine": 21}, {"n_directions": 33}, {"seed": 1}):  # the comparison can fail
+        other = final_layers_witness(frozen, target, input_radius=2.0, **changed)
+        assert not np.array_equal(a.x, other.x), changed
     for seed in (1, 2):
         x1 = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_starts=8, n_refine=2)
         x2 = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_starts=8, n_refine=2)
         assert np.array_equal(x1.x, x2.x) and np.array_equal(x1.x_prime, x2.x_prime)
     d = final_layers_witness(frozen, target, input_radius=2.0, n_starts=65)
-    assert not np.array_equal(a.x, d.x)  # the effort arguments are used
+    assert not np.array_equal(a.x, d.x)
 
 
 @pytest.mark.parametrize(
@@ -674,14 +677,79 @@ def test_more_refinement_never_reports_less(singular):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, D", [(2, 16), (8, 16), (11, 16)])
-def test_the_default_refinement_recovers_what_the_first_pass_misses(seed, D):
-    """ReLU frozen and target models (two layers, ``D = 16``, radius 2) on which the first pass (no
+@pytest.mark.parametrize("seed, singular", [(2, False), (8, False), (11, False), (5, True), (12, True)])
+def test_the_default_refinement_recovers_what_the_first_pass_misses(seed, singular):
+    """ReLU frozen and target models (an invertible first layer, ``D = 16``, two layers each; or a first layer
+    with a 3-dimensional kernel, ``D = 8``, and a three-layer target), radius 2, on which the first pass (no
     refinement) reaches at most 80% of the separation a search with 4× the starts and 3× the rounds finds:
     the default 20 rounds reach at least 80% of it."""
-    frozen, target = random_fnn(D, 2, seed=100 + seed), random_fnn(D, 2, seed=200 + seed)
+    if singular:
+        rng = np.random.default_rng(seed)
+        frozen = _singular_first_layer(rng, 8, 3, "relu", 2, False, 2.0, np.zeros(8))[0]
+        target = random_fnn(8, 3, seed=rng)
+    else:
+        frozen, target = random_fnn(16, 2, seed=100 + seed), random_fnn(16, 2, seed=200 + seed)
     big = final_layers_witness(frozen, target, input_radius=2.0, seed=seed + 1000, n_starts=256, n_refine=60)
     first = final_layers_witness(frozen, target, input_radius=2.0, seed=seed, n_refine=0)
     default = final_layers_witness(frozen, target, input_radius=2.0, seed=seed)
     assert first.separation <= 0.8 * big.separation  # the instance needs the refinement
     assert default.separation >= 0.8 * big.separation
+
+
+def test_the_witness_does_not_depend_on_the_units_of_the_first_layer():
+    """Scaling an invertible ``W_1`` and ``b_1`` by a power of two (exact in floating point) from 2^-990 to
+    2^990 changes nothing but ``d``, which scales with them: the same pair, units and separation, bit for bit
+    (the norms of rows, biases and activations are taken scaled; an unscaled norm underflowed near 1e-300 and
+    overflowed near 1e300). (A singular ``W_1``'s kernel basis is the SVD's choice, which may rotate within
+    the kernel when the matrix is scaled: there only the separation's optimum is claimed, above.)"""
+    frozen = random_fnn(5, 2, seed=3)
+    target = random_fnn(5, 2, seed=4)
+    base = final_layers_witness(frozen, target, input_radius=2.0, n_starts=8, n_refine=3)
+    assert base.found
+    for e in (-990, -500, 500, 990):
+        s = 2.0**e
+        scaled = frozen.replace(
+            weights=[s * frozen.weights[0], frozen.weights[1]], biases=[s * frozen.biases[0], frozen.biases[1]]
+        )
+        w = final_layers_witness(scaled, target, input_radius=2.0, n_starts=8, n_refine=3)
+        assert np.array_equal(w.x, base.x) and np.array_equal(w.x_prime, base.x_prime), e
+        assert (w.coordinates, w.separation, w.first_layer_gap) == (
+            base.coordinates,
+            base.separation,
+            base.first_layer_gap,
+        )
+        assert np.array_equal(w.d, s * base.d)
+
+
+def test_a_solve_with_w1_beyond_float64_is_named():
+    """An invertible ``W_1`` of entries near 1e-300 and κ near 1e12: ``W_1^{-1}`` exceeds float64's range.
+    The search stops with a NumericalError that names the solve with ``W_1``, and no warning escapes."""
+    import warnings
+
+    from lora_theory.errors import NumericalError
+
+    W1 = 1e-300 * np.array([[1.0, 1.0], [1.0, 1.0 + 1e-12]])
+    frozen = FNN([W1, np.eye(2)], [1e-300 * np.array([-1.0, 1.0]), np.zeros(2)])
+    target = FNN([np.eye(2)], [np.zeros(2)], final_relu=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NumericalError, match="overflow in a solve with W_1"):
+            final_layers_witness(frozen, target, input_radius=1.0)
+
+
+def test_the_units_of_a_pair_are_those_negative_at_both_points():
+    """Unit 1 sits at +η/2 where unit 0 is most negative (the start ``-e_0``), negative elsewhere on the
+    ball; the target sees ``x_0`` only. The best pair moves along ``e_0`` through that start, where unit 1
+    is positive: it is not one of the pair's units (a support taken with ``y < +η`` listed it)."""
+    from lora_theory.final_layers import NEGATIVITY
+
+    b1 = np.array([0.5, 0.0, 10.0])
+    for _ in range(3):  # η depends on b_1
+        eta = NEGATIVITY * (1.0 + np.linalg.norm(b1))
+        b1[1] = 0.5 * eta
+    frozen = FNN([np.eye(3), np.eye(3)], [b1, np.zeros(3)])
+    target = FNN([np.diag([3.0, 0.0, 0.0])], [np.zeros(3)], final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=1.0, n_starts=8, n_refine=2)
+    assert w.found
+    _check_witness(w, frozen, target)
+    assert w.separation == pytest.approx(3.0 * 0.5, rel=1e-6)  # x_0 from -1 to -0.5, the cap of unit 0
