@@ -165,6 +165,7 @@ def test_singular_first_layer_gives_a_kernel_witness():
         sep = np.linalg.norm(target(w.x) - target(w.x_prime))
         assert w.separation == pytest.approx(sep) and w.lower_bound == pytest.approx(sep / 2)
         assert w.rounding_ratio > MIN_ROUNDING_RATIO
+        _check_definitions(w, broken, target)  # a gap of rounding size, not 0: W_1 K is not exactly 0
         # the longest chord along the kernel has length 2r; an affine target separates its ends most
         v = np.linalg.svd(W1)[2][-1]
         assert sep >= 0.99 * 2 * np.linalg.norm(target.weights[0] @ v)
@@ -753,3 +754,15 @@ def test_the_units_of_a_pair_are_those_negative_at_both_points():
     assert w.found
     _check_witness(w, frozen, target)
     assert w.separation == pytest.approx(3.0 * 0.5, rel=1e-6)  # x_0 from -1 to -0.5, the cap of unit 0
+
+
+def test_a_first_layer_off_at_both_points_has_no_gap():
+    """Every unit negative on the whole ball: the frozen first layer maps the whole ball to 0, so both points
+    of the pair go to 0 and the first-layer gap is 0 (not a division by zero, not 1)."""
+    rng = np.random.default_rng(0)
+    frozen = _negative_on_the_whole_ball(rng, 4, [0, 1, 2, 3], 1.0, np.zeros(4))
+    target = random_fnn(4, 1, seed=1, final_relu=False)
+    w = final_layers_witness(frozen, target, input_radius=1.0, n_starts=4, n_refine=1)
+    assert w.found and w.coordinates == (0, 1, 2, 3)
+    assert w.first_layer_gap == 0.0
+    _check_witness(w, frozen, target)
