@@ -27,8 +27,12 @@ CASES = {
     "depth_sweep": ["--depths", "6", "--ranks", "1", "--frozen", "random", "--workers", "1"],
 }
 
-#: the sweep the kill tests interrupt: one run per task, enough steps to be caught mid-way
-KILLED = SMALL[:-2] + ["100", "--no-figure", "--ranks", "1,2,3,4", "--frozen", "random", "--chunk", "1"]
+#: the sweep the kill tests interrupt: one run per task, 24 tasks of 400 steps (about 5 s of training on
+#: 2 cores), so that the kill after the first record lands mid-sweep however fast the machine is. (It was 8
+#: tasks of 100 steps under --quick, which forces 100 steps: on an idle machine the whole sweep finished
+#: between the first record and the kill.)
+KILLED = ["--width", "4", "--seeds", "1", "--iterations", "400", "--no-figure", "--ranks", "1,2", "--frozen", "random"]
+KILLED += ["--chunk", "1"]
 
 
 def _summary(out: Path) -> dict:
