@@ -84,15 +84,18 @@ COLUMNS = ["killed", "survived", "timeout", "no tests", "other", "not checked"]
 
 
 def _results(module: str) -> dict[str, str]:
-    """``mutant name -> status`` for the mutants of ``module`` that mutants/ holds."""
-    meta = ROOT / "mutants" / "lora_theory" / f"{module}.py.meta"
-    if not meta.exists():
-        return {}
-    codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+    """``mutant name -> status`` for the mutants of ``module`` that mutants/ holds (a module file, or every
+    file of a package such as ``symbolic/``)."""
+    base = ROOT / "mutants" / "lora_theory"
+    metas = [base / f"{module}.py.meta", *sorted((base / module).glob("*.py.meta"))]
     out = {}
-    for name, code in codes.items():
-        if any(fnmatch.fnmatch(name, p) for p in MODULES[module]):
-            out[name] = "not checked" if code is None else STATUS.get(code, "other")
+    for meta in metas:
+        if not meta.exists():
+            continue
+        codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+        for name, code in codes.items():
+            if any(fnmatch.fnmatch(name, p) for p in MODULES[module]):
+                out[name] = "not checked" if code is None else STATUS.get(code, "other")
     return out
 
 
