@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 from _helpers import ill_conditioned_ok
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from lora_theory.errors import IllConditionedWarning, InvalidArgumentError, NumericalError, SingularMatrixError
@@ -108,6 +108,7 @@ def test_key_adapter_transposes_the_chain_factor(D, H, seed):
 
 @ill_conditioned_ok
 @given(D=st.integers(2, 8), L=st.integers(1, 3), H=st.integers(1, 3), seed=SEEDS)
+@example(D=7, L=3, H=3, seed=517385267)  # κ = 7.8e9: 1e3 tolerances exceed any relative error; set aside
 def test_not_exact_one_rank_below_on_generic_weights(D, L, H, seed):
     frozen, target, rng = _pair(D, L, H, seed)
     R = tfn_rank_threshold(D) - 1
@@ -135,6 +136,10 @@ def test_not_exact_one_rank_below_on_generic_weights(D, L, H, seed):
     scales = (1.0, 50.0)
     hidden_on = any(_last_hidden(target, s * X).any() for s in scales)
     assume(hidden_on)
+    # "Visibly" is 1e3 times the fit's own rounding tolerance. Where that reaches the size of the outputs
+    # (κ near 1e9: 1e3 tolerances near 1), no error of a relative size below 1 can show it, and the draw
+    # says nothing about the theorem: it is set aside too.
+    assume(1e3 * tolerance(fit.kappa) < 0.1)
     errors = [relative_error(fit.model(s * X), target(s * X)) for s in scales]
     assert max(errors) > 1e3 * tolerance(fit.kappa)
 
