@@ -74,8 +74,7 @@ class Witness:
         ``separation / (u · max(||f̄(x)||, ||f̄(x')||))``: how many roundings the separation spans.
     first_layer_gap : float
         ``||h(x) - h(x')|| / max(||h(x)||, ||h(x')||)`` with ``h`` the frozen first layer (0 when both are 0):
-        rounding level for a witness (the frozen first layer maps both inputs to the
-        same point).
+        rounding level for a witness (the frozen first layer maps both inputs to the same point).
     lower_bound : float
         ``separation / 2``: every tuning ``g`` of the final layers has ``max(||g(h(x)) - f̄(x)||,
         ||g(h(x')) - f̄(x')||) >= lower_bound`` on the domain.
@@ -254,18 +253,17 @@ def final_layers_witness(
     X = np.vstack(starts)  # (n, D)
 
     best = _search(X, W1, b1, c, r, eta, target, rng, n_directions)
-    step = r / 4
-    for _ in range(n_refine):
-        if best is None:
-            break
-        near = (best[1] + best[2]) / 2 + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
-        off = np.linalg.norm(near - c, axis=1, keepdims=True)
-        near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
-        cand = _search(near, W1, b1, c, r, eta, target, rng, n_directions)
-        if cand is not None and cand[0] > best[0]:
-            best = cand
-        else:
-            step /= 2
+    if best is not None:
+        best = _refine(
+            best,
+            lambda near: _search(near, W1, b1, c, r, eta, target, rng, n_directions),
+            lambda pair: (pair[1] + pair[2]) / 2,  # the midpoint of the best segment
+            c,
+            r,
+            rng,
+            n_starts,
+            n_refine,
+        )
 
     if best is None:
         return _none(
@@ -317,21 +315,20 @@ final_layers_witness = numeric_guard(final_layers_witness)
 
 def _kernel_witness(W1, b1, c, r, target, rng, n_starts, n_directions, n_refine, first_relu, kappa):
     """The pair of a singular ``W_1``: ``x' = x + v``, ``v`` in its numeric kernel, both ends of a chord."""
-    D = W1.shape[0]
     Vt = np.linalg.svd(W1)[2]  # finite: check_invertible took the same SVD and refuses an overflow
     K = Vt[numeric_rank(W1) :].T  # (D, k) orthonormal kernel basis
     X = np.vstack([c, sample_ball(c, r, n_starts, rng)])  # (n, D) chord through each point
     best = _chord_search(X, K, c, r, target, rng, n_directions)
-    step = r / 4
-    for _ in range(n_refine):
-        near = best[1] + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)
-        off = np.linalg.norm(near - c, axis=1, keepdims=True)
-        near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
-        cand = _chord_search(near, K, c, r, target, rng, n_directions)
-        if cand[0] > best[0]:
-            best = cand
-        else:
-            step /= 2
+    best = _refine(
+        best,
+        lambda near: _chord_search(near, K, c, r, target, rng, n_directions),
+        lambda pair: pair[1],  # one end of the best chord
+        c,
+        r,
+        rng,
+        n_starts,
+        n_refine,
+    )
     sep, x, xp = best
     fx, fxp = target(x), target(xp)
     ref = max(float(np.linalg.norm(fx)), float(np.linalg.norm(fxp)))
@@ -383,15 +380,42 @@ def _chord_search(X, K, c, r, target, rng, n_directions):
     best = (-1.0, None, None)
     for x in X:
         V_x = np.vstack([V, K @ _steepest(_jacobian(target, x), K)])  # (m + 1, D) unit rows
-        b = V_x @ (x - c)  # (m + 1,)
-        q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
-        root = np.sqrt(np.maximum(b * b - q, 0.0))
-        t_hi, t_lo = (-b + root) * (1 - 1e-9), (-b - root) * (1 - 1e-9)  # ends of the chord, inside the ball
+        t_lo, t_hi = _ball_interval(x, V_x, c, r)  # (m + 1,) each
+        t_hi, t_lo = t_hi * (1 - 1e-9), t_lo * (1 - 1e-9)  # ends of the chord, inside the ball
         P, Pp = x + t_lo[:, None] * V_x, x + t_hi[:, None] * V_x  # (m + 1, D) each
         seps = np.linalg.norm(target(Pp) - target(P), axis=1)
         j = int(np.argmax(seps))
         if seps[j] > best[0]:
             best = (float(seps[j]), P[j].copy(), Pp[j].copy())
+    return best
+
+
+def _ball_interval(x: np.ndarray, V: np.ndarray, c: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """For a point ``x`` (D,) of the ball ``||z - c|| <= r`` and unit directions ``V`` (k, D): the roots
+    ``t_lo <= 0 <= t_hi`` (k,) each of ``||x + t v - c|| = r``, i.e. of ``t^2 + 2 b t + (||x - c||^2 - r^2)``
+    with ``b = v · (x - c)`` (the constant clipped at 0, for a point a rounding outside)."""
+    b = V @ (x - c)  # (k,)
+    q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
+    root = np.sqrt(np.maximum(b * b - q, 0.0))  # (k,)
+    return -b - root, -b + root
+
+
+def _refine(best, search, centre, c, r, rng, n_starts, n_refine):
+    """``n_refine`` rounds of local search around the best pair: ``n_starts`` normal points of spread ``step``
+    around ``centre(best)``, pulled into the ball, searched by ``search``; a better pair replaces ``best``,
+    otherwise the step (first ``r / 4``) halves. Each round draws the same random numbers whatever it finds,
+    so one round more continues the same search. Returns the best pair."""
+    D = c.size
+    step = r / 4
+    for _ in range(n_refine):
+        near = centre(best) + rng.standard_normal((n_starts, D)) * step / math.sqrt(D)  # (n_starts, D)
+        off = np.linalg.norm(near - c, axis=1, keepdims=True)  # (n_starts, 1)
+        near = np.where(off > r, c + (near - c) / off * r * (1 - 1e-12), near)
+        cand = search(near)
+        if cand is not None and cand[0] > best[0]:
+            best = cand
+        else:
+            step /= 2
     return best
 
 
@@ -464,17 +488,14 @@ def _search(X, W1, b1, c, r, eta, target, rng, n_directions):
         delta = coeffs @ E.T  # (k, D) x' - x per unit step along v
         size = _row_norms(delta)  # (k,) > 0
         delta, coeffs = delta / size[:, None], coeffs / size[:, None]  # steps of unit length in x
-        # ball: ||x - c + t δ||^2 <= r^2 between the roots of t^2 + 2 b t + (|x - c|^2 - r^2) = 0
-        b = delta @ (x - c)  # (k,)
-        q = min(float(np.sum((x - c) ** 2)) - r * r, 0.0)
-        root = np.sqrt(np.maximum(b * b - q, 0.0))  # (k,)
+        ball_lo, ball_hi = _ball_interval(x, delta, c, r)  # (k,) each
         # units: y_k + t v_k <= -eta for every supported k, with room -eta - y_k > 0
         room = -eta - y[support]  # (m,)
         with np.errstate(divide="ignore"):
             up = np.where(coeffs > 0, room / coeffs, np.inf).min(axis=1)  # (k,)
             down = np.where(coeffs < 0, room / coeffs, -np.inf).max(axis=1)  # (k,)
-        t_hi = np.minimum(-b + root, up) * (1 - 1e-9)  # (k,) >= 0
-        t_lo = np.maximum(-b - root, down) * (1 - 1e-9)  # (k,) <= 0
+        t_hi = np.minimum(ball_hi, up) * (1 - 1e-9)  # (k,) >= 0
+        t_lo = np.maximum(ball_lo, down) * (1 - 1e-9)  # (k,) <= 0
         ok = t_hi > t_lo
         if not ok.any():
             continue
